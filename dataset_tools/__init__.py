@@ -1,0 +1,1 @@
+"""Offline data preparation: ImageFolder -> .beton (`deit3-convert`), .beton reading and inspection."""

@@ -1,0 +1,130 @@
+"""An output file that appears complete or not at all, even if the writer is killed with SIGKILL.
+
+On Linux the data goes into an unnamed file (O_TMPFILE) in the destination folder: if the process dies, the
+kernel frees it and nothing is left to clean up. Only `commit()` gives it a name (linkat) and renames it over
+the destination. Where O_TMPFILE is unsupported (NFS, Lustre, non-Linux) a hidden `.NAME.partial-PID` file is
+used instead; it is removed on any exception, Ctrl-C or SIGTERM, and stale ones of dead processes are swept
+on the next run.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import glob
+import os
+
+_AT_FDCWD = -100
+_AT_SYMLINK_FOLLOW = 0x400
+
+
+def _linkat_follow(src: str, dst: str) -> None:
+    # os.link cannot pass AT_SYMLINK_FOLLOW on every Python; /proc/self/fd/N must be followed, not linked.
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.linkat(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _AT_SYMLINK_FOLLOW) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), dst)
+
+
+def check_writable(path: str) -> str | None:
+    """Why `path` cannot be written as a new file, or None."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return f"{path} is a folder"
+    if not os.path.isdir(folder):
+        return f"folder {folder} does not exist"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"folder {folder} is not writable"
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class AtomicOutput:
+    """`with AtomicOutput(final) as out: write(out.path); out.commit()` — `out.path` can be opened by name, also
+    from child processes, while the file is being written."""
+
+    def __init__(self, final: str):
+        self.final = os.path.abspath(final)
+        self.folder = os.path.dirname(self.final)
+        self.name = os.path.basename(self.final)
+        self._fd: int | None = None
+        self._named: str | None = None
+        self.committed = False
+
+    def _partial_name(self) -> str:
+        return os.path.join(self.folder, f".{self.name}.partial-{os.getpid()}")
+
+    def sweep_stale(self) -> list[str]:
+        """Remove `.NAME.partial-PID` files whose process is gone (left by a SIGKILL on the fallback path)."""
+        removed = []
+        for p in glob.glob(os.path.join(glob.escape(self.folder), f".{glob.escape(self.name)}.partial-*")):
+            try:
+                pid = int(p.rsplit("-", 1)[1])
+            except ValueError:
+                continue
+            if not _pid_alive(pid):
+                try:
+                    os.remove(p)
+                    removed.append(p)
+                except OSError:
+                    pass
+        return removed
+
+    def __enter__(self) -> "AtomicOutput":
+        self.sweep_stale()
+        try:
+            self._fd = os.open(self.folder, os.O_TMPFILE | os.O_RDWR, 0o644)
+            # By pid, not /proc/self: worker processes open this path too and must reach the same file.
+            self.path = f"/proc/{os.getpid()}/fd/{self._fd}"
+        except (AttributeError, OSError) as e:
+            if isinstance(e, OSError) and e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL,
+                                                          errno.ENOENT, errno.ENOTSUP):
+                raise
+            self._named = self._partial_name()
+            self._fd = os.open(self._named, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+            self.path = self._named
+        return self
+
+    def commit(self) -> None:
+        assert self._fd is not None and not self.committed
+        os.fsync(self._fd)
+        if self._named is None:
+            staging = self._partial_name()
+            _linkat_follow(f"/proc/self/fd/{self._fd}", staging)
+            self._named = staging
+        os.replace(self._named, self.final)
+        self._named = None
+        self.committed = True
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._named is not None:
+            try:
+                os.remove(self._named)
+            except FileNotFoundError:
+                pass
+            self._named = None
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Small files (reports): temp name beside `path`, fsync, rename."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.partial-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

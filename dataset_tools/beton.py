@@ -1,0 +1,165 @@
+"""Reading a .beton without FFCV: header, field descriptors, metadata and allocation table as numpy arrays, and
+each sample's encoded image bytes through a memory map. Every offset is checked against the file size, so a
+truncated, corrupted or foreign file is one `BetonError` naming what is wrong, never a numpy traceback.
+
+Format (FFCV version 2, little-endian): header | field descriptors | metadata rows | pages of data (page-aligned)
+| allocation table (sample_id, ptr, size) at `alloc_table_ptr`, which is the end of the file.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+FORMAT_VERSION = 2
+
+HEADER = np.dtype([("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"),
+                   ("num_samples", "<u8"), ("alloc_table_ptr", "<u8")], align=True)
+FIELD_DESC = np.dtype([("type_id", "<u1"), ("name", ("<u1", 16)), ("arguments", ("<u1", (1024,)))], align=True)
+ALLOC_ENTRY = np.dtype([("sample_id", "<u8"), ("ptr", "<u8"), ("size", "<u8")])
+
+_PTR_SIZE = np.dtype([("ptr", "<u8"), ("size", "<u8")])
+# FFCV type ids -> (name, metadata row dtype). Only the image and scalar fields are decoded here, but every
+# known field's row size is needed to locate the others.
+FIELD_TYPES = {
+    0: ("float", np.dtype("<f8")),
+    1: ("int", np.dtype("<i8")),
+    2: ("rgb_image", np.dtype([("mode", "<u1"), ("width", "<u2"), ("height", "<u2"), ("data_ptr", "<u8")])),
+    3: ("bytes", _PTR_SIZE),
+    4: ("ndarray", np.dtype("<u8")),
+    5: ("json", _PTR_SIZE),
+    6: ("torch_tensor", np.dtype("<u8")),
+}
+IMAGE_MODE_JPG, IMAGE_MODE_RAW = 0, 1
+
+
+class BetonError(Exception):
+    """Not a readable .beton; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    kind: str
+
+
+class Beton:
+    """`Beton(path)` validates the whole layout up front; then `image_bytes(i)`, `label(i)` are cheap."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        try:
+            self.file_size = os.path.getsize(self.path)
+            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r") if self.file_size else np.zeros(0, np.uint8)
+        except OSError as e:
+            raise BetonError(f"{self.path}: cannot open ({e.strerror or e})") from None
+        self._parse()
+
+    def _fail(self, what: str) -> BetonError:
+        return BetonError(f"{self.path}: {what} — not a valid .beton (truncated or not written by "
+                          "deit3-convert/FFCV); convert the source folder again")
+
+    def _parse(self) -> None:
+        if self.file_size < HEADER.itemsize:
+            raise self._fail(f"file is {self.file_size} bytes, shorter than the {HEADER.itemsize}-byte header")
+        h = np.frombuffer(self._mm[:HEADER.itemsize].tobytes(), dtype=HEADER)[0]
+        if int(h["version"]) != FORMAT_VERSION:
+            raise self._fail(f"format version {int(h['version'])}, expected {FORMAT_VERSION}")
+        page = int(h["page_size"])
+        if page < (1 << 21) or page & (page - 1):
+            raise self._fail(f"page size {page} is not a power of two >= 2 MiB")
+        nf = int(h["num_fields"])
+        if not 1 <= nf <= 64:
+            raise self._fail(f"{nf} fields")
+        self.num_samples, self.page_size = int(h["num_samples"]), page
+        desc_end = HEADER.itemsize + nf * FIELD_DESC.itemsize
+        if desc_end > self.file_size:
+            raise self._fail("field descriptors run past the end of the file")
+        desc = np.frombuffer(self._mm[HEADER.itemsize:desc_end].tobytes(), dtype=FIELD_DESC)
+        fields, row = [], []
+        for d in desc:
+            tid = int(d["type_id"])
+            try:
+                name = bytes(d["name"]).split(b"\0")[0].decode("ascii")
+            except UnicodeDecodeError:
+                raise self._fail("a field name is not ASCII") from None
+            if tid not in FIELD_TYPES or not name:
+                raise self._fail(f"field {name!r} has unknown type id {tid}")
+            kind, dt = FIELD_TYPES[tid]
+            fields.append(Field(name, kind))
+            row.append((name, dt))
+        self.fields = fields
+        self.row_dtype = np.dtype(row, align=True)
+        meta_end = desc_end + self.num_samples * self.row_dtype.itemsize
+        table_at = int(h["alloc_table_ptr"])
+        if meta_end > self.file_size:
+            raise self._fail(f"metadata for {self.num_samples} samples runs past the end of the file")
+        if not meta_end <= table_at <= self.file_size:
+            raise self._fail(f"allocation table offset {table_at} is outside the file ({self.file_size} bytes); "
+                             "the file is probably truncated")
+        if (self.file_size - table_at) % ALLOC_ENTRY.itemsize:
+            raise self._fail("allocation table size is not a whole number of entries; the file is truncated")
+        self.metadata = np.frombuffer(self._mm, dtype=self.row_dtype, count=self.num_samples, offset=desc_end)
+        table = (np.frombuffer(self._mm, dtype=ALLOC_ENTRY, offset=table_at) if table_at < self.file_size
+                 else np.zeros(0, ALLOC_ENTRY))
+        if len(table):
+            ends = table["ptr"] + table["size"]
+            if table["ptr"].min() < meta_end or ends.max() > table_at or table["sample_id"].max() >= self.num_samples:
+                raise self._fail("allocation table points outside the data region")
+        self.alloc_table = table
+        for f in self.fields:
+            if f.kind == "rgb_image":
+                self._check_images(f.name)
+
+    def _check_images(self, name: str) -> None:
+        img = self.metadata[name]
+        if len(img) and (img["mode"].max() > IMAGE_MODE_RAW or img["width"].min() == 0 or img["height"].min() == 0):
+            raise self._fail(f"image field {name!r} has rows with an unknown mode or zero size")
+        if len(img) and not np.isin(img["data_ptr"], self.alloc_table["ptr"]).all():
+            raise self._fail(f"image field {name!r} has data pointers missing from the allocation table")
+
+    @cached_property
+    def _size_by_ptr(self) -> tuple[np.ndarray, np.ndarray]:
+        order = np.argsort(self.alloc_table["ptr"], kind="stable")
+        return self.alloc_table["ptr"][order], self.alloc_table["size"][order]
+
+    def field(self, kind: str) -> str:
+        """Name of the first field of `kind` ("rgb_image", "int", ...)."""
+        for f in self.fields:
+            if f.kind == kind:
+                return f.name
+        raise BetonError(f"{self.path}: has no {kind} field (fields: {', '.join(f.name for f in self.fields)})")
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def image_meta(self, field: str = "image") -> np.ndarray:
+        return self.metadata[field]
+
+    def image_bytes(self, i: int, field: str = "image") -> np.ndarray:
+        """The stored bytes of sample i's image: a JPEG stream (mode jpg) or raw RGB pixels (mode raw)."""
+        ptr = self.metadata[field][i]["data_ptr"]
+        ptrs, sizes = self._size_by_ptr
+        size = int(sizes[np.searchsorted(ptrs, ptr)])
+        return self._mm[int(ptr):int(ptr) + size]
+
+    def decode(self, i: int, field: str = "image") -> np.ndarray:
+        """Sample i's image as RGB uint8 (H, W, 3), on the CPU."""
+        import cv2
+
+        meta = self.metadata[field][i]
+        data = self.image_bytes(i, field)
+        h, w = int(meta["height"]), int(meta["width"])
+        if meta["mode"] == IMAGE_MODE_RAW:
+            if data.size != h * w * 3:
+                raise BetonError(f"{self.path}: sample {i} has {data.size} raw bytes, expected {h}x{w}x3")
+            return np.asarray(data).reshape(h, w, 3).copy()
+        bgr = cv2.imdecode(np.asarray(data), cv2.IMREAD_COLOR)
+        if bgr is None or bgr.shape[:2] != (h, w):
+            raise BetonError(f"{self.path}: sample {i} does not decode to its recorded {w}x{h} JPEG")
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+    def labels(self, field: str = "label") -> np.ndarray:
+        return np.asarray(self.metadata[field]).astype(np.int64)

@@ -1,0 +1,134 @@
+"""Finding the samples of an ImageFolder tree (`SRC/<class>/<...>/<file>`) and choosing deterministic subsets.
+
+Labels follow torchvision's ImageFolder: the index of the class folder in sorted order. Every regular,
+non-hidden file under a class folder is a candidate (its content decides whether it is an image, not its name);
+sub-folders are walked, symbolic links followed, and a link that loops back is reported instead of followed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class SourceError(Exception):
+    """The source tree or class list cannot be used at all (fatal; exit 2)."""
+
+
+@dataclass
+class Scan:
+    classes: list[str]                                  # label order
+    samples: list[tuple[str, int]]                      # (path, label), sorted by label then path
+    candidates_per_class: list[int]                     # files found per class, before subsetting
+    problems: list[tuple[str, str]] = field(default_factory=list)   # (path, reason): skipped while walking
+    outside_classes: list[str] = field(default_factory=list)        # files directly in SRC, ignored
+
+
+def read_class_list(path: str | os.PathLike) -> list[str]:
+    """Classes from a sidecar `.beton.json` (its `classes`) or a text file with one class name per line."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise SourceError(f"--classes {p}: cannot read ({e.strerror or e})") from None
+    if p.suffix == ".json":
+        try:
+            classes = json.loads(text)["classes"]
+        except (ValueError, KeyError, TypeError):
+            raise SourceError(f"--classes {p}: not a deit3-convert report (no 'classes' list)") from None
+    else:
+        classes = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    if not classes or len(set(classes)) != len(classes):
+        raise SourceError(f"--classes {p}: the class list is empty or has duplicates")
+    return [str(c) for c in classes]
+
+
+def _walk_files(top: str, problems: list[tuple[str, str]]) -> list[str]:
+    """All regular non-hidden files under `top`, following links, each directory visited once."""
+    out: list[str] = []
+    seen: set[tuple[int, int]] = set()
+    stack = [top]
+    while stack:
+        d = stack.pop()
+        try:
+            st = os.stat(d)
+        except OSError as e:
+            problems.append((d, f"unreadable folder: {e.strerror}"))
+            continue
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            problems.append((d, "symbolic link loop: folder already visited"))
+            continue
+        seen.add(key)
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as e:
+            problems.append((d, f"unreadable folder: {e.strerror}"))
+            continue
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            try:
+                if e.is_dir(follow_symlinks=True):
+                    stack.append(e.path)
+                elif e.is_file(follow_symlinks=True):
+                    out.append(e.path)
+                elif e.is_symlink():
+                    problems.append((e.path, "broken symbolic link"))
+                else:
+                    problems.append((e.path, "not a regular file"))
+            except OSError as err:
+                problems.append((e.path, f"unreadable: {err.strerror}"))
+    return sorted(out)
+
+
+def _subset(files: list[str], label: int, max_per_class: int | None, fraction: float | None,
+            seed: int) -> list[str]:
+    """A per-class subset that depends only on (seed, class, file list): stable across machines and runs."""
+    if max_per_class is None and fraction is None:
+        return files
+    order = list(files)
+    random.Random(f"{seed}:{label}").shuffle(order)
+    k = len(order)
+    if fraction is not None:
+        k = min(k, max(1, math.floor(fraction * len(order) + 0.5))) if order else 0
+    if max_per_class is not None:
+        k = min(k, max_per_class)
+    return sorted(order[:k])
+
+
+def scan_imagefolder(src: str | os.PathLike, classes: list[str] | None = None, *,
+                     max_per_class: int | None = None, fraction: float | None = None,
+                     seed: int = 0) -> Scan:
+    src = os.fspath(src)
+    if not os.path.isdir(src):
+        what = "does not exist" if not os.path.exists(src) else "is not a folder"
+        raise SourceError(f"source folder {src} {what}")
+    try:
+        entries = sorted(os.scandir(src), key=lambda e: e.name)
+    except OSError as e:
+        raise SourceError(f"source folder {src} cannot be read: {e.strerror}") from None
+    found = [e.name for e in entries if not e.name.startswith(".") and e.is_dir(follow_symlinks=True)]
+    outside = [e.path for e in entries if not e.name.startswith(".") and not e.is_dir(follow_symlinks=True)]
+    if classes is None:
+        classes = found
+    else:
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+            raise SourceError(f"{len(unknown)} class folder(s) in {src} are not in the --classes list: {shown}")
+    if not classes:
+        raise SourceError(f"no class folders in {src} (expected SRC/<class>/<image>, the ImageFolder layout)")
+
+    problems: list[tuple[str, str]] = []
+    samples: list[tuple[str, int]] = []
+    per_class: list[int] = []
+    present = set(found)
+    for label, name in enumerate(classes):
+        files = _walk_files(os.path.join(src, name), problems) if name in present else []
+        per_class.append(len(files))
+        samples.extend((f, label) for f in _subset(files, label, max_per_class, fraction, seed))
+    return Scan(classes, samples, per_class, problems, outside)

@@ -1,0 +1,90 @@
+"""Decoding one source image into the RGB uint8 array that goes into a .beton, with every check on the way.
+
+Source images are decoded by content, never by extension (ImageNet has a PNG named .JPEG and CMYK JPEGs).
+Anything that cannot become a sane RGB image raises `BadImage` with a one-line reason for the report.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFile
+
+# A truncated file must fail, not decode into grey padding.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class BadImage(Exception):
+    """A source file that cannot be stored; `str(e)` is the reason shown to the user."""
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    width: int        # of the source file, before any resizing
+    height: int
+    mode: str         # PIL mode as stored ("RGB", "L", "CMYK", "I;16", ...)
+    format: str       # detected by content ("JPEG", "PNG", ...)
+
+
+def _to_rgb_array(img: Image.Image) -> np.ndarray:
+    """RGB uint8 HWC from any PIL mode. 16/32-bit greys are rescaled, not clipped (PIL's convert would clip)."""
+    mode = img.mode
+    if mode == "RGB":
+        return np.asarray(img)
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(img).astype(np.float64)
+        top = 65535.0 if mode.startswith("I;16") or a.max() > 255 else 255.0
+        grey = np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if mode == "F":
+        grey = np.clip(np.rint(np.asarray(img, dtype=np.float64)), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    # L, LA, P, PA, RGBA, CMYK, YCbCr, 1, ...: PIL's conversion is what torchvision's ImageFolder loader does,
+    # so training sees what the reference code would have seen.
+    return np.asarray(img.convert("RGB"))
+
+
+def load_rgb(path: str | os.PathLike, max_resolution: int | None = None) -> tuple[np.ndarray, SourceInfo]:
+    """Decode `path` to RGB uint8 (H, W, 3).
+
+    With `max_resolution`, large JPEGs are decoded at a reduced DCT scale (libjpeg's 1/2, 1/4, 1/8) that still
+    leaves the longer side >= max_resolution: the exact resize to max_resolution happens afterwards (FFCV's
+    INTER_AREA resizer), so the stored size is unchanged while the decode does a fraction of the work.
+    """
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise BadImage(f"unreadable: {e.strerror or e}") from None
+    if size == 0:
+        raise BadImage("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # DecompressionBombWarning and libjpeg "corrupt data" warnings are decided on below, not printed.
+            warnings.simplefilter("ignore")
+            img = Image.open(path)
+            info = SourceInfo(img.size[0], img.size[1], img.mode, img.format or "unknown")
+            if info.width < 1 or info.height < 1:
+                raise BadImage(f"degenerate size {info.width}x{info.height}")
+            if max_resolution and img.format == "JPEG":
+                scale = max_resolution / max(info.width, info.height)
+                if scale < 0.5:
+                    img.draft(img.mode if img.mode in ("L", "CMYK") else "RGB",
+                              (int(np.ceil(info.width * scale)), int(np.ceil(info.height * scale))))
+            img.load()
+            rgb = _to_rgb_array(img)
+    except BadImage:
+        raise
+    except Image.UnidentifiedImageError:
+        raise BadImage("not an image (format not recognised from its content)") from None
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"too large to decode safely: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        # PermissionError is an OSError too: keep its wording.
+        if isinstance(e, PermissionError):
+            raise BadImage(f"unreadable: {e.strerror}") from None
+        raise BadImage(f"corrupt or truncated: {e}") from None
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise BadImage(f"unsupported pixel layout {rgb.shape} {rgb.dtype} (mode {info.mode})")
+    return np.ascontiguousarray(rgb), info
