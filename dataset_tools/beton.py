@@ -108,7 +108,7 @@ class Beton:
             ends = table["ptr"] + table["size"]
             if table["ptr"].min() < meta_end or ends.max() > table_at or table["sample_id"].max() >= self.num_samples:
                 raise self._fail("allocation table points outside the data region")
-        self.alloc_table = table
+        self.alloc_table, self.alloc_table_ptr = table, table_at
         for f in self.fields:
             if f.kind == "rgb_image":
                 self._check_images(f.name)

@@ -23,7 +23,8 @@ from rich.table import Table
 from rich.text import Text
 
 from .atomic import AtomicOutput, check_writable, write_text_atomic
-from .imagefolder import SourceError, read_class_list, scan_imagefolder
+from .errors import ConversionError, SourceError
+from .imagefolder import read_class_list, scan_imagefolder
 
 PROG = "deit3-convert"
 
@@ -63,8 +64,6 @@ def convert(src: str, out: str, *, max_resolution: int = 256, jpeg_quality: int 
             fraction: float | None = None, seed: int = 0, classes_file: str | None = None, strict: bool = False,
             console: Console | None = None, show_progress: bool = True) -> dict:
     """Convert and return the report (also written to OUT.json). Raises SourceError/ConversionError."""
-    from .writer import MODES, ImageSources, SkippingDatasetWriter  # imports FFCV (and numba): only when writing
-
     console = console or Console(stderr=True)
     started = time.perf_counter()
     problem = check_writable(out)
@@ -75,10 +74,12 @@ def convert(src: str, out: str, *, max_resolution: int = 256, jpeg_quality: int 
     if not scan.samples:
         raise SourceError(f"no image files in {src} ({len(scan.classes)} class folder(s), all empty)")
     workers = max(1, min(workers or default_workers(), len(scan.samples)))
+    from .writer import MODES, ImageSources, SkippingDatasetWriter  # FFCV imports torch: seconds, so only now
+
 
     progress = Progress(TextColumn("[bold]writing[/]"), BarColumn(), MofNCompleteColumn(), _Rate(),
                         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
-                        disable=not show_progress, speed_estimate_period=10)
+                        disable=not show_progress, speed_estimate_period=10, transient=True)
     with AtomicOutput(out) as target, progress:
         task = progress.add_task("write", total=len(scan.samples))
         writer = SkippingDatasetWriter(target.path, max_resolution=max_resolution, write_mode=write_mode,
@@ -87,9 +88,9 @@ def convert(src: str, out: str, *, max_resolution: int = 256, jpeg_quality: int 
                                        progress=lambda done: progress.update(task, completed=done))
         result = writer.write(ImageSources(scan.samples, max_resolution, seed))
         if result.num_written == 0:
-            first = scan.samples[result.skipped[0][0]][0] if result.skipped else src
+            first, why = result.skipped[0]
             raise SourceError(f"no readable images in {src}: all {len(scan.samples)} files were skipped "
-                              f"(first: {first}: {result.skipped[0][1] if result.skipped else '?'})")
+                              f"(first: {os.path.relpath(scan.samples[first][0], src)}: {why})")
         target.commit()
     elapsed = time.perf_counter() - started
 
@@ -215,7 +216,6 @@ def _terminate(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     from .beton import BetonError
-    from .writer import ConversionError
 
     args = build_parser().parse_args(argv)
     out_console, err_console = Console(), Console(stderr=True)

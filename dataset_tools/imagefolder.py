@@ -13,9 +13,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-class SourceError(Exception):
-    """The source tree or class list cannot be used at all (fatal; exit 2)."""
+from .errors import SourceError
 
 
 @dataclass

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import queue
+import signal
 import traceback
 from dataclasses import dataclass
 from multiprocessing import Process, Queue, Value
@@ -27,13 +28,10 @@ from ffcv.types import ALLOC_TABLE_TYPE
 from ffcv.utils import chunks
 from ffcv.writer import DatasetWriter, handle_sample
 
+from .errors import ConversionError
 from .images import BadImage, load_rgb
 
 MODES = ("RGB", "L", "CMYK", "P", "RGBA", "LA", "PA", "I;16", "I", "F", "1", "YCbCr", "other")
-
-
-class ConversionError(Exception):
-    """The write cannot finish (strict mode hit a bad file, disk full, a worker died); nothing is kept."""
 
 
 @dataclass
@@ -54,9 +52,22 @@ class ImageSources:
         return (rgb, label), info
 
 
+def _die_with_parent() -> None:
+    """If the converting process is SIGKILLed, its workers must not live on as orphans writing to nowhere."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: workers are daemonic and exit with a normally ending parent
+
+
 def _worker(input_queue, metadata_sm, metadata_type, fields, allocator, done_number, result_queue,
             sources: ImageSources, strict: bool):
     """One writer process. Sends exactly one message: ('ok', ...) or ('error', text)."""
+    _die_with_parent()
+    # The parent alone handles Ctrl-C (the terminal signals the whole group) and stops workers with SIGTERM.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         metadata = np.frombuffer(metadata_sm.buf, dtype=metadata_type)
         names = metadata_type.names
@@ -86,8 +97,6 @@ def _worker(input_queue, metadata_sm, metadata_type, fields, allocator, done_num
         result_queue.put(("error", str(e)))
     except OSError as e:
         result_queue.put(("error", f"writing failed: {e.strerror or e}" + (f" ({e.filename})" if e.filename else "")))
-    except KeyboardInterrupt:
-        result_queue.put(("error", "interrupted"))
     except BaseException:
         result_queue.put(("error", "writer process failed:\n" + traceback.format_exc()))
 
