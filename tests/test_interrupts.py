@@ -14,6 +14,8 @@ from dataset_tools.atomic import AtomicOutput
 
 from .conftest import REPO, no_leftovers
 
+pytestmark = pytest.mark.slow  # ~1 min: real conversions interrupted mid-write
+
 
 @pytest.fixture(scope="module")
 def slow_tree(tmp_path_factory):

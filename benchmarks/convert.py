@@ -1,0 +1,106 @@
+"""Conversion speed: deit3-convert vs FFCV's DatasetWriter called directly, same images, same settings.
+
+The baseline is what FFCV's own ImageNet example does: torchvision ImageFolder (PIL decode, convert('RGB'))
+into DatasetWriter with RGBImageField(jpg, max_resolution, jpeg_quality). Both runs include finding the files.
+Runs alternate (ours, FFCV, ours, ...) so background load hits both alike; the median of --repeats is reported.
+
+    python benchmarks/convert.py                        # ../shared/data/imagenet-sample-1000.tar, x3 copies
+    python benchmarks/convert.py --src /data/imagenet/val --copies 1 --workers 16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_TAR = REPO.parent / "shared" / "data" / "imagenet-sample-1000.tar"
+
+
+def replicate(src: Path, dst: Path, copies: int) -> int:
+    """dst/<class>/<copy>_<name>: hard links, so the page cache holds one copy and both runs read the same bytes."""
+    n = 0
+    for cls in sorted(p for p in src.iterdir() if p.is_dir()):
+        (dst / cls.name).mkdir(parents=True, exist_ok=True)
+        for f in sorted(cls.iterdir()):
+            for k in range(copies):
+                os.link(f, dst / cls.name / f"{k}_{f.name}")
+                n += 1
+    return n
+
+
+def run_ours(src: Path, out: Path, args) -> float:
+    from dataset_tools.convert import convert
+
+    t = time.perf_counter()
+    convert(str(src), str(out), max_resolution=args.max_resolution, jpeg_quality=args.jpeg_quality,
+            workers=args.workers, show_progress=False)
+    return time.perf_counter() - t
+
+
+def run_ffcv(src: Path, out: Path, args) -> float:
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+    from torchvision.datasets import ImageFolder
+
+    t = time.perf_counter()
+    ds = ImageFolder(str(src))
+    writer = DatasetWriter(str(out), {
+        "image": RGBImageField(write_mode="jpg", max_resolution=args.max_resolution, jpeg_quality=args.jpeg_quality),
+        "label": IntField()}, num_workers=args.workers)
+    writer.from_indexed_dataset(ds, chunksize=100)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--src", type=Path, default=None, help="ImageFolder root (default: the shared ImageNet sample)")
+    p.add_argument("--copies", type=int, default=3, help="hard-linked copies of each image (3)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--max-resolution", type=int, default=256)
+    p.add_argument("--jpeg-quality", type=int, default=90)
+    args = p.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bench_convert_") as tmp:
+        tmp = Path(tmp)
+        src = args.src
+        if src is None:
+            if not DEFAULT_TAR.exists():
+                raise SystemExit(f"no --src given and {DEFAULT_TAR} is absent")
+            with tarfile.open(DEFAULT_TAR) as t:
+                t.extractall(tmp / "x", filter="data")
+            src = tmp / "x" / "imagenet-sample-1000"
+        n = replicate(src, tmp / "src", args.copies)
+        # Warm the page cache and import everything once, so neither side pays first-use costs.
+        run_ours(tmp / "src", tmp / "warm.beton", args)
+        run_ffcv(tmp / "src", tmp / "warm2.beton", args)
+        times = {"deit3-convert": [], "ffcv DatasetWriter": []}
+        for r in range(args.repeats):
+            times["deit3-convert"].append(run_ours(tmp / "src", tmp / "ours.beton", args))
+            times["ffcv DatasetWriter"].append(run_ffcv(tmp / "src", tmp / "ffcv.beton", args))
+            print(f"repeat {r}: ours {times['deit3-convert'][-1]:.2f} s, ffcv {times['ffcv DatasetWriter'][-1]:.2f} s",
+                  flush=True)
+        rate = {k: n / statistics.median(v) for k, v in times.items()}
+        size = {k: os.path.getsize(tmp / f) for k, f in (("deit3-convert", "ours.beton"),
+                                                          ("ffcv DatasetWriter", "ffcv.beton"))}
+    result = {
+        "images": n, "workers": args.workers, "max_resolution": args.max_resolution,
+        "jpeg_quality": args.jpeg_quality, "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "images_per_s": {k: round(v, 1) for k, v in rate.items()},
+        "ratio_ours_over_ffcv": round(rate["deit3-convert"] / rate["ffcv DatasetWriter"], 3),
+        "beton_bytes": size,
+        "seconds": {k: [round(x, 3) for x in v] for k, v in times.items()},
+    }
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
