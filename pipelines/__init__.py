@@ -1,0 +1,73 @@
+"""Loader engines over one .beton and the on-device DeiT III augmentation they all share.
+
+`build_loader(cfg, split, device)` is the entry point: it reads `cfg.data` and `cfg.aug` (see config.py), plus
+`cfg.loss` ("bce" | "ce"), `cfg.model.num_classes` and `cfg.train.amp` ("bf16" | "fp16" | "fp32").
+"""
+from __future__ import annotations
+
+import torch
+
+from .augment import DeviceStage
+from .config import ENGINES, AugConfig, DataConfig
+from .loader import Loader
+from .mix import Mixing
+from .sampler import EpochOrder, dist_rank_world
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class DataError(Exception):
+    """The data named by the config cannot be loaded (missing, not a .beton, labels out of range)."""
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _check_beton(path: str | None, split: str, num_classes: int) -> int:
+    """Validate before any worker starts; returns the sample count."""
+    from dataset_tools.beton import Beton, BetonError
+
+    if not path:
+        raise DataError(f"no {split} data: set data.{split} (a .beton written by deit3-convert)")
+    try:
+        b = Beton(path)
+        labels = b.labels(b.field("int"))
+        b.field("rgb_image")
+    except BetonError as e:
+        raise DataError(str(e)) from None
+    if len(b) == 0:
+        raise DataError(f"{path} has no samples")
+    if labels.max() >= num_classes or labels.min() < 0:
+        raise DataError(f"{path} has labels up to {labels.max()} but model.num_classes is {num_classes}")
+    return len(b)
+
+
+def build_loader(cfg, split: str, device: torch.device | str | None = None) -> Loader:
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    data, aug, train = cfg.data, cfg.aug, split == "train"
+    device = torch.device(device) if device is not None else default_device()
+    num_classes = cfg.model.num_classes
+    path = data.train if train else data.val
+    n = _check_beton(path, split, num_classes)
+    rank, world = dist_rank_world()
+    order = EpochOrder(n, train=train, shuffle=data.shuffle, repeats=data.repeats if train else 1, rank=rank,
+                       world=world, seed=data.seed)
+    batch = data.batch_size if train else (data.eval_batch_size or int(1.5 * data.batch_size))
+    if data.engine not in ENGINES:
+        raise DataError(f"data.engine {data.engine!r}: choose one of {', '.join(ENGINES)}")
+    if data.engine != "ffcv":
+        raise DataError(f"data.engine {data.engine!r} is not available yet in this version; use 'ffcv'")
+    from .ffcv_engine import CropSpec, FFCVEngine
+
+    crop = (CropSpec(aug.crop, aug.img_size, tuple(aug.rrc_scale), tuple(aug.rrc_ratio), aug.src_pad) if train
+            else CropSpec("center", aug.img_size, center_ratio=aug.eval_crop_ratio))
+    engine = FFCVEngine(path, order, batch, crop, device, workers=data.workers, os_cache=data.os_cache,
+                        drop_last=train, seed=data.seed, rank=rank)
+    stage = DeviceStage(aug, train=train, dtype=AMP_DTYPES[cfg.train.amp])
+    mixing = Mixing(aug, num_classes, cfg.loss) if train else None
+    return Loader(engine, stage, mixing, device=device, seed=data.seed, rank=rank, num_samples=n)
+
+
+__all__ = ["build_loader", "Loader", "DataConfig", "AugConfig", "DataError", "EpochOrder", "DeviceStage"]

@@ -1,0 +1,124 @@
+"""Primary crops (RandomResizedCrop, Simple Random Crop, eval centre crop) as pure functions of the image size and a
+64-bit key.
+
+Randomness is counter-based: every draw is `uniform(key, n)`, a hash of (key, n). The key of a sample is derived
+from (seed, rank, epoch, sample index, slot in batch), so a crop does not depend on which thread decoded it, a
+resumed run sees the crops of an uninterrupted one, and every engine (FFCV's numba threads, DALI's external source,
+torch nvjpeg) computes the same box from the same key. All functions are numba-compiled and callable from Python.
+
+Boxes are (top, left, height, width) in source pixels, to be resized to the output size.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+@njit(cache=True, nogil=True)
+def mix64(x):
+    """splitmix64's finaliser: a bijective, well-mixed 64-bit hash."""
+    x = np.uint64(x)
+    x = (x ^ (x >> np.uint64(30))) * _M1
+    x = (x ^ (x >> np.uint64(27))) * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+@njit(cache=True, nogil=True)
+def combine(a, b):
+    """Key of a child stream: hash of (a, b)."""
+    return mix64(np.uint64(a) ^ (mix64(np.uint64(b)) + _GOLDEN))
+
+
+@njit(cache=True, nogil=True)
+def uniform(key, n):
+    """The n-th U[0, 1) draw of stream `key` (53-bit resolution)."""
+    return float(mix64(np.uint64(key) + np.uint64(n + 1) * _GOLDEN) >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+
+
+@njit(cache=True, nogil=True)
+def sample_key(epoch_key, sample_index, slot):
+    """Key of one sample in one epoch; `slot` (its position in the batch) separates repeated copies of a sample."""
+    return combine(combine(epoch_key, sample_index), slot)
+
+
+def epoch_key(seed: int, rank: int, epoch: int) -> int:
+    return int(combine(combine(np.uint64(seed & 0xFFFFFFFFFFFFFFFF), np.uint64(rank)), np.uint64(epoch)))
+
+
+@njit(cache=True, nogil=True)
+def rrc_box(height, width, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi, key):
+    """torchvision RandomResizedCrop.get_params: 10 tries of (area fraction ~ U(scale), log aspect ~ U(log ratio)),
+    then the largest centred crop within the ratio range."""
+    area = height * width
+    for attempt in range(10):
+        target_area = area * (scale_lo + (scale_hi - scale_lo) * uniform(key, 4 * attempt))
+        aspect = math.exp(log_ratio_lo + (log_ratio_hi - log_ratio_lo) * uniform(key, 4 * attempt + 1))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            i = int(uniform(key, 4 * attempt + 2) * (height - h + 1))
+            j = int(uniform(key, 4 * attempt + 3) * (width - w + 1))
+            return i, j, h, w
+    in_ratio = width / height
+    if in_ratio < math.exp(log_ratio_lo):
+        w = width
+        h = int(round(w / math.exp(log_ratio_lo)))
+    elif in_ratio > math.exp(log_ratio_hi):
+        h = height
+        w = int(round(h * math.exp(log_ratio_hi)))
+    else:
+        w = width
+        h = height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+@njit(cache=True, nogil=True)
+def center_box(height, width, crop_ratio):
+    """Eval crop: resize the shorter side to size / crop_ratio, centre-crop size == centre square of
+    crop_ratio * shorter side, resized to size (FFCV's CenterCropRGBImageDecoder does the same)."""
+    c = int(crop_ratio * min(height, width))
+    return (height - c) // 2, (width - c) // 2, c, c
+
+
+@njit(cache=True, nogil=True)
+def src_box(height, width, size, pad, key):
+    """Simple Random Crop: resize the shorter side to `size`, pad `pad` px (reflect), random `size` crop.
+
+    Returns the source box of the part of the crop that lies inside the image and where it lands in the
+    size x size output: (top, left, h, w, out_top, out_left, out_h, out_w). The output rows/columns outside
+    [out_top, out_top + out_h) x [out_left, out_left + out_w) are the reflect padding (at most `pad` wide)."""
+    short = min(height, width)
+    f = size / short
+    # torchvision Resize(int): the shorter side becomes `size`, the longer int(size * long / short).
+    rh = size if height == short else int(size * height / short)
+    rw = size if width == short else int(size * width / short)
+    # RandomCrop(size, padding=pad): offset uniform over the padded image.
+    y = int(uniform(key, 0) * (rh + 2 * pad - size + 1)) - pad
+    x = int(uniform(key, 1) * (rw + 2 * pad - size + 1)) - pad
+    r0, r1 = max(y, 0), min(y + size, rh)
+    c0, c1 = max(x, 0), min(x + size, rw)
+    # Map the resized-space window back to source pixels.
+    top, left = int(round(r0 / f)), int(round(c0 / f))
+    bottom, right = min(height, max(top + 1, int(round(r1 / f)))), min(width, max(left + 1, int(round(c1 / f))))
+    return top, left, bottom - top, right - left, r0 - y, c0 - x, r1 - r0, c1 - c0
+
+
+@njit(cache=True, nogil=True)
+def reflect_fill(out, out_top, out_left, out_h, out_w):
+    """Fill the border of `out` (H, W, C) around the valid block by reflection (no edge repeat, like
+    torchvision's padding_mode='reflect'): row out_top - k mirrors row out_top + k."""
+    size_h, size_w = out.shape[0], out.shape[1]
+    for k in range(1, out_top + 1):
+        out[out_top - k, :, :] = out[min(out_top + k, out_top + out_h - 1), :, :]
+    for k in range(1, size_h - (out_top + out_h) + 1):
+        out[out_top + out_h - 1 + k, :, :] = out[max(out_top + out_h - 1 - k, out_top), :, :]
+    for k in range(1, out_left + 1):
+        out[:, out_left - k, :] = out[:, min(out_left + k, out_left + out_w - 1), :]
+    for k in range(1, size_w - (out_left + out_w) + 1):
+        out[:, out_left + out_w - 1 + k, :] = out[:, max(out_left + out_w - 1 - k, out_left), :]

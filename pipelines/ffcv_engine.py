@@ -1,0 +1,165 @@
+"""The FFCV engine: JPEG decode + primary crop on CPU threads (numba), uint8 batches moved to the device early.
+
+FFCV runs a pipeline of `Operation`s per field. Ours is `[DeiTCropDecoder, ToTensor, ToDevice]` for images and
+`[IntDecoder, ToTensor, Squeeze, ToDevice]` for labels. The decoder is FFCV's `ResizedCropRGBImageDecoder` with the
+crop chosen by `crops.py` from a per-sample key instead of numba's thread-local np.random, and a third crop kind,
+Simple Random Crop with reflect padding, which FFCV lacks. The epoch's part of the key is read at run time from
+`KeyCell`: FFCV compiles the decoder once, so a Python value captured at compile time could not change per epoch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from numba import carray, types
+from numba.extending import intrinsic
+
+from . import crops
+
+try:
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
+    from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.loader import Loader as FFCVLoader
+    from ffcv.pipeline.allocation_query import AllocationQuery
+    from ffcv.pipeline.compiler import Compiler
+    from ffcv.transforms import Squeeze, ToDevice, ToTensor
+    from ffcv.traversal_order.base import TraversalOrder
+except ImportError as e:  # pragma: no cover - exercised by the missing-dependency test in a subprocess
+    raise ImportError(f"the ffcv engine needs FFCV ({e}); install it with: pip install -e '.[ffcv]' "
+                      "(needs pkg-config, g++, libturbojpeg0-dev, libopencv-dev; `make install` does all)") from None
+
+
+@dataclass(frozen=True)
+class CropSpec:
+    kind: str                       # "rrc" | "src" | "center"
+    size: int
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    pad: int = 4
+    center_ratio: float = 1.0
+
+
+class KeyCell:
+    """One uint64 shared between Python (writes the epoch key) and the compiled decoder (reads it)."""
+
+    def __init__(self):
+        self.array = np.zeros(1, dtype=np.uint64)
+        self.address = self.array.ctypes.data
+
+    def set(self, key: int) -> None:
+        self.array[0] = np.uint64(key)
+
+
+@intrinsic
+def _u64_pointer(typingctx, address):
+    sig = types.CPointer(types.uint64)(types.uintp)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+    return sig, codegen
+
+
+_KINDS = {"rrc": 0, "src": 1, "center": 2}
+
+
+class DeiTCropDecoder(ResizedCropRGBImageDecoder):
+    get_crop_generator = None  # FFCV's hook for (h, w, scale, ratio) crops; ours need the sample's key instead
+
+    def __init__(self, spec: CropSpec, key_cell: KeyCell):
+        super().__init__((spec.size, spec.size))
+        self.spec, self.key_cell = spec, key_cell
+
+    def declare_state_and_memory(self, previous_state):
+        state, (out, decoded) = super().declare_state_and_memory(previous_state)
+        # SRC resizes the in-image part of its window here before placing it inside the padded output.
+        staging = AllocationQuery((self.spec.size, self.spec.size, 3), np.dtype("<u1"))
+        return state, (out, decoded, staging)
+
+    def generate_code(self):
+        jpg = IMAGE_MODES["jpg"]
+        mem_read = self.memory_read
+        my_range = Compiler.get_iterator()
+        imdecode_c = Compiler.compile(imdecode)
+        resize_crop_c = Compiler.compile(resize_crop)
+        s = self.spec
+        kind, size, pad, center_ratio = _KINDS[s.kind], s.size, s.pad, s.center_ratio
+        scale_lo, scale_hi = s.scale
+        log_lo, log_hi = np.log(s.ratio[0]), np.log(s.ratio[1])
+        address = self.key_cell.address
+        rrc_box, src_box, center_box = crops.rrc_box, crops.src_box, crops.center_box
+        sample_key, reflect_fill = crops.sample_key, crops.reflect_fill
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, temp_storage, staging = my_storage
+            epoch_key = carray(_u64_pointer(address), (1,))[0]
+            for dst_ix in my_range(len(batch_indices)):
+                source_ix = batch_indices[dst_ix]
+                field = metadata[source_ix]
+                image_data = mem_read(field["data_ptr"], storage_state)
+                height, width = np.uint32(field["height"]), np.uint32(field["width"])
+                if field["mode"] == jpg:
+                    temp_buffer = temp_storage[dst_ix]
+                    imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
+                    temp_buffer = temp_buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
+                else:
+                    temp_buffer = image_data.reshape(height, width, 3)
+                h_, w_ = int(height), int(width)
+                key = sample_key(epoch_key, source_ix, dst_ix)
+                if kind == 0:
+                    i, j, h, w = rrc_box(h_, w_, scale_lo, scale_hi, log_lo, log_hi, key)
+                    resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix])
+                elif kind == 2:
+                    i, j, h, w = center_box(h_, w_, center_ratio)
+                    resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix])
+                else:
+                    i, j, h, w, oi, oj, oh, ow = src_box(h_, w_, size, pad, key)
+                    out = destination[dst_ix]
+                    block = staging[dst_ix].reshape(-1)[:oh * ow * 3].reshape(oh, ow, 3)
+                    resize_crop_c(temp_buffer, i, i + h, j, j + w, block)
+                    out[oi:oi + oh, oj:oj + ow] = block
+                    reflect_fill(out, oi, oj, oh, ow)
+            return destination[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+
+class _Order(TraversalOrder):
+    """FFCV asks its traversal order for each epoch's indices; ours are the sampler's (repeats, shards)."""
+
+    def __init__(self, epoch_order):
+        self.epoch_order = epoch_order
+
+    def __call__(self, loader):  # FFCV builds an order by calling what it was given with the loader
+        TraversalOrder.__init__(self, loader)
+        return self
+
+    def sample_order(self, epoch: int):
+        return self.epoch_order.indices(epoch).astype(np.uint64)
+
+
+class FFCVEngine:
+    """Yields (uint8 images (B, H, W, 3), int64 labels (B,)) on `device` for one epoch at a time."""
+
+    def __init__(self, path: str, epoch_order, batch_size: int, crop: CropSpec, device: torch.device, *,
+                 workers: int, os_cache: bool, drop_last: bool, seed: int = 0, rank: int = 0):
+        self.key_cell, self.seed, self.rank = KeyCell(), seed, rank
+        to_device = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
+        self.loader = FFCVLoader(
+            path, batch_size=batch_size, num_workers=workers, os_cache=os_cache, drop_last=drop_last,
+            order=_Order(epoch_order), batches_ahead=2,
+            pipelines={"image": [DeiTCropDecoder(crop, self.key_cell), ToTensor(), *to_device],
+                       "label": [IntDecoder(), ToTensor(), Squeeze(1), *to_device]})
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def batches(self, epoch: int):
+        self.key_cell.set(crops.epoch_key(self.seed, self.rank, epoch))
+        self.loader.next_epoch = epoch
+        for images, labels in self.loader:
+            # FFCV reuses its buffers: the labels are copied here, the images by the device stage's first op.
+            yield images, labels.to(torch.int64, copy=True)
