@@ -52,8 +52,11 @@ def build_loader(cfg, split: str, device: torch.device | str | None = None) -> L
     path = data.train if train else data.val
     n = _check_beton(path, split, num_classes)
     rank, world = dist_rank_world()
-    order = EpochOrder(n, train=train, shuffle=data.shuffle, repeats=data.repeats if train else 1, rank=rank,
-                       world=world, seed=data.seed)
+    try:
+        order = EpochOrder(n, train=train, shuffle=data.shuffle, repeats=data.repeats if train else 1, rank=rank,
+                           world=world, seed=data.seed)
+    except ValueError as e:
+        raise DataError(f"{path}: {e}") from None
     batch = data.batch_size if train else (data.eval_batch_size or int(1.5 * data.batch_size))
     if data.engine not in ENGINES:
         raise DataError(f"data.engine {data.engine!r}: choose one of {', '.join(ENGINES)}")

@@ -47,8 +47,9 @@ def sample_key(epoch_key, sample_index, slot):
     return combine(combine(epoch_key, sample_index), slot)
 
 
-def epoch_key(seed: int, rank: int, epoch: int) -> int:
-    return int(combine(combine(np.uint64(seed & 0xFFFFFFFFFFFFFFFF), np.uint64(rank)), np.uint64(epoch)))
+def epoch_key(seed: int, rank: int, epoch: int) -> np.uint64:
+    """Keys are np.uint64 on the Python side too: a plain int above 2**63 would not pass back into numba."""
+    return np.uint64(combine(combine(np.uint64(seed & 0xFFFFFFFFFFFFFFFF), np.uint64(rank)), np.uint64(epoch)))
 
 
 @njit(cache=True, nogil=True)

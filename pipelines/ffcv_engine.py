@@ -147,6 +147,10 @@ class FFCVEngine:
     def __init__(self, path: str, epoch_order, batch_size: int, crop: CropSpec, device: torch.device, *,
                  workers: int, os_cache: bool, drop_last: bool, seed: int = 0, rank: int = 0):
         self.key_cell, self.seed, self.rank = KeyCell(), seed, rank
+        import numba
+
+        # numba's thread pool is sized to the cores it can see; asking for more is an error, not a slowdown.
+        workers = max(1, min(workers, numba.config.NUMBA_NUM_THREADS))
         to_device = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
         self.loader = FFCVLoader(
             path, batch_size=batch_size, num_workers=workers, os_cache=os_cache, drop_last=drop_last,

@@ -24,7 +24,7 @@ class Loader:
         return len(self.engine)
 
     def _generators(self):
-        key = crops.epoch_key(self.seed, self.rank, self.epoch)
+        key = int(crops.epoch_key(self.seed, self.rank, self.epoch))
         g = torch.Generator(device=self.device)
         g.manual_seed(key & 0x7FFF_FFFF_FFFF_FFFF)
         return g, np.random.default_rng(key)

@@ -4,7 +4,8 @@ import sys
 import tarfile
 from pathlib import Path
 
-import pytest
+import hypothesis  # noqa: F401  (imported before any FFCV thread runs: CPython 3.11's AST depth counter is
+import pytest      # global, and a module parsed while a loader thread compiles can fail with "recursion depth mismatch")
 
 from dataset_tools.synthetic import add_bad_inputs, make_imagefolder
 
