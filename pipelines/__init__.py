@@ -68,7 +68,7 @@ def build_loader(cfg, split: str, device: torch.device | str | None = None) -> L
             else CropSpec("center", aug.img_size, center_ratio=aug.eval_crop_ratio))
     engine = FFCVEngine(path, order, batch, crop, device, workers=data.workers, os_cache=data.os_cache,
                         drop_last=train, seed=data.seed, rank=rank)
-    stage = DeviceStage(aug, train=train, dtype=AMP_DTYPES[cfg.train.amp])
+    stage = DeviceStage(aug, train=train, dtype=AMP_DTYPES[cfg.train.amp], compile=cfg.train.compile)
     mixing = Mixing(aug, num_classes, cfg.loss) if train else None
     return Loader(engine, stage, mixing, device=device, seed=data.seed, rank=rank, num_samples=n)
 

@@ -8,8 +8,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps
 
 from dataset_tools.synthetic import class_image
-from pipelines.augment import (BRANCHES, AugParams, DeviceStage, adjust, augment, color_jitter, draw_params,
-                               gaussian_blur, grayscale, normalize, solarize, to_float)
+from pipelines.augment import (BRANCHES, AugParams, DeviceStage, augment, color_jitter, draw_params, gaussian_blur,
+                               grayscale, normalize, solarize, to_float)
 from pipelines.config import AugConfig
 
 
@@ -21,11 +21,17 @@ def images():
 
 
 def batch(imgs) -> torch.Tensor:
+    """Float NHWC on the 0..255 scale, the layout the stage's operations work in."""
     return to_float(torch.from_numpy(np.stack(imgs)))
 
 
 def back(x: torch.Tensor) -> np.ndarray:
-    return x.permute(0, 2, 3, 1).numpy().astype(np.float64)
+    return x.numpy().astype(np.float64)
+
+
+def chw01(x: torch.Tensor) -> torch.Tensor:
+    """One NHWC 0..255 image as torchvision's CHW 0..1 tensor."""
+    return x.permute(2, 0, 1) / 255
 
 
 def test_grayscale_equals_pil(images):
@@ -60,12 +66,13 @@ def test_blur_is_per_sample(images):
 
 @pytest.mark.parametrize("op, tv", [(0, TF.adjust_brightness), (1, TF.adjust_contrast), (2, TF.adjust_saturation)])
 def test_jitter_ops_equal_torchvision(images, op, tv):
+    """One op at a time (the other two factors 1.0, i.e. identity), against torchvision's functional op."""
     x = batch(images)
-    f = torch.linspace(0.7, 1.3, len(images))
-    ours = adjust(x, op, f) / 255
+    f = torch.ones(len(images), 3)
+    f[:, op] = torch.linspace(0.7, 1.3, len(images))
+    out = color_jitter(x, f, torch.tensor([[0, 1, 2]] * len(images)))
     for i in range(len(images)):
-        ref = tv(x[i] / 255, float(f[i]))
-        torch.testing.assert_close(ours[i], ref, atol=2e-6, rtol=0)
+        torch.testing.assert_close(chw01(out[i]), tv(chw01(x[i]), float(f[i, op])), atol=5e-6, rtol=0)
 
 
 def test_jitter_applies_each_samples_own_order(images):
@@ -75,10 +82,10 @@ def test_jitter_applies_each_samples_own_order(images):
     out = color_jitter(x, factors, perms)
     tv = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
     for i in range(6):
-        ref = x[i] / 255
+        ref = chw01(x[i])
         for op in perms[i].tolist():
             ref = tv[op](ref, float(factors[i, op]))
-        torch.testing.assert_close(out[i] / 255, ref, atol=5e-6, rtol=0)
+        torch.testing.assert_close(chw01(out[i]), ref, atol=5e-6, rtol=0)
     assert len({out[i].sum().item() for i in range(6)}) == 6  # the order matters
 
 
@@ -103,13 +110,14 @@ def test_augment_takes_exactly_the_drawn_branch(images):
                   sigma=torch.tensor([1.0, 1.0, 1.5]), jitter=torch.ones(3, 3), jitter_order=torch.zeros(3, 3).long())
     out = augment(x, p, color_jitter_on=False)
     torch.testing.assert_close(out[0], grayscale(x[:1])[0])
-    torch.testing.assert_close(out[1], solarize(x[1:2].flip(-1))[0])
+    torch.testing.assert_close(out[1], solarize(x[1:2].flip(2))[0])
     torch.testing.assert_close(out[2], gaussian_blur(x[2:3], torch.tensor([1.5]))[0])
 
 
 def test_normalize_equals_torchvision(images):
     x = batch(images)
     ours = normalize(x, torch.float32)
+    assert ours.shape == (8, 3, 80, 96)
     for i, im in enumerate(images):
         ref = TF.normalize(TF.to_tensor(im), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
         torch.testing.assert_close(ours[i], ref, atol=1e-5, rtol=0)
@@ -117,9 +125,10 @@ def test_normalize_equals_torchvision(images):
     assert normalize(x, torch.bfloat16).dtype == torch.bfloat16
 
 
-def test_device_stage_train_and_eval(images):
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_device_stage_train_and_eval(images, compiled):
     u8 = torch.from_numpy(np.stack(images))
-    train = DeviceStage(AugConfig(), train=True)
+    train = DeviceStage(AugConfig(), train=True, compile=compiled)
     a, pa = train(u8, torch.Generator().manual_seed(1))
     b, pb = train(u8, torch.Generator().manual_seed(1))
     torch.testing.assert_close(a, b)  # same generator state, same batch
@@ -129,3 +138,6 @@ def test_device_stage_train_and_eval(images):
     assert none is None
     torch.testing.assert_close(ev, normalize(to_float(u8), torch.float32))
     assert len(BRANCHES) == 3
+    if compiled:  # the compiled stage computes what the eager one does
+        eager, _ = DeviceStage(AugConfig(), train=True)(u8, torch.Generator().manual_seed(1))
+        torch.testing.assert_close(a, eager, atol=1e-4, rtol=0)
