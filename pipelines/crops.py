@@ -6,7 +6,9 @@ from (seed, rank, epoch, sample index, slot in batch), so a crop does not depend
 resumed run sees the crops of an uninterrupted one, and every engine (FFCV's numba threads, DALI's external source,
 torch nvjpeg) computes the same box from the same key. All functions are numba-compiled and callable from Python.
 
-Boxes are (top, left, height, width) in source pixels, to be resized to the output size.
+RandomResizedCrop gives an integer box (top, left, height, width) that is cropped, then resized; the eval crop and
+Simple Random Crop give fractional source boxes (y0, x0, y1, x1), the exact preimage of torchvision's
+resize-then-crop, which `resample.resize_box` maps onto the output in one step.
 """
 from __future__ import annotations
 
@@ -80,34 +82,35 @@ def rrc_box(height, width, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi, key):
 
 
 @njit(cache=True, nogil=True)
-def center_box(height, width, crop_ratio):
-    """Eval crop: resize the shorter side to size / crop_ratio, centre-crop size == centre square of
-    crop_ratio * shorter side, resized to size (FFCV's CenterCropRGBImageDecoder does the same)."""
-    c = int(crop_ratio * min(height, width))
-    return (height - c) // 2, (width - c) // 2, c, c
+def center_box(height, width, size, crop_ratio):
+    """Eval crop as torchvision's Resize(int(size / crop_ratio)) + CenterCrop(size), expressed as the (fractional)
+    source box (y0, x0, y1, x1) that resampling maps onto the size x size output: same filter weights, one step."""
+    short = min(height, width)
+    s = int(size / crop_ratio)
+    rh = s if height == short else int(s * height / short)
+    rw = s if width == short else int(s * width / short)
+    top, left = int(round((rh - size) / 2.0)), int(round((rw - size) / 2.0))
+    sy, sx = height / rh, width / rw
+    return top * sy, left * sx, (top + size) * sy, (left + size) * sx
 
 
 @njit(cache=True, nogil=True)
 def src_box(height, width, size, pad, key):
-    """Simple Random Crop: resize the shorter side to `size`, pad `pad` px (reflect), random `size` crop.
+    """Simple Random Crop: torchvision Resize(size) (shorter side), RandomCrop(size, padding=pad, reflect).
 
-    Returns the source box of the part of the crop that lies inside the image and where it lands in the
-    size x size output: (top, left, h, w, out_top, out_left, out_h, out_w). The output rows/columns outside
-    [out_top, out_top + out_h) x [out_left, out_left + out_w) are the reflect padding (at most `pad` wide)."""
+    Returns the fractional source box of the part of the crop inside the image, and where that part lands in
+    the size x size output: (y0, x0, y1, x1, out_top, out_left, out_h, out_w). Output rows/columns outside it are
+    the reflect padding (at most `pad` wide)."""
     short = min(height, width)
-    f = size / short
-    # torchvision Resize(int): the shorter side becomes `size`, the longer int(size * long / short).
     rh = size if height == short else int(size * height / short)
     rw = size if width == short else int(size * width / short)
-    # RandomCrop(size, padding=pad): offset uniform over the padded image.
+    # RandomCrop(size, padding=pad): offset uniform over the padded image, here relative to the unpadded one.
     y = int(uniform(key, 0) * (rh + 2 * pad - size + 1)) - pad
     x = int(uniform(key, 1) * (rw + 2 * pad - size + 1)) - pad
     r0, r1 = max(y, 0), min(y + size, rh)
     c0, c1 = max(x, 0), min(x + size, rw)
-    # Map the resized-space window back to source pixels.
-    top, left = int(round(r0 / f)), int(round(c0 / f))
-    bottom, right = min(height, max(top + 1, int(round(r1 / f)))), min(width, max(left + 1, int(round(c1 / f))))
-    return top, left, bottom - top, right - left, r0 - y, c0 - x, r1 - r0, c1 - c0
+    sy, sx = height / rh, width / rw
+    return r0 * sy, c0 * sx, r1 * sy, c1 * sx, r0 - y, c0 - x, r1 - r0, c1 - c0
 
 
 @njit(cache=True, nogil=True)

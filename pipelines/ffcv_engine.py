@@ -1,9 +1,10 @@
 """The FFCV engine: JPEG decode + primary crop on CPU threads (numba), uint8 batches moved to the device early.
 
 FFCV runs a pipeline of `Operation`s per field. Ours is `[DeiTCropDecoder, ToTensor, ToDevice]` for images and
-`[IntDecoder, ToTensor, Squeeze, ToDevice]` for labels. The decoder is FFCV's `ResizedCropRGBImageDecoder` with the
-crop chosen by `crops.py` from a per-sample key instead of numba's thread-local np.random, and a third crop kind,
-Simple Random Crop with reflect padding, which FFCV lacks. The epoch's part of the key is read at run time from
+`[IntDecoder, ToTensor, Squeeze, ToDevice]` for labels. The decoder is FFCV's `ResizedCropRGBImageDecoder` with three
+changes: the crop is chosen by `crops.py` from a per-sample key instead of numba's thread-local np.random; the
+resize is PIL's bicubic (`resample.py`), as the official transforms use, instead of OpenCV's area interpolation,
+which turns upscaled small crops blocky; and a third crop kind, Simple Random Crop with reflect padding. The epoch's part of the key is read at run time from
 `KeyCell`: FFCV compiles the decoder once, so a Python value captured at compile time could not change per epoch.
 """
 from __future__ import annotations
@@ -16,11 +17,12 @@ from numba import carray, types
 from numba.extending import intrinsic
 
 from . import crops
+from .resample import resize_box
 
 try:
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
-    from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.libffcv import imdecode
     from ffcv.loader import Loader as FFCVLoader
     from ffcv.pipeline.allocation_query import AllocationQuery
     from ffcv.pipeline.compiler import Compiler
@@ -83,7 +85,6 @@ class DeiTCropDecoder(ResizedCropRGBImageDecoder):
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
         imdecode_c = Compiler.compile(imdecode)
-        resize_crop_c = Compiler.compile(resize_crop)
         s = self.spec
         kind, size, pad, center_ratio = _KINDS[s.kind], s.size, s.pad, s.center_ratio
         scale_lo, scale_hi = s.scale
@@ -101,24 +102,25 @@ class DeiTCropDecoder(ResizedCropRGBImageDecoder):
                 image_data = mem_read(field["data_ptr"], storage_state)
                 height, width = np.uint32(field["height"]), np.uint32(field["width"])
                 if field["mode"] == jpg:
-                    temp_buffer = temp_storage[dst_ix]
-                    imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
-                    temp_buffer = temp_buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
+                    image = temp_storage[dst_ix]
+                    imdecode_c(image_data, image, height, width, height, width, 0, 0, 1, 1, False, False)
+                    image = image.reshape(-1)[:3 * height * width].reshape(height, width, 3)
                 else:
-                    temp_buffer = image_data.reshape(height, width, 3)
+                    image = image_data.reshape(height, width, 3)
                 h_, w_ = int(height), int(width)
-                key = sample_key(epoch_key, source_ix, dst_ix)
-                if kind == 0:
-                    i, j, h, w = rrc_box(h_, w_, scale_lo, scale_hi, log_lo, log_hi, key)
-                    resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix])
-                elif kind == 2:
-                    i, j, h, w = center_box(h_, w_, center_ratio)
-                    resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix])
+                out = destination[dst_ix]
+                if kind == 0:  # crop, then resize the crop (taps stay inside it, as PIL's crop + resize)
+                    i, j, h, w = rrc_box(h_, w_, scale_lo, scale_hi, log_lo, log_hi,
+                                         sample_key(epoch_key, source_ix, dst_ix))
+                    resize_box(image[i:i + h, j:j + w], 0.0, 0.0, float(h), float(w), out)
+                elif kind == 2:  # resize the whole image, then crop: a fractional box of the whole image
+                    y0, x0, y1, x1 = center_box(h_, w_, size, center_ratio)
+                    resize_box(image, y0, x0, y1, x1, out)
                 else:
-                    i, j, h, w, oi, oj, oh, ow = src_box(h_, w_, size, pad, key)
-                    out = destination[dst_ix]
+                    key = sample_key(epoch_key, source_ix, dst_ix)
+                    y0, x0, y1, x1, oi, oj, oh, ow = src_box(h_, w_, size, pad, key)
                     block = staging[dst_ix].reshape(-1)[:oh * ow * 3].reshape(oh, ow, 3)
-                    resize_crop_c(temp_buffer, i, i + h, j, j + w, block)
+                    resize_box(image, y0, x0, y1, x1, block)
                     out[oi:oi + oh, oj:oj + ow] = block
                     reflect_fill(out, oi, oj, oh, ow)
             return destination[:len(batch_indices)]

@@ -169,10 +169,37 @@ def test_keys_are_deterministic_and_distinct():
 def test_src_box_covers_the_crop_and_pads_at_most_4():
     for i in range(2000):
         h, w = [(375, 500), (500, 375), (224, 224), (100, 300)][i % 4]
-        t, l, bh, bw, oi, oj, oh, ow = crops.src_box(h, w, 224, 4, np.uint64(crops.sample_key(1, i, 0)))
-        assert 0 <= t and t + bh <= h and 0 <= l and l + bw <= w and bh > 0 and bw > 0
+        y0, x0, y1, x1, oi, oj, oh, ow = crops.src_box(h, w, 224, 4, np.uint64(crops.sample_key(1, i, 0)))
+        assert 0 <= y0 < y1 <= h + 1e-9 and 0 <= x0 < x1 <= w + 1e-9
         assert 0 <= oi <= 4 and 0 <= oj <= 4 and oi + oh >= 220 and oj + ow >= 220
         assert oi + oh <= 224 and oj + ow <= 224
+        # The box is the preimage of the in-image part: same scale as resizing the shorter side to 224.
+        assert abs((y1 - y0) / oh - (x1 - x0) / ow) < 0.02 * max(h, w) / 224
+
+
+def test_center_box_is_torchvision_resize_then_centre_crop():
+    for (h, w, ratio) in [(375, 500, 1.0), (500, 375, 0.875), (256, 256, 0.875), (179, 256, 1.0)]:
+        y0, x0, y1, x1 = crops.center_box(h, w, 224, ratio)
+        s = int(224 / ratio)
+        rh, rw = (s, int(s * w / h)) if h <= w else (int(s * h / w), s)
+        top, left = int(round((rh - 224) / 2)), int(round((rw - 224) / 2))
+        assert np.allclose([y0, x0, y1, x1], [top * h / rh, left * w / rw, (top + 224) * h / rh, (left + 224) * w / rw])
+
+
+def test_resize_box_matches_pil_bicubic():
+    from PIL import Image
+
+    from pipelines.resample import resize_box
+
+    rng = np.random.default_rng(0)
+    src = np.array(Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)).resize((200, 150)))
+    for box, size in [((0, 0, 150, 200), (64, 64)), ((10, 20, 60, 70), (96, 80)), ((5.3, 7.7, 140.2, 190.9), (48, 48))]:
+        out = np.zeros((*size, 3), np.uint8)
+        resize_box(src, *box, out)
+        y0, x0, y1, x1 = box
+        ref = np.asarray(Image.fromarray(src).resize(size[::-1], Image.BICUBIC, box=(x0, y0, x1, y1)))
+        d = np.abs(out.astype(int) - ref.astype(int))
+        assert d.max() <= 1, box  # Pillow uses fixed-point weights, we use float32
 
 
 def test_reflect_fill_mirrors_like_torchvision():
