@@ -14,25 +14,13 @@ import json
 import os
 import platform
 import statistics
-import tarfile
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_TAR = REPO.parent / "shared" / "data" / "imagenet-sample-1000.tar"
-
-
-def replicate(src: Path, dst: Path, copies: int) -> int:
-    """dst/<class>/<copy>_<name>: hard links, so the page cache holds one copy and both runs read the same bytes."""
-    n = 0
-    for cls in sorted(p for p in src.iterdir() if p.is_dir()):
-        (dst / cls.name).mkdir(parents=True, exist_ok=True)
-        for f in sorted(cls.iterdir()):
-            for k in range(copies):
-                os.link(f, dst / cls.name / f"{k}_{f.name}")
-                n += 1
-    return n
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import replicate, unpack_imagenet_sample  # noqa: E402
 
 
 def run_ours(src: Path, out: Path, args) -> float:
@@ -70,13 +58,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench_convert_") as tmp:
         tmp = Path(tmp)
-        src = args.src
-        if src is None:
-            if not DEFAULT_TAR.exists():
-                raise SystemExit(f"no --src given and {DEFAULT_TAR} is absent")
-            with tarfile.open(DEFAULT_TAR) as t:
-                t.extractall(tmp / "x", filter="data")
-            src = tmp / "x" / "imagenet-sample-1000"
+        src = args.src or unpack_imagenet_sample(tmp / "x")
         n = replicate(src, tmp / "src", args.copies)
         # Warm the page cache and import everything once, so neither side pays first-use costs.
         run_ours(tmp / "src", tmp / "warm.beton", args)

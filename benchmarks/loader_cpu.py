@@ -17,28 +17,14 @@ import argparse
 import json
 import os
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-DEFAULT_TAR = REPO.parent / "shared" / "data" / "imagenet-sample-1000.tar"
-
-
-def replicate(src: Path, dst: Path, copies: int) -> int:
-    n = 0
-    for cls in sorted(p for p in src.iterdir() if p.is_dir()):
-        (dst / cls.name).mkdir(parents=True, exist_ok=True)
-        for f in sorted(cls.iterdir()):
-            for k in range(copies):
-                os.link(f, dst / cls.name / f"{k}_{f.name}")
-                n += 1
-    return n
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import replicate, unpack_imagenet_sample  # noqa: E402
 
 
 def rate(batches, max_images: int, warmup: int = 2) -> float:
@@ -74,16 +60,14 @@ def main() -> None:
     torch.set_num_threads(args.workers)
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
         tmp = Path(tmp)
-        with tarfile.open(DEFAULT_TAR) as t:
-            t.extractall(tmp / "x", filter="data")
-        n = replicate(tmp / "x" / "imagenet-sample-1000", tmp / "src", args.copies)
+        n = replicate(unpack_imagenet_sample(tmp / "x"), tmp / "src", args.copies)
         convert(str(tmp / "src"), str(tmp / "train.beton"), max_resolution=256, jpeg_quality=90,
                 show_progress=False)
         result = {"images_in_set": n, "batch_size": args.batch_size, "workers": args.workers, "size": args.size}
 
         official = official_train_loader(str(tmp / "src"), args.size, args.batch_size, args.workers)
         result["official_img_per_s"] = rate(lambda: official, args.images)
-        del official
+        official = None  # ends its worker processes before ours start
 
         sets = [f"data.train={tmp / 'train.beton'}", f"data.batch_size={args.batch_size}",
                 f"data.workers={args.workers}", "data.repeats=1", "train.amp=fp32", f"aug.img_size={args.size}"]

@@ -4,8 +4,9 @@ FFCV runs a pipeline of `Operation`s per field. Ours is `[DeiTCropDecoder, ToTen
 `[IntDecoder, ToTensor, Squeeze, ToDevice]` for labels. The decoder is FFCV's `ResizedCropRGBImageDecoder` with three
 changes: the crop is chosen by `crops.py` from a per-sample key instead of numba's thread-local np.random; the
 resize is PIL's bicubic (`resample.py`), as the official transforms use, instead of OpenCV's area interpolation,
-which turns upscaled small crops blocky; and a third crop kind, Simple Random Crop with reflect padding. The epoch's part of the key is read at run time from
-`KeyCell`: FFCV compiles the decoder once, so a Python value captured at compile time could not change per epoch.
+which turns upscaled small crops blocky; and a third crop kind, Simple Random Crop with reflect padding. The
+epoch's part of the key is read at run time from `KeyCell`: FFCV compiles the decoder once, so a Python value
+captured at compile time could not change per epoch.
 """
 from __future__ import annotations
 

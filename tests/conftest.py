@@ -4,8 +4,10 @@ import sys
 import tarfile
 from pathlib import Path
 
-import hypothesis  # noqa: F401  (imported before any FFCV thread runs: CPython 3.11's AST depth counter is
-import pytest      # global, and a module parsed while a loader thread compiles can fail with "recursion depth mismatch")
+# hypothesis is imported before any FFCV thread runs: CPython 3.11's AST depth counter is global, and a module
+# parsed while a loader thread compiles can fail with "AST constructor recursion depth mismatch".
+import hypothesis  # noqa: F401
+import pytest
 
 from dataset_tools.synthetic import add_bad_inputs, make_imagefolder
 

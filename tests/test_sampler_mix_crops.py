@@ -140,7 +140,8 @@ def test_rrc_scale_and_aspect_statistics():
     """Accepted boxes: area fraction ~ U(0.08, 1), log aspect ~ U(log 3/4, log 4/3), as torchvision draws them."""
     h, w = 375, 500
     lo, hi = math.log(3 / 4), math.log(4 / 3)
-    boxes = np.array([crops.rrc_box(h, w, 0.08, 1.0, lo, hi, np.uint64(crops.sample_key(7, i, 0))) for i in range(20000)])
+    keys = [np.uint64(crops.sample_key(7, i, 0)) for i in range(20000)]
+    boxes = np.array([crops.rrc_box(h, w, 0.08, 1.0, lo, hi, k) for k in keys])
     area = boxes[:, 2] * boxes[:, 3] / (h * w)
     aspect = np.log(boxes[:, 3] / boxes[:, 2])
     assert area.min() >= 0.075 and area.max() <= 1.0
