@@ -4,8 +4,9 @@ Input: uint8 (B, H, W, 3) on any device (what an engine yields). Output: float (
 normalised, in the requested dtype. Internally everything is NHWC, so a pixel's three channels are adjacent (grey
 values are one small matmul) and the channels-last output is a free permute. Training applies, per sample, as
 the official `new_data_aug_generator`: horizontal flip -> exactly one of grayscale | solarize | Gaussian blur
-(3-Augment) -> colour jitter (brightness, contrast, saturation in random order) -> normalise. Randomness comes from a torch.Generator on the same device,
-drawn once per batch into `AugParams` (returned, so previews and tests can see which branch each sample took).
+(3-Augment) -> colour jitter (brightness, contrast, saturation in random order) -> normalise. Randomness comes
+from a torch.Generator on the same device, drawn once per batch into `AugParams` (returned, so previews and tests
+can see which branch each sample took).
 
 Pixel values stay on the 0..255 scale until normalisation, so thresholds and the integer grayscale formula are
 PIL's exactly.
