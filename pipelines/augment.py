@@ -152,6 +152,8 @@ class DeviceStage:
     With `compile=True` the pointwise part is compiled by torch.compile (inductor): about 3x faster on CPU and
     fewer kernel launches on GPU, for a one-off compilation of tens of seconds."""
 
+    CPU_SLICE = 16
+
     def __init__(self, aug, train: bool, dtype: torch.dtype = torch.float32, compile: bool = False):
         self.aug, self.train, self.dtype = aug, train, dtype
         self._fused = torch.compile(_pointwise_normalized, dynamic=False) if compile else _pointwise_normalized
@@ -166,14 +168,19 @@ class DeviceStage:
         return self._consts[device]
 
     def __call__(self, images: torch.Tensor, g: torch.Generator | None = None):
-        x = to_float(images)
         if not self.train:
-            return normalize(x, self.dtype, tuple(self.aug.mean), tuple(self.aug.std)), None
+            return normalize(to_float(images), self.dtype, tuple(self.aug.mean), tuple(self.aug.std)), None
         a = self.aug
-        p = draw_params(x.shape[0], g, hflip=a.hflip, three_augment=a.three_augment,
+        p = draw_params(images.shape[0], g, hflip=a.hflip, three_augment=a.three_augment,
                         blur_sigma=tuple(a.blur_sigma), color_jitter=a.color_jitter)
-        x = _blur_subset(x, p, max(a.blur_sigma))
-        scale, shift = self._scale_shift(x.device)
-        out = self._fused(x, p.flip, p.branch, p.jitter, p.jitter_order, float(a.solarize_threshold),
-                          a.color_jitter > 0, scale, shift, self.dtype)
+        scale, shift = self._scale_shift(images.device)
+        # On a CPU the ~20 passes over a batch run from cache when it is cut into slices (about 2x faster);
+        # a GPU takes the whole batch at once. The parameters are drawn for the whole batch either way.
+        step = self.CPU_SLICE if images.device.type == "cpu" else len(images)
+        out = torch.empty(images.shape, dtype=self.dtype, device=images.device)
+        for s in range(0, len(images), step):
+            q = AugParams(*(t[s:s + step] for t in (p.flip, p.branch, p.sigma, p.jitter, p.jitter_order)))
+            x = _blur_subset(to_float(images[s:s + step]), q, max(a.blur_sigma))
+            out[s:s + step] = self._fused(x, q.flip, q.branch, q.jitter, q.jitter_order, float(a.solarize_threshold),
+                                          a.color_jitter > 0, scale, shift, self.dtype)
         return to_model_layout(out), p
