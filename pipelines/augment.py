@@ -113,9 +113,13 @@ def normalize(x: torch.Tensor, dtype: torch.dtype, mean=IMAGENET_MEAN, std=IMAGE
     return to_model_layout((x * scale - shift).to(dtype))
 
 
-def _blur_subset(x: torch.Tensor, p: AugParams, max_sigma: float) -> torch.Tensor:
-    """Blur only the samples whose branch is blur: the convolution is the stage's one expensive operation."""
-    idx = (p.branch == 2).nonzero().squeeze(1)
+def _blur_branch(x: torch.Tensor, p: AugParams, max_sigma: float, subset: bool) -> torch.Tensor:
+    """Blur the samples whose branch is blur. On a CPU only those are convolved; on a GPU the whole batch is, and
+    the result selected, because picking the subset (nonzero) would make the host wait for the device."""
+    chosen = p.branch == 2
+    if not subset:
+        return torch.where(chosen.view(-1, 1, 1, 1), gaussian_blur(x, p.sigma, max_sigma), x)
+    idx = chosen.nonzero().squeeze(1)
     if idx.numel():
         x = x.clone()
         x[idx] = gaussian_blur(x[idx], p.sigma[idx], max_sigma)
@@ -136,7 +140,7 @@ def augment(x: torch.Tensor, p: AugParams, *, solarize_threshold: float = 128, m
             color_jitter_on: bool = True) -> torch.Tensor:
     """Flip, 3-Augment, colour jitter on float (B, H, W, 3) in [0, 255]. Blur runs before the flip: a symmetric
     kernel with symmetric edge padding commutes with it, and the branches exclude each other."""
-    x = _blur_subset(x, p, max_sigma)
+    x = _blur_branch(x, p, max_sigma, subset=x.device.type == "cpu")
     return _pointwise(x, p.flip, p.branch, p.jitter, p.jitter_order, solarize_threshold, color_jitter_on)
 
 
@@ -180,7 +184,7 @@ class DeviceStage:
         out = torch.empty(images.shape, dtype=self.dtype, device=images.device)
         for s in range(0, len(images), step):
             q = AugParams(*(t[s:s + step] for t in (p.flip, p.branch, p.sigma, p.jitter, p.jitter_order)))
-            x = _blur_subset(to_float(images[s:s + step]), q, max(a.blur_sigma))
+            x = _blur_branch(to_float(images[s:s + step]), q, max(a.blur_sigma), subset=images.device.type == "cpu")
             out[s:s + step] = self._fused(x, q.flip, q.branch, q.jitter, q.jitter_order, float(a.solarize_threshold),
                                           a.color_jitter > 0, scale, shift, self.dtype)
         return to_model_layout(out), p

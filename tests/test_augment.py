@@ -57,6 +57,17 @@ def test_blur_close_to_pil_gaussian_blur(images, sigma):
     assert d[:, 8:-8, 8:-8].max() <= 6, d[:, 8:-8, 8:-8].max()
 
 
+def test_blur_branch_subset_and_whole_batch_agree(images):
+    """The CPU path convolves only the blur branch's samples, the GPU path all of them and selects: same result."""
+    from pipelines.augment import _blur_branch
+
+    g = torch.Generator().manual_seed(3)
+    p = draw_params(len(images), g, hflip=0.5, three_augment=True, blur_sigma=(0.1, 2.0), color_jitter=0.3)
+    assert (p.branch == 2).any() and (p.branch != 2).any()
+    x = batch(images)
+    torch.testing.assert_close(_blur_branch(x, p, 2.0, subset=True), _blur_branch(x, p, 2.0, subset=False))
+
+
 def test_blur_is_per_sample(images):
     x = batch(images[:2])
     both = gaussian_blur(x, torch.tensor([0.5, 2.0]))
