@@ -1,0 +1,110 @@
+"""DeiT III ViTs (official `models_v2.py` `vit_models`) built on timm's VisionTransformer, with the official init.
+
+timm's `deit3_*` models are the same architecture (pre-norm blocks with LayerScale, qkv bias, LayerNorm eps 1e-6,
+pos_embed without a class-token slot, SDPA attention) but not the same init: timm uses LayerScale 1e-6, a linear
+drop-path ramp over depth and cls_token std 1e-6. `create_model` sets the recipe's: LayerScale 1e-4, the same
+drop-path rate in every block, trunc-normal(0.02) for pos_embed, cls_token and Linear weights, zero biases.
+
+Checkpoints: official DeiT III `.pth` files (key `model`, `gamma_1/2`), timm checkpoints and ours load through
+timm's `checkpoint_filter_fn`; pos_embed is resized bicubically over the patch grid for another resolution (as the
+official fine-tuning code does, without antialiasing) and a head of the wrong size is dropped (fine-tuning).
+"""
+from __future__ import annotations
+
+import argparse
+from functools import partial
+
+import torch
+import torch.nn as nn
+from timm.layers import DropPath, trunc_normal_
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+# name -> (patch, dim, depth, heads). The first five are the paper's; the last two are small enough for CPU tests
+# and the quickstart (not in the paper).
+ARCHS = {
+    "deit3_small": (16, 384, 12, 6),
+    "deit3_medium": (16, 512, 12, 8),
+    "deit3_base": (16, 768, 12, 12),
+    "deit3_large": (16, 1024, 24, 16),
+    "deit3_huge": (14, 1280, 32, 16),
+    "deit3_micro": (8, 192, 6, 3),
+    "deit3_nano": (4, 64, 2, 2),
+}
+
+
+class CheckpointError(Exception):
+    pass
+
+
+def _official_init(model: VisionTransformer, drop_path: float) -> None:
+    trunc_normal_(model.pos_embed, std=0.02)
+    trunc_normal_(model.cls_token, std=0.02)
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    # The official stochastic depth rate is the same in every block (timm ramps it linearly from 0).
+    for block in model.blocks:
+        block.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        block.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+
+def create_model(name: str, num_classes: int = 1000, img_size: int = 224, drop_path: float = 0.0,
+                 layer_scale_init: float = 1e-4, checkpoint: str | None = None, **overrides) -> VisionTransformer:
+    """A DeiT III ViT with the official from-scratch init, optionally loading `checkpoint` on top."""
+    if name not in ARCHS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(ARCHS)}")
+    patch, dim, depth, heads = ARCHS[name]
+    kwargs = dict(img_size=img_size, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=4.0,
+                  qkv_bias=True, num_classes=num_classes, no_embed_class=True, class_token=True,
+                  global_pool="token", init_values=layer_scale_init, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+    kwargs.update(overrides)
+    model = VisionTransformer(**kwargs)
+    _official_init(model, drop_path)
+    if checkpoint:
+        load_checkpoint(model, checkpoint)
+    return model
+
+
+def _read_state_dict(path: str) -> dict:
+    # Official checkpoints carry an argparse.Namespace ('args') next to the weights.
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except Exception as e:  # corrupt zip, pickle with unexpected globals, not a torch file
+        raise CheckpointError(f"checkpoint {path} cannot be read: {str(e).splitlines()[0]}") from None
+    state = ckpt
+    for key in ("model", "state_dict", "model_ema"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"checkpoint {path} holds no model state dict")
+    # DDP ('module.') and torch.compile ('_orig_mod.') prefixes.
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+
+
+def load_checkpoint(model: VisionTransformer, path: str) -> list[str]:
+    """Load weights for fine-tuning or evaluation; returns the keys left at their init (a dropped head)."""
+    state = _read_state_dict(path)
+    state = checkpoint_filter_fn(state, model, adapt_layer_scale=True, antialias=False)
+    own = model.state_dict()
+    dropped = [k for k in ("head.weight", "head.bias") if k in state and state[k].shape != own[k].shape]
+    for k in dropped:
+        del state[k]
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+             if k in own and v.shape != own[k].shape]
+    if wrong:
+        raise CheckpointError(f"checkpoint {path} does not fit {type(model).__name__}: {'; '.join(wrong[:3])}")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("head.")]
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {path} does not match the model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]} (is it the right model name?)")
+    return dropped

@@ -1,0 +1,99 @@
+"""Models: sizes of the paper's table, the official init, and loading official / timm / our checkpoints."""
+import argparse
+
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath
+
+from deit3_fast.models import ARCHS, CheckpointError, create_model, load_checkpoint
+
+
+@pytest.mark.parametrize("name, millions", [("deit3_small", 22.0), ("deit3_medium", 38.8), ("deit3_base", 86.6),
+                                            ("deit3_large", 304.4), ("deit3_huge", 632.1)])
+def test_parameter_counts_match_the_paper(name, millions):
+    with torch.device("meta"):  # no memory, no init cost: only the shapes matter here
+        model = create_model(name)
+    n = sum(p.numel() for p in model.parameters())
+    assert abs(n / 1e6 - millions) < 0.1, n
+
+
+def test_official_init():
+    torch.manual_seed(0)
+    m = create_model("deit3_micro", num_classes=10, img_size=64, drop_path=0.2)
+    grid = (64 // 8) ** 2
+    assert m.pos_embed.shape == (1, grid, 192)  # no class-token slot
+    for block in m.blocks:
+        assert torch.all(block.ls1.gamma == 1e-4) and torch.all(block.ls2.gamma == 1e-4)
+        assert isinstance(block.drop_path1, DropPath) and block.drop_path1.drop_prob == 0.2
+        assert isinstance(block.drop_path2, DropPath) and block.drop_path2.drop_prob == 0.2
+        assert block.norm1.eps == 1e-6 and block.attn.qkv.bias is not None
+    # trunc_normal_(std=0.02) as the official code calls it: timm's bounds are absolute (-2, 2), so it is in effect
+    # a plain normal with std 0.02 (cls_token: 192 values, hence the wider band).
+    for t in (m.pos_embed, m.cls_token, m.blocks[0].mlp.fc1.weight):
+        assert 0.015 < t.std().item() < 0.025 and abs(t.mean().item()) < 0.005
+    assert torch.all(m.blocks[0].attn.proj.bias == 0) and torch.all(m.norm.weight == 1)
+
+
+def test_forward_channels_last_and_no_drop_path_when_zero():
+    m = create_model("deit3_nano", num_classes=7, img_size=32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    out = m(x.contiguous(memory_format=torch.channels_last))
+    assert out.shape == (2, 7)
+    torch.testing.assert_close(out, m(x))
+    assert not any(isinstance(mod, DropPath) for mod in m.modules())
+
+
+def _official_checkpoint(model, path):
+    """A checkpoint as the official code writes it: key 'model', LayerScale as gamma_1/gamma_2, args beside."""
+    sd = {}
+    for k, v in model.state_dict().items():
+        sd[k.replace("ls1.gamma", "gamma_1").replace("ls2.gamma", "gamma_2")] = v.clone()
+    torch.save({"model": sd, "args": argparse.Namespace(model="deit_small_patch16_LS"), "epoch": 799}, path)
+
+
+def official_pos_embed_resize(pos_embed, new_grid):
+    """The official fine-tuning code's resize (main.py), no extra tokens for DeiT III."""
+    d = pos_embed.shape[-1]
+    old = int(pos_embed.shape[1] ** 0.5)
+    tokens = pos_embed.reshape(-1, old, old, d).permute(0, 3, 1, 2)
+    tokens = F.interpolate(tokens, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+    return tokens.permute(0, 2, 3, 1).flatten(1, 2)
+
+
+def test_official_checkpoint_loads_at_another_resolution_with_new_head(tmp_path):
+    src = create_model("deit3_micro", num_classes=1000, img_size=64)
+    src.blocks[1].ls1.gamma.data.fill_(0.5)  # distinguishable from the init
+    _official_checkpoint(src, tmp_path / "official.pth")
+    dst = create_model("deit3_micro", num_classes=10, img_size=96, checkpoint=str(tmp_path / "official.pth"))
+    assert torch.all(dst.blocks[1].ls1.gamma == 0.5)
+    torch.testing.assert_close(dst.blocks[2].attn.qkv.weight, src.blocks[2].attn.qkv.weight)
+    torch.testing.assert_close(dst.pos_embed, official_pos_embed_resize(src.pos_embed, 96 // 8))
+    assert dst.head.weight.shape == (10, 192)  # the 1000-class head was dropped, the new one is at its init
+    same = create_model("deit3_micro", num_classes=1000, img_size=64, checkpoint=str(tmp_path / "official.pth"))
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(same.eval()(x), src.eval()(x))
+
+
+def test_timm_and_compiled_ddp_prefixes_load(tmp_path):
+    src = create_model("deit3_nano", num_classes=5, img_size=32)
+    torch.save({"state_dict": {f"module._orig_mod.{k}": v for k, v in src.state_dict().items()}}, tmp_path / "a.pt")
+    dst = create_model("deit3_nano", num_classes=5, img_size=32)
+    assert load_checkpoint(dst, str(tmp_path / "a.pt")) == []
+    torch.testing.assert_close(dst.head.weight, src.head.weight)
+
+
+def test_bad_checkpoints_are_clear_errors(tmp_path):
+    m = create_model("deit3_nano", num_classes=5, img_size=32)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(m, str(tmp_path / "absent.pth"))
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_checkpoint(m, str(tmp_path / "junk.pth"))
+    other = create_model("deit3_micro", num_classes=5, img_size=32)
+    torch.save({"model": other.state_dict()}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="does not fit|does not match"):
+        load_checkpoint(m, str(tmp_path / "other.pth"))
+    with pytest.raises(ValueError, match="deit3_small"):
+        create_model("vit_gigantic")
+    assert set(ARCHS) >= {"deit3_small", "deit3_medium", "deit3_base", "deit3_large", "deit3_huge"}
