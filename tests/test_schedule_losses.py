@@ -1,0 +1,59 @@
+"""Schedule against timm's CosineLRScheduler at epoch boundaries; losses against their definitions."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.scheduler import CosineLRScheduler
+
+from deit3_fast.losses import RecipeLoss
+from deit3_fast.schedule import WarmupCosine, lr_at
+
+
+@pytest.mark.parametrize("epochs, warmup", [(800, 5), (30, 5), (20, 5), (3, 1)])
+def test_per_step_schedule_equals_timm_at_epoch_boundaries(epochs, warmup):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-3)
+    ref = CosineLRScheduler(opt, t_initial=epochs, lr_min=1e-5, warmup_lr_init=1e-6, warmup_t=warmup,
+                            cycle_limit=1, t_in_epochs=True)
+    for e in range(epochs):
+        ours = lr_at(e, lr=3e-3, epochs=epochs, warmup_epochs=warmup, warmup_lr=1e-6, min_lr=1e-5)
+        assert math.isclose(ours, ref._get_lr(e)[0], rel_tol=1e-12), e
+    assert lr_at(epochs, lr=3e-3, epochs=epochs, warmup_epochs=warmup, warmup_lr=1e-6, min_lr=1e-5) == 1e-5
+
+
+def test_scheduler_sets_every_group_and_is_smooth():
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(1))]}, {"params": [torch.nn.Parameter(torch.zeros(1))]}]
+    opt = torch.optim.SGD(groups, lr=1.0)
+    sched = WarmupCosine(opt, steps_per_epoch=10, lr=4e-3, epochs=20, warmup_epochs=5, warmup_lr=1e-6, min_lr=1e-5)
+    values = [sched(s) for s in range(200)]
+    assert values[0] == 1e-6 and all(g["lr"] == values[-1] for g in opt.param_groups)
+    # timm's cosine is not shifted by the warm-up (warmup_prefix=False): after warm-up it resumes at
+    # cos(pi * 5 / 20), a visible step down on a 20-epoch budget, negligible on 800 epochs (cos(pi * 5 / 800)).
+    assert values.index(max(values)) == 49 and values[50] == pytest.approx(lr_at(5, lr=4e-3, epochs=20,
+                                                                                   warmup_epochs=5, warmup_lr=1e-6,
+                                                                                   min_lr=1e-5))
+    steps = [abs(b - a) for a, b in zip(values, values[1:])]
+    del steps[49]
+    assert max(steps) < 1e-4  # per-step values, no epoch-long stairs
+
+
+def test_bce_on_binarised_targets_is_mean_over_batch_and_classes():
+    logits = torch.randn(4, 6, dtype=torch.float64)
+    targets = torch.zeros(4, 6, dtype=torch.float64)
+    targets[torch.arange(4), torch.tensor([0, 1, 2, 3])] = 1
+    targets[torch.arange(4), torch.tensor([3, 2, 1, 0])] = 1
+    ref = -(targets * F.logsigmoid(logits) + (1 - targets) * F.logsigmoid(-logits)).mean()
+    torch.testing.assert_close(RecipeLoss("bce")(logits, targets).double(), ref, rtol=1e-6, atol=1e-7)
+    idx = torch.tensor([1, 2, 3, 4])
+    torch.testing.assert_close(RecipeLoss("bce")(logits, idx), RecipeLoss("bce")(logits, F.one_hot(idx, 6).double()))
+
+
+def test_ce_variants():
+    logits = torch.randn(5, 10)
+    idx = torch.randint(0, 10, (5,))
+    torch.testing.assert_close(RecipeLoss("ce")(logits, idx), F.cross_entropy(logits, idx))
+    torch.testing.assert_close(RecipeLoss("ce", 0.1)(logits, idx), F.cross_entropy(logits, idx, label_smoothing=0.1))
+    soft = torch.softmax(torch.randn(5, 10), -1)
+    torch.testing.assert_close(RecipeLoss("ce", 0.1)(logits, soft), -(soft * F.log_softmax(logits, -1)).sum(-1).mean())
+    with pytest.raises(ValueError):
+        RecipeLoss("mse")
