@@ -1,24 +1,56 @@
-"""`deit3-fast` command line. Subcommands are added as the trainer grows; each lives in its own module."""
+"""`deit3-fast` command line: train, eval, preview, quickstart. Errors in input are one line and exit code 2."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from . import __version__
+
+
+def _add_cfg_args(p: argparse.ArgumentParser, data_train: bool = True) -> None:
+    p.add_argument("--cfg", required=True, help="recipe name in configs/ (e.g. vit_s_in1k) or a YAML path")
+    if data_train:
+        p.add_argument("--data-train", help="training .beton (overrides data.train)")
+    p.add_argument("--data-val", help="validation .beton (overrides data.val)")
+    p.add_argument("--engine", choices=["ffcv", "dali", "nvjpeg"], help="loader engine (overrides data.engine)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, repeatable (e.g. --set optim.lr=1e-3)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deit3-fast", description="DeiT III training at GPU speed.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    q = sub.add_parser("quickstart", help="generate a small data set, convert it, and check the result (CPU, ~1 min)",
-                       description="The embedded default job: a generated 10-class ImageFolder is converted into "
-                       "train/val .beton files with deit3-convert, and both are inspected.")
+
+    t = sub.add_parser("train", help="train (or resume) a recipe", description="Train a recipe. The run dir gets "
+                       "config.yaml, metrics.jsonl, checkpoint-last.pt, checkpoint-best.pt and curves.png.")
+    _add_cfg_args(t)
+    t.add_argument("--out", help="run dir (default: runs/<config name>)")
+    t.add_argument("--epochs", type=int, help="overrides schedule.epochs")
+    t.add_argument("--resume", metavar="DIR|FILE|auto", help="continue from a checkpoint; auto: the run dir's last")
+    t.add_argument("--force", action="store_true", help="resume even if the config differs from the checkpoint's")
+    t.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON and exit")
+    t.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+
+    e = sub.add_parser("eval", help="top-1/top-5 of a checkpoint on a validation .beton (prints JSON)")
+    _add_cfg_args(e, data_train=False)
+    e.add_argument("--checkpoint", required=True, help="checkpoint-*.pt of a run, an official .pth or a timm file")
+    e.add_argument("--ema", action="store_true", help="evaluate the EMA weights of a run checkpoint")
+
+    q = sub.add_parser("quickstart", help="the embedded default job: convert, train and evaluate on CPU (minutes)",
+                       description="Generates a small 10-class ImageFolder, converts train/val with deit3-convert, "
+                       "inspects both, trains a tiny DeiT III ViT with the recipe (configs/quickstart.yaml) and "
+                       "evaluates it.")
     q.add_argument("--out", default="runs/quickstart", help="where data and outputs go (runs/quickstart)")
     q.add_argument("--classes", type=int, default=10)
     q.add_argument("--train-per-class", type=int, default=60)
     q.add_argument("--val-per-class", type=int, default=20)
     q.add_argument("--workers", type=int, default=None)
+    q.add_argument("--epochs", type=int, default=None, help="overrides the quickstart recipe's epochs")
+
     v = sub.add_parser("preview", help="save a grid of augmented training samples as a PNG",
                        description="Runs the real training loader on --data-train and saves one batch as the model "
                        "sees it (after crop, flip, 3-Augment, colour jitter and, unless --no-mix, mixup/cutmix), "
@@ -31,6 +63,75 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--no-mix", action="store_true", help="show the samples before mixup/cutmix")
     v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     return p
+
+
+def _overrides(args) -> list[str]:
+    sets = list(args.set)
+    for flag, key in (("data_train", "data.train"), ("data_val", "data.val"), ("engine", "data.engine"),
+                      ("epochs", "schedule.epochs")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            sets.append(f"{key}={value}")
+    return sets
+
+
+def _device(name: str | None):
+    import torch
+
+    from .config import ConfigError
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible (check CUDA_VISIBLE_DEVICES and the driver)")
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _train(args) -> int:
+    from .config import load_config, to_dict
+    from .engine import train
+
+    cfg = load_config(args.cfg, _overrides(args))
+    if args.dry_run:
+        print(json.dumps(to_dict(cfg), indent=1))
+        return 0
+    out = args.out or str(Path("runs") / Path(args.cfg).stem)
+    history = train(cfg, out, _device(args.device), resume=args.resume, force=args.force, quiet=args.quiet)
+    last = history[-1] if history else {}
+    print(json.dumps({"out": out, "epochs_run": len(history), "val_acc1": last.get("val_acc1"),
+                      "val_acc5": last.get("val_acc5")}))
+    return 0
+
+
+def _eval(args) -> int:
+    import torch
+
+    from pipelines import build_loader
+
+    from .checkpoint import load
+    from .config import load_config
+    from .engine import evaluate
+    from .models import CheckpointError, create_model
+
+    cfg = load_config(args.cfg, _overrides(args))
+    device = _device(args.device)
+    model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, img_size=cfg.aug.img_size)
+    if args.ema:
+        state = load(args.checkpoint).get("ema")
+        if state is None:
+            raise CheckpointError(f"{args.checkpoint} has no EMA weights (train.ema_decay was off)")
+        model.load_state_dict(state)
+    else:
+        from .models import load_checkpoint
+
+        load_checkpoint(model, args.checkpoint)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    amp = cfg.train.amp
+    from contextlib import nullcontext
+
+    from pipelines import AMP_DTYPES
+
+    cast = torch.autocast(device.type, dtype=AMP_DTYPES[amp]) if amp != "fp32" else nullcontext()
+    print(json.dumps(evaluate(model, build_loader(cfg, "val", device), cast)))
+    return 0
 
 
 def _preview(args) -> int:
@@ -55,18 +156,25 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines import DataError
 
     from .config import ConfigError
+    from .engine import ConfigMismatch, TrainingDiverged
+    from .models import CheckpointError
 
+    commands = {"train": _train, "eval": _eval, "preview": _preview}
     try:
         if args.command == "quickstart":
             from .quickstart import run_quickstart
 
             return run_quickstart(args)
-        if args.command == "preview":
-            return _preview(args)
-    except (ConfigError, DataError) as e:
+        return commands[args.command](args)
+    except (ConfigError, DataError, CheckpointError, ConfigMismatch, FileNotFoundError) as e:
         print(f"deit3-fast: error: {e}", file=sys.stderr)
         return 2
-    raise AssertionError(args.command)
+    except TrainingDiverged as e:
+        print(f"deit3-fast: stopped: {e}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("deit3-fast: interrupted; the last completed epoch's checkpoint is kept", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

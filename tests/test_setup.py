@@ -34,15 +34,17 @@ def test_console_scripts_are_installed():
         assert r.returncode == 0 and "usage:" in r.stdout
 
 
-def test_quickstart_converts_and_checks(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "deit3_fast", "quickstart", "--out", str(tmp_path),
-                        "--train-per-class", "12", "--val-per-class", "4"],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
+def test_quickstart_converts_trains_and_evaluates(tmp_path):
+    args = [sys.executable, "-m", "deit3_fast", "quickstart", "--out", str(tmp_path), "--train-per-class", "12",
+            "--val-per-class", "4", "--epochs", "2"]
+    r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr + r.stdout
-    assert "quickstart done" in r.stdout
+    assert "quickstart done" in r.stdout and "val top-1" in r.stdout
     assert len(Beton(tmp_path / "train.beton")) == 120 and len(Beton(tmp_path / "val.beton")) == 40
-    # Idempotent: a second run reuses the generated images and rewrites the outputs.
-    r2 = subprocess.run([sys.executable, "-m", "deit3_fast", "quickstart", "--out", str(tmp_path),
-                         "--train-per-class", "12", "--val-per-class", "4"],
-                        cwd=REPO, capture_output=True, text=True, timeout=300)
+    run = tmp_path / "run"
+    assert (run / "checkpoint-best.pt").exists() and (run / "curves.png").exists()
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    # Idempotent: a second run reuses the generated images and starts the training afresh.
+    r2 = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r2.returncode == 0 and "generating" not in r2.stdout
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2

@@ -1,0 +1,67 @@
+"""Checkpoints: everything needed to continue a run exactly, written atomically.
+
+A checkpoint holds the model, optimiser, grad scaler, EMA, schedule position (epoch, step), RNG states, the
+best accuracy so far and the resolved config. It is written to a temporary file beside the target, fsynced and
+renamed, so a crash or SIGKILL mid-write leaves the previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+LAST, BEST = "checkpoint-last.pt", "checkpoint-best.pt"
+
+
+def rng_state() -> dict:
+    """RNG states as tensors and plain Python values, so checkpoints load with torch.load(weights_only=True)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                        int(has_gauss), float(gauss)),
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def find_resume(resume: str | None, out_dir: Path) -> Path | None:
+    """`--resume auto`: the run dir's last checkpoint if there is one; `--resume DIR|FILE`: that one (must exist)."""
+    if not resume:
+        return None
+    if resume == "auto":
+        p = out_dir / LAST
+        return p if p.exists() else None
+    p = Path(resume)
+    p = p / LAST if p.is_dir() else p
+    if not p.exists():
+        raise FileNotFoundError(f"--resume {resume}: no checkpoint at {p}")
+    return p

@@ -1,0 +1,172 @@
+"""Optimisers for DeiT III: LAMB with apex `FusedLAMB` semantics (pre-training) and AdamW (fine-tuning).
+
+The official DeiT III recipes pass `--opt fusedlamb`, which timm maps to NVIDIA apex's `FusedLAMB` with its defaults
+(`adam_w_mode=True`, `grad_averaging=True`, `use_nvlamb=False`, `max_grad_norm=1.0`). The published numbers depend on
+those exact maths, so `Lamb` reproduces apex/optimizers/fused_lamb.py + csrc/multi_tensor_lamb.cu without needing
+apex's CUDA extension:
+
+1. one global L2 norm over the gradients of every parameter in every group; if it exceeds `max_grad_norm`, every
+   gradient is divided by `norm / max_grad_norm` (inside the step, so no separate `clip_grad_norm_` is needed);
+2. Adam moments on the clipped gradient with bias correction, `update = m_hat / (sqrt(v_hat) + eps) + wd * p`;
+3. the trust ratio `||p|| / ||update||` only in groups whose weight decay is non-zero, and only when both norms are
+   non-zero (else 1), then `p -= lr * ratio * update`.
+
+Everything runs as `torch._foreach_*` ops over whole tensor lists, and the clip factor and trust ratios stay on the
+device, so a step never waits for the GPU.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+OPTIMIZERS = ("lamb", "adamw")
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Per-tensor L2 norms as one 1-D tensor; half-precision inputs are accumulated and returned in fp32 (as apex's
+    l2norm kernel does), so a large fp16 norm cannot overflow."""
+    kw = {"dtype": torch.float32} if tensors[0].dtype in _LOW_PRECISION else {}
+    return torch.stack(torch._foreach_norm(tensors, 2, **kw))
+
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB with apex `FusedLAMB(adam_w_mode=True, grad_averaging=True, use_nvlamb=False)` semantics.
+
+    `max_grad_norm` is global (like apex, which reads it from the defaults, not per group); 0 disables clipping
+    (apex has no such switch: there `norm / 0` would zero every gradient).
+    Unlike apex, which overwrites `.grad` with the update, gradients are left untouched.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, max_grad_norm: float = 1.0,
+                 bias_correction: bool = True):
+        if lr < 0.0:
+            raise ValueError(f"invalid learning rate: {lr}")
+        if eps < 0.0:
+            raise ValueError(f"invalid eps: {eps}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"invalid betas: {betas}")
+        if weight_decay < 0.0:
+            raise ValueError(f"invalid weight_decay: {weight_decay}")
+        if max_grad_norm < 0.0:
+            raise ValueError(f"invalid max_grad_norm: {max_grad_norm}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+                        bias_correction=bias_correction)
+        super().__init__(params, defaults)
+
+    def _buckets(self, group: dict) -> dict[tuple, tuple[list, list, list, list]]:
+        """(params, grads, exp_avgs, exp_avg_sqs) per (device, dtype): foreach kernels need one of each per call."""
+        out: dict[tuple, tuple[list, list, list, list]] = defaultdict(lambda: ([], [], [], []))
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("Lamb does not support sparse gradients")
+            state = self.state[p]
+            if len(state) == 0:
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            ps, gs, ms, vs = out[(p.device, p.dtype)]
+            ps.append(p)
+            gs.append(p.grad)
+            ms.append(state["exp_avg"])
+            vs.append(state["exp_avg_sq"])
+        return out
+
+    def _clip_factor(self, buckets: list[dict]) -> torch.Tensor | None:
+        """`global_norm / max_grad_norm` where the global norm exceeds it, else 1, as a device tensor (no sync)."""
+        max_norm = self.defaults["max_grad_norm"]
+        if max_norm <= 0.0:
+            return None
+        per_bucket = [_norms(gs) for b in buckets for _, gs, _, _ in b.values()]
+        if not per_bucket:
+            return None
+        dev = per_bucket[0].device
+        acc = torch.float64 if any(n.dtype == torch.float64 for n in per_bucket) else torch.float32
+        global_norm = torch.linalg.vector_norm(torch.cat([n.to(dev, acc) for n in per_bucket]))
+        return torch.where(global_norm > max_norm, global_norm / max_norm, torch.ones_like(global_norm))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        buckets = [self._buckets(group) for group in self.param_groups]
+        clip = self._clip_factor(buckets)
+
+        for group, group_buckets in zip(self.param_groups, buckets):
+            # apex counts steps per group and advances every group, even one without gradients this step.
+            group["step"] = group.get("step", 0) + 1
+            t = group["step"]
+            beta1, beta2 = group["betas"]
+            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+            bc1 = 1.0 - beta1 ** t if group["bias_correction"] else 1.0
+            bc2 = 1.0 - beta2 ** t if group["bias_correction"] else 1.0
+
+            for params, grads, exp_avgs, exp_avg_sqs in group_buckets.values():
+                # A clipped copy, not in-place: the caller may still read .grad (logging, AMP checks).
+                scaled = grads if clip is None else torch._foreach_div(grads, clip.to(grads[0].device, grads[0].dtype))
+                torch._foreach_mul_(exp_avgs, beta1)
+                torch._foreach_add_(exp_avgs, scaled, alpha=1.0 - beta1)
+                torch._foreach_mul_(exp_avg_sqs, beta2)
+                torch._foreach_addcmul_(exp_avg_sqs, scaled, scaled, value=1.0 - beta2)
+                del scaled
+
+                # apex adds eps after the bias-corrected sqrt: sqrt(v / bc2) + eps.
+                denom = torch._foreach_div(exp_avg_sqs, bc2)
+                torch._foreach_sqrt_(denom)
+                torch._foreach_add_(denom, eps)
+                updates = torch._foreach_div(exp_avgs, bc1)
+                torch._foreach_div_(updates, denom)
+                del denom
+
+                if wd == 0.0:
+                    # use_nvlamb=False: no trust ratio for the no-decay group (biases, norms, pos_embed, ...).
+                    torch._foreach_add_(params, updates, alpha=-lr)
+                    continue
+                torch._foreach_add_(updates, params, alpha=wd)
+                w_norm, u_norm = _norms(params), _norms(updates)
+                # `!= 0` rather than `> 0` as in apex, so a NaN norm propagates instead of being hidden by ratio 1.
+                step_size = torch.where((w_norm != 0) & (u_norm != 0), lr * (w_norm / u_norm),
+                                        torch.full_like(w_norm, lr)).to(params[0].dtype)
+                torch._foreach_mul_(updates, list(step_size.unbind(0)))
+                torch._foreach_sub_(params, updates)
+        return loss
+
+
+def param_groups_weight_decay(model: nn.Module, weight_decay: float,
+                              skip: Iterable[str] = ("pos_embed", "cls_token", "dist_token")) -> list[dict]:
+    """[decay, no-decay] groups: DeiT III decays only matrices/kernels, never 1-D params (biases, norms, LayerScale
+    gammas) nor the position embedding and class/distillation tokens."""
+    skip = set(skip)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        # Match whole dotted components so a wrapper prefix (`module.pos_embed`) still counts.
+        if p.ndim <= 1 or skip.intersection(name.split(".")):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float,
+                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                    max_grad_norm: float = 1.0) -> torch.optim.Optimizer:
+    """`lamb` clips the global gradient norm inside its step; `adamw` ignores `max_grad_norm` (clip before it)."""
+    groups = param_groups_weight_decay(model, weight_decay)
+    if name == "lamb":
+        return Lamb(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=True)
+    raise ValueError(f"unknown optimizer {name!r}; valid choices: {', '.join(OPTIMIZERS)}")
+
+
+__all__ = ["Lamb", "param_groups_weight_decay", "build_optimizer", "OPTIMIZERS"]

@@ -1,0 +1,162 @@
+"""The trainer end to end on CPU: exact resume, divergence, config checks, run-dir contents, CLI train/eval."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dataset_tools.convert import convert
+from dataset_tools.synthetic import make_imagefolder
+from deit3_fast import engine
+from deit3_fast.checkpoint import load
+from deit3_fast.config import load_config
+from deit3_fast.engine import ConfigMismatch, TrainingDiverged, train
+
+from .conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train_data")
+    for split, n, seed in (("train", 12, 0), ("val", 4, 1)):
+        make_imagefolder(d / split, num_classes=4, per_class=n, seed=seed, min_side=32, max_side=64)
+        convert(str(d / split), str(d / f"{split}.beton"), workers=1, show_progress=False)
+    return d
+
+
+def tiny_cfg(data, **sets):
+    base = {"data.train": data / "train.beton", "data.val": data / "val.beton", "model.num_classes": 4,
+            "data.batch_size": 8, "train.global_batch": 16, "schedule.epochs": 3, "schedule.warmup_epochs": 1,
+            "model.drop_path": 0.1, "train.log_every": 2, "data.workers": 1}
+    base.update(sets)
+    return load_config("quickstart", [f"{k}={v}" for k, v in base.items()])
+
+
+def test_resume_is_bit_identical(data, tmp_path):
+    """3 epochs in one go == 2 epochs, stop, resume for the last: same weights, optimiser state and metrics."""
+    cpu = torch.device("cpu")
+    full = train(tiny_cfg(data), tmp_path / "full", cpu, quiet=True)
+    part = train(tiny_cfg(data), tmp_path / "split", cpu, quiet=True, stop_after_epoch=1)
+    assert [r["epoch"] for r in part] == [0, 1]
+    rest = train(tiny_cfg(data), tmp_path / "split", cpu, quiet=True, resume="auto")
+    assert [r["epoch"] for r in rest] == [2]
+    a, b = load(tmp_path / "full" / "checkpoint-last.pt"), load(tmp_path / "split" / "checkpoint-last.pt")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k, st in a["optimizer"]["state"].items():
+        assert torch.equal(st["exp_avg"], b["optimizer"]["state"][k]["exp_avg"])
+    strip = ("train_seconds", "img_per_s", "data_wait_frac", "max_mem_mb")
+    rows = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in r.items() if k not in strip} for r in rows] == \
+           [{k: v for k, v in r.items() if k not in strip} for r in full]
+
+
+def test_run_dir_contents(data, tmp_path):
+    train(tiny_cfg(data, **{"schedule.epochs": 2}), tmp_path, torch.device("cpu"), quiet=True)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "checkpoint-last.pt", "checkpoint-best.pt", "curves.png"} <= names
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for key in ("epoch", "lr", "train_loss", "val_acc1", "val_acc5", "img_per_s", "data_wait_frac", "max_mem_mb"):
+        assert all(key in r for r in rows), key
+    assert 0 <= rows[-1]["data_wait_frac"] <= 1 and rows[-1]["val_acc1"] is not None
+    assert load_config(str(tmp_path / "config.yaml")) == tiny_cfg(data, **{"schedule.epochs": 2})
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, monkeypatch):
+    train(tiny_cfg(data, **{"schedule.epochs": 3}), tmp_path, torch.device("cpu"), quiet=True, stop_after_epoch=0)
+    good = load(tmp_path / "checkpoint-last.pt")
+    real = engine.RecipeLoss.__call__
+    monkeypatch.setattr(engine.RecipeLoss, "__call__", lambda self, x, y: real(self, x, y) * math.nan)
+    with pytest.raises(TrainingDiverged, match="loss is nan at epoch 1"):
+        train(tiny_cfg(data, **{"schedule.epochs": 3}), tmp_path, torch.device("cpu"), quiet=True, resume="auto")
+    kept = load(tmp_path / "checkpoint-last.pt")
+    assert kept["epoch"] == 0
+    for k in good["model"]:
+        assert torch.equal(good["model"][k], kept["model"][k])
+
+
+def test_resume_with_changed_config_is_refused_unless_forced(data, tmp_path):
+    train(tiny_cfg(data), tmp_path, torch.device("cpu"), quiet=True, stop_after_epoch=0)
+    with pytest.raises(ConfigMismatch, match="optim.lr"):
+        train(tiny_cfg(data, **{"optim.lr": 1e-3}), tmp_path, torch.device("cpu"), quiet=True, resume="auto")
+    rows = train(tiny_cfg(data, **{"optim.lr": 1e-3}), tmp_path, torch.device("cpu"), quiet=True, resume="auto",
+                 force=True, stop_after_epoch=1)
+    assert [r["epoch"] for r in rows] == [1]
+
+
+def test_global_batch_must_divide(data, tmp_path):
+    from deit3_fast.config import ConfigError
+
+    with pytest.raises(ConfigError, match="global_batch"):
+        train(tiny_cfg(data, **{"train.global_batch": 12}), tmp_path, torch.device("cpu"), quiet=True)
+
+
+def cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "deit3_fast", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_cli_train_then_eval(data, tmp_path):
+    common = ["--cfg", "quickstart", "--data-val", data / "val.beton", "--set", "model.num_classes=4",
+              "--set", "data.workers=1"]
+    r = cli("train", *common, "--data-train", data / "train.beton", "--out", tmp_path, "--epochs", "2", "--quiet",
+            "--set", "data.batch_size=8", "--set", "train.global_batch=8")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["epochs_run"] == 2
+    r = cli("eval", *common, "--checkpoint", tmp_path / "checkpoint-last.pt")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["n"] == 16 and result["acc1"] == pytest.approx(summary["val_acc1"])
+    assert set(result) == {"acc1", "acc5", "n"}
+
+
+def test_cli_dry_run_and_one_line_errors(tmp_path):
+    r = cli("train", "--cfg", "vit_h_in1k.yaml", "--dry-run", "--epochs", "3")
+    assert r.returncode == 0
+    cfg = json.loads(r.stdout)
+    assert cfg["model"]["name"] == "deit3_huge" and cfg["schedule"]["epochs"] == 3 and cfg["aug"]["img_size"] == 160
+    for args, fragment in [(["--cfg", "vit_s_in1k", "--set", "optim.lrr=1"], "did you mean 'lr'"),
+                           (["--cfg", "vit_s_in1k", "--set", "data.batch_size=big"], "data.batch_size"),
+                           (["--cfg", "no_such_recipe"], "not found"),
+                           (["--cfg", "vit_s_in1k", "--data-train", tmp_path / "absent.beton"], "absent.beton")]:
+        r = cli("train", *args, "--out", tmp_path / "run")
+        assert r.returncode == 2, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and fragment in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("name, model, size, lr, drop_path, batch", [
+    ("vit_s_in1k", "deit3_small", 224, 4e-3, 0.05, 256), ("vit_b_in1k", "deit3_base", 192, 3e-3, 0.2, 256),
+    ("vit_l_in1k", "deit3_large", 192, 3e-3, 0.45, 64), ("vit_h_in1k", "deit3_huge", 160, 3e-3, 0.6, 64)])
+def test_in1k_recipes_are_exact(name, model, size, lr, drop_path, batch):
+    c = load_config(name)
+    assert (c.model.name, c.aug.img_size, c.optim.lr, c.model.drop_path, c.data.batch_size) == \
+           (model, size, lr, drop_path, batch)
+    assert (c.optim.name, c.optim.weight_decay, c.loss, c.train.global_batch, c.schedule.epochs) == \
+           ("lamb", 0.05, "bce", 2048, 800)
+    assert (c.schedule.warmup_epochs, c.schedule.warmup_lr, c.schedule.min_lr) == (5, 1e-6, 1e-5)
+    assert (c.aug.mixup, c.aug.cutmix, c.aug.label_smoothing, c.aug.color_jitter) == (0.8, 1.0, 0.0, 0.3)
+    assert c.aug.three_augment and c.aug.crop == "rrc" and c.aug.eval_crop_ratio == 1.0 and c.data.repeats == 3
+    assert c.model.layer_scale_init == 1e-4
+
+
+def test_ema_weights_are_kept_and_evaluable(data, tmp_path):
+    train(tiny_cfg(data, **{"train.ema_decay": 0.9, "schedule.epochs": 1}), tmp_path, torch.device("cpu"),
+          quiet=True)
+    ck = load(tmp_path / "checkpoint-last.pt")
+    assert ck["ema"] is not None
+    assert any(not torch.equal(ck["ema"][k], ck["model"][k]) for k in ck["model"])
+    r = cli("eval", "--cfg", "quickstart", "--data-val", data / "val.beton", "--set", "model.num_classes=4",
+            "--set", "data.workers=1", "--checkpoint", tmp_path / "checkpoint-last.pt", "--ema")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["n"] == 16
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_and_saves_plain_keys(data, tmp_path):
+    rows = train(tiny_cfg(data, **{"train.compile": "true", "schedule.epochs": 1}), tmp_path, torch.device("cpu"),
+                 quiet=True)
+    assert math.isfinite(rows[0]["train_loss"])
+    assert not any(k.startswith("_orig_mod.") for k in load(tmp_path / "checkpoint-last.pt")["model"])
