@@ -160,3 +160,27 @@ def test_compiled_model_trains_and_saves_plain_keys(data, tmp_path):
                  quiet=True)
     assert math.isfinite(rows[0]["train_loss"])
     assert not any(k.startswith("_orig_mod.") for k in load(tmp_path / "checkpoint-last.pt")["model"])
+
+
+@pytest.mark.parametrize("size, model, res, drop_path, epochs", [
+    ("s", "deit3_small", 224, 0.05, 240), ("b", "deit3_base", 224, 0.1, 240), ("l", "deit3_large", 224, 0.3, 240),
+    ("h", "deit3_huge", 128, 0.5, 90)])
+def test_in21k_recipes_are_exact(size, model, res, drop_path, epochs):
+    c = load_config(f"vit_{size}_in21k")
+    assert (c.model.name, c.aug.img_size, c.model.drop_path, c.schedule.epochs) == (model, res, drop_path, epochs)
+    assert (c.optim.name, c.optim.lr, c.optim.weight_decay, c.loss, c.aug.label_smoothing) == \
+           ("lamb", 1e-3, 0.02, "ce", 0.1)
+    assert (c.aug.mixup, c.aug.cutmix, c.aug.crop, c.aug.three_augment, c.data.repeats) == (0.0, 1.0, "src", True, 1)
+    ft = load_config(f"vit_{size}_in21k_ft_in1k")
+    assert ft.model.drop_path == {"s": 0.05, "b": 0.15, "l": 0.4, "h": 0.45}[size]
+    assert (ft.optim.name, ft.optim.lr, ft.optim.weight_decay, ft.schedule.epochs, ft.aug.img_size) == \
+           ("lamb", 3e-4, 0.02, 50, 224)
+    assert (ft.aug.mixup, ft.aug.cutmix, ft.aug.crop, ft.aug.label_smoothing, ft.data.repeats, ft.loss) == \
+           (0.0, 1.0, "src", 0.1, 1, "ce")
+
+
+def test_fp16_with_grad_scaler_trains(data, tmp_path):
+    rows = train(tiny_cfg(data, **{"train.amp": "fp16", "schedule.epochs": 1}), tmp_path, torch.device("cpu"),
+                 quiet=True)
+    assert math.isfinite(rows[0]["train_loss"])
+    assert load(tmp_path / "checkpoint-last.pt")["scaler"]  # the scaler's state is saved for resume
