@@ -162,6 +162,11 @@ class DeviceStage:
         self.aug, self.train, self.dtype = aug, train, dtype
         self._fused = torch.compile(_pointwise_normalized, dynamic=False) if compile else _pointwise_normalized
         self._consts: dict = {}
+        self._randaugment = None
+        if train and aug.auto_augment:
+            from .randaugment import RandAugment
+
+            self._randaugment = RandAugment(aug.auto_augment, aug.img_size, aug.mean)
 
     def _scale_shift(self, device):
         if device not in self._consts:
@@ -175,6 +180,8 @@ class DeviceStage:
         if not self.train:
             return normalize(to_float(images), self.dtype, tuple(self.aug.mean), tuple(self.aug.std)), None
         a = self.aug
+        if self._randaugment is not None:  # fine-tuning recipes: timm RandAugment on each crop first
+            images = self._randaugment(images, g)
         p = draw_params(images.shape[0], g, hflip=a.hflip, three_augment=a.three_augment,
                         blur_sigma=tuple(a.blur_sigma), color_jitter=a.color_jitter)
         scale, shift = self._scale_shift(images.device)

@@ -36,6 +36,7 @@ class AugConfig:
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_threshold: int = 128
     color_jitter: float = 0.3
+    auto_augment: str | None = None   # timm RandAugment policy for fine-tuning, e.g. rand-m9-mstd0.5-inc1
     mixup: float = 0.8
     cutmix: float = 1.0
     mix_prob: float = 1.0

@@ -152,3 +152,32 @@ def test_device_stage_train_and_eval(images, compiled):
     if compiled:  # the compiled stage computes what the eager one does
         eager, _ = DeviceStage(AugConfig(), train=True)(u8, torch.Generator().manual_seed(1))
         torch.testing.assert_close(a, eager, atol=1e-4, rtol=0)
+
+
+def test_randaugment_is_timms_per_sample_and_seeded(images):
+    """The fine-tuning stage runs timm's RandAugment on each crop, seeded from the generator, and leaves the
+    global random states as they were."""
+    import random
+
+    from timm.data.auto_augment import rand_augment_transform
+
+    from pipelines.randaugment import RandAugment
+
+    u8 = torch.from_numpy(np.stack(images))
+    ra = RandAugment("rand-m9-mstd0.5-inc1", 96, (0.485, 0.456, 0.406))
+    random.seed(5)
+    before = random.getstate()
+    out = ra(u8, torch.Generator().manual_seed(0))
+    assert random.getstate() == before
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=torch.Generator().manual_seed(0)))
+    random.seed(seed)
+    np.random.seed(seed)
+    ref_t = rand_augment_transform("rand-m9-mstd0.5-inc1", {"translate_const": int(96 * 0.45),
+                                                             "img_mean": (124, 116, 104)})
+    ref = np.stack([np.asarray(ref_t(Image.fromarray(im))) for im in images])
+    np.testing.assert_array_equal(out.numpy(), ref)
+    assert (out.numpy() != np.stack(images)).any(axis=(1, 2, 3)).sum() >= 6  # most samples were changed
+    stage = DeviceStage(AugConfig(auto_augment="rand-m9-mstd0.5-inc1", three_augment=False, color_jitter=0.0,
+                                  img_size=96), train=True)
+    x, p = stage(u8, torch.Generator().manual_seed(0))
+    assert x.shape == (8, 3, 80, 96) and (p.branch == -1).all()

@@ -184,3 +184,17 @@ def test_fp16_with_grad_scaler_trains(data, tmp_path):
                  quiet=True)
     assert math.isfinite(rows[0]["train_loss"])
     assert load(tmp_path / "checkpoint-last.pt")["scaler"]  # the scaler's state is saved for resume
+
+
+@pytest.mark.parametrize("name, model, res, drop_path", [
+    ("vit_b_in1k_ft224", "deit3_base", 224, 0.2), ("vit_l_in1k_ft224", "deit3_large", 224, 0.45),
+    ("vit_h_in1k_ft224", "deit3_huge", 224, 0.55), ("vit_s_in1k_ft384", "deit3_small", 384, 0.0),
+    ("vit_b_in1k_ft384", "deit3_base", 384, 0.15), ("vit_l_in1k_ft384", "deit3_large", 384, 0.4)])
+def test_in1k_finetuning_recipes_are_exact(name, model, res, drop_path):
+    c = load_config(name)
+    assert (c.model.name, c.aug.img_size, c.model.drop_path) == (model, res, drop_path)
+    assert (c.optim.name, c.optim.lr, c.optim.weight_decay, c.schedule.epochs, c.schedule.warmup_epochs) == \
+           ("adamw", 1e-5, 0.1, 20, 5)
+    assert (c.loss, c.aug.label_smoothing, c.aug.auto_augment, c.data.repeats, c.train.global_batch) == \
+           ("ce", 0.1, "rand-m9-mstd0.5-inc1", 1, 512)
+    assert not c.aug.three_augment and c.aug.color_jitter == 0.0 and c.model.checkpoint
