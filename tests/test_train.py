@@ -93,8 +93,8 @@ def test_global_batch_must_divide(data, tmp_path):
         train(tiny_cfg(data, **{"train.global_batch": 12}), tmp_path, torch.device("cpu"), quiet=True)
 
 
-def cli(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "deit3_fast", *map(str, args)], cwd=REPO, capture_output=True,
+def cli(*args, timeout=600, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "deit3_fast", *map(str, args)], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -114,8 +114,8 @@ def test_cli_train_then_eval(data, tmp_path):
 
 
 def test_cli_dry_run_and_one_line_errors(tmp_path):
-    r = cli("train", "--cfg", "vit_h_in1k.yaml", "--dry-run", "--epochs", "3")
-    assert r.returncode == 0
+    r = cli("train", "--cfg", "vit_h_in1k.yaml", "--dry-run", "--epochs", "3", cwd=tmp_path)  # from any directory
+    assert r.returncode == 0, r.stderr
     cfg = json.loads(r.stdout)
     assert cfg["model"]["name"] == "deit3_huge" and cfg["schedule"]["epochs"] == 3 and cfg["aug"]["img_size"] == 160
     for args, fragment in [(["--cfg", "vit_s_in1k", "--set", "optim.lrr=1"], "did you mean 'lr'"),
