@@ -13,9 +13,22 @@ resize-then-crop, which `resample.resize_box` maps onto the output in one step.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from numba import njit
+
+
+@dataclass(frozen=True)
+class CropSpec:
+    """Which primary crop an engine takes, and its parameters (from the `aug` config)."""
+    kind: str                       # "rrc" | "src" | "center"
+    size: int
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    pad: int = 4
+    center_ratio: float = 1.0
+
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)

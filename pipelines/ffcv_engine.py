@@ -10,14 +10,13 @@ captured at compile time could not change per epoch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from numba import carray, types
 from numba.extending import intrinsic
 
 from . import crops
+from .crops import CropSpec
 from .resample import resize_box
 
 try:
@@ -32,16 +31,6 @@ try:
 except ImportError as e:  # pragma: no cover - exercised by the missing-dependency test in a subprocess
     raise ImportError(f"the ffcv engine needs FFCV ({e}); install it with: pip install -e '.[ffcv]' "
                       "(needs pkg-config, g++, libturbojpeg0-dev, libopencv-dev; `make install` does all)") from None
-
-
-@dataclass(frozen=True)
-class CropSpec:
-    kind: str                       # "rrc" | "src" | "center"
-    size: int
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    pad: int = 4
-    center_ratio: float = 1.0
 
 
 class KeyCell:

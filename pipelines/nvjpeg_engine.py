@@ -1,0 +1,120 @@
+"""The torch engine: .beton bytes -> torchvision.io.decode_jpeg (nvJPEG on a GPU, libjpeg-turbo on CPU) -> keyed crop.
+
+Needs nothing beyond torch/torchvision: the fallback where DALI is absent, and an FFCV-free reader of the same
+files (`dataset_tools.beton`). Sample order, shards and repeats come from the same `EpochOrder`, and every crop box
+from the same keys (`crops.py`), as the FFCV engine, so both yield the same samples with the same crops.
+
+On a CPU, decoding and the bicubic resampling (`resample.py`, the FFCV engine's) run on `workers` threads: both
+release the GIL. On a GPU the batch is decoded by nvJPEG in one call and each crop resized with torch's antialiased
+bicubic interpolation; its boxes are rounded to whole pixels (the CPU path resamples fractional boxes exactly).
+"""
+from __future__ import annotations
+
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from dataset_tools.beton import IMAGE_MODE_RAW, Beton
+
+from . import crops
+from .resample import resize_box
+
+# torchvision 0.29 deprecates its image codecs in favour of TorchCodec (warning once per call); they still work and
+# need no extra dependency. Moving to torchcodec.decoders is the follow-up once it decodes JPEG on the GPU in batches.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
+
+
+def crop_plan(spec, height: int, width: int, key) -> tuple:
+    """What to take from an image of this size: ("box", y0, x0, y1, x1, whole) or ("src", y0, x0, y1, x1, oi, oj,
+    oh, ow). `whole` says whether resampling may read outside the box (resize-then-crop) or not (crop-then-resize)."""
+    if spec.kind == "rrc":
+        i, j, h, w = crops.rrc_box(height, width, spec.scale[0], spec.scale[1], np.log(spec.ratio[0]),
+                                   np.log(spec.ratio[1]), key)
+        return ("box", float(i), float(j), float(i + h), float(j + w), False)
+    if spec.kind == "center":
+        return ("box", *crops.center_box(height, width, spec.size, spec.center_ratio), True)
+    return ("src", *crops.src_box(height, width, spec.size, spec.pad, key))
+
+
+class NvjpegEngine:
+    def __init__(self, path: str, epoch_order, batch_size: int, crop, device: torch.device, *, workers: int,
+                 drop_last: bool, seed: int = 0, rank: int = 0):
+        self.beton = Beton(path)
+        self.image_field, self.label_field = self.beton.field("rgb_image"), self.beton.field("int")
+        self.labels = self.beton.labels(self.label_field)
+        self.meta = self.beton.image_meta(self.image_field)
+        self.order, self.batch_size, self.crop, self.device = epoch_order, batch_size, crop, device
+        self.drop_last, self.seed, self.rank = drop_last, seed, rank
+        self.pool = ThreadPoolExecutor(max(1, workers)) if device.type == "cpu" else None
+
+    def __len__(self) -> int:
+        n = len(self.order.indices(0))
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def _bytes(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.beton.image_bytes(int(i), self.image_field)))
+
+    def _pixels(self, i: int, data: torch.Tensor) -> np.ndarray:
+        m = self.meta[i]
+        if m["mode"] == IMAGE_MODE_RAW:
+            return data.numpy().reshape(int(m["height"]), int(m["width"]), 3)
+        return decode_jpeg(data, mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
+
+    def _cpu_sample(self, out: np.ndarray, slot: int, i: int, key) -> None:
+        img = self._pixels(i, self._bytes(i))
+        plan = crop_plan(self.crop, img.shape[0], img.shape[1], key)
+        if plan[0] == "box":
+            _, y0, x0, y1, x1, whole = plan
+            if whole:
+                resize_box(img, y0, x0, y1, x1, out[slot])
+            else:
+                resize_box(img[int(y0):int(y1), int(x0):int(x1)], 0.0, 0.0, y1 - y0, x1 - x0, out[slot])
+        else:
+            _, y0, x0, y1, x1, oi, oj, oh, ow = plan
+            block = np.empty((oh, ow, 3), np.uint8)
+            resize_box(img, y0, x0, y1, x1, block)
+            out[slot, oi:oi + oh, oj:oj + ow] = block
+            crops.reflect_fill(out[slot], oi, oj, oh, ow)
+
+    def _gpu_batch(self, idx: np.ndarray, keys) -> torch.Tensor:
+        size = self.crop.size
+        data = [self._bytes(i) for i in idx]
+        jpeg = [k for k, i in enumerate(idx) if self.meta[i]["mode"] != IMAGE_MODE_RAW]
+        decoded = dict(zip(jpeg, decode_jpeg([data[k] for k in jpeg], mode=ImageReadMode.RGB, device=self.device)))
+        out = torch.empty((len(idx), size, size, 3), dtype=torch.uint8, device=self.device)
+        for slot, i in enumerate(idx):
+            img = decoded.get(slot)
+            if img is None:
+                img = torch.from_numpy(self._pixels(i, data[slot])).permute(2, 0, 1).to(self.device)
+            plan = crop_plan(self.crop, img.shape[1], img.shape[2], keys[slot])
+            y0, x0, y1, x1 = (int(round(v)) for v in plan[1:5])
+            part = img[:, y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)][None].float()
+            if plan[0] == "box":
+                res = F.interpolate(part, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+            else:
+                oi, oj, oh, ow = plan[5:]
+                res = F.interpolate(part, size=(oh, ow), mode="bicubic", antialias=True, align_corners=False)
+                res = F.pad(res, (oj, size - oj - ow, oi, size - oi - oh), mode="reflect")
+            out[slot] = res[0].round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
+        return out
+
+    def batches(self, epoch: int):
+        ek = crops.epoch_key(self.seed, self.rank, epoch)
+        order = self.order.indices(epoch)
+        stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
+        size = self.crop.size
+        for start in range(0, stop, self.batch_size):
+            idx = order[start:start + self.batch_size]
+            keys = [np.uint64(crops.sample_key(ek, int(i), slot)) for slot, i in enumerate(idx)]
+            labels = torch.from_numpy(self.labels[idx]).to(self.device, non_blocking=True)
+            if self.pool is None:
+                yield self._gpu_batch(idx, keys), labels
+                continue
+            out = np.empty((len(idx), size, size, 3), np.uint8)
+            list(self.pool.map(lambda a: self._cpu_sample(out, *a), zip(range(len(idx)), idx, keys)))
+            yield torch.from_numpy(out), labels
