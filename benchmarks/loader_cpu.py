@@ -5,7 +5,8 @@ real images (the shared ImageNet sample, replicated by hard links to >= 10k file
 workers. Ours reads a .beton converted from those files (max side 256, JPEG q90); the official pipeline decodes the
 full-size JPEGs, as it does in practice. Per stage:
 
-  cpu_stage      the FFCV engine alone: decode + RandomResizedCrop into uint8 batches
+  cpu_stage      the FFCV engine alone: decode + RandomResizedCrop into uint8 batches (and the nvjpeg engine's,
+                 which on a CPU decodes with torchvision/libjpeg-turbo on threads)
   device_stage   the augmentation stage alone, on the CPU here, on a fixed uint8 batch (eager and torch.compile)
   end_to_end     build_loader: both stages plus mixup/cutmix, on the same cores
 
@@ -87,6 +88,8 @@ def main() -> None:
                 stage(images, g)
             result[f"device_stage_{tag}_img_per_s"] = reps * len(images) / (time.perf_counter() - t0)
             result[f"end_to_end_{tag}_img_per_s"] = rate(lambda: loader, args.images)
+        nv = build_loader(load_config("vit_s_in1k", sets + ["data.engine=nvjpeg"]), "train", "cpu")
+        result["cpu_stage_nvjpeg_engine_img_per_s"] = rate(lambda: nv.engine.batches(0), args.images)
         best = max(result["end_to_end_eager_img_per_s"], result["end_to_end_compiled_img_per_s"])
         result["ratio_end_to_end_vs_official"] = best / result["official_img_per_s"]
         result["ratio_cpu_stage_vs_official"] = result["cpu_stage_img_per_s"] / result["official_img_per_s"]
