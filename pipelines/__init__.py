@@ -60,17 +60,20 @@ def build_loader(cfg, split: str, device: torch.device | str | None = None) -> L
     batch = data.batch_size if train else (data.eval_batch_size or int(1.5 * data.batch_size))
     if data.engine not in ENGINES:
         raise DataError(f"data.engine {data.engine!r}: choose one of {', '.join(ENGINES)}")
-    if data.engine == "dali":
-        raise DataError("data.engine 'dali' is not available yet in this version; use 'ffcv' or 'nvjpeg'")
     from .crops import CropSpec
 
     crop = (CropSpec(aug.crop, aug.img_size, tuple(aug.rrc_scale), tuple(aug.rrc_ratio), aug.src_pad) if train
             else CropSpec("center", aug.img_size, center_ratio=aug.eval_crop_ratio))
-    if data.engine == "nvjpeg":
-        from .nvjpeg_engine import NvjpegEngine
-
-        engine = NvjpegEngine(path, order, batch, crop, device, workers=data.workers, drop_last=train,
-                              seed=data.seed, rank=rank)
+    if data.engine in ("nvjpeg", "dali"):
+        if data.engine == "nvjpeg":
+            from .nvjpeg_engine import NvjpegEngine as cls
+        else:
+            from .dali_engine import DaliEngine as cls
+        try:
+            engine = cls(path, order, batch, crop, device, workers=data.workers, drop_last=train, seed=data.seed,
+                         rank=rank)
+        except ValueError as e:
+            raise DataError(str(e)) from None
     else:
         from .ffcv_engine import FFCVEngine
 

@@ -139,3 +139,15 @@ def reflect_fill(out, out_top, out_left, out_h, out_w):
         out[:, out_left - k, :] = out[:, min(out_left + k, out_left + out_w - 1), :]
     for k in range(1, size_w - (out_left + out_w) + 1):
         out[:, out_left + out_w - 1 + k, :] = out[:, max(out_left + out_w - 1 - k, out_left), :]
+
+
+def crop_plan(spec, height: int, width: int, key) -> tuple:
+    """What to take from an image of this size: ("box", y0, x0, y1, x1, whole) or ("src", y0, x0, y1, x1, oi, oj,
+    oh, ow). `whole` says whether resampling may read outside the box (resize-then-crop) or not (crop-then-resize)."""
+    if spec.kind == "rrc":
+        i, j, h, w = rrc_box(height, width, spec.scale[0], spec.scale[1], np.log(spec.ratio[0]),
+                             np.log(spec.ratio[1]), key)
+        return ("box", float(i), float(j), float(i + h), float(j + w), False)
+    if spec.kind == "center":
+        return ("box", *center_box(height, width, spec.size, spec.center_ratio), True)
+    return ("src", *src_box(height, width, spec.size, spec.pad, key))

@@ -21,24 +21,13 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from dataset_tools.beton import IMAGE_MODE_RAW, Beton
 
 from . import crops
+from .crops import crop_plan
 from .resample import resize_box
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec (warning once per call); they still work and
 # need no extra dependency. Moving to torchcodec.decoders is the follow-up once it decodes JPEG on the GPU in batches.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
-
-
-def crop_plan(spec, height: int, width: int, key) -> tuple:
-    """What to take from an image of this size: ("box", y0, x0, y1, x1, whole) or ("src", y0, x0, y1, x1, oi, oj,
-    oh, ow). `whole` says whether resampling may read outside the box (resize-then-crop) or not (crop-then-resize)."""
-    if spec.kind == "rrc":
-        i, j, h, w = crops.rrc_box(height, width, spec.scale[0], spec.scale[1], np.log(spec.ratio[0]),
-                                   np.log(spec.ratio[1]), key)
-        return ("box", float(i), float(j), float(i + h), float(j + w), False)
-    if spec.kind == "center":
-        return ("box", *crops.center_box(height, width, spec.size, spec.center_ratio), True)
-    return ("src", *crops.src_box(height, width, spec.size, spec.pad, key))
 
 
 class NvjpegEngine:

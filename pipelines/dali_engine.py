@@ -1,0 +1,130 @@
+"""The DALI engine: .beton bytes -> DALI (nvJPEG "mixed" decode on a GPU, CPU decode otherwise) -> keyed crop.
+
+The bytes come from `dataset_tools.beton` through `fn.external_source`, one batch per call, in the sampler's
+order, so epochs are exact (the last batch may be short; DALI readers' wrap-around never happens). Each crop is
+one `fn.resize` of the sample's box from `crops.crop_plan` (ROI in source pixels, cubic with antialiasing, which
+is PIL's bicubic to within a grey level); Simple Random Crop resizes the in-image part to its size, `fn.slice`
+places it in the padded output, and the reflect padding is filled after DALI, as the other engines do.
+Without a GPU, DALI runs its CPU operators (`device_id=None`), which is what CI exercises.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dataset_tools.beton import IMAGE_MODE_RAW, Beton
+
+from . import crops
+
+try:
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali import backend, pipeline_def
+except ImportError as e:  # pragma: no cover - exercised by the missing-dependency test in a subprocess
+    raise ImportError(f"the dali engine needs NVIDIA DALI ({e}); install it with: pip install -e '.[dali]' "
+                      "(nvidia-dali-cuda120; nvidia-dali-cuda130 for CUDA 13 drivers), or use data.engine: "
+                      "nvjpeg, which needs only torch") from None
+
+
+class DaliEngine:
+    def __init__(self, path: str, epoch_order, batch_size: int, crop, device: torch.device, *, workers: int,
+                 drop_last: bool, seed: int = 0, rank: int = 0):
+        self.beton = Beton(path)
+        field = self.beton.field("rgb_image")
+        self.meta = self.beton.image_meta(field)
+        if (self.meta["mode"] == IMAGE_MODE_RAW).any():
+            raise ValueError(f"{path} stores raw pixels; the dali engine reads JPEG files (convert with "
+                             "--write-mode jpg, or use data.engine: ffcv or nvjpeg)")
+        self.field, self.labels = field, self.beton.labels(self.beton.field("int"))
+        self.order, self.batch_size, self.crop, self.device = epoch_order, batch_size, crop, device
+        self.drop_last, self.seed, self.rank = drop_last, seed, rank
+        gpu = device.type == "cuda" and backend.GetCUDADeviceCount() > 0
+        self._feed = iter(())
+        self.pipe = self._pipeline(batch_size=batch_size, num_threads=max(1, workers),
+                                   device_id=device.index or 0 if gpu else None, prefetch_queue_depth=1,
+                                   exec_dynamic=True, gpu=gpu)
+        self.pipe.build()
+
+    def _source(self):
+        return next(self._feed)  # StopIteration ends DALI's epoch
+
+    @pipeline_def
+    def _pipeline(self, gpu: bool):
+        size, src = self.crop.size, self.crop.kind == "src"
+        enc, roi0, roi1, out_hw, *anchor = fn.external_source(
+            source=self._source, num_outputs=5 if src else 4, batch=True,
+            dtype=[types.UINT8] + [types.FLOAT] * (4 if src else 3))
+        img = fn.decoders.image(enc, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        img = fn.resize(img, size=out_hw, roi_start=roi0, roi_end=roi1, roi_relative=False,
+                        interp_type=types.INTERP_CUBIC, antialias=True, dtype=types.UINT8)
+        if src:
+            img = fn.slice(img, anchor[0], fn.constant(fdata=[float(size), float(size)]), axis_names="HW",
+                           normalized_anchor=False, normalized_shape=False, out_of_bounds_policy="pad",
+                           fill_values=0)
+        return img
+
+    def __len__(self) -> int:
+        n = len(self.order.indices(0))
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def _plans(self, epoch: int):
+        """Per batch: what DALI needs (bytes, ROI, output size, slice anchor) and what comes after it."""
+        ek = crops.epoch_key(self.seed, self.rank, epoch)
+        order = self.order.indices(epoch)
+        stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
+        size = float(self.crop.size)
+        for start in range(0, stop, self.batch_size):
+            idx = order[start:start + self.batch_size]
+            enc, r0, r1, hw, anchor, pads = [], [], [], [], [], []
+            for slot, i in enumerate(idx):
+                m = self.meta[i]
+                plan = crops.crop_plan(self.crop, int(m["height"]), int(m["width"]),
+                                       np.uint64(crops.sample_key(ek, int(i), slot)))
+                enc.append(np.array(self.beton.image_bytes(int(i), self.field)))
+                r0.append(np.array(plan[1:3], np.float32))
+                r1.append(np.array(plan[3:5], np.float32))
+                if plan[0] == "src":
+                    oi, oj, oh, ow = plan[5:]
+                    hw.append(np.array([oh, ow], np.float32))
+                    anchor.append(np.array([-oi, -oj], np.float32))
+                    pads.append((oi, oj, oh, ow))
+                else:
+                    hw.append(np.array([size, size], np.float32))
+                    anchor.append(np.zeros(2, np.float32))
+            yield ((enc, r0, r1, hw, anchor) if pads else (enc, r0, r1, hw)), idx, pads
+
+    def batches(self, epoch: int):
+        plans = list(self._plans(epoch))
+        self._feed = (p[0] for p in plans)
+        for _, idx, pads in plans:
+            (out,) = self.pipe.run()
+            images = self._to_torch(out)
+            for slot, (oi, oj, oh, ow) in enumerate(pads):
+                _reflect(images[slot], oi, oj, oh, ow)
+            yield images, torch.from_numpy(self.labels[idx]).to(self.device, non_blocking=True)
+        try:  # let DALI see the end of the epoch, then start the next one clean
+            self.pipe.run()
+        except StopIteration:
+            pass
+        self.pipe.reset()
+
+    def _to_torch(self, out) -> torch.Tensor:
+        if self.device.type == "cuda":
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            t = out.as_tensor()
+            images = torch.empty(t.shape(), dtype=torch.uint8, device=self.device)
+            feed_ndarray(t, images, cuda_stream=torch.cuda.current_stream(self.device))
+            return images
+        return torch.from_numpy(out.as_array())
+
+
+def _reflect(img: torch.Tensor, oi: int, oj: int, oh: int, ow: int) -> None:
+    """The reflect padding of Simple Random Crop around the in-image block (on whatever device img is)."""
+    if img.device.type == "cpu":
+        crops.reflect_fill(img.numpy(), oi, oj, oh, ow)
+        return
+    size_h, size_w = img.shape[0], img.shape[1]
+    block = img[oi:oi + oh, oj:oj + ow].permute(2, 0, 1)[None].float()
+    padded = torch.nn.functional.pad(block, (oj, size_w - oj - ow, oi, size_h - oi - oh), mode="reflect")
+    img.copy_(padded[0].permute(1, 2, 0).to(torch.uint8))
