@@ -86,6 +86,7 @@ def _device(name: str | None):
 
 
 def _train(args) -> int:
+    from . import distributed as dist
     from .config import load_config, to_dict
     from .engine import train
 
@@ -94,10 +95,12 @@ def _train(args) -> int:
         print(json.dumps(to_dict(cfg), indent=1))
         return 0
     out = args.out or str(Path("runs") / Path(args.cfg).stem)
-    history = train(cfg, out, _device(args.device), resume=args.resume, force=args.force, quiet=args.quiet)
+    device = dist.init_from_env(args.device) or _device(args.device)  # torchrun: one process per device
+    history = train(cfg, out, device, resume=args.resume, force=args.force, quiet=args.quiet)
     last = history[-1] if history else {}
-    print(json.dumps({"out": out, "epochs_run": len(history), "val_acc1": last.get("val_acc1"),
-                      "val_acc5": last.get("val_acc5")}))
+    if dist.is_main():
+        print(json.dumps({"out": out, "epochs_run": len(history), "val_acc1": last.get("val_acc1"),
+                          "val_acc5": last.get("val_acc5"), "world_size": dist.world()}))
     return 0
 
 
@@ -111,8 +114,10 @@ def _eval(args) -> int:
     from .engine import evaluate
     from .models import CheckpointError, create_model
 
+    from . import distributed as dist
+
     cfg = load_config(args.cfg, _overrides(args))
-    device = _device(args.device)
+    device = dist.init_from_env(args.device) or _device(args.device)
     model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, img_size=cfg.aug.img_size)
     if args.ema:
         state = load(args.checkpoint).get("ema")
@@ -130,7 +135,9 @@ def _eval(args) -> int:
     from pipelines import AMP_DTYPES
 
     cast = torch.autocast(device.type, dtype=AMP_DTYPES[amp]) if amp != "fp32" else nullcontext()
-    print(json.dumps(evaluate(model, build_loader(cfg, "val", device), cast)))
+    result = evaluate(model, build_loader(cfg, "val", device), cast)
+    if dist.is_main():
+        print(json.dumps(result))
     return 0
 
 

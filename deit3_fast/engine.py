@@ -19,8 +19,10 @@ import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from pipelines import AMP_DTYPES, build_loader
+from pipelines.crops import epoch_key
 
 from . import checkpoint as ckpt
+from . import distributed as dist
 from .config import Config, ConfigError, to_dict
 from .losses import RecipeLoss
 from .models import create_model
@@ -61,9 +63,8 @@ def _accumulation(cfg: Config, world: int) -> int:
 
 
 def build(cfg: Config, device: torch.device) -> Run:
-    torch.manual_seed(cfg.train.seed)
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    accum = _accumulation(cfg, world)
+    torch.manual_seed(cfg.train.seed)  # the same init on every rank (DDP also broadcasts rank 0's)
+    accum = _accumulation(cfg, dist.world())
     model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, img_size=cfg.aug.img_size,
                          drop_path=cfg.model.drop_path, layer_scale_init=cfg.model.layer_scale_init,
                          checkpoint=cfg.model.checkpoint).to(device)
@@ -72,7 +73,11 @@ def build(cfg: Config, device: torch.device) -> Run:
     o = cfg.optim
     optimizer = build_optimizer(o.name, model, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas),
                                 eps=o.eps, max_grad_norm=o.max_grad_norm)
-    forward = torch.compile(model) if cfg.train.compile else model
+    forward = model
+    if dist.world() > 1:
+        forward = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    forward = torch.compile(forward) if cfg.train.compile else forward
     train_loader = build_loader(cfg, "train", device)
     val_loader = build_loader(cfg, "val", device) if cfg.data.val else None
     steps_per_epoch = max(1, len(train_loader) // accum)
@@ -103,6 +108,9 @@ def train_one_epoch(run: Run, epoch: int, progress: Progress | None = None) -> d
     model, opt, loader = run.model, run.optimizer, run.train_loader
     model.train()
     loader.set_epoch(epoch)
+    # Drop-path draws from the global RNG: seeded per (seed, rank, epoch), like the data keys, so every rank has its
+    # own stream and a resumed epoch draws what an uninterrupted one would.
+    torch.manual_seed(int(epoch_key(run.cfg.train.seed, dist.rank(), epoch)) & 0x7FFF_FFFF_FFFF_FFFF)
     steps = max(1, len(loader) // run.accum)
     micro_total = steps * run.accum
     task = progress.add_task(f"epoch {epoch}", total=micro_total, info="") if progress else None
@@ -128,7 +136,8 @@ def train_one_epoch(run: Run, epoch: int, progress: Progress | None = None) -> d
             if run.ema is not None:
                 run.ema.update(run.raw_model)
         if (micro + 1) % run.cfg.train.log_every == 0 or micro + 1 == micro_total:
-            mean = loss_sum.item() / (micro + 1)  # the one host sync, every log_every micro-batches
+            # The one host sync, every log_every micro-batches; summed over ranks, so all ranks stop together.
+            mean = dist.all_reduce_sum(loss_sum.clone()).item() / ((micro + 1) * dist.world())
             if not math.isfinite(mean):
                 raise TrainingDiverged(f"loss is {mean} at epoch {epoch}, step {step}; stopping. The last good "
                                        f"checkpoint is kept; lower optim.lr or use train.amp: bf16")
@@ -139,7 +148,9 @@ def train_one_epoch(run: Run, epoch: int, progress: Progress | None = None) -> d
     elapsed = time.perf_counter() - started
     if progress:
         progress.remove_task(task)
-    return {"train_loss": loss_sum.item() / micro_total, "lr": lr, "img_per_s": images / elapsed,
+    total = dist.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(images), device=loss_sum.device)]))
+    return {"train_loss": total[0].item() / (micro_total * dist.world()), "lr": lr,
+            "img_per_s": total[1].item() / elapsed,
             "data_wait_frac": wait / elapsed, "train_seconds": elapsed}
 
 
@@ -160,7 +171,12 @@ def evaluate(model: torch.nn.Module, loader, run_autocast, progress: Progress | 
             progress.advance(task)
     if progress:
         progress.remove_task(task)
-    return {"acc1": 100.0 * float(correct1) / max(n, 1), "acc5": 100.0 * float(correct5) / max(n, 1), "n": n}
+    # Each rank saw its own unpadded shard: summing the counts gives every sample exactly once.
+    device = next(model.parameters()).device
+    sums = dist.all_reduce_sum(torch.tensor([float(correct1), float(correct5), float(n)], dtype=torch.float64,
+                                            device=device))
+    c1, c5, n = sums.tolist()
+    return {"acc1": 100.0 * c1 / max(n, 1), "acc5": 100.0 * c5 / max(n, 1), "n": int(n)}
 
 
 def _max_mem_mb(device: torch.device) -> float:
@@ -212,11 +228,14 @@ def train(cfg: Config, out_dir: str | Path, device: torch.device, resume: str | 
             run.ema.module.load_state_dict(state["ema"])
         ckpt.set_rng_state(state["rng"])
         start, best = state["epoch"] + 1, state["best_acc1"]
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    main = dist.is_main()  # only rank 0 writes the run dir and talks
+    quiet = quiet or not main
     history = []
     metrics_path = out / "metrics.jsonl"
-    if resume_from is None and metrics_path.exists():
-        metrics_path.unlink()
+    if main:
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        if resume_from is None and metrics_path.exists():
+            metrics_path.unlink()
     progress = _progress() if not quiet else None
     with progress or nullcontext():
         for epoch in range(start, cfg.schedule.epochs):
@@ -227,18 +246,21 @@ def train(cfg: Config, out_dir: str | Path, device: torch.device, resume: str | 
                 row.update(val_acc1=ev["acc1"], val_acc5=ev["acc5"])
             row["max_mem_mb"] = _max_mem_mb(device)
             history.append(row)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
             acc = row["val_acc1"] if row["val_acc1"] is not None else -row["train_loss"]
-            ckpt.save(out / ckpt.LAST, _payload(run, epoch, max(best, acc)))
-            if acc > best:
-                best = acc
-                ckpt.save(out / ckpt.BEST, _payload(run, epoch, best))
+            if main:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                ckpt.save(out / ckpt.LAST, _payload(run, epoch, max(best, acc)))
+                if acc > best:
+                    ckpt.save(out / ckpt.BEST, _payload(run, epoch, acc))
+            best = max(best, acc)
             if not quiet:
                 print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
             if stop_after_epoch is not None and epoch >= stop_after_epoch:
                 break
-    plot_curves(metrics_path, out / "curves.png")
+    if main:
+        plot_curves(metrics_path, out / "curves.png")
+    dist.barrier()  # nobody leaves before the last checkpoint is on disk
     return history
 
 

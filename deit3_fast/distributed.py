@@ -1,0 +1,49 @@
+"""torch.distributed from the environment torchrun (or Slurm via submitit) sets: one process per device.
+
+`init_from_env()` starts the process group when WORLD_SIZE > 1 (NCCL with CUDA, gloo on CPU) and picks this
+process's device; everything else asks `rank()`, `world()`, `is_main()`. Only the main process logs and writes.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init_from_env(device_type: str | None = None) -> torch.device | None:
+    """Join the process group described by RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR; return this process's
+    device, or None when not launched as several processes."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    use_cuda = torch.cuda.is_available() if device_type is None else device_type == "cuda"
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if world() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier() -> None:
+    if world() > 1:
+        dist.barrier()
