@@ -45,7 +45,7 @@ def test_two_processes_train_like_one_with_twice_the_batch(data, tmp_path):
     common = ["train", "--cfg", "quickstart", "--data-train", data / "train.beton", "--data-val", data / "val.beton",
               "--device", "cpu", "--quiet"]
     sets = [x for s in DETERMINISTIC for x in ("--set", s)]
-    one = run([*common, *sets, "--set", "data.batch_size=16", "--out", tmp_path / "one"], nproc=1)
+    run([*common, *sets, "--set", "data.batch_size=16", "--out", tmp_path / "one"], nproc=1)
     two = run([*common, *sets, "--set", "data.batch_size=8", "--out", tmp_path / "two"], nproc=2)
     summaries = [line for line in two.stdout.splitlines() if line.startswith("{")]
     assert len(summaries) == 1 and json.loads(summaries[0])["world_size"] == 2  # only rank 0 reports
