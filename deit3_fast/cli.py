@@ -40,6 +40,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True, help="checkpoint-*.pt of a run, an official .pth or a timm file")
     e.add_argument("--ema", action="store_true", help="evaluate the EMA weights of a run checkpoint")
 
+    s = sub.add_parser("submit", help="train on Slurm through submitit (checkpoint + requeue on preemption)",
+                       description="Submit a training job to Slurm with submitit: one task per GPU, rendezvous "
+                       "from Slurm's environment, the run dir as job folder. On the time limit or preemption the "
+                       "job requeues itself and resumes from its last checkpoint. --local runs it through "
+                       "submitit's local executor on this host.")
+    _add_cfg_args(s)
+    s.add_argument("--nodes", type=int, default=1)
+    s.add_argument("--gpus-per-node", type=int, default=8)
+    s.add_argument("--partition")
+    s.add_argument("--account")
+    s.add_argument("--constraint")
+    s.add_argument("--timeout-min", type=int, default=2800)
+    s.add_argument("--cpus-per-task", type=int, default=10)
+    s.add_argument("--out", help="run dir and job folder (default: runs/<config name>)")
+    s.add_argument("--epochs", type=int, help="overrides schedule.epochs")
+    s.add_argument("--local", action="store_true", help="run through submitit's local executor on this host")
+    s.add_argument("--dry-run", action="store_true", help="print the sbatch parameters and the command, submit nothing")
+
     q = sub.add_parser("quickstart", help="the embedded default job: convert, train and evaluate on CPU (minutes)",
                        description="Generates a small 10-class ImageFolder, converts train/val with deit3-convert, "
                        "inspects both, trains a tiny DeiT III ViT with the recipe (configs/quickstart.yaml) and "
@@ -141,6 +159,32 @@ def _eval(args) -> int:
     return 0
 
 
+def _submit(args) -> int:
+    from .config import load_config
+    from .submit import describe, submit
+
+    from .engine import accumulation_steps
+
+    sets = _overrides(args)
+    cfg = load_config(args.cfg, sets)  # a bad config fails here, not hours later on the cluster
+    world = 1 if args.local else args.nodes * args.gpus_per_node
+    accum = accumulation_steps(cfg, world)
+    out = args.out or str(Path("runs") / Path(args.cfg).stem)
+    result = submit(args.cfg, sets, out, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                    timeout_min=args.timeout_min, partition=args.partition, account=args.account,
+                    constraint=args.constraint, cpus_per_task=args.cpus_per_task, local=args.local,
+                    dry_run=args.dry_run, device=args.device)
+    if args.dry_run:
+        result["global_batch"] = (f"{cfg.train.global_batch} = {cfg.data.batch_size} per process x {world} "
+                                  f"processes x {accum} accumulation steps")
+        print(describe(result))
+        return 0
+    print(json.dumps({"job_id": result.job_id, "out": out, "logs": str(Path(out) / "submitit")}))
+    if args.local:
+        result.result()  # the local executor's job runs on this host: wait for it
+    return 0
+
+
 def _preview(args) -> int:
     from pipelines import build_loader
     from pipelines.preview import make_preview
@@ -166,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     from .engine import ConfigMismatch, TrainingDiverged
     from .models import CheckpointError
 
-    commands = {"train": _train, "eval": _eval, "preview": _preview}
+    commands = {"train": _train, "eval": _eval, "preview": _preview, "submit": _submit}
     try:
         if args.command == "quickstart":
             from .quickstart import run_quickstart

@@ -54,7 +54,7 @@ class Run:
     ema: object | None = None
 
 
-def _accumulation(cfg: Config, world: int) -> int:
+def accumulation_steps(cfg: Config, world: int) -> int:
     per_step = cfg.data.batch_size * world
     if cfg.train.global_batch % per_step:
         raise ConfigError(f"train.global_batch {cfg.train.global_batch} is not a multiple of data.batch_size "
@@ -64,7 +64,7 @@ def _accumulation(cfg: Config, world: int) -> int:
 
 def build(cfg: Config, device: torch.device) -> Run:
     torch.manual_seed(cfg.train.seed)  # the same init on every rank (DDP also broadcasts rank 0's)
-    accum = _accumulation(cfg, dist.world())
+    accum = accumulation_steps(cfg, dist.world())
     model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, img_size=cfg.aug.img_size,
                          drop_path=cfg.model.drop_path, layer_scale_init=cfg.model.layer_scale_init,
                          checkpoint=cfg.model.checkpoint).to(device)

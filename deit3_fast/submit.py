@@ -1,0 +1,72 @@
+"""Slurm through submitit: `deit3-fast submit`. One task per GPU, rendezvous from Slurm's environment, the run dir as
+the job folder, and preemption-safe: on the time-limit or preemption signal submitit calls `TrainJob.checkpoint`,
+which requeues the same job; the requeued job resumes from the run dir's last checkpoint (written atomically at
+every epoch end), so at most the interrupted epoch is recomputed, with the same data and the same result.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import submitit
+
+
+class TrainJob:
+    """What each Slurm task (or the local executor) runs; a picklable description, not a live run."""
+
+    def __init__(self, cfg: str, sets: list[str], out: str, device: str | None = None):
+        self.cfg, self.sets, self.out, self.device = cfg, list(sets), str(out), device
+
+    def __call__(self) -> list[dict]:
+        import torch
+
+        from . import distributed as dist
+        from .config import load_config
+        from .engine import train
+
+        # Slurm's variables -> MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK: then it is torchrun's code path.
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        cfg = load_config(self.cfg, self.sets)
+        device = dist.init_from_env(self.device)
+        if device is None:
+            device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return train(cfg, self.out, device, resume="auto", quiet=True)
+
+    def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
+        # Nothing to save here: the last completed epoch is already on disk. Requeue the same job; it resumes.
+        return submitit.helpers.DelayedSubmission(TrainJob(self.cfg, self.sets, self.out, self.device))
+
+
+def slurm_parameters(nodes: int, gpus_per_node: int, timeout_min: int, partition: str | None,
+                     account: str | None, constraint: str | None, name: str, cpus_per_task: int) -> dict:
+    params = {"name": name, "nodes": nodes, "tasks_per_node": gpus_per_node, "gpus_per_node": gpus_per_node,
+              "cpus_per_task": cpus_per_task, "timeout_min": timeout_min, "slurm_signal_delay_s": 120}
+    for key, value in (("slurm_partition", partition), ("slurm_account", account),
+                       ("slurm_constraint", constraint)):
+        if value:
+            params[key] = value
+    return params
+
+
+def submit(cfg: str, sets: list[str], out: str, *, nodes: int = 1, gpus_per_node: int = 8, timeout_min: int = 2800,
+           partition: str | None = None, account: str | None = None, constraint: str | None = None,
+           cpus_per_task: int = 10, local: bool = False, dry_run: bool = False, device: str | None = None):
+    """Submit (or with dry_run describe) a training job; returns the submitit job, or the description."""
+    name = f"deit3-{Path(cfg).stem}"
+    params = slurm_parameters(nodes, gpus_per_node, timeout_min, partition, account, constraint, name,
+                              cpus_per_task)
+    if local:  # submitit's local executor: one task on this host, same checkpoint/requeue protocol
+        params = {"name": name, "timeout_min": timeout_min, "tasks_per_node": 1, "nodes": 1}
+    description = {"executor": "local" if local else "slurm", "folder": str(Path(out) / "submitit"),
+                   "parameters": params, "command": ["deit3-fast", "train", "--cfg", cfg, "--out", str(out),
+                                                     "--resume", "auto", *[x for s in sets for x in ("--set", s)]],
+                   "world_size": 1 if local else nodes * gpus_per_node}
+    if dry_run:
+        return description
+    executor = submitit.AutoExecutor(folder=Path(out) / "submitit", cluster="local" if local else None)
+    executor.update_parameters(**params)
+    return executor.submit(TrainJob(cfg, sets, out, device))
+
+
+def describe(description: dict) -> str:
+    return json.dumps(description, indent=1)
