@@ -81,7 +81,7 @@ def build_loader(cfg, split: str, device: torch.device | str | None = None) -> L
                             drop_last=train, seed=data.seed, rank=rank)
     stage = DeviceStage(aug, train=train, dtype=AMP_DTYPES[cfg.train.amp], compile=cfg.train.compile)
     mixing = Mixing(aug, num_classes, cfg.loss) if train else None
-    return Loader(engine, stage, mixing, device=device, seed=data.seed, rank=rank, num_samples=n)
+    return Loader(engine, stage, mixing, device=device, seed=data.seed, rank=rank)
 
 
 __all__ = ["build_loader", "Loader", "DataConfig", "AugConfig", "DataError", "EpochOrder", "DeviceStage"]

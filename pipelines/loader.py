@@ -12,9 +12,9 @@ class Loader:
 
     Without `set_epoch` each full pass moves on to the next epoch, so a plain `for` loop still reshuffles."""
 
-    def __init__(self, engine, stage, mixing, *, device: torch.device, seed: int, rank: int, num_samples: int):
+    def __init__(self, engine, stage, mixing, *, device: torch.device, seed: int, rank: int):
         self.engine, self.stage, self.mixing = engine, stage, mixing
-        self.device, self.seed, self.rank, self.num_samples = device, seed, rank, num_samples
+        self.device, self.seed, self.rank = device, seed, rank
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:

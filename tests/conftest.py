@@ -49,6 +49,16 @@ def imagenet_sample(tmp_path_factory) -> Path:
     return dest / "imagenet-sample-1000"
 
 
+def make_splits(root: Path, splits: dict, **imagefolder_kw) -> Path:
+    """root/<split>.beton for each split: {name: (num_classes, per_class, seed)}, generated and converted."""
+    from dataset_tools.convert import convert
+
+    for split, (num_classes, per_class, seed) in splits.items():
+        make_imagefolder(root / split, num_classes=num_classes, per_class=per_class, seed=seed, **imagefolder_kw)
+        convert(str(root / split), str(root / f"{split}.beton"), workers=1, show_progress=False)
+    return root
+
+
 def no_leftovers(folder: Path, name: str) -> list[str]:
     """Files in `folder` that belong to an output called `name` (the file itself or any temporary of it)."""
     return sorted(p.name for p in folder.iterdir() if p.name == name or p.name.startswith(f".{name}"))

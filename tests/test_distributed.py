@@ -6,11 +6,9 @@ import sys
 import pytest
 import torch
 
-from dataset_tools.convert import convert
-from dataset_tools.synthetic import make_imagefolder
 from deit3_fast.checkpoint import load
 
-from .conftest import REPO
+from .conftest import REPO, make_splits
 
 pytestmark = pytest.mark.slow  # ~1.5 min: four multi-process runs
 
@@ -24,12 +22,9 @@ DETERMINISTIC = ["aug.three_augment=false", "aug.color_jitter=0", "aug.hflip=0",
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ddp")
-    make_imagefolder(d / "train", num_classes=4, per_class=12, seed=0, min_side=48, max_side=48)
-    make_imagefolder(d / "val", num_classes=3, per_class=5, seed=1, min_side=48, max_side=48)  # 15: odd
-    for split in ("train", "val"):
-        convert(str(d / split), str(d / f"{split}.beton"), workers=1, show_progress=False)
-    return d
+    # val: 15 samples, not divisible by the world size
+    return make_splits(tmp_path_factory.mktemp("ddp"), {"train": (4, 12, 0), "val": (3, 5, 1)}, min_side=48,
+                       max_side=48)
 
 
 def run(args, nproc):

@@ -10,24 +10,20 @@ import psutil
 import pytest
 import torch
 
-from dataset_tools.convert import convert
-from dataset_tools.synthetic import make_imagefolder
 from deit3_fast.checkpoint import load
 from deit3_fast.config import load_config
 from deit3_fast.engine import train
 from deit3_fast.submit import submit
 
-from .conftest import REPO
+from .conftest import REPO, make_splits
 
 pytestmark = pytest.mark.slow  # ~1.5 min: submitit jobs start fresh Python processes
 
 
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory):
-    d = tmp_path_factory.mktemp("submit_data")
-    for split, n, seed in (("train", 24, 0), ("val", 4, 1)):
-        make_imagefolder(d / split, num_classes=4, per_class=n, seed=seed, min_side=32, max_side=64)
-        convert(str(d / split), str(d / f"{split}.beton"), workers=1, show_progress=False)
+    d = make_splits(tmp_path_factory.mktemp("submit_data"), {"train": (4, 24, 0), "val": (4, 4, 1)},
+                    min_side=32, max_side=64)
     return [f"data.train={d / 'train.beton'}", f"data.val={d / 'val.beton'}", "model.num_classes=4",
             "data.workers=1", "schedule.epochs=5", "schedule.warmup_epochs=1", "data.batch_size=16",
             "train.global_batch=16"]

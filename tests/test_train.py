@@ -7,23 +7,18 @@ import sys
 import pytest
 import torch
 
-from dataset_tools.convert import convert
-from dataset_tools.synthetic import make_imagefolder
 from deit3_fast import engine
 from deit3_fast.checkpoint import load
 from deit3_fast.config import load_config
 from deit3_fast.engine import ConfigMismatch, TrainingDiverged, train
 
-from .conftest import REPO
+from .conftest import REPO, make_splits
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("train_data")
-    for split, n, seed in (("train", 12, 0), ("val", 4, 1)):
-        make_imagefolder(d / split, num_classes=4, per_class=n, seed=seed, min_side=32, max_side=64)
-        convert(str(d / split), str(d / f"{split}.beton"), workers=1, show_progress=False)
-    return d
+    return make_splits(tmp_path_factory.mktemp("train_data"), {"train": (4, 12, 0), "val": (4, 4, 1)},
+                       min_side=32, max_side=64)
 
 
 def tiny_cfg(data, **sets):
