@@ -9,12 +9,15 @@ Without a GPU, DALI runs its CPU operators (`device_id=None`), which is what CI 
 """
 from __future__ import annotations
 
+from collections import deque
+
 import numpy as np
 import torch
 
-from dataset_tools.beton import IMAGE_MODE_RAW, Beton
+from dataset_tools.beton import IMAGE_MODE_RAW
 
 from . import crops
+from .beton_source import BetonBatches, reflect_pad
 
 try:
     import nvidia.dali.fn as fn
@@ -26,27 +29,22 @@ except ImportError as e:  # pragma: no cover - exercised by the missing-dependen
                       "nvjpeg, which needs only torch") from None
 
 
-class DaliEngine:
+class DaliEngine(BetonBatches):
     def __init__(self, path: str, epoch_order, batch_size: int, crop, device: torch.device, *, workers: int,
                  drop_last: bool, seed: int = 0, rank: int = 0):
-        self.beton = Beton(path)
-        field = self.beton.field("rgb_image")
-        self.meta = self.beton.image_meta(field)
+        super().__init__(path, epoch_order, batch_size, crop, device, drop_last=drop_last, seed=seed, rank=rank)
         if (self.meta["mode"] == IMAGE_MODE_RAW).any():
             raise ValueError(f"{path} stores raw pixels; the dali engine reads JPEG files (convert with "
                              "--write-mode jpg, or use data.engine: ffcv or nvjpeg)")
-        self.field, self.labels = field, self.beton.labels(self.beton.field("int"))
-        self.order, self.batch_size, self.crop, self.device = epoch_order, batch_size, crop, device
-        self.drop_last, self.seed, self.rank = drop_last, seed, rank
         gpu = device.type == "cuda" and backend.GetCUDADeviceCount() > 0
-        self._feed = iter(())
+        self._next_input = _exhausted
         self.pipe = self._pipeline(batch_size=batch_size, num_threads=max(1, workers),
                                    device_id=device.index or 0 if gpu else None, prefetch_queue_depth=1,
                                    exec_dynamic=True, gpu=gpu)
         self.pipe.build()
 
     def _source(self):
-        return next(self._feed)  # StopIteration ends DALI's epoch
+        return self._next_input()  # StopIteration ends DALI's epoch
 
     @pipeline_def
     def _pipeline(self, gpu: bool):
@@ -63,49 +61,49 @@ class DaliEngine:
                            fill_values=0)
         return img
 
-    def __len__(self) -> int:
-        n = len(self.order.indices(0))
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def _plans(self, epoch: int):
-        """Per batch: what DALI needs (bytes, ROI, output size, slice anchor) and what comes after it."""
-        ek = crops.epoch_key(self.seed, self.rank, epoch)
-        order = self.order.indices(epoch)
-        stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
+    def _inputs(self, idx: np.ndarray, keys) -> tuple[tuple, list]:
+        """DALI's inputs for one batch (bytes, ROI, output size[, slice anchor]) and the SRC paddings to fill after."""
         size = float(self.crop.size)
-        for start in range(0, stop, self.batch_size):
-            idx = order[start:start + self.batch_size]
-            enc, r0, r1, hw, anchor, pads = [], [], [], [], [], []
-            for slot, i in enumerate(idx):
-                m = self.meta[i]
-                plan = crops.crop_plan(self.crop, int(m["height"]), int(m["width"]),
-                                       np.uint64(crops.sample_key(ek, int(i), slot)))
-                enc.append(np.array(self.beton.image_bytes(int(i), self.field)))
-                r0.append(np.array(plan[1:3], np.float32))
-                r1.append(np.array(plan[3:5], np.float32))
-                if plan[0] == "src":
-                    oi, oj, oh, ow = plan[5:]
-                    hw.append(np.array([oh, ow], np.float32))
-                    anchor.append(np.array([-oi, -oj], np.float32))
-                    pads.append((oi, oj, oh, ow))
-                else:
-                    hw.append(np.array([size, size], np.float32))
-                    anchor.append(np.zeros(2, np.float32))
-            yield ((enc, r0, r1, hw, anchor) if pads else (enc, r0, r1, hw)), idx, pads
+        enc, r0, r1, hw, anchor, pads = [], [], [], [], [], []
+        for slot, i in enumerate(idx):
+            m = self.meta[i]
+            plan = crops.crop_plan(self.crop, int(m["height"]), int(m["width"]), keys[slot])
+            enc.append(self.image_bytes(i))
+            r0.append(np.array(plan[1:3], np.float32))
+            r1.append(np.array(plan[3:5], np.float32))
+            if plan[0] == "src":
+                oi, oj, oh, ow = plan[5:]
+                hw.append(np.array([oh, ow], np.float32))
+                anchor.append(np.array([-oi, -oj], np.float32))
+                pads.append((oi, oj, oh, ow))
+            else:
+                hw.append(np.array([size, size], np.float32))
+        return ((enc, r0, r1, hw, anchor) if pads else (enc, r0, r1, hw)), pads
 
     def batches(self, epoch: int):
-        plans = list(self._plans(epoch))
-        self._feed = (p[0] for p in plans)
-        for _, idx, pads in plans:
-            (out,) = self.pipe.run()
+        # DALI pulls a batch's inputs when it schedules it, possibly ahead of the one we collect; the queue keeps
+        # each batch's labels and paddings in step, and only the batches in flight are held in memory.
+        in_flight: deque = deque()
+        plan = self.index_batches(epoch)
+
+        def next_input():
+            idx, keys = next(plan)
+            data, pads = self._inputs(idx, keys)
+            in_flight.append((idx, pads))
+            return data
+
+        self._next_input = next_input
+        while True:
+            try:
+                (out,) = self.pipe.run()
+            except StopIteration:
+                break
+            idx, pads = in_flight.popleft()
             images = self._to_torch(out)
-            for slot, (oi, oj, oh, ow) in enumerate(pads):
-                _reflect(images[slot], oi, oj, oh, ow)
-            yield images, torch.from_numpy(self.labels[idx]).to(self.device, non_blocking=True)
-        try:  # let DALI see the end of the epoch, then start the next one clean
-            self.pipe.run()
-        except StopIteration:
-            pass
+            for slot, pad in enumerate(pads):
+                reflect_pad(images[slot], *pad)
+            yield images, self.labels_of(idx)
+        self._next_input = _exhausted
         self.pipe.reset()
 
     def _to_torch(self, out) -> torch.Tensor:
@@ -119,12 +117,5 @@ class DaliEngine:
         return torch.from_numpy(out.as_array())
 
 
-def _reflect(img: torch.Tensor, oi: int, oj: int, oh: int, ow: int) -> None:
-    """The reflect padding of Simple Random Crop around the in-image block (on whatever device img is)."""
-    if img.device.type == "cpu":
-        crops.reflect_fill(img.numpy(), oi, oj, oh, ow)
-        return
-    size_h, size_w = img.shape[0], img.shape[1]
-    block = img[oi:oi + oh, oj:oj + ow].permute(2, 0, 1)[None].float()
-    padded = torch.nn.functional.pad(block, (oj, size_w - oj - ow, oi, size_h - oi - oh), mode="reflect")
-    img.copy_(padded[0].permute(1, 2, 0).to(torch.uint8))
+def _exhausted():
+    raise StopIteration

@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from dataset_tools.beton import IMAGE_MODE_RAW, Beton
+from dataset_tools.beton import IMAGE_MODE_RAW
 
 from . import crops
+from .beton_source import BetonBatches, reflect_pad
 from .crops import crop_plan
 from .resample import resize_box
 
@@ -30,23 +31,14 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
                         category=DeprecationWarning)
 
 
-class NvjpegEngine:
+class NvjpegEngine(BetonBatches):
     def __init__(self, path: str, epoch_order, batch_size: int, crop, device: torch.device, *, workers: int,
                  drop_last: bool, seed: int = 0, rank: int = 0):
-        self.beton = Beton(path)
-        self.image_field, self.label_field = self.beton.field("rgb_image"), self.beton.field("int")
-        self.labels = self.beton.labels(self.label_field)
-        self.meta = self.beton.image_meta(self.image_field)
-        self.order, self.batch_size, self.crop, self.device = epoch_order, batch_size, crop, device
-        self.drop_last, self.seed, self.rank = drop_last, seed, rank
+        super().__init__(path, epoch_order, batch_size, crop, device, drop_last=drop_last, seed=seed, rank=rank)
         self.pool = ThreadPoolExecutor(max(1, workers)) if device.type == "cpu" else None
 
-    def __len__(self) -> int:
-        n = len(self.order.indices(0))
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
     def _bytes(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(np.array(self.beton.image_bytes(int(i), self.image_field)))
+        return torch.from_numpy(self.image_bytes(i))
 
     def _pixels(self, i: int, data: torch.Tensor) -> np.ndarray:
         m = self.meta[i]
@@ -85,22 +77,18 @@ class NvjpegEngine:
             part = img[:, y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)][None].float()
             if plan[0] == "box":
                 res = F.interpolate(part, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+                out[slot] = res[0].round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
             else:
                 oi, oj, oh, ow = plan[5:]
                 res = F.interpolate(part, size=(oh, ow), mode="bicubic", antialias=True, align_corners=False)
-                res = F.pad(res, (oj, size - oj - ow, oi, size - oi - oh), mode="reflect")
-            out[slot] = res[0].round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
+                out[slot, oi:oi + oh, oj:oj + ow] = res[0].round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
+                reflect_pad(out[slot], oi, oj, oh, ow)
         return out
 
     def batches(self, epoch: int):
-        ek = crops.epoch_key(self.seed, self.rank, epoch)
-        order = self.order.indices(epoch)
-        stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
         size = self.crop.size
-        for start in range(0, stop, self.batch_size):
-            idx = order[start:start + self.batch_size]
-            keys = [np.uint64(crops.sample_key(ek, int(i), slot)) for slot, i in enumerate(idx)]
-            labels = torch.from_numpy(self.labels[idx]).to(self.device, non_blocking=True)
+        for idx, keys in self.index_batches(epoch):
+            labels = self.labels_of(idx)
             if self.pool is None:
                 yield self._gpu_batch(idx, keys), labels
                 continue
