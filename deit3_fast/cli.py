@@ -100,7 +100,9 @@ def _device(name: str | None):
 
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is visible (check CUDA_VISIBLE_DEVICES and the driver)")
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from pipelines import default_device
+
+    return torch.device(name) if name else default_device()
 
 
 def _train(args) -> int:
@@ -147,13 +149,7 @@ def _eval(args) -> int:
 
         load_checkpoint(model, args.checkpoint)
     model = model.to(device).to(memory_format=torch.channels_last)
-    amp = cfg.train.amp
-    from contextlib import nullcontext
-
-    from pipelines import AMP_DTYPES
-
-    cast = torch.autocast(device.type, dtype=AMP_DTYPES[amp]) if amp != "fp32" else nullcontext()
-    result = evaluate(model, build_loader(cfg, "val", device), cast)
+    result = evaluate(model, build_loader(cfg, "val", device), cfg.train.amp)
     if dist.is_main():
         print(json.dumps(result))
     return 0

@@ -94,9 +94,9 @@ def build(cfg: Config, device: torch.device) -> Run:
                train_loader, val_loader, device, accum, ema)
 
 
-def _autocast(run: Run):
-    amp = run.cfg.train.amp
-    return torch.autocast(run.device.type, dtype=AMP_DTYPES[amp]) if amp != "fp32" else nullcontext()
+def autocast(device: torch.device, amp: str):
+    """The forward pass's autocast for train.amp (bf16 | fp16 | fp32 = none)."""
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp]) if amp != "fp32" else nullcontext()
 
 
 def _progress() -> Progress:
@@ -123,7 +123,7 @@ def train_one_epoch(run: Run, epoch: int, progress: Progress | None = None) -> d
         x, y = next(it)
         wait += time.perf_counter() - t0
         step = epoch * steps + micro // run.accum
-        with _autocast(run):
+        with autocast(run.device, run.cfg.train.amp):
             loss = run.loss(model(x), y)
         run.scaler.scale(loss / run.accum).backward()
         loss_sum += loss.detach()
@@ -155,12 +155,12 @@ def train_one_epoch(run: Run, epoch: int, progress: Progress | None = None) -> d
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, run_autocast, progress: Progress | None = None) -> dict:
+def evaluate(model: torch.nn.Module, loader, amp: str, progress: Progress | None = None) -> dict:
     model.eval()
     correct1 = correct5 = n = 0
     task = progress.add_task("eval", total=len(loader), info="") if progress else None
     for x, y in loader:
-        with run_autocast:
+        with autocast(x.device, amp):
             logits = model(x)
         top5 = logits.float().topk(min(5, logits.shape[-1]), dim=-1).indices
         hit = top5 == y[:, None]
@@ -242,7 +242,7 @@ def train(cfg: Config, out_dir: str | Path, device: torch.device, resume: str | 
             stats = train_one_epoch(run, epoch, progress)
             row = {"epoch": epoch, **stats, "val_acc1": None, "val_acc5": None}
             if run.val_loader is not None:
-                ev = evaluate(run.model, run.val_loader, _autocast(run), progress)
+                ev = evaluate(run.model, run.val_loader, cfg.train.amp, progress)
                 row.update(val_acc1=ev["acc1"], val_acc5=ev["acc5"])
             row["max_mem_mb"] = _max_mem_mb(device)
             history.append(row)

@@ -27,9 +27,9 @@ class TrainJob:
         # Slurm's variables -> MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK: then it is torchrun's code path.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         cfg = load_config(self.cfg, self.sets)
-        device = dist.init_from_env(self.device)
-        if device is None:
-            device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        from pipelines import default_device
+
+        device = dist.init_from_env(self.device) or (torch.device(self.device) if self.device else default_device())
         return train(cfg, self.out, device, resume="auto", quiet=True)
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
