@@ -24,12 +24,13 @@ class BetonBatches:
         n = len(self.order.indices(0))
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def index_batches(self, epoch: int):
-        """(sample indices, crop keys) per batch of `epoch`; a key is (seed, rank, epoch, sample, slot in batch)."""
+    def index_batches(self, epoch: int, start: int = 0):
+        """(sample indices, crop keys) per batch of `epoch` from batch `start` on; a key is (seed, rank, epoch,
+        sample, slot in batch)."""
         ek = crops.epoch_key(self.seed, self.rank, epoch)
         order = self.order.indices(epoch)
         stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
-        for start in range(0, stop, self.batch_size):
+        for start in range(start * self.batch_size, stop, self.batch_size):
             idx = order[start:start + self.batch_size]
             yield idx, [np.uint64(crops.sample_key(ek, int(i), slot)) for slot, i in enumerate(idx)]
 

@@ -80,11 +80,11 @@ class DaliEngine(BetonBatches):
                 hw.append(np.array([size, size], np.float32))
         return ((enc, r0, r1, hw, anchor) if pads else (enc, r0, r1, hw)), pads
 
-    def batches(self, epoch: int):
+    def batches(self, epoch: int, start: int = 0):
         # DALI pulls a batch's inputs when it schedules it, possibly ahead of the one we collect; the queue keeps
         # each batch's labels and paddings in step, and only the batches in flight are held in memory.
         in_flight: deque = deque()
-        plan = self.index_batches(epoch)
+        plan = self.index_batches(epoch, start)
 
         def next_input():
             idx, keys = next(plan)

@@ -124,13 +124,14 @@ class _Order(TraversalOrder):
 
     def __init__(self, epoch_order):
         self.epoch_order = epoch_order
+        self.window = slice(None)  # which part of the epoch the next pass visits (FFCVEngine.batches sets it)
 
     def __call__(self, loader):  # FFCV builds an order by calling what it was given with the loader
         TraversalOrder.__init__(self, loader)
         return self
 
     def sample_order(self, epoch: int):
-        return self.epoch_order.indices(epoch).astype(np.uint64)
+        return self.epoch_order.indices(epoch)[self.window].astype(np.uint64)
 
 
 class FFCVEngine:
@@ -144,17 +145,21 @@ class FFCVEngine:
         # numba's thread pool is sized to the cores it can see; asking for more is an error, not a slowdown.
         workers = max(1, min(workers, numba.config.NUMBA_NUM_THREADS))
         to_device = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
+        self.order, self.batch_size = _Order(epoch_order), batch_size
         self.loader = FFCVLoader(
             path, batch_size=batch_size, num_workers=workers, os_cache=os_cache, drop_last=drop_last,
-            order=_Order(epoch_order), batches_ahead=2,
+            order=self.order, batches_ahead=2,
             pipelines={"image": [DeiTCropDecoder(crop, self.key_cell), ToTensor(), *to_device],
                        "label": [IntDecoder(), ToTensor(), Squeeze(1), *to_device]})
 
     def __len__(self) -> int:
         return len(self.loader)
 
-    def batches(self, epoch: int):
+    def batches(self, epoch: int, start: int = 0):
         self.key_cell.set(crops.epoch_key(self.seed, self.rank, epoch))
+        # Starting part-way keeps batch boundaries (a crop key includes the slot in the batch); the end is cut
+        # here because FFCV would otherwise emit a partial last batch under drop_last.
+        self.order.window = slice(start * self.batch_size, len(self) * self.batch_size)
         self.loader.next_epoch = epoch
         for images, labels in self.loader:
             # FFCV reuses its buffers: the labels are copied here, the images by the device stage's first op.

@@ -10,7 +10,11 @@ from . import crops
 class Loader:
     """Iterable of model-ready `(images, targets)`; `len()` batches per epoch; `set_epoch` like torch samplers.
 
-    Without `set_epoch` each full pass moves on to the next epoch, so a plain `for` loop still reshuffles."""
+    Without `set_epoch` each full pass moves on to the next epoch, so a plain `for` loop still reshuffles.
+    `iter_from(batch)` starts an epoch part-way with exactly the batches an uninterrupted pass would give there:
+    crops are keyed per sample, and the device stage and mixing draw from generators seeded per batch.
+    On CUDA the next batch's device stage is queued on a side stream while the caller computes on the current one.
+    """
 
     def __init__(self, engine, stage, mixing, *, device: torch.device, seed: int, rank: int):
         self.engine, self.stage, self.mixing = engine, stage, mixing
@@ -23,23 +27,54 @@ class Loader:
     def __len__(self) -> int:
         return len(self.engine)
 
-    def _generators(self):
-        key = int(crops.epoch_key(self.seed, self.rank, self.epoch))
+    def _generators(self, batch: int):
+        key = int(crops.combine(crops.epoch_key(self.seed, self.rank, self.epoch), np.uint64(batch)))
         g = torch.Generator(device=self.device)
         g.manual_seed(key & 0x7FFF_FFFF_FFFF_FFFF)
         return g, np.random.default_rng(key)
 
-    def iter_with_params(self):
+    def prepare(self, b: int, images, labels):
+        """Batch `b` of the current epoch from the engine's uint8 images: augmented, mixed, model-ready."""
+        g, rng = self._generators(b)
+        x, params = self.stage(images, g)
+        y = labels
+        if self.mixing is not None:
+            x, y = self.mixing(x, labels, rng)
+        return x, y, params
+
+    def iter_with_params(self, start: int = 0):
         """Like iteration, but also yields the per-sample augmentation parameters (see augment.AugParams)."""
-        g, rng = self._generators()
-        for images, labels in self.engine.batches(self.epoch):
-            x, params = self.stage(images, g)
-            y = labels
-            if self.mixing is not None:
-                x, y = self.mixing(x, labels, rng)
-            yield x, y, params
+        batches = enumerate(self.engine.batches(self.epoch, start), start)
+        if self.device.type == "cuda":
+            yield from self._prefetched(batches)
+        else:
+            for b, (images, labels) in batches:
+                yield self.prepare(b, images, labels)
         self.epoch += 1
 
-    def __iter__(self):
-        for x, y, _ in self.iter_with_params():
+    def _prefetched(self, batches):
+        """Batch b+1's augmentation runs on a side stream while the consumer's kernels for batch b run on the main
+        one; the main stream waits for it before the batch is handed over, and `record_stream` keeps the allocator
+        from reusing its memory while the main stream still reads it."""
+        main, side = torch.cuda.current_stream(self.device), torch.cuda.Stream(self.device)
+        pending = None
+        for b, (images, labels) in batches:
+            side.wait_stream(main)  # the engine wrote `images` on the main stream
+            images.record_stream(side)
+            with torch.cuda.stream(side):
+                ready = self.prepare(b, images, labels)
+            if pending is not None:
+                yield pending
+            main.wait_stream(side)
+            for t in ready[:2]:
+                t.record_stream(main)
+            pending = ready
+        if pending is not None:
+            yield pending
+
+    def iter_from(self, start: int):
+        for x, y, _ in self.iter_with_params(start):
             yield x, y
+
+    def __iter__(self):
+        return self.iter_from(0)

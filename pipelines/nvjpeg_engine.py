@@ -85,9 +85,9 @@ class NvjpegEngine(BetonBatches):
                 reflect_pad(out[slot], oi, oj, oh, ow)
         return out
 
-    def batches(self, epoch: int):
+    def batches(self, epoch: int, start: int = 0):
         size = self.crop.size
-        for idx, keys in self.index_batches(epoch):
+        for idx, keys in self.index_batches(epoch, start):
             labels = self.labels_of(idx)
             if self.pool is None:
                 yield self._gpu_batch(idx, keys), labels
