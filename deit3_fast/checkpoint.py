@@ -36,7 +36,17 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _sweep_partials(path: Path) -> None:
+    """Remove what a process killed mid-write (SIGKILL, OOM killer, node loss) left: `.NAME.partial-PID` files whose
+    PID is no longer running. They are never read, but each can be as large as the checkpoint."""
+    for stale in path.parent.glob(f".{path.name}.partial-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
+            stale.unlink(missing_ok=True)
+
+
 def save(path: Path, payload: dict) -> None:
+    _sweep_partials(path)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:

@@ -1,14 +1,21 @@
 """Training and evaluation: config -> components -> loop. The loop does not know which engine feeds it.
 
 One optimiser step = `accum` micro-batches of `data.batch_size`; global batch = batch_size x world x accum, which
-must equal `train.global_batch`. The learning rate is set every step (schedule.py). Losses stay on the device and
-are read back every `train.log_every` steps, so the host never waits for the device in between.
+must equal `train.global_batch`; under DDP only the last micro-batch of a step all-reduces gradients. The learning
+rate is set every step (schedule.py). Losses stay on the device and are read back every `train.log_every` steps, so
+the host never waits for the device in between.
+
+Checkpoints are written at every epoch end, and on SIGTERM at the next step boundary (`Preempted`): such a
+checkpoint records its position in the epoch, and a resume continues from exactly there (the loader can start an
+epoch part-way with the same batches, see pipelines/loader.py).
 """
 from __future__ import annotations
 
 import json
 import math
 import resource
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -38,6 +45,29 @@ class ConfigMismatch(Exception):
     pass
 
 
+class OutOfMemory(Exception):
+    pass
+
+
+class Preempted(Exception):
+    """SIGTERM: the run stopped at a step boundary and `checkpoint` holds that exact position."""
+
+    def __init__(self, checkpoint: Path, epoch: int, step: int, steps: int):
+        super().__init__(f"SIGTERM: stopped at epoch {epoch}, step {step}/{steps}; checkpoint written to "
+                         f"{checkpoint}; continue with --resume auto")
+        self.checkpoint, self.epoch, self.step = checkpoint, epoch, step
+
+
+class StopFlag:
+    """`requested`: set by this process's SIGTERM handler. `agreed`: some rank's request, as every rank learnt it at
+    the same log point; with several processes only that one may end the run, or the ranks would part ways."""
+    requested = False
+    agreed = False
+
+    def should_stop(self) -> bool:
+        return self.agreed or (dist.world() == 1 and self.requested)
+
+
 @dataclass
 class Run:
     cfg: Config
@@ -52,6 +82,8 @@ class Run:
     device: torch.device
     accum: int
     ema: object | None = None
+    ddp: torch.nn.parallel.DistributedDataParallel | None = None
+    stop: StopFlag | None = None
 
 
 def accumulation_steps(cfg: Config, world: int) -> int:
@@ -72,11 +104,12 @@ def build(cfg: Config, device: torch.device) -> Run:
         model = model.to(memory_format=torch.channels_last)
     o = cfg.optim
     optimizer = build_optimizer(o.name, model, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas),
-                                eps=o.eps, max_grad_norm=o.max_grad_norm)
-    forward = model
+                                eps=o.eps, max_grad_norm=o.max_grad_norm, compile=cfg.train.compile)
+    forward = ddp = None
     if dist.world() > 1:
-        forward = torch.nn.parallel.DistributedDataParallel(
+        forward = ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    forward = forward or model
     forward = torch.compile(forward) if cfg.train.compile else forward
     train_loader = build_loader(cfg, "train", device)
     val_loader = build_loader(cfg, "val", device) if cfg.data.val else None
@@ -91,7 +124,7 @@ def build(cfg: Config, device: torch.device) -> Run:
 
         ema = ModelEmaV3(model, decay=cfg.train.ema_decay)
     return Run(cfg, forward, model, optimizer, scaler, scheduler, RecipeLoss(cfg.loss, cfg.aug.label_smoothing),
-               train_loader, val_loader, device, accum, ema)
+               train_loader, val_loader, device, accum, ema, ddp, StopFlag())
 
 
 def autocast(device: torch.device, amp: str):
@@ -104,50 +137,79 @@ def _progress() -> Progress:
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), transient=True)
 
 
-def train_one_epoch(run: Run, epoch: int, progress: Progress | None = None) -> dict:
-    model, opt, loader = run.model, run.optimizer, run.train_loader
-    model.train()
+def train_micro_batch(run: Run, x: torch.Tensor, y: torch.Tensor, step: int, last_micro: bool) -> torch.Tensor:
+    """Forward and backward of one micro-batch; on a step's last micro-batch also the optimiser step (at the
+    scheduled learning rate) and the EMA update. Returns the loss as a device tensor (nothing is read back)."""
+    # Micro-batches before a step's last one keep their gradients local: one all-reduce per optimiser step.
+    with run.ddp.no_sync() if run.ddp is not None and not last_micro else nullcontext():
+        with autocast(run.device, run.cfg.train.amp):
+            loss = run.loss(run.model(x), y)
+        run.scaler.scale(loss / run.accum).backward()
+    if last_micro:
+        run.scheduler(step)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.optimizer.zero_grad(set_to_none=True)
+        if run.ema is not None:
+            run.ema.update(run.raw_model)
+    return loss.detach()
+
+
+def train_one_epoch(run: Run, epoch: int, progress: Progress | None = None, resume_at: dict | None = None) -> dict:
+    """One epoch, or its remainder from `resume_at` (a mid-epoch checkpoint's position). Returns the epoch's stats;
+    with `stopped_at_step` set when a stop was requested (SIGTERM) and the epoch ended early at that step."""
+    loader = run.train_loader
+    run.model.train()
     loader.set_epoch(epoch)
-    # Drop-path draws from the global RNG: seeded per (seed, rank, epoch), like the data keys, so every rank has its
-    # own stream and a resumed epoch draws what an uninterrupted one would.
-    torch.manual_seed(int(epoch_key(run.cfg.train.seed, dist.rank(), epoch)) & 0x7FFF_FFFF_FFFF_FFFF)
     steps = max(1, len(loader) // run.accum)
+    first = resume_at["step"] if resume_at else 0
+    if not resume_at:
+        # Drop-path draws from the global RNG: seeded per (seed, rank, epoch), like the data keys, so every rank has
+        # its own stream and a resumed epoch draws what an uninterrupted one would (mid-epoch: the RNG state saved).
+        torch.manual_seed(int(epoch_key(run.cfg.train.seed, dist.rank(), epoch)) & 0x7FFF_FFFF_FFFF_FFFF)
     micro_total = steps * run.accum
-    task = progress.add_task(f"epoch {epoch}", total=micro_total, info="") if progress else None
-    loss_sum = torch.zeros((), device=run.device)
-    images, wait, started = 0, 0.0, time.perf_counter()
-    lr = run.scheduler(epoch * steps)
-    it = iter(loader)
-    for micro in range(micro_total):
+    task = progress.add_task(f"epoch {epoch}", total=micro_total, completed=first * run.accum, info="") \
+        if progress else None
+    done = resume_at or {"loss_sum": 0.0, "images": 0, "seconds": 0.0}
+    loss_sum = torch.full((), float(done["loss_sum"]), device=run.device)
+    images, wait, started = int(done["images"]), 0.0, time.perf_counter() - done["seconds"]
+    lr = run.scheduler.value(epoch * steps + first)
+    stopped_at = None
+    it = loader.iter_from(first * run.accum)
+    for micro in range(first * run.accum, micro_total):
         t0 = time.perf_counter()
         x, y = next(it)
         wait += time.perf_counter() - t0
         step = epoch * steps + micro // run.accum
-        with autocast(run.device, run.cfg.train.amp):
-            loss = run.loss(model(x), y)
-        run.scaler.scale(loss / run.accum).backward()
-        loss_sum += loss.detach()
+        last_micro = (micro + 1) % run.accum == 0
+        loss_sum += train_micro_batch(run, x, y, step, last_micro)
         images += len(x)
-        if (micro + 1) % run.accum == 0:
-            lr = run.scheduler(step)
-            run.scaler.step(opt)
-            run.scaler.update()
-            opt.zero_grad(set_to_none=True)
-            if run.ema is not None:
-                run.ema.update(run.raw_model)
+        if last_micro:
+            lr = run.scheduler.value(step)
         if (micro + 1) % run.cfg.train.log_every == 0 or micro + 1 == micro_total:
-            # The one host sync, every log_every micro-batches; summed over ranks, so all ranks stop together.
-            mean = dist.all_reduce_sum(loss_sum.clone()).item() / ((micro + 1) * dist.world())
+            # The one host sync, every log_every micro-batches; summed over ranks, so all ranks stop together, and
+            # carrying the stop flag, so all ranks agree on where a SIGTERM ends the run.
+            flag = torch.tensor(float(run.stop.requested), device=loss_sum.device)
+            total, stops = dist.all_reduce_sum(torch.stack([loss_sum, flag])).tolist()
+            mean = total / ((micro + 1) * dist.world())
+            run.stop.agreed |= stops > 0
             if not math.isfinite(mean):
                 raise TrainingDiverged(f"loss is {mean} at epoch {epoch}, step {step}; stopping. The last good "
                                        f"checkpoint is kept; lower optim.lr or use train.amp: bf16")
             if progress:
                 progress.update(task, completed=micro + 1, info=f"loss {mean:.4f} lr {lr:.2e}")
-    for _ in it:  # the engine's epoch ends cleanly even when accumulation leaves micro-batches over
-        pass
+        if last_micro and micro + 1 < micro_total and run.stop.should_stop():
+            stopped_at = (micro + 1) // run.accum
+            break
+    if stopped_at is None:
+        for _ in it:  # the engine's epoch ends cleanly even when accumulation leaves micro-batches over
+            pass
     elapsed = time.perf_counter() - started
     if progress:
         progress.remove_task(task)
+    if stopped_at is not None:
+        return {"stopped_at_step": stopped_at, "steps": steps, "loss_sum": loss_sum.item(), "images": images,
+                "seconds": elapsed}
     total = dist.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(images), device=loss_sum.device)]))
     return {"train_loss": total[0].item() / (micro_total * dist.world()), "lr": lr,
             "img_per_s": total[1].item() / elapsed,
@@ -185,10 +247,12 @@ def _max_mem_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _payload(run: Run, epoch: int, best: float) -> dict:
+def _payload(run: Run, epoch: int, best: float, resume_at: dict | None = None) -> dict:
+    """`epoch` is the last completed epoch; `resume_at` the position inside the next one (mid-epoch checkpoints)."""
     return {"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict(), "ema": run.ema.module.state_dict() if run.ema is not None else None,
-            "epoch": epoch, "best_acc1": best, "rng": ckpt.rng_state(), "config": to_dict(run.cfg)}
+            "epoch": epoch, "best_acc1": best, "rng": ckpt.rng_state(), "config": to_dict(run.cfg),
+            "resume_at": resume_at}
 
 
 def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -206,14 +270,52 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
 _RESUMABLE = {"schedule.epochs", "train.log_every", "data.workers", "data.train", "data.val", "data.os_cache"}
 
 
+def _oom_message(cfg: Config, device: torch.device, error: Exception) -> str:
+    b, accum = cfg.data.batch_size, accumulation_steps(cfg, dist.world())
+    detail = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+    hint = (f"--set data.batch_size={b // 2} keeps train.global_batch {cfg.train.global_batch} with {2 * accum} "
+            "accumulation steps instead of " + str(accum)) if b > 1 else "use a smaller model or aug.img_size"
+    return f"out of memory on {device} with data.batch_size {b} per process ({detail}); {hint}"
+
+
+def _is_oom(e: BaseException) -> bool:
+    text = str(e)
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and (
+        "not enough memory" in text or "can't allocate memory" in text or "out of memory" in text.lower()))
+
+
 def train(cfg: Config, out_dir: str | Path, device: torch.device, resume: str | None = None,
-          force: bool = False, quiet: bool = False, stop_after_epoch: int | None = None) -> list[dict]:
+          force: bool = False, quiet: bool = False, stop_after_epoch: int | None = None,
+          handle_sigterm: bool = False) -> list[dict]:
     """Train from scratch or `resume`; `stop_after_epoch` ends this process's share of the run early (the
-    schedule still spans schedule.epochs), as a time limit or preemption would."""
-    out = Path(out_dir)
+    schedule still spans schedule.epochs), as a time limit or preemption would. With `handle_sigterm`, SIGTERM
+    stops at the next step boundary, writes a checkpoint of that position and raises `Preempted`."""
+    previous = None
+    try:
+        if handle_sigterm and threading.current_thread() is threading.main_thread():
+            stop = StopFlag()
+
+            def on_sigterm(signum, frame):
+                stop.requested = True
+            previous = signal.signal(signal.SIGTERM, on_sigterm)
+        else:
+            stop = StopFlag()
+        return _train(cfg, Path(out_dir), device, resume, force, quiet, stop_after_epoch, stop)
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if _is_oom(e):
+            raise OutOfMemory(_oom_message(cfg, device, e)) from None
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _train(cfg: Config, out: Path, device: torch.device, resume: str | None, force: bool, quiet: bool,
+           stop_after_epoch: int | None, stop: StopFlag) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     run = build(cfg, device)
-    start, best = 0, -1.0
+    run.stop = stop
+    start, best, resume_at = 0, -1.0, None
     resume_from = ckpt.find_resume(resume, out)
     if resume_from is not None:
         state = ckpt.load(resume_from)
@@ -227,7 +329,7 @@ def train(cfg: Config, out_dir: str | Path, device: torch.device, resume: str | 
         if run.ema is not None and state.get("ema") is not None:
             run.ema.module.load_state_dict(state["ema"])
         ckpt.set_rng_state(state["rng"])
-        start, best = state["epoch"] + 1, state["best_acc1"]
+        start, best, resume_at = state["epoch"] + 1, state["best_acc1"], state.get("resume_at")
     main = dist.is_main()  # only rank 0 writes the run dir and talks
     quiet = quiet or not main
     history = []
@@ -239,7 +341,14 @@ def train(cfg: Config, out_dir: str | Path, device: torch.device, resume: str | 
     progress = _progress() if not quiet else None
     with progress or nullcontext():
         for epoch in range(start, cfg.schedule.epochs):
-            stats = train_one_epoch(run, epoch, progress)
+            stats = train_one_epoch(run, epoch, progress, resume_at)
+            resume_at = None
+            if "stopped_at_step" in stats:
+                if main:
+                    ckpt.save(out / ckpt.LAST, _payload(run, epoch - 1, best, {
+                        "step": stats["stopped_at_step"], **{k: stats[k] for k in ("loss_sum", "images", "seconds")}}))
+                dist.barrier()
+                raise Preempted(out / ckpt.LAST, epoch, stats["stopped_at_step"], stats["steps"])
             row = {"epoch": epoch, **stats, "val_acc1": None, "val_acc5": None}
             if run.val_loader is not None:
                 ev = evaluate(run.model, run.val_loader, cfg.train.amp, progress)
@@ -258,6 +367,9 @@ def train(cfg: Config, out_dir: str | Path, device: torch.device, resume: str | 
                 print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
             if stop_after_epoch is not None and epoch >= stop_after_epoch:
                 break
+            if run.stop.should_stop() and epoch + 1 < cfg.schedule.epochs:  # SIGTERM in the epoch's last step
+                dist.barrier()
+                raise Preempted(out / ckpt.LAST, epoch + 1, 0, len(run.train_loader) // run.accum)
     if main:
         plot_curves(metrics_path, out / "curves.png")
     dist.barrier()  # nobody leaves before the last checkpoint is on disk

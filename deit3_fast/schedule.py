@@ -27,8 +27,11 @@ class WarmupCosine:
         self.optimizer, self.steps_per_epoch = optimizer, steps_per_epoch
         self.kw = dict(lr=lr, epochs=epochs, warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, min_lr=min_lr)
 
+    def value(self, step: int) -> float:
+        return lr_at(step / self.steps_per_epoch, **self.kw)
+
     def __call__(self, step: int) -> float:
-        value = lr_at(step / self.steps_per_epoch, **self.kw)
+        value = self.value(step)
         for group in self.optimizer.param_groups:
             group["lr"] = value * group.get("lr_scale", 1.0)
         return value

@@ -36,12 +36,15 @@ def run(args, nproc):
     return r
 
 
-def test_two_processes_train_like_one_with_twice_the_batch(data, tmp_path):
+@pytest.mark.parametrize("per_process", [8, 4], ids=["no-accumulation", "accumulation-2"])
+def test_two_processes_train_like_one_with_twice_the_batch(data, tmp_path, per_process):
+    """Global batch 16 = 2 processes x 8, or 2 x 4 x 2 accumulation steps (gradients all-reduced once per step,
+    under DDP no_sync for the first micro-batch) == 1 process x 16."""
     common = ["train", "--cfg", "quickstart", "--data-train", data / "train.beton", "--data-val", data / "val.beton",
               "--device", "cpu", "--quiet"]
     sets = [x for s in DETERMINISTIC for x in ("--set", s)]
     run([*common, *sets, "--set", "data.batch_size=16", "--out", tmp_path / "one"], nproc=1)
-    two = run([*common, *sets, "--set", "data.batch_size=8", "--out", tmp_path / "two"], nproc=2)
+    two = run([*common, *sets, "--set", f"data.batch_size={per_process}", "--out", tmp_path / "two"], nproc=2)
     summaries = [line for line in two.stdout.splitlines() if line.startswith("{")]
     assert len(summaries) == 1 and json.loads(summaries[0])["world_size"] == 2  # only rank 0 reports
     a, b = load(tmp_path / "one" / "checkpoint-last.pt"), load(tmp_path / "two" / "checkpoint-last.pt")

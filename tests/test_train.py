@@ -48,6 +48,45 @@ def test_resume_is_bit_identical(data, tmp_path):
            [{k: v for k, v in r.items() if k not in strip} for r in full]
 
 
+def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(data, tmp_path, monkeypatch):
+    """A real SIGTERM in the middle of epoch 1 (sent by the 9th loss call: epoch 1, step 1 of 3): the run stops at
+    the step boundary, the checkpoint records that position, and the resumed run ends bit-identical to one never
+    interrupted: model, optimiser state and every metrics row."""
+    import os
+    import signal
+
+    cpu = torch.device("cpu")
+    full = train(tiny_cfg(data), tmp_path / "full", cpu, quiet=True)
+    calls = []
+    real = engine.RecipeLoss.__call__
+
+    def loss_that_signals(self, x, y):
+        calls.append(1)
+        if len(calls) == 9:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, x, y)
+
+    monkeypatch.setattr(engine.RecipeLoss, "__call__", loss_that_signals)
+    with pytest.raises(engine.Preempted, match="epoch 1, step 2/3") as stopped:
+        train(tiny_cfg(data), tmp_path / "split", cpu, quiet=True, handle_sigterm=True)
+    assert len(calls) == 10  # the step's second micro-batch ran: no half-accumulated gradients are lost
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
+    state = load(stopped.value.checkpoint)
+    assert state["epoch"] == 0 and state["resume_at"]["step"] == 2
+    monkeypatch.setattr(engine.RecipeLoss, "__call__", real)
+    rest = train(tiny_cfg(data), tmp_path / "split", cpu, quiet=True, resume="auto")
+    assert [r["epoch"] for r in rest] == [1, 2]
+    a, b = load(tmp_path / "full" / "checkpoint-last.pt"), load(tmp_path / "split" / "checkpoint-last.pt")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k, st in a["optimizer"]["state"].items():
+        assert torch.equal(st["exp_avg_sq"], b["optimizer"]["state"][k]["exp_avg_sq"])
+    strip = ("train_seconds", "img_per_s", "data_wait_frac", "max_mem_mb")
+    rows = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in r.items() if k not in strip} for r in rows] == \
+           [{k: v for k, v in r.items() if k not in strip} for r in full]
+
+
 def test_run_dir_contents(data, tmp_path):
     train(tiny_cfg(data, **{"schedule.epochs": 2}), tmp_path, torch.device("cpu"), quiet=True)
     names = {p.name for p in tmp_path.iterdir()}
