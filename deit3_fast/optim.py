@@ -38,12 +38,13 @@ class Lamb(torch.optim.Optimizer):
 
     `max_grad_norm` is global (like apex, which reads it from the defaults, not per group); 0 disables clipping
     (apex has no such switch: there `norm / 0` would zero every gradient).
-    Unlike apex, which overwrites `.grad` with the update, gradients are left untouched.
+    Unlike apex, which overwrites `.grad` with the update, gradients are left untouched. `compile=True` runs the
+    same maths through torch.compile.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, max_grad_norm: float = 1.0,
-                 bias_correction: bool = True):
+                 bias_correction: bool = True, compile: bool = False):
         if lr < 0.0:
             raise ValueError(f"invalid learning rate: {lr}")
         if eps < 0.0:
@@ -57,6 +58,9 @@ class Lamb(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
                         bias_correction=bias_correction)
         super().__init__(params, defaults)
+        # torch.compile fuses the ~15 passes over every tensor list into a few loops (CPU) or kernels (GPU): the
+        # step is memory-bound, so that is most of its time (benchmarks/lamb.py). Compiling costs seconds once.
+        self._compiled = torch.compile(_lamb_update, dynamic=False) if compile else None
 
     def _buckets(self, group: dict) -> dict[tuple, tuple[list, list, list, list]]:
         """(params, grads, exp_avgs, exp_avg_sqs) per (device, dtype): foreach kernels need one of each per call."""
@@ -105,39 +109,47 @@ class Lamb(torch.optim.Optimizer):
             group["step"] = group.get("step", 0) + 1
             t = group["step"]
             beta1, beta2 = group["betas"]
-            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
             bc1 = 1.0 - beta1 ** t if group["bias_correction"] else 1.0
             bc2 = 1.0 - beta2 ** t if group["bias_correction"] else 1.0
-
             for params, grads, exp_avgs, exp_avg_sqs in group_buckets.values():
-                # A clipped copy, not in-place: the caller may still read .grad (logging, AMP checks).
-                scaled = grads if clip is None else torch._foreach_div(grads, clip.to(grads[0].device, grads[0].dtype))
-                torch._foreach_mul_(exp_avgs, beta1)
-                torch._foreach_add_(exp_avgs, scaled, alpha=1.0 - beta1)
-                torch._foreach_mul_(exp_avg_sqs, beta2)
-                torch._foreach_addcmul_(exp_avg_sqs, scaled, scaled, value=1.0 - beta2)
-                del scaled
-
-                # apex adds eps after the bias-corrected sqrt: sqrt(v / bc2) + eps.
-                denom = torch._foreach_div(exp_avg_sqs, bc2)
-                torch._foreach_sqrt_(denom)
-                torch._foreach_add_(denom, eps)
-                updates = torch._foreach_div(exp_avgs, bc1)
-                torch._foreach_div_(updates, denom)
-                del denom
-
-                if wd == 0.0:
-                    # use_nvlamb=False: no trust ratio for the no-decay group (biases, norms, pos_embed, ...).
-                    torch._foreach_add_(params, updates, alpha=-lr)
-                    continue
-                torch._foreach_add_(updates, params, alpha=wd)
-                w_norm, u_norm = _norms(params), _norms(updates)
-                # `!= 0` rather than `> 0` as in apex, so a NaN norm propagates instead of being hidden by ratio 1.
-                step_size = torch.where((w_norm != 0) & (u_norm != 0), lr * (w_norm / u_norm),
-                                        torch.full_like(w_norm, lr)).to(params[0].dtype)
-                torch._foreach_mul_(updates, list(step_size.unbind(0)))
-                torch._foreach_sub_(params, updates)
+                dev, dtype = params[0].device, params[0].dtype
+                factor = clip.to(dev, dtype) if clip is not None else torch.ones((), device=dev, dtype=dtype)
+                scalars = (group["lr"], bc1, bc2)
+                if self._compiled is not None:
+                    # As tensors, so a new learning rate or step count is new data, not a recompilation.
+                    scalars = tuple(torch.tensor(v, device=dev, dtype=dtype) for v in scalars)
+                update = self._compiled or _lamb_update
+                update(params, grads, exp_avgs, exp_avg_sqs, factor, *scalars, beta1=beta1, beta2=beta2,
+                       eps=group["eps"], weight_decay=group["weight_decay"])
         return loss
+
+
+def _lamb_update(params, grads, exp_avgs, exp_avg_sqs, clip, lr, bc1, bc2, *, beta1: float, beta2: float,
+                 eps: float, weight_decay: float) -> None:
+    """One LAMB step for same-device, same-dtype tensor lists. `clip` divides the gradients (a clipped copy, not
+    in-place: the caller may still read .grad); lr, bc1, bc2 are numbers or 0-d tensors."""
+    scaled = torch._foreach_div(grads, clip)
+    torch._foreach_lerp_(exp_avgs, scaled, 1.0 - beta1)     # m = beta1 m + (1 - beta1) g
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, scaled, scaled, value=1.0 - beta2)
+    del scaled
+    # apex adds eps after the bias-corrected sqrt: sqrt(v / bc2) + eps.
+    denom = torch._foreach_div(exp_avg_sqs, bc2)
+    torch._foreach_sqrt_(denom)
+    torch._foreach_add_(denom, eps)
+    updates = torch._foreach_div(exp_avgs, bc1)
+    torch._foreach_div_(updates, denom)
+    del denom
+    if weight_decay == 0.0:
+        # use_nvlamb=False: no trust ratio for the no-decay group (biases, norms, pos_embed, ...).
+        torch._foreach_mul_(updates, lr)
+    else:
+        torch._foreach_add_(updates, params, alpha=weight_decay)
+        w_norm, u_norm = _norms(params), _norms(updates)
+        # `!= 0` rather than `> 0` as in apex, so a NaN norm propagates instead of being hidden by ratio 1.
+        ratio = torch.where((w_norm != 0) & (u_norm != 0), w_norm / u_norm, torch.ones_like(w_norm))
+        torch._foreach_mul_(updates, list((ratio * lr).to(params[0].dtype).unbind(0)))
+    torch._foreach_sub_(params, updates)
 
 
 def param_groups_weight_decay(model: nn.Module, weight_decay: float,
@@ -159,13 +171,15 @@ def param_groups_weight_decay(model: nn.Module, weight_decay: float,
 
 def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float,
                     betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                    max_grad_norm: float = 1.0) -> torch.optim.Optimizer:
+                    max_grad_norm: float = 1.0, compile: bool = False) -> torch.optim.Optimizer:
     """`lamb` clips the global gradient norm inside its step; `adamw` ignores `max_grad_norm` (clip before it)."""
     groups = param_groups_weight_decay(model, weight_decay)
     if name == "lamb":
-        return Lamb(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
+        return Lamb(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+                    compile=compile)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=True)
+        # fused=True is one kernel per step on CUDA (and a fused CPU kernel since torch 2.4).
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
     raise ValueError(f"unknown optimizer {name!r}; valid choices: {', '.join(OPTIMIZERS)}")
 
 
