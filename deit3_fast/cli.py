@@ -69,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--workers", type=int, default=None)
     q.add_argument("--epochs", type=int, default=None, help="overrides the quickstart recipe's epochs")
 
+    f = sub.add_parser("profile", help="input- or compute-bound? loader, model and end-to-end throughput, MFU",
+                       description="Measures the loader alone (decode + crop, then the device augmentation stage), "
+                       "the model step alone on synthetic batches already on the device (img/s, TFLOP/s, MFU "
+                       "against this device's measured matmul peak) and the real end-to-end step; prints a table "
+                       "and a verdict naming the slowest stage and what to change.")
+    _add_cfg_args(f)
+    f.add_argument("--steps", type=int, default=20, help="timed batches per measurement (20)")
+    f.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+
     v = sub.add_parser("preview", help="save a grid of augmented training samples as a PNG",
                        description="Runs the real training loader on --data-train and saves one batch as the model "
                        "sees it (after crop, flip, 3-Augment, colour jitter and, unless --no-mix, mixup/cutmix), "
@@ -116,7 +125,7 @@ def _train(args) -> int:
         return 0
     out = args.out or str(Path("runs") / Path(args.cfg).stem)
     device = dist.init_from_env(args.device) or _device(args.device)  # torchrun: one process per device
-    history = train(cfg, out, device, resume=args.resume, force=args.force, quiet=args.quiet)
+    history = train(cfg, out, device, resume=args.resume, force=args.force, quiet=args.quiet, handle_sigterm=True)
     last = history[-1] if history else {}
     if dist.is_main():
         print(json.dumps({"out": out, "epochs_run": len(history), "val_acc1": last.get("val_acc1"),
@@ -181,6 +190,21 @@ def _submit(args) -> int:
     return 0
 
 
+def _profile(args) -> int:
+    from .config import ConfigError, load_config
+    from .profile import profile, render
+
+    if args.steps < 1:
+        raise ConfigError(f"--steps must be at least 1, got {args.steps}")
+    cfg = load_config(args.cfg, _overrides(args))
+    result = profile(cfg, _device(args.device), steps=args.steps)
+    if args.json:
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+    else:
+        render(result)
+    return 0
+
+
 def _preview(args) -> int:
     from pipelines import build_loader
     from pipelines.preview import make_preview
@@ -203,19 +227,22 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines import DataError
 
     from .config import ConfigError
-    from .engine import ConfigMismatch, TrainingDiverged
+    from .engine import ConfigMismatch, OutOfMemory, Preempted, TrainingDiverged
     from .models import CheckpointError
 
-    commands = {"train": _train, "eval": _eval, "preview": _preview, "submit": _submit}
+    commands = {"train": _train, "eval": _eval, "preview": _preview, "submit": _submit, "profile": _profile}
     try:
         if args.command == "quickstart":
             from .quickstart import run_quickstart
 
             return run_quickstart(args)
         return commands[args.command](args)
-    except (ConfigError, DataError, CheckpointError, ConfigMismatch, FileNotFoundError) as e:
+    except (ConfigError, DataError, CheckpointError, ConfigMismatch, OutOfMemory, FileNotFoundError) as e:
         print(f"deit3-fast: error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:  # a scheduler's SIGTERM: the position is saved, and stopping was asked for
+        print(f"deit3-fast: {e}", file=sys.stderr)
+        return 0
     except TrainingDiverged as e:
         print(f"deit3-fast: stopped: {e}", file=sys.stderr)
         return 3

@@ -1,0 +1,67 @@
+"""`deit3-fast profile`: the measurements a user reads to tell input-bound from compute-bound, and the verdict."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from deit3_fast.config import load_config
+from deit3_fast.profile import matmul_peak_tflops, verdict
+
+from .conftest import REPO, make_splits
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_splits(tmp_path_factory.mktemp("profile"), {"train": (4, 16, 0)}, min_side=32, max_side=64)
+
+
+def test_profile_json_on_cpu(data):
+    r = subprocess.run([sys.executable, "-m", "deit3_fast", "profile", "--cfg", "quickstart", "--device", "cpu",
+                        "--data-train", str(data / "train.beton"), "--set", "model.num_classes=4", "--steps", "3",
+                        "--json"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("loader_img_per_s", "model_img_per_s", "end_to_end_img_per_s", "engine_img_per_s",
+                "device_stage_img_per_s", "mfu", "achieved_tflops", "peak_tflops"):
+        assert result[key] > 0, key
+    # deit3_nano at 32 px: 2 blocks of dim 64 over 65 tokens; forward + backward is about 3x the forward's
+    # 2 * params * tokens multiply-adds, plus attention: between 20 and 100 MFLOP per image.
+    assert 0.02 < result["gflop_per_image"] < 0.1
+    assert 0 < result["mfu"] < 1
+    assert result["verdict"] in ("input-bound", "compute-bound")
+    assert result["ratio"] == pytest.approx(result["end_to_end_img_per_s"] / result["model_img_per_s"], rel=1e-2)
+
+
+def test_profile_table_and_bad_input(data, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "deit3_fast", "profile", "--cfg", "quickstart", "--device", "cpu",
+                        "--data-train", str(tmp_path / "missing.beton"), "--steps", "2"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "missing.beton" in r.stderr
+
+
+def _result(**rates):
+    base = {"engine_img_per_s": 1000.0, "device_stage_img_per_s": 1000.0, "model_img_per_s": 500.0,
+            "end_to_end_img_per_s": 490.0}
+    base.update(rates)
+    base["ratio"] = base["end_to_end_img_per_s"] / base["model_img_per_s"]
+    return base
+
+
+def test_verdict_names_the_slowest_stage_and_the_fix():
+    cfg = load_config("quickstart")
+    assert verdict(_result(), cfg)["verdict"] == "compute-bound"  # 98% of the model alone
+    slow_decode = verdict(_result(engine_img_per_s=200.0, end_to_end_img_per_s=190.0), cfg)
+    assert slow_decode["verdict"] == "input-bound" and slow_decode["slowest_stage"] == "engine"
+    assert "data.workers" in slow_decode["advice"] and "--engine dali" in slow_decode["advice"]
+    slow_aug = verdict(_result(device_stage_img_per_s=300.0, end_to_end_img_per_s=280.0), cfg)
+    assert slow_aug["slowest_stage"] == "device_stage" and "train.compile" in slow_aug["advice"]
+    contended = verdict(_result(end_to_end_img_per_s=400.0), cfg)  # each stage is fast enough alone
+    assert contended["verdict"] == "input-bound" and "share" in contended["advice"]
+
+
+def test_matmul_peak_is_measured():
+    import torch
+
+    peak = matmul_peak_tflops(torch.device("cpu"), torch.float32)
+    assert 1e-4 < peak < 100  # a CPU does between 0.1 GFLOP/s and 100 TFLOP/s
