@@ -38,7 +38,10 @@ class BetonBatches:
         return np.array(self.beton.image_bytes(int(i), self.image_field))
 
     def labels_of(self, idx: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(self.labels[idx]).to(self.device, non_blocking=True)
+        labels = torch.from_numpy(self.labels[idx])
+        if self.device.type == "cuda":  # from pinned memory the copy is truly asynchronous
+            labels = labels.pin_memory()
+        return labels.to(self.device, non_blocking=True)
 
 
 def reflect_pad(img: torch.Tensor, oi: int, oj: int, oh: int, ow: int) -> None:
