@@ -11,8 +11,18 @@ import random
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from timm.data.auto_augment import rand_augment_transform
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize, with 0 bits meaning what it meant before Pillow 13 (every bit masked: a black image).
+    PosterizeIncreasing at magnitude 10 asks for 0 bits (4 - 4), which Pillow 13 rejects with a ValueError."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
 
 
 class RandAugment:
@@ -20,6 +30,9 @@ class RandAugment:
         # The hparams timm's create_transform passes (translate relative to the crop, fill with the mean colour).
         hparams = {"translate_const": int(img_size * 0.45), "img_mean": tuple(int(round(255 * m)) for m in mean)}
         self.transform = rand_augment_transform(policy, hparams)
+        for op in self.transform.ops:
+            if op.name.startswith("Posterize"):
+                op.aug_fn = _posterize
 
     def __call__(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g, device=g.device))

@@ -181,3 +181,17 @@ def test_randaugment_is_timms_per_sample_and_seeded(images):
                                   img_size=96), train=True)
     x, p = stage(u8, torch.Generator().manual_seed(0))
     assert x.shape == (8, 3, 80, 96) and (p.branch == -1).all()
+
+
+def test_randaugment_posterize_at_full_magnitude_gives_black_not_an_error():
+    """rand-m9-mstd0.5 samples magnitudes up to 10, where PosterizeIncreasing keeps 4 - 4 = 0 bits: Pillow 13 raises
+    on that, older Pillow returned a black image. Ours keeps the old meaning, so fine-tuning cannot crash mid-epoch."""
+    from pipelines.randaugment import RandAugment
+
+    ra = RandAugment("rand-m9-mstd0.5-inc1", 32, (0.485, 0.456, 0.406))
+    (op,) = [o for o in ra.transform.ops if o.name == "PosterizeIncreasing"]
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0.0
+    img = Image.fromarray(np.full((32, 32, 3), 200, np.uint8))
+    assert np.asarray(op(img)).max() == 0
+    op.magnitude = 5  # 4 - 2 = 2 bits: PIL's posterize, unchanged
+    assert np.asarray(op(img))[0, 0, 0] == 192
