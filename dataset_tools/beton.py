@@ -87,6 +87,8 @@ class Beton:
                 raise self._fail("a field name is not ASCII") from None
             if tid not in FIELD_TYPES or not name:
                 raise self._fail(f"field {name!r} has unknown type id {tid}")
+            if name in (f.name for f in fields):
+                raise self._fail(f"two fields are named {name!r}")
             kind, dt = FIELD_TYPES[tid]
             fields.append(Field(name, kind))
             row.append((name, dt))
@@ -105,8 +107,10 @@ class Beton:
         table = (np.frombuffer(self._mm, dtype=ALLOC_ENTRY, offset=table_at) if table_at < self.file_size
                  else np.zeros(0, ALLOC_ENTRY))
         if len(table):
-            ends = table["ptr"] + table["size"]
-            if table["ptr"].min() < meta_end or ends.max() > table_at or table["sample_id"].max() >= self.num_samples:
+            ptr, size = table["ptr"], table["size"]
+            # Compared one by one first: ptr + size could wrap around uint64 and pass as a small end.
+            if ptr.min() < meta_end or ptr.max() > table_at or size.max() > table_at or \
+                    (ptr + size).max() > table_at or table["sample_id"].max() >= self.num_samples:
                 raise self._fail("allocation table points outside the data region")
         self.alloc_table, self.alloc_table_ptr = table, table_at
         for f in self.fields:
@@ -156,7 +160,10 @@ class Beton:
             if data.size != h * w * 3:
                 raise BetonError(f"{self.path}: sample {i} has {data.size} raw bytes, expected {h}x{w}x3")
             return np.asarray(data).reshape(h, w, 3).copy()
-        bgr = cv2.imdecode(np.asarray(data), cv2.IMREAD_COLOR)
+        try:
+            bgr = cv2.imdecode(np.asarray(data), cv2.IMREAD_COLOR) if data.size else None
+        except cv2.error:  # OpenCV asserts on some malformed streams instead of returning None
+            bgr = None
         if bgr is None or bgr.shape[:2] != (h, w):
             raise BetonError(f"{self.path}: sample {i} does not decode to its recorded {w}x{h} JPEG")
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)

@@ -91,39 +91,49 @@ def convert(src: str, out: str, *, max_resolution: int = 256, jpeg_quality: int 
             first, why = result.skipped[0]
             raise SourceError(f"no readable images in {src}: all {len(scan.samples)} files were skipped "
                               f"(first: {os.path.relpath(scan.samples[first][0], src)}: {why})")
-        target.commit()
-    elapsed = time.perf_counter() - started
+        elapsed = time.perf_counter() - started
 
-    labels = np.array([scan.samples[i][1] for i in result.source_info[:, 0]], dtype=np.int64)
-    counts = np.bincount(labels, minlength=len(scan.classes))
-    rel = lambda p: os.path.relpath(p, src)  # noqa: E731
-    modes = np.bincount(result.source_info[:, 3], minlength=len(MODES))
-    report = {
-        "tool": PROG, "version": _version("deit3-fast"), "ffcv_version": _version("ffcv"),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": os.path.abspath(src), "output": os.path.abspath(out), "output_bytes": os.path.getsize(out),
-        "options": {"max_resolution": max_resolution, "jpeg_quality": jpeg_quality, "write_mode": write_mode,
-                    "compress_probability": compress_probability, "workers": workers,
-                    "max_per_class": max_per_class, "fraction": fraction, "seed": seed,
-                    "classes_file": classes_file, "strict": strict},
-        "num_written": result.num_written,
-        "num_candidates": len(scan.samples),
-        "num_skipped": len(result.skipped) + len(scan.problems),
-        "classes": scan.classes,
-        "class_counts": counts.tolist(),
-        "files_found_per_class": scan.candidates_per_class,
-        "empty_classes": [c for c, n in zip(scan.classes, counts) if n == 0],
-        "skipped": [{"path": rel(scan.samples[i][0]), "reason": r} for i, r in result.skipped]
-                   + [{"path": rel(p), "reason": r} for p, r in scan.problems],
-        "ignored_outside_class_folders": [rel(p) for p in scan.outside_classes],
-        "converted_to_rgb": {m: int(n) for m, n in zip(MODES, modes) if n and m != "RGB"},
-        "source_size": {"width": _stats(result.source_info[:, 1]), "height": _stats(result.source_info[:, 2])},
-        "stored_size": {"width": _stats(result.stored_hw[:, 1]), "height": _stats(result.stored_hw[:, 0])},
-        "mean_stored_image_bytes": round(float(result.stored_bytes.mean()), 1),
-        "elapsed_s": round(elapsed, 3),
-        "images_per_s": round(result.num_written / elapsed, 1),
-    }
-    write_text_atomic(out + ".json", json.dumps(report, indent=1) + "\n")
+        labels = np.array([scan.samples[i][1] for i in result.source_info[:, 0]], dtype=np.int64)
+        counts = np.bincount(labels, minlength=len(scan.classes))
+        rel = lambda p: os.path.relpath(p, src)  # noqa: E731
+        modes = np.bincount(result.source_info[:, 3], minlength=len(MODES))
+        report = {
+            "tool": PROG, "version": _version("deit3-fast"), "ffcv_version": _version("ffcv"),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "source": os.path.abspath(src), "output": os.path.abspath(out),
+            "output_bytes": os.path.getsize(target.path),
+            "options": {"max_resolution": max_resolution, "jpeg_quality": jpeg_quality, "write_mode": write_mode,
+                        "compress_probability": compress_probability, "workers": workers,
+                        "max_per_class": max_per_class, "fraction": fraction, "seed": seed,
+                        "classes_file": classes_file, "strict": strict},
+            "num_written": result.num_written,
+            "num_candidates": len(scan.samples),
+            "num_skipped": len(result.skipped) + len(scan.problems),
+            "classes": scan.classes,
+            "class_counts": counts.tolist(),
+            "files_found_per_class": scan.candidates_per_class,
+            "empty_classes": [c for c, n in zip(scan.classes, counts) if n == 0],
+            "skipped": [{"path": rel(scan.samples[i][0]), "reason": r} for i, r in result.skipped]
+                       + [{"path": rel(p), "reason": r} for p, r in scan.problems],
+            "ignored_outside_class_folders": [rel(p) for p in scan.outside_classes],
+            "converted_to_rgb": {m: int(n) for m, n in zip(MODES, modes) if n and m != "RGB"},
+            "source_size": {"width": _stats(result.source_info[:, 1]), "height": _stats(result.source_info[:, 2])},
+            "stored_size": {"width": _stats(result.stored_hw[:, 1]), "height": _stats(result.stored_hw[:, 0])},
+            "mean_stored_image_bytes": round(float(result.stored_bytes.mean()), 1),
+            "elapsed_s": round(elapsed, 3),
+            "images_per_s": round(result.num_written / elapsed, 1),
+        }
+        # The report first, then the file: a full disk at the report must not leave a .beton without one.
+        try:
+            write_text_atomic(out + ".json", json.dumps(report, indent=1) + "\n")
+        except OSError as e:
+            raise ConversionError(f"writing the report {out}.json failed: {e.strerror or e}; nothing was "
+                                  "written") from None
+        try:
+            target.commit()
+        except BaseException:
+            os.remove(out + ".json")
+            raise
     return report
 
 

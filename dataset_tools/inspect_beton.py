@@ -27,6 +27,10 @@ def inspect_beton(path: str, samples: int = 64, seed: int = 0) -> dict:
         except (OSError, ValueError):
             sidecar = None
     classes = sidecar.get("classes") if isinstance(sidecar, dict) else None
+    if len(labels) and not classes and (labels.min() < 0 or labels.max() >= 1 << 24):
+        # No report to compare with: a label no class list could have (corrupt metadata) must not size bincount.
+        raise BetonError(f"{path}: labels span {labels.min()}..{labels.max()}, not class indices; the metadata is "
+                         "corrupt, convert the source folder again")
     num_classes = len(classes) if classes else (int(labels.max()) + 1 if len(labels) else 0)
     if len(labels) and (labels.min() < 0 or labels.max() >= max(num_classes, 1)):
         raise BetonError(f"{path}: labels span {labels.min()}..{labels.max()} but the report lists "

@@ -60,7 +60,14 @@ def save(path: Path, payload: dict) -> None:
 
 
 def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    from .models import CheckpointError
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a damaged file
+        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint ({first}); it may have been cut short: pass "
+                              "--resume with an earlier checkpoint, or move it away to start over") from None
 
 
 def find_resume(resume: str | None, out_dir: Path) -> Path | None:

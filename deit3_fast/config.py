@@ -17,6 +17,8 @@ import yaml
 
 from pipelines.config import CROPS, ENGINES, AugConfig, DataConfig
 
+from .models import ARCHS
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -29,7 +31,7 @@ class ModelConfig:
     name: str = "deit3_small"       # deit3_{small,medium,base,large,huge} or a tiny test variant
     num_classes: int = 1000
     drop_path: float = 0.05         # the same rate in every block (official), not timm's linear ramp
-    layer_scale_init: float = 1e-4
+    layer_scale_init: float | None = 1e-4  # null: no LayerScale (plain pre-norm residual blocks)
     checkpoint: str | None = None   # weights to start from (fine-tuning)
 
 
@@ -74,7 +76,9 @@ class Config:
 
 
 _CHOICES = {"data.engine": ENGINES, "aug.crop": CROPS, "loss": ("bce", "ce"), "train.amp": ("bf16", "fp16", "fp32"),
-            "optim.name": ("lamb", "adamw")}
+            "optim.name": ("lamb", "adamw"), "model.name": tuple(ARCHS)}
+# Sizes and counts a run divides by or loops over: 0 would be a ZeroDivisionError, or a loader that hangs.
+_POSITIVE = {"data.batch_size", "train.global_batch", "train.log_every", "aug.img_size", "model.num_classes"}
 
 
 def _closest(key: str, options) -> str:
@@ -121,15 +125,17 @@ def _build(cls, values: dict, prefix: str = ""):
     kwargs = {}
     for key, value in values.items():
         where = f"{prefix}{key}"
-        if key not in names:
-            raise ConfigError(f"unknown config key '{where}'" + _closest(key, names))
+        if not isinstance(key, str) or key not in names:  # YAML keys can be numbers or null
+            raise ConfigError(f"unknown config key '{where}'" + _closest(str(key), names))
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value or {}, where + ".")
+            kwargs[key] = _build(tp, {} if value is None else value, where + ".")
         else:
             kwargs[key] = _coerce(value, tp, where)
             if where in _CHOICES and kwargs[key] not in _CHOICES[where]:
                 raise ConfigError(f"{where}: {kwargs[key]!r} is not one of {', '.join(_CHOICES[where])}")
+            if where in _POSITIVE and kwargs[key] < 1:
+                raise ConfigError(f"{where}: must be at least 1, got {kwargs[key]!r}")
     return cls(**kwargs)
 
 
@@ -169,7 +175,10 @@ def apply_override(tree: dict, assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {assignment!r}: '{part}' is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except (yaml.YAMLError, RecursionError) as e:
+        raise ConfigError(f"--set {assignment!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
 
 
 def load_config(name_or_path: str | None = None, overrides: list[str] | tuple = ()) -> Config:
@@ -178,8 +187,14 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | tuple = 
         path = resolve_path(name_or_path)
         try:
             tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a YAML text file (not UTF-8)") from None
+        except (yaml.YAMLError, RecursionError) as e:
             raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, ...), got {tree!r:.80}")
     for assignment in overrides:
         apply_override(tree, assignment)
     return _build(Config, tree)

@@ -25,14 +25,14 @@ import torch
 import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from pipelines import AMP_DTYPES, build_loader
+from pipelines import AMP_DTYPES, DataError, build_loader, check_same_classes
 from pipelines.crops import epoch_key
 
 from . import checkpoint as ckpt
 from . import distributed as dist
 from .config import Config, ConfigError, to_dict
 from .losses import RecipeLoss
-from .models import create_model
+from .models import ARCHS, create_model
 from .optim import build_optimizer
 from .schedule import WarmupCosine
 
@@ -97,6 +97,10 @@ def accumulation_steps(cfg: Config, world: int) -> int:
 def build(cfg: Config, device: torch.device) -> Run:
     torch.manual_seed(cfg.train.seed)  # the same init on every rank (DDP also broadcasts rank 0's)
     accum = accumulation_steps(cfg, dist.world())
+    patch = ARCHS[cfg.model.name][0]
+    if cfg.aug.img_size % patch:
+        raise ConfigError(f"aug.img_size {cfg.aug.img_size} is not a multiple of {cfg.model.name}'s patch size "
+                          f"{patch}")
     model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, img_size=cfg.aug.img_size,
                          drop_path=cfg.model.drop_path, layer_scale_init=cfg.model.layer_scale_init,
                          checkpoint=cfg.model.checkpoint).to(device)
@@ -112,6 +116,12 @@ def build(cfg: Config, device: torch.device) -> Run:
     forward = forward or model
     forward = torch.compile(forward) if cfg.train.compile else forward
     train_loader = build_loader(cfg, "train", device)
+    if len(train_loader) < accum:
+        raise DataError(f"{cfg.data.train}: an epoch has {len(train_loader)} batch(es) of data.batch_size "
+                        f"{cfg.data.batch_size} per process, fewer than one optimiser step ({accum} micro-batches); "
+                        "lower data.batch_size or train.global_batch")
+    if cfg.data.val:
+        check_same_classes(cfg.data.train, cfg.data.val)
     val_loader = build_loader(cfg, "val", device) if cfg.data.val else None
     steps_per_epoch = max(1, len(train_loader) // accum)
     s = cfg.schedule
@@ -280,7 +290,7 @@ def _oom_message(cfg: Config, device: torch.device, error: Exception) -> str:
 
 def _is_oom(e: BaseException) -> bool:
     text = str(e)
-    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and (
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (isinstance(e, RuntimeError) and (
         "not enough memory" in text or "can't allocate memory" in text or "out of memory" in text.lower()))
 
 
@@ -301,7 +311,7 @@ def train(cfg: Config, out_dir: str | Path, device: torch.device, resume: str | 
         else:
             stop = StopFlag()
         return _train(cfg, Path(out_dir), device, resume, force, quiet, stop_after_epoch, stop)
-    except (torch.OutOfMemoryError, RuntimeError) as e:
+    except (RuntimeError, MemoryError) as e:  # numpy (FFCV's buffers) raises MemoryError, torch a RuntimeError
         if _is_oom(e):
             raise OutOfMemory(_oom_message(cfg, device, e)) from None
         raise
@@ -338,6 +348,8 @@ def _train(cfg: Config, out: Path, device: torch.device, resume: str | None, for
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         if resume_from is None and metrics_path.exists():
             metrics_path.unlink()
+        elif resume_from is not None:
+            _keep_rows_until(metrics_path, start - 1)
     progress = _progress() if not quiet else None
     with progress or nullcontext():
         for epoch in range(start, cfg.schedule.epochs):
@@ -374,6 +386,17 @@ def _train(cfg: Config, out: Path, device: torch.device, resume: str | None, for
         plot_curves(metrics_path, out / "curves.png")
     dist.barrier()  # nobody leaves before the last checkpoint is on disk
     return history
+
+
+def _keep_rows_until(metrics_path: Path, last_epoch: int) -> None:
+    """A run killed between logging an epoch and saving its checkpoint redoes that epoch on resume: drop its row
+    (and any later one), so every epoch is logged once."""
+    if not metrics_path.exists():
+        return
+    lines = metrics_path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] <= last_epoch]
+    if len(kept) != len(lines):
+        metrics_path.write_text("".join(line + "\n" for line in kept))
 
 
 def plot_curves(metrics_path: Path, png: Path) -> None:

@@ -43,6 +43,25 @@ def _check_beton(path: str | None, split: str, num_classes: int) -> int:
     return len(b)
 
 
+def check_same_classes(train: str, val: str) -> None:
+    """A val split converted without the training split's class list has other labels for the same classes, and its
+    accuracy would mean nothing. The conversion reports (`X.beton.json`) name the classes; check when both exist."""
+    import json
+    from pathlib import Path
+
+    reports = [Path(str(p) + ".json") for p in (train, val)]
+    if not all(r.exists() for r in reports):
+        return
+    try:
+        a, b = (json.loads(r.read_text()).get("classes") for r in reports)
+    except (OSError, ValueError):
+        return
+    if a is not None and b is not None and list(a) != list(b):
+        where = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        raise DataError(f"{val} was converted with other classes than {train} ({len(b)} vs {len(a)}, first "
+                        f"difference at label {where}): convert the val split with --classes {train}.json")
+
+
 def build_loader(cfg, split: str, device: torch.device | str | None = None) -> Loader:
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")

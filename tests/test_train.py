@@ -232,3 +232,10 @@ def test_in1k_finetuning_recipes_are_exact(name, model, res, drop_path):
     assert (c.loss, c.aug.label_smoothing, c.aug.auto_augment, c.data.repeats, c.train.global_batch) == \
            ("ce", 0.1, "rand-m9-mstd0.5-inc1", 1, 512)
     assert not c.aug.three_augment and c.aug.color_jitter == 0.0 and c.model.checkpoint
+
+
+def test_image_size_must_fit_the_patch_grid():
+    from deit3_fast.config import ConfigError
+
+    with pytest.raises(ConfigError, match="aug.img_size 30 is not a multiple of deit3_nano's patch size 4"):
+        engine.build(load_config("quickstart", ["aug.img_size=30"]), torch.device("cpu"))
