@@ -1,4 +1,5 @@
-"""`deit3-fast` command line: train, eval, preview, quickstart. Errors in input are one line and exit code 2."""
+"""`deit3-fast` command line: train, eval, submit, profile, ablate, preview, quickstart. Errors in input are one line
+and exit code 2."""
 from __future__ import annotations
 
 import argparse
@@ -89,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--no-mix", action="store_true", help="show the samples before mixup/cutmix")
     v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    from .ablate import add_parser as _add_ablate  # its own module: grids, running, results
+    _add_ablate(sub)
     return p
 
 
@@ -147,7 +150,8 @@ def _eval(args) -> int:
 
     cfg = load_config(args.cfg, _overrides(args))
     device = dist.init_from_env(args.device) or _device(args.device)
-    model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, img_size=cfg.aug.img_size)
+    model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, img_size=cfg.aug.img_size,
+                         layer_scale_init=cfg.model.layer_scale_init)
     if args.ema:
         state = load(args.checkpoint).get("ema")
         if state is None:
@@ -226,11 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipelines import DataError
 
+    from . import ablate
     from .config import ConfigError
     from .engine import ConfigMismatch, OutOfMemory, Preempted, TrainingDiverged
     from .models import CheckpointError
 
-    commands = {"train": _train, "eval": _eval, "preview": _preview, "submit": _submit, "profile": _profile}
+    commands = {"train": _train, "eval": _eval, "preview": _preview, "submit": _submit, "profile": _profile,
+                "ablate": ablate.run}
     try:
         if args.command == "quickstart":
             from .quickstart import run_quickstart

@@ -19,14 +19,16 @@ import torch.nn as nn
 from timm.layers import DropPath, trunc_normal_
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-# name -> (patch, dim, depth, heads). The first five are the paper's; the last two are small enough for CPU tests
-# and the quickstart (not in the paper).
+# name -> (patch, dim, depth, heads). The first five are the paper's; the others are not in the paper: deit3_cifar is
+# DeiT's ViT-Ti width and depth (192, 12 blocks, 3 heads) with patch 4, so 32x32 CIFAR images give 8x8 = 64 tokens
+# (5.4M parameters); the last two are small enough for CPU tests and the quickstart.
 ARCHS = {
     "deit3_small": (16, 384, 12, 6),
     "deit3_medium": (16, 512, 12, 8),
     "deit3_base": (16, 768, 12, 12),
     "deit3_large": (16, 1024, 24, 16),
     "deit3_huge": (14, 1280, 32, 16),
+    "deit3_cifar": (4, 192, 12, 3),
     "deit3_micro": (8, 192, 6, 3),
     "deit3_nano": (4, 64, 2, 2),
 }
@@ -54,8 +56,10 @@ def _official_init(model: VisionTransformer, drop_path: float) -> None:
 
 
 def create_model(name: str, num_classes: int = 1000, img_size: int = 224, drop_path: float = 0.0,
-                 layer_scale_init: float = 1e-4, checkpoint: str | None = None, **overrides) -> VisionTransformer:
-    """A DeiT III ViT with the official from-scratch init, optionally loading `checkpoint` on top."""
+                 layer_scale_init: float | None = 1e-4, checkpoint: str | None = None,
+                 **overrides) -> VisionTransformer:
+    """A DeiT III ViT with the official from-scratch init, optionally loading `checkpoint` on top.
+    `layer_scale_init=None` builds the blocks without LayerScale (timm's init_values=None), for ablations."""
     if name not in ARCHS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(ARCHS)}")
     patch, dim, depth, heads = ARCHS[name]

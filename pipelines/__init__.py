@@ -56,7 +56,8 @@ def check_same_classes(train: str, val: str) -> None:
         a, b = (json.loads(r.read_text()).get("classes") for r in reports)
     except (OSError, ValueError):
         return
-    if a is not None and b is not None and list(a) != list(b):
+    # Labels agree when val's class list is train's or its beginning (a val set with fewer classes).
+    if a is not None and b is not None and list(a[:len(b)]) != list(b):
         where = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         raise DataError(f"{val} was converted with other classes than {train} ({len(b)} vs {len(a)}, first "
                         f"difference at label {where}): convert the val split with --classes {train}.json")

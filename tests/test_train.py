@@ -132,9 +132,11 @@ def cli(*args, timeout=600, cwd=REPO):
                           text=True, timeout=timeout)
 
 
-def test_cli_train_then_eval(data, tmp_path):
+@pytest.mark.parametrize("layer_scale", ["1e-4", "null"], ids=["layerscale", "no-layerscale"])
+def test_cli_train_then_eval(data, tmp_path, layer_scale):
+    """eval rebuilds the model the config describes: also without LayerScale (the ablation's variant)."""
     common = ["--cfg", "quickstart", "--data-val", data / "val.beton", "--set", "model.num_classes=4",
-              "--set", "data.workers=1"]
+              "--set", "data.workers=1", "--set", f"model.layer_scale_init={layer_scale}"]
     r = cli("train", *common, "--data-train", data / "train.beton", "--out", tmp_path, "--epochs", "2", "--quiet",
             "--set", "data.batch_size=8", "--set", "train.global_batch=8")
     assert r.returncode == 0, r.stderr
