@@ -273,19 +273,9 @@ def _read_json(p: Path) -> dict | None:
         return None
 
 
-def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(a) | set(b)):
-        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-            out += _differences(a[k], b[k], f"{prefix}{k}.")
-        elif a.get(k) != b.get(k) and f"{prefix}{k}" not in _HARMLESS:
-            out.append(f"{prefix}{k}")
-    return out
-
-
 def check_run_dir(v: Variant, run_dir: Path) -> None:
     """A run dir written by another config would be resumed or reported as this variant: refuse up front."""
-    from .config import to_dict
+    from .config import differences, to_dict
 
     written = run_dir / "config.yaml"
     if not written.exists():
@@ -294,7 +284,8 @@ def check_run_dir(v: Variant, run_dir: Path) -> None:
         old = yaml.safe_load(written.read_text()) or {}
     except (OSError, yaml.YAMLError):
         old = {}
-    diff = _differences(old, to_dict(v.config)) if isinstance(old, dict) else ["config.yaml"]
+    diff = ([k for k in differences(old, to_dict(v.config)) if k not in _HARMLESS] if isinstance(old, dict)
+            else ["config.yaml"])
     if diff:
         raise _error(f"variant '{v.name}': {run_dir} holds a run of a different config ({', '.join(diff[:5])}); "
                      "use another --out or remove that folder")
@@ -483,13 +474,9 @@ def add_parser(sub) -> None:
     s.add_argument("--submit", action="store_true", help="submit the variants instead of running them here")
     s.add_argument("--local", action="store_true", help="with --submit: submitit's local executor, one job at a time")
     s.add_argument("--resubmit", action="store_true", help="with --submit: also variants that already have a job")
-    s.add_argument("--nodes", type=int, default=1)
-    s.add_argument("--gpus-per-node", type=int, default=8)
-    s.add_argument("--partition")
-    s.add_argument("--account")
-    s.add_argument("--constraint")
-    s.add_argument("--timeout-min", type=int, default=2800)
-    s.add_argument("--cpus-per-task", type=int, default=10)
+    from .cli import add_slurm_args
+
+    add_slurm_args(s)
 
 
 def _check_runnable(grid: Grid, out: Path, world: int, local_data: bool) -> None:

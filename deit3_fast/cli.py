@@ -21,6 +21,17 @@ def _add_cfg_args(p: argparse.ArgumentParser, data_train: bool = True) -> None:
                    help="config override, repeatable (e.g. --set optim.lr=1e-3)")
 
 
+def add_slurm_args(p) -> None:
+    """The sbatch side of `submit` and `ablate --submit`."""
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--partition")
+    p.add_argument("--account")
+    p.add_argument("--constraint")
+    p.add_argument("--timeout-min", type=int, default=2800)
+    p.add_argument("--cpus-per-task", type=int, default=10)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deit3-fast", description="DeiT III training at GPU speed.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -47,13 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "job requeues itself and resumes from its last checkpoint. --local runs it through "
                        "submitit's local executor on this host.")
     _add_cfg_args(s)
-    s.add_argument("--nodes", type=int, default=1)
-    s.add_argument("--gpus-per-node", type=int, default=8)
-    s.add_argument("--partition")
-    s.add_argument("--account")
-    s.add_argument("--constraint")
-    s.add_argument("--timeout-min", type=int, default=2800)
-    s.add_argument("--cpus-per-task", type=int, default=10)
+    add_slurm_args(s)
     s.add_argument("--out", help="run dir and job folder (default: runs/<config name>)")
     s.add_argument("--epochs", type=int, help="overrides schedule.epochs")
     s.add_argument("--local", action="store_true", help="run through submitit's local executor on this host")

@@ -181,6 +181,17 @@ def apply_override(tree: dict, assignment: str) -> None:
         raise ConfigError(f"--set {assignment!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
 
 
+def differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts (as `to_dict` gives them)."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out += differences(a[k], b[k], f"{prefix}{k}.")
+        elif a.get(k) != b.get(k):
+            out.append(f"{prefix}{k}")
+    return out
+
+
 def load_config(name_or_path: str | None = None, overrides: list[str] | tuple = ()) -> Config:
     tree: dict = {}
     if name_or_path:

@@ -30,7 +30,7 @@ from pipelines.crops import epoch_key
 
 from . import checkpoint as ckpt
 from . import distributed as dist
-from .config import Config, ConfigError, to_dict
+from .config import Config, ConfigError, differences, to_dict
 from .losses import RecipeLoss
 from .models import ARCHS, create_model
 from .optim import build_optimizer
@@ -265,17 +265,6 @@ def _payload(run: Run, epoch: int, best: float, resume_at: dict | None = None) -
             "resume_at": resume_at}
 
 
-def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
-    keys = sorted(set(a) | set(b))
-    out = []
-    for k in keys:
-        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-            out += _differences(a[k], b[k], f"{prefix}{k}.")
-        elif a.get(k) != b.get(k):
-            out.append(f"{prefix}{k}")
-    return out
-
-
 # Changing these on resume does not change what the run computes.
 _RESUMABLE = {"schedule.epochs", "train.log_every", "data.workers", "data.train", "data.val", "data.os_cache"}
 
@@ -329,7 +318,7 @@ def _train(cfg: Config, out: Path, device: torch.device, resume: str | None, for
     resume_from = ckpt.find_resume(resume, out)
     if resume_from is not None:
         state = ckpt.load(resume_from)
-        changed = [k for k in _differences(state["config"], to_dict(cfg)) if k not in _RESUMABLE]
+        changed = [k for k in differences(state["config"], to_dict(cfg)) if k not in _RESUMABLE]
         if changed and not force:
             raise ConfigMismatch(f"{resume_from} was written with a different config ({', '.join(changed)}); "
                                  "resume with the same config, or pass --force")
