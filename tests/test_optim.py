@@ -330,6 +330,7 @@ def test_compiled_step_matches_eager():
         return params, opt
 
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # process-wide: earlier tests' compilations count there too
     with torch._dynamo.config.patch(error_on_recompile=False):
         eager, _ = run(False)
         compiled, opt = run(True)
