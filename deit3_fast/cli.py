@@ -260,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("deit3-fast: interrupted; the last completed epoch's checkpoint is kept", file=sys.stderr)
         return 130
+    finally:
+        from . import distributed
+
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

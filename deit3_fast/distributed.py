@@ -1,7 +1,8 @@
 """torch.distributed from the environment torchrun (or Slurm via submitit) sets: one process per device.
 
 `init_from_env()` starts the process group when WORLD_SIZE > 1 (NCCL with CUDA, gloo on CPU) and picks this
-process's device; everything else asks `rank()`, `world()`, `is_main()`. Only the main process logs and writes.
+process's device; everything else asks `rank()`, `world()`, `is_main()`;
+`shutdown()` leaves the group before exit. Only the main process logs and writes.
 """
 from __future__ import annotations
 
@@ -36,6 +37,13 @@ def init_from_env(device_type: str | None = None) -> torch.device | None:
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
+
+
+def shutdown() -> None:
+    """Leave the process group. Without this, gloo's worker threads can outlive the interpreter at exit and abort
+    the process (SIGABRT, "terminate called without an active exception") after the work has succeeded."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,10 @@ class TrainJob:
         from pipelines import default_device
 
         device = dist.init_from_env(self.device) or (torch.device(self.device) if self.device else default_device())
-        return train(cfg, self.out, device, resume="auto", quiet=True)
+        try:
+            return train(cfg, self.out, device, resume="auto", quiet=True)
+        finally:
+            dist.shutdown()
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         # Nothing to save here: the last completed epoch is already on disk. Requeue the same job; it resumes.

@@ -68,3 +68,14 @@ def test_distributed_eval_counts_every_sample_once(data, tmp_path):
     single = run(["eval", "--cfg", "quickstart", "--data-val", data / "val.beton", "--device", "cpu",
                   "--checkpoint", tmp_path / "checkpoint-last.pt", *sets], nproc=1)
     assert json.loads(single.stdout.strip().splitlines()[-1]) == results[0]
+
+
+def test_cli_leaves_the_process_group_on_every_exit(tmp_path):
+    """gloo threads alive at interpreter exit abort the process (SIGABRT) after a successful run: `main` must leave
+    the group whether the command succeeds or fails."""
+    from deit3_fast.cli import main
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert main(["eval", "--cfg", "quickstart", "--data-val", str(tmp_path / "missing.beton"), "--device", "cpu",
+                 "--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    assert not torch.distributed.is_initialized()
