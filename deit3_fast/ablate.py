@@ -72,10 +72,6 @@ ABLATIONS_DIR = Path(__file__).resolve().parent.parent / "configs" / "ablations"
 DONE, FAILED, ATTEMPTS, JOB = "done.json", "failed.json", "ablate-attempts.jsonl", "ablate-job.json"
 GRID_KEYS = ("base", "sets", "variants", "axes")
 VARIANT_KEYS = ("name", "cfg", "sets")
-# Keys that may differ between a run dir and the grid without changing what is computed (where data lives, how
-# many decode threads, how often the loss is logged). schedule.epochs is not one: a finished 30-epoch run is not
-# the first 30 epochs of a 100-epoch run.
-_HARMLESS = {"data.train", "data.val", "data.workers", "data.os_cache", "train.log_every"}
 
 
 @dataclass
@@ -275,7 +271,7 @@ def _read_json(p: Path) -> dict | None:
 
 def check_run_dir(v: Variant, run_dir: Path) -> None:
     """A run dir written by another config would be resumed or reported as this variant: refuse up front."""
-    from .config import differences, to_dict
+    from .config import NO_EFFECT_KEYS, differences, to_dict
 
     written = run_dir / "config.yaml"
     if not written.exists():
@@ -284,7 +280,9 @@ def check_run_dir(v: Variant, run_dir: Path) -> None:
         old = yaml.safe_load(written.read_text()) or {}
     except (OSError, yaml.YAMLError):
         old = {}
-    diff = ([k for k in differences(old, to_dict(v.config)) if k not in _HARMLESS] if isinstance(old, dict)
+    # Unlike a resume, schedule.epochs may not differ: a finished 30-epoch run is not the first 30 epochs of a
+    # 100-epoch run.
+    diff = ([k for k in differences(old, to_dict(v.config)) if k not in NO_EFFECT_KEYS] if isinstance(old, dict)
             else ["config.yaml"])
     if diff:
         raise _error(f"variant '{v.name}': {run_dir} holds a run of a different config ({', '.join(diff[:5])}); "

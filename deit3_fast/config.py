@@ -181,6 +181,11 @@ def apply_override(tree: dict, assignment: str) -> None:
         raise ConfigError(f"--set {assignment!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
 
 
+# Keys that may differ between a run dir's config and the current one without changing what is computed: where the
+# data lives, how many decode threads, how often the loss is logged.
+NO_EFFECT_KEYS = frozenset({"data.train", "data.val", "data.workers", "data.os_cache", "train.log_every"})
+
+
 def differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two config dicts (as `to_dict` gives them)."""
     out = []

@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,7 +30,7 @@ from pipelines.crops import epoch_key
 
 from . import checkpoint as ckpt
 from . import distributed as dist
-from .config import Config, ConfigError, differences, to_dict
+from .config import NO_EFFECT_KEYS, Config, ConfigError, differences, to_dict
 from .losses import RecipeLoss
 from .models import ARCHS, create_model
 from .optim import build_optimizer
@@ -83,7 +83,7 @@ class Run:
     accum: int
     ema: object | None = None
     ddp: torch.nn.parallel.DistributedDataParallel | None = None
-    stop: StopFlag | None = None
+    stop: StopFlag = field(default_factory=StopFlag)  # train() hands in the one its SIGTERM handler sets
 
 
 def accumulation_steps(cfg: Config, world: int) -> int:
@@ -134,7 +134,7 @@ def build(cfg: Config, device: torch.device) -> Run:
 
         ema = ModelEmaV3(model, decay=cfg.train.ema_decay)
     return Run(cfg, forward, model, optimizer, scaler, scheduler, RecipeLoss(cfg.loss, cfg.aug.label_smoothing),
-               train_loader, val_loader, device, accum, ema, ddp, StopFlag())
+               train_loader, val_loader, device, accum, ema, ddp)
 
 
 def autocast(device: torch.device, amp: str):
@@ -265,8 +265,8 @@ def _payload(run: Run, epoch: int, best: float, resume_at: dict | None = None) -
             "resume_at": resume_at}
 
 
-# Changing these on resume does not change what the run computes.
-_RESUMABLE = {"schedule.epochs", "train.log_every", "data.workers", "data.train", "data.val", "data.os_cache"}
+# May change on resume: what does not change the computation, and schedule.epochs (extending a run).
+_RESUMABLE = NO_EFFECT_KEYS | {"schedule.epochs"}
 
 
 def _oom_message(cfg: Config, device: torch.device, error: Exception) -> str:
@@ -289,16 +289,12 @@ def train(cfg: Config, out_dir: str | Path, device: torch.device, resume: str | 
     """Train from scratch or `resume`; `stop_after_epoch` ends this process's share of the run early (the
     schedule still spans schedule.epochs), as a time limit or preemption would. With `handle_sigterm`, SIGTERM
     stops at the next step boundary, writes a checkpoint of that position and raises `Preempted`."""
-    previous = None
+    previous, stop = None, StopFlag()
     try:
         if handle_sigterm and threading.current_thread() is threading.main_thread():
-            stop = StopFlag()
-
             def on_sigterm(signum, frame):
                 stop.requested = True
             previous = signal.signal(signal.SIGTERM, on_sigterm)
-        else:
-            stop = StopFlag()
         return _train(cfg, Path(out_dir), device, resume, force, quiet, stop_after_epoch, stop)
     except (RuntimeError, MemoryError) as e:  # numpy (FFCV's buffers) raises MemoryError, torch a RuntimeError
         if _is_oom(e):

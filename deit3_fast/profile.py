@@ -103,19 +103,13 @@ def profile(cfg: Config, device: torch.device, steps: int = 20) -> dict:
     flops = train_flops_per_image(run, x, y)
     counter = iter(range(10**9))
 
-    def model_step():
+    def micro_step(xb, yb):
         i = next(counter)
-        engine.train_micro_batch(run, x, y, step=i // run.accum, last_micro=(i + 1) % run.accum == 0)
-
-    model_rate = _rate(model_step, steps, b, device, warmup=max(2, run.accum))
-
-    # 4: end to end, as train_one_epoch runs it.
-    def real_step():
-        i = next(counter)
-        xb, yb = next(whole)
         engine.train_micro_batch(run, xb, yb, step=i // run.accum, last_micro=(i + 1) % run.accum == 0)
 
-    end_to_end = _rate(real_step, steps, b, device, warmup=max(2, run.accum))
+    model_rate = _rate(lambda: micro_step(x, y), steps, b, device, warmup=max(2, run.accum))
+    # 4: end to end, as train_one_epoch runs it.
+    end_to_end = _rate(lambda: micro_step(*next(whole)), steps, b, device, warmup=max(2, run.accum))
     whole.close()
 
     peak = matmul_peak_tflops(device, engine.AMP_DTYPES[cfg.train.amp])
