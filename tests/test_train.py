@@ -29,6 +29,21 @@ def tiny_cfg(data, **sets):
     return load_config("quickstart", [f"{k}={v}" for k, v in base.items()])
 
 
+def assert_same_as_uninterrupted(full_dir, full_rows, split_dir):
+    """The interrupted-and-resumed run in `split_dir` ends where the uninterrupted one did: the same weights, the same
+    optimiser moments, and the same metrics rows (timings aside)."""
+    a, b = load(full_dir / "checkpoint-last.pt"), load(split_dir / "checkpoint-last.pt")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k, st in a["optimizer"]["state"].items():
+        for moment in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(st[moment], b["optimizer"]["state"][k][moment]), (k, moment)
+    strip = ("train_seconds", "img_per_s", "data_wait_frac", "max_mem_mb")
+    rows = [json.loads(x) for x in (split_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in r.items() if k not in strip} for r in rows] == \
+           [{k: v for k, v in r.items() if k not in strip} for r in full_rows]
+
+
 def test_resume_is_bit_identical(data, tmp_path):
     """3 epochs in one go == 2 epochs, stop, resume for the last: same weights, optimiser state and metrics."""
     cpu = torch.device("cpu")
@@ -37,15 +52,7 @@ def test_resume_is_bit_identical(data, tmp_path):
     assert [r["epoch"] for r in part] == [0, 1]
     rest = train(tiny_cfg(data), tmp_path / "split", cpu, quiet=True, resume="auto")
     assert [r["epoch"] for r in rest] == [2]
-    a, b = load(tmp_path / "full" / "checkpoint-last.pt"), load(tmp_path / "split" / "checkpoint-last.pt")
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    for k, st in a["optimizer"]["state"].items():
-        assert torch.equal(st["exp_avg"], b["optimizer"]["state"][k]["exp_avg"])
-    strip = ("train_seconds", "img_per_s", "data_wait_frac", "max_mem_mb")
-    rows = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
-    assert [{k: v for k, v in r.items() if k not in strip} for r in rows] == \
-           [{k: v for k, v in r.items() if k not in strip} for r in full]
+    assert_same_as_uninterrupted(tmp_path / "full", full, tmp_path / "split")
 
 
 def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(data, tmp_path, monkeypatch):
@@ -76,15 +83,7 @@ def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(data, tmp_path, monke
     monkeypatch.setattr(engine.RecipeLoss, "__call__", real)
     rest = train(tiny_cfg(data), tmp_path / "split", cpu, quiet=True, resume="auto")
     assert [r["epoch"] for r in rest] == [1, 2]
-    a, b = load(tmp_path / "full" / "checkpoint-last.pt"), load(tmp_path / "split" / "checkpoint-last.pt")
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    for k, st in a["optimizer"]["state"].items():
-        assert torch.equal(st["exp_avg_sq"], b["optimizer"]["state"][k]["exp_avg_sq"])
-    strip = ("train_seconds", "img_per_s", "data_wait_frac", "max_mem_mb")
-    rows = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
-    assert [{k: v for k, v in r.items() if k not in strip} for r in rows] == \
-           [{k: v for k, v in r.items() if k not in strip} for r in full]
+    assert_same_as_uninterrupted(tmp_path / "full", full, tmp_path / "split")
 
 
 def test_run_dir_contents(data, tmp_path):
