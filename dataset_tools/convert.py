@@ -62,8 +62,10 @@ def _stats(values: np.ndarray) -> dict:
 def convert(src: str, out: str, *, max_resolution: int = 256, jpeg_quality: int = 90, write_mode: str = "jpg",
             compress_probability: float = 0.5, workers: int | None = None, max_per_class: int | None = None,
             fraction: float | None = None, seed: int = 0, classes_file: str | None = None, strict: bool = False,
-            console: Console | None = None, show_progress: bool = True) -> dict:
-    """Convert and return the report (also written to OUT.json). Raises SourceError/ConversionError."""
+            console: Console | None = None, show_progress: bool = True, page_size: int = 8 << 20) -> dict:
+    """Convert and return the report (also written to OUT.json). Raises SourceError/ConversionError.
+    `page_size` (a power of two, at least 2 MiB) is FFCV's allocation unit: small files for tests and the GPU
+    check are written with 2 MiB pages, which makes them a quarter of the size."""
     console = console or Console(stderr=True)
     started = time.perf_counter()
     problem = check_writable(out)
@@ -85,7 +87,8 @@ def convert(src: str, out: str, *, max_resolution: int = 256, jpeg_quality: int 
         writer = SkippingDatasetWriter(target.path, max_resolution=max_resolution, write_mode=write_mode,
                                        jpeg_quality=jpeg_quality, compress_probability=compress_probability,
                                        num_workers=workers, strict=strict,
-                                       progress=lambda done: progress.update(task, completed=done))
+                                       progress=lambda done: progress.update(task, completed=done),
+                                       page_size=page_size)
         result = writer.write(ImageSources(scan.samples, max_resolution, seed))
         if result.num_written == 0:
             first, why = result.skipped[0]

@@ -113,13 +113,13 @@ class WriteResult:
 class SkippingDatasetWriter(DatasetWriter):
     def __init__(self, fname: str, *, max_resolution: int, write_mode: str, jpeg_quality: int,
                  compress_probability: float, num_workers: int, strict: bool,
-                 progress: Callable[[int], None] | None = None):
+                 progress: Callable[[int], None] | None = None, page_size: int = 8 << 20):
         fields = {
             "image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution,
                                    jpeg_quality=jpeg_quality, compress_probability=compress_probability),
             "label": IntField(),
         }
-        super().__init__(fname, fields, num_workers=num_workers)
+        super().__init__(fname, fields, num_workers=num_workers, page_size=page_size)
         self.strict = strict
         self.progress = progress or (lambda done: None)
 

@@ -480,13 +480,13 @@ def add_parser(sub) -> None:
 def _check_runnable(grid: Grid, out: Path, world: int, local_data: bool) -> None:
     """What would otherwise fail in the middle of the grid, hours in: batch arithmetic, missing data."""
     from .config import ConfigError
-    from .engine import accumulation_steps
+    from .engine import batch_plan
 
     for v in grid.variants:
         if (out / v.name / DONE).exists():
             continue
         try:
-            accumulation_steps(v.config, world)
+            batch_plan(v.config, world)
         except ConfigError as e:
             raise ConfigError(f"variant '{v.name}': {e}") from None
         for split in ("train", "val"):

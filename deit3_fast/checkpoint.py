@@ -1,39 +1,18 @@
 """Checkpoints: everything needed to continue a run exactly, written atomically.
 
-A checkpoint holds the model, optimiser, grad scaler, EMA, schedule position (epoch, step), RNG states, the
-best accuracy so far and the resolved config. It is written to a temporary file beside the target, fsynced and
-renamed, so a crash or SIGKILL mid-write leaves the previous checkpoint intact.
+A checkpoint holds the model, optimiser, grad scaler, EMA, schedule position (epoch, step), the best accuracy so far
+and the resolved config. It holds no RNG state: every random draw of a run is keyed by (seed, rank, epoch, batch),
+so a resume on any number of processes redraws exactly what an uninterrupted run would. It is written to a temporary
+file beside the target, fsynced and renamed, so a crash or SIGKILL mid-write leaves the previous checkpoint intact.
 """
 from __future__ import annotations
 
 import os
-import random
 from pathlib import Path
 
-import numpy as np
 import torch
 
 LAST, BEST = "checkpoint-last.pt", "checkpoint-best.pt"
-
-
-def rng_state() -> dict:
-    """RNG states as tensors and plain Python values, so checkpoints load with torch.load(weights_only=True)."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos),
-                                                        int(has_gauss), float(gauss)),
-             "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _sweep_partials(path: Path) -> None:

@@ -1,4 +1,4 @@
-"""`deit3-fast` command line: train, eval, submit, profile, ablate, preview, quickstart. Errors in input are one line
+"""`deit3-fast` command line: train, eval, submit, profile, doctor, ablate, preview, quickstart. Errors in input are one line
 and exit code 2."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 from . import __version__
 
 
-def _add_cfg_args(p: argparse.ArgumentParser, data_train: bool = True) -> None:
-    p.add_argument("--cfg", required=True, help="recipe name in configs/ (e.g. vit_s_in1k) or a YAML path")
+def _add_cfg_args(p: argparse.ArgumentParser, data_train: bool = True, cfg_required: bool = True) -> None:
+    p.add_argument("--cfg", required=cfg_required, help="recipe name in configs/ (e.g. vit_s_in1k) or a YAML path")
     if data_train:
         p.add_argument("--data-train", help="training .beton (overrides data.train)")
     p.add_argument("--data-val", help="validation .beton (overrides data.val)")
@@ -47,8 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON and exit")
     t.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
 
-    e = sub.add_parser("eval", help="top-1/top-5 of a checkpoint on a validation .beton (prints JSON)")
-    _add_cfg_args(e, data_train=False)
+    e = sub.add_parser("eval", help="top-1/top-5 of a checkpoint on a validation .beton (prints JSON)",
+                       description="Evaluate a checkpoint. Give a recipe (--cfg), a model name (--model: ours, "
+                       "timm's such as deit3_base_patch16_384, whose suffix sets the resolution, or the official "
+                       "deit_base_patch16_LS), or both (--model then overrides the recipe's model).")
+    _add_cfg_args(e, data_train=False, cfg_required=False)
+    e.add_argument("--model", help="model name (overrides model.name; a timm name's resolution sets aug.img_size)")
     e.add_argument("--checkpoint", required=True, help="checkpoint-*.pt of a run, an official .pth or a timm file")
     e.add_argument("--ema", action="store_true", help="evaluate the EMA weights of a run checkpoint")
 
@@ -84,6 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--steps", type=int, default=20, help="timed batches per measurement (20)")
     f.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
+    d = sub.add_parser("doctor", help="is this machine ready, and how fast is it? (versions, GPUs, decoders, "
+                       "throughput)", description="Checks what a long run needs on this node and measures it: "
+                       "versions (python, torch, CUDA, driver, torchvision, timm, numpy, ffcv, DALI), GPUs and native "
+                       "bf16, matmul TFLOP/s in the AMP dtype, nvJPEG and DALI GPU decoding, an NCCL all-reduce "
+                       "across the local GPUs, CPU cores, and a short loader-vs-model profile. Each item is ok, "
+                       "missing, broken, skipped or info, with a one-line fix. Exit 1 when something is broken.")
+    d.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    d.add_argument("--require-gpu", action="store_true", help="exit 1 when no CUDA device is usable")
+    d.add_argument("--data-train", help="a .beton for the throughput check (default: a generated one; needs ffcv)")
+    d.add_argument("--engine", choices=["ffcv", "dali", "nvjpeg"], help="engine for the throughput check")
+    d.add_argument("--steps", type=int, default=10, help="timed batches in the throughput check (10)")
+    d.add_argument("--no-throughput", action="store_true", help="skip the loader-vs-model measurement")
+
     v = sub.add_parser("preview", help="save a grid of augmented training samples as a PNG",
                        description="Runs the real training loader on --data-train and saves one batch as the model "
                        "sees it (after crop, flip, 3-Augment, colour jitter and, unless --no-mix, mixup/cutmix), "
@@ -101,7 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args) -> list[str]:
-    sets = list(args.set)
+    sets = []
+    model = getattr(args, "model", None)
+    if model:  # first, so that an explicit --set still wins
+        from .models import resolve_name
+
+        sets.append(f"model.name={model}")
+        try:
+            implied = resolve_name(model)[1]
+        except ValueError:
+            implied = None  # the config check names the valid models
+        if implied:
+            sets.append(f"aug.img_size={implied}")
+    sets += list(args.set)
     for flag, key in (("data_train", "data.train"), ("data_val", "data.val"), ("engine", "data.engine"),
                       ("epochs", "schedule.epochs")):
         value = getattr(args, flag, None)
@@ -147,13 +176,16 @@ def _eval(args) -> int:
     from pipelines import build_loader
 
     from .checkpoint import load
-    from .config import load_config
-    from .engine import evaluate
+    from .config import ConfigError, load_config
+    from .engine import check_img_size, evaluate, resolve_amp
     from .models import CheckpointError, create_model
 
     from . import distributed as dist
 
+    if not args.cfg and not args.model:
+        raise ConfigError("eval needs --cfg RECIPE or --model NAME (or both)")
     cfg = load_config(args.cfg, _overrides(args))
+    check_img_size(cfg)
     device = dist.init_from_env(args.device) or _device(args.device)
     model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, img_size=cfg.aug.img_size,
                          layer_scale_init=cfg.model.layer_scale_init)
@@ -167,7 +199,7 @@ def _eval(args) -> int:
 
         load_checkpoint(model, args.checkpoint)
     model = model.to(device).to(memory_format=torch.channels_last)
-    result = evaluate(model, build_loader(cfg, "val", device), cfg.train.amp)
+    result = evaluate(model, build_loader(cfg, "val", device), resolve_amp(cfg, device))
     if dist.is_main():
         print(json.dumps(result))
     return 0
@@ -177,20 +209,20 @@ def _submit(args) -> int:
     from .config import load_config
     from .submit import describe, submit
 
-    from .engine import accumulation_steps
+    from .engine import batch_plan
 
     sets = _overrides(args)
     cfg = load_config(args.cfg, sets)  # a bad config fails here, not hours later on the cluster
     world = 1 if args.local else args.nodes * args.gpus_per_node
-    accum = accumulation_steps(cfg, world)
+    plan = batch_plan(cfg, world)
     out = args.out or str(Path("runs") / Path(args.cfg).stem)
     result = submit(args.cfg, sets, out, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                     timeout_min=args.timeout_min, partition=args.partition, account=args.account,
                     constraint=args.constraint, cpus_per_task=args.cpus_per_task, local=args.local,
                     dry_run=args.dry_run, device=args.device)
     if args.dry_run:
-        result["global_batch"] = (f"{cfg.train.global_batch} = {cfg.data.batch_size} per process x {world} "
-                                  f"processes x {accum} accumulation steps")
+        result["global_batch"] = (f"{cfg.train.global_batch} = {plan.per_process} per process x {world} "
+                                  f"processes x {plan.accum} accumulation steps")
         print(describe(result))
         return 0
     print(json.dumps({"job_id": result.job_id, "out": out, "logs": str(Path(out) / "submitit")}))
@@ -212,6 +244,19 @@ def _profile(args) -> int:
     else:
         render(result)
     return 0
+
+
+def _doctor(args) -> int:
+    from .doctor import exit_code, render, run_doctor
+
+    report = run_doctor(args.data_train, args.engine, max(1, args.steps), args.no_throughput)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        render(report)
+        if args.require_gpu and not report["gpu"]:
+            print("deit3-fast doctor: no usable GPU (--require-gpu)", file=sys.stderr)
+    return exit_code(report, args.require_gpu)
 
 
 def _preview(args) -> int:
@@ -241,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     from .models import CheckpointError
 
     commands = {"train": _train, "eval": _eval, "preview": _preview, "submit": _submit, "profile": _profile,
-                "ablate": ablate.run}
+                "ablate": ablate.run, "doctor": _doctor}
     try:
         if args.command == "quickstart":
             from .quickstart import run_quickstart

@@ -17,7 +17,7 @@ import yaml
 
 from pipelines.config import CROPS, ENGINES, AugConfig, DataConfig
 
-from .models import ARCHS
+from .models import MODEL_NAMES, default_img_size
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -28,7 +28,7 @@ class ConfigError(Exception):
 
 @dataclass
 class ModelConfig:
-    name: str = "deit3_small"       # deit3_{small,medium,base,large,huge} or a tiny test variant
+    name: str = "deit3_small"       # deit3_{small,...,huge}, timm's deit3_*_patch*_RES or official deit_*_LS names
     num_classes: int = 1000
     drop_path: float = 0.05         # the same rate in every block (official), not timm's linear ramp
     layer_scale_init: float | None = 1e-4  # null: no LayerScale (plain pre-norm residual blocks)
@@ -56,7 +56,7 @@ class ScheduleConfig:
 @dataclass
 class TrainConfig:
     global_batch: int = 2048        # = data.batch_size x world size x accumulation steps
-    amp: str = "bf16"               # bf16 | fp16 | fp32 (no autocast)
+    amp: str = "auto"               # auto: bf16 where native, else fp16 + GradScaler | bf16 | fp16 | fp32
     compile: bool = False
     channels_last: bool = True
     ema_decay: float | None = None
@@ -75,8 +75,9 @@ class Config:
     loss: str = "bce"               # bce: BCE on binarised mixed targets | ce: soft-target cross-entropy
 
 
-_CHOICES = {"data.engine": ENGINES, "aug.crop": CROPS, "loss": ("bce", "ce"), "train.amp": ("bf16", "fp16", "fp32"),
-            "optim.name": ("lamb", "adamw"), "model.name": tuple(ARCHS)}
+AMP_CHOICES = ("auto", "bf16", "fp16", "fp32")
+_CHOICES = {"data.engine": ENGINES, "aug.crop": CROPS, "loss": ("bce", "ce"), "train.amp": AMP_CHOICES,
+            "optim.name": ("lamb", "adamw"), "model.name": MODEL_NAMES}
 # Sizes and counts a run divides by or loops over: 0 would be a ZeroDivisionError, or a loader that hangs.
 _POSITIVE = {"data.batch_size", "train.global_batch", "train.log_every", "aug.img_size", "model.num_classes"}
 
@@ -134,7 +135,7 @@ def _build(cls, values: dict, prefix: str = ""):
             kwargs[key] = _coerce(value, tp, where)
             if where in _CHOICES and kwargs[key] not in _CHOICES[where]:
                 raise ConfigError(f"{where}: {kwargs[key]!r} is not one of {', '.join(_CHOICES[where])}")
-            if where in _POSITIVE and kwargs[key] < 1:
+            if where in _POSITIVE and kwargs[key] is not None and kwargs[key] < 1:
                 raise ConfigError(f"{where}: must be at least 1, got {kwargs[key]!r}")
     return cls(**kwargs)
 
@@ -213,4 +214,8 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | tuple = 
             raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, ...), got {tree!r:.80}")
     for assignment in overrides:
         apply_override(tree, assignment)
-    return _build(Config, tree)
+    cfg = _build(Config, tree)
+    if not isinstance(tree.get("aug"), dict) or "img_size" not in tree["aug"]:
+        # Unset: the resolution the model's name carries (deit3_base_patch16_384 -> 384), else 224.
+        cfg.aug.img_size = default_img_size(cfg.model.name)
+    return cfg

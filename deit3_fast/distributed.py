@@ -31,12 +31,17 @@ def init_from_env(device_type: str | None = None) -> torch.device | None:
         return None
     use_cuda = torch.cuda.is_available() if device_type is None else device_type == "cuda"
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
     if use_cuda:
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")
+        # Before the group exists: NCCL binds each rank to the current device, and without this every rank's
+        # communicator (and CUDA context) would start on GPU 0. `device_id` lets NCCL connect eagerly to it.
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        if use_cuda:
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    return device
 
 
 def shutdown() -> None:

@@ -13,26 +13,29 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import signal
+import sys
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from pipelines import AMP_DTYPES, DataError, build_loader, check_same_classes
-from pipelines.crops import epoch_key
+from pipelines import AMP_DTYPES, DataError, build_loader, check_same_classes, native_bf16
+from pipelines.crops import combine, epoch_key
 
 from . import checkpoint as ckpt
 from . import distributed as dist
 from .config import NO_EFFECT_KEYS, Config, ConfigError, differences, to_dict
 from .losses import RecipeLoss
-from .models import ARCHS, create_model
+from .models import create_model, patch_size
 from .optim import build_optimizer
 from .schedule import WarmupCosine
 
@@ -81,26 +84,74 @@ class Run:
     val_loader: object
     device: torch.device
     accum: int
+    amp: str                        # the AMP dtype in use (train.amp: auto resolved for this device)
+    batch: BatchPlan
     ema: object | None = None
     ddp: torch.nn.parallel.DistributedDataParallel | None = None
     stop: StopFlag = field(default_factory=StopFlag)  # train() hands in the one its SIGTERM handler sets
 
 
-def accumulation_steps(cfg: Config, world: int) -> int:
-    per_step = cfg.data.batch_size * world
-    if cfg.train.global_batch % per_step:
-        raise ConfigError(f"train.global_batch {cfg.train.global_batch} is not a multiple of data.batch_size "
-                         f"{cfg.data.batch_size} x world size {world}")
-    return cfg.train.global_batch // per_step
+@dataclass(frozen=True)
+class BatchPlan:
+    """How `train.global_batch` is split: per-process batch x world size x accumulation steps."""
+    per_process: int
+    accum: int
+    note: str | None = None  # one line when the per-process batch differs from data.batch_size
+
+
+def batch_plan(cfg: Config, world: int) -> BatchPlan:
+    """`data.batch_size` as given when the global batch is a multiple of it times the world size; when the
+    processes together would exceed the global batch (the quickstart's 32 under torchrun with 2 processes), global /
+    world per process; otherwise an error naming a per-process batch that works."""
+    b, g = cfg.data.batch_size, cfg.train.global_batch
+    if g % (b * world) == 0:
+        return BatchPlan(b, g // (b * world))
+    if b * world > g and g % world == 0:
+        return BatchPlan(g // world, 1, f"train.global_batch {g} over {world} processes: data.batch_size {b} -> "
+                                        f"{g // world} per process, no accumulation")
+    if g % world:
+        below = max(d for d in range(1, world) if g % d == 0)
+        above = next(d for d in range(world + 1, g + 1) if g % d == 0) if world < g else None
+        sizes = f"{below} or {above}" if above else str(below)
+        raise ConfigError(f"train.global_batch {g} cannot be split over {world} processes: use a world size that "
+                          f"divides it (e.g. {sizes}), or another train.global_batch")
+    fits = [d for d in range(1, g // world + 1) if (g // world) % d == 0 and d <= b] or [1]
+    even = [d for d in fits if d % 2 == 0]  # mixup/cutmix pair the batch with its reverse
+    s = (even or fits)[-1]
+    raise ConfigError(f"train.global_batch {g} is not a multiple of data.batch_size {b} x world size {world}: "
+                      f"use --set data.batch_size={s} ({g // (s * world)} accumulation steps)")
+
+
+def check_img_size(cfg: Config) -> None:
+    """Like the official code and timm, the patch grid is floored (ViT-H/14 at 160 px sees 11 x 11 patches): any
+    size of at least one patch works."""
+    if cfg.aug.img_size < patch_size(cfg.model.name):
+        raise ConfigError(f"aug.img_size {cfg.aug.img_size} is smaller than {cfg.model.name}'s patch size "
+                          f"{patch_size(cfg.model.name)}")
+
+
+def resolve_amp(cfg: Config, device: torch.device) -> str:
+    """`train.amp: auto` is bf16 where the device computes it natively (Ampere and later, CPUs), else fp16 with the
+    GradScaler (V100, T4); an explicit bf16 on a device that only emulates it works but is slow: one warning."""
+    amp = cfg.train.amp
+    if amp == "auto":
+        return "bf16" if native_bf16(device) else "fp16"
+    if amp == "bf16" and not native_bf16(device):
+        import warnings
+
+        warnings.warn(f"train.amp: bf16 on {torch.cuda.get_device_name(device)}, which has no native bf16 (it is "
+                      "emulated, several times slower): use train.amp: auto or fp16", stacklevel=2)
+    return amp
 
 
 def build(cfg: Config, device: torch.device) -> Run:
+    """The run's components from its config. `cfg` stays as given (it is what the run dir records and a resume
+    compares); the per-process batch and the AMP dtype actually used are `Run.batch` and `Run.amp`."""
     torch.manual_seed(cfg.train.seed)  # the same init on every rank (DDP also broadcasts rank 0's)
-    accum = accumulation_steps(cfg, dist.world())
-    patch = ARCHS[cfg.model.name][0]
-    if cfg.aug.img_size % patch:
-        raise ConfigError(f"aug.img_size {cfg.aug.img_size} is not a multiple of {cfg.model.name}'s patch size "
-                          f"{patch}")
+    plan = batch_plan(cfg, dist.world())
+    accum = plan.accum
+    amp = resolve_amp(cfg, device)
+    check_img_size(cfg)
     model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, img_size=cfg.aug.img_size,
                          drop_path=cfg.model.drop_path, layer_scale_init=cfg.model.layer_scale_init,
                          checkpoint=cfg.model.checkpoint).to(device)
@@ -115,26 +166,27 @@ def build(cfg: Config, device: torch.device) -> Run:
             model, device_ids=[device.index] if device.type == "cuda" else None)
     forward = forward or model
     forward = torch.compile(forward) if cfg.train.compile else forward
-    train_loader = build_loader(cfg, "train", device)
+    data_cfg = replace(cfg, data=replace(cfg.data, batch_size=plan.per_process), train=replace(cfg.train, amp=amp))
+    train_loader = build_loader(data_cfg, "train", device)
     if len(train_loader) < accum:
-        raise DataError(f"{cfg.data.train}: an epoch has {len(train_loader)} batch(es) of data.batch_size "
-                        f"{cfg.data.batch_size} per process, fewer than one optimiser step ({accum} micro-batches); "
-                        "lower data.batch_size or train.global_batch")
+        raise DataError(f"{cfg.data.train}: an epoch has {len(train_loader)} batch(es) of {plan.per_process} per "
+                        f"process, fewer than one optimiser step ({accum} micro-batches); lower data.batch_size or "
+                        "train.global_batch")
     if cfg.data.val:
         check_same_classes(cfg.data.train, cfg.data.val)
-    val_loader = build_loader(cfg, "val", device) if cfg.data.val else None
+    val_loader = build_loader(data_cfg, "val", device) if cfg.data.val else None
     steps_per_epoch = max(1, len(train_loader) // accum)
     s = cfg.schedule
     scheduler = WarmupCosine(optimizer, steps_per_epoch, lr=o.lr, epochs=s.epochs, warmup_epochs=s.warmup_epochs,
                              warmup_lr=s.warmup_lr, min_lr=s.min_lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     ema = None
     if cfg.train.ema_decay:
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(model, decay=cfg.train.ema_decay)
     return Run(cfg, forward, model, optimizer, scaler, scheduler, RecipeLoss(cfg.loss, cfg.aug.label_smoothing),
-               train_loader, val_loader, device, accum, ema, ddp)
+               train_loader, val_loader, device, accum, amp, plan, ema, ddp)
 
 
 def autocast(device: torch.device, amp: str):
@@ -152,7 +204,7 @@ def train_micro_batch(run: Run, x: torch.Tensor, y: torch.Tensor, step: int, las
     scheduled learning rate) and the EMA update. Returns the loss as a device tensor (nothing is read back)."""
     # Micro-batches before a step's last one keep their gradients local: one all-reduce per optimiser step.
     with run.ddp.no_sync() if run.ddp is not None and not last_micro else nullcontext():
-        with autocast(run.device, run.cfg.train.amp):
+        with autocast(run.device, run.amp):
             loss = run.loss(run.model(x), y)
         run.scaler.scale(loss / run.accum).backward()
     if last_micro:
@@ -173,15 +225,12 @@ def train_one_epoch(run: Run, epoch: int, progress: Progress | None = None, resu
     loader.set_epoch(epoch)
     steps = max(1, len(loader) // run.accum)
     first = resume_at["step"] if resume_at else 0
-    if not resume_at:
-        # Drop-path draws from the global RNG: seeded per (seed, rank, epoch), like the data keys, so every rank has
-        # its own stream and a resumed epoch draws what an uninterrupted one would (mid-epoch: the RNG state saved).
-        torch.manual_seed(int(epoch_key(run.cfg.train.seed, dist.rank(), epoch)) & 0x7FFF_FFFF_FFFF_FFFF)
     micro_total = steps * run.accum
     task = progress.add_task(f"epoch {epoch}", total=micro_total, completed=first * run.accum, info="") \
         if progress else None
     done = resume_at or {"loss_sum": 0.0, "images": 0, "seconds": 0.0}
     loss_sum = torch.full((), float(done["loss_sum"]), device=run.device)
+    ek = epoch_key(run.cfg.train.seed, dist.rank(), epoch)
     images, wait, started = int(done["images"]), 0.0, time.perf_counter() - done["seconds"]
     lr = run.scheduler.value(epoch * steps + first)
     stopped_at = None
@@ -192,6 +241,10 @@ def train_one_epoch(run: Run, epoch: int, progress: Progress | None = None, resu
         wait += time.perf_counter() - t0
         step = epoch * steps + micro // run.accum
         last_micro = (micro + 1) % run.accum == 0
+        # Drop-path draws from the global RNG (CPU and CUDA), seeded per (seed, rank, epoch, micro-batch) like the
+        # data keys: every rank has its own stream, and a run resumed at any step on any number of processes draws
+        # what an uninterrupted one would, without carrying RNG states (which are per rank and per device).
+        torch.manual_seed(int(combine(ek, np.uint64(micro))) & 0x7FFF_FFFF_FFFF_FFFF)
         loss_sum += train_micro_batch(run, x, y, step, last_micro)
         images += len(x)
         if last_micro:
@@ -199,7 +252,7 @@ def train_one_epoch(run: Run, epoch: int, progress: Progress | None = None, resu
         if (micro + 1) % run.cfg.train.log_every == 0 or micro + 1 == micro_total:
             # The one host sync, every log_every micro-batches; summed over ranks, so all ranks stop together, and
             # carrying the stop flag, so all ranks agree on where a SIGTERM ends the run.
-            flag = torch.tensor(float(run.stop.requested), device=loss_sum.device)
+            flag = torch.full((), float(run.stop.requested), device=loss_sum.device)
             total, stops = dist.all_reduce_sum(torch.stack([loss_sum, flag])).tolist()
             mean = total / ((micro + 1) * dist.world())
             run.stop.agreed |= stops > 0
@@ -218,12 +271,15 @@ def train_one_epoch(run: Run, epoch: int, progress: Progress | None = None, resu
     if progress:
         progress.remove_task(task)
     if stopped_at is not None:
-        return {"stopped_at_step": stopped_at, "steps": steps, "loss_sum": loss_sum.item(), "images": images,
+        # The checkpoint holds one rank's share of the partial sums (rank 0 writes it, every rank resumes from it):
+        # the mean over ranks, so the epoch's loss comes out right on any number of processes.
+        mean_sum = dist.all_reduce_sum(loss_sum.clone()).item() / dist.world()
+        return {"stopped_at_step": stopped_at, "steps": steps, "loss_sum": mean_sum, "images": images,
                 "seconds": elapsed}
-    total = dist.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(images), device=loss_sum.device)]))
+    total = dist.all_reduce_sum(torch.stack([loss_sum, torch.full((), float(images), device=loss_sum.device)]))
     return {"train_loss": total[0].item() / (micro_total * dist.world()), "lr": lr,
             "img_per_s": total[1].item() / elapsed,
-            "data_wait_frac": wait / elapsed, "train_seconds": elapsed}
+            "data_wait_frac": wait / elapsed, "train_seconds": elapsed, **loader.epoch_report()}
 
 
 @torch.no_grad()
@@ -251,6 +307,13 @@ def evaluate(model: torch.nn.Module, loader, amp: str, progress: Progress | None
     return {"acc1": 100.0 * c1 / max(n, 1), "acc5": 100.0 * c5 / max(n, 1), "n": int(n)}
 
 
+def _reset_peak_memory(device: torch.device) -> None:
+    """At the start of each run: `ablate` runs several in one process, and each reports its own peak. (On a CPU
+    the peak is the process's resident set, which cannot be reset.)"""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def _max_mem_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -261,7 +324,7 @@ def _payload(run: Run, epoch: int, best: float, resume_at: dict | None = None) -
     """`epoch` is the last completed epoch; `resume_at` the position inside the next one (mid-epoch checkpoints)."""
     return {"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict(), "ema": run.ema.module.state_dict() if run.ema is not None else None,
-            "epoch": epoch, "best_acc1": best, "rng": ckpt.rng_state(), "config": to_dict(run.cfg),
+            "epoch": epoch, "best_acc1": best, "config": to_dict(run.cfg),
             "resume_at": resume_at}
 
 
@@ -270,7 +333,8 @@ _RESUMABLE = NO_EFFECT_KEYS | {"schedule.epochs"}
 
 
 def _oom_message(cfg: Config, device: torch.device, error: Exception) -> str:
-    b, accum = cfg.data.batch_size, accumulation_steps(cfg, dist.world())
+    plan = batch_plan(cfg, dist.world())
+    b, accum = plan.per_process, plan.accum
     detail = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
     hint = (f"--set data.batch_size={b // 2} keeps train.global_batch {cfg.train.global_batch} with {2 * accum} "
             "accumulation steps instead of " + str(accum)) if b > 1 else "use a smaller model or aug.img_size"
@@ -308,6 +372,7 @@ def train(cfg: Config, out_dir: str | Path, device: torch.device, resume: str | 
 def _train(cfg: Config, out: Path, device: torch.device, resume: str | None, force: bool, quiet: bool,
            stop_after_epoch: int | None, stop: StopFlag) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
+    _reset_peak_memory(device)
     run = build(cfg, device)
     run.stop = stop
     start, best, resume_at = 0, -1.0, None
@@ -323,7 +388,6 @@ def _train(cfg: Config, out: Path, device: torch.device, resume: str | None, for
         run.scaler.load_state_dict(state["scaler"])
         if run.ema is not None and state.get("ema") is not None:
             run.ema.module.load_state_dict(state["ema"])
-        ckpt.set_rng_state(state["rng"])
         start, best, resume_at = state["epoch"] + 1, state["best_acc1"], state.get("resume_at")
     main = dist.is_main()  # only rank 0 writes the run dir and talks
     quiet = quiet or not main
@@ -331,6 +395,10 @@ def _train(cfg: Config, out: Path, device: torch.device, resume: str | None, for
     metrics_path = out / "metrics.jsonl"
     if main:
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        facts = run_facts(run)
+        (out / "run.json").write_text(json.dumps(facts, indent=1) + "\n")
+        if not quiet:
+            print(describe_run(facts), flush=True)
         if resume_from is None and metrics_path.exists():
             metrics_path.unlink()
         elif resume_from is not None:
@@ -348,7 +416,7 @@ def _train(cfg: Config, out: Path, device: torch.device, resume: str | None, for
                 raise Preempted(out / ckpt.LAST, epoch, stats["stopped_at_step"], stats["steps"])
             row = {"epoch": epoch, **stats, "val_acc1": None, "val_acc5": None}
             if run.val_loader is not None:
-                ev = evaluate(run.model, run.val_loader, cfg.train.amp, progress)
+                ev = evaluate(run.model, run.val_loader, run.amp, progress)
                 row.update(val_acc1=ev["acc1"], val_acc5=ev["acc5"])
             row["max_mem_mb"] = _max_mem_mb(device)
             history.append(row)
@@ -362,6 +430,10 @@ def _train(cfg: Config, out: Path, device: torch.device, resume: str | None, for
             best = max(best, acc)
             if not quiet:
                 print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+            if main and row.get("cpu_decoded"):
+                reasons = ", ".join(f"{n} {why}" for why, n in row["cpu_decoded_reasons"].items())
+                print(f"epoch {epoch}: {row['cpu_decoded']} JPEGs the GPU decoder refuses were decoded on the CPU "
+                      f"({reasons})", file=sys.stderr, flush=True)
             if stop_after_epoch is not None and epoch >= stop_after_epoch:
                 break
             if run.stop.should_stop() and epoch + 1 < cfg.schedule.epochs:  # SIGTERM in the epoch's last step
@@ -371,6 +443,29 @@ def _train(cfg: Config, out: Path, device: torch.device, resume: str | None, for
         plot_curves(metrics_path, out / "curves.png")
     dist.barrier()  # nobody leaves before the last checkpoint is on disk
     return history
+
+
+def run_facts(run: Run) -> dict:
+    """What this process actually runs with, beyond the config: written to the run dir as run.json."""
+    cfg, device = run.cfg, run.device
+    return {"amp": run.amp, "amp_config": cfg.train.amp, "device": device_name(device), "world_size": dist.world(),
+            "per_process_batch": run.batch.per_process, "accumulation_steps": run.accum,
+            "global_batch": cfg.train.global_batch, "batch_note": run.batch.note, "torch": torch.__version__,
+            "cuda": torch.version.cuda if device.type == "cuda" else None,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def describe_run(f: dict) -> str:
+    amp = f["amp"] if f["amp_config"] == f["amp"] else f"{f['amp_config']} -> {f['amp']}"
+    line = (f"{f['device']} x {f['world_size']}, amp {amp}, global batch {f['global_batch']} = "
+            f"{f['per_process_batch']} per process x {f['world_size']} x {f['accumulation_steps']} accumulation")
+    return line + (f"\n{f['batch_note']}" if f["batch_note"] else "")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({len(os.sched_getaffinity(0))} cores)"
 
 
 def _keep_rows_until(metrics_path: Path, last_epoch: int) -> None:

@@ -34,8 +34,40 @@ ARCHS = {
 }
 
 
+# The names users type for the same five architectures: timm's (the resolution suffix is the model's default
+# img_size; a pretrained tag such as `.fb_in22k_ft_in1k` is ignored) and the official `models_v2.py` names.
+TIMM_NAMES = {f"deit3_{size}_patch16_{res}": (f"deit3_{size}", res)
+              for size in ("small", "medium", "base", "large") for res in (224, 384)
+              if (size, res) != ("medium", 384)}
+TIMM_NAMES["deit3_huge_patch14_224"] = ("deit3_huge", 224)
+OFFICIAL_NAMES = {f"deit_{size}_patch16_LS": (f"deit3_{size}", None) for size in ("small", "medium", "base", "large")}
+OFFICIAL_NAMES["deit_huge_patch14_LS"] = ("deit3_huge", None)
+MODEL_NAMES = (*ARCHS, *TIMM_NAMES, *OFFICIAL_NAMES)
+DEFAULT_IMG_SIZE = 224
+
+
 class CheckpointError(Exception):
     pass
+
+
+def resolve_name(name: str) -> tuple[str, int | None]:
+    """(architecture in ARCHS, the resolution the name implies or None) for any accepted model name."""
+    base = name.split(".", 1)[0] if name.startswith("deit3_") else name  # timm's pretrained tags
+    if base in ARCHS:
+        return base, None
+    if base in TIMM_NAMES:
+        return TIMM_NAMES[base]
+    if base in OFFICIAL_NAMES:
+        return OFFICIAL_NAMES[base]
+    raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
+
+
+def default_img_size(name: str) -> int:
+    return resolve_name(name)[1] or DEFAULT_IMG_SIZE
+
+
+def patch_size(name: str) -> int:
+    return ARCHS[resolve_name(name)[0]][0]
 
 
 def _official_init(model: VisionTransformer, drop_path: float) -> None:
@@ -55,14 +87,20 @@ def _official_init(model: VisionTransformer, drop_path: float) -> None:
         block.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
 
-def create_model(name: str, num_classes: int = 1000, img_size: int = 224, drop_path: float = 0.0,
+def create_model(name: str, num_classes: int = 1000, img_size: int | None = None, drop_path: float = 0.0,
                  layer_scale_init: float | None = 1e-4, checkpoint: str | None = None,
                  **overrides) -> VisionTransformer:
     """A DeiT III ViT with the official from-scratch init, optionally loading `checkpoint` on top.
+
+    `name`: one of MODEL_NAMES (ours, timm's or the official ones); `img_size` defaults to the resolution a timm name
+    carries, else 224. Any size of at least one patch works: like the official code and timm, the patch grid is
+    floored (ViT-H/14 at 160 px sees 11 x 11 patches; the stride-14 convolution never reads the last 6 pixels).
     `layer_scale_init=None` builds the blocks without LayerScale (timm's init_values=None), for ablations."""
-    if name not in ARCHS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(ARCHS)}")
-    patch, dim, depth, heads = ARCHS[name]
+    arch, implied = resolve_name(name)
+    img_size = img_size or implied or DEFAULT_IMG_SIZE
+    patch, dim, depth, heads = ARCHS[arch]
+    if img_size < patch:
+        raise ValueError(f"img_size {img_size} is smaller than {name}'s patch size {patch}")
     kwargs = dict(img_size=img_size, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=4.0,
                   qkv_bias=True, num_classes=num_classes, no_embed_class=True, class_token=True,
                   global_pool="token", init_values=layer_scale_init, norm_layer=partial(nn.LayerNorm, eps=1e-6))

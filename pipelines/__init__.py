@@ -1,7 +1,7 @@
 """Loader engines over one .beton and the on-device DeiT III augmentation they all share.
 
 `build_loader(cfg, split, device)` is the entry point: it reads `cfg.data` and `cfg.aug` (see config.py), plus
-`cfg.loss` ("bce" | "ce"), `cfg.model.num_classes` and `cfg.train.amp` ("bf16" | "fp16" | "fp32").
+`cfg.loss` ("bce" | "ce"), `cfg.model.num_classes` and `cfg.train.amp` ("auto" | "bf16" | "fp16" | "fp32").
 """
 from __future__ import annotations
 
@@ -18,6 +18,21 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float
 
 class DataError(Exception):
     """The data named by the config cannot be loaded (missing, not a .beton, labels out of range)."""
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 natively: CUDA from compute capability 8.0 (A100, H100; not V100 or T4, which
+    only emulate it), and CPUs (autocast's bf16 kernels)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return True
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype:
+    """The dtype of `train.amp` on `device`; auto is bf16 where native, else fp16."""
+    if amp == "auto":
+        amp = "bf16" if native_bf16(device) else "fp16"
+    return AMP_DTYPES[amp]
 
 
 def default_device() -> torch.device:
@@ -84,24 +99,36 @@ def build_loader(cfg, split: str, device: torch.device | str | None = None) -> L
 
     crop = (CropSpec(aug.crop, aug.img_size, tuple(aug.rrc_scale), tuple(aug.rrc_ratio), aug.src_pad) if train
             else CropSpec("center", aug.img_size, center_ratio=aug.eval_crop_ratio))
+    host = None
+    if train and aug.auto_augment:
+        from .randaugment import RandAugment
+
+        host = RandAugment(aug.auto_augment, aug.img_size, aug.mean)
+    # RandAugment (fine-tuning) runs per sample on the host, so those engines yield host batches, which the loader
+    # augments and then uploads: pulling GPU-decoded images back would stall the device every batch.
+    engine_device = torch.device("cpu") if host is not None else device
     if data.engine in ("nvjpeg", "dali"):
         if data.engine == "nvjpeg":
             from .nvjpeg_engine import NvjpegEngine as cls
         else:
             from .dali_engine import DaliEngine as cls
         try:
-            engine = cls(path, order, batch, crop, device, workers=data.workers, drop_last=train, seed=data.seed,
+            engine = cls(path, order, batch, crop, engine_device, workers=data.workers, drop_last=train, seed=data.seed,
                          rank=rank)
         except ValueError as e:
             raise DataError(str(e)) from None
     else:
         from .ffcv_engine import FFCVEngine
 
-        engine = FFCVEngine(path, order, batch, crop, device, workers=data.workers, os_cache=data.os_cache,
+        engine = FFCVEngine(path, order, batch, crop, engine_device, workers=data.workers, os_cache=data.os_cache,
                             drop_last=train, seed=data.seed, rank=rank)
-    stage = DeviceStage(aug, train=train, dtype=AMP_DTYPES[cfg.train.amp], compile=cfg.train.compile)
+    dtype = amp_dtype(cfg.train.amp, device)
     mixing = Mixing(aug, num_classes, cfg.loss) if train else None
-    return Loader(engine, stage, mixing, device=device, seed=data.seed, rank=rank)
+    # Mixup blends in float32 and the batch is cast to the AMP dtype once, after it (as the official code, whose
+    # images stay fp32 up to autocast): blending bf16 pixels would round each of the two images first.
+    stage = DeviceStage(aug, train=train, dtype=torch.float32 if mixing is not None and mixing.active else dtype,
+                        compile=cfg.train.compile)
+    return Loader(engine, stage, mixing, device=device, seed=data.seed, rank=rank, dtype=dtype, host_stage=host)
 
 
 __all__ = ["build_loader", "Loader", "DataConfig", "AugConfig", "DataError", "EpochOrder", "DeviceStage"]

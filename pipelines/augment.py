@@ -52,11 +52,16 @@ def draw_params(batch: int, g: torch.Generator, *, hflip: float, three_augment: 
 _PIL_GREY = (19595.0, 38470.0, 7471.0)
 
 
+def _weighted_grey(x: torch.Tensor, w: tuple[float, float, float]) -> torch.Tensor:
+    """w[0] R + w[1] G + w[2] B over the last axis, with Python-number weights: a weight tensor built here would be
+    a blocking host-to-device copy on every call."""
+    return w[0] * x[..., 0] + w[1] * x[..., 1] + w[2] * x[..., 2]
+
+
 def grayscale(x: torch.Tensor) -> torch.Tensor:
     """PIL's convert('L') on integer pixels: (19595 R + 38470 G + 7471 B + 2^15) >> 16, copied to 3 channels.
-    Exact in float32: the largest sum is below 2^24."""
-    w = torch.tensor(_PIL_GREY, device=x.device, dtype=x.dtype)
-    grey = torch.floor((x @ w + 32768) / 65536)
+    Exact in float32: every partial sum is an integer below 2^24."""
+    grey = torch.floor((_weighted_grey(x, _PIL_GREY) + 32768) / 65536)
     return grey.unsqueeze(-1).expand_as(x)
 
 
@@ -84,12 +89,10 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) ->
     All three are torchvision blends `clamp(f * x + (1 - f) * other)`, other = 0 (brightness), the mean of the
     grey image (contrast) or the grey image (saturation); so each step is one blend with a per-sample `other`,
     not every op on every sample."""
-    rows = torch.arange(len(x), device=x.device)
-    w = torch.tensor(_TV_GREY, device=x.device, dtype=x.dtype)
     for pos in range(3):
         op = order[:, pos].view(-1, 1, 1, 1)
-        f = factors[rows, order[:, pos]].to(x.dtype).view(-1, 1, 1, 1)
-        grey = (x @ w).unsqueeze(-1)
+        f = factors.gather(1, order[:, pos:pos + 1]).to(x.dtype).view(-1, 1, 1, 1)
+        grey = _weighted_grey(x, _TV_GREY).unsqueeze(-1)
         other = torch.where(op == 1, grey.mean(dim=(1, 2), keepdim=True), grey) * (op != 0)
         x = (f * x + (1 - f) * other).clamp_(0, 255)
     return x
@@ -107,9 +110,17 @@ def to_model_layout(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 3, 1, 2)
 
 
-def normalize(x: torch.Tensor, dtype: torch.dtype, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    scale = torch.tensor([1 / (255 * s) for s in std], device=x.device)
-    shift = torch.tensor([m / s for m, s in zip(mean, std)], device=x.device)
+def scale_shift(mean, std, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalisation as `x * scale - shift` on 0..255 pixels. Built on the host and copied without blocking (a
+    plain torch.tensor(..., device=cuda) waits for the device); callers cache the pair."""
+    host = torch.tensor([[1 / (255 * s) for s in std], [m / s for m, s in zip(mean, std)]])
+    pair = host.to(device, non_blocking=True)
+    return pair[0], pair[1]
+
+
+def normalize(x: torch.Tensor, dtype: torch.dtype, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+              consts: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    scale, shift = consts if consts is not None else scale_shift(mean, std, x.device)
     return to_model_layout((x * scale - shift).to(dtype))
 
 
@@ -153,7 +164,8 @@ def _pointwise_normalized(x, flip, branch, factors, order, solarize_threshold: f
 class DeviceStage:
     """uint8 batch -> model-ready batch. Training augments; evaluation only converts and normalises.
 
-    With `compile=True` the pointwise part is compiled by torch.compile (inductor): about 3x faster on CPU and
+    Nothing here waits for the device: constants are cached per device, parameters are drawn on it, and the blur
+    branch selects rather than gathers on a GPU. With `compile=True` the pointwise part is compiled by torch.compile (inductor): about 3x faster on CPU and
     fewer kernel launches on GPU, for a one-off compilation of tens of seconds."""
 
     CPU_SLICE = 16
@@ -162,26 +174,16 @@ class DeviceStage:
         self.aug, self.train, self.dtype = aug, train, dtype
         self._fused = torch.compile(_pointwise_normalized, dynamic=False) if compile else _pointwise_normalized
         self._consts: dict = {}
-        self._randaugment = None
-        if train and aug.auto_augment:
-            from .randaugment import RandAugment
-
-            self._randaugment = RandAugment(aug.auto_augment, aug.img_size, aug.mean)
 
     def _scale_shift(self, device):
         if device not in self._consts:
-            a = self.aug
-            self._consts[device] = (
-                torch.tensor([1 / (255 * s) for s in a.std], device=device),
-                torch.tensor([m / s for m, s in zip(a.mean, a.std)], device=device))
+            self._consts[device] = scale_shift(self.aug.mean, self.aug.std, device)
         return self._consts[device]
 
     def __call__(self, images: torch.Tensor, g: torch.Generator | None = None):
         if not self.train:
-            return normalize(to_float(images), self.dtype, tuple(self.aug.mean), tuple(self.aug.std)), None
+            return normalize(to_float(images), self.dtype, consts=self._scale_shift(images.device)), None
         a = self.aug
-        if self._randaugment is not None:  # fine-tuning recipes: timm RandAugment on each crop first
-            images = self._randaugment(images, g)
         p = draw_params(images.shape[0], g, hflip=a.hflip, three_augment=a.three_augment,
                         blur_sigma=tuple(a.blur_sigma), color_jitter=a.color_jitter)
         scale, shift = self._scale_shift(images.device)

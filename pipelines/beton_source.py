@@ -1,13 +1,17 @@
 """What the engines that read .beton bytes themselves (nvjpeg, DALI) share: the file, the epoch's batches of sample
-indices with their crop keys (the same as the FFCV engine's), and the reflect padding of Simple Random Crop."""
+indices with their crop keys (the same as the FFCV engine's), which JPEGs a GPU decoder refuses (counted per
+epoch), and the reflect padding of Simple Random Crop."""
 from __future__ import annotations
+
+from collections import Counter
 
 import numpy as np
 import torch
 
-from dataset_tools.beton import Beton
+from dataset_tools.beton import IMAGE_MODE_RAW, Beton
 
 from . import crops
+from .jpeg_header import gpu_refusal
 
 
 class BetonBatches:
@@ -19,6 +23,8 @@ class BetonBatches:
         self.meta = self.beton.image_meta(self.image_field)
         self.order, self.batch_size, self.crop, self.device = epoch_order, batch_size, crop, device
         self.drop_last, self.seed, self.rank = drop_last, seed, rank
+        self._refusals: dict[int, str | None] = {}  # sample -> why the GPU decoder refuses it (header, read once)
+        self.cpu_decoded: Counter = Counter()        # this epoch's GPU refusals by reason
 
     def __len__(self) -> int:
         n = len(self.order.indices(0))
@@ -27,12 +33,30 @@ class BetonBatches:
     def index_batches(self, epoch: int, start: int = 0):
         """(sample indices, crop keys) per batch of `epoch` from batch `start` on; a key is (seed, rank, epoch,
         sample, slot in batch)."""
+        self.cpu_decoded = Counter()
         ek = crops.epoch_key(self.seed, self.rank, epoch)
         order = self.order.indices(epoch)
         stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
         for start in range(start * self.batch_size, stop, self.batch_size):
             idx = order[start:start + self.batch_size]
             yield idx, [np.uint64(crops.sample_key(ek, int(i), slot)) for slot, i in enumerate(idx)]
+
+    def gpu_refusal(self, i: int, data: np.ndarray | None = None) -> str | None:
+        """Why the GPU decoder cannot take sample i (None: it can; raw pixels are never decoded), counted for this
+        epoch's report."""
+        i = int(i)
+        if i not in self._refusals:
+            raw = self.meta[i]["mode"] == IMAGE_MODE_RAW
+            self._refusals[i] = None if raw else gpu_refusal(self.image_bytes(i) if data is None else data)
+        reason = self._refusals[i]
+        if reason is not None:
+            self.cpu_decoded[reason] += 1
+        return reason
+
+    def epoch_report(self) -> dict:
+        """Images of the last epoch read that the GPU decoder refused and the CPU decoded, by reason."""
+        n = sum(self.cpu_decoded.values())
+        return {"cpu_decoded": n, "cpu_decoded_reasons": dict(self.cpu_decoded)} if n else {}
 
     def image_bytes(self, i: int) -> np.ndarray:
         return np.array(self.beton.image_bytes(int(i), self.image_field))

@@ -5,7 +5,9 @@ order, so epochs are exact (the last batch may be short; DALI readers' wrap-arou
 one `fn.resize` of the sample's box from `crops.crop_plan` (ROI in source pixels, cubic with antialiasing, which
 is PIL's bicubic to within a grey level); Simple Random Crop resizes the in-image part to its size, `fn.slice`
 places it in the padded output, and the reflect padding is filled after DALI, as the other engines do.
-Without a GPU, DALI runs its CPU operators (`device_id=None`), which is what CI exercises.
+Without a GPU, DALI runs its CPU operators (`device_id=None`), which is what CI exercises. On a GPU, JPEGs nvJPEG
+refuses (progressive, CMYK, odd subsampling) are decoded by DALI's own CPU fallback; the engine counts them per
+epoch from their headers (`epoch_report`), as the nvjpeg engine does.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ class DaliEngine(BetonBatches):
             raise ValueError(f"{path} stores raw pixels; the dali engine reads JPEG files (convert with "
                              "--write-mode jpg, or use data.engine: ffcv or nvjpeg)")
         gpu = device.type == "cuda" and backend.GetCUDADeviceCount() > 0
+        self.gpu = gpu
         self._next_input = _exhausted
         self.pipe = self._pipeline(batch_size=batch_size, num_threads=max(1, workers),
                                    device_id=device.index or 0 if gpu else None, prefetch_queue_depth=1,
@@ -69,6 +72,8 @@ class DaliEngine(BetonBatches):
             m = self.meta[i]
             plan = crops.crop_plan(self.crop, int(m["height"]), int(m["width"]), keys[slot])
             enc.append(self.image_bytes(i))
+            if self.gpu:
+                self.gpu_refusal(i, enc[-1])
             r0.append(np.array(plan[1:3], np.float32))
             r1.append(np.array(plan[3:5], np.float32))
             if plan[0] == "src":
@@ -99,22 +104,30 @@ class DaliEngine(BetonBatches):
             except StopIteration:
                 break
             idx, pads = in_flight.popleft()
-            images = self._to_torch(out)
+            images = _to_torch(out, self.device)
             for slot, pad in enumerate(pads):
                 reflect_pad(images[slot], *pad)
             yield images, self.labels_of(idx)
         self._next_input = _exhausted
         self.pipe.reset()
 
-    def _to_torch(self, out) -> torch.Tensor:
-        if self.device.type == "cuda":
-            from nvidia.dali.plugin.pytorch import feed_ndarray
 
-            t = out.as_tensor()
-            images = torch.empty(t.shape(), dtype=torch.uint8, device=self.device)
-            feed_ndarray(t, images, cuda_stream=torch.cuda.current_stream(self.device))
-            return images
-        return torch.from_numpy(out.as_array())
+def _to_torch(out, device: torch.device) -> torch.Tensor:
+    """DALI's output batch as a torch tensor on `device`. What DALI returned decides the copy, not the device asked
+    for: a GPU pipeline gives a TensorListGPU, a CPU one (no visible GPU for DALI) a TensorListCPU."""
+    from nvidia.dali.tensors import TensorListGPU
+
+    if isinstance(out, TensorListGPU):
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        t = out.as_tensor()
+        images = torch.empty(t.shape(), dtype=torch.uint8, device=device)
+        feed_ndarray(t, images, cuda_stream=torch.cuda.current_stream(device))
+        return images
+    images = torch.from_numpy(out.as_array())
+    if device.type == "cuda":
+        return images.pin_memory().to(device, non_blocking=True)
+    return images.to(device)
 
 
 def _exhausted():

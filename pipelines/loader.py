@@ -14,11 +14,16 @@ class Loader:
     `iter_from(batch)` starts an epoch part-way with exactly the batches an uninterrupted pass would give there:
     crops are keyed per sample, and the device stage and mixing draw from generators seeded per batch.
     On CUDA the next batch's device stage is queued on a side stream while the caller computes on the current one.
+
+    `host_stage` (RandAugment for fine-tuning) augments the engine's host batch before it is uploaded; `dtype` is
+    what the batch is cast to last (the stage may work in float32 so that mixing blends in float32).
     """
 
-    def __init__(self, engine, stage, mixing, *, device: torch.device, seed: int, rank: int):
-        self.engine, self.stage, self.mixing = engine, stage, mixing
+    def __init__(self, engine, stage, mixing, *, device: torch.device, seed: int, rank: int,
+                 dtype: torch.dtype | None = None, host_stage=None):
+        self.engine, self.stage, self.mixing, self.host_stage = engine, stage, mixing, host_stage
         self.device, self.seed, self.rank = device, seed, rank
+        self.dtype = dtype or stage.dtype
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -36,11 +41,13 @@ class Loader:
     def prepare(self, b: int, images, labels):
         """Batch `b` of the current epoch from the engine's uint8 images: augmented, mixed, model-ready."""
         g, rng = self._generators(b)
+        if self.host_stage is not None:
+            images, labels = (_upload(t, self.device) for t in (self.host_stage(images, rng), labels))
         x, params = self.stage(images, g)
         y = labels
         if self.mixing is not None:
             x, y = self.mixing(x, labels, rng)
-        return x, y, params
+        return x.to(self.dtype), y, params
 
     def iter_with_params(self, start: int = 0):
         """Like iteration, but also yields the per-sample augmentation parameters (see augment.AugParams)."""
@@ -59,8 +66,10 @@ class Loader:
         main, side = torch.cuda.current_stream(self.device), torch.cuda.Stream(self.device)
         pending = None
         for b, (images, labels) in batches:
-            side.wait_stream(main)  # the engine wrote `images` on the main stream
-            images.record_stream(side)
+            side.wait_stream(main)  # the engine's writes are ordered before the main stream's current point
+            for t in (images, labels):
+                if t.is_cuda:  # a host batch (RandAugment) is uploaded on the side stream itself
+                    t.record_stream(side)
             with torch.cuda.stream(side):
                 ready = self.prepare(b, images, labels)
             if pending is not None:
@@ -72,9 +81,21 @@ class Loader:
         if pending is not None:
             yield pending
 
+    def epoch_report(self) -> dict:
+        """What the engine counted in the epoch just finished (e.g. images its GPU decoder refused)."""
+        report = getattr(self.engine, "epoch_report", None)
+        return report() if report is not None else {}
+
     def iter_from(self, start: int):
         for x, y, _ in self.iter_with_params(start):
             yield x, y
 
     def __iter__(self):
         return self.iter_from(0)
+
+
+def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor to `device` without making the host wait: from pinned memory the copy is asynchronous."""
+    if device.type != "cuda" or t.device.type == "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

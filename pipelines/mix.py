@@ -21,6 +21,11 @@ class Mixing:
                                num_classes=num_classes)
         self.label_smoothing = aug.label_smoothing
 
+    @property
+    def active(self) -> bool:
+        """Whether images are blended (else only targets are made)."""
+        return self.mixup is not None
+
     def __call__(self, x: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator):
         if self.mixup is not None:
             if len(x) % 2:

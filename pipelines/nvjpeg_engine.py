@@ -7,6 +7,15 @@ from the same keys (`crops.py`), as the FFCV engine, so both yield the same samp
 On a CPU, decoding and the bicubic resampling (`resample.py`, the FFCV engine's) run on `workers` threads: both
 release the GIL. On a GPU the batch is decoded by nvJPEG in one call and each crop resized with torch's antialiased
 bicubic interpolation; its boxes are rounded to whole pixels (the CPU path resamples fractional boxes exactly).
+JPEGs nvJPEG refuses (progressive, CMYK, odd subsampling: `jpeg_header.py`) and raw pixels are decoded on the CPU
+and uploaded; the refusals are counted per epoch (`epoch_report`).
+
+Streams. torchvision allocates decode_jpeg's outputs on the current stream, but nvJPEG writes them from a stream of
+its own that does not wait for work already queued on the current one; a block the caching allocator hands out
+again while earlier kernels still read it would be overwritten under them. So the engine decodes and crops on a
+stream of its own that it synchronises before each decode (then no kernel of its is pending on any block it can be
+given), and hands the batch over by making the caller's stream wait for it (`record_stream` keeps the memory
+from being reused while the caller reads it).
 """
 from __future__ import annotations
 
@@ -36,6 +45,7 @@ class NvjpegEngine(BetonBatches):
                  drop_last: bool, seed: int = 0, rank: int = 0):
         super().__init__(path, epoch_order, batch_size, crop, device, drop_last=drop_last, seed=seed, rank=rank)
         self.pool = ThreadPoolExecutor(max(1, workers)) if device.type == "cpu" else None
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def _bytes(self, i: int) -> torch.Tensor:
         return torch.from_numpy(self.image_bytes(i))
@@ -62,16 +72,35 @@ class NvjpegEngine(BetonBatches):
             out[slot, oi:oi + oh, oj:oj + ow] = block
             crops.reflect_fill(out[slot], oi, oj, oh, ow)
 
+    def _decode_on_gpu(self, idx: np.ndarray, data: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+        """{slot: (3, H, W) uint8 on the device} for the batch's JPEGs that nvJPEG takes; the rest are left out."""
+        slots = [k for k, i in enumerate(idx) if self.gpu_refusal(i, data[k].numpy()) is None]
+        if not slots:  # decode_jpeg([]) raises: a batch of raw pixels or refused JPEGs has nothing for nvJPEG
+            return {}
+        try:
+            return dict(zip(slots, decode_jpeg([data[k] for k in slots], mode=ImageReadMode.RGB,
+                                               device=self.device)))
+        except RuntimeError:
+            # One file the header check let through and nvJPEG still refused fails the batched call: retry one by
+            # one and leave the refusals to the CPU.
+            out = {}
+            for k in slots:
+                try:
+                    out[k] = decode_jpeg(data[k], mode=ImageReadMode.RGB, device=self.device)
+                except RuntimeError:
+                    self.cpu_decoded["refused by nvJPEG"] += 1
+            return out
+
     def _gpu_batch(self, idx: np.ndarray, keys) -> torch.Tensor:
         size = self.crop.size
         data = [self._bytes(i) for i in idx]
-        jpeg = [k for k, i in enumerate(idx) if self.meta[i]["mode"] != IMAGE_MODE_RAW]
-        decoded = dict(zip(jpeg, decode_jpeg([data[k] for k in jpeg], mode=ImageReadMode.RGB, device=self.device)))
+        decoded = self._decode_on_gpu(idx, data)
         out = torch.empty((len(idx), size, size, 3), dtype=torch.uint8, device=self.device)
         for slot, i in enumerate(idx):
             img = decoded.get(slot)
-            if img is None:
-                img = torch.from_numpy(self._pixels(i, data[slot])).permute(2, 0, 1).to(self.device)
+            if img is None:  # raw pixels, or a JPEG for the CPU decoder: from pinned memory, no host wait
+                host = torch.from_numpy(np.ascontiguousarray(self._pixels(i, data[slot]))).permute(2, 0, 1)
+                img = host.pin_memory().to(self.device, non_blocking=True)
             plan = crop_plan(self.crop, img.shape[1], img.shape[2], keys[slot])
             y0, x0, y1, x1 = (int(round(v)) for v in plan[1:5])
             part = img[:, y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)][None].float()
@@ -85,12 +114,22 @@ class NvjpegEngine(BetonBatches):
                 reflect_pad(out[slot], oi, oj, oh, ow)
         return out
 
+    def _gpu_batch_on_own_stream(self, idx: np.ndarray, keys) -> torch.Tensor:
+        """The batch decoded and cropped on the engine's stream, ready for the caller's stream (module docstring)."""
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.synchronize()  # nothing of ours still pending on memory the allocator may hand nvJPEG
+        with torch.cuda.stream(self.stream):
+            out = self._gpu_batch(idx, keys)
+        caller.wait_stream(self.stream)
+        out.record_stream(caller)
+        return out
+
     def batches(self, epoch: int, start: int = 0):
         size = self.crop.size
         for idx, keys in self.index_batches(epoch, start):
             labels = self.labels_of(idx)
             if self.pool is None:
-                yield self._gpu_batch(idx, keys), labels
+                yield self._gpu_batch_on_own_stream(idx, keys), labels
                 continue
             out = np.empty((len(idx), size, size, 3), np.uint8)
             list(self.pool.map(lambda a: self._cpu_sample(out, *a), zip(range(len(idx)), idx, keys)))

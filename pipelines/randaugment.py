@@ -1,9 +1,10 @@
 """RandAugment for the fine-tuning recipes (`aug.auto_augment: rand-m9-mstd0.5-inc1`), by timm, per sample, on the CPU.
 
 The official fine-tuning transform is timm's create_transform(auto_augment=...), whose RandAugment works on PIL
-images; we call the same timm function on each uint8 crop rather than re-implement its sixteen ops, so the batch
-goes through host memory once (fine-tuning runs are 20 epochs, not 800). timm draws from Python's `random` and
-numpy's global RNG: each batch seeds both from the loader's generator and restores them afterwards.
+images; we call the same timm function on each uint8 crop rather than re-implement its sixteen ops. It runs on the
+host batch the engine decoded, before the batch is uploaded (the loader's host stage), so the device never waits
+for it. timm draws from Python's `random` and numpy's global RNG: each batch seeds both from the batch's numpy
+generator (the loader's per-batch key, so a resumed epoch draws the same ops) and restores them afterwards.
 """
 from __future__ import annotations
 
@@ -34,15 +35,18 @@ class RandAugment:
             if op.name.startswith("Posterize"):
                 op.aug_fn = _posterize
 
-    def __call__(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g, device=g.device))
+    def __call__(self, images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        """uint8 (B, H, W, 3) host batch -> a new host batch, each sample through timm's RandAugment."""
+        if images.device.type != "cpu":
+            raise ValueError("RandAugment runs on the host batch, before the upload; got a batch on "
+                             f"{images.device}")
+        seed = int(rng.integers(2**31 - 1))
         py_state, np_state = random.getstate(), np.random.get_state()
         random.seed(seed)
         np.random.seed(seed)
         try:
-            host = images.cpu().numpy()
-            out = np.stack([np.asarray(self.transform(Image.fromarray(im))) for im in host])
+            out = np.stack([np.asarray(self.transform(Image.fromarray(im))) for im in images.numpy()])
         finally:
             random.setstate(py_state)
             np.random.set_state(np_state)
-        return torch.from_numpy(out).to(images.device, non_blocking=True)
+        return torch.from_numpy(out)

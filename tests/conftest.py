@@ -49,13 +49,15 @@ def imagenet_sample(tmp_path_factory) -> Path:
     return dest / "imagenet-sample-1000"
 
 
-def make_splits(root: Path, splits: dict, **imagefolder_kw) -> Path:
+def make_splits(root: Path, splits: dict, page_size: int = 8 << 20, write_mode: str = "jpg",
+                **imagefolder_kw) -> Path:
     """root/<split>.beton for each split: {name: (num_classes, per_class, seed)}, generated and converted."""
     from dataset_tools.convert import convert
 
     for split, (num_classes, per_class, seed) in splits.items():
         make_imagefolder(root / split, num_classes=num_classes, per_class=per_class, seed=seed, **imagefolder_kw)
-        convert(str(root / split), str(root / f"{split}.beton"), workers=1, show_progress=False)
+        convert(str(root / split), str(root / f"{split}.beton"), workers=1, show_progress=False,
+                page_size=page_size, write_mode=write_mode)
     return root
 
 

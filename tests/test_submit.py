@@ -45,7 +45,7 @@ def test_dry_run_prints_sbatch_parameters_and_the_batch_arithmetic():
     assert d["world_size"] == 32 and d["global_batch"].startswith("2048 = 64 per process x 32 processes x 1")
     assert d["command"][:4] == ["deit3-fast", "train", "--cfg", "vit_l_in1k"] and "auto" in d["command"]
     bad = cli("submit", "--cfg", "vit_l_in1k", "--nodes", "3", "--gpus-per-node", "8", "--dry-run")
-    assert bad.returncode == 2 and "not a multiple" in bad.stderr
+    assert bad.returncode == 2 and "cannot be split over 24 processes" in bad.stderr and "16 or 32" in bad.stderr
 
 
 def test_local_job_completes(sets, tmp_path):

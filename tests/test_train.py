@@ -235,8 +235,14 @@ def test_in1k_finetuning_recipes_are_exact(name, model, res, drop_path):
     assert not c.aug.three_augment and c.aug.color_jitter == 0.0 and c.model.checkpoint
 
 
-def test_image_size_must_fit_the_patch_grid():
+def test_image_size_needs_one_patch_and_the_grid_is_floored(data):
+    """As the official code and timm: any size of at least one patch; 30 px with patch 4 is a 7 x 7 grid."""
     from deit3_fast.config import ConfigError
 
-    with pytest.raises(ConfigError, match="aug.img_size 30 is not a multiple of deit3_nano's patch size 4"):
-        engine.build(load_config("quickstart", ["aug.img_size=30"]), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="aug.img_size 3 is smaller than deit3_nano's patch size 4"):
+        engine.build(tiny_cfg(data, **{"aug.img_size": 3}), torch.device("cpu"))
+    run = engine.build(tiny_cfg(data, **{"aug.img_size": 30}), torch.device("cpu"))
+    assert run.raw_model.patch_embed.grid_size == (7, 7)
+    x, y = next(iter(run.train_loader))
+    assert x.shape[-2:] == (30, 30)
+    assert run.model(x).shape == (8, 4)

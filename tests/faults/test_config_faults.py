@@ -27,7 +27,7 @@ FILES = {  # name: (file content, fragment of the message)
     "bool_for_int": (b"schedule:\n  epochs: true\n", "schedule.epochs: expected int, got True"),
     "float_for_int": (b"data:\n  batch_size: 8.5\n", "data.batch_size: expected int, got 8.5"),
     "short_tuple": (b"aug:\n  rrc_scale: [0.5]\n", "aug.rrc_scale: expected a list of 2 numbers"),
-    "not_a_choice": (b"train:\n  amp: fp8\n", "train.amp: 'fp8' is not one of bf16, fp16, fp32"),
+    "not_a_choice": (b"train:\n  amp: fp8\n", "train.amp: 'fp8' is not one of auto, bf16, fp16, fp32"),
     "zero_batch": (b"data:\n  batch_size: 0\n", "data.batch_size: must be at least 1, got 0"),
     "zero_image": (b"aug:\n  img_size: 0\n", "aug.img_size: must be at least 1, got 0"),
     "section_scalar": (b"model: 3\n", "model: expected a mapping, got 3"),
@@ -85,7 +85,8 @@ SETS = {  # --set value: fragment
     "model.name={a: [}": "the value is not valid YAML",
     "model.name=!!python/name:os.system": "the value is not valid YAML",
     "loss=mse": "loss: 'mse' is not one of bce, ce",
-    "train.global_batch=12": "train.global_batch 12 is not a multiple of data.batch_size 32",
+    "train.global_batch=40": "train.global_batch 40 is not a multiple of data.batch_size 32 x world size 1: use "
+                             "--set data.batch_size=20 (2 accumulation steps)",
 }
 
 
