@@ -9,6 +9,8 @@ JPEGs. Model-alone is measured on synthetic batches already on the device; end-t
     python benchmarks/compute_bound.py                       # GPU: the four rows, every engine, batch 256
     python benchmarks/compute_bound.py --rows deit3_small@224 --engines ffcv,dali --workers 4
     python benchmarks/compute_bound.py --device cpu --rows deit3_nano@32 --batch 16 --steps 3 --copies 1   # smoke
+    python benchmarks/compute_bound.py --data-train .gpu-check/data/imagenet.beton --engines nvjpeg --no-official \
+        --json rows.json                                    # a GPU machine without ffcv (scripts/gpu-check.sh)
 """
 from __future__ import annotations
 
@@ -85,25 +87,35 @@ def main() -> None:
     p.add_argument("--copies", type=int, default=20, help="hard-linked copies of the 1000-image sample")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--no-official", action="store_true")
+    p.add_argument("--data-train", help="an existing .beton instead of converting the ImageNet sample (no ffcv "
+                                        "needed; the official baseline needs the sample's originals: --no-official)")
+    p.add_argument("--json", help="also write every row's full profile as JSON here")
     args = p.parse_args()
     device = torch.device(args.device)
     engines = (args.engines or ("ffcv,dali,nvjpeg" if device.type == "cuda" else "ffcv")).split(",")
 
-    from dataset_tools.convert import convert
+    from dataset_tools.beton import Beton
     from deit3_fast.config import load_config
     from deit3_fast.profile import profile
 
-    rows, official = [], None
+    rows, official, profiles = [], None, []
     with tempfile.TemporaryDirectory(prefix="bench_compute_") as tmp:
         tmp = Path(tmp)
-        n = replicate(unpack_imagenet_sample(tmp / "x"), tmp / "src", args.copies)
-        convert(str(tmp / "src"), str(tmp / "train.beton"), max_resolution=256, jpeg_quality=90,
-                workers=args.workers, show_progress=False)
+        if args.data_train:
+            train = Path(args.data_train)
+            n = len(Beton(str(train)))
+        else:
+            from dataset_tools.convert import convert
+
+            n = replicate(unpack_imagenet_sample(tmp / "x"), tmp / "src", args.copies)
+            train = tmp / "train.beton"
+            convert(str(tmp / "src"), str(train), max_resolution=256, jpeg_quality=90, workers=args.workers,
+                    show_progress=False)
         for spec in args.rows.split(","):
             name, res = spec.split("@")
             row = {"model": name, "res": int(res), "engines": {}}
             for eng in engines:
-                sets = [f"data.train={tmp / 'train.beton'}", f"data.engine={eng}", f"data.workers={args.workers}",
+                sets = [f"data.train={train}", "data.val=null", f"data.engine={eng}", f"data.workers={args.workers}",
                         f"data.batch_size={args.batch}", f"train.global_batch={args.batch}", "data.repeats=1",
                         f"model.name={name}", f"aug.img_size={res}", "train.amp=bf16",
                         f"train.compile={'false' if args.no_compile or device.type == 'cpu' else 'true'}"]
@@ -111,10 +123,14 @@ def main() -> None:
                     sets.append("model.num_classes=1000")
                 r = profile(load_config(RECIPE.get(name, "vit_s_in1k"), sets), device, steps=args.steps)
                 print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}), flush=True)
+                profiles.append(r)
                 row.setdefault("model_img_per_s", r["model_img_per_s"])
                 row.setdefault("mfu", r["mfu"])
                 row["engines"][eng] = r["end_to_end_img_per_s"]
+                row.setdefault("engine_alone", {})[eng] = (r["engine_img_per_s"], r["engine_cpu_cores"])
             rows.append(row)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the next row's model starts from a clean allocator
         if not args.no_official:
             official = official_end_to_end(tmp / "src", device, args.batch, args.workers, args.steps)
     print(f"\n{n} images, batch {args.batch}, {args.workers} CPU workers, {device}, torch {torch.__version__}\n")
@@ -125,6 +141,15 @@ def main() -> None:
         best = max(r["engines"].values())
         print(f"| {r['model']} @ {r['res']} | {r['model_img_per_s']:,.0f} | {r['mfu']:.1%} | {per} | "
               f"{best / r['model_img_per_s']:.2f} |")
+    print("\n| model @ res | engine alone img/s (CPU cores busy) |")
+    print("|---|---|")
+    for r in rows:
+        print(f"| {r['model']} @ {r['res']} | " + ", ".join(f"{e} {v:,.0f} ({c:.1f})" for e, (v, c) in
+                                                         r["engine_alone"].items()) + " |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "profiles": profiles, "official": official,
+                                               "images": n, "device": str(device), "torch": torch.__version__},
+                                              indent=1))
     if official is not None:
         ours = next((max(r["engines"].values()) for r in rows if r["model"] == "deit3_small" and r["res"] == 224),
                     None)

@@ -58,10 +58,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import submitit
 import yaml
 
-from .submit import TrainJob
+from .submit import TrainJob, submitit
 
 if TYPE_CHECKING:
     from .config import Config
@@ -336,13 +335,13 @@ class AblateJob(TrainJob):
 
         from .config import load_config
 
-        env = submitit.JobEnvironment()
+        env = submitit().JobEnvironment()
         cfg = load_config(self.cfg, self.sets)
         run_variant(Path(self.out), cfg, super().__call__, main=env.global_rank == 0, world=env.num_tasks,
                     gpus=env.num_tasks if torch.cuda.is_available() and self.device != "cpu" else 0)
 
-    def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
-        return submitit.helpers.DelayedSubmission(AblateJob(self.cfg, self.sets, self.out, self.device))
+    def checkpoint(self, *args, **kwargs):
+        return submitit().helpers.DelayedSubmission(AblateJob(self.cfg, self.sets, self.out, self.device))
 
 
 # --- results ---------------------------------------------------------------------------------------------------
@@ -540,6 +539,7 @@ def _run_here(grid: Grid, out: Path, args) -> int:
 
 
 def _submit_all(grid: Grid, out: Path, args) -> int:
+    submitit()  # one clear error where it is missing
     from submitit.core.utils import FailedJobError
 
     from .submit import describe, submit
@@ -560,7 +560,7 @@ def _submit_all(grid: Grid, out: Path, args) -> int:
         if args.dry_run:
             print(describe({"variant": v.name, **desc}))
             continue
-        executor = submitit.AutoExecutor(folder=desc["folder"], cluster="local" if args.local else None)
+        executor = submitit().AutoExecutor(folder=desc["folder"], cluster="local" if args.local else None)
         executor.update_parameters(**desc["parameters"])
         handle = executor.submit(AblateJob(v.cfg, v.sets, str(run_dir), args.device))
         run_dir.mkdir(parents=True, exist_ok=True)

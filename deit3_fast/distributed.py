@@ -29,6 +29,11 @@ def init_from_env(device_type: str | None = None) -> torch.device | None:
     device, or None when not launched as several processes."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
+    return join_group(device_type)
+
+
+def join_group(device_type: str | None = None) -> torch.device:
+    """Start this process's membership of the group the environment describes (any world size, 1 included)."""
     use_cuda = torch.cuda.is_available() if device_type is None else device_type == "cuda"
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local) if use_cuda else torch.device("cpu")

@@ -62,16 +62,16 @@ def versions() -> list[Check]:
     else:
         driver = _driver_version()
         out.append(Check("CUDA", INFO, f"runtime {torch.version.cuda}, driver {driver or 'not found'}"))
-    for module, extra in (("torchvision", None), ("timm", None), ("numpy", None), ("numba", None),
-                          ("ffcv", "ffcv"), ("nvidia.dali", "dali"), ("submitit", None)):
+    optional = {"ffcv": ("the ffcv engine and deit3-convert need it", "pip install -e '.[ffcv]'"),
+                "nvidia.dali": ("the dali engine needs it", "pip install -e '.[dali]'"),
+                "submitit": ("deit3-fast submit and ablate --submit (Slurm) need it", "pip install submitit")}
+    for module in ("torchvision", "timm", "numpy", "numba", "ffcv", "nvidia.dali", "submitit"):
         v = _version(module)
         name = "DALI" if module == "nvidia.dali" else module
         if v is not None:
             out.append(Check(name, INFO, v))
-        elif extra:
-            engine = "ffcv engine and deit3-convert" if extra == "ffcv" else "dali engine"
-            out.append(Check(name, MISSING, f"not installed (the {engine} need it)",
-                             f"pip install -e '.[{extra}]'"))
+        elif module in optional:
+            out.append(Check(name, MISSING, f"not installed ({optional[module][0]})", optional[module][1]))
         else:
             out.append(Check(name, BROKEN, "cannot be imported", "pip install -e ."))
     return out

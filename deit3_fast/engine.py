@@ -276,10 +276,14 @@ def train_one_epoch(run: Run, epoch: int, progress: Progress | None = None, resu
         mean_sum = dist.all_reduce_sum(loss_sum.clone()).item() / dist.world()
         return {"stopped_at_step": stopped_at, "steps": steps, "loss_sum": mean_sum, "images": images,
                 "seconds": elapsed}
-    total = dist.all_reduce_sum(torch.stack([loss_sum, torch.full((), float(images), device=loss_sum.device)]))
-    return {"train_loss": total[0].item() / (micro_total * dist.world()), "lr": lr,
-            "img_per_s": total[1].item() / elapsed,
-            "data_wait_frac": wait / elapsed, "train_seconds": elapsed, **loader.epoch_report()}
+    report = loader.epoch_report()  # JPEGs the GPU decoder refused on this rank (reasons: this rank's)
+    counts = torch.tensor([float(images), float(report.get("cpu_decoded", 0))]).to(loss_sum.device)
+    total = dist.all_reduce_sum(torch.cat([loss_sum[None], counts])).tolist()
+    row = {"train_loss": total[0] / (micro_total * dist.world()), "lr": lr, "img_per_s": total[1] / elapsed,
+           "data_wait_frac": wait / elapsed, "train_seconds": elapsed}
+    if total[2]:
+        row.update(cpu_decoded=int(total[2]), cpu_decoded_reasons=report.get("cpu_decoded_reasons", {}))
+    return row
 
 
 @torch.no_grad()

@@ -116,8 +116,9 @@ class Lamb(torch.optim.Optimizer):
                 factor = clip.to(dev, dtype) if clip is not None else torch.ones((), device=dev, dtype=dtype)
                 scalars = (group["lr"], bc1, bc2)
                 if self._compiled is not None:
-                    # As tensors, so a new learning rate or step count is new data, not a recompilation.
-                    scalars = tuple(torch.tensor(v, device=dev, dtype=dtype) for v in scalars)
+                    # As tensors, so a new learning rate or step count is new data, not a recompilation. Filled on
+                    # the device: torch.tensor(v, device=cuda) would be a blocking copy, three per bucket per step.
+                    scalars = tuple(torch.full((), v, device=dev, dtype=dtype) for v in scalars)
                 update = self._compiled or _lamb_update
                 update(params, grads, exp_avgs, exp_avg_sqs, factor, *scalars, beta1=beta1, beta2=beta2,
                        eps=group["eps"], weight_decay=group["weight_decay"])

@@ -1,7 +1,8 @@
 """`deit3-fast profile`: is a recipe input-bound or compute-bound on this machine, and what would change that.
 
 Measurements on the real components of a training run (the same `engine.build` as `train`):
-  1. the engine alone: JPEG decode + primary crop (FFCV: CPU threads; DALI/nvjpeg: the GPU), uint8 batches;
+  1. the engine alone: JPEG decode + primary crop (FFCV: CPU threads; DALI/nvjpeg: the GPU), uint8 batches, and
+     how many CPU cores it kept busy meanwhile (process CPU time / wall time);
   2. the device stage alone on one real batch: 3-Augment, jitter, flip, mixup/cutmix, normalisation;
   3. the model alone on synthetic batches already on the device, at the recipe's AMP dtype: a micro-batch's forward
      and backward, and the optimiser step (LAMB/AdamW, scaler, EMA), timed apart and combined as a run does them:
@@ -48,6 +49,12 @@ def _seconds_per_call(fn, n: int, device: torch.device, warmup: int = WARMUP) ->
         fn()
     _sync(device)
     return (time.perf_counter() - t) / n
+
+
+def _cpu_seconds() -> float:
+    """CPU time (user + system) of this process and all its threads so far, at ns resolution: over a window,
+    divided by the wall time, the number of cores kept busy."""
+    return time.process_time()
 
 
 def _engine_batches(loader):
@@ -136,7 +143,11 @@ def profile(cfg: Config, device: torch.device, steps: int = 20) -> dict:
 
     # 1 + 2: the input pipeline, split into its two stages, then whole.
     raw = _engine_batches(loader)
-    engine_rate = b / _seconds_per_call(lambda: next(raw), steps, device)
+    for _ in range(WARMUP):
+        next(raw)
+    cpu0, wall0 = _cpu_seconds(), time.perf_counter()
+    engine_rate = b / _seconds_per_call(lambda: next(raw), steps, device, warmup=0)
+    engine_cores = (_cpu_seconds() - cpu0) / (time.perf_counter() - wall0)
     images, labels = (t.clone() for t in next(raw))  # FFCV reuses its buffers
     raw.close()  # one pass at a time over an engine
     stage_rate = b / _seconds_per_call(lambda: loader.prepare(0, images, labels), steps, device)
@@ -169,7 +180,7 @@ def profile(cfg: Config, device: torch.device, steps: int = 20) -> dict:
         "model": cfg.model.name, "img_size": cfg.aug.img_size, "batch_size": b, "accum": accum, "amp": run.amp,
         "engine": cfg.data.engine, "workers": cfg.data.workers, "compile": cfg.train.compile,
         "device": engine.device_name(device),
-        "engine_img_per_s": engine_rate, "device_stage_img_per_s": stage_rate, "loader_img_per_s": loader_rate,
+        "engine_img_per_s": engine_rate, "engine_cpu_cores": engine_cores, "device_stage_img_per_s": stage_rate, "loader_img_per_s": loader_rate,
         "model_img_per_s": model_rate, "end_to_end_img_per_s": end_to_end,
         "micro_batch_ms": micro_model * 1e3, "optimizer_step_ms": opt_step * 1e3,
         "ratio": end_to_end / model_rate, "gflop_per_image": flops / 1e9, "achieved_tflops": achieved,
@@ -220,6 +231,8 @@ def render(r: dict) -> None:
         table.add_row(name, f"{r[key]:,.0f}", f"{r[key] / m:.2f}x")
     console = Console()
     console.print(table)
+    console.print(f"engine: {r['engine_cpu_cores']:.1f} CPU cores busy while decoding; optimiser step "
+                  f"{r['optimizer_step_ms']:.1f} ms once per {r['accum']} micro-batch(es) of {r['micro_batch_ms']:.1f} ms")
     console.print(f"model: {r['gflop_per_image']:.2f} GFLOP/image (fwd+bwd), {r['achieved_tflops']:.2f} TFLOP/s "
                   f"of a measured {r['peak_tflops']:.2f} TFLOP/s {r['amp']} matmul peak at its GEMM size: "
                   f"MFU {r['mfu']:.1%}" + (f" ({r['mfu_nominal']:.1%} of the datasheet's {r['nominal_tflops']:.0f})"

@@ -8,7 +8,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import submitit
+
+def submitit():
+    """submitit, imported when a job is submitted or run: the rest of the CLI (train, eval, doctor) works where it
+    is not installed, as on a bare GPU machine."""
+    try:
+        import submitit
+    except ImportError as e:
+        from .config import ConfigError
+
+        raise ConfigError(f"Slurm jobs need submitit ({e}): pip install submitit (a dependency of deit3-fast: "
+                          "pip install -e . installs it)") from None
+    return submitit
 
 
 class TrainJob:
@@ -25,7 +36,7 @@ class TrainJob:
         from .engine import train
 
         # Slurm's variables -> MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK: then it is torchrun's code path.
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        submitit().helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         cfg = load_config(self.cfg, self.sets)
         from pipelines import default_device
 
@@ -35,9 +46,9 @@ class TrainJob:
         finally:
             dist.shutdown()
 
-    def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
+    def checkpoint(self, *args, **kwargs):
         # Nothing to save here: the last completed epoch is already on disk. Requeue the same job; it resumes.
-        return submitit.helpers.DelayedSubmission(TrainJob(self.cfg, self.sets, self.out, self.device))
+        return submitit().helpers.DelayedSubmission(TrainJob(self.cfg, self.sets, self.out, self.device))
 
 
 def slurm_parameters(nodes: int, gpus_per_node: int, timeout_min: int, partition: str | None,
@@ -66,7 +77,7 @@ def submit(cfg: str, sets: list[str], out: str, *, nodes: int = 1, gpus_per_node
                    "world_size": 1 if local else nodes * gpus_per_node}
     if dry_run:
         return description
-    executor = submitit.AutoExecutor(folder=Path(out) / "submitit", cluster="local" if local else None)
+    executor = submitit().AutoExecutor(folder=Path(out) / "submitit", cluster="local" if local else None)
     executor.update_parameters(**params)
     return executor.submit(TrainJob(cfg, sets, out, device))
 

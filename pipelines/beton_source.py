@@ -62,10 +62,15 @@ class BetonBatches:
         return np.array(self.beton.image_bytes(int(i), self.image_field))
 
     def labels_of(self, idx: np.ndarray) -> torch.Tensor:
-        labels = torch.from_numpy(self.labels[idx])
-        if self.device.type == "cuda":  # from pinned memory the copy is truly asynchronous
-            labels = labels.pin_memory()
-        return labels.to(self.device, non_blocking=True)
+        return upload(torch.from_numpy(self.labels[idx]), self.device)
+
+
+def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor to `device` without making the host wait: to a GPU from pinned memory, whose copy is truly
+    asynchronous (from pageable memory torch blocks until the copy is done)."""
+    if device.type != "cuda" or t.device.type == "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def reflect_pad(img: torch.Tensor, oi: int, oj: int, oh: int, ow: int) -> None:

@@ -19,7 +19,7 @@ import torch
 from dataset_tools.beton import IMAGE_MODE_RAW
 
 from . import crops
-from .beton_source import BetonBatches, reflect_pad
+from .beton_source import BetonBatches, reflect_pad, upload
 
 try:
     import nvidia.dali.fn as fn
@@ -124,10 +124,7 @@ def _to_torch(out, device: torch.device) -> torch.Tensor:
         images = torch.empty(t.shape(), dtype=torch.uint8, device=device)
         feed_ndarray(t, images, cuda_stream=torch.cuda.current_stream(device))
         return images
-    images = torch.from_numpy(out.as_array())
-    if device.type == "cuda":
-        return images.pin_memory().to(device, non_blocking=True)
-    return images.to(device)
+    return upload(torch.from_numpy(out.as_array()), device)
 
 
 def _exhausted():

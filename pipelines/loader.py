@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from . import crops
+from .beton_source import upload
 
 
 class Loader:
@@ -42,7 +43,7 @@ class Loader:
         """Batch `b` of the current epoch from the engine's uint8 images: augmented, mixed, model-ready."""
         g, rng = self._generators(b)
         if self.host_stage is not None:
-            images, labels = (_upload(t, self.device) for t in (self.host_stage(images, rng), labels))
+            images, labels = (upload(t, self.device) for t in (self.host_stage(images, rng), labels))
         x, params = self.stage(images, g)
         y = labels
         if self.mixing is not None:
@@ -93,9 +94,3 @@ class Loader:
     def __iter__(self):
         return self.iter_from(0)
 
-
-def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host tensor to `device` without making the host wait: from pinned memory the copy is asynchronous."""
-    if device.type != "cuda" or t.device.type == "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)

@@ -30,7 +30,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from dataset_tools.beton import IMAGE_MODE_RAW
 
 from . import crops
-from .beton_source import BetonBatches, reflect_pad
+from .beton_source import BetonBatches, reflect_pad, upload
 from .crops import crop_plan
 from .resample import resize_box
 
@@ -99,8 +99,8 @@ class NvjpegEngine(BetonBatches):
         for slot, i in enumerate(idx):
             img = decoded.get(slot)
             if img is None:  # raw pixels, or a JPEG for the CPU decoder: from pinned memory, no host wait
-                host = torch.from_numpy(np.ascontiguousarray(self._pixels(i, data[slot]))).permute(2, 0, 1)
-                img = host.pin_memory().to(self.device, non_blocking=True)
+                img = upload(torch.from_numpy(np.ascontiguousarray(self._pixels(i, data[slot]))), self.device)
+                img = img.permute(2, 0, 1)
             plan = crop_plan(self.crop, img.shape[1], img.shape[2], keys[slot])
             y0, x0, y1, x1 = (int(round(v)) for v in plan[1:5])
             part = img[:, y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)][None].float()

@@ -13,6 +13,20 @@ from dataset_tools.synthetic import add_bad_inputs, make_imagefolder
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("DEIT3_SHARED_DATA", REPO.parent / "shared" / "data"))
+# Small .beton files made by `scripts/gpu-check.sh --prepare`, for a GPU machine that has no ffcv to write them.
+GPU_CHECK_DATA = os.environ.get("DEIT3_GPU_CHECK_DATA")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`cuda` tests run where a CUDA device is visible and are skipped, saying so, everywhere else."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (scripts/gpu-check.sh runs these on a GPU machine)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 
 def run_cli(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
@@ -47,6 +61,26 @@ def imagenet_sample(tmp_path_factory) -> Path:
     with tarfile.open(tar) as t:
         t.extractall(dest, filter="data")
     return dest / "imagenet-sample-1000"
+
+
+@pytest.fixture(scope="session")
+def gpu_data(tmp_path_factory) -> Path:
+    """train.beton (JPEG, 4 classes x 12), val.beton (4 x 4) and raw.beton (raw pixels, 3 x 4): from
+    DEIT3_GPU_CHECK_DATA on a GPU machine without ffcv, else written here."""
+    if GPU_CHECK_DATA:
+        return Path(GPU_CHECK_DATA)
+    pytest.importorskip("ffcv", reason="writing test .beton files needs ffcv (or set DEIT3_GPU_CHECK_DATA)")
+    return make_gpu_check_data(tmp_path_factory.mktemp("gpu_data"))
+
+
+def make_gpu_check_data(root: Path) -> Path:
+    make_splits(root, {"train": (4, 12, 0), "val": (4, 4, 1)}, min_side=32, max_side=96, page_size=2 << 20)
+    make_imagefolder(root / "raw_src", num_classes=3, per_class=4, seed=5, min_side=24, max_side=48)
+    from dataset_tools.convert import convert
+
+    convert(str(root / "raw_src"), str(root / "raw.beton"), workers=1, write_mode="raw", show_progress=False,
+            page_size=2 << 20)
+    return root
 
 
 def make_splits(root: Path, splits: dict, page_size: int = 8 << 20, write_mode: str = "jpg",

@@ -181,7 +181,7 @@ def test_submit_dry_run_describes_one_job_per_unfinished_variant(tmp_path, capsy
     # global batch 512 from 256 per process on 3 GPUs is impossible: refused before anything is submitted
     assert main(["ablate", "--grid", "cifar10_grid", "--out", str(out), "--submit", "--dry-run",
                  "--gpus-per-node", "3", "--set", "data.batch_size=256"]) == 2
-    assert "not a multiple" in capsys.readouterr().err
+    assert "cannot be split over 3 processes" in capsys.readouterr().err
 
 
 # --- run_variant: what ends an attempt -------------------------------------------------------------------------

@@ -79,3 +79,115 @@ def test_cli_leaves_the_process_group_on_every_exit(tmp_path):
     assert main(["eval", "--cfg", "quickstart", "--data-val", str(tmp_path / "missing.beton"), "--device", "cpu",
                  "--checkpoint", str(tmp_path / "missing.pt")]) == 2
     assert not torch.distributed.is_initialized()
+
+
+def test_nccl_rank_binds_its_device_before_the_group_exists(monkeypatch):
+    """NCCL binds a rank to the current device when the group starts: set_device first, and device_id so NCCL
+    connects to that device (else every rank's communicator starts on GPU 0)."""
+    from deit3_fast import distributed
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda backend, **kw: calls.append(("init", backend, kw.get("device_id"))))
+    assert distributed.init_from_env() == torch.device("cuda", 3)
+    assert calls == [("set_device", torch.device("cuda", 3)), ("init", "nccl", torch.device("cuda", 3))]
+
+
+def test_torchrun_splits_a_small_global_batch_over_the_processes(data, tmp_path):
+    """The quickstart (batch 32, global 32) under torchrun with 2 processes: 16 per process, said in one line."""
+    r = run(["train", "--cfg", "quickstart", "--data-train", data / "train.beton", "--data-val", data / "val.beton",
+             "--device", "cpu", "--out", tmp_path, "--set", "model.num_classes=4", "--set", "schedule.epochs=1",
+             "--set", "data.workers=1"], nproc=2)
+    assert "train.global_batch 32 over 2 processes: data.batch_size 32 -> 16 per process" in r.stdout
+    facts = json.loads((tmp_path / "run.json").read_text())
+    assert (facts["per_process_batch"], facts["world_size"], facts["accumulation_steps"]) == (16, 2, 1)
+
+
+# ---- resume across ranks and world sizes (torch.multiprocessing + gloo, in-process training) ------------------
+
+RESUME_SETS = ["model.num_classes=4", "data.batch_size=4", "train.global_batch=16", "schedule.epochs=3",
+               "schedule.warmup_epochs=1", "model.drop_path=0.2", "train.log_every=2", "data.workers=1"]
+
+
+def _rank_main(rank, world, init, out, sets, resume, sigterm_at):
+    """One rank of a gloo run: train (or resume) with SIGTERM sent to this process at its `sigterm_at`-th loss."""
+    import os
+    import signal
+
+    from deit3_fast import engine
+    from deit3_fast.config import load_config
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    try:
+        if sigterm_at is not None and rank == 0:
+            real, calls = engine.RecipeLoss.__call__, []
+
+            def loss_that_signals(self, x, y):
+                calls.append(1)
+                if len(calls) == sigterm_at:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return real(self, x, y)
+
+            engine.RecipeLoss.__call__ = loss_that_signals
+        try:
+            engine.train(load_config("quickstart", sets), out, torch.device("cpu"), resume=resume, quiet=True,
+                         handle_sigterm=True)
+        except engine.Preempted:
+            pass
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def spawn_run(world, out, data, tmp_path, resume=None, sigterm_at=None):
+    import uuid
+
+    import torch.multiprocessing as mp
+
+    sets = [f"data.train={data / 'train.beton'}", f"data.val={data / 'val.beton'}", *RESUME_SETS]
+    init = tmp_path / f"init-{uuid.uuid4().hex}"
+    mp.spawn(_rank_main, args=(world, str(init), str(out), sets, resume, sigterm_at), nprocs=world, join=True)
+
+
+def _same_training(a_dir, b_dir):
+    a, b = load(a_dir / "checkpoint-last.pt"), load(b_dir / "checkpoint-last.pt")
+    assert a["epoch"] == b["epoch"] == 2
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k, st in a["optimizer"]["state"].items():
+        for moment in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(st[moment], b["optimizer"]["state"][k][moment]), (k, moment)
+    rows = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (a_dir, b_dir)]
+    assert [r["epoch"] for r in rows[0]] == [r["epoch"] for r in rows[1]] == [0, 1, 2]
+    for ra, rb in zip(*rows):
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-6)
+        assert ra["val_acc1"] == rb["val_acc1"]
+
+
+def test_sigterm_mid_epoch_on_two_processes_resumes_exactly(data, tmp_path):
+    """Drop-path on, 2 ranks, SIGTERM to rank 0 in the middle of epoch 1: the resumed run ends bit-identical to the
+    uninterrupted one. Each rank's drop-path masks are keyed by (seed, rank, epoch, micro-batch), so nothing is
+    restored from rank 0's RNG state onto the others."""
+    spawn_run(2, tmp_path / "full", data, tmp_path)
+    spawn_run(2, tmp_path / "split", data, tmp_path, sigterm_at=8)  # 6 micro-batches per epoch and rank
+    state = load(tmp_path / "split" / "checkpoint-last.pt")
+    assert state["epoch"] == 0 and state["resume_at"]["step"] in (1, 2)
+    spawn_run(2, tmp_path / "split", data, tmp_path, resume="auto")
+    _same_training(tmp_path / "full", tmp_path / "split")
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_a_checkpoint_resumes_on_another_number_of_processes(data, tmp_path, before, after):
+    """A mid-epoch checkpoint from 2 processes continues on 1 (and the reverse) and trains to the end."""
+    spawn_run(before, tmp_path / "run", data, tmp_path, sigterm_at=8 if before == 2 else 16)
+    assert load(tmp_path / "run" / "checkpoint-last.pt")["resume_at"] is not None
+    spawn_run(after, tmp_path / "run", data, tmp_path, resume="auto")
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert all(r["train_loss"] == r["train_loss"] and 0 < r["train_loss"] < 10 for r in rows)
+    assert load(tmp_path / "run" / "checkpoint-last.pt")["epoch"] == 2

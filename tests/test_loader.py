@@ -217,3 +217,166 @@ def test_missing_ffcv_is_one_message():
             "from pipelines import ffcv_engine\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "pip install -e '.[ffcv]'" in r.stderr
+
+
+def test_mixup_blends_in_float32_and_casts_once(small_beton):
+    """The official code blends fp32 images; blending after a cast to bf16 rounds both images first. A bf16 batch is
+    the fp32 one cast once, bit for bit."""
+    sets = {"aug.mixup": 0.8, "aug.cutmix": 1.0, "aug.mix_switch_prob": 0.0}  # always mixup: a true blend
+    fp32 = build_loader(cfg_for(small_beton, **sets), "train", "cpu")
+    bf16 = build_loader(cfg_for(small_beton, **sets, **{"train.amp": "bf16"}), "train", "cpu")
+    (xa, ya), (xb, yb) = next(iter(fp32)), next(iter(bf16))
+    assert xb.dtype == torch.bfloat16 and xb.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(xb, xa.to(torch.bfloat16)) and torch.equal(ya, yb)
+    stage = bf16.stage  # the device stage itself stays float32 when mixing follows
+    assert stage.dtype == torch.float32
+
+
+def test_finetuning_randaugment_runs_on_the_host_batch_before_the_upload(small_beton):
+    """Fine-tuning: the engine's uint8 batch goes through timm's RandAugment on the host, seeded by the batch's
+    numpy generator, then the device stage and mixing: exactly that composition, and the same batches when an epoch
+    starts part-way (mid-epoch resume)."""
+    cfg = cfg_for(small_beton, **{"aug.auto_augment": "rand-m9-mstd0.5-inc1", "aug.three_augment": False,
+                                  "aug.color_jitter": 0.0, "aug.label_smoothing": 0.1, "loss": "ce"})
+    loader = build_loader(cfg, "train", "cpu")
+    assert loader.host_stage is not None and loader.engine.loader is not None  # ffcv engine, host side
+    loader.set_epoch(1)
+    full = [(x.clone(), y.clone()) for x, y in loader]
+    raw = [(i.clone(), y.clone()) for i, y in loader.engine.batches(1)]
+    loader.epoch = 1
+    for b in (0, 3):
+        g, rng = loader._generators(b)
+        images = loader.host_stage(raw[b][0], rng)
+        assert (images != raw[b][0]).any()
+        x, _ = loader.stage(images, g)
+        x, y = loader.mixing(x, raw[b][1], rng)
+        assert torch.equal(x, full[b][0]) and torch.equal(y, full[b][1])
+    loader.set_epoch(1)
+    part = [(x.clone(), y.clone()) for x, y in loader.iter_from(3)]
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(full[3:], part))
+
+
+@pytest.mark.parametrize("kind, reason", [("baseline", None), ("gray", None), ("444", None), ("422", None),
+                                          ("progressive", "progressive"), ("cmyk", "CMYK"),
+                                          ("411", "subsampling 4x1 1x1 1x1"), ("junk", "unreadable header")])
+def test_jpegs_a_gpu_decoder_refuses_are_told_by_their_header(kind, reason):
+    import io
+
+    from pipelines.jpeg_header import gpu_refusal
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray((rng.random((40, 56, 3)) * 255).astype(np.uint8))
+    buf = io.BytesIO()
+    if kind == "411":  # Pillow cannot write 4:1:1: patch a 4:4:4 frame header's luma sampling to 4x1
+        img.save(buf, "JPEG", subsampling=0)
+        data = bytearray(buf.getvalue())
+        sof = data.index(b"\xff\xc0")
+        data[sof + 11] = 0x41
+        data = bytes(data)
+    elif kind == "junk":
+        data = b"\xff\xd8\xff\xda\x00\x02"
+    else:
+        {"baseline": lambda: img.save(buf, "JPEG"), "gray": lambda: img.convert("L").save(buf, "JPEG"),
+         "444": lambda: img.save(buf, "JPEG", subsampling=0), "422": lambda: img.save(buf, "JPEG", subsampling=1),
+         "progressive": lambda: img.save(buf, "JPEG", progressive=True),
+         "cmyk": lambda: img.convert("CMYK").save(buf, "JPEG")}[kind]()
+        data = buf.getvalue()
+    assert gpu_refusal(data) == reason
+
+
+@pytest.fixture(scope="module")
+def raw_beton(tmp_path_factory):
+    d = tmp_path_factory.mktemp("raw")
+    make_imagefolder(d / "src", num_classes=3, per_class=4, seed=5, min_side=24, max_side=48)
+    convert(str(d / "src"), str(d / "raw.beton"), workers=1, write_mode="raw", show_progress=False)
+    return str(d / "raw.beton")
+
+
+def _gpu_path_batches(path, epoch=0, **sets):
+    """The nvjpeg engine's GPU code path (batched decode_jpeg, CPU fallback, per-sample crops) run with the CPU as
+    its device: torchvision decodes a list of JPEGs on either."""
+    loader = build_loader(cfg_for(path, **{"data.engine": "nvjpeg", **sets}), "val", "cpu")
+    engine = loader.engine
+    return engine, [engine._gpu_batch(idx, keys) for idx, keys in engine.index_batches(epoch)]
+
+
+def test_nvjpeg_gpu_path_decodes_refused_jpegs_on_the_cpu_and_counts_them(small_beton, monkeypatch):
+    import pipelines.beton_source as source
+
+    engine, clean = _gpu_path_batches(small_beton)
+    assert engine.epoch_report() == {}
+    monkeypatch.setattr(source, "gpu_refusal", lambda data: "progressive" if data[-3] % 3 == 0 else None)
+    engine, mixed = _gpu_path_batches(small_beton)
+    refused = sum(engine._refusals[i] is not None for i in range(120))
+    assert 10 < refused < 110
+    assert engine.epoch_report() == {"cpu_decoded": refused, "cpu_decoded_reasons": {"progressive": refused}}
+    for a, b in zip(clean, mixed):  # the same pixels whichever decoder took them (both libjpeg-turbo here)
+        assert torch.equal(a, b)
+
+
+def test_nvjpeg_gpu_path_never_decodes_an_empty_list(raw_beton, monkeypatch):
+    """decode_jpeg([], device='cuda') raises: a batch of raw pixels has nothing for nvJPEG."""
+    import pipelines.nvjpeg_engine as nv
+
+    real = nv.decode_jpeg
+
+    def strict(data, *a, **kw):
+        if isinstance(data, list) and not data:
+            raise RuntimeError("Expected a non empty list of tensors")
+        return real(data, *a, **kw)
+
+    monkeypatch.setattr(nv, "decode_jpeg", strict)
+    engine, batches = _gpu_path_batches(raw_beton, **{"model.num_classes": 3})
+    cpu = [imgs.clone() for imgs, _ in engine.batches(0)]
+    assert [b.shape for b in batches] == [c.shape for c in cpu] and engine.epoch_report() == {}
+
+
+def test_nvjpeg_gpu_path_retries_one_by_one_when_the_batched_decode_fails(small_beton, monkeypatch):
+    """A JPEG nvJPEG refuses although its header looked fine fails the whole batched call: the batch is retried
+    image by image and only the refused one goes to the CPU."""
+    import pipelines.nvjpeg_engine as nv
+
+    real = nv.decode_jpeg
+    engine, clean = _gpu_path_batches(small_beton)
+    first = engine.image_bytes(int(engine.order.indices(0)[0]))
+
+    def picky(data, *a, **kw):
+        items = data if isinstance(data, list) else [data]
+        if kw.get("device") is not None and any(len(t) == len(first) and bytes(t.numpy()) == bytes(first)
+                                                for t in items):
+            raise RuntimeError("nvjpegDecode failed: not supported")
+        return real(data, *a, **kw)
+
+    monkeypatch.setattr(nv, "decode_jpeg", picky)
+    engine, again = _gpu_path_batches(small_beton)
+    assert engine.epoch_report() == {"cpu_decoded": 1, "cpu_decoded_reasons": {"refused by nvJPEG": 1}}
+    assert all(torch.equal(a, b) for a, b in zip(clean, again))
+
+
+def test_dali_output_is_copied_by_what_dali_returned():
+    """A CPU DALI pipeline returns a TensorListCPU whatever device the loader runs on: it is copied to that device
+    (here 'meta', which no DALI path writes to directly), not fed to a CUDA buffer."""
+    pytest.importorskip("nvidia.dali")
+    from nvidia.dali.tensors import TensorListCPU
+
+    from pipelines.dali_engine import _to_torch
+
+    out = TensorListCPU(np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3))
+    cpu = _to_torch(out, torch.device("cpu"))
+    assert cpu.shape == (2, 4, 4, 3) and cpu[1, 3, 3, 2] == 95
+    assert _to_torch(out, torch.device("meta")).device.type == "meta"
+
+
+def test_dali_counts_the_jpegs_its_gpu_decoder_hands_to_its_cpu_fallback(small_beton, monkeypatch):
+    """On a GPU, DALI's decoder takes progressive/CMYK/odd-subsampling JPEGs to its CPU path itself; the engine
+    counts them per epoch from their headers, as the nvjpeg engine does."""
+    pytest.importorskip("nvidia.dali")
+    import pipelines.beton_source as source
+
+    loader = build_loader(cfg_for(small_beton, **{"data.engine": "dali"}), "val", "cpu")
+    engine = loader.engine
+    monkeypatch.setattr(source, "gpu_refusal", lambda data: "CMYK" if data[-3] % 4 == 0 else None)
+    engine.gpu = True  # what a GPU pipeline does before it hands DALI a batch; the pipeline itself stays on the CPU
+    list(engine.batches(0))
+    n = sum(r is not None for r in engine._refusals.values())
+    assert 0 < n < 120 and engine.epoch_report() == {"cpu_decoded": n, "cpu_decoded_reasons": {"CMYK": n}}

@@ -97,3 +97,55 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="deit3_small"):
         create_model("vit_gigantic")
     assert set(ARCHS) >= {"deit3_small", "deit3_medium", "deit3_base", "deit3_large", "deit3_huge"}
+
+
+@pytest.mark.parametrize("name, arch, size", [
+    ("deit3_small_patch16_224", "deit3_small", 224), ("deit3_base_patch16_384", "deit3_base", 384),
+    ("deit3_medium_patch16_224", "deit3_medium", 224), ("deit3_large_patch16_384", "deit3_large", 384),
+    ("deit3_huge_patch14_224", "deit3_huge", 224), ("deit3_base_patch16_224.fb_in22k_ft_in1k", "deit3_base", 224),
+    ("deit_small_patch16_LS", "deit3_small", None), ("deit_huge_patch14_LS", "deit3_huge", None),
+    ("deit3_large", "deit3_large", None)])
+def test_timm_and_official_names_build_the_same_architecture(name, arch, size):
+    """The names users type (timm's, whose suffix is the default resolution, and the official models_v2.py ones)
+    build our architecture with the official init, the same parameters as timm's model of that name."""
+    import timm
+
+    from deit3_fast.models import resolve_name
+
+    assert resolve_name(name) == (arch, size)
+    timm_name = name.split(".")[0] if size else f"{arch}_patch{ARCHS[arch][0]}_224"
+    with torch.device("meta"):
+        ours, theirs = create_model(name), timm.create_model(timm_name)
+    assert ours.patch_embed.img_size == (size or 224,) * 2
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+
+
+def test_names_everywhere_a_model_is_named():
+    """model.name in a config (a timm name sets the resolution unless aug.img_size is given), and one error that
+    lists the valid names."""
+    from deit3_fast.config import ConfigError, load_config
+
+    cfg = load_config(None, ["model.name=deit3_base_patch16_384"])
+    assert cfg.aug.img_size == 384
+    assert load_config(None, ["model.name=deit3_base_patch16_384", "aug.img_size=448"]).aug.img_size == 448
+    assert load_config("vit_b_in1k", ["model.name=deit_base_patch16_LS"]).aug.img_size == 192  # the recipe's
+    assert load_config(None, ["model.name=deit_huge_patch14_LS"]).aug.img_size == 224
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["model.name=deit3_base_patch16_192"])
+    assert "deit3_base_patch16_384" in str(e.value) and "deit_huge_patch14_LS" in str(e.value)
+    with pytest.raises(ValueError, match="valid names: .*deit3_small_patch16_224"):
+        create_model("vit_base_patch16_224")
+
+
+def test_patch_grid_is_floored_like_the_official_code():
+    """ViT-H/14 pre-trains at 160 (11 x 11 patches) and 128 (9 x 9): the stride-14 convolution ignores the last
+    pixels, and the output equals the model run on the image cropped to the grid."""
+    m = create_model("deit3_nano", num_classes=3, img_size=30).eval()  # patch 4: 7 x 7 over 28 of 30 pixels
+    assert m.patch_embed.grid_size == (7, 7) and m.pos_embed.shape[1] == 49
+    x = torch.randn(2, 3, 30, 30)
+    y = x.clone()
+    y[..., 28:, :] = 0
+    y[..., :, 28:] = 0
+    torch.testing.assert_close(m(x), m(y))
+    with pytest.raises(ValueError, match="smaller than deit3_nano's patch size 4"):
+        create_model("deit3_nano", img_size=3)

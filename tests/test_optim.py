@@ -91,31 +91,32 @@ def _grad_schedule(steps, seed=1):
     return out
 
 
-def _torch_params(decay, no_decay, dtype=torch.float64):
-    return ([torch.nn.Parameter(torch.tensor(x, dtype=dtype)) for x in decay],
-            [torch.nn.Parameter(torch.tensor(x, dtype=dtype)) for x in no_decay])
+def _torch_params(decay, no_decay, dtype=torch.float64, device="cpu"):
+    return ([torch.nn.Parameter(torch.tensor(x, dtype=dtype, device=device)) for x in decay],
+            [torch.nn.Parameter(torch.tensor(x, dtype=dtype, device=device)) for x in no_decay])
 
 
-def _set_grads(params, grads, dtype=torch.float64):
+def _set_grads(params, grads, dtype=torch.float64, device="cpu"):
     for p, g in zip(params, grads):
-        p.grad = None if g is None else torch.tensor(g, dtype=dtype)
+        p.grad = None if g is None else torch.tensor(g, dtype=dtype, device=device)
 
 
 def _run_both(steps=50, lr=0.01, wd=0.05, max_grad_norm=1.0, bias_correction=True, dtype=torch.float64,
-              rtol=RTOL, atol=ATOL):
+              rtol=RTOL, atol=ATOL, device="cpu", compile=False):
+    """Our Lamb against the float64 reference of apex's maths, step by step (on `device`, optionally compiled)."""
     decay, no_decay = _init()
     ref = RefLamb([(decay, wd), (no_decay, 0.0)], lr=lr, max_grad_norm=max_grad_norm,
                   bias_correction=bias_correction)
-    pd, pn = _torch_params(decay, no_decay, dtype)
+    pd, pn = _torch_params(decay, no_decay, dtype, device)
     opt = Lamb([{"params": pd, "weight_decay": wd}, {"params": pn, "weight_decay": 0.0}], lr=lr,
-               max_grad_norm=max_grad_norm, bias_correction=bias_correction)
+               max_grad_norm=max_grad_norm, bias_correction=bias_correction, compile=compile)
     for k, (gd, gn) in enumerate(_grad_schedule(steps)):
-        _set_grads(pd, gd, dtype)
-        _set_grads(pn, gn, dtype)
+        _set_grads(pd, gd, dtype, device)
+        _set_grads(pn, gn, dtype, device)
         opt.step()
         ref.step([gd, gn])
         for got, want in zip(pd + pn, ref.p[0] + ref.p[1]):
-            np.testing.assert_allclose(got.detach().double().numpy(), want, rtol=rtol, atol=atol,
+            np.testing.assert_allclose(got.detach().double().cpu().numpy(), want, rtol=rtol, atol=atol,
                                        err_msg=f"step {k + 1}")
     return ref, opt, pd, pn
 

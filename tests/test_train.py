@@ -246,3 +246,64 @@ def test_image_size_needs_one_patch_and_the_grid_is_floored(data):
     x, y = next(iter(run.train_loader))
     assert x.shape[-2:] == (30, 30)
     assert run.model(x).shape == (8, 4)
+
+
+def test_amp_auto_is_bf16_where_native_else_fp16_with_a_scaler(monkeypatch):
+    """V100 (sm_70) has no native bf16: auto gives fp16 + GradScaler there, bf16 on A100/H100 and on CPUs; an
+    explicit bf16 on a V100 is one warning naming the fix."""
+    from pipelines import amp_dtype
+
+    cfg = load_config("vit_s_in1k")
+    assert cfg.train.amp == "auto"
+    assert engine.resolve_amp(cfg, torch.device("cpu")) == "bf16"
+    for capability, name, expected in (((7, 0), "Tesla V100-SXM2-32GB", "fp16"), ((8, 0), "NVIDIA A100", "bf16"),
+                                       ((9, 0), "NVIDIA H100 80GB HBM3", "bf16")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
+        cuda = torch.device("cuda", 0)
+        assert engine.resolve_amp(cfg, cuda) == expected
+        assert amp_dtype("auto", cuda) == {"fp16": torch.float16, "bf16": torch.bfloat16}[expected]
+    with pytest.warns(UserWarning, match="no native bf16.*train.amp: auto or fp16"):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+        assert engine.resolve_amp(load_config("vit_s_in1k", ["train.amp=bf16"]), torch.device("cuda", 0)) == "bf16"
+
+
+def test_run_dir_records_what_the_run_really_uses(data, tmp_path, capsys):
+    """run.json: the AMP dtype auto resolved to, the per-process batch and accumulation, the device; the console
+    says the same in one line. config.yaml keeps the config as given (what a resume compares)."""
+    train(tiny_cfg(data, **{"train.amp": "auto", "schedule.epochs": 1}), tmp_path, torch.device("cpu"))
+    facts = json.loads((tmp_path / "run.json").read_text())
+    assert (facts["amp"], facts["amp_config"], facts["per_process_batch"], facts["accumulation_steps"]) == \
+           ("bf16", "auto", 8, 2)
+    assert facts["device"].startswith("cpu") and facts["world_size"] == 1
+    assert "amp auto -> bf16, global batch 16 = 8 per process x 1 x 2 accumulation" in capsys.readouterr().out
+    assert load_config(str(tmp_path / "config.yaml")).train.amp == "auto"
+
+
+@pytest.mark.parametrize("batch, global_batch, world, expected", [
+    (32, 32, 1, (32, 1, None)), (8, 2048, 1, (8, 256, None)), (256, 2048, 8, (256, 1, None)),
+    (32, 32, 2, (16, 1, "data.batch_size 32 -> 16 per process")), (64, 512, 16, (32, 1, "64 -> 32 per process")),
+    (48, 2048, 2, "use --set data.batch_size=32 (32 accumulation steps)"),
+    (256, 2048, 24, "cannot be split over 24 processes: use a world size that divides it (e.g. 16 or 32)")])
+def test_batch_plan_splits_the_global_batch_or_names_a_batch_that_works(batch, global_batch, world, expected):
+    from deit3_fast.config import ConfigError
+
+    cfg = load_config("quickstart", [f"data.batch_size={batch}", f"train.global_batch={global_batch}"])
+    if isinstance(expected, str):
+        with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+            engine.batch_plan(cfg, world)
+        return
+    plan = engine.batch_plan(cfg, world)
+    assert (plan.per_process, plan.accum) == expected[:2]
+    assert plan.per_process * world * plan.accum == global_batch
+    assert (plan.note is None) if expected[2] is None else expected[2] in plan.note
+
+
+def test_peak_memory_is_reset_at_the_start_of_each_run(data, tmp_path, monkeypatch):
+    """ablate runs several variants in one process: each run's max_mem_mb is its own (CUDA's counter is reset at
+    its start; the reset call is what a CPU test can see)."""
+    calls = []
+    monkeypatch.setattr(engine, "_reset_peak_memory", lambda device: calls.append(device))
+    train(tiny_cfg(data, **{"schedule.epochs": 1}), tmp_path / "a", torch.device("cpu"), quiet=True)
+    train(tiny_cfg(data, **{"schedule.epochs": 1}), tmp_path / "b", torch.device("cpu"), quiet=True)
+    assert calls == [torch.device("cpu")] * 2

@@ -1,0 +1,193 @@
+"""What only a GPU can show: every CUDA-only line of the product, run. Skipped without a CUDA device (conftest);
+`scripts/gpu-check.sh` runs them on a GPU machine, with the .beton files it brings along (DEIT3_GPU_CHECK_DATA)."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from deit3_fast import engine
+from deit3_fast.checkpoint import load
+from deit3_fast.config import load_config
+from pipelines import build_loader
+from pipelines.augment import augment, draw_params, normalize, to_float
+
+pytestmark = pytest.mark.cuda
+CUDA = torch.device("cuda", 0)
+
+
+def cfg_for(gpu_data, engine_name="nvjpeg", **sets):
+    base = {"data.train": gpu_data / "train.beton", "data.val": gpu_data / "val.beton", "model.num_classes": 4,
+            "data.batch_size": 8, "train.global_batch": 16, "schedule.epochs": 1, "schedule.warmup_epochs": 1,
+            "model.drop_path": 0.1, "train.log_every": 2, "data.workers": 2, "data.engine": engine_name,
+            "data.repeats": 1, "aug.img_size": 48}
+    base.update(sets)
+    return load_config("quickstart", [f"{k}={v}" for k, v in base.items()])
+
+
+def engine_batches(cfg, split, device, epoch=0):
+    loader = build_loader(cfg, split, device)
+    return [(x.cpu(), y.cpu()) for x, y in loader.engine.batches(epoch)]
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_nvjpeg_gpu_decode_is_pixel_close_to_the_cpu_path(gpu_data, split):
+    """Same samples, order and crop boxes; nvJPEG + torch's antialiased bicubic on whole-pixel boxes vs libjpeg-turbo
+    + Pillow's bicubic on exact boxes: a few grey levels at most."""
+    cfg = cfg_for(gpu_data)
+    gpu, cpu = engine_batches(cfg, split, CUDA), engine_batches(cfg, split, "cpu")
+    assert len(gpu) == len(cpu)
+    for (xg, yg), (xc, yc) in zip(gpu, cpu):
+        assert torch.equal(yg, yc) and xg.shape == xc.shape and xg.dtype == torch.uint8
+        diff = (xg.float() - xc.float()).abs()
+        assert diff.mean() < 3.0 and diff.mean(dim=(1, 2, 3)).max() < 8.0, diff.mean()
+
+
+def test_nvjpeg_reads_raw_pixel_files_on_the_gpu(gpu_data):
+    """A batch with no JPEG at all (raw .beton, the CIFAR example) must not call decode_jpeg([])."""
+    cfg = cfg_for(gpu_data, **{"data.val": gpu_data / "raw.beton", "model.num_classes": 3})
+    gpu, cpu = engine_batches(cfg, "val", CUDA), engine_batches(cfg, "val", "cpu")
+    for (xg, yg), (xc, yc) in zip(gpu, cpu):
+        assert torch.equal(yg, yc) and (xg.float() - xc.float()).abs().mean() < 3.0
+
+
+def test_nvjpeg_batches_survive_a_consumer_that_frees_memory_under_load(gpu_data):
+    """The stream race of decode_jpeg: its outputs are written from nvJPEG's own stream while blocks the caller
+    freed may still be read by queued kernels. A consumer that queues long kernels on each batch and drops it must
+    see the same pixels as one that waits for the device after every batch."""
+    cfg = cfg_for(gpu_data, **{"data.batch_size": 4})
+    loader = build_loader(cfg, "train", CUDA)
+    reference = []
+    for x, _ in loader.engine.batches(0):
+        torch.cuda.synchronize()
+        reference.append(x.cpu())
+    checksums = []
+    big = torch.randn(2048, 2048, device=CUDA)
+    for x, _ in loader.engine.batches(0):
+        checksums.append(x.to(torch.int64).sum())  # read on the caller's stream, queued behind the work below
+        for _ in range(20):
+            big = big @ big.T / 2048  # keeps the stream busy while the engine decodes the next batch
+        del x
+    got = torch.stack(checksums).cpu()
+    assert torch.equal(got, torch.stack([r.to(torch.int64).sum() for r in reference]))
+
+
+def test_dali_mixed_decode_matches_the_cpu_engines(gpu_data):
+    pytest.importorskip("nvidia.dali")
+    cfg = cfg_for(gpu_data, "dali")
+    gpu, cpu = engine_batches(cfg, "val", CUDA), engine_batches(cfg_for(gpu_data), "val", "cpu")
+    for (xg, yg), (xc, yc) in zip(gpu, cpu):
+        assert torch.equal(yg, yc) and (xg.float() - xc.float()).abs().mean() < 3.0
+
+
+def test_device_stage_on_cuda_equals_the_cpu_to_fp32_tolerance():
+    """The same parameters on both devices (a CUDA generator draws other numbers than a CPU one). The CPU blurs only
+    the blur branch's samples, the GPU blurs all and selects: both paths are compared."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (16, 40, 48, 3), dtype=torch.uint8, generator=g)
+    p = draw_params(16, g, hflip=0.5, three_augment=True, blur_sigma=(0.1, 2.0), color_jitter=0.3)
+    on = {}
+    for device in ("cpu", CUDA):
+        q = type(p)(*(t.to(device) for t in (p.flip, p.branch, p.sigma, p.jitter, p.jitter_order)))
+        x = augment(to_float(images.to(device)), q)
+        on[torch.device(device).type] = normalize(x, torch.float32).cpu()
+    assert (p.branch == 2).any() and (p.branch != 2).any()
+    torch.testing.assert_close(on["cuda"], on["cpu"], rtol=1e-5, atol=1e-4)
+
+
+def test_prefetching_loader_gives_exactly_the_batches_of_the_plain_one(gpu_data):
+    """On CUDA the next batch's device stage runs on a side stream: the batches must be those of running each step
+    on the caller's stream, bit for bit."""
+    loader = build_loader(cfg_for(gpu_data), "train", CUDA)
+    loader.set_epoch(2)
+    prefetched = [(x.clone(), y.clone()) for x, y in loader]
+    raw = [(i.clone(), y.clone()) for i, y in loader.engine.batches(2)]
+    loader.epoch = 2
+    for b, (images, labels) in enumerate(raw):
+        x, y, _ = loader.prepare(b, images, labels)
+        assert torch.equal(x, prefetched[b][0]) and torch.equal(y, prefetched[b][1])
+        assert x.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_a_training_run_on_cuda(gpu_data, tmp_path, amp):
+    rows = engine.train(cfg_for(gpu_data, **{"train.amp": amp}), tmp_path, CUDA, quiet=True)
+    assert np.isfinite(rows[0]["train_loss"]) and rows[0]["val_acc1"] is not None
+    assert rows[0]["max_mem_mb"] > 0
+    state = load(tmp_path / "checkpoint-last.pt")
+    assert state["scaler"] if amp == "fp16" else not state["scaler"]
+    assert json.loads((tmp_path / "run.json").read_text())["amp"] == amp
+
+
+def test_amp_auto_on_this_gpu(gpu_data):
+    run = engine.build(cfg_for(gpu_data, **{"train.amp": "auto"}), CUDA)
+    native = torch.cuda.get_device_capability(CUDA) >= (8, 0)
+    assert run.amp == ("bf16" if native else "fp16") and run.scaler.is_enabled() == (not native)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_lamb_on_cuda_matches_the_float64_reference(compiled):
+    from .test_optim import _run_both
+
+    _run_both(steps=20, dtype=torch.float64, device=CUDA, compile=compiled, rtol=1e-9, atol=1e-11)
+    _run_both(steps=20, dtype=torch.float32, device=CUDA, compile=compiled, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_training_step_never_waits_for_the_device(gpu_data, compiled):
+    """The device stage, mixing, forward/backward, LAMB (eager and torch.compile'd), the schedule and the EMA under
+    torch.cuda.set_sync_debug_mode("error"): any blocking copy or read-back in the step raises."""
+    run = engine.build(cfg_for(gpu_data, **{"train.amp": "bf16", "train.compile": compiled,
+                                           "train.ema_decay": 0.99}), CUDA)
+    raw = [(i.clone(), y.clone()) for i, y in run.train_loader.engine.batches(0)]
+    x, y, _ = run.train_loader.prepare(0, *raw[0])
+    for i in range(2 * run.accum):  # warm-up: compilation, optimiser state, cached constants
+        engine.train_micro_batch(run, x, y, step=i // run.accum, last_micro=(i + 1) % run.accum == 0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(run.accum):
+            x, y, _ = run.train_loader.prepare(1, *raw[1])
+            torch.manual_seed(i)  # what the loop does per micro-batch for drop-path
+            engine.train_micro_batch(run, x, y, step=2, last_micro=i == run.accum - 1)
+        run.train_loader.stage(raw[1][0], torch.Generator(device=CUDA).manual_seed(0))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def test_profile_on_cuda(gpu_data):
+    from deit3_fast.profile import profile
+
+    r = profile(cfg_for(gpu_data, **{"train.amp": "auto"}), CUDA, steps=3)
+    assert 0 < r["mfu"] <= 1 and r["peak_tflops"] > 1
+    for key in ("engine_img_per_s", "device_stage_img_per_s", "loader_img_per_s", "model_img_per_s",
+                "end_to_end_img_per_s"):
+        assert r[key] > 0, key
+    assert r["device"] == torch.cuda.get_device_name(CUDA)
+
+
+def test_peak_memory_is_per_run(gpu_data, tmp_path):
+    """Two runs in one process (as ablate does): the second, a smaller model, reports its own smaller peak."""
+    big = engine.train(cfg_for(gpu_data, **{"model.name": "deit3_micro", "data.batch_size": 16}), tmp_path / "a",
+                       CUDA, quiet=True)
+    small = engine.train(cfg_for(gpu_data), tmp_path / "b", CUDA, quiet=True)
+    assert small[0]["max_mem_mb"] < big[0]["max_mem_mb"]
+
+
+def test_nccl_group_of_one(monkeypatch, tmp_path):
+    from deit3_fast import distributed
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    device = distributed.join_group("cuda")
+    try:
+        assert device == CUDA and torch.distributed.get_backend() == "nccl"
+        t = torch.ones(4, device=device)
+        torch.distributed.all_reduce(t)
+        assert t.sum().item() == 4
+    finally:
+        distributed.shutdown()
