@@ -30,7 +30,8 @@ COMPUTE_BOUND_RATIO = 0.95
 WARMUP = 3
 # Dense bf16/fp16 tensor-core TFLOP/s from the datasheets (no sparsity), by a substring of the device name.
 NOMINAL_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("GH200", 989.0), ("B200", 2250.0),
-                  ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("A10G", 125.0), ("L4", 121.0),
+                  ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0), ("A10G", 125.0),
+                  ("L4", 121.0),
                   ("V100", 125.0), ("T4", 65.0))
 
 

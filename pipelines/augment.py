@@ -111,8 +111,9 @@ def to_model_layout(x: torch.Tensor) -> torch.Tensor:
 
 
 def scale_shift(mean, std, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalisation as `x * scale - shift` on 0..255 pixels. Built on the host and copied without blocking (a
-    plain torch.tensor(..., device=cuda) waits for the device); callers cache the pair."""
+    """Normalisation as `x * scale - shift` on 0..255 pixels, built on the host and copied with non_blocking (torch
+    does not wait for the device, as it does for torch.tensor(..., device=cuda); CUDA stages a copy from pageable
+    memory before returning, so the host tensor may go). Callers cache the pair, so this runs once per device."""
     host = torch.tensor([[1 / (255 * s) for s in std], [m / s for m, s in zip(mean, std)]])
     pair = host.to(device, non_blocking=True)
     return pair[0], pair[1]

@@ -100,7 +100,9 @@ class DaliEngine(BetonBatches):
         self._next_input = next_input
         while True:
             try:
-                (out,) = self.pipe.run()
+                # On a GPU the outputs are handed over on the consumer's stream, which keeps DALI's buffer alive
+                # until the copy out of it (feed_ndarray, queued on that stream) has run.
+                (out,) = self.pipe.run(torch.cuda.current_stream(self.device)) if self.gpu else self.pipe.run()
             except StopIteration:
                 break
             idx, pads = in_flight.popleft()

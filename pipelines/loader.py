@@ -76,7 +76,8 @@ class Loader:
             if pending is not None:
                 yield pending
             main.wait_stream(side)
-            for t in ready[:2]:
+            params = [] if ready[2] is None else list(vars(ready[2]).values())
+            for t in [*ready[:2], *params]:  # the batch and its augmentation parameters, all made on `side`
                 t.record_stream(main)
             pending = ready
         if pending is not None:

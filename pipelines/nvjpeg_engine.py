@@ -5,8 +5,9 @@ files (`dataset_tools.beton`). Sample order, shards and repeats come from the sa
 from the same keys (`crops.py`), as the FFCV engine, so both yield the same samples with the same crops.
 
 On a CPU, decoding and the bicubic resampling (`resample.py`, the FFCV engine's) run on `workers` threads: both
-release the GIL. On a GPU the batch is decoded by nvJPEG in one call and each crop resized with torch's antialiased
-bicubic interpolation; its boxes are rounded to whole pixels (the CPU path resamples fractional boxes exactly).
+release the GIL. On a GPU the batch is decoded by nvJPEG in one call and each crop is resampled on the device with
+the same Pillow bicubic weights over the same fractional box (`resample._coeffs`, applied as two matrix products),
+so the GPU path differs from the CPU path only by what nvJPEG's decoder differs from libjpeg-turbo's.
 JPEGs nvJPEG refuses (progressive, CMYK, odd subsampling: `jpeg_header.py`) and raw pixels are decoded on the CPU
 and uploaded; the refusals are counted per epoch (`epoch_report`).
 
@@ -24,7 +25,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from dataset_tools.beton import IMAGE_MODE_RAW
@@ -32,7 +32,7 @@ from dataset_tools.beton import IMAGE_MODE_RAW
 from . import crops
 from .beton_source import BetonBatches, reflect_pad, upload
 from .crops import crop_plan
-from .resample import resize_box
+from .resample import _coeffs, resize_box
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec (warning once per call); they still work and
 # need no extra dependency. Moving to torchcodec.decoders is the follow-up once it decodes JPEG on the GPU in batches.
@@ -74,7 +74,8 @@ class NvjpegEngine(BetonBatches):
 
     def _decode_on_gpu(self, idx: np.ndarray, data: list[torch.Tensor]) -> dict[int, torch.Tensor]:
         """{slot: (3, H, W) uint8 on the device} for the batch's JPEGs that nvJPEG takes; the rest are left out."""
-        slots = [k for k, i in enumerate(idx) if self.gpu_refusal(i, data[k].numpy()) is None]
+        slots = [k for k, i in enumerate(idx)
+                 if self.meta[i]["mode"] != IMAGE_MODE_RAW and self.gpu_refusal(i, data[k].numpy()) is None]
         if not slots:  # decode_jpeg([]) raises: a batch of raw pixels or refused JPEGs has nothing for nvJPEG
             return {}
         try:
@@ -82,7 +83,10 @@ class NvjpegEngine(BetonBatches):
                                                device=self.device)))
         except RuntimeError:
             # One file the header check let through and nvJPEG still refused fails the batched call: retry one by
-            # one and leave the refusals to the CPU.
+            # one and leave the refusals to the CPU. A failed call skips torchvision's own synchronisation, and
+            # nvJPEG may still be writing outputs it already allocated: wait before their memory is reused.
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
             out = {}
             for k in slots:
                 try:
@@ -97,20 +101,19 @@ class NvjpegEngine(BetonBatches):
         decoded = self._decode_on_gpu(idx, data)
         out = torch.empty((len(idx), size, size, 3), dtype=torch.uint8, device=self.device)
         for slot, i in enumerate(idx):
-            img = decoded.get(slot)
-            if img is None:  # raw pixels, or a JPEG for the CPU decoder: from pinned memory, no host wait
+            if slot in decoded:
+                img = decoded[slot].permute(1, 2, 0)  # (H, W, 3) view of nvJPEG's planar output
+            else:  # raw pixels, or a JPEG for the CPU decoder: from pinned memory, no host wait
                 img = upload(torch.from_numpy(np.ascontiguousarray(self._pixels(i, data[slot]))), self.device)
-                img = img.permute(2, 0, 1)
-            plan = crop_plan(self.crop, img.shape[1], img.shape[2], keys[slot])
-            y0, x0, y1, x1 = (int(round(v)) for v in plan[1:5])
-            part = img[:, y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)][None].float()
-            if plan[0] == "box":
-                res = F.interpolate(part, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-                out[slot] = res[0].round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
+            plan = crop_plan(self.crop, img.shape[0], img.shape[1], keys[slot])
+            if plan[0] == "box":  # the same two cases as _cpu_sample
+                _, y0, x0, y1, x1, whole = plan
+                out[slot] = (resize_box_on_device(img, y0, x0, y1, x1, size, size) if whole else
+                             resize_box_on_device(img[int(y0):int(y1), int(x0):int(x1)], 0.0, 0.0, y1 - y0, x1 - x0,
+                                                  size, size))
             else:
-                oi, oj, oh, ow = plan[5:]
-                res = F.interpolate(part, size=(oh, ow), mode="bicubic", antialias=True, align_corners=False)
-                out[slot, oi:oi + oh, oj:oj + ow] = res[0].round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
+                _, y0, x0, y1, x1, oi, oj, oh, ow = plan
+                out[slot, oi:oi + oh, oj:oj + ow] = resize_box_on_device(img, y0, x0, y1, x1, oh, ow)
                 reflect_pad(out[slot], oi, oj, oh, ow)
         return out
 
@@ -134,3 +137,23 @@ class NvjpegEngine(BetonBatches):
             out = np.empty((len(idx), size, size, 3), np.uint8)
             list(self.pool.map(lambda a: self._cpu_sample(out, *a), zip(range(len(idx)), idx, keys)))
             yield torch.from_numpy(out), labels
+
+
+def _weights(n: int, a: float, b: float, out: int, device: torch.device) -> torch.Tensor:
+    """(out, n) matrix of Pillow's bicubic weights resampling [a, b) of n source pixels onto `out` pixels: the
+    compact (first tap, weights) of `_coeffs` are uploaded and scattered into the matrix on the device."""
+    first, _, w = _coeffs(n, float(a), float(b), out)
+    first_t, w_t = upload(torch.from_numpy(first), device), upload(torch.from_numpy(w), device)
+    taps = (first_t[:, None] + torch.arange(w.shape[1], device=device)).clamp_(max=n - 1)
+    # Weights past a pixel's tap count are 0, so adding them where the clamp folds indices changes nothing.
+    return torch.zeros(out, n, device=device).scatter_add_(1, taps, w_t)
+
+
+def resize_box_on_device(img: torch.Tensor, y0, x0, y1, x1, oh: int, ow: int) -> torch.Tensor:
+    """`resample.resize_box` on any device: (H, W, 3) uint8 -> (oh, ow, 3) uint8, horizontal then vertical pass,
+    each rounded and clipped to 8 bits as Pillow does. In float32 (not TF32) matrix products it equals the CPU
+    resampler to the bit on the test images."""
+    wx = _weights(img.shape[1], x0, x1, ow, img.device)
+    wy = _weights(img.shape[0], y0, y1, oh, img.device)
+    t = torch.einsum("xw,hwc->hxc", wx, img.float()).add_(0.5).floor_().clamp_(0, 255)
+    return torch.einsum("yh,hxc->yxc", wy, t).add_(0.5).floor_().clamp_(0, 255).to(torch.uint8)

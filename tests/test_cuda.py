@@ -33,23 +33,25 @@ def engine_batches(cfg, split, device, epoch=0):
 
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_nvjpeg_gpu_decode_is_pixel_close_to_the_cpu_path(gpu_data, split):
-    """Same samples, order and crop boxes; nvJPEG + torch's antialiased bicubic on whole-pixel boxes vs libjpeg-turbo
-    + Pillow's bicubic on exact boxes: a few grey levels at most."""
+    """Same samples, order, crop boxes and resampling (Pillow's bicubic weights on both); only the decoders differ,
+    nvJPEG vs libjpeg-turbo: a grey level or two (IDCT and chroma upsampling)."""
     cfg = cfg_for(gpu_data)
     gpu, cpu = engine_batches(cfg, split, CUDA), engine_batches(cfg, split, "cpu")
     assert len(gpu) == len(cpu)
     for (xg, yg), (xc, yc) in zip(gpu, cpu):
         assert torch.equal(yg, yc) and xg.shape == xc.shape and xg.dtype == torch.uint8
         diff = (xg.float() - xc.float()).abs()
-        assert diff.mean() < 3.0 and diff.mean(dim=(1, 2, 3)).max() < 8.0, diff.mean()
+        assert diff.mean() < 1.5 and diff.mean(dim=(1, 2, 3)).max() < 3.0, diff.mean()
 
 
 def test_nvjpeg_reads_raw_pixel_files_on_the_gpu(gpu_data):
     """A batch with no JPEG at all (raw .beton, the CIFAR example) must not call decode_jpeg([])."""
     cfg = cfg_for(gpu_data, **{"data.val": gpu_data / "raw.beton", "model.num_classes": 3})
     gpu, cpu = engine_batches(cfg, "val", CUDA), engine_batches(cfg, "val", "cpu")
-    for (xg, yg), (xc, yc) in zip(gpu, cpu):
-        assert torch.equal(yg, yc) and (xg.float() - xc.float()).abs().mean() < 3.0
+    assert len(gpu) == len(cpu) > 0
+    for (xg, yg), (xc, yc) in zip(gpu, cpu):  # no decoder at all: equal but for float summation order
+        diff = (xg.int() - xc.int()).abs()
+        assert torch.equal(yg, yc) and diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
 
 
 def test_nvjpeg_batches_survive_a_consumer_that_frees_memory_under_load(gpu_data):
@@ -77,7 +79,7 @@ def test_dali_mixed_decode_matches_the_cpu_engines(gpu_data):
     pytest.importorskip("nvidia.dali")
     cfg = cfg_for(gpu_data, "dali")
     gpu, cpu = engine_batches(cfg, "val", CUDA), engine_batches(cfg_for(gpu_data), "val", "cpu")
-    for (xg, yg), (xc, yc) in zip(gpu, cpu):
+    for (xg, yg), (xc, yc) in zip(gpu, cpu):  # DALI's cubic ROI resize is within a grey level or two of Pillow's
         assert torch.equal(yg, yc) and (xg.float() - xc.float()).abs().mean() < 3.0
 
 
@@ -126,20 +128,29 @@ def test_amp_auto_on_this_gpu(gpu_data):
     assert run.amp == ("bf16" if native else "fp16") and run.scaler.is_enabled() == (not native)
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_lamb_on_cuda_matches_the_float64_reference(compiled):
+def test_lamb_on_cuda_matches_the_float64_reference():
+    """Eager in float64 and float32, and torch.compile'd in float32 (the training dtype; one compilation per
+    gradient-list length the reference's schedule produces)."""
     from .test_optim import _run_both
 
-    _run_both(steps=20, dtype=torch.float64, device=CUDA, compile=compiled, rtol=1e-9, atol=1e-11)
-    _run_both(steps=20, dtype=torch.float32, device=CUDA, compile=compiled, rtol=1e-4, atol=1e-5)
+    _run_both(steps=20, dtype=torch.float64, device=CUDA, rtol=1e-9, atol=1e-11)
+    _run_both(steps=20, dtype=torch.float32, device=CUDA, rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()  # the compiled step gets its own recompilation budget
+    _run_both(steps=20, dtype=torch.float32, device=CUDA, compile=True, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-lamb"])
 def test_a_training_step_never_waits_for_the_device(gpu_data, compiled):
-    """The device stage, mixing, forward/backward, LAMB (eager and torch.compile'd), the schedule and the EMA under
-    torch.cuda.set_sync_debug_mode("error"): any blocking copy or read-back in the step raises."""
-    run = engine.build(cfg_for(gpu_data, **{"train.amp": "bf16", "train.compile": compiled,
-                                           "train.ema_decay": 0.99}), CUDA)
+    """The device stage, mixing, forward/backward, LAMB (eager and torch.compile'd, whose scalars used to be
+    blocking copies), the schedule and the EMA under torch.cuda.set_sync_debug_mode("error"): any blocking copy or
+    read-back in the step raises. (The engine is outside: nvjpeg synchronises its own decode stream by design.)"""
+    from deit3_fast.optim import build_optimizer
+
+    torch._dynamo.reset()
+    run = engine.build(cfg_for(gpu_data, **{"train.amp": "bf16", "train.ema_decay": 0.99}), CUDA)
+    if compiled:  # only LAMB compiled: the model's compilation would add minutes and no host sync
+        run.optimizer = build_optimizer("lamb", run.raw_model, lr=1e-3, weight_decay=0.05, compile=True)
+        run.scheduler.optimizer = run.optimizer
     raw = [(i.clone(), y.clone()) for i, y in run.train_loader.engine.batches(0)]
     x, y, _ = run.train_loader.prepare(0, *raw[0])
     for i in range(2 * run.accum):  # warm-up: compilation, optimiser state, cached constants
@@ -160,7 +171,7 @@ def test_profile_on_cuda(gpu_data):
     from deit3_fast.profile import profile
 
     r = profile(cfg_for(gpu_data, **{"train.amp": "auto"}), CUDA, steps=3)
-    assert 0 < r["mfu"] <= 1 and r["peak_tflops"] > 1
+    assert 0 < r["mfu"] <= 1 and r["peak_tflops"] >= r["achieved_tflops"] > 0
     for key in ("engine_img_per_s", "device_stage_img_per_s", "loader_img_per_s", "model_img_per_s",
                 "end_to_end_img_per_s"):
         assert r[key] > 0, key

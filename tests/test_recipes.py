@@ -2,6 +2,7 @@
 machine), its optimiser groups, its loader with the recipe's augmentation on a small .beton, and one optimiser step
 with a tiny stand-in of its model (same name, patch and resolution; one narrow block). A recipe that cannot start
 fails here, not on a cluster."""
+import math
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,97 @@ def test_per_gpu_batch_is_the_official_command_lines(name):
     line = next(x for x in (CONFIG_DIR / f"{name}.yaml").read_text().splitlines() if "batch_size:" in x)
     assert f"{nodes} node{'s' if nodes > 1 else ''} x 8 GPUs x {batch} = {cfg.train.global_batch}" in line
     assert cfg.train.amp == "auto"
+
+
+# ---- what each recipe's run really uses, against the official command lines (README_revenge.md, main.py) --------
+
+PRETRAIN_1K = dict(opt="lamb", wd=0.05, epochs=800, loss="bce", smoothing=0.0, mixup=0.8, cutmix=1.0, crop="rrc",
+                   three_aug=True, jitter=0.3, auto_augment=None, repeats=3, global_batch=2048)
+FT_1K = dict(opt="adamw", lr=1e-5, wd=0.1, epochs=20, loss="ce", smoothing=0.1, mixup=0.8, cutmix=1.0, crop="rrc",
+             three_aug=False, jitter=0.0, auto_augment="rand-m9-mstd0.5-inc1", repeats=1, global_batch=512)
+PRETRAIN_21K = dict(opt="lamb", lr=1e-3, wd=0.02, epochs=240, loss="ce", smoothing=0.1, mixup=0.0, cutmix=1.0,
+                    crop="src", three_aug=True, jitter=0.3, auto_augment=None, repeats=1, global_batch=2048,
+                    classes=21841)
+FT_21K_1K = dict(opt="lamb", lr=3e-4, wd=0.02, epochs=50, loss="ce", smoothing=0.1, mixup=0.0, cutmix=1.0, crop="src",
+                 three_aug=True, jitter=0.3, auto_augment=None, repeats=1, global_batch=2048)
+EXPECTED = {
+    "vit_s_in1k": dict(PRETRAIN_1K, model="deit3_small", res=224, lr=4e-3, drop_path=0.05),
+    "vit_b_in1k": dict(PRETRAIN_1K, model="deit3_base", res=192, lr=3e-3, drop_path=0.2),
+    "vit_l_in1k": dict(PRETRAIN_1K, model="deit3_large", res=192, lr=3e-3, drop_path=0.45),
+    "vit_h_in1k": dict(PRETRAIN_1K, model="deit3_huge", res=160, lr=3e-3, drop_path=0.6),
+    "vit_b_in1k_ft224": dict(FT_1K, model="deit3_base", res=224, drop_path=0.2),
+    "vit_l_in1k_ft224": dict(FT_1K, model="deit3_large", res=224, drop_path=0.45),
+    "vit_h_in1k_ft224": dict(FT_1K, model="deit3_huge", res=224, drop_path=0.55),
+    "vit_s_in1k_ft384": dict(FT_1K, model="deit3_small", res=384, drop_path=0.0),
+    "vit_b_in1k_ft384": dict(FT_1K, model="deit3_base", res=384, drop_path=0.15),
+    "vit_l_in1k_ft384": dict(FT_1K, model="deit3_large", res=384, drop_path=0.4),
+    "vit_s_in21k": dict(PRETRAIN_21K, model="deit3_small", res=224, drop_path=0.05),
+    "vit_b_in21k": dict(PRETRAIN_21K, model="deit3_base", res=224, drop_path=0.1),
+    "vit_l_in21k": dict(PRETRAIN_21K, model="deit3_large", res=224, drop_path=0.3),
+    "vit_h_in21k": dict(PRETRAIN_21K, model="deit3_huge", res=128, drop_path=0.5, epochs=90),
+    "vit_s_in21k_ft_in1k": dict(FT_21K_1K, model="deit3_small", res=224, drop_path=0.05),
+    "vit_b_in21k_ft_in1k": dict(FT_21K_1K, model="deit3_base", res=224, drop_path=0.15),
+    "vit_l_in21k_ft_in1k": dict(FT_21K_1K, model="deit3_large", res=224, drop_path=0.4),
+    "vit_h_in21k_ft_in1k": dict(FT_21K_1K, model="deit3_huge", res=224, drop_path=0.45),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_recipe_runs_with_the_official_values(name, small, monkeypatch):
+    """Built through engine.build (the run's own components, a one-block stand-in model), every value the run uses
+    is the official command line's: a value dropped on its way from the config to the component fails here."""
+    e = EXPECTED[name]
+    real_create = engine.create_model
+    monkeypatch.setattr(engine, "create_model",
+                        lambda *a, **kw: real_create(*a, **kw, depth=1, embed_dim=32, num_heads=2))
+    cfg = load_config(name, [f"data.train={small}", f"data.val={small}", "model.checkpoint=null", "data.workers=1",
+                             "data.batch_size=8", "train.global_batch=16"])
+    run = engine.build(cfg, torch.device("cpu"))
+    model = run.raw_model
+    # Model: name, resolution, classes, drop-path in every block, LayerScale at 1e-4.
+    assert (cfg.model.name, model.patch_embed.img_size[0]) == (e["model"], e["res"])
+    assert model.head.out_features == e.get("classes", 1000)
+    for block in model.blocks:
+        for dp in (block.drop_path1, block.drop_path2):
+            assert dp.drop_prob == e["drop_path"] if e["drop_path"] else isinstance(dp, torch.nn.Identity)
+        assert torch.all(block.ls1.gamma == 1e-4) and torch.all(block.ls2.gamma == 1e-4)
+    # Optimiser: kind, lr, betas, eps, weight decay on matrices only, LAMB's clipping at 1.0.
+    opt = run.optimizer
+    assert isinstance(opt, Lamb) if e["opt"] == "lamb" else isinstance(opt, torch.optim.AdamW)
+    decay, no_decay = opt.param_groups
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (e["wd"], 0.0)
+    for group in opt.param_groups:
+        assert (group["betas"], group["eps"]) == ((0.9, 0.999), 1e-8)
+    if e["opt"] == "lamb":
+        assert opt.defaults["max_grad_norm"] == 1.0
+    # Schedule: warm-up from 1e-6 over 5 epochs to lr, then timm's cosine (not shifted by the warm-up) to 1e-5.
+    sched, steps = run.scheduler, run.scheduler.steps_per_epoch
+    after_warmup = 1e-5 + 0.5 * (e["lr"] - 1e-5) * (1 + math.cos(math.pi * 5 / e["epochs"]))
+    assert sched.value(0) == pytest.approx(1e-6) and sched.value(5 * steps) == pytest.approx(after_warmup)
+    assert sched.value(steps * 5 // 2) == pytest.approx(1e-6 + (e["lr"] - 1e-6) * (steps * 5 // 2) / (5 * steps))
+    assert sched.value(e["epochs"] * steps) == pytest.approx(1e-5) and cfg.schedule.epochs == e["epochs"]
+    # Loss and mixing.
+    assert run.loss.kind == e["loss"]
+    if e["smoothing"]:
+        assert run.loss.hard.smoothing == e["smoothing"]
+    mix = run.train_loader.mixing.mixup
+    assert (mix.mixup_alpha, mix.cutmix_alpha, mix.mix_prob, mix.switch_prob, mix.label_smoothing, mix.mode) == \
+           (e["mixup"], e["cutmix"], 1.0, 0.5, e["smoothing"], "batch")
+    assert run.train_loader.mixing.binarize == (e["loss"] == "bce")
+    # Augmentation: the primary crop, the device stage, RandAugment on the host, the eval crop, repeats.
+    engine_ = run.train_loader.engine
+    assert engine_.crop.kind == e["crop"] and engine_.crop.size == e["res"]
+    assert (engine_.crop.scale, engine_.crop.ratio, engine_.crop.pad) == ((0.08, 1.0), (3 / 4, 4 / 3), 4)
+    a = run.train_loader.stage.aug
+    assert (a.hflip, a.three_augment, a.color_jitter, a.solarize_threshold, tuple(a.blur_sigma)) == \
+           (0.5, e["three_aug"], e["jitter"], 128, (0.1, 2.0))
+    host = run.train_loader.host_stage
+    assert (host is not None) == (e["auto_augment"] is not None)
+    if host is not None:
+        ops = sorted(op.name for op in host.transform.ops)
+        assert host.transform.num_layers == 2 and len(ops) == 15 and "SolarizeIncreasing" in ops
+        assert all(op.magnitude == 9 and op.magnitude_std == 0.5 for op in host.transform.ops)
+    val = run.val_loader.engine.crop
+    assert (val.kind, val.size, val.center_ratio) == ("center", e["res"], 1.0)
+    assert run.train_loader.engine.order.epoch_order.repeats == e["repeats"]
+    assert load_config(name).train.global_batch == e["global_batch"] and run.amp == "bf16"  # auto on a CPU
