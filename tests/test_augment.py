@@ -194,3 +194,31 @@ def test_randaugment_posterize_at_full_magnitude_gives_black_not_an_error():
     assert np.asarray(op(img)).max() == 0
     op.magnitude = 5  # 4 - 2 = 2 bits: PIL's posterize, unchanged
     assert np.asarray(op(img))[0, 0, 0] == 192
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_train_stage_equals_the_reference_composition(images, compiled):
+    """The fused, sliced train stage (with the default AugConfig) against the official per-sample order built from
+    reference ops on the parameters the stage returns: flip (torchvision) -> the sample's one 3-Augment branch
+    (PIL grayscale, PIL solarize at 128, the Gaussian blur at its sigma) -> torchvision's brightness, contrast and
+    saturation in the sample's order -> torchvision's normalise. 40 samples, past the CPU slice of 16."""
+    u8 = torch.from_numpy(np.stack(images * 5))
+    stage = DeviceStage(AugConfig(), train=True, compile=compiled)
+    out, p = stage(u8, torch.Generator().manual_seed(3))
+    assert set(p.branch.tolist()) == {0, 1, 2} and p.flip.any() and not p.flip.all()
+    jitter_ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    for i in range(len(u8)):
+        img = u8[i].numpy()
+        if p.flip[i]:
+            img = img[:, ::-1].copy()
+        branch = BRANCHES[int(p.branch[i])]
+        if branch == "grayscale":
+            ref = chw01(torch.from_numpy(np.array(Image.fromarray(img).convert("L").convert("RGB"))).float())
+        elif branch == "solarize":
+            ref = chw01(torch.from_numpy(np.array(ImageOps.solarize(Image.fromarray(img), 128))).float())
+        else:
+            ref = chw01(gaussian_blur(to_float(torch.from_numpy(img))[None], p.sigma[i:i + 1])[0])
+        for op in p.jitter_order[i].tolist():
+            ref = jitter_ops[op](ref, float(p.jitter[i, op]))
+        ref = TF.normalize(ref, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+        torch.testing.assert_close(out[i], ref, atol=1e-4, rtol=0, msg=f"sample {i} ({branch})")

@@ -48,6 +48,7 @@ def test_every_bad_input_is_skipped_or_converted_and_reported(bad_tree, tmp_path
     assert report["class_counts"] == [good_in_class0, 6, 6, 0]
     assert report["num_written"] == len(Beton(out)) == good_in_class0 + 12
     assert report["converted_to_rgb"] == {"L": 1, "CMYK": 1, "P": 1, "RGBA": 1, "I;16": 1}
+    assert report["num_skipped"] == len(report["skipped"]) == len(expected["skipped"])
 
     # Raw mode stores the converted pixels exactly: compare each with its reference conversion.
     b = Beton(out)
@@ -169,6 +170,7 @@ def test_symlinks_followed_loops_and_broken_links_reported(good_tree, tmp_path):
     reasons = {s["path"]: s["reason"] for s in rep["skipped"]}
     assert reasons == {"a/broken.JPEG": "broken symbolic link",
                        "a/sub/loop": "symbolic link loop: folder already visited"}
+    assert rep["num_skipped"] == 2  # problems met while walking count as skipped files too
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files regardless of their permissions")
@@ -207,3 +209,33 @@ def test_cli_success_prints_summary_and_report(good_tree, tmp_path):
     assert "images written" in r.stdout and "40 of 40" in r.stdout
     assert json.loads((tmp_path / "o.beton.json").read_text())["num_written"] == 40
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.beton", "o.beton.json"]
+
+
+def test_class_order_is_torchvisions_case_sensitive_sort(tmp_path):
+    """ImageFolder sorts class folders by name, case-sensitively ("B" < "C" < "a"): the same labels here."""
+    from torchvision.datasets.folder import find_classes
+
+    from dataset_tools.imagefolder import scan_imagefolder
+
+    for name in ("a", "B", "C", "b_lower", "Z9", "10", "9"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / name / "x.JPEG")
+    scan = scan_imagefolder(tmp_path)
+    assert scan.classes == find_classes(str(tmp_path))[0] == ["10", "9", "B", "C", "Z9", "a", "b_lower"]
+    assert [label for _, label in scan.samples] == list(range(7))
+
+
+def test_fraction_keeps_round_half_up_of_each_class_and_at_least_one(tmp_path):
+    """--fraction F keeps floor(F * n + 0.5) images of a class of n (at least 1): 0.3 of 5 is 2, of 7 is 2, of 9
+    is 3, of 1 is 1; 0.5 of 3 is 2."""
+    from dataset_tools.imagefolder import scan_imagefolder
+
+    for n in (1, 3, 5, 7, 9):
+        (tmp_path / f"c{n}").mkdir()
+        for i in range(n):
+            Image.new("RGB", (8, 8)).save(tmp_path / f"c{n}" / f"{i}.JPEG")
+    counts = lambda f: [sum(1 for _, label in scan_imagefolder(tmp_path, fraction=f).samples if label == k)  # noqa: E731
+                        for k in range(5)]
+    assert counts(0.3) == [1, 1, 2, 2, 3]
+    assert counts(0.5) == [1, 2, 3, 4, 5]
+    assert counts(1.0) == [1, 3, 5, 7, 9]

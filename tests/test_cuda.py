@@ -11,7 +11,8 @@ from deit3_fast import engine
 from deit3_fast.checkpoint import load
 from deit3_fast.config import load_config
 from pipelines import build_loader
-from pipelines.augment import augment, draw_params, normalize, to_float
+from pipelines.augment import DeviceStage, augment, draw_params, normalize, to_float
+from pipelines.config import AugConfig
 
 pytestmark = pytest.mark.cuda
 CUDA = torch.device("cuda", 0)
@@ -31,11 +32,11 @@ def engine_batches(cfg, split, device, epoch=0):
     return [(x.cpu(), y.cpu()) for x, y in loader.engine.batches(epoch)]
 
 
-@pytest.mark.parametrize("split", ["train", "val"])
-def test_nvjpeg_gpu_decode_is_pixel_close_to_the_cpu_path(gpu_data, split):
-    """Same samples, order, crop boxes and resampling (Pillow's bicubic weights on both); only the decoders differ,
-    nvJPEG vs libjpeg-turbo: a grey level or two (IDCT and chroma upsampling)."""
-    cfg = cfg_for(gpu_data)
+@pytest.mark.parametrize("split, crop", [("train", "rrc"), ("train", "src"), ("val", "rrc")])
+def test_nvjpeg_gpu_decode_is_pixel_close_to_the_cpu_path(gpu_data, split, crop):
+    """Same samples, order, crop boxes, resampling (Pillow's bicubic weights on both) and SRC's reflect padding (the
+    GPU's torch pad); only the decoders differ, nvJPEG vs libjpeg-turbo: a grey level or two."""
+    cfg = cfg_for(gpu_data, **{"aug.crop": crop})
     gpu, cpu = engine_batches(cfg, split, CUDA), engine_batches(cfg, split, "cpu")
     assert len(gpu) == len(cpu)
     for (xg, yg), (xc, yc) in zip(gpu, cpu):
@@ -96,6 +97,19 @@ def test_device_stage_on_cuda_equals_the_cpu_to_fp32_tolerance():
         on[torch.device(device).type] = normalize(x, torch.float32).cpu()
     assert (p.branch == 2).any() and (p.branch != 2).any()
     torch.testing.assert_close(on["cuda"], on["cpu"], rtol=1e-5, atol=1e-4)
+
+
+def test_the_whole_batch_train_stage_on_cuda_equals_the_cpu_operations():
+    """On a GPU the stage runs the whole batch at once and blurs by select (no CPU slices, no gather): its output
+    equals the CPU operations on the parameters it returns."""
+    stage = DeviceStage(AugConfig(), train=True)
+    images = torch.randint(0, 256, (40, 24, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    out, p = stage(images.to(CUDA), torch.Generator(device=CUDA).manual_seed(0))
+    q = type(p)(*(t.cpu() for t in (p.flip, p.branch, p.sigma, p.jitter, p.jitter_order)))
+    assert set(q.branch.tolist()) == {0, 1, 2}
+    ref = normalize(augment(to_float(images), q), torch.float32)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-4)
+    assert out.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_prefetching_loader_gives_exactly_the_batches_of_the_plain_one(gpu_data):

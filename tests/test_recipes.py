@@ -205,3 +205,39 @@ def test_recipe_runs_with_the_official_values(name, small, monkeypatch):
     assert (val.kind, val.size, val.center_ratio) == ("center", e["res"], 1.0)
     assert run.train_loader.engine.order.epoch_order.repeats == e["repeats"]
     assert load_config(name).train.global_batch == e["global_batch"] and run.amp == "bf16"  # auto on a CPU
+
+
+def test_defaults_are_the_official_values():
+    """What a recipe that leaves a key out gets, and what the components take when called with their defaults:
+    the official values (deit3-recipe.md), so a changed default cannot slip through a recipe that relies on it."""
+    from deit3_fast.config import Config, DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig
+    from deit3_fast.optim import build_optimizer
+    from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD
+    from pipelines.config import AugConfig
+
+    a = AugConfig()
+    assert (a.img_size, a.crop, a.rrc_scale, a.rrc_ratio, a.src_pad, a.eval_crop_ratio) == \
+           (224, "rrc", (0.08, 1.0), (3 / 4, 4 / 3), 4, 1.0)
+    assert (a.hflip, a.three_augment, a.blur_sigma, a.solarize_threshold, a.color_jitter, a.auto_augment) == \
+           (0.5, True, (0.1, 2.0), 128, 0.3, None)
+    assert (a.mixup, a.cutmix, a.mix_prob, a.mix_switch_prob, a.label_smoothing) == (0.8, 1.0, 1.0, 0.5, 0.0)
+    assert (a.mean, a.std) == (IMAGENET_MEAN, IMAGENET_STD) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    o = OptimConfig()
+    assert (o.name, o.lr, o.weight_decay, o.betas, o.eps, o.max_grad_norm) == ("lamb", 4e-3, 0.05, (0.9, 0.999),
+                                                                              1e-8, 1.0)
+    s = ScheduleConfig()
+    assert (s.epochs, s.warmup_epochs, s.warmup_lr, s.min_lr) == (800, 5, 1e-6, 1e-5)
+    m = ModelConfig()
+    assert (m.name, m.num_classes, m.drop_path, m.layer_scale_init, m.checkpoint) == \
+           ("deit3_small", 1000, 0.05, 1e-4, None)
+    t = TrainConfig()
+    assert (t.global_batch, t.amp, t.seed, t.ema_decay) == (2048, "auto", 0, None)
+    d = DataConfig()
+    assert (d.batch_size, d.repeats, d.shuffle, d.eval_batch_size) == (256, 3, True, None)
+    assert Config().loss == "bce"
+    # The components' own defaults, which the recipes' wiring passes through.
+    model = create_model("deit3_nano")
+    assert torch.all(model.blocks[0].ls1.gamma == 1e-4)
+    opt = build_optimizer("lamb", model, lr=1e-3, weight_decay=0.05)
+    assert opt.defaults["max_grad_norm"] == 1.0 and opt.defaults["betas"] == (0.9, 0.999)
+    assert opt.defaults["eps"] == 1e-8 and Lamb([torch.nn.Parameter(torch.ones(1))]).defaults["max_grad_norm"] == 1.0

@@ -29,41 +29,57 @@ def tiny_cfg(data, **sets):
     return load_config("quickstart", [f"{k}={v}" for k, v in base.items()])
 
 
+def assert_same_state(a, b, where="checkpoint"):
+    """Two checkpoint payloads hold the same state to the bit: every tensor, number and string, recursively (model,
+    optimiser moments and step counts and learning rates, grad scaler, EMA, epoch, best accuracy, position, config)."""
+    assert type(a) is type(b), where
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), (where, set(a) ^ set(b))
+        for k in a:
+            assert_same_state(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    else:
+        assert a == b, (where, a, b)
+
+
 def assert_same_as_uninterrupted(full_dir, full_rows, split_dir):
-    """The interrupted-and-resumed run in `split_dir` ends where the uninterrupted one did: the same weights, the same
-    optimiser moments, and the same metrics rows (timings aside)."""
-    a, b = load(full_dir / "checkpoint-last.pt"), load(split_dir / "checkpoint-last.pt")
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    for k, st in a["optimizer"]["state"].items():
-        for moment in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(st[moment], b["optimizer"]["state"][k][moment]), (k, moment)
+    """The interrupted-and-resumed run in `split_dir` ends where the uninterrupted one did: every piece of state in
+    the last and best checkpoints, and the same metrics rows (timings aside)."""
+    for name in ("checkpoint-last.pt", "checkpoint-best.pt"):
+        assert_same_state(load(full_dir / name), load(split_dir / name), name)
     strip = ("train_seconds", "img_per_s", "data_wait_frac", "max_mem_mb")
     rows = [json.loads(x) for x in (split_dir / "metrics.jsonl").read_text().splitlines()]
     assert [{k: v for k, v in r.items() if k not in strip} for r in rows] == \
            [{k: v for k, v in r.items() if k not in strip} for r in full_rows]
 
 
-def test_resume_is_bit_identical(data, tmp_path):
-    """3 epochs in one go == 2 epochs, stop, resume for the last: same weights, optimiser state and metrics."""
+@pytest.mark.parametrize("sets", [{}, {"train.ema_decay": 0.9, "train.amp": "fp16"}], ids=["plain", "ema-fp16"])
+def test_resume_is_bit_identical(data, tmp_path, sets):
+    """3 epochs in one go == 2 epochs, stop, resume for the last: every piece of state and the metrics."""
     cpu = torch.device("cpu")
-    full = train(tiny_cfg(data), tmp_path / "full", cpu, quiet=True)
-    part = train(tiny_cfg(data), tmp_path / "split", cpu, quiet=True, stop_after_epoch=1)
+    full = train(tiny_cfg(data, **sets), tmp_path / "full", cpu, quiet=True)
+    part = train(tiny_cfg(data, **sets), tmp_path / "split", cpu, quiet=True, stop_after_epoch=1)
     assert [r["epoch"] for r in part] == [0, 1]
-    rest = train(tiny_cfg(data), tmp_path / "split", cpu, quiet=True, resume="auto")
+    rest = train(tiny_cfg(data, **sets), tmp_path / "split", cpu, quiet=True, resume="auto")
     assert [r["epoch"] for r in rest] == [2]
     assert_same_as_uninterrupted(tmp_path / "full", full, tmp_path / "split")
 
 
-def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("sets", [{}, {"train.ema_decay": 0.9, "train.amp": "fp16"}], ids=["plain", "ema-fp16"])
+def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(data, tmp_path, monkeypatch, sets):
     """A real SIGTERM in the middle of epoch 1 (sent by the 9th loss call: epoch 1, step 1 of 3): the run stops at
     the step boundary, the checkpoint records that position, and the resumed run ends bit-identical to one never
-    interrupted: model, optimiser state and every metrics row."""
+    interrupted: every piece of state (with an EMA and fp16's grad scaler too) and every metrics row."""
     import os
     import signal
 
     cpu = torch.device("cpu")
-    full = train(tiny_cfg(data), tmp_path / "full", cpu, quiet=True)
+    full = train(tiny_cfg(data, **sets), tmp_path / "full", cpu, quiet=True)
     calls = []
     real = engine.RecipeLoss.__call__
 
@@ -75,13 +91,13 @@ def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(data, tmp_path, monke
 
     monkeypatch.setattr(engine.RecipeLoss, "__call__", loss_that_signals)
     with pytest.raises(engine.Preempted, match="epoch 1, step 2/3") as stopped:
-        train(tiny_cfg(data), tmp_path / "split", cpu, quiet=True, handle_sigterm=True)
+        train(tiny_cfg(data, **sets), tmp_path / "split", cpu, quiet=True, handle_sigterm=True)
     assert len(calls) == 10  # the step's second micro-batch ran: no half-accumulated gradients are lost
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
     state = load(stopped.value.checkpoint)
     assert state["epoch"] == 0 and state["resume_at"]["step"] == 2
     monkeypatch.setattr(engine.RecipeLoss, "__call__", real)
-    rest = train(tiny_cfg(data), tmp_path / "split", cpu, quiet=True, resume="auto")
+    rest = train(tiny_cfg(data, **sets), tmp_path / "split", cpu, quiet=True, resume="auto")
     assert [r["epoch"] for r in rest] == [1, 2]
     assert_same_as_uninterrupted(tmp_path / "full", full, tmp_path / "split")
 

@@ -198,16 +198,23 @@ def test_killed_writer_process_stops_the_run(tmp_path, big_jpeg):
 @pytest.mark.slow
 def test_sigkill_on_the_temp_file_fallback_path(tmp_path, big_jpeg):
     """Where O_TMPFILE is unavailable (NFS, Lustre; here the converter runs without it) a SIGKILL leaves the hidden
-    `.OUT.partial-PID`, but never OUT; the next run sweeps the stale file and succeeds."""
-    src = link_tree(tmp_path / "src", big_jpeg, {"a": 30, "b": 30})
+    `.OUT.partial-PID`, but never OUT; the next run sweeps the stale file and succeeds.
+
+    Not timing-dependent: the converter and its writers are frozen (SIGSTOP to the process group) as soon as the
+    writers are seen, so a loaded machine cannot let the write finish between the check and the kill."""
+    src = link_tree(tmp_path / "src", big_jpeg, {"a": 100, "b": 100})
     out = tmp_path / "o.beton"
     no_tmpfile = "import os, sys; del os.O_TMPFILE; from dataset_tools.convert import main; sys.exit(main())"
     proc = subprocess.Popen([sys.executable, "-c", no_tmpfile, str(src), str(out), "--workers", "2",
                              "--max-resolution", "1600", "--quiet"], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     writers = writer_processes(proc, 2)
-    assert no_leftovers(tmp_path, "o.beton") == [f".o.beton.partial-{proc.pid}"]
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGSTOP)
+    try:
+        assert no_leftovers(tmp_path, "o.beton") == [f".o.beton.partial-{proc.pid}"]
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        os.killpg(proc.pid, signal.SIGCONT)  # the writers, stopped, must run to receive their parent's death
     proc.communicate(timeout=60)
     assert wait_gone(writers), "writer processes outlived the converter"
     assert no_leftovers(tmp_path, "o.beton") == [f".o.beton.partial-{proc.pid}"]  # never a half OUT
