@@ -376,8 +376,9 @@ def test_dali_counts_the_jpegs_its_gpu_decoder_hands_to_its_cpu_fallback(small_b
     loader = build_loader(cfg_for(small_beton, **{"data.engine": "dali"}), "val", "cpu")
     engine = loader.engine
     monkeypatch.setattr(source, "gpu_refusal", lambda data: "CMYK" if data[-3] % 4 == 0 else None)
-    engine.gpu = True  # what a GPU pipeline does before it hands DALI a batch; the pipeline itself stays on the CPU
-    list(engine.batches(0))
+    engine.gpu = True  # what the engine does with each batch's inputs before a GPU pipeline decodes them
+    for idx, keys in engine.index_batches(0):
+        engine._inputs(idx, keys)
     n = sum(r is not None for r in engine._refusals.values())
     assert 0 < n < 120 and engine.epoch_report() == {"cpu_decoded": n, "cpu_decoded_reasons": {"CMYK": n}}
 
@@ -399,3 +400,22 @@ def test_nvjpeg_gpu_path_resamples_like_the_cpu_path(path, split, crop, request)
     for a, b in zip(gpu_path, cpu_path):
         diff = (a.int() - b.int()).abs()
         assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
+
+
+def test_a_training_batch_is_exactly_engine_then_stage_then_mixing(small_beton):
+    """Not only in range: batch b of an epoch is the engine's uint8 batch b through the device stage and mixing,
+    with the generators keyed by (seed, rank, epoch, b), cast once to the AMP dtype: the pre-training recipe's
+    path (3-Augment, jitter, mixup/cutmix, binarised BCE targets) in bf16."""
+    loader = build_loader(cfg_for(small_beton, **{"train.amp": "bf16"}), "train", "cpu")
+    loader.set_epoch(2)
+    batches = [(x.clone(), y.clone()) for x, y in loader]
+    raw = [(i.clone(), y.clone()) for i, y in loader.engine.batches(2)]
+    assert len(batches) == len(raw) == 5
+    loader.epoch = 2
+    for b in (0, 4):
+        g, rng = loader._generators(b)
+        x, p = loader.stage(raw[b][0], g)
+        assert x.dtype == torch.float32 and set(p.branch.tolist()) <= {0, 1, 2}
+        x, y = loader.mixing(x, raw[b][1], rng)
+        assert torch.equal(batches[b][0], x.to(torch.bfloat16)) and torch.equal(batches[b][1], y)
+        assert set(y.unique().tolist()) <= {0.0, 1.0} and (y.sum(1) >= 1).all()
