@@ -55,7 +55,7 @@ def main() -> None:
     from dataset_tools.convert import convert
     from deit3_fast.config import load_config
     from official_pipeline import official_train_loader
-    from pipelines import build_loader
+    from deit3_fast.trainer import make_loader
     from pipelines.augment import DeviceStage
 
     torch.set_num_threads(args.workers)
@@ -74,7 +74,7 @@ def main() -> None:
                 f"data.workers={args.workers}", "data.repeats=1", "train.amp=fp32", f"aug.img_size={args.size}"]
         for compiled in (False, True):
             cfg = load_config("vit_s_in1k", sets + [f"train.compile={str(compiled).lower()}"])
-            loader = build_loader(cfg, "train", "cpu")
+            loader = make_loader(cfg, "train", torch.device("cpu"))
             tag = "compiled" if compiled else "eager"
             if not compiled:
                 result["cpu_stage_img_per_s"] = rate(lambda: loader.engine.batches(0), args.images)
@@ -88,7 +88,7 @@ def main() -> None:
                 stage(images, g)
             result[f"device_stage_{tag}_img_per_s"] = reps * len(images) / (time.perf_counter() - t0)
             result[f"end_to_end_{tag}_img_per_s"] = rate(lambda: loader, args.images)
-        nv = build_loader(load_config("vit_s_in1k", sets + ["data.engine=nvjpeg"]), "train", "cpu")
+        nv = make_loader(load_config("vit_s_in1k", sets + ["data.engine=nvjpeg"]), "train", torch.device("cpu"))
         result["cpu_stage_nvjpeg_engine_img_per_s"] = rate(lambda: nv.engine.batches(0), args.images)
         best = max(result["end_to_end_eager_img_per_s"], result["end_to_end_compiled_img_per_s"])
         result["ratio_end_to_end_vs_official"] = best / result["official_img_per_s"]

@@ -116,15 +116,24 @@ class AtomicOutput:
             self._named = None
 
 
-def write_text_atomic(path: str, text: str) -> None:
-    """Small files (reports): temp name beside `path`, fsync, rename."""
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.partial-{os.getpid()}")
+def write_atomic(path: str | os.PathLike, write) -> None:
+    """Files this process writes itself (checkpoints, reports, results): `write(f)` into a hidden
+    `.NAME.partial-PID` beside `path`, fsync, rename over `path`. A crash or SIGKILL leaves the previous `path`
+    intact and at most the partial, which is never read and is swept by the next write of `path`."""
+    path = os.fspath(path)
+    out = AtomicOutput(path)
+    out.sweep_stale()
+    tmp = out._partial_name()
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    write_atomic(path, lambda f: f.write(text.encode()))

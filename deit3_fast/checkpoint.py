@@ -1,52 +1,54 @@
-"""Checkpoints: everything needed to continue a run exactly, written atomically.
+"""Checkpoints: the one format a run saves and resumes from, written atomically.
 
-A checkpoint holds the model, optimiser, grad scaler, EMA, schedule position (epoch, step), the best accuracy so far
-and the resolved config. It holds no RNG state: every random draw of a run is keyed by (seed, rank, epoch, batch),
-so a resume on any number of processes redraws exactly what an uninterrupted run would. It is written to a temporary
-file beside the target, fsynced and renamed, so a crash or SIGKILL mid-write leaves the previous checkpoint intact.
+A checkpoint is the run's state (`Run.state_dict()`: model, optimiser, grad scaler, EMA) plus where it stands: the
+last completed epoch, the position inside the next one for a mid-epoch stop (`resume_at`), the best accuracy so far,
+and the config it was written with. It holds no RNG state: every random draw of a run is keyed by (seed, rank,
+epoch, batch), so a resume on any number of processes redraws exactly what an uninterrupted run would. Files load
+with `torch.load(weights_only=True)`; they are written to a temporary beside the target, fsynced and renamed
+(`dataset_tools.atomic.write_atomic`), so a crash or SIGKILL mid-write leaves the previous checkpoint intact.
 """
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from dataset_tools.atomic import write_atomic
+
 LAST, BEST = "checkpoint-last.pt", "checkpoint-best.pt"
 
 
-def _sweep_partials(path: Path) -> None:
-    """Remove what a process killed mid-write (SIGKILL, OOM killer, node loss) left: `.NAME.partial-PID` files whose
-    PID is no longer running. They are never read, but each can be as large as the checkpoint."""
-    for stale in path.parent.glob(f".{path.name}.partial-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
-            stale.unlink(missing_ok=True)
+class CheckpointError(Exception):
+    """A checkpoint that cannot be read, or does not fit the model or run it is loaded into."""
 
 
-def save(path: Path, payload: dict) -> None:
-    _sweep_partials(path)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+@dataclass
+class Position:
+    """Where a checkpoint stands: the last completed epoch (-1: none), the position inside the next epoch after a
+    mid-epoch stop (step and the partial sums of its statistics), and the best accuracy so far."""
+    epoch: int = -1
+    best: float = -1.0
+    resume_at: dict | None = None
+
+
+def save(path: Path, state: dict, position: Position, config: dict) -> None:
+    payload = {**state, "epoch": position.epoch, "best_acc1": position.best, "resume_at": position.resume_at,
+               "config": config}
+    write_atomic(path, lambda f: torch.save(payload, f))
 
 
 def load(path: Path) -> dict:
-    from .models import CheckpointError
-
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a damaged file
         first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path} is not a readable checkpoint ({first}); it may have been cut short: pass "
                               "--resume with an earlier checkpoint, or move it away to start over") from None
+
+
+def position(payload: dict) -> Position:
+    return Position(payload["epoch"], payload["best_acc1"], payload.get("resume_at"))
 
 
 def find_resume(resume: str | None, out_dir: Path) -> Path | None:

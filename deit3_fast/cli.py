@@ -1,5 +1,9 @@
-"""`deit3-fast` command line: train, eval, submit, profile, doctor, ablate, preview, quickstart. Errors in input are one line
-and exit code 2."""
+"""`deit3-fast` command line: train, eval, submit, profile, doctor, ablate, preview, quickstart. Every sub-command is
+declared here; input errors are one line and exit code 2.
+
+Imports: what every command needs (the config, the ablation grid, the Slurm description, the process group) is
+imported here; the trainer and what it pulls in (timm, the data engines, numba) inside the commands that run it.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,29 +11,24 @@ import json
 import sys
 from pathlib import Path
 
-from . import __version__
+from pipelines.config import ENGINES
 
+from . import __version__, ablate
+from . import distributed as dist
+from .archs import resolve_name
+from .checkpoint import CheckpointError
+from .config import ConfigError, batch_plan, load_config, to_dict
+from .submit import add_slurm_args, describe, describe_job, slurm_options
 
 def _add_cfg_args(p: argparse.ArgumentParser, data_train: bool = True, cfg_required: bool = True) -> None:
     p.add_argument("--cfg", required=cfg_required, help="recipe name in configs/ (e.g. vit_s_in1k) or a YAML path")
     if data_train:
         p.add_argument("--data-train", help="training .beton (overrides data.train)")
     p.add_argument("--data-val", help="validation .beton (overrides data.val)")
-    p.add_argument("--engine", choices=["ffcv", "dali", "nvjpeg"], help="loader engine (overrides data.engine)")
+    p.add_argument("--engine", choices=ENGINES, help="loader engine (overrides data.engine)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, repeatable (e.g. --set optim.lr=1e-3)")
-
-
-def add_slurm_args(p) -> None:
-    """The sbatch side of `submit` and `ablate --submit`."""
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--partition")
-    p.add_argument("--account")
-    p.add_argument("--constraint")
-    p.add_argument("--timeout-min", type=int, default=2800)
-    p.add_argument("--cpus-per-task", type=int, default=10)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     d.add_argument("--require-gpu", action="store_true", help="exit 1 when no CUDA device is usable")
     d.add_argument("--data-train", help="a .beton for the throughput check (default: a generated one; needs ffcv)")
-    d.add_argument("--engine", choices=["ffcv", "dali", "nvjpeg"], help="engine for the throughput check")
+    d.add_argument("--engine", choices=ENGINES, help="engine for the throughput check")
     d.add_argument("--steps", type=int, default=10, help="timed batches in the throughput check (10)")
     d.add_argument("--no-throughput", action="store_true", help="skip the loader-vs-model measurement")
 
@@ -112,8 +111,25 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--no-mix", action="store_true", help="show the samples before mixup/cutmix")
     v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
-    from .ablate import add_parser as _add_ablate  # its own module: grids, running, results
-    _add_ablate(sub)
+
+    a = sub.add_parser("ablate", help="run a grid of recipe variants on short schedules and tabulate them",
+                       description="Runs every variant of a grid file (a base config, override sets and/or a "
+                       "product over config keys) one after another, or each as a submitit job with --submit; skips "
+                       "finished variants and resumes an interrupted one; writes results.csv, results.md and "
+                       "curves.png to --out. The grid format is in deit3_fast/ablate/__init__.py and the README.")
+    a.add_argument("--grid", required=True, help="grid YAML path, or a name in configs/ablations/ (cifar10_grid)")
+    a.add_argument("--out", help="run dirs and results (default: runs/ablate/<grid name>)")
+    a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override for every variant, after the grid's own sets (repeatable)")
+    a.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    a.add_argument("--dry-run", action="store_true", help="list the variants (with --submit: the jobs) and exit")
+    a.add_argument("--collect", action="store_true", help="only write the results from the run dirs; run nothing")
+    a.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    g = a.add_argument_group("Slurm through submitit (one job per unfinished variant)")
+    g.add_argument("--submit", action="store_true", help="submit the variants instead of running them here")
+    g.add_argument("--local", action="store_true", help="with --submit: submitit's local executor, one job at a time")
+    g.add_argument("--resubmit", action="store_true", help="with --submit: also variants that already have a job")
+    add_slurm_args(g)
     return p
 
 
@@ -121,8 +137,6 @@ def _overrides(args) -> list[str]:
     sets = []
     model = getattr(args, "model", None)
     if model:  # first, so that an explicit --set still wins
-        from .models import resolve_name
-
         sets.append(f"model.name={model}")
         try:
             implied = resolve_name(model)[1]
@@ -140,28 +154,21 @@ def _overrides(args) -> list[str]:
 
 
 def _device(name: str | None):
-    import torch
+    """This process's device: torchrun's (one process per GPU) or --device / the default."""
+    from .device import pick_device
 
-    from .config import ConfigError
-
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is visible (check CUDA_VISIBLE_DEVICES and the driver)")
-    from pipelines import default_device
-
-    return torch.device(name) if name else default_device()
+    return dist.init_from_env(name) or pick_device(name)
 
 
 def _train(args) -> int:
-    from . import distributed as dist
-    from .config import load_config, to_dict
-    from .engine import train
+    from .trainer import train
 
     cfg = load_config(args.cfg, _overrides(args))
     if args.dry_run:
         print(json.dumps(to_dict(cfg), indent=1))
         return 0
     out = args.out or str(Path("runs") / Path(args.cfg).stem)
-    device = dist.init_from_env(args.device) or _device(args.device)  # torchrun: one process per device
+    device = _device(args.device)
     history = train(cfg, out, device, resume=args.resume, force=args.force, quiet=args.quiet, handle_sigterm=True)
     last = history[-1] if history else {}
     if dist.is_main():
@@ -173,20 +180,15 @@ def _train(args) -> int:
 def _eval(args) -> int:
     import torch
 
-    from pipelines import build_loader
-
     from .checkpoint import load
-    from .config import ConfigError, load_config
-    from .engine import check_img_size, evaluate, resolve_amp
-    from .models import CheckpointError, create_model
-
-    from . import distributed as dist
+    from .device import resolve_amp
+    from .models import create_model, load_checkpoint
+    from .trainer import evaluate, make_loader
 
     if not args.cfg and not args.model:
         raise ConfigError("eval needs --cfg RECIPE or --model NAME (or both)")
     cfg = load_config(args.cfg, _overrides(args))
-    check_img_size(cfg)
-    device = dist.init_from_env(args.device) or _device(args.device)
+    device = _device(args.device)
     model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, img_size=cfg.aug.img_size,
                          layer_scale_init=cfg.model.layer_scale_init)
     if args.ema:
@@ -195,50 +197,44 @@ def _eval(args) -> int:
             raise CheckpointError(f"{args.checkpoint} has no EMA weights (train.ema_decay was off)")
         model.load_state_dict(state)
     else:
-        from .models import load_checkpoint
-
         load_checkpoint(model, args.checkpoint)
     model = model.to(device).to(memory_format=torch.channels_last)
-    result = evaluate(model, build_loader(cfg, "val", device), resolve_amp(cfg, device))
+    amp = resolve_amp(cfg.train.amp, device)
+    result = evaluate(model, make_loader(cfg, "val", device, amp=amp), amp)
     if dist.is_main():
         print(json.dumps(result))
     return 0
 
 
 def _submit(args) -> int:
-    from .config import load_config
-    from .submit import describe, submit
-
-    from .engine import batch_plan
+    from .submit import TrainJob, slurm_executor
 
     sets = _overrides(args)
     cfg = load_config(args.cfg, sets)  # a bad config fails here, not hours later on the cluster
     world = 1 if args.local else args.nodes * args.gpus_per_node
     plan = batch_plan(cfg, world)
     out = args.out or str(Path("runs") / Path(args.cfg).stem)
-    result = submit(args.cfg, sets, out, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-                    timeout_min=args.timeout_min, partition=args.partition, account=args.account,
-                    constraint=args.constraint, cpus_per_task=args.cpus_per_task, local=args.local,
-                    dry_run=args.dry_run, device=args.device)
+    desc = describe_job(args.cfg, sets, out, **slurm_options(args))
     if args.dry_run:
-        result["global_batch"] = (f"{cfg.train.global_batch} = {plan.per_process} per process x {world} "
-                                  f"processes x {plan.accum} accumulation steps")
-        print(describe(result))
+        desc["global_batch"] = (f"{cfg.train.global_batch} = {plan.per_process} per process x {world} processes x "
+                                f"{plan.accum} accumulation steps")
+        print(describe(desc))
         return 0
-    print(json.dumps({"job_id": result.job_id, "out": out, "logs": str(Path(out) / "submitit")}))
+    job = slurm_executor(desc).submit(TrainJob(args.cfg, sets, out, args.device))
+    print(json.dumps({"job_id": job.job_id, "out": out, "logs": desc["folder"]}))
     if args.local:
-        result.result()  # the local executor's job runs on this host: wait for it
+        job.result()  # the local executor's job runs on this host: wait for it
     return 0
 
 
 def _profile(args) -> int:
-    from .config import ConfigError, load_config
+    from .device import pick_device
     from .profile import profile, render
 
     if args.steps < 1:
         raise ConfigError(f"--steps must be at least 1, got {args.steps}")
     cfg = load_config(args.cfg, _overrides(args))
-    result = profile(cfg, _device(args.device), steps=args.steps)
+    result = profile(cfg, pick_device(args.device), steps=args.steps)
     if args.json:
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
     else:
@@ -260,10 +256,9 @@ def _doctor(args) -> int:
 
 
 def _preview(args) -> int:
-    from pipelines import build_loader
     from pipelines.preview import make_preview
 
-    from .config import load_config
+    from .trainer import make_loader
 
     sets = [*args.set, f"data.batch_size={args.n}", "data.repeats=1", f"data.seed={args.seed}", "train.amp=fp32"]
     if args.data_train:
@@ -271,29 +266,32 @@ def _preview(args) -> int:
     if args.no_mix:
         sets += ["aug.mixup=0", "aug.cutmix=0"]
     cfg = load_config(args.cfg, sets)
-    info = make_preview(build_loader(cfg, "train", "cpu"), cfg.aug.mean, cfg.aug.std, args.out)
+    import torch
+
+    info = make_preview(make_loader(cfg, "train", torch.device("cpu")), cfg.aug.mean, cfg.aug.std, args.out)
     print(f"wrote {info['path']}: {info['samples']} samples, branches {info['branches']}")
     return 0
+
+
+def _quickstart(args) -> int:
+    from .quickstart import run_quickstart
+
+    return run_quickstart(args)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipelines import DataError
 
-    from . import ablate
-    from .config import ConfigError
-    from .engine import ConfigMismatch, OutOfMemory, Preempted, TrainingDiverged
-    from .models import CheckpointError
+    from .device import DeviceError
+    from .trainer import ConfigMismatch, OutOfMemory, Preempted, TrainingDiverged
 
     commands = {"train": _train, "eval": _eval, "preview": _preview, "submit": _submit, "profile": _profile,
-                "ablate": ablate.run, "doctor": _doctor}
+                "ablate": ablate.run_grid, "doctor": _doctor, "quickstart": _quickstart}
     try:
-        if args.command == "quickstart":
-            from .quickstart import run_quickstart
-
-            return run_quickstart(args)
         return commands[args.command](args)
-    except (ConfigError, DataError, CheckpointError, ConfigMismatch, OutOfMemory, FileNotFoundError) as e:
+    except (ConfigError, DataError, CheckpointError, ConfigMismatch, OutOfMemory, DeviceError,
+            FileNotFoundError) as e:
         print(f"deit3-fast: error: {e}", file=sys.stderr)
         return 2
     except Preempted as e:  # a scheduler's SIGTERM: the position is saved, and stopping was asked for
@@ -306,9 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         print("deit3-fast: interrupted; the last completed epoch's checkpoint is kept", file=sys.stderr)
         return 130
     finally:
-        from . import distributed
-
-        distributed.shutdown()
+        dist.shutdown()
 
 
 if __name__ == "__main__":

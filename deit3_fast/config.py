@@ -1,8 +1,9 @@
 """The config tree: one validated object, loaded from YAML (+ `--set a.b=value` overrides), passed down as plain values.
 
 Sections: `model`, `data`, `aug` (the data path's own dataclasses, see pipelines/config.py), `optim`, `schedule`,
-`train`, and `loss`. An unknown key or a value of the wrong type is a `ConfigError` naming it (with the closest valid
-key); recipes in `configs/` are found by name from any directory.
+`train`, and `loss`. An unknown key, a value of the wrong type or out of range, and a combination that cannot run
+(an image smaller than one patch) is a `ConfigError` naming it (with the closest valid key or value); recipes in
+`configs/` are found by name from any directory. No torch here: every command can load and check a config at once.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import yaml
 
 from pipelines.config import CROPS, ENGINES, AugConfig, DataConfig
 
-from .models import MODEL_NAMES, default_img_size
+from .archs import MODEL_NAMES, default_img_size, patch_size
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -75,9 +76,12 @@ class Config:
     loss: str = "bce"               # bce: BCE on binarised mixed targets | ce: soft-target cross-entropy
 
 
+# The vocabulary of this schema's own keys, imported by the modules that act on them (optim.py, losses.py, device.py).
+OPTIMIZERS = ("lamb", "adamw")
+LOSSES = ("bce", "ce")
 AMP_CHOICES = ("auto", "bf16", "fp16", "fp32")
-_CHOICES = {"data.engine": ENGINES, "aug.crop": CROPS, "loss": ("bce", "ce"), "train.amp": AMP_CHOICES,
-            "optim.name": ("lamb", "adamw"), "model.name": MODEL_NAMES}
+_CHOICES = {"data.engine": ENGINES, "aug.crop": CROPS, "loss": LOSSES, "train.amp": AMP_CHOICES,
+            "optim.name": OPTIMIZERS, "model.name": MODEL_NAMES}
 # Sizes and counts a run divides by or loops over: 0 would be a ZeroDivisionError, or a loader that hangs.
 _POSITIVE = {"data.batch_size", "train.global_batch", "train.log_every", "aug.img_size", "model.num_classes"}
 
@@ -151,18 +155,19 @@ def to_dict(cfg) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
-def resolve_path(name_or_path: str) -> Path:
-    """A path as given, else `configs/NAME` with or without `.yaml`, searched recursively."""
+def resolve_path(name_or_path: str, folder: Path = CONFIG_DIR, what: str = "config") -> Path:
+    """A path as given, else `folder/NAME` with or without `.yaml`, searched recursively (recipes in configs/,
+    grids in configs/ablations/)."""
     p = Path(name_or_path)
     if p.is_file():
         return p
     stem = p.name if p.suffix in (".yaml", ".yml") else p.name + ".yaml"
-    hits = sorted(CONFIG_DIR.rglob(stem)) if CONFIG_DIR.is_dir() else []
+    hits = sorted(folder.rglob(stem)) if folder.is_dir() else []
     if hits:
         return hits[0]
-    known = sorted(q.stem for q in CONFIG_DIR.rglob("*.yaml")) if CONFIG_DIR.is_dir() else []
+    known = sorted(q.stem for q in folder.rglob("*.yaml")) if folder.is_dir() else []
     hint = _closest(Path(stem).stem, known) if known else ""
-    raise ConfigError(f"config '{name_or_path}' not found (not a file, not in {CONFIG_DIR}){hint}")
+    raise ConfigError(f"{what} '{name_or_path}' not found (not a file, not in {folder}){hint}")
 
 
 def apply_override(tree: dict, assignment: str) -> None:
@@ -218,4 +223,45 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | tuple = 
     if not isinstance(tree.get("aug"), dict) or "img_size" not in tree["aug"]:
         # Unset: the resolution the model's name carries (deit3_base_patch16_384 -> 384), else 224.
         cfg.aug.img_size = default_img_size(cfg.model.name)
+    check(cfg)
     return cfg
+
+
+def check(cfg: Config) -> None:
+    """What no single key says wrong but the combination cannot run. Like the official code and timm, the patch
+    grid is floored (ViT-H/14 at 160 px sees 11 x 11 patches): any size of at least one patch works."""
+    patch = patch_size(cfg.model.name)
+    if cfg.aug.img_size < patch:
+        raise ConfigError(f"aug.img_size {cfg.aug.img_size} is smaller than {cfg.model.name}'s patch size {patch}")
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How a global batch is split: per-process batch x world size x accumulation steps."""
+    per_process: int
+    accum: int
+    note: str | None = None  # one line when the per-process batch differs from the one asked for
+
+
+def batch_plan(cfg: Config, world: int) -> BatchPlan:
+    """How `train.global_batch` is split over `world` processes: `data.batch_size` per process when the global batch
+    is a multiple of it times the world size; when the processes together would exceed the global batch (the
+    quickstart's 32 under torchrun with 2 processes), global / world per process; otherwise a ConfigError naming a
+    per-process batch (or world sizes) that work."""
+    b, g = cfg.data.batch_size, cfg.train.global_batch
+    if g % (b * world) == 0:
+        return BatchPlan(b, g // (b * world))
+    if b * world > g and g % world == 0:
+        return BatchPlan(g // world, 1, f"train.global_batch {g} over {world} processes: data.batch_size {b} -> "
+                                        f"{g // world} per process, no accumulation")
+    if g % world:
+        below = max(d for d in range(1, world) if g % d == 0)
+        above = next(d for d in range(world + 1, g + 1) if g % d == 0) if world < g else None
+        sizes = f"{below} or {above}" if above else str(below)
+        raise ConfigError(f"train.global_batch {g} cannot be split over {world} processes: use a world size that "
+                          f"divides it (e.g. {sizes}), or another train.global_batch")
+    fits = [d for d in range(1, g // world + 1) if (g // world) % d == 0 and d <= b] or [1]
+    even = [d for d in fits if d % 2 == 0]  # mixup/cutmix pair the batch with its reverse
+    s = (even or fits)[-1]
+    raise ConfigError(f"train.global_batch {g} is not a multiple of data.batch_size {b} x world size {world}: "
+                      f"use --set data.batch_size={s} ({g // (s * world)} accumulation steps)")

@@ -1,8 +1,8 @@
 """torch.distributed from the environment torchrun (or Slurm via submitit) sets: one process per device.
 
 `init_from_env()` starts the process group when WORLD_SIZE > 1 (NCCL with CUDA, gloo on CPU) and picks this
-process's device; everything else asks `rank()`, `world()`, `is_main()`;
-`shutdown()` leaves the group before exit. Only the main process logs and writes.
+process's device; everything else asks `rank()`, `world()`, `is_main()`; `shutdown()` leaves the group before exit.
+Only the main process logs and writes.
 """
 from __future__ import annotations
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from .device import native_bf16
+
 OK, MISSING, BROKEN, SKIPPED, INFO = "ok", "missing", "broken", "skipped", "info"
 # GPUs with NVJPG hardware JPEG engines (nvJPEG's hardware backend); torch cannot ask the driver, so by model.
 _HW_JPEG = ("A100", "A800", "A30", "H100", "H200", "H800", "GH200", "B200", "B100", "GB200")
@@ -99,7 +101,7 @@ def devices() -> list[Check]:
     out = []
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)
-        bf16 = torch.cuda.get_device_capability(i) >= (8, 0)
+        bf16 = native_bf16(torch.device("cuda", i))
         out.append(Check(f"cuda:{i}", OK, f"{p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}, "
                                           f"{p.multi_processor_count} SMs, native bf16: {'yes' if bf16 else 'no'}",
                          None if bf16 else "train.amp: auto runs fp16 with a GradScaler here (no native bf16)"))
@@ -107,12 +109,11 @@ def devices() -> list[Check]:
 
 
 def matmul(device: torch.device) -> Check:
-    from pipelines import amp_dtype
-
+    from .device import AMP_DTYPES, resolve_amp
     from .profile import matmul_peak_tflops, nominal_tflops
 
-    dtype = amp_dtype("auto", device)
-    amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    amp = resolve_amp("auto", device)
+    dtype = AMP_DTYPES[amp]
     try:
         size = 8192 if device.type == "cuda" else 1024
         rate = matmul_peak_tflops(device, dtype, size, size, size)
@@ -283,7 +284,9 @@ def _generated_beton(tmp: Path) -> str:
 
 def run_doctor(data_train: str | None = None, engine: str | None = None, steps: int = 10,
                skip_throughput: bool = False) -> dict:
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    from .device import default_device
+
+    device = default_device()
     checks = versions() + devices() + [matmul(device), nvjpeg(device), dali(device), all_reduce(), cpu()]
     if skip_throughput:
         checks.append(Check("loader vs model", SKIPPED, "--no-throughput"))

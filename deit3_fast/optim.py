@@ -22,7 +22,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-OPTIMIZERS = ("lamb", "adamw")
+from .config import OPTIMIZERS
+
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 

@@ -1,6 +1,6 @@
 """`deit3-fast profile`: is a recipe input-bound or compute-bound on this machine, and what would change that.
 
-Measurements on the real components of a training run (the same `engine.build` as `train`):
+Measurements on the real components of a training run (the same `trainer.build` as `train`):
   1. the engine alone: JPEG decode + primary crop (FFCV: CPU threads; DALI/nvjpeg: the GPU), uint8 batches, and
      how many CPU cores it kept busy meanwhile (process CPU time / wall time);
   2. the device stage alone on one real batch: 3-Augment, jitter, flip, mixup/cutmix, normalisation;
@@ -23,8 +23,9 @@ from dataclasses import replace
 
 import torch
 
-from . import engine
+from . import trainer
 from .config import Config
+from .device import AMP_DTYPES, autocast, device_name
 
 COMPUTE_BOUND_RATIO = 0.95
 WARMUP = 3
@@ -110,23 +111,23 @@ def nominal_tflops(device: torch.device, amp: str) -> float | None:
     return next((peak for key, peak in NOMINAL_TFLOPS if key in name), None)
 
 
-def train_flops_per_image(run: engine.Run, x: torch.Tensor, y: torch.Tensor) -> float:
+def train_flops_per_image(run: trainer.Run, x: torch.Tensor, y: torch.Tensor) -> float:
     """Forward + backward FLOPs of one micro-batch, per image (the optimiser's elementwise work is not counted)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with counter, engine.autocast(run.device, run.amp):
+    with counter, autocast(run.device, run.amp):
         run.loss(run.raw_model(x), y).backward()
     run.optimizer.zero_grad(set_to_none=True)
     return counter.get_total_flops() / len(x)
 
 
-def _micro(run: engine.Run, x: torch.Tensor, y: torch.Tensor) -> None:
+def _micro(run: trainer.Run, x: torch.Tensor, y: torch.Tensor) -> None:
     """Forward and backward of one micro-batch, gradients accumulated, no optimiser step."""
-    engine.train_micro_batch(run, x, y, step=0, last_micro=False)
+    trainer.train_micro_batch(run, x, y, step=0, last_micro=False)
 
 
-def _optimizer_step(run: engine.Run) -> None:
+def _optimizer_step(run: trainer.Run) -> None:
     """The optimiser step as a run takes it once per `accum` micro-batches (scheduler, scaler, EMA). Gradients are
     kept, so repeated calls time the same amount of work."""
     run.scheduler(0)
@@ -138,7 +139,7 @@ def _optimizer_step(run: engine.Run) -> None:
 
 def profile(cfg: Config, device: torch.device, steps: int = 20) -> dict:
     cfg = replace(cfg, data=replace(cfg.data, val=None))
-    run = engine.build(cfg, device)
+    run = trainer.build(cfg, device)
     loader, b, accum = run.train_loader, run.batch.per_process, run.accum
     run.model.train()
 
@@ -169,7 +170,7 @@ def profile(cfg: Config, device: torch.device, steps: int = 20) -> dict:
         return b * accum / (accum * micro + opt_step)
 
     model_rate, end_to_end = rate(micro_model), rate(micro_e2e)
-    dtype = engine.AMP_DTYPES[run.amp]
+    dtype = AMP_DTYPES[run.amp]
     peak = matmul_peak_tflops(device, dtype, *model_gemm(run.raw_model, b, device))
     achieved = flops * model_rate / 1e12
     peak_note = None
@@ -180,8 +181,8 @@ def profile(cfg: Config, device: torch.device, steps: int = 20) -> dict:
     result = {
         "model": cfg.model.name, "img_size": cfg.aug.img_size, "batch_size": b, "accum": accum, "amp": run.amp,
         "engine": cfg.data.engine, "workers": cfg.data.workers, "compile": cfg.train.compile,
-        "device": engine.device_name(device),
-        "engine_img_per_s": engine_rate, "engine_cpu_cores": engine_cores, "device_stage_img_per_s": stage_rate, "loader_img_per_s": loader_rate,
+        "device": device_name(device), "engine_img_per_s": engine_rate, "engine_cpu_cores": engine_cores,
+        "device_stage_img_per_s": stage_rate, "loader_img_per_s": loader_rate,
         "model_img_per_s": model_rate, "end_to_end_img_per_s": end_to_end,
         "micro_batch_ms": micro_model * 1e3, "optimizer_step_ms": opt_step * 1e3,
         "ratio": end_to_end / model_rate, "gflop_per_image": flops / 1e9, "achieved_tflops": achieved,
@@ -233,7 +234,8 @@ def render(r: dict) -> None:
     console = Console()
     console.print(table)
     console.print(f"engine: {r['engine_cpu_cores']:.1f} CPU cores busy while decoding; optimiser step "
-                  f"{r['optimizer_step_ms']:.1f} ms once per {r['accum']} micro-batch(es) of {r['micro_batch_ms']:.1f} ms")
+                  f"{r['optimizer_step_ms']:.1f} ms once per {r['accum']} micro-batch(es) of "
+                  f"{r['micro_batch_ms']:.1f} ms")
     console.print(f"model: {r['gflop_per_image']:.2f} GFLOP/image (fwd+bwd), {r['achieved_tflops']:.2f} TFLOP/s "
                   f"of a measured {r['peak_tflops']:.2f} TFLOP/s {r['amp']} matmul peak at its GEMM size: "
                   f"MFU {r['mfu']:.1%}" + (f" ({r['mfu_nominal']:.1%} of the datasheet's {r['nominal_tflops']:.0f})"

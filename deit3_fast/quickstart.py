@@ -42,7 +42,7 @@ def run_quickstart(args) -> int:
     import torch
 
     from .config import load_config
-    from .engine import train
+    from .trainer import train
 
     sets = [f"data.train={outputs['train']['beton']}", f"data.val={outputs['val']['beton']}",
             f"model.num_classes={args.classes}"]

@@ -29,18 +29,15 @@ class TrainJob:
         self.cfg, self.sets, self.out, self.device = cfg, list(sets), str(out), device
 
     def __call__(self) -> list[dict]:
-        import torch
-
         from . import distributed as dist
         from .config import load_config
-        from .engine import train
+        from .device import pick_device
+        from .trainer import train  # torch: in the job, not where it is submitted
 
         # Slurm's variables -> MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK: then it is torchrun's code path.
         submitit().helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         cfg = load_config(self.cfg, self.sets)
-        from pipelines import default_device
-
-        device = dist.init_from_env(self.device) or (torch.device(self.device) if self.device else default_device())
+        device = dist.init_from_env(self.device) or pick_device(self.device)
         try:
             return train(cfg, self.out, device, resume="auto", quiet=True)
         finally:
@@ -62,24 +59,50 @@ def slurm_parameters(nodes: int, gpus_per_node: int, timeout_min: int, partition
     return params
 
 
-def submit(cfg: str, sets: list[str], out: str, *, nodes: int = 1, gpus_per_node: int = 8, timeout_min: int = 2800,
-           partition: str | None = None, account: str | None = None, constraint: str | None = None,
-           cpus_per_task: int = 10, local: bool = False, dry_run: bool = False, device: str | None = None):
-    """Submit (or with dry_run describe) a training job; returns the submitit job, or the description."""
+def add_slurm_args(p) -> None:
+    """The sbatch side of `submit` and `ablate --submit`."""
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--partition")
+    p.add_argument("--account")
+    p.add_argument("--constraint")
+    p.add_argument("--timeout-min", type=int, default=2800)
+    p.add_argument("--cpus-per-task", type=int, default=10)
+
+
+def slurm_options(args) -> dict:
+    """`describe_job`'s options from the parsed `add_slurm_args` arguments (and `--local`)."""
+    return {"nodes": args.nodes, "gpus_per_node": args.gpus_per_node, "timeout_min": args.timeout_min,
+            "partition": args.partition, "account": args.account, "constraint": args.constraint,
+            "cpus_per_task": args.cpus_per_task, "local": args.local}
+
+
+def describe_job(cfg: str, sets: list[str], out: str, *, nodes: int = 1, gpus_per_node: int = 8,
+                 timeout_min: int = 2800, partition: str | None = None, account: str | None = None,
+                 constraint: str | None = None, cpus_per_task: int = 10, local: bool = False) -> dict:
+    """What a training job is: its executor, job folder, sbatch parameters, the equivalent command, world size."""
     name = f"deit3-{Path(cfg).stem}"
     params = slurm_parameters(nodes, gpus_per_node, timeout_min, partition, account, constraint, name,
                               cpus_per_task)
     if local:  # submitit's local executor: one task on this host, same checkpoint/requeue protocol
         params = {"name": name, "timeout_min": timeout_min, "tasks_per_node": 1, "nodes": 1}
-    description = {"executor": "local" if local else "slurm", "folder": str(Path(out) / "submitit"),
-                   "parameters": params, "command": ["deit3-fast", "train", "--cfg", cfg, "--out", str(out),
-                                                     "--resume", "auto", *[x for s in sets for x in ("--set", s)]],
-                   "world_size": 1 if local else nodes * gpus_per_node}
-    if dry_run:
-        return description
-    executor = submitit().AutoExecutor(folder=Path(out) / "submitit", cluster="local" if local else None)
-    executor.update_parameters(**params)
-    return executor.submit(TrainJob(cfg, sets, out, device))
+    return {"executor": "local" if local else "slurm", "folder": str(Path(out) / "submitit"), "parameters": params,
+            "command": ["deit3-fast", "train", "--cfg", cfg, "--out", str(out), "--resume", "auto",
+                        *[x for s in sets for x in ("--set", s)]],
+            "world_size": 1 if local else nodes * gpus_per_node}
+
+
+def slurm_executor(description: dict):
+    """The submitit executor a job description asks for (Slurm, or the local one), with its parameters set."""
+    executor = submitit().AutoExecutor(folder=description["folder"],
+                                       cluster="local" if description["executor"] == "local" else None)
+    executor.update_parameters(**description["parameters"])
+    return executor
+
+
+def submit(cfg: str, sets: list[str], out: str, device: str | None = None, **job):
+    """Submit a training job (`describe_job`'s options); returns the submitit job."""
+    return slurm_executor(describe_job(cfg, sets, out, **job)).submit(TrainJob(cfg, sets, out, device))
 
 
 def describe(description: dict) -> str:

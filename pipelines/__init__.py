@@ -1,134 +1,21 @@
 """Loader engines over one .beton and the on-device DeiT III augmentation they all share.
 
-`build_loader(cfg, split, device)` is the entry point: it reads `cfg.data` and `cfg.aug` (see config.py), plus
-`cfg.loss` ("bce" | "ce"), `cfg.model.num_classes` and `cfg.train.amp` ("auto" | "bf16" | "fp16" | "fp32").
+`build_loader(data, aug, split, num_classes=..., device=..., dtype=...)` (build.py) is the entry point. Importing
+`pipelines` or `pipelines.config` does not import torch: the names below load their modules on first use, so the
+trainer's config schema can import the data path's config sections cheaply.
 """
 from __future__ import annotations
 
-import torch
+import importlib
 
-from .augment import DeviceStage
-from .config import ENGINES, AugConfig, DataConfig
-from .loader import Loader
-from .mix import Mixing
-from .sampler import EpochOrder, dist_rank_world
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_LAZY = {"build_loader": "build", "DataError": "build", "check_same_classes": "build", "Loader": "loader",
+         "DeviceStage": "augment", "EpochOrder": "sampler", "DataConfig": "config", "AugConfig": "config"}
 
 
-class DataError(Exception):
-    """The data named by the config cannot be loaded (missing, not a .beton, labels out of range)."""
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'pipelines' has no attribute {name!r}")
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether `device` computes bf16 natively: CUDA from compute capability 8.0 (A100, H100; not V100 or T4, which
-    only emulate it), and CPUs (autocast's bf16 kernels)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_capability(device) >= (8, 0)
-    return True
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype:
-    """The dtype of `train.amp` on `device`; auto is bf16 where native, else fp16."""
-    if amp == "auto":
-        amp = "bf16" if native_bf16(device) else "fp16"
-    return AMP_DTYPES[amp]
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def _check_beton(path: str | None, split: str, num_classes: int) -> int:
-    """Validate before any worker starts; returns the sample count."""
-    from dataset_tools.beton import Beton, BetonError
-
-    if not path:
-        raise DataError(f"no {split} data: set data.{split} (a .beton written by deit3-convert)")
-    try:
-        b = Beton(path)
-        labels = b.labels(b.field("int"))
-        b.field("rgb_image")
-    except BetonError as e:
-        raise DataError(str(e)) from None
-    if len(b) == 0:
-        raise DataError(f"{path} has no samples")
-    if labels.max() >= num_classes or labels.min() < 0:
-        raise DataError(f"{path} has labels up to {labels.max()} but model.num_classes is {num_classes}")
-    return len(b)
-
-
-def check_same_classes(train: str, val: str) -> None:
-    """A val split converted without the training split's class list has other labels for the same classes, and its
-    accuracy would mean nothing. The conversion reports (`X.beton.json`) name the classes; check when both exist."""
-    import json
-    from pathlib import Path
-
-    reports = [Path(str(p) + ".json") for p in (train, val)]
-    if not all(r.exists() for r in reports):
-        return
-    try:
-        a, b = (json.loads(r.read_text()).get("classes") for r in reports)
-    except (OSError, ValueError):
-        return
-    # Labels agree when val's class list is train's or its beginning (a val set with fewer classes).
-    if a is not None and b is not None and list(a[:len(b)]) != list(b):
-        where = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        raise DataError(f"{val} was converted with other classes than {train} ({len(b)} vs {len(a)}, first "
-                        f"difference at label {where}): convert the val split with --classes {train}.json")
-
-
-def build_loader(cfg, split: str, device: torch.device | str | None = None) -> Loader:
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    data, aug, train = cfg.data, cfg.aug, split == "train"
-    device = torch.device(device) if device is not None else default_device()
-    num_classes = cfg.model.num_classes
-    path = data.train if train else data.val
-    n = _check_beton(path, split, num_classes)
-    rank, world = dist_rank_world()
-    try:
-        order = EpochOrder(n, train=train, shuffle=data.shuffle, repeats=data.repeats if train else 1, rank=rank,
-                           world=world, seed=data.seed)
-    except ValueError as e:
-        raise DataError(f"{path}: {e}") from None
-    batch = data.batch_size if train else (data.eval_batch_size or int(1.5 * data.batch_size))
-    if data.engine not in ENGINES:
-        raise DataError(f"data.engine {data.engine!r}: choose one of {', '.join(ENGINES)}")
-    from .crops import CropSpec
-
-    crop = (CropSpec(aug.crop, aug.img_size, tuple(aug.rrc_scale), tuple(aug.rrc_ratio), aug.src_pad) if train
-            else CropSpec("center", aug.img_size, center_ratio=aug.eval_crop_ratio))
-    host = None
-    if train and aug.auto_augment:
-        from .randaugment import RandAugment
-
-        host = RandAugment(aug.auto_augment, aug.img_size, aug.mean)
-    # RandAugment (fine-tuning) runs per sample on the host, so those engines yield host batches, which the loader
-    # augments and then uploads: pulling GPU-decoded images back would stall the device every batch.
-    engine_device = torch.device("cpu") if host is not None else device
-    if data.engine in ("nvjpeg", "dali"):
-        if data.engine == "nvjpeg":
-            from .nvjpeg_engine import NvjpegEngine as cls
-        else:
-            from .dali_engine import DaliEngine as cls
-        try:
-            engine = cls(path, order, batch, crop, engine_device, workers=data.workers, drop_last=train, seed=data.seed,
-                         rank=rank)
-        except ValueError as e:
-            raise DataError(str(e)) from None
-    else:
-        from .ffcv_engine import FFCVEngine
-
-        engine = FFCVEngine(path, order, batch, crop, engine_device, workers=data.workers, os_cache=data.os_cache,
-                            drop_last=train, seed=data.seed, rank=rank)
-    dtype = amp_dtype(cfg.train.amp, device)
-    mixing = Mixing(aug, num_classes, cfg.loss) if train else None
-    # Mixup blends in float32 and the batch is cast to the AMP dtype once, after it (as the official code, whose
-    # images stay fp32 up to autocast): blending bf16 pixels would round each of the two images first.
-    stage = DeviceStage(aug, train=train, dtype=torch.float32 if mixing is not None and mixing.active else dtype,
-                        compile=cfg.train.compile)
-    return Loader(engine, stage, mixing, device=device, seed=data.seed, rank=rank, dtype=dtype, host_stage=host)
-
-
-__all__ = ["build_loader", "Loader", "DataConfig", "AugConfig", "DataError", "EpochOrder", "DeviceStage"]
+__all__ = list(_LAZY)

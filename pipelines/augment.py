@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .config import IMAGENET_MEAN, IMAGENET_STD
+
 BRANCHES = ("grayscale", "solarize", "blur")
 JITTER_OPS = ("brightness", "contrast", "saturation")
 # torchvision's rgb_to_grayscale weights, used by contrast and saturation (as torchvision's ColorJitter does).
@@ -166,8 +166,9 @@ class DeviceStage:
     """uint8 batch -> model-ready batch. Training augments; evaluation only converts and normalises.
 
     Nothing here waits for the device: constants are cached per device, parameters are drawn on it, and the blur
-    branch selects rather than gathers on a GPU. With `compile=True` the pointwise part is compiled by torch.compile (inductor): about 3x faster on CPU and
-    fewer kernel launches on GPU, for a one-off compilation of tens of seconds."""
+    branch selects rather than gathers on a GPU. With `compile=True` the pointwise part is compiled by torch.compile
+    (inductor): about 3x faster on CPU and fewer kernel launches on GPU, for a one-off compilation of tens of
+    seconds."""
 
     CPU_SLICE = 16
 

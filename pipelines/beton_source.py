@@ -10,7 +10,7 @@ import torch
 
 from dataset_tools.beton import IMAGE_MODE_RAW, Beton
 
-from . import crops
+from . import crops, keys
 from .jpeg_header import gpu_refusal
 
 
@@ -34,12 +34,12 @@ class BetonBatches:
         """(sample indices, crop keys) per batch of `epoch` from batch `start` on; a key is (seed, rank, epoch,
         sample, slot in batch)."""
         self.cpu_decoded = Counter()
-        ek = crops.epoch_key(self.seed, self.rank, epoch)
+        ek = keys.epoch_key(self.seed, self.rank, epoch)
         order = self.order.indices(epoch)
         stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
         for start in range(start * self.batch_size, stop, self.batch_size):
             idx = order[start:start + self.batch_size]
-            yield idx, [np.uint64(crops.sample_key(ek, int(i), slot)) for slot, i in enumerate(idx)]
+            yield idx, [np.uint64(keys.sample_key(ek, int(i), slot)) for slot, i in enumerate(idx)]
 
     def gpu_refusal(self, i: int, data: np.ndarray | None = None) -> str | None:
         """Why the GPU decoder cannot take sample i (None: it can; raw pixels are never decoded), counted for this

@@ -1,9 +1,11 @@
-"""The knobs of the data path, as plain dataclasses. The trainer's config tree holds them as `data` and `aug`."""
+"""The knobs of the data path, as plain dataclasses. The trainer's config tree holds them as `data` and `aug`.
+No torch here: the trainer's config schema imports this module."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .augment import IMAGENET_MEAN, IMAGENET_STD
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 ENGINES = ("ffcv", "dali", "nvjpeg")
 CROPS = ("rrc", "src")

@@ -1,10 +1,11 @@
 """Primary crops (RandomResizedCrop, Simple Random Crop, eval centre crop) as pure functions of the image size and a
-64-bit key.
+64-bit key (`keys.py`).
 
-Randomness is counter-based: every draw is `uniform(key, n)`, a hash of (key, n). The key of a sample is derived
-from (seed, rank, epoch, sample index, slot in batch), so a crop does not depend on which thread decoded it, a
-resumed run sees the crops of an uninterrupted one, and every engine (FFCV's numba threads, DALI's external source,
-torch nvjpeg) computes the same box from the same key. All functions are numba-compiled and callable from Python.
+The key of a sample is derived from (seed, rank, epoch, sample index, slot in batch), so a crop does not depend on
+which thread decoded it, a resumed run sees the crops of an uninterrupted one, and every engine (FFCV's numba
+threads, DALI's external source, torch nvjpeg) computes the same box from the same key. The box functions are
+numba-compiled (FFCV's decoder calls them) and callable from Python; `crop_plan` gives the Python engines a named
+plan.
 
 RandomResizedCrop gives an integer box (top, left, height, width) that is cropped, then resized; the eval crop and
 Simple Random Crop give fractional source boxes (y0, x0, y1, x1), the exact preimage of torchvision's
@@ -14,9 +15,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit
+
+from .keys import uniform
 
 
 @dataclass(frozen=True)
@@ -28,43 +32,6 @@ class CropSpec:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     pad: int = 4
     center_ratio: float = 1.0
-
-
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-
-
-@njit(cache=True, nogil=True)
-def mix64(x):
-    """splitmix64's finaliser: a bijective, well-mixed 64-bit hash."""
-    x = np.uint64(x)
-    x = (x ^ (x >> np.uint64(30))) * _M1
-    x = (x ^ (x >> np.uint64(27))) * _M2
-    return x ^ (x >> np.uint64(31))
-
-
-@njit(cache=True, nogil=True)
-def combine(a, b):
-    """Key of a child stream: hash of (a, b)."""
-    return mix64(np.uint64(a) ^ (mix64(np.uint64(b)) + _GOLDEN))
-
-
-@njit(cache=True, nogil=True)
-def uniform(key, n):
-    """The n-th U[0, 1) draw of stream `key` (53-bit resolution)."""
-    return float(mix64(np.uint64(key) + np.uint64(n + 1) * _GOLDEN) >> np.uint64(11)) * (1.0 / 9007199254740992.0)
-
-
-@njit(cache=True, nogil=True)
-def sample_key(epoch_key, sample_index, slot):
-    """Key of one sample in one epoch; `slot` (its position in the batch) separates repeated copies of a sample."""
-    return combine(combine(epoch_key, sample_index), slot)
-
-
-def epoch_key(seed: int, rank: int, epoch: int) -> np.uint64:
-    """Keys are np.uint64 on the Python side too: a plain int above 2**63 would not pass back into numba."""
-    return np.uint64(combine(combine(np.uint64(seed & 0xFFFFFFFFFFFFFFFF), np.uint64(rank)), np.uint64(epoch)))
 
 
 @njit(cache=True, nogil=True)
@@ -141,13 +108,35 @@ def reflect_fill(out, out_top, out_left, out_h, out_w):
         out[:, out_left + out_w - 1 + k, :] = out[:, max(out_left + out_w - 1 - k, out_left), :]
 
 
-def crop_plan(spec, height: int, width: int, key) -> tuple:
-    """What to take from an image of this size: ("box", y0, x0, y1, x1, whole) or ("src", y0, x0, y1, x1, oi, oj,
-    oh, ow). `whole` says whether resampling may read outside the box (resize-then-crop) or not (crop-then-resize)."""
+class BoxPlan(NamedTuple):
+    """Resample the source box [y0, y1) x [x0, x1) onto the whole output. `whole`: the filter may read outside the
+    box (resize-then-crop: eval); else only the box's own pixels (crop-then-resize: RandomResizedCrop)."""
+    y0: float
+    x0: float
+    y1: float
+    x1: float
+    whole: bool
+
+
+class SrcPlan(NamedTuple):
+    """Simple Random Crop: resample [y0, y1) x [x0, x1) of the whole image onto the out_h x out_w block at
+    (out_top, out_left) of the output, and fill the rest by reflection."""
+    y0: float
+    x0: float
+    y1: float
+    x1: float
+    out_top: int
+    out_left: int
+    out_h: int
+    out_w: int
+
+
+def crop_plan(spec: CropSpec, height: int, width: int, key) -> BoxPlan | SrcPlan:
+    """What to take from an image of this size for a sample with this key."""
     if spec.kind == "rrc":
         i, j, h, w = rrc_box(height, width, spec.scale[0], spec.scale[1], np.log(spec.ratio[0]),
                              np.log(spec.ratio[1]), key)
-        return ("box", float(i), float(j), float(i + h), float(j + w), False)
+        return BoxPlan(float(i), float(j), float(i + h), float(j + w), False)
     if spec.kind == "center":
-        return ("box", *center_box(height, width, spec.size, spec.center_ratio), True)
-    return ("src", *src_box(height, width, spec.size, spec.pad, key))
+        return BoxPlan(*center_box(height, width, spec.size, spec.center_ratio), True)
+    return SrcPlan(*src_box(height, width, spec.size, spec.pad, key))

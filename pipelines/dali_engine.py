@@ -74,13 +74,12 @@ class DaliEngine(BetonBatches):
             enc.append(self.image_bytes(i))
             if self.gpu:
                 self.gpu_refusal(i, enc[-1])
-            r0.append(np.array(plan[1:3], np.float32))
-            r1.append(np.array(plan[3:5], np.float32))
-            if plan[0] == "src":
-                oi, oj, oh, ow = plan[5:]
-                hw.append(np.array([oh, ow], np.float32))
-                anchor.append(np.array([-oi, -oj], np.float32))
-                pads.append((oi, oj, oh, ow))
+            r0.append(np.array((plan.y0, plan.x0), np.float32))
+            r1.append(np.array((plan.y1, plan.x1), np.float32))
+            if isinstance(plan, crops.SrcPlan):
+                hw.append(np.array([plan.out_h, plan.out_w], np.float32))
+                anchor.append(np.array([-plan.out_top, -plan.out_left], np.float32))
+                pads.append((plan.out_top, plan.out_left, plan.out_h, plan.out_w))
             else:
                 hw.append(np.array([size, size], np.float32))
         return ((enc, r0, r1, hw, anchor) if pads else (enc, r0, r1, hw)), pads

@@ -15,7 +15,7 @@ import torch
 from numba import carray, types
 from numba.extending import intrinsic
 
-from . import crops
+from . import crops, keys
 from .crops import CropSpec
 from .resample import resize_box
 
@@ -81,7 +81,7 @@ class DeiTCropDecoder(ResizedCropRGBImageDecoder):
         log_lo, log_hi = np.log(s.ratio[0]), np.log(s.ratio[1])
         address = self.key_cell.address
         rrc_box, src_box, center_box = crops.rrc_box, crops.src_box, crops.center_box
-        sample_key, reflect_fill = crops.sample_key, crops.reflect_fill
+        sample_key, reflect_fill = keys.sample_key, crops.reflect_fill
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage, staging = my_storage
@@ -135,7 +135,7 @@ class _Order(TraversalOrder):
 
 
 class FFCVEngine:
-    """Yields (uint8 images (B, H, W, 3), int64 labels (B,)) on `device` for one epoch at a time."""
+    """The `Engine` (engine.py) of FFCV's loader: CPU decode threads, batches moved to `device` early."""
 
     def __init__(self, path: str, epoch_order, batch_size: int, crop: CropSpec, device: torch.device, *,
                  workers: int, os_cache: bool, drop_last: bool, seed: int = 0, rank: int = 0):
@@ -156,7 +156,7 @@ class FFCVEngine:
         return len(self.loader)
 
     def batches(self, epoch: int, start: int = 0):
-        self.key_cell.set(crops.epoch_key(self.seed, self.rank, epoch))
+        self.key_cell.set(keys.epoch_key(self.seed, self.rank, epoch))
         # Starting part-way keeps batch boundaries (a crop key includes the slot in the batch); the end is cut
         # here because FFCV would otherwise emit a partial last batch under drop_last.
         self.order.window = slice(start * self.batch_size, len(self) * self.batch_size)
@@ -164,3 +164,6 @@ class FFCVEngine:
         for images, labels in self.loader:
             # FFCV reuses its buffers: the labels are copied here, the images by the device stage's first op.
             yield images, labels.to(torch.int64, copy=True)
+
+    def epoch_report(self) -> dict:
+        return {}  # FFCV decodes every JPEG on the CPU: nothing is refused

@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import crops
+from . import keys
 from .beton_source import upload
+from .engine import Engine
 
 
 class Loader:
@@ -20,7 +21,7 @@ class Loader:
     what the batch is cast to last (the stage may work in float32 so that mixing blends in float32).
     """
 
-    def __init__(self, engine, stage, mixing, *, device: torch.device, seed: int, rank: int,
+    def __init__(self, engine: Engine, stage, mixing, *, device: torch.device, seed: int, rank: int,
                  dtype: torch.dtype | None = None, host_stage=None):
         self.engine, self.stage, self.mixing, self.host_stage = engine, stage, mixing, host_stage
         self.device, self.seed, self.rank = device, seed, rank
@@ -34,9 +35,9 @@ class Loader:
         return len(self.engine)
 
     def _generators(self, batch: int):
-        key = int(crops.combine(crops.epoch_key(self.seed, self.rank, self.epoch), np.uint64(batch)))
+        key = int(keys.combine(keys.epoch_key(self.seed, self.rank, self.epoch), np.uint64(batch)))
         g = torch.Generator(device=self.device)
-        g.manual_seed(key & 0x7FFF_FFFF_FFFF_FFFF)
+        g.manual_seed(keys.seed_of(key))
         return g, np.random.default_rng(key)
 
     def prepare(self, b: int, images, labels):
@@ -85,8 +86,7 @@ class Loader:
 
     def epoch_report(self) -> dict:
         """What the engine counted in the epoch just finished (e.g. images its GPU decoder refused)."""
-        report = getattr(self.engine, "epoch_report", None)
-        return report() if report is not None else {}
+        return self.engine.epoch_report()
 
     def iter_from(self, start: int):
         for x, y, _ in self.iter_with_params(start):

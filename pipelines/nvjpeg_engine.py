@@ -29,9 +29,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from dataset_tools.beton import IMAGE_MODE_RAW
 
-from . import crops
 from .beton_source import BetonBatches, reflect_pad, upload
-from .crops import crop_plan
+from .crops import BoxPlan, SrcPlan, crop_plan
 from .resample import _coeffs, resize_box
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec (warning once per call); they still work and
@@ -58,19 +57,8 @@ class NvjpegEngine(BetonBatches):
 
     def _cpu_sample(self, out: np.ndarray, slot: int, i: int, key) -> None:
         img = self._pixels(i, self._bytes(i))
-        plan = crop_plan(self.crop, img.shape[0], img.shape[1], key)
-        if plan[0] == "box":
-            _, y0, x0, y1, x1, whole = plan
-            if whole:
-                resize_box(img, y0, x0, y1, x1, out[slot])
-            else:
-                resize_box(img[int(y0):int(y1), int(x0):int(x1)], 0.0, 0.0, y1 - y0, x1 - x0, out[slot])
-        else:
-            _, y0, x0, y1, x1, oi, oj, oh, ow = plan
-            block = np.empty((oh, ow, 3), np.uint8)
-            resize_box(img, y0, x0, y1, x1, block)
-            out[slot, oi:oi + oh, oj:oj + ow] = block
-            crops.reflect_fill(out[slot], oi, oj, oh, ow)
+        take_crop(img, crop_plan(self.crop, img.shape[0], img.shape[1], key), self.crop.size, _resize_on_cpu,
+                  torch.from_numpy(out[slot]))
 
     def _decode_on_gpu(self, idx: np.ndarray, data: list[torch.Tensor]) -> dict[int, torch.Tensor]:
         """{slot: (3, H, W) uint8 on the device} for the batch's JPEGs that nvJPEG takes; the rest are left out."""
@@ -105,16 +93,8 @@ class NvjpegEngine(BetonBatches):
                 img = decoded[slot].permute(1, 2, 0)  # (H, W, 3) view of nvJPEG's planar output
             else:  # raw pixels, or a JPEG for the CPU decoder: from pinned memory, no host wait
                 img = upload(torch.from_numpy(np.ascontiguousarray(self._pixels(i, data[slot]))), self.device)
-            plan = crop_plan(self.crop, img.shape[0], img.shape[1], keys[slot])
-            if plan[0] == "box":  # the same two cases as _cpu_sample
-                _, y0, x0, y1, x1, whole = plan
-                out[slot] = (resize_box_on_device(img, y0, x0, y1, x1, size, size) if whole else
-                             resize_box_on_device(img[int(y0):int(y1), int(x0):int(x1)], 0.0, 0.0, y1 - y0, x1 - x0,
-                                                  size, size))
-            else:
-                _, y0, x0, y1, x1, oi, oj, oh, ow = plan
-                out[slot, oi:oi + oh, oj:oj + ow] = resize_box_on_device(img, y0, x0, y1, x1, oh, ow)
-                reflect_pad(out[slot], oi, oj, oh, ow)
+            take_crop(img, crop_plan(self.crop, img.shape[0], img.shape[1], keys[slot]), size,
+                      resize_box_on_device, out[slot])
         return out
 
     def _gpu_batch_on_own_stream(self, idx: np.ndarray, keys) -> torch.Tensor:
@@ -137,6 +117,27 @@ class NvjpegEngine(BetonBatches):
             out = np.empty((len(idx), size, size, 3), np.uint8)
             list(self.pool.map(lambda a: self._cpu_sample(out, *a), zip(range(len(idx)), idx, keys)))
             yield torch.from_numpy(out), labels
+
+
+def take_crop(img, plan: BoxPlan | SrcPlan, size: int, resize, out: torch.Tensor) -> None:
+    """Write the crop `plan` of img (H, W, 3) into out (size, size, 3), resampling with
+    `resize(src, y0, x0, y1, x1, out_h, out_w)`: the one dispatch over plan kinds for the CPU and the GPU path."""
+    if isinstance(plan, BoxPlan):
+        if plan.whole:  # resize-then-crop: the filter may read around the fractional box
+            out[:] = resize(img, plan.y0, plan.x0, plan.y1, plan.x1, size, size)
+        else:  # crop-then-resize: only the box's own pixels
+            box = img[int(plan.y0):int(plan.y1), int(plan.x0):int(plan.x1)]
+            out[:] = resize(box, 0.0, 0.0, plan.y1 - plan.y0, plan.x1 - plan.x0, size, size)
+        return
+    top, left, h, w = plan.out_top, plan.out_left, plan.out_h, plan.out_w
+    out[top:top + h, left:left + w] = resize(img, plan.y0, plan.x0, plan.y1, plan.x1, h, w)
+    reflect_pad(out, top, left, h, w)
+
+
+def _resize_on_cpu(src: np.ndarray, y0, x0, y1, x1, oh: int, ow: int) -> torch.Tensor:
+    block = np.empty((oh, ow, 3), np.uint8)
+    resize_box(src, y0, x0, y1, x1, block)
+    return torch.from_numpy(block)
 
 
 def _weights(n: int, a: float, b: float, out: int, device: torch.device) -> torch.Tensor:

@@ -24,7 +24,8 @@ def captions(params, targets: torch.Tensor) -> list[str]:
         if params is not None and bool(params.flip[i]):
             text += " +flip"
         t = targets[i]
-        classes = [int(c) for c in t.nonzero().flatten()] if t.ndim else [int(t)]
+        # Soft targets: the classes above the smoothing floor (every class gets label_smoothing / classes).
+        classes = [int(c) for c in (t > t.min()).nonzero().flatten()] if t.ndim else [int(t)]
         out.append(f"{text} | y={','.join(map(str, classes[:3]))}")
     return out
 

@@ -83,6 +83,37 @@ def make_gpu_check_data(root: Path) -> Path:
     return root
 
 
+def plain_loader(split: str, device="cpu", **sets):
+    """`pipelines.build_loader` from plain values, the way the data path is called without the trainer: `sets` name
+    fields of `DataConfig` / `AugConfig` as "data.x" / "aug.y", plus "model.num_classes", "train.amp" (the batch
+    dtype) and "train.compile"."""
+    import dataclasses
+
+    import torch
+
+    from pipelines import build_loader
+    from pipelines.config import AugConfig, DataConfig
+
+    data, aug, kw = {}, {}, {"num_classes": 1000, "dtype": torch.float32, "compile": False}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    for key, value in sets.items():
+        section, _, name = key.partition(".")
+        if section in ("data", "aug"):
+            fields = {f.name for f in dataclasses.fields(DataConfig if section == "data" else AugConfig)}
+            assert name in fields, f"no field {key}"
+            value = str(value) if name in ("train", "val") else value
+            (data if section == "data" else aug)[name] = tuple(value) if isinstance(value, list) else value
+        elif key == "model.num_classes":
+            kw["num_classes"] = value
+        elif key == "train.amp":
+            kw["dtype"] = dtypes[value]
+        elif key == "train.compile":
+            kw["compile"] = value
+        else:
+            raise AssertionError(f"{key} is not an input of the data path")
+    return build_loader(DataConfig(**data), AugConfig(**aug), split, device=device, **kw)
+
+
 def make_splits(root: Path, splits: dict, page_size: int = 8 << 20, write_mode: str = "jpg",
                 **imagefolder_kw) -> Path:
     """root/<split>.beton for each split: {name: (num_classes, per_class, seed)}, generated and converted."""

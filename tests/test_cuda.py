@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from deit3_fast import engine
+from deit3_fast import trainer
 from deit3_fast.checkpoint import load
 from deit3_fast.config import load_config
-from pipelines import build_loader
 from pipelines.augment import DeviceStage, augment, draw_params, normalize, to_float
 from pipelines.config import AugConfig
 
@@ -25,6 +24,10 @@ def cfg_for(gpu_data, engine_name="nvjpeg", **sets):
             "data.repeats": 1, "aug.img_size": 48}
     base.update(sets)
     return load_config("quickstart", [f"{k}={v}" for k, v in base.items()])
+
+
+def build_loader(cfg, split, device):
+    return trainer.make_loader(cfg, split, torch.device(device))
 
 
 def engine_batches(cfg, split, device, epoch=0):
@@ -128,7 +131,7 @@ def test_prefetching_loader_gives_exactly_the_batches_of_the_plain_one(gpu_data)
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_a_training_run_on_cuda(gpu_data, tmp_path, amp):
-    rows = engine.train(cfg_for(gpu_data, **{"train.amp": amp}), tmp_path, CUDA, quiet=True)
+    rows = trainer.train(cfg_for(gpu_data, **{"train.amp": amp}), tmp_path, CUDA, quiet=True)
     assert np.isfinite(rows[0]["train_loss"]) and rows[0]["val_acc1"] is not None
     assert rows[0]["max_mem_mb"] > 0
     state = load(tmp_path / "checkpoint-last.pt")
@@ -137,7 +140,7 @@ def test_a_training_run_on_cuda(gpu_data, tmp_path, amp):
 
 
 def test_amp_auto_on_this_gpu(gpu_data):
-    run = engine.build(cfg_for(gpu_data, **{"train.amp": "auto"}), CUDA)
+    run = trainer.build(cfg_for(gpu_data, **{"train.amp": "auto"}), CUDA)
     native = torch.cuda.get_device_capability(CUDA) >= (8, 0)
     assert run.amp == ("bf16" if native else "fp16") and run.scaler.is_enabled() == (not native)
 
@@ -161,21 +164,21 @@ def test_a_training_step_never_waits_for_the_device(gpu_data, compiled):
     from deit3_fast.optim import build_optimizer
 
     torch._dynamo.reset()
-    run = engine.build(cfg_for(gpu_data, **{"train.amp": "bf16", "train.ema_decay": 0.99}), CUDA)
+    run = trainer.build(cfg_for(gpu_data, **{"train.amp": "bf16", "train.ema_decay": 0.99}), CUDA)
     if compiled:  # only LAMB compiled: the model's compilation would add minutes and no host sync
         run.optimizer = build_optimizer("lamb", run.raw_model, lr=1e-3, weight_decay=0.05, compile=True)
         run.scheduler.optimizer = run.optimizer
     raw = [(i.clone(), y.clone()) for i, y in run.train_loader.engine.batches(0)]
     x, y, _ = run.train_loader.prepare(0, *raw[0])
     for i in range(2 * run.accum):  # warm-up: compilation, optimiser state, cached constants
-        engine.train_micro_batch(run, x, y, step=i // run.accum, last_micro=(i + 1) % run.accum == 0)
+        trainer.train_micro_batch(run, x, y, step=i // run.accum, last_micro=(i + 1) % run.accum == 0)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for i in range(run.accum):
             x, y, _ = run.train_loader.prepare(1, *raw[1])
             torch.manual_seed(i)  # what the loop does per micro-batch for drop-path
-            engine.train_micro_batch(run, x, y, step=2, last_micro=i == run.accum - 1)
+            trainer.train_micro_batch(run, x, y, step=2, last_micro=i == run.accum - 1)
         run.train_loader.stage(raw[1][0], torch.Generator(device=CUDA).manual_seed(0))
     finally:
         torch.cuda.set_sync_debug_mode(0)
@@ -194,9 +197,9 @@ def test_profile_on_cuda(gpu_data):
 
 def test_peak_memory_is_per_run(gpu_data, tmp_path):
     """Two runs in one process (as ablate does): the second, a smaller model, reports its own smaller peak."""
-    big = engine.train(cfg_for(gpu_data, **{"model.name": "deit3_micro", "data.batch_size": 16}), tmp_path / "a",
+    big = trainer.train(cfg_for(gpu_data, **{"model.name": "deit3_micro", "data.batch_size": 16}), tmp_path / "a",
                        CUDA, quiet=True)
-    small = engine.train(cfg_for(gpu_data), tmp_path / "b", CUDA, quiet=True)
+    small = trainer.train(cfg_for(gpu_data), tmp_path / "b", CUDA, quiet=True)
     assert small[0]["max_mem_mb"] < big[0]["max_mem_mb"]
 
 

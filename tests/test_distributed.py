@@ -119,14 +119,14 @@ def _rank_main(rank, world, init, out, sets, resume, sigterm_at):
     import os
     import signal
 
-    from deit3_fast import engine
+    from deit3_fast import trainer
     from deit3_fast.config import load_config
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.distributed.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:
         if sigterm_at is not None and rank == 0:
-            real, calls = engine.RecipeLoss.__call__, []
+            real, calls = trainer.RecipeLoss.__call__, []
 
             def loss_that_signals(self, x, y):
                 calls.append(1)
@@ -134,11 +134,11 @@ def _rank_main(rank, world, init, out, sets, resume, sigterm_at):
                     os.kill(os.getpid(), signal.SIGTERM)
                 return real(self, x, y)
 
-            engine.RecipeLoss.__call__ = loss_that_signals
+            trainer.RecipeLoss.__call__ = loss_that_signals
         try:
-            engine.train(load_config("quickstart", sets), out, torch.device("cpu"), resume=resume, quiet=True,
+            trainer.train(load_config("quickstart", sets), out, torch.device("cpu"), resume=resume, quiet=True,
                          handle_sigterm=True)
-        except engine.Preempted:
+        except trainer.Preempted:
             pass
     finally:
         torch.distributed.destroy_process_group()

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torchvision.transforms import RandomResizedCrop
 
-from pipelines import crops
+from pipelines import crops, keys
 from pipelines.augment import BRANCHES, DeviceStage
 from pipelines.config import AugConfig
 from pipelines.loader import Loader
@@ -78,7 +78,7 @@ def test_the_batches_of_an_epoch_draw_differently():
     """Per-batch generators are keyed by the batch index: two batches of one epoch get other flips, branches,
     jitter and mixing; the same batch of another epoch too; the same batch again, the same draws."""
     stage = DeviceStage(AugConfig(), train=True)
-    loader = Loader(None, stage, Mixing(AugConfig(), 10, "ce"), device=torch.device("cpu"), seed=0, rank=0)
+    loader = Loader(None, stage, Mixing(AugConfig(), 10), device=torch.device("cpu"), seed=0, rank=0)
     images = torch.full((64, 8, 8, 3), 128, dtype=torch.uint8)
     labels = torch.arange(64) % 10
 
@@ -101,7 +101,7 @@ def _mixed_batches(n: int, aug: AugConfig):
     """(kind, lambda) of `n` batches mixed by `Mixing` with its per-batch numpy generators. Image 0 is all zeros
     and its partner (the batch reversed) all ones: mixup makes it the constant 1 - lambda, cutmix pastes a box of
     ones; the soft target's weight on image 0's class is lambda (after cutmix's box correction)."""
-    mixing = Mixing(aug, 4, "ce")
+    mixing = Mixing(aug, 4)
     x = torch.cat([torch.zeros(1, 1, 64, 64), torch.ones(1, 1, 64, 64)])
     labels = torch.tensor([0, 1])
     out = []
@@ -144,7 +144,7 @@ def test_mixup_lambda_is_beta_0_8_and_cutmix_lambda_is_the_box_corrected_uniform
 def test_mixed_targets_keep_label_smoothing():
     """Fine-tuning: smoothing 0.1 inside the mixed soft targets, as timm's Mixup(label_smoothing=...) makes them."""
     aug = AugConfig(label_smoothing=0.1)
-    mixing = Mixing(aug, 10, "ce")
+    mixing = Mixing(aug, 10)
     _, targets = mixing(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]), np.random.default_rng(0))
     assert torch.allclose(targets.sum(1), torch.ones(4))
     assert targets.min().item() == pytest.approx(0.1 / 10) and targets.max().item() < 1 - 0.1 + 0.1 / 10 + 1e-6
@@ -159,7 +159,7 @@ def test_rrc_boxes_match_torchvision_on_extreme_aspect_ratios(h, w):
     torchvision's RandomResizedCrop.get_params."""
     n = 8000
     lo, hi = math.log(3 / 4), math.log(4 / 3)
-    ours = np.array([crops.rrc_box(h, w, 0.08, 1.0, lo, hi, np.uint64(crops.sample_key(3, i, 0))) for i in range(n)])
+    ours = np.array([crops.rrc_box(h, w, 0.08, 1.0, lo, hi, np.uint64(keys.sample_key(3, i, 0))) for i in range(n)])
     torch.manual_seed(0)
     img = torch.zeros(1, h, w)
     ref = np.array([RandomResizedCrop.get_params(img, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(n)])
@@ -185,7 +185,7 @@ def test_src_offsets_cover_their_whole_range_on_both_axes():
     rows, cols = 280 + 2 * pad - size + 1, 224 + 2 * pad - size + 1
     ys, xs = [], []
     for i in range(20_000):
-        y0, x0, y1, x1, oi, oj, oh, ow = crops.src_box(h, w, size, pad, np.uint64(crops.sample_key(5, i, 0)))
+        y0, x0, y1, x1, oi, oj, oh, ow = crops.src_box(h, w, size, pad, np.uint64(keys.sample_key(5, i, 0)))
         # Back to the offset in the padded resized image: rows above the image are padding (oi), else the crop
         # starts y0 * 280 / 300 rows into it.
         ys.append(round(y0 * 280 / h) - oi + pad)

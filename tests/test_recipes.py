@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from deit3_fast import engine
+from deit3_fast import trainer
+from deit3_fast.archs import ARCHS, resolve_name
 from deit3_fast.config import CONFIG_DIR, load_config
-from deit3_fast.models import ARCHS, create_model, resolve_name
-from deit3_fast.optim import Lamb
+from deit3_fast.device import AMP_DTYPES
+from deit3_fast.models import create_model
+from deit3_fast.optim import Lamb, build_optimizer
 
 from .conftest import make_splits
 
@@ -66,7 +68,7 @@ def test_recipe_model_at_its_resolution_and_its_optimiser(name):
             assert dp.drop_prob == cfg.model.drop_path if cfg.model.drop_path else isinstance(dp, torch.nn.Identity)
         assert hasattr(block.ls1, "gamma") == (cfg.model.layer_scale_init is not None)
     o = cfg.optim
-    opt = engine.build_optimizer(o.name, model, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas),
+    opt = build_optimizer(o.name, model, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas),
                                  eps=o.eps, max_grad_norm=o.max_grad_norm)
     assert isinstance(opt, Lamb) == (o.name == "lamb")
     decay, no_decay = opt.param_groups
@@ -81,21 +83,21 @@ def test_recipe_model_at_its_resolution_and_its_optimiser(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", RECIPES + ABLATIONS, ids=lambda n: Path(n).stem)
 def test_recipe_starts_and_takes_a_step(name, small, monkeypatch):
-    """engine.build on the recipe as shipped (data, checkpoint and batch arithmetic aside) with a one-block stand-in
+    """trainer.build on the recipe as shipped (data, checkpoint and batch arithmetic aside) with a one-block stand-in
     of its model, then one optimiser step from its real loader: augmentation, mixing, loss, optimiser, AMP."""
-    real_create = engine.create_model
-    monkeypatch.setattr(engine, "create_model",
+    real_create = trainer.create_model
+    monkeypatch.setattr(trainer, "create_model",
                         lambda *a, **kw: real_create(*a, **kw, depth=1, embed_dim=32, num_heads=2))
     cfg = load_config(name, [f"data.train={small}", "data.val=null", "model.checkpoint=null", "data.workers=1",
                              "data.batch_size=8", "train.global_batch=16"])
-    run = engine.build(cfg, torch.device("cpu"))
+    run = trainer.build(cfg, torch.device("cpu"))
     assert run.raw_model.patch_embed.grid_size[0] == cfg.aug.img_size // run.raw_model.patch_embed.patch_size[0]
     before = [p.detach().clone() for p in run.raw_model.parameters()]
     it = iter(run.train_loader)
     for micro in range(run.accum):
         x, y = next(it)
-        assert x.shape == (8, 3, cfg.aug.img_size, cfg.aug.img_size) and x.dtype == engine.AMP_DTYPES[run.amp]
-        loss = engine.train_micro_batch(run, x, y, step=0, last_micro=micro == run.accum - 1)
+        assert x.shape == (8, 3, cfg.aug.img_size, cfg.aug.img_size) and x.dtype == AMP_DTYPES[run.amp]
+        loss = trainer.train_micro_batch(run, x, y, step=0, last_micro=micro == run.accum - 1)
         assert torch.isfinite(loss)
     it.close()
     assert any(not torch.equal(a, b) for a, b in zip(before, run.raw_model.parameters()))
@@ -148,15 +150,15 @@ EXPECTED = {
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_recipe_runs_with_the_official_values(name, small, monkeypatch):
-    """Built through engine.build (the run's own components, a one-block stand-in model), every value the run uses
+    """Built through trainer.build (the run's own components, a one-block stand-in model), every value the run uses
     is the official command line's: a value dropped on its way from the config to the component fails here."""
     e = EXPECTED[name]
-    real_create = engine.create_model
-    monkeypatch.setattr(engine, "create_model",
+    real_create = trainer.create_model
+    monkeypatch.setattr(trainer, "create_model",
                         lambda *a, **kw: real_create(*a, **kw, depth=1, embed_dim=32, num_heads=2))
     cfg = load_config(name, [f"data.train={small}", f"data.val={small}", "model.checkpoint=null", "data.workers=1",
                              "data.batch_size=8", "train.global_batch=16"])
-    run = engine.build(cfg, torch.device("cpu"))
+    run = trainer.build(cfg, torch.device("cpu"))
     model = run.raw_model
     # Model: name, resolution, classes, drop-path in every block, LayerScale at 1e-4.
     assert (cfg.model.name, model.patch_embed.img_size[0]) == (e["model"], e["res"])
@@ -187,7 +189,6 @@ def test_recipe_runs_with_the_official_values(name, small, monkeypatch):
     mix = run.train_loader.mixing.mixup
     assert (mix.mixup_alpha, mix.cutmix_alpha, mix.mix_prob, mix.switch_prob, mix.label_smoothing, mix.mode) == \
            (e["mixup"], e["cutmix"], 1.0, 0.5, e["smoothing"], "batch")
-    assert run.train_loader.mixing.binarize == (e["loss"] == "bce")
     # Augmentation: the primary crop, the device stage, RandAugment on the host, the eval crop, repeats.
     engine_ = run.train_loader.engine
     assert engine_.crop.kind == e["crop"] and engine_.crop.size == e["res"]

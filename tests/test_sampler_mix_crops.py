@@ -7,7 +7,7 @@ import torch
 from timm.data.mixup import cutmix_bbox_and_lam
 from torch.utils.data import DistributedSampler
 
-from pipelines import crops
+from pipelines import crops, keys
 from pipelines.config import AugConfig
 from pipelines.mix import Mixing
 from pipelines.sampler import EpochOrder
@@ -79,9 +79,9 @@ def test_repeats_refuse_tiny_data_sets():
 
 # ---- mixing ---------------------------------------------------------------------------------------------------------
 
-def _mixing(mixup, cutmix, loss="bce", smoothing=0.0, num_classes=10):
+def _mixing(mixup, cutmix, smoothing=0.0, num_classes=10):
     aug = AugConfig(mixup=mixup, cutmix=cutmix, mix_prob=1.0, mix_switch_prob=0.5, label_smoothing=smoothing)
-    return Mixing(aug, num_classes, loss)
+    return Mixing(aug, num_classes)
 
 
 def _lam_for(seed_rng_state, alpha):
@@ -96,7 +96,7 @@ def test_mixup_matches_reference_formula():
     x = torch.randn(6, 3, 8, 8, dtype=torch.float64)
     labels = torch.tensor([0, 1, 2, 3, 4, 5])
     lam = _lam_for(11, 0.8)
-    out, t = _mixing(0.8, 0.0, loss="ce")(x.clone(), labels, np.random.default_rng(11))
+    out, t = _mixing(0.8, 0.0)(x.clone(), labels, np.random.default_rng(11))
     torch.testing.assert_close(out, lam * x + (1 - lam) * x.flip(0))
     one = torch.nn.functional.one_hot(labels, 10).double()
     torch.testing.assert_close(t.double(), lam * one + (1 - lam) * one.flip(0))
@@ -108,7 +108,7 @@ def test_cutmix_matches_timm_box_and_corrected_lambda():
     rng_seed = 3
     lam = _lam_for(rng_seed, 1.0)
     (yl, yh, xl, xh), lam_c = cutmix_bbox_and_lam(x.shape, lam)  # continues numpy's stream like timm does
-    out, t = _mixing(0.0, 1.0, loss="ce")(x.clone(), labels, np.random.default_rng(rng_seed))
+    out, t = _mixing(0.0, 1.0)(x.clone(), labels, np.random.default_rng(rng_seed))
     ref = x.clone()
     ref[:, :, yl:yh, xl:xh] = x.flip(0)[:, :, yl:yh, xl:xh]
     torch.testing.assert_close(out, ref)
@@ -117,19 +117,23 @@ def test_cutmix_matches_timm_box_and_corrected_lambda():
     torch.testing.assert_close(t, lam_c * one + (1 - lam_c) * one.flip(0))
 
 
-def test_bce_targets_are_binarised_and_numpy_state_untouched():
+def test_bce_targets_are_the_mixed_targets_binarised_and_numpy_state_untouched():
+    """Mixing makes timm's soft targets and leaves numpy's global state as it was; the BCE loss binarises them
+    (`> 0`, as the official engine): a mixed sample has its own class and its partner's. Unmixed: class indices."""
+    from deit3_fast.losses import bce_targets
+
     np.random.seed(123)
     before = np.random.get_state()[1].copy()
     x = torch.randn(8, 3, 16, 16)
     labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
-    _, t = _mixing(0.8, 1.0, loss="bce")(x, labels, np.random.default_rng(0))
-    assert set(t.unique().tolist()) <= {0.0, 1.0}
-    assert (t.sum(1) == 2).all()  # each mixed sample has its own class and its partner's
+    _, t = _mixing(0.8, 1.0)(x, labels, np.random.default_rng(0))
+    assert torch.allclose(t.sum(1), torch.ones(8)) and ((t > 0).sum(1) == 2).all()
+    b = bce_targets(t, 10)
+    assert set(b.unique().tolist()) <= {0.0, 1.0} and (b.sum(1) == 2).all()
     np.testing.assert_array_equal(np.random.get_state()[1], before)
-    _, plain = _mixing(0.0, 0.0, loss="bce")(x, labels, np.random.default_rng(0))
-    torch.testing.assert_close(plain, torch.nn.functional.one_hot(labels, 10).float())
-    _, idx = _mixing(0.0, 0.0, loss="ce")(x, labels, np.random.default_rng(0))
+    _, idx = _mixing(0.0, 0.0)(x, labels, np.random.default_rng(0))
     assert torch.equal(idx, labels)
+    torch.testing.assert_close(bce_targets(idx, 10), torch.nn.functional.one_hot(labels, 10).float())
     with pytest.raises(ValueError, match="even batch"):
         _mixing(0.8, 1.0)(x[:3], labels[:3], np.random.default_rng(0))
 
@@ -140,8 +144,8 @@ def test_rrc_scale_and_aspect_statistics():
     """Accepted boxes: area fraction ~ U(0.08, 1), log aspect ~ U(log 3/4, log 4/3), as torchvision draws them."""
     h, w = 375, 500
     lo, hi = math.log(3 / 4), math.log(4 / 3)
-    keys = [np.uint64(crops.sample_key(7, i, 0)) for i in range(20000)]
-    boxes = np.array([crops.rrc_box(h, w, 0.08, 1.0, lo, hi, k) for k in keys])
+    box_keys = [np.uint64(keys.sample_key(7, i, 0)) for i in range(20000)]
+    boxes = np.array([crops.rrc_box(h, w, 0.08, 1.0, lo, hi, k) for k in box_keys])
     area = boxes[:, 2] * boxes[:, 3] / (h * w)
     aspect = np.log(boxes[:, 3] / boxes[:, 2])
     assert area.min() >= 0.075 and area.max() <= 1.0
@@ -160,17 +164,17 @@ def test_rrc_scale_and_aspect_statistics():
 
 
 def test_keys_are_deterministic_and_distinct():
-    k = crops.epoch_key(0, 0, 0)
-    assert k == crops.epoch_key(0, 0, 0) and k != crops.epoch_key(0, 0, 1) and k != crops.epoch_key(0, 1, 0)
-    assert crops.sample_key(k, 5, 0) != crops.sample_key(k, 5, 1)
-    u = np.array([crops.uniform(np.uint64(crops.sample_key(k, i, 0)), 0) for i in range(20000)])
+    k = keys.epoch_key(0, 0, 0)
+    assert k == keys.epoch_key(0, 0, 0) and k != keys.epoch_key(0, 0, 1) and k != keys.epoch_key(0, 1, 0)
+    assert keys.sample_key(k, 5, 0) != keys.sample_key(k, 5, 1)
+    u = np.array([keys.uniform(np.uint64(keys.sample_key(k, i, 0)), 0) for i in range(20000)])
     assert abs(u.mean() - 0.5) < 0.01 and u.min() >= 0 and u.max() < 1
 
 
 def test_src_box_covers_the_crop_and_pads_at_most_4():
     for i in range(2000):
         h, w = [(375, 500), (500, 375), (224, 224), (100, 300)][i % 4]
-        y0, x0, y1, x1, oi, oj, oh, ow = crops.src_box(h, w, 224, 4, np.uint64(crops.sample_key(1, i, 0)))
+        y0, x0, y1, x1, oi, oj, oh, ow = crops.src_box(h, w, 224, 4, np.uint64(keys.sample_key(1, i, 0)))
         assert 0 <= y0 < y1 <= h + 1e-9 and 0 <= x0 < x1 <= w + 1e-9
         assert 0 <= oi <= 4 and 0 <= oj <= 4 and oi + oh >= 220 and oj + ow >= 220
         assert oi + oh <= 224 and oj + ow <= 224

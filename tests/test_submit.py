@@ -12,7 +12,7 @@ import torch
 
 from deit3_fast.checkpoint import load
 from deit3_fast.config import load_config
-from deit3_fast.engine import train
+from deit3_fast.trainer import train
 from deit3_fast.submit import submit
 
 from .conftest import REPO, make_splits

@@ -7,10 +7,10 @@ import sys
 import pytest
 import torch
 
-from deit3_fast import engine
+from deit3_fast import trainer
 from deit3_fast.checkpoint import load
-from deit3_fast.config import load_config
-from deit3_fast.engine import ConfigMismatch, TrainingDiverged, train
+from deit3_fast.config import batch_plan, load_config
+from deit3_fast.trainer import ConfigMismatch, TrainingDiverged, train
 
 from .conftest import REPO, make_splits
 
@@ -81,7 +81,7 @@ def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(data, tmp_path, monke
     cpu = torch.device("cpu")
     full = train(tiny_cfg(data, **sets), tmp_path / "full", cpu, quiet=True)
     calls = []
-    real = engine.RecipeLoss.__call__
+    real = trainer.RecipeLoss.__call__
 
     def loss_that_signals(self, x, y):
         calls.append(1)
@@ -89,14 +89,14 @@ def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(data, tmp_path, monke
             os.kill(os.getpid(), signal.SIGTERM)
         return real(self, x, y)
 
-    monkeypatch.setattr(engine.RecipeLoss, "__call__", loss_that_signals)
-    with pytest.raises(engine.Preempted, match="epoch 1, step 2/3") as stopped:
+    monkeypatch.setattr(trainer.RecipeLoss, "__call__", loss_that_signals)
+    with pytest.raises(trainer.Preempted, match="epoch 1, step 2/3") as stopped:
         train(tiny_cfg(data, **sets), tmp_path / "split", cpu, quiet=True, handle_sigterm=True)
     assert len(calls) == 10  # the step's second micro-batch ran: no half-accumulated gradients are lost
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
     state = load(stopped.value.checkpoint)
     assert state["epoch"] == 0 and state["resume_at"]["step"] == 2
-    monkeypatch.setattr(engine.RecipeLoss, "__call__", real)
+    monkeypatch.setattr(trainer.RecipeLoss, "__call__", real)
     rest = train(tiny_cfg(data, **sets), tmp_path / "split", cpu, quiet=True, resume="auto")
     assert [r["epoch"] for r in rest] == [1, 2]
     assert_same_as_uninterrupted(tmp_path / "full", full, tmp_path / "split")
@@ -116,8 +116,8 @@ def test_run_dir_contents(data, tmp_path):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, monkeypatch):
     train(tiny_cfg(data, **{"schedule.epochs": 3}), tmp_path, torch.device("cpu"), quiet=True, stop_after_epoch=0)
     good = load(tmp_path / "checkpoint-last.pt")
-    real = engine.RecipeLoss.__call__
-    monkeypatch.setattr(engine.RecipeLoss, "__call__", lambda self, x, y: real(self, x, y) * math.nan)
+    real = trainer.RecipeLoss.__call__
+    monkeypatch.setattr(trainer.RecipeLoss, "__call__", lambda self, x, y: real(self, x, y) * math.nan)
     with pytest.raises(TrainingDiverged, match="loss is nan at epoch 1"):
         train(tiny_cfg(data, **{"schedule.epochs": 3}), tmp_path, torch.device("cpu"), quiet=True, resume="auto")
     kept = load(tmp_path / "checkpoint-last.pt")
@@ -256,8 +256,8 @@ def test_image_size_needs_one_patch_and_the_grid_is_floored(data):
     from deit3_fast.config import ConfigError
 
     with pytest.raises(ConfigError, match="aug.img_size 3 is smaller than deit3_nano's patch size 4"):
-        engine.build(tiny_cfg(data, **{"aug.img_size": 3}), torch.device("cpu"))
-    run = engine.build(tiny_cfg(data, **{"aug.img_size": 30}), torch.device("cpu"))
+        trainer.build(tiny_cfg(data, **{"aug.img_size": 3}), torch.device("cpu"))
+    run = trainer.build(tiny_cfg(data, **{"aug.img_size": 30}), torch.device("cpu"))
     assert run.raw_model.patch_embed.grid_size == (7, 7)
     x, y = next(iter(run.train_loader))
     assert x.shape[-2:] == (30, 30)
@@ -267,21 +267,20 @@ def test_image_size_needs_one_patch_and_the_grid_is_floored(data):
 def test_amp_auto_is_bf16_where_native_else_fp16_with_a_scaler(monkeypatch):
     """V100 (sm_70) has no native bf16: auto gives fp16 + GradScaler there, bf16 on A100/H100 and on CPUs; an
     explicit bf16 on a V100 is one warning naming the fix."""
-    from pipelines import amp_dtype
+    from deit3_fast.device import resolve_amp
 
     cfg = load_config("vit_s_in1k")
     assert cfg.train.amp == "auto"
-    assert engine.resolve_amp(cfg, torch.device("cpu")) == "bf16"
+    assert resolve_amp(cfg.train.amp, torch.device("cpu")) == "bf16"
     for capability, name, expected in (((7, 0), "Tesla V100-SXM2-32GB", "fp16"), ((8, 0), "NVIDIA A100", "bf16"),
                                        ((9, 0), "NVIDIA H100 80GB HBM3", "bf16")):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
         cuda = torch.device("cuda", 0)
-        assert engine.resolve_amp(cfg, cuda) == expected
-        assert amp_dtype("auto", cuda) == {"fp16": torch.float16, "bf16": torch.bfloat16}[expected]
+        assert resolve_amp(cfg.train.amp, cuda) == expected
     with pytest.warns(UserWarning, match="no native bf16.*train.amp: auto or fp16"):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
-        assert engine.resolve_amp(load_config("vit_s_in1k", ["train.amp=bf16"]), torch.device("cuda", 0)) == "bf16"
+        assert resolve_amp("bf16", torch.device("cuda", 0)) == "bf16"
 
 
 def test_run_dir_records_what_the_run_really_uses(data, tmp_path, capsys):
@@ -307,9 +306,9 @@ def test_batch_plan_splits_the_global_batch_or_names_a_batch_that_works(batch, g
     cfg = load_config("quickstart", [f"data.batch_size={batch}", f"train.global_batch={global_batch}"])
     if isinstance(expected, str):
         with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
-            engine.batch_plan(cfg, world)
+            batch_plan(cfg, world)
         return
-    plan = engine.batch_plan(cfg, world)
+    plan = batch_plan(cfg, world)
     assert (plan.per_process, plan.accum) == expected[:2]
     assert plan.per_process * world * plan.accum == global_batch
     assert (plan.note is None) if expected[2] is None else expected[2] in plan.note
@@ -319,7 +318,7 @@ def test_peak_memory_is_reset_at_the_start_of_each_run(data, tmp_path, monkeypat
     """ablate runs several variants in one process: each run's max_mem_mb is its own (CUDA's counter is reset at
     its start; the reset call is what a CPU test can see)."""
     calls = []
-    monkeypatch.setattr(engine, "_reset_peak_memory", lambda device: calls.append(device))
+    monkeypatch.setattr(trainer, "reset_peak_memory", lambda device: calls.append(device))
     train(tiny_cfg(data, **{"schedule.epochs": 1}), tmp_path / "a", torch.device("cpu"), quiet=True)
     train(tiny_cfg(data, **{"schedule.epochs": 1}), tmp_path / "b", torch.device("cpu"), quiet=True)
     assert calls == [torch.device("cpu")] * 2

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from dataset_tools.beton import FIELD_DESC, HEADER, Beton, BetonError
 from dataset_tools.inspect_beton import inspect_beton
 from deit3_fast.config import Config, ConfigError, apply_override, load_config
-from pipelines import DataError, _check_beton
+from pipelines.build import DataError, _check_beton
 
 from ..conftest import make_splits
 

@@ -1,0 +1,105 @@
+"""The run directory: the files a training run writes, and the one place that reads them back.
+
+    config.yaml         the config as given (what a resume compares against)
+    run.json            what this run resolved it to: AMP dtype, device, world size, per-process batch, accumulation
+    metrics.jsonl       one JSON row per finished epoch (`epoch`, `train_loss`, `lr`, `val_acc1`, ...)
+    checkpoint-*.pt     the checkpoints (their format: checkpoint.py)
+    curves.png          the curves of metrics.jsonl
+
+`ablate` reads variants' run dirs through the same functions and draws its overlay with the same plot.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from dataset_tools.atomic import write_text_atomic
+
+CONFIG, FACTS, METRICS, CURVES = "config.yaml", "run.json", "metrics.jsonl", "curves.png"
+
+
+def write_config(out: Path, config: dict) -> None:
+    write_text_atomic(str(out / CONFIG), yaml.safe_dump(config, sort_keys=False))
+
+
+def read_config(out: Path) -> dict | None:
+    """The config a run dir was written with, or None when it has none (or an unreadable one)."""
+    try:
+        tree = yaml.safe_load((out / CONFIG).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return tree if isinstance(tree, dict) else None
+
+
+def write_facts(out: Path, facts: dict) -> None:
+    write_text_atomic(str(out / FACTS), json.dumps(facts, indent=1) + "\n")
+
+
+def read_metrics(out: Path) -> list[dict]:
+    p = out / METRICS
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def append_metrics(out: Path, row: dict) -> None:
+    with open(out / METRICS, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def start_metrics(out: Path, resumed_after_epoch: int | None) -> None:
+    """A fresh run starts an empty metrics.jsonl; a resumed one keeps the rows up to its checkpoint's epoch. A run
+    killed between logging an epoch and saving its checkpoint redoes that epoch: its row (and any later one) goes,
+    so every epoch is logged once."""
+    p = out / METRICS
+    if resumed_after_epoch is None:
+        p.unlink(missing_ok=True)
+        return
+    rows = read_metrics(out)
+    kept = [r for r in rows if r["epoch"] <= resumed_after_epoch]
+    if len(kept) != len(rows):
+        write_text_atomic(str(p), "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def plot_curves(runs: dict[str, list[dict]], png: Path, title: str | None = None, overlay: bool = False) -> None:
+    """One run: validation top-1 and top-5, train loss and the learning rate against epoch. Several runs overlaid
+    (`overlay`, as `ablate` draws its variants): top-1 and train loss relative to each run's first epoch, so BCE
+    (~0.5) and cross-entropy (~2) curves share one readable axis."""
+    runs = {name: rows for name, rows in runs.items() if rows}
+    if not runs:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    single = not overlay
+    fig, axes = plt.subplots(1, 3 if single else 2, figsize=(13 if single else 12, 4))
+    acc, loss = axes[0], axes[1]
+    for name, rows in runs.items():
+        epochs = [r["epoch"] + 1 for r in rows]
+        first = 1.0 if single else (rows[0]["train_loss"] or 1.0)
+        line, = loss.plot(epochs, [r["train_loss"] / first for r in rows], label=name)
+        if rows[0].get("val_acc1") is not None:
+            acc.plot(epochs, [r["val_acc1"] for r in rows], label="top-1" if single else name,
+                     color=line.get_color())
+            if single:
+                acc.plot(epochs, [r["val_acc5"] for r in rows], label="top-5")
+    if single:
+        rows = next(iter(runs.values()))
+        axes[2].plot([r["epoch"] + 1 for r in rows], [r["lr"] for r in rows])
+        axes[2].set_title("learning rate (end of epoch)")
+    acc.set_title("val accuracy (%)" if single else "val top-1 (%)")
+    loss.set_title("train loss" if single else "train loss / train loss of epoch 1")
+    for a in axes:
+        a.set_xlabel("epoch")
+    for a in (acc, loss) if not single else (acc,):
+        if a.get_lines():
+            a.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)

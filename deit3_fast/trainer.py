@@ -1,0 +1,418 @@
+"""Training and evaluation: config -> components (`build`) -> loop (`train`), around one `Run`.
+
+One optimiser step = `accum` micro-batches of the per-process batch; global batch = per-process batch x world x
+accum = `train.global_batch` (`config.batch_plan`); under DDP only the last micro-batch of a step all-reduces
+gradients. The learning rate is set every step (schedule.py). Losses stay on the device and are read back every
+`train.log_every` micro-batches, so the host never waits for the device in between.
+
+Checkpoints (checkpoint.py) are written at every epoch end, and on SIGTERM at the next step boundary (`Preempted`):
+such a checkpoint records its position in the epoch, and a resume continues from exactly there (the loader can start
+an epoch part-way with the same batches, see pipelines/loader.py). The run dir's other files: rundir.py.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from pipelines import DataError, build_loader, check_same_classes
+from pipelines import keys
+
+from . import checkpoint as ckpt
+from . import distributed as dist
+from . import rundir
+from .config import NO_EFFECT_KEYS, BatchPlan, Config, batch_plan, differences, to_dict
+from .device import AMP_DTYPES, autocast, device_name, max_mem_mb, reset_peak_memory, resolve_amp
+from .losses import RecipeLoss
+from .models import create_model
+from .optim import build_optimizer
+from .schedule import WarmupCosine
+
+
+class TrainingDiverged(Exception):
+    pass
+
+
+class ConfigMismatch(Exception):
+    pass
+
+
+class OutOfMemory(Exception):
+    pass
+
+
+class Preempted(Exception):
+    """SIGTERM: the run stopped at a step boundary and `checkpoint` holds that exact position."""
+
+    def __init__(self, checkpoint: Path, epoch: int, step: int, steps: int):
+        super().__init__(f"SIGTERM: stopped at epoch {epoch}, step {step}/{steps}; checkpoint written to "
+                         f"{checkpoint}; continue with --resume auto")
+        self.checkpoint, self.epoch, self.step = checkpoint, epoch, step
+
+
+class StopFlag:
+    """`requested`: set by this process's SIGTERM handler. `agreed`: some rank's request, as every rank learnt it at
+    the same log point; with several processes only that one may end the run, or the ranks would part ways."""
+    requested = False
+    agreed = False
+
+    def should_stop(self) -> bool:
+        return self.agreed or (dist.world() == 1 and self.requested)
+
+
+@dataclass
+class Run:
+    """Everything a run computes with; `state_dict` is what a checkpoint saves of it."""
+    cfg: Config                     # the config as given (what the run dir records and a resume compares)
+    model: torch.nn.Module          # what runs forward: compiled when train.compile, DDP-wrapped with several ranks
+    raw_model: torch.nn.Module      # its parameters and state dict (no '_orig_mod.' / 'module.' prefixes)
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    scheduler: WarmupCosine
+    loss: RecipeLoss
+    train_loader: object
+    val_loader: object
+    device: torch.device
+    amp: str                        # the AMP dtype in use (train.amp: auto resolved for this device)
+    batch: BatchPlan                # per-process batch and accumulation steps
+    ema: object | None = None
+    ddp: torch.nn.parallel.DistributedDataParallel | None = None
+    stop: StopFlag = field(default_factory=StopFlag)  # train() hands in the one its SIGTERM handler sets
+
+    @property
+    def accum(self) -> int:
+        return self.batch.accum
+
+    def state_dict(self) -> dict:
+        return {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "ema": self.ema.module.state_dict() if self.ema is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.raw_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.module.load_state_dict(state["ema"])
+
+
+def make_loader(cfg: Config, split: str, device: torch.device, *, amp: str | None = None,
+                batch_size: int | None = None):
+    """The data path's loader for this config: its `data` and `aug` sections and the plain values pipelines take."""
+    amp = amp or resolve_amp(cfg.train.amp, device)
+    data = cfg.data if batch_size is None else replace(cfg.data, batch_size=batch_size)
+    return build_loader(data, cfg.aug, split, num_classes=cfg.model.num_classes, device=device,
+                        dtype=AMP_DTYPES[amp], compile=cfg.train.compile)
+
+
+def build(cfg: Config, device: torch.device) -> Run:
+    torch.manual_seed(cfg.train.seed)  # the same init on every rank (DDP also broadcasts rank 0's)
+    plan = batch_plan(cfg, dist.world())
+    amp = resolve_amp(cfg.train.amp, device)
+    model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, img_size=cfg.aug.img_size,
+                         drop_path=cfg.model.drop_path, layer_scale_init=cfg.model.layer_scale_init,
+                         checkpoint=cfg.model.checkpoint).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    o = cfg.optim
+    optimizer = build_optimizer(o.name, model, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas),
+                                eps=o.eps, max_grad_norm=o.max_grad_norm, compile=cfg.train.compile)
+    forward = ddp = None
+    if dist.world() > 1:
+        forward = ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    forward = forward or model
+    forward = torch.compile(forward) if cfg.train.compile else forward
+    train_loader = make_loader(cfg, "train", device, amp=amp, batch_size=plan.per_process)
+    if len(train_loader) < plan.accum:
+        raise DataError(f"{cfg.data.train}: an epoch has {len(train_loader)} batch(es) of {plan.per_process} per "
+                        f"process, fewer than one optimiser step ({plan.accum} micro-batches); lower "
+                        "data.batch_size or train.global_batch")
+    if cfg.data.val:
+        check_same_classes(cfg.data.train, cfg.data.val)
+    val_loader = make_loader(cfg, "val", device, amp=amp, batch_size=plan.per_process) if cfg.data.val else None
+    s = cfg.schedule
+    scheduler = WarmupCosine(optimizer, max(1, len(train_loader) // plan.accum), lr=o.lr, epochs=s.epochs,
+                             warmup_epochs=s.warmup_epochs, warmup_lr=s.warmup_lr, min_lr=s.min_lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    ema = None
+    if cfg.train.ema_decay:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=cfg.train.ema_decay)
+    return Run(cfg, forward, model, optimizer, scaler, scheduler, RecipeLoss(cfg.loss, cfg.aug.label_smoothing),
+               train_loader, val_loader, device, amp, plan, ema, ddp)
+
+
+def train_micro_batch(run: Run, x: torch.Tensor, y: torch.Tensor, step: int, last_micro: bool) -> torch.Tensor:
+    """Forward and backward of one micro-batch; on a step's last micro-batch also the optimiser step (at the
+    scheduled learning rate) and the EMA update. Returns the loss as a device tensor (nothing is read back)."""
+    # Micro-batches before a step's last one keep their gradients local: one all-reduce per optimiser step.
+    with run.ddp.no_sync() if run.ddp is not None and not last_micro else nullcontext():
+        with autocast(run.device, run.amp):
+            loss = run.loss(run.model(x), y)
+        run.scaler.scale(loss / run.accum).backward()
+    if last_micro:
+        run.scheduler(step)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.optimizer.zero_grad(set_to_none=True)
+        if run.ema is not None:
+            run.ema.update(run.raw_model)
+    return loss.detach()
+
+
+@dataclass
+class EpochResult:
+    """A finished epoch's training statistics (`row`), or where a stop request ended it (`resume_at`: the step and
+    the partial sums a resume continues from)."""
+    steps: int
+    row: dict | None = None
+    resume_at: dict | None = None
+
+
+def train_one_epoch(run: Run, epoch: int, progress: Progress | None = None,
+                    resume_at: dict | None = None) -> EpochResult:
+    """One epoch, or its remainder from `resume_at` (a mid-epoch checkpoint's position)."""
+    loader = run.train_loader
+    run.model.train()
+    loader.set_epoch(epoch)
+    steps = max(1, len(loader) // run.accum)
+    first = resume_at["step"] if resume_at else 0
+    micro_total = steps * run.accum
+    task = progress.add_task(f"epoch {epoch}", total=micro_total, completed=first * run.accum, info="") \
+        if progress else None
+    done = resume_at or {"loss_sum": 0.0, "images": 0, "seconds": 0.0}
+    loss_sum = torch.full((), float(done["loss_sum"]), device=run.device)
+    ek = keys.epoch_key(run.cfg.train.seed, dist.rank(), epoch)
+    images, wait, started = int(done["images"]), 0.0, time.perf_counter() - done["seconds"]
+    lr = run.scheduler.value(epoch * steps + first)
+    stopped_at = None
+    it = loader.iter_from(first * run.accum)
+    for micro in range(first * run.accum, micro_total):
+        t0 = time.perf_counter()
+        x, y = next(it)
+        wait += time.perf_counter() - t0
+        step = epoch * steps + micro // run.accum
+        last_micro = (micro + 1) % run.accum == 0
+        # Drop-path draws from the global RNG (CPU and CUDA), seeded per (seed, rank, epoch, micro-batch) like the
+        # data keys: every rank has its own stream, and a run resumed at any step on any number of processes draws
+        # what an uninterrupted one would, without carrying RNG states (which are per rank and per device).
+        torch.manual_seed(keys.seed_of(keys.combine(ek, np.uint64(micro))))
+        loss_sum += train_micro_batch(run, x, y, step, last_micro)
+        images += len(x)
+        if last_micro:
+            lr = run.scheduler.value(step)
+        if (micro + 1) % run.cfg.train.log_every == 0 or micro + 1 == micro_total:
+            # The one host sync, every log_every micro-batches; summed over ranks, so all ranks stop together, and
+            # carrying the stop flag, so all ranks agree on where a SIGTERM ends the run.
+            flag = torch.full((), float(run.stop.requested), device=loss_sum.device)
+            total, stops = dist.all_reduce_sum(torch.stack([loss_sum, flag])).tolist()
+            mean = total / ((micro + 1) * dist.world())
+            run.stop.agreed |= stops > 0
+            if not math.isfinite(mean):
+                raise TrainingDiverged(f"loss is {mean} at epoch {epoch}, step {step}; stopping. The last good "
+                                       f"checkpoint is kept; lower optim.lr or use train.amp: bf16")
+            if progress:
+                progress.update(task, completed=micro + 1, info=f"loss {mean:.4f} lr {lr:.2e}")
+        if last_micro and micro + 1 < micro_total and run.stop.should_stop():
+            stopped_at = (micro + 1) // run.accum
+            break
+    if stopped_at is None:
+        for _ in it:  # the engine's epoch ends cleanly even when accumulation leaves micro-batches over
+            pass
+    elapsed = time.perf_counter() - started
+    if progress:
+        progress.remove_task(task)
+    if stopped_at is not None:
+        # The checkpoint holds one rank's share of the partial sums (rank 0 writes it, every rank resumes from it):
+        # the mean over ranks, so the epoch's loss comes out right on any number of processes.
+        mean_sum = dist.all_reduce_sum(loss_sum.clone()).item() / dist.world()
+        return EpochResult(steps, resume_at={"step": stopped_at, "loss_sum": mean_sum, "images": images,
+                                             "seconds": elapsed})
+    report = loader.epoch_report()  # JPEGs the GPU decoder refused on this rank (reasons: this rank's)
+    counts = torch.tensor([float(images), float(report.get("cpu_decoded", 0))]).to(loss_sum.device)
+    total = dist.all_reduce_sum(torch.cat([loss_sum[None], counts])).tolist()
+    row = {"train_loss": total[0] / (micro_total * dist.world()), "lr": lr, "img_per_s": total[1] / elapsed,
+           "data_wait_frac": wait / elapsed, "train_seconds": elapsed}
+    if total[2]:
+        row.update(cpu_decoded=int(total[2]), cpu_decoded_reasons=report.get("cpu_decoded_reasons", {}))
+    return EpochResult(steps, row=row)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, amp: str, progress: Progress | None = None) -> dict:
+    model.eval()
+    correct1 = correct5 = n = 0
+    task = progress.add_task("eval", total=len(loader), info="") if progress else None
+    for x, y in loader:
+        with autocast(x.device, amp):
+            logits = model(x)
+        top5 = logits.float().topk(min(5, logits.shape[-1]), dim=-1).indices
+        hit = top5 == y[:, None]
+        correct1 += hit[:, 0].sum()
+        correct5 += hit.any(dim=-1).sum()
+        n += len(y)
+        if progress:
+            progress.advance(task)
+    if progress:
+        progress.remove_task(task)
+    # Each rank saw its own unpadded shard: summing the counts gives every sample exactly once.
+    device = next(model.parameters()).device
+    sums = dist.all_reduce_sum(torch.tensor([float(correct1), float(correct5), float(n)], dtype=torch.float64,
+                                            device=device))
+    c1, c5, n = sums.tolist()
+    return {"acc1": 100.0 * c1 / max(n, 1), "acc5": 100.0 * c5 / max(n, 1), "n": int(n)}
+
+
+# May change on resume: what does not change the computation, and schedule.epochs (extending a run).
+_RESUMABLE = NO_EFFECT_KEYS | {"schedule.epochs"}
+
+
+def _resume(run: Run, resume: str | None, out: Path, force: bool) -> ckpt.Position | None:
+    """Load the checkpoint `--resume` names into `run`; its position, or None when starting afresh."""
+    path = ckpt.find_resume(resume, out)
+    if path is None:
+        return None
+    payload = ckpt.load(path)
+    changed = [k for k in differences(payload["config"], to_dict(run.cfg)) if k not in _RESUMABLE]
+    if changed and not force:
+        raise ConfigMismatch(f"{path} was written with a different config ({', '.join(changed)}); resume with the "
+                             "same config, or pass --force")
+    run.load_state_dict(payload)
+    return ckpt.position(payload)
+
+
+def run_facts(run: Run) -> dict:
+    """What this process actually runs with, beyond the config: written to the run dir as run.json."""
+    cfg, device = run.cfg, run.device
+    return {"amp": run.amp, "amp_config": cfg.train.amp, "device": device_name(device), "world_size": dist.world(),
+            "per_process_batch": run.batch.per_process, "accumulation_steps": run.accum,
+            "global_batch": cfg.train.global_batch, "batch_note": run.batch.note, "torch": torch.__version__,
+            "cuda": torch.version.cuda if device.type == "cuda" else None,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def describe_run(f: dict) -> str:
+    amp = f["amp"] if f["amp_config"] == f["amp"] else f"{f['amp_config']} -> {f['amp']}"
+    line = (f"{f['device']} x {f['world_size']}, amp {amp}, global batch {f['global_batch']} = "
+            f"{f['per_process_batch']} per process x {f['world_size']} x {f['accumulation_steps']} accumulation")
+    return line + (f"\n{f['batch_note']}" if f["batch_note"] else "")
+
+
+def train(cfg: Config, out_dir: str | Path, device: torch.device, resume: str | None = None,
+          force: bool = False, quiet: bool = False, stop_after_epoch: int | None = None,
+          handle_sigterm: bool = False) -> list[dict]:
+    """Train from scratch or `resume`; `stop_after_epoch` ends this process's share of the run early (the
+    schedule still spans schedule.epochs), as a time limit or preemption would. With `handle_sigterm`, SIGTERM
+    stops at the next step boundary, writes a checkpoint of that position and raises `Preempted`."""
+    previous, stop = None, StopFlag()
+    try:
+        if handle_sigterm and threading.current_thread() is threading.main_thread():
+            def on_sigterm(signum, frame):
+                stop.requested = True
+            previous = signal.signal(signal.SIGTERM, on_sigterm)
+        return _train(cfg, Path(out_dir), device, resume, force, quiet, stop_after_epoch, stop)
+    except (RuntimeError, MemoryError) as e:  # numpy (FFCV's buffers) raises MemoryError, torch a RuntimeError
+        if _is_oom(e):
+            raise OutOfMemory(_oom_message(cfg, device, e)) from None
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _train(cfg: Config, out: Path, device: torch.device, resume: str | None, force: bool, quiet: bool,
+           stop_after_epoch: int | None, stop: StopFlag) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    reset_peak_memory(device)
+    run = build(cfg, device)
+    run.stop = stop
+    pos = _resume(run, resume, out, force)
+    resumed = pos is not None
+    pos = pos or ckpt.Position()
+    main = dist.is_main()  # only rank 0 writes the run dir and talks
+    quiet = quiet or not main
+    config = to_dict(cfg)
+    if main:
+        rundir.write_config(out, config)
+        facts = run_facts(run)
+        rundir.write_facts(out, facts)
+        if not quiet:
+            print(describe_run(facts), flush=True)
+        rundir.start_metrics(out, pos.epoch if resumed else None)
+    history, resume_at = [], pos.resume_at
+    progress = _progress() if not quiet else None
+    with progress or nullcontext():
+        for epoch in range(pos.epoch + 1, cfg.schedule.epochs):
+            result = train_one_epoch(run, epoch, progress, resume_at)
+            resume_at = None
+            if result.resume_at is not None:  # stopped part-way (SIGTERM): save exactly where
+                if main:
+                    stopped = ckpt.Position(epoch - 1, pos.best, result.resume_at)
+                    ckpt.save(out / ckpt.LAST, run.state_dict(), stopped, config)
+                dist.barrier()
+                raise Preempted(out / ckpt.LAST, epoch, result.resume_at["step"], result.steps)
+            row = {"epoch": epoch, **result.row, "val_acc1": None, "val_acc5": None}
+            if run.val_loader is not None:
+                ev = evaluate(run.model, run.val_loader, run.amp, progress)
+                row.update(val_acc1=ev["acc1"], val_acc5=ev["acc5"])
+            row["max_mem_mb"] = max_mem_mb(device)
+            history.append(row)
+            acc = row["val_acc1"] if row["val_acc1"] is not None else -row["train_loss"]
+            improved = acc > pos.best
+            pos = ckpt.Position(epoch, max(pos.best, acc))
+            if main:
+                rundir.append_metrics(out, row)
+                ckpt.save(out / ckpt.LAST, run.state_dict(), pos, config)
+                if improved:
+                    ckpt.save(out / ckpt.BEST, run.state_dict(), pos, config)
+            _report(row, quiet, main)
+            if stop_after_epoch is not None and epoch >= stop_after_epoch:
+                break
+            if run.stop.should_stop() and epoch + 1 < cfg.schedule.epochs:  # SIGTERM in the epoch's last step
+                dist.barrier()
+                raise Preempted(out / ckpt.LAST, epoch + 1, 0, len(run.train_loader) // run.accum)
+    if main:
+        rundir.plot_curves({out.name: rundir.read_metrics(out)}, out / rundir.CURVES)
+    dist.barrier()  # nobody leaves before the last checkpoint is on disk
+    return history
+
+
+def _report(row: dict, quiet: bool, main: bool) -> None:
+    if not quiet:
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    if main and row.get("cpu_decoded"):
+        reasons = ", ".join(f"{n} {why}" for why, n in row["cpu_decoded_reasons"].items())
+        print(f"epoch {row['epoch']}: {row['cpu_decoded']} JPEGs the GPU decoder refuses were decoded on the CPU "
+              f"({reasons})", file=sys.stderr, flush=True)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), transient=True)
+
+
+def _oom_message(cfg: Config, device: torch.device, error: Exception) -> str:
+    plan = batch_plan(cfg, dist.world())
+    b, accum = plan.per_process, plan.accum
+    detail = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+    hint = (f"--set data.batch_size={b // 2} keeps train.global_batch {cfg.train.global_batch} with {2 * accum} "
+            "accumulation steps instead of " + str(accum)) if b > 1 else "use a smaller model or aug.img_size"
+    return f"out of memory on {device} with data.batch_size {b} per process ({detail}); {hint}"
+
+
+def _is_oom(e: BaseException) -> bool:
+    text = str(e)
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (isinstance(e, RuntimeError) and (
+        "not enough memory" in text or "can't allocate memory" in text or "out of memory" in text.lower()))

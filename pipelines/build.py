@@ -1,0 +1,115 @@
+"""`build_loader`: a `.beton` split -> engine -> device stage -> mixing, as one `Loader`, from plain values.
+
+The caller (the trainer, a benchmark, a test) passes the data path's own config sections (`DataConfig`, `AugConfig`)
+and plain values: the class count, the dtype batches are cast to, the device, the rank and world size. Nothing here
+knows the trainer's config tree, its loss or its precision policy.
+"""
+from __future__ import annotations
+
+import torch
+
+from .augment import DeviceStage
+from .config import ENGINES, AugConfig, DataConfig
+from .loader import Loader
+from .mix import Mixing
+from .sampler import EpochOrder, dist_rank_world
+
+
+class DataError(Exception):
+    """The data named by the config cannot be loaded (missing, not a .beton, labels out of range)."""
+
+
+def _check_beton(path: str | None, split: str, num_classes: int) -> int:
+    """Validate before any worker starts; returns the sample count."""
+    from dataset_tools.beton import Beton, BetonError
+
+    if not path:
+        raise DataError(f"no {split} data: set data.{split} (a .beton written by deit3-convert)")
+    try:
+        b = Beton(path)
+        labels = b.labels(b.field("int"))
+        b.field("rgb_image")
+    except BetonError as e:
+        raise DataError(str(e)) from None
+    if len(b) == 0:
+        raise DataError(f"{path} has no samples")
+    if labels.max() >= num_classes or labels.min() < 0:
+        raise DataError(f"{path} has labels up to {labels.max()} but model.num_classes is {num_classes}")
+    return len(b)
+
+
+def check_same_classes(train: str, val: str) -> None:
+    """A val split converted without the training split's class list has other labels for the same classes, and its
+    accuracy would mean nothing. The conversion reports (`X.beton.json`) name the classes; check when both exist."""
+    import json
+    from pathlib import Path
+
+    reports = [Path(str(p) + ".json") for p in (train, val)]
+    if not all(r.exists() for r in reports):
+        return
+    try:
+        a, b = (json.loads(r.read_text()).get("classes") for r in reports)
+    except (OSError, ValueError):
+        return
+    # Labels agree when val's class list is train's or its beginning (a val set with fewer classes).
+    if a is not None and b is not None and list(a[:len(b)]) != list(b):
+        where = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        raise DataError(f"{val} was converted with other classes than {train} ({len(b)} vs {len(a)}, first "
+                        f"difference at label {where}): convert the val split with --classes {train}.json")
+
+
+def build_loader(data: DataConfig, aug: AugConfig, split: str, *, num_classes: int, device: torch.device | str,
+                 dtype: torch.dtype = torch.float32, rank: int | None = None, world: int | None = None,
+                 compile: bool = False) -> Loader:
+    """The `split` ("train" | "val") loader of `data` with `aug`'s augmentation. Batches are `dtype`, channels-last,
+    on `device`; targets are timm's soft mixed targets (class indices where nothing is mixed). `rank` and `world`
+    default to torch.distributed's when a process group is initialised."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    train = split == "train"
+    device = torch.device(device)
+    path = data.train if train else data.val
+    n = _check_beton(path, split, num_classes)
+    if rank is None or world is None:
+        rank, world = dist_rank_world()
+    try:
+        order = EpochOrder(n, train=train, shuffle=data.shuffle, repeats=data.repeats if train else 1, rank=rank,
+                           world=world, seed=data.seed)
+    except ValueError as e:
+        raise DataError(f"{path}: {e}") from None
+    batch = data.batch_size if train else (data.eval_batch_size or int(1.5 * data.batch_size))
+    if data.engine not in ENGINES:
+        raise DataError(f"data.engine {data.engine!r}: choose one of {', '.join(ENGINES)}")
+    from .crops import CropSpec
+
+    crop = (CropSpec(aug.crop, aug.img_size, tuple(aug.rrc_scale), tuple(aug.rrc_ratio), aug.src_pad) if train
+            else CropSpec("center", aug.img_size, center_ratio=aug.eval_crop_ratio))
+    host = None
+    if train and aug.auto_augment:
+        from .randaugment import RandAugment
+
+        host = RandAugment(aug.auto_augment, aug.img_size, aug.mean)
+    # RandAugment (fine-tuning) runs per sample on the host, so those engines yield host batches, which the loader
+    # augments and then uploads: pulling GPU-decoded images back would stall the device every batch.
+    engine_device = torch.device("cpu") if host is not None else device
+    if data.engine in ("nvjpeg", "dali"):
+        if data.engine == "nvjpeg":
+            from .nvjpeg_engine import NvjpegEngine as cls
+        else:
+            from .dali_engine import DaliEngine as cls
+        try:
+            engine = cls(path, order, batch, crop, engine_device, workers=data.workers, drop_last=train,
+                         seed=data.seed, rank=rank)
+        except ValueError as e:
+            raise DataError(str(e)) from None
+    else:
+        from .ffcv_engine import FFCVEngine
+
+        engine = FFCVEngine(path, order, batch, crop, engine_device, workers=data.workers, os_cache=data.os_cache,
+                            drop_last=train, seed=data.seed, rank=rank)
+    mixing = Mixing(aug, num_classes) if train else None
+    # Mixup blends in float32 and the batch is cast to `dtype` once, after it (as the official code, whose images
+    # stay fp32 up to autocast): blending bf16 pixels would round each of the two images first.
+    stage = DeviceStage(aug, train=train, dtype=torch.float32 if mixing is not None and mixing.active else dtype,
+                        compile=compile)
+    return Loader(engine, stage, mixing, device=device, seed=data.seed, rank=rank, dtype=dtype, host_stage=host)

@@ -1,0 +1,28 @@
+"""What a decode engine is to the loader. Every engine (FFCV: `ffcv_engine.py`, nvjpeg: `nvjpeg_engine.py`, DALI:
+`dali_engine.py`) reads one .beton, decodes, takes the primary crop and yields uint8 batches; everything after the
+crop (flip, 3-Augment, jitter, normalisation, mixing) is the device stage's, the same for all of them.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+import torch
+
+from .crops import CropSpec
+
+
+class Engine(Protocol):
+    crop: CropSpec
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Epoch `epoch` from batch `start` on: (uint8 images (B, H, W, 3), int64 labels (B,)) on the engine's
+        device. The samples, their order and every crop box depend only on (seed, rank, epoch, sample, slot), so
+        all engines yield the same batches and an epoch can start part-way."""
+
+    def epoch_report(self) -> dict:
+        """What the last epoch read counted, e.g. {"cpu_decoded": n, "cpu_decoded_reasons": {...}} for JPEGs a GPU
+        decoder refused; {} when there is nothing to say."""

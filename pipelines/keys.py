@@ -1,0 +1,53 @@
+"""Counter-based randomness: every random number of a run is a hash of explicit keys, not a generator's state.
+
+A key is derived from (seed, rank, epoch, ...) by `combine`, and `uniform(key, n)` is its n-th U[0, 1) draw. So a
+crop does not depend on which thread decoded it, a resumed run (at any step, on any number of processes) draws what
+an uninterrupted one would, and every engine computes the same numbers. Users: the crops (per sample), the loader's
+per-batch generators (device stage, mixing) and the trainer's per-micro-batch drop-path seed. numba-compiled (FFCV's
+decoder calls them from its threads) and callable from Python.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+@njit(cache=True, nogil=True)
+def mix64(x):
+    """splitmix64's finaliser: a bijective, well-mixed 64-bit hash."""
+    x = np.uint64(x)
+    x = (x ^ (x >> np.uint64(30))) * _M1
+    x = (x ^ (x >> np.uint64(27))) * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+@njit(cache=True, nogil=True)
+def combine(a, b):
+    """Key of a child stream: hash of (a, b)."""
+    return mix64(np.uint64(a) ^ (mix64(np.uint64(b)) + _GOLDEN))
+
+
+@njit(cache=True, nogil=True)
+def uniform(key, n):
+    """The n-th U[0, 1) draw of stream `key` (53-bit resolution)."""
+    return float(mix64(np.uint64(key) + np.uint64(n + 1) * _GOLDEN) >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+
+
+@njit(cache=True, nogil=True)
+def sample_key(epoch_key, sample_index, slot):
+    """Key of one sample in one epoch; `slot` (its position in the batch) separates repeated copies of a sample."""
+    return combine(combine(epoch_key, sample_index), slot)
+
+
+def epoch_key(seed: int, rank: int, epoch: int) -> np.uint64:
+    """Keys are np.uint64 on the Python side too: a plain int above 2**63 would not pass back into numba."""
+    return np.uint64(combine(combine(np.uint64(seed & 0xFFFFFFFFFFFFFFFF), np.uint64(rank)), np.uint64(epoch)))
+
+
+def seed_of(key) -> int:
+    """A key as a non-negative 63-bit seed, for torch.manual_seed and torch.Generator.manual_seed."""
+    return int(key) & 0x7FFF_FFFF_FFFF_FFFF
