@@ -30,11 +30,11 @@ if [ "${1:-}" = "--prepare" ]; then
   "$PYTHON" - "$DATA" <<'PY' || exit 1
 import sys, tarfile, tempfile
 from pathlib import Path
-from tests.conftest import SHARED_DATA, make_gpu_check_data
+from tests.conftest import SHARED_DATA, make_tiny_data
 from dataset_tools.convert import convert
 
 data = Path(sys.argv[1])
-make_gpu_check_data(data)
+make_tiny_data(data, page_size=2 << 20)
 for folder in [p for p in data.iterdir() if p.is_dir()]:  # the generated sources: not needed on the GPU machine
     import shutil
     shutil.rmtree(folder)

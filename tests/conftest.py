@@ -64,22 +64,26 @@ def imagenet_sample(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def gpu_data(tmp_path_factory) -> Path:
-    """train.beton (JPEG, 4 classes x 12), val.beton (4 x 4) and raw.beton (raw pixels, 3 x 4): from
-    DEIT3_GPU_CHECK_DATA on a GPU machine without ffcv, else written here."""
+def data(tmp_path_factory) -> Path:
+    """The tiny data set most trainer tests run on: train.beton (JPEG, 4 classes x 12, 32..64 px), val.beton
+    (4 x 4) and raw.beton (raw pixels, 3 x 4). On a GPU machine without ffcv: the copies in DEIT3_GPU_CHECK_DATA."""
     if GPU_CHECK_DATA:
         return Path(GPU_CHECK_DATA)
     pytest.importorskip("ffcv", reason="writing test .beton files needs ffcv (or set DEIT3_GPU_CHECK_DATA)")
-    return make_gpu_check_data(tmp_path_factory.mktemp("gpu_data"))
+    return make_tiny_data(tmp_path_factory.mktemp("tiny_data"))
 
 
-def make_gpu_check_data(root: Path) -> Path:
-    make_splits(root, {"train": (4, 12, 0), "val": (4, 4, 1)}, min_side=32, max_side=96, page_size=2 << 20)
-    make_imagefolder(root / "raw_src", num_classes=3, per_class=4, seed=5, min_side=24, max_side=48)
+def make_tiny_data(root: Path, page_size: int = 8 << 20) -> Path:
+    """The `data` fixture's files under root (also what scripts/gpu-check.sh --prepare brings to a GPU machine)."""
+    make_splits(root / "src", {"train": (4, 12, 0), "val": (4, 4, 1)}, min_side=32, max_side=64, page_size=page_size)
+    for split in ("train", "val"):
+        for suffix in (".beton", ".beton.json"):
+            (root / "src" / f"{split}{suffix}").rename(root / f"{split}{suffix}")
+    make_imagefolder(root / "src" / "raw", num_classes=3, per_class=4, seed=5, min_side=24, max_side=48)
     from dataset_tools.convert import convert
 
-    convert(str(root / "raw_src"), str(root / "raw.beton"), workers=1, write_mode="raw", show_progress=False,
-            page_size=2 << 20)
+    convert(str(root / "src" / "raw"), str(root / "raw.beton"), workers=1, write_mode="raw", show_progress=False,
+            page_size=page_size)
     return root
 
 

@@ -17,8 +17,8 @@ pytestmark = pytest.mark.cuda
 CUDA = torch.device("cuda", 0)
 
 
-def cfg_for(gpu_data, engine_name="nvjpeg", **sets):
-    base = {"data.train": gpu_data / "train.beton", "data.val": gpu_data / "val.beton", "model.num_classes": 4,
+def cfg_for(data, engine_name="nvjpeg", **sets):
+    base = {"data.train": data / "train.beton", "data.val": data / "val.beton", "model.num_classes": 4,
             "data.batch_size": 8, "train.global_batch": 16, "schedule.epochs": 1, "schedule.warmup_epochs": 1,
             "model.drop_path": 0.1, "train.log_every": 2, "data.workers": 2, "data.engine": engine_name,
             "data.repeats": 1, "aug.img_size": 48}
@@ -36,10 +36,10 @@ def engine_batches(cfg, split, device, epoch=0):
 
 
 @pytest.mark.parametrize("split, crop", [("train", "rrc"), ("train", "src"), ("val", "rrc")])
-def test_nvjpeg_gpu_decode_is_pixel_close_to_the_cpu_path(gpu_data, split, crop):
+def test_nvjpeg_gpu_decode_is_pixel_close_to_the_cpu_path(data, split, crop):
     """Same samples, order, crop boxes, resampling (Pillow's bicubic weights on both) and SRC's reflect padding (the
     GPU's torch pad); only the decoders differ, nvJPEG vs libjpeg-turbo: a grey level or two."""
-    cfg = cfg_for(gpu_data, **{"aug.crop": crop})
+    cfg = cfg_for(data, **{"aug.crop": crop})
     gpu, cpu = engine_batches(cfg, split, CUDA), engine_batches(cfg, split, "cpu")
     assert len(gpu) == len(cpu)
     for (xg, yg), (xc, yc) in zip(gpu, cpu):
@@ -48,9 +48,9 @@ def test_nvjpeg_gpu_decode_is_pixel_close_to_the_cpu_path(gpu_data, split, crop)
         assert diff.mean() < 1.5 and diff.mean(dim=(1, 2, 3)).max() < 3.0, diff.mean()
 
 
-def test_nvjpeg_reads_raw_pixel_files_on_the_gpu(gpu_data):
+def test_nvjpeg_reads_raw_pixel_files_on_the_gpu(data):
     """A batch with no JPEG at all (raw .beton, the CIFAR example) must not call decode_jpeg([])."""
-    cfg = cfg_for(gpu_data, **{"data.val": gpu_data / "raw.beton", "model.num_classes": 3})
+    cfg = cfg_for(data, **{"data.val": data / "raw.beton", "model.num_classes": 3})
     gpu, cpu = engine_batches(cfg, "val", CUDA), engine_batches(cfg, "val", "cpu")
     assert len(gpu) == len(cpu) > 0
     for (xg, yg), (xc, yc) in zip(gpu, cpu):  # no decoder at all: equal but for float summation order
@@ -58,11 +58,11 @@ def test_nvjpeg_reads_raw_pixel_files_on_the_gpu(gpu_data):
         assert torch.equal(yg, yc) and diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
 
 
-def test_nvjpeg_batches_survive_a_consumer_that_frees_memory_under_load(gpu_data):
+def test_nvjpeg_batches_survive_a_consumer_that_frees_memory_under_load(data):
     """The stream race of decode_jpeg: its outputs are written from nvJPEG's own stream while blocks the caller
     freed may still be read by queued kernels. A consumer that queues long kernels on each batch and drops it must
     see the same pixels as one that waits for the device after every batch."""
-    cfg = cfg_for(gpu_data, **{"data.batch_size": 4})
+    cfg = cfg_for(data, **{"data.batch_size": 4})
     loader = build_loader(cfg, "train", CUDA)
     reference = []
     for x, _ in loader.engine.batches(0):
@@ -79,10 +79,10 @@ def test_nvjpeg_batches_survive_a_consumer_that_frees_memory_under_load(gpu_data
     assert torch.equal(got, torch.stack([r.to(torch.int64).sum() for r in reference]))
 
 
-def test_dali_mixed_decode_matches_the_cpu_engines(gpu_data):
+def test_dali_mixed_decode_matches_the_cpu_engines(data):
     pytest.importorskip("nvidia.dali")
-    cfg = cfg_for(gpu_data, "dali")
-    gpu, cpu = engine_batches(cfg, "val", CUDA), engine_batches(cfg_for(gpu_data), "val", "cpu")
+    cfg = cfg_for(data, "dali")
+    gpu, cpu = engine_batches(cfg, "val", CUDA), engine_batches(cfg_for(data), "val", "cpu")
     for (xg, yg), (xc, yc) in zip(gpu, cpu):  # DALI's cubic ROI resize is within a grey level or two of Pillow's
         assert torch.equal(yg, yc) and (xg.float() - xc.float()).abs().mean() < 3.0
 
@@ -115,10 +115,10 @@ def test_the_whole_batch_train_stage_on_cuda_equals_the_cpu_operations():
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_prefetching_loader_gives_exactly_the_batches_of_the_plain_one(gpu_data):
+def test_prefetching_loader_gives_exactly_the_batches_of_the_plain_one(data):
     """On CUDA the next batch's device stage runs on a side stream: the batches must be those of running each step
     on the caller's stream, bit for bit."""
-    loader = build_loader(cfg_for(gpu_data), "train", CUDA)
+    loader = build_loader(cfg_for(data), "train", CUDA)
     loader.set_epoch(2)
     prefetched = [(x.clone(), y.clone()) for x, y in loader]
     raw = [(i.clone(), y.clone()) for i, y in loader.engine.batches(2)]
@@ -130,8 +130,8 @@ def test_prefetching_loader_gives_exactly_the_batches_of_the_plain_one(gpu_data)
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
-def test_a_training_run_on_cuda(gpu_data, tmp_path, amp):
-    rows = trainer.train(cfg_for(gpu_data, **{"train.amp": amp}), tmp_path, CUDA, quiet=True)
+def test_a_training_run_on_cuda(data, tmp_path, amp):
+    rows = trainer.train(cfg_for(data, **{"train.amp": amp}), tmp_path, CUDA, quiet=True)
     assert np.isfinite(rows[0]["train_loss"]) and rows[0]["val_acc1"] is not None
     assert rows[0]["max_mem_mb"] > 0
     state = load(tmp_path / "checkpoint-last.pt")
@@ -139,8 +139,8 @@ def test_a_training_run_on_cuda(gpu_data, tmp_path, amp):
     assert json.loads((tmp_path / "run.json").read_text())["amp"] == amp
 
 
-def test_amp_auto_on_this_gpu(gpu_data):
-    run = trainer.build(cfg_for(gpu_data, **{"train.amp": "auto"}), CUDA)
+def test_amp_auto_on_this_gpu(data):
+    run = trainer.build(cfg_for(data, **{"train.amp": "auto"}), CUDA)
     native = torch.cuda.get_device_capability(CUDA) >= (8, 0)
     assert run.amp == ("bf16" if native else "fp16") and run.scaler.is_enabled() == (not native)
 
@@ -148,7 +148,7 @@ def test_amp_auto_on_this_gpu(gpu_data):
 def test_lamb_on_cuda_matches_the_float64_reference():
     """Eager in float64 and float32, and torch.compile'd in float32 (the training dtype; one compilation per
     gradient-list length the reference's schedule produces)."""
-    from .test_optim import _run_both
+    from .deit3_fast.test_optim import _run_both
 
     _run_both(steps=20, dtype=torch.float64, device=CUDA, rtol=1e-9, atol=1e-11)
     _run_both(steps=20, dtype=torch.float32, device=CUDA, rtol=1e-4, atol=1e-5)
@@ -157,14 +157,14 @@ def test_lamb_on_cuda_matches_the_float64_reference():
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-lamb"])
-def test_a_training_step_never_waits_for_the_device(gpu_data, compiled):
+def test_a_training_step_never_waits_for_the_device(data, compiled):
     """The device stage, mixing, forward/backward, LAMB (eager and torch.compile'd, whose scalars used to be
     blocking copies), the schedule and the EMA under torch.cuda.set_sync_debug_mode("error"): any blocking copy or
     read-back in the step raises. (The engine is outside: nvjpeg synchronises its own decode stream by design.)"""
     from deit3_fast.optim import build_optimizer
 
     torch._dynamo.reset()
-    run = trainer.build(cfg_for(gpu_data, **{"train.amp": "bf16", "train.ema_decay": 0.99}), CUDA)
+    run = trainer.build(cfg_for(data, **{"train.amp": "bf16", "train.ema_decay": 0.99}), CUDA)
     if compiled:  # only LAMB compiled: the model's compilation would add minutes and no host sync
         run.optimizer = build_optimizer("lamb", run.raw_model, lr=1e-3, weight_decay=0.05, compile=True)
         run.scheduler.optimizer = run.optimizer
@@ -184,10 +184,10 @@ def test_a_training_step_never_waits_for_the_device(gpu_data, compiled):
         torch.cuda.set_sync_debug_mode(0)
 
 
-def test_profile_on_cuda(gpu_data):
+def test_profile_on_cuda(data):
     from deit3_fast.profile import profile
 
-    r = profile(cfg_for(gpu_data, **{"train.amp": "auto"}), CUDA, steps=3)
+    r = profile(cfg_for(data, **{"train.amp": "auto"}), CUDA, steps=3)
     assert 0 < r["mfu"] <= 1 and r["peak_tflops"] >= r["achieved_tflops"] > 0
     for key in ("engine_img_per_s", "device_stage_img_per_s", "loader_img_per_s", "model_img_per_s",
                 "end_to_end_img_per_s"):
@@ -195,11 +195,11 @@ def test_profile_on_cuda(gpu_data):
     assert r["device"] == torch.cuda.get_device_name(CUDA)
 
 
-def test_peak_memory_is_per_run(gpu_data, tmp_path):
+def test_peak_memory_is_per_run(data, tmp_path):
     """Two runs in one process (as ablate does): the second, a smaller model, reports its own smaller peak."""
-    big = trainer.train(cfg_for(gpu_data, **{"model.name": "deit3_micro", "data.batch_size": 16}), tmp_path / "a",
+    big = trainer.train(cfg_for(data, **{"model.name": "deit3_micro", "data.batch_size": 16}), tmp_path / "a",
                        CUDA, quiet=True)
-    small = trainer.train(cfg_for(gpu_data), tmp_path / "b", CUDA, quiet=True)
+    small = trainer.train(cfg_for(data), tmp_path / "b", CUDA, quiet=True)
     assert small[0]["max_mem_mb"] < big[0]["max_mem_mb"]
 
 

@@ -2,20 +2,13 @@
 text, missing data paths, and a `--cfg` that does not exist. Each is one line `deit3-fast: error: ...` and exit 2,
 before anything is built or written.
 
-Covered elsewhere (not repeated here): tests/test_train.py::test_cli_dry_run_and_one_line_errors runs four of these
+Covered elsewhere (not repeated here): tests/deit3_fast/test_train.py::test_cli_dry_run_and_one_line_errors runs four of these
 (`optim.lrr`, `data.batch_size=big`, an unknown recipe, an absent .beton) as separate processes.
 """
 import pytest
 
 from deit3_fast import cli
 
-from ..conftest import make_splits
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_splits(tmp_path_factory.mktemp("cfg_faults"), {"train": (2, 4, 0), "val": (2, 2, 1)},
-                       min_side=32, max_side=48)
 
 
 FILES = {  # name: (file content, fragment of the message)
@@ -111,7 +104,7 @@ def test_missing_cfg(cfg, fragment, tmp_path, capsys):
 @pytest.mark.parametrize("what", ["train_unset", "train_missing", "val_missing", "train_is_folder"])
 def test_missing_data_path(what, data, tmp_path, capsys):
     """Data paths are checked before the first step: nothing is trained and no checkpoint is written."""
-    sets = {"model.num_classes": 2, "data.batch_size": 4, "train.global_batch": 4, "data.workers": 1,
+    sets = {"model.num_classes": 4, "data.batch_size": 4, "train.global_batch": 4, "data.workers": 1,
             "data.repeats": 1, "data.val": data / "val.beton", "data.train": data / "train.beton"}
     if what == "train_unset":
         sets["data.train"] = "null"

@@ -3,10 +3,10 @@
 line `deit3-fast: error: ...`, exit 2, before training starts: no checkpoint or metrics are written.
 
 Covered elsewhere with the same real files (not repeated here):
-  tests/test_beton.py::test_broken_files_are_one_clear_error      the reader (`Beton`) on each broken layout
-  tests/test_beton.py::test_inspect_broken_files_exit_2_without_traceback, test_inspect_catches_corrupt_image_data
+  tests/dataset_tools/test_beton.py::test_broken_files_are_one_clear_error      the reader (`Beton`) on each broken layout
+  tests/dataset_tools/test_beton.py::test_inspect_broken_files_exit_2_without_traceback, test_inspect_catches_corrupt_image_data
                                                                     `deit3-convert --inspect` on them
-  tests/test_loader.py::test_bad_data_is_one_clear_error           labels beyond model.num_classes, missing file
+  tests/pipelines/test_loader.py::test_bad_data_is_one_clear_error           labels beyond model.num_classes, missing file
 """
 import json
 import subprocess
@@ -19,14 +19,8 @@ from dataset_tools.convert import convert
 from dataset_tools.synthetic import make_imagefolder
 from deit3_fast import cli
 
-from ..conftest import REPO, make_splits
+from ..conftest import REPO
 from .conftest import TRAIN
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_splits(tmp_path_factory.mktemp("read_faults"), {"train": (4, 12, 0), "val": (4, 4, 1)},
-                       min_side=32, max_side=64)
 
 
 def tiny_args(train, val, out, *extra) -> list[str]:

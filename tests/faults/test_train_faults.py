@@ -4,10 +4,10 @@ a batch larger than the training set. Each ends in a documented state: the last 
 `--resume auto` continues, and the message is one line.
 
 Covered elsewhere (not repeated here):
-  tests/test_train.py::test_sigterm_mid_epoch_checkpoints_and_resumes_exactly   SIGTERM at an exact step, resumed
+  tests/deit3_fast/test_train.py::test_sigterm_mid_epoch_checkpoints_and_resumes_exactly   SIGTERM at an exact step, resumed
                                                                                  bit-identical (in-process)
-  tests/test_train.py::test_nan_loss_stops_and_keeps_last_good_checkpoint       NaN multiplied into the loss
-  tests/test_train.py::test_resume_with_changed_config_is_refused_unless_forced the API's ConfigMismatch
+  tests/deit3_fast/test_train.py::test_nan_loss_stops_and_keeps_last_good_checkpoint       NaN multiplied into the loss
+  tests/deit3_fast/test_train.py::test_resume_with_changed_config_is_refused_unless_forced the API's ConfigMismatch
 """
 import json
 import resource
@@ -21,14 +21,8 @@ import torch
 from deit3_fast import cli
 from deit3_fast.checkpoint import load
 
-from ..conftest import REPO, make_splits
+from ..conftest import REPO
 from .conftest import TRAIN
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_splits(tmp_path_factory.mktemp("train_faults"), {"train": (4, 12, 0), "val": (4, 4, 1)},
-                       min_side=32, max_side=64)
 
 
 def tiny(data, out, *extra, epochs=3, batch=8, global_batch=16) -> list[str]:

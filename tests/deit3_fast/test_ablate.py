@@ -17,7 +17,7 @@ from deit3_fast.config import ConfigError, load_config, to_dict
 from deit3_fast.trainer import TrainingDiverged, train
 from deit3_fast.models import create_model
 
-from .conftest import SHARED_DATA, make_splits
+from ..conftest import SHARED_DATA
 
 CIFAR10 = SHARED_DATA / "cifar10-jpg.tar.gz"
 
@@ -212,10 +212,9 @@ def test_a_requeued_job_is_again_an_ablate_job():
 # --- a tiny grid end to end ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A 2-variant grid (loss bce | ce) over generated 4-class data, 2 epochs each, run once."""
+def tiny(tmp_path_factory, data):
+    """A 2-variant grid (loss bce | ce) over the tiny 4-class data, 2 epochs each, run once."""
     root = tmp_path_factory.mktemp("ablate")
-    data = make_splits(root / "data", {"train": (4, 12, 0), "val": (4, 4, 1)}, min_side=32, max_side=64)
     sets = {"data.train": str(data / "train.beton"), "data.val": str(data / "val.beton"), "model.num_classes": 4,
             "data.workers": 1, "data.batch_size": 8, "train.global_batch": 8, "schedule.epochs": 2,
             "schedule.warmup_epochs": 1, "train.amp": "fp32"}

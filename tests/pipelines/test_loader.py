@@ -14,7 +14,7 @@ from dataset_tools.synthetic import make_imagefolder
 from pipelines import DataError, crops, keys
 from pipelines.sampler import EpochOrder
 
-from .conftest import REPO, plain_loader
+from ..conftest import REPO, plain_loader
 
 
 @pytest.fixture(scope="module")
@@ -381,8 +381,8 @@ def test_dali_counts_the_jpegs_its_gpu_decoder_hands_to_its_cpu_fallback(small_b
     engine = loader.engine
     monkeypatch.setattr(source, "gpu_refusal", lambda data: "CMYK" if data[-3] % 4 == 0 else None)
     engine.gpu = True  # what the engine does with each batch's inputs before a GPU pipeline decodes them
-    for idx, keys in engine.index_batches(0):
-        engine._inputs(idx, keys)
+    for idx, batch_keys in engine.index_batches(0):
+        engine._inputs(idx, batch_keys)
     n = sum(r is not None for r in engine._refusals.values())
     assert 0 < n < 120 and engine.epoch_report() == {"cpu_decoded": n, "cpu_decoded_reasons": {"CMYK": n}}
 

@@ -8,7 +8,7 @@ import pytest
 from dataset_tools.beton import Beton, BetonError
 from dataset_tools.convert import convert
 
-from .conftest import run_cli
+from ..conftest import run_cli
 
 
 @pytest.fixture(scope="module")

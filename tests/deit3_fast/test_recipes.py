@@ -15,7 +15,7 @@ from deit3_fast.device import AMP_DTYPES
 from deit3_fast.models import create_model
 from deit3_fast.optim import Lamb, build_optimizer
 
-from .conftest import make_splits
+from ..conftest import make_splits
 
 RECIPES = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 ABLATIONS = sorted(str(p) for p in (CONFIG_DIR / "ablations").glob("cifar10_*.yaml") if "grid" not in p.stem)

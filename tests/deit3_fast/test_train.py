@@ -9,16 +9,10 @@ import torch
 
 from deit3_fast import trainer
 from deit3_fast.checkpoint import load
-from deit3_fast.config import batch_plan, load_config
+from deit3_fast.config import load_config
 from deit3_fast.trainer import ConfigMismatch, TrainingDiverged, train
 
-from .conftest import REPO, make_splits
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_splits(tmp_path_factory.mktemp("train_data"), {"train": (4, 12, 0), "val": (4, 4, 1)},
-                       min_side=32, max_side=64)
+from ..conftest import REPO
 
 
 def tiny_cfg(data, **sets):
@@ -293,25 +287,6 @@ def test_run_dir_records_what_the_run_really_uses(data, tmp_path, capsys):
     assert facts["device"].startswith("cpu") and facts["world_size"] == 1
     assert "amp auto -> bf16, global batch 16 = 8 per process x 1 x 2 accumulation" in capsys.readouterr().out
     assert load_config(str(tmp_path / "config.yaml")).train.amp == "auto"
-
-
-@pytest.mark.parametrize("batch, global_batch, world, expected", [
-    (32, 32, 1, (32, 1, None)), (8, 2048, 1, (8, 256, None)), (256, 2048, 8, (256, 1, None)),
-    (32, 32, 2, (16, 1, "data.batch_size 32 -> 16 per process")), (64, 512, 16, (32, 1, "64 -> 32 per process")),
-    (48, 2048, 2, "use --set data.batch_size=32 (32 accumulation steps)"),
-    (256, 2048, 24, "cannot be split over 24 processes: use a world size that divides it (e.g. 16 or 32)")])
-def test_batch_plan_splits_the_global_batch_or_names_a_batch_that_works(batch, global_batch, world, expected):
-    from deit3_fast.config import ConfigError
-
-    cfg = load_config("quickstart", [f"data.batch_size={batch}", f"train.global_batch={global_batch}"])
-    if isinstance(expected, str):
-        with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
-            batch_plan(cfg, world)
-        return
-    plan = batch_plan(cfg, world)
-    assert (plan.per_process, plan.accum) == expected[:2]
-    assert plan.per_process * world * plan.accum == global_batch
-    assert (plan.note is None) if expected[2] is None else expected[2] in plan.note
 
 
 def test_peak_memory_is_reset_at_the_start_of_each_run(data, tmp_path, monkeypatch):

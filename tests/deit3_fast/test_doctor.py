@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from .conftest import REPO, make_splits
+from ..conftest import REPO
 
 
 def doctor(*args, timeout=600):
@@ -14,9 +14,8 @@ def doctor(*args, timeout=600):
 
 
 @pytest.fixture(scope="module")
-def beton(tmp_path_factory):
-    return make_splits(tmp_path_factory.mktemp("doctor"), {"train": (4, 16, 0)}, min_side=32, max_side=64,
-                       page_size=2 << 20) / "train.beton"
+def beton(data):
+    return data / "train.beton"
 
 
 def test_doctor_json_without_a_gpu(beton):

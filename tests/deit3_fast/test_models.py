@@ -120,23 +120,6 @@ def test_timm_and_official_names_build_the_same_architecture(name, arch, size):
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
 
 
-def test_names_everywhere_a_model_is_named():
-    """model.name in a config (a timm name sets the resolution unless aug.img_size is given), and one error that
-    lists the valid names."""
-    from deit3_fast.config import ConfigError, load_config
-
-    cfg = load_config(None, ["model.name=deit3_base_patch16_384"])
-    assert cfg.aug.img_size == 384
-    assert load_config(None, ["model.name=deit3_base_patch16_384", "aug.img_size=448"]).aug.img_size == 448
-    assert load_config("vit_b_in1k", ["model.name=deit_base_patch16_LS"]).aug.img_size == 192  # the recipe's
-    assert load_config(None, ["model.name=deit_huge_patch14_LS"]).aug.img_size == 224
-    with pytest.raises(ConfigError) as e:
-        load_config(None, ["model.name=deit3_base_patch16_192"])
-    assert "deit3_base_patch16_384" in str(e.value) and "deit_huge_patch14_LS" in str(e.value)
-    with pytest.raises(ValueError, match="valid names: .*deit3_small_patch16_224"):
-        create_model("vit_base_patch16_224")
-
-
 def test_patch_grid_is_floored_like_the_official_code():
     """ViT-H/14 pre-trains at 160 (11 x 11 patches) and 128 (9 x 9): the stride-14 convolution ignores the last
     pixels, and the output equals the model run on the image cropped to the grid."""

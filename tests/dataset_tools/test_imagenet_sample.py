@@ -10,7 +10,7 @@ from PIL import Image
 from dataset_tools.beton import Beton
 from dataset_tools.convert import convert
 
-from .conftest import run_cli
+from ..conftest import run_cli
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

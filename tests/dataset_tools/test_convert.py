@@ -10,7 +10,7 @@ from dataset_tools.beton import Beton
 from dataset_tools.convert import convert
 from dataset_tools.errors import ConversionError, SourceError
 
-from .conftest import no_leftovers, run_cli
+from ..conftest import no_leftovers, run_cli
 
 
 def _image_files(root, cls):

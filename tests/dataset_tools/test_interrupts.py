@@ -12,7 +12,7 @@ from PIL import Image
 
 from dataset_tools.atomic import AtomicOutput
 
-from .conftest import REPO, no_leftovers
+from ..conftest import REPO, no_leftovers
 
 pytestmark = pytest.mark.slow  # ~1 min: real conversions interrupted mid-write
 

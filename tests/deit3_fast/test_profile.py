@@ -8,12 +8,7 @@ import pytest
 from deit3_fast.config import load_config
 from deit3_fast.profile import matmul_peak_tflops, verdict
 
-from .conftest import REPO, make_splits
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_splits(tmp_path_factory.mktemp("profile"), {"train": (4, 16, 0)}, min_side=32, max_side=64)
+from ..conftest import REPO
 
 
 def test_profile_json_on_cpu(data):

@@ -87,7 +87,7 @@ def test_the_batches_of_an_epoch_draw_differently():
         x, y, p = loader.prepare(b, images, labels)
         return x, y, p
 
-    (x0, y0, p0), (x1, y1, p1), (x0b, y0b, p0b) = draw(0, 0), draw(0, 1), draw(1, 0)
+    (_, y0, p0), (x1, y1, p1), (_, y0b, p0b) = draw(0, 0), draw(0, 1), draw(1, 0)
     assert not torch.equal(p0.flip, p1.flip) and not torch.equal(p0.branch, p1.branch)
     assert not torch.equal(p0.jitter, p1.jitter) and not torch.equal(y0, y1)
     assert not torch.equal(p0.flip, p0b.flip) and not torch.equal(y0, y0b)

@@ -11,7 +11,7 @@ from dataset_tools.convert import convert
 from dataset_tools.synthetic import make_imagefolder
 from pipelines import DataError
 
-from .conftest import REPO, plain_loader
+from ..conftest import REPO, plain_loader
 
 
 @pytest.fixture(scope="module")

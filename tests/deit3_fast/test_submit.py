@@ -15,7 +15,7 @@ from deit3_fast.config import load_config
 from deit3_fast.trainer import train
 from deit3_fast.submit import submit
 
-from .conftest import REPO, make_splits
+from ..conftest import REPO, make_splits
 
 pytestmark = pytest.mark.slow  # ~1.5 min: submitit jobs start fresh Python processes
 

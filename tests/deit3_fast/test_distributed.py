@@ -8,7 +8,7 @@ import torch
 
 from deit3_fast.checkpoint import load
 
-from .conftest import REPO, make_splits
+from ..conftest import REPO, make_splits
 
 pytestmark = pytest.mark.slow  # ~1.5 min: four multi-process runs
 

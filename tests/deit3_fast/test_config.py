@@ -1,0 +1,71 @@
+"""The config schema: torch-free, one vocabulary, model names, the checks no single key can make, batch arithmetic."""
+import subprocess
+import sys
+
+import pytest
+
+from deit3_fast.config import ConfigError, batch_plan, load_config
+
+from ..conftest import REPO
+
+
+def test_loading_and_checking_a_config_imports_no_torch():
+    """Every command checks its config first: that must not wait seconds for torch, timm or numba, and the data
+    path's config sections and the ablation grids load without them too."""
+    code = ("import sys\nimport deit3_fast.config as c, deit3_fast.ablate, pipelines.config\n"
+            "c.load_config('vit_h_in1k')\n"
+            "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'timm', 'numba', 'numpy'})\n"
+            "print(heavy)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
+def test_each_vocabulary_is_written_once():
+    from deit3_fast import config, device, losses, optim
+    from pipelines import config as data_config
+
+    assert optim.OPTIMIZERS is config.OPTIMIZERS and losses.LOSSES is config.LOSSES
+    assert set(device.AMP_DTYPES) | {"auto"} == set(config.AMP_CHOICES)
+    assert config._CHOICES["data.engine"] is data_config.ENGINES and config._CHOICES["aug.crop"] is data_config.CROPS
+
+
+def test_an_image_smaller_than_one_patch_is_refused_at_load():
+    """Like the official code, the patch grid is floored: any size of at least one patch is fine."""
+    assert load_config("vit_h_in1k").aug.img_size == 160  # 11 x 11 patches of 14
+    with pytest.raises(ConfigError, match="aug.img_size 8 is smaller than deit3_huge's patch size 14"):
+        load_config("vit_h_in1k", ["aug.img_size=8"])
+
+
+def test_names_everywhere_a_model_is_named():
+    """model.name in a config (a timm name sets the resolution unless aug.img_size is given), and one error that
+    lists the valid names."""
+    cfg = load_config(None, ["model.name=deit3_base_patch16_384"])
+    assert cfg.aug.img_size == 384
+    assert load_config(None, ["model.name=deit3_base_patch16_384", "aug.img_size=448"]).aug.img_size == 448
+    assert load_config("vit_b_in1k", ["model.name=deit_base_patch16_LS"]).aug.img_size == 192  # the recipe's
+    assert load_config(None, ["model.name=deit_huge_patch14_LS"]).aug.img_size == 224
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["model.name=deit3_base_patch16_192"])
+    assert "deit3_base_patch16_384" in str(e.value) and "deit_huge_patch14_LS" in str(e.value)
+    from deit3_fast.archs import resolve_name
+
+    with pytest.raises(ValueError, match="valid names: .*deit3_small_patch16_224"):
+        resolve_name("vit_base_patch16_224")
+
+
+@pytest.mark.parametrize("batch, global_batch, world, expected", [
+    (32, 32, 1, (32, 1, None)), (8, 2048, 1, (8, 256, None)), (256, 2048, 8, (256, 1, None)),
+    (32, 32, 2, (16, 1, "data.batch_size 32 -> 16 per process")), (64, 512, 16, (32, 1, "64 -> 32 per process")),
+    (48, 2048, 2, "use --set data.batch_size=32 (32 accumulation steps)"),
+    (256, 2048, 24, "cannot be split over 24 processes: use a world size that divides it (e.g. 16 or 32)")])
+def test_batch_plan_splits_the_global_batch_or_names_a_batch_that_works(batch, global_batch, world, expected):
+    cfg = load_config("quickstart", [f"data.batch_size={batch}", f"train.global_batch={global_batch}"])
+    if isinstance(expected, str):
+        with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+            batch_plan(cfg, world)
+        return
+    plan = batch_plan(cfg, world)
+    assert (plan.per_process, plan.accum) == expected[:2]
+    assert plan.per_process * world * plan.accum == global_batch
+    assert (plan.note is None) if expected[2] is None else expected[2] in plan.note
