@@ -71,3 +71,10 @@ def max_mem_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """torch's CUDA OOM, a CPU allocation failure (torch's RuntimeError, numpy's MemoryError in FFCV's buffers)."""
+    text = str(e)
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (isinstance(e, RuntimeError) and (
+        "not enough memory" in text or "can't allocate memory" in text or "out of memory" in text.lower()))

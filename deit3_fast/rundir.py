@@ -37,6 +37,14 @@ def write_facts(out: Path, facts: dict) -> None:
     write_text_atomic(str(out / FACTS), json.dumps(facts, indent=1) + "\n")
 
 
+def describe_facts(f: dict) -> str:
+    """run.json as the one line the console shows at the start of a run."""
+    amp = f["amp"] if f["amp_config"] == f["amp"] else f"{f['amp_config']} -> {f['amp']}"
+    line = (f"{f['device']} x {f['world_size']}, amp {amp}, global batch {f['global_batch']} = "
+            f"{f['per_process_batch']} per process x {f['world_size']} x {f['accumulation_steps']} accumulation")
+    return line + (f"\n{f['batch_note']}" if f["batch_note"] else "")
+
+
 def read_metrics(out: Path) -> list[dict]:
     p = out / METRICS
     if not p.exists():

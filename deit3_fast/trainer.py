@@ -32,7 +32,8 @@ from . import checkpoint as ckpt
 from . import distributed as dist
 from . import rundir
 from .config import NO_EFFECT_KEYS, BatchPlan, Config, batch_plan, differences, to_dict
-from .device import AMP_DTYPES, autocast, device_name, max_mem_mb, reset_peak_memory, resolve_amp
+from .device import (AMP_DTYPES, autocast, device_name, is_out_of_memory, max_mem_mb, reset_peak_memory,
+                     resolve_amp)
 from .losses import RecipeLoss
 from .models import create_model
 from .optim import build_optimizer
@@ -303,13 +304,6 @@ def run_facts(run: Run) -> dict:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-def describe_run(f: dict) -> str:
-    amp = f["amp"] if f["amp_config"] == f["amp"] else f"{f['amp_config']} -> {f['amp']}"
-    line = (f"{f['device']} x {f['world_size']}, amp {amp}, global batch {f['global_batch']} = "
-            f"{f['per_process_batch']} per process x {f['world_size']} x {f['accumulation_steps']} accumulation")
-    return line + (f"\n{f['batch_note']}" if f["batch_note"] else "")
-
-
 def train(cfg: Config, out_dir: str | Path, device: torch.device, resume: str | None = None,
           force: bool = False, quiet: bool = False, stop_after_epoch: int | None = None,
           handle_sigterm: bool = False) -> list[dict]:
@@ -324,7 +318,7 @@ def train(cfg: Config, out_dir: str | Path, device: torch.device, resume: str | 
             previous = signal.signal(signal.SIGTERM, on_sigterm)
         return _train(cfg, Path(out_dir), device, resume, force, quiet, stop_after_epoch, stop)
     except (RuntimeError, MemoryError) as e:  # numpy (FFCV's buffers) raises MemoryError, torch a RuntimeError
-        if _is_oom(e):
+        if is_out_of_memory(e):
             raise OutOfMemory(_oom_message(cfg, device, e)) from None
         raise
     finally:
@@ -349,7 +343,7 @@ def _train(cfg: Config, out: Path, device: torch.device, resume: str | None, for
         facts = run_facts(run)
         rundir.write_facts(out, facts)
         if not quiet:
-            print(describe_run(facts), flush=True)
+            print(rundir.describe_facts(facts), flush=True)
         rundir.start_metrics(out, pos.epoch if resumed else None)
     history, resume_at = [], pos.resume_at
     progress = _progress() if not quiet else None
@@ -410,9 +404,3 @@ def _oom_message(cfg: Config, device: torch.device, error: Exception) -> str:
     hint = (f"--set data.batch_size={b // 2} keeps train.global_batch {cfg.train.global_batch} with {2 * accum} "
             "accumulation steps instead of " + str(accum)) if b > 1 else "use a smaller model or aug.img_size"
     return f"out of memory on {device} with data.batch_size {b} per process ({detail}); {hint}"
-
-
-def _is_oom(e: BaseException) -> bool:
-    text = str(e)
-    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (isinstance(e, RuntimeError) and (
-        "not enough memory" in text or "can't allocate memory" in text or "out of memory" in text.lower()))
