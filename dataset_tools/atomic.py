@@ -47,6 +47,30 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def partial_name(final: str) -> str:
+    """The hidden temporary of `final` for this process: `.NAME.partial-PID` beside it."""
+    folder, name = os.path.split(os.path.abspath(final))
+    return os.path.join(folder, f".{name}.partial-{os.getpid()}")
+
+
+def sweep_stale(final: str) -> list[str]:
+    """Remove `.NAME.partial-PID` files of `final` whose process is gone (left by a SIGKILL mid-write)."""
+    folder, name = os.path.split(os.path.abspath(final))
+    removed = []
+    for p in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.partial-*")):
+        try:
+            pid = int(p.rsplit("-", 1)[1])
+        except ValueError:
+            continue
+        if not _pid_alive(pid):
+            try:
+                os.remove(p)
+                removed.append(p)
+            except OSError:
+                pass
+    return removed
+
+
 class AtomicOutput:
     """`with AtomicOutput(final) as out: write(out.path); out.commit()` — `out.path` can be opened by name, also
     from child processes, while the file is being written."""
@@ -54,29 +78,15 @@ class AtomicOutput:
     def __init__(self, final: str):
         self.final = os.path.abspath(final)
         self.folder = os.path.dirname(self.final)
-        self.name = os.path.basename(self.final)
         self._fd: int | None = None
         self._named: str | None = None
         self.committed = False
 
     def _partial_name(self) -> str:
-        return os.path.join(self.folder, f".{self.name}.partial-{os.getpid()}")
+        return partial_name(self.final)
 
     def sweep_stale(self) -> list[str]:
-        """Remove `.NAME.partial-PID` files whose process is gone (left by a SIGKILL on the fallback path)."""
-        removed = []
-        for p in glob.glob(os.path.join(glob.escape(self.folder), f".{glob.escape(self.name)}.partial-*")):
-            try:
-                pid = int(p.rsplit("-", 1)[1])
-            except ValueError:
-                continue
-            if not _pid_alive(pid):
-                try:
-                    os.remove(p)
-                    removed.append(p)
-                except OSError:
-                    pass
-        return removed
+        return sweep_stale(self.final)
 
     def __enter__(self) -> "AtomicOutput":
         self.sweep_stale()
@@ -121,9 +131,8 @@ def write_atomic(path: str | os.PathLike, write) -> None:
     `.NAME.partial-PID` beside `path`, fsync, rename over `path`. A crash or SIGKILL leaves the previous `path`
     intact and at most the partial, which is never read and is swept by the next write of `path`."""
     path = os.fspath(path)
-    out = AtomicOutput(path)
-    out.sweep_stale()
-    tmp = out._partial_name()
+    sweep_stale(path)
+    tmp = partial_name(path)
     try:
         with open(tmp, "wb") as f:
             write(f)

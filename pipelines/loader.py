@@ -94,4 +94,3 @@ class Loader:
 
     def __iter__(self):
         return self.iter_from(0)
-

@@ -12,7 +12,6 @@ from timm.data import Mixup
 
 class Mixing:
     def __init__(self, aug, num_classes: int):
-        self.num_classes = num_classes
         self.mixup = None
         if aug.mix_prob > 0 and (aug.mixup > 0 or aug.cutmix > 0):
             self.mixup = Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, prob=aug.mix_prob,
