@@ -1,9 +1,23 @@
-"""Reading a .beton without FFCV: header, field descriptors, metadata and allocation table as numpy arrays, and
-each sample's encoded image bytes through a memory map. Every offset is checked against the file size, so a
-truncated, corrupted or foreign file is one `BetonError` naming what is wrong, never a numpy traceback.
+"""The .beton format, read and written without FFCV: this module is its one owner.
 
-Format (FFCV version 2, little-endian): header | field descriptors | metadata rows | pages of data (page-aligned)
-| allocation table (sample_id, ptr, size) at `alloc_table_ptr`, which is the end of the file.
+Reading (`Beton`): header, field descriptors, metadata and allocation table as numpy arrays, and each sample's
+encoded image bytes through a memory map. Every offset is checked against the file size, so a truncated, corrupted
+or foreign file is one `BetonError` naming what is wrong, never a numpy traceback.
+Writing (`BetonWriter`): samples appended in order by one process; FFCV's `Reader` and `Loader` read the result.
+
+Format (FFCV version 2, little-endian), in file order:
+  header        HEADER: version 2, field count, page size (a power of two >= 2 MiB), sample count, and the
+                offset of the allocation table
+  descriptors   FIELD_DESC per field: FFCV type id, ASCII name (16 bytes), 1024 bytes of arguments (zeros for the
+                image and int fields)
+  metadata      one aligned row per sample, a column per field: an image is (mode 0 = JPEG | 1 = raw RGB, width,
+                height, data_ptr), an int is its value. A writer may reserve more rows than `num_samples` (samples
+                it skipped); readers take the first `num_samples`.
+  pages         from the first page boundary after the metadata, `page_size` bytes each, zero-padded: a sample's
+                data never crosses a page boundary, so FFCV's page cache can read whole pages
+  alloc table   ALLOC_ENTRY (sample_id, ptr, size) per allocation, to the end of the file. `data_ptr` and `ptr`
+                are absolute file offsets. This writer stores samples in order, so the table is sorted by both
+                sample id and pointer; FFCV's writer (parallel pages) leaves it in page-completion order.
 """
 from __future__ import annotations
 
@@ -33,6 +47,9 @@ FIELD_TYPES = {
     6: ("torch_tensor", np.dtype("<u8")),
 }
 IMAGE_MODE_JPG, IMAGE_MODE_RAW = 0, 1
+
+
+TYPE_INT, TYPE_RGB_IMAGE = 1, 2
 
 
 class BetonError(Exception):
@@ -126,8 +143,29 @@ class Beton:
 
     @cached_property
     def _size_by_ptr(self) -> tuple[np.ndarray, np.ndarray]:
-        order = np.argsort(self.alloc_table["ptr"], kind="stable")
-        return self.alloc_table["ptr"][order], self.alloc_table["size"][order]
+        ptr = self.alloc_table["ptr"]
+        if len(ptr) < 2 or bool((ptr[1:] > ptr[:-1]).all()):  # our writer's tables are sorted already
+            return ptr, self.alloc_table["size"]
+        order = np.argsort(ptr, kind="stable")
+        return ptr[order], self.alloc_table["size"][order]
+
+    @cached_property
+    def image_field(self) -> str:
+        return self.field("rgb_image")
+
+    @cached_property
+    def label_field(self) -> str:
+        return self.field("int")
+
+    def image_row(self, i: int):
+        """Sample i's image metadata: mode, width, height, data_ptr."""
+        return self.metadata[self.image_field][i]
+
+    def labels_at(self, idx) -> np.ndarray:
+        return np.asarray(self.metadata[self.label_field][idx]).astype(np.int64)
+
+    def has_raw_images(self) -> bool:
+        return bool((self.metadata[self.image_field]["mode"] == IMAGE_MODE_RAW).any())
 
     def field(self, kind: str) -> str:
         """Name of the first field of `kind` ("rgb_image", "int", ...)."""
@@ -142,17 +180,18 @@ class Beton:
     def image_meta(self, field: str = "image") -> np.ndarray:
         return self.metadata[field]
 
-    def image_bytes(self, i: int, field: str = "image") -> np.ndarray:
+    def image_bytes(self, i: int, field: str | None = None) -> np.ndarray:
         """The stored bytes of sample i's image: a JPEG stream (mode jpg) or raw RGB pixels (mode raw)."""
-        ptr = self.metadata[field][i]["data_ptr"]
+        ptr = self.metadata[field or self.image_field][i]["data_ptr"]
         ptrs, sizes = self._size_by_ptr
         size = int(sizes[np.searchsorted(ptrs, ptr)])
         return self._mm[int(ptr):int(ptr) + size]
 
-    def decode(self, i: int, field: str = "image") -> np.ndarray:
+    def decode(self, i: int, field: str | None = None) -> np.ndarray:
         """Sample i's image as RGB uint8 (H, W, 3), on the CPU."""
         import cv2
 
+        field = field or self.image_field
         meta = self.metadata[field][i]
         data = self.image_bytes(i, field)
         h, w = int(meta["height"]), int(meta["width"])
@@ -170,3 +209,76 @@ class Beton:
 
     def labels(self, field: str = "label") -> np.ndarray:
         return np.asarray(self.metadata[field]).astype(np.int64)
+
+
+class BetonWriter:
+    """Appends samples (an encoded image and an int label) to a new .beton at `path`, in order, from one process.
+
+    `capacity` rows of metadata are reserved up front (the metadata comes before the data), so at most `capacity`
+    samples can be added; `close()` writes the metadata of the ones added, the allocation table and the header.
+    Until then the header says "version 0", so a file left by a crash is never mistaken for a .beton."""
+
+    def __init__(self, path: str, capacity: int, page_size: int = 8 << 20, *, image="image", label="label"):
+        if page_size < (1 << 21) or page_size & (page_size - 1):
+            raise ValueError(f"page size {page_size} is not a power of two >= 2 MiB")
+        self.capacity, self.page_size, self.n = capacity, page_size, 0
+        self.row = np.dtype([(image, FIELD_TYPES[TYPE_RGB_IMAGE][1]), (label, FIELD_TYPES[TYPE_INT][1])], align=True)
+        self.meta = np.zeros(capacity, self.row)
+        self._image, self._label = image, label
+        self.desc = np.zeros(2, FIELD_DESC)
+        for d, (name, tid) in zip(self.desc, ((image, TYPE_RGB_IMAGE), (label, TYPE_INT))):
+            d["type_id"] = tid
+            d["name"][:len(name)] = np.frombuffer(name.encode("ascii"), np.uint8)
+        self.meta_start = HEADER.itemsize + self.desc.nbytes
+        self.data_start = -(-(self.meta_start + self.meta.nbytes) // page_size) * page_size
+        self.table = np.zeros(capacity, ALLOC_ENTRY)
+        # Buffered: its write() writes everything or raises (a raw write may stop short on a full disk).
+        self.fp = open(path, "r+b" if os.path.exists(path) else "w+b")
+        self.fp.truncate(0)
+        self.fp.write(np.zeros(1, HEADER).tobytes())  # version 0 until close()
+        self.page = np.zeros(page_size, np.uint8)
+        self.page_no, self.used = 0, 0
+
+    def add(self, data: np.ndarray, mode: int, height: int, width: int, label: int) -> None:
+        """One sample: `data` is the JPEG stream (mode 0) or the raw RGB pixels (mode 1)."""
+        size = data.nbytes
+        if size > self.page_size:
+            raise BetonError(f"an image of {size} bytes does not fit in a {self.page_size >> 20} MiB page; store "
+                             "smaller images (--max-resolution / --short-side) or JPEG")
+        if self.n >= self.capacity:
+            raise BetonError(f"more than the {self.capacity} samples reserved")
+        if self.used + size > self.page_size:
+            self._flush_page()
+        ptr = self.data_start + self.page_no * self.page_size + self.used
+        self.page[self.used:self.used + size] = data.reshape(-1).view(np.uint8)
+        self.used += size
+        self.meta[self.n] = ((mode, width, height, ptr), label)
+        self.table[self.n] = (self.n, ptr, size)
+        self.n += 1
+
+    def _flush_page(self) -> None:
+        if self.used == 0:
+            return
+        self.fp.seek(self.data_start + self.page_no * self.page_size)
+        self.fp.write(self.page.data)  # whole pages, zero-padded, as FFCV writes them
+        self.page[:self.used] = 0
+        self.page_no, self.used = self.page_no + 1, 0
+
+    def close(self) -> int:
+        """Finish the file; returns its size in bytes."""
+        self._flush_page()
+        table_at = self.data_start + self.page_no * self.page_size
+        self.fp.truncate(table_at)  # also extends a file with no page yet: the table always starts at a page
+        self.fp.seek(table_at)
+        self.fp.write(self.table[:self.n].tobytes())
+        self.fp.seek(HEADER.itemsize)
+        self.fp.write(self.desc.tobytes())
+        self.fp.write(self.meta[:self.n].tobytes())
+        header = np.zeros(1, HEADER)
+        header[0] = (FORMAT_VERSION, 2, self.page_size, self.n, table_at)
+        self.fp.seek(0)
+        self.fp.write(header.tobytes())
+        self.fp.flush()
+        size = self.fp.seek(0, os.SEEK_END)
+        self.fp.close()
+        return size

@@ -7,11 +7,14 @@ disk full); 130 interrupted. OUT appears complete or not at all (see atomic.py).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import signal
 import sys
 import time
+from collections import Counter
+from contextlib import ExitStack
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 
@@ -24,7 +27,8 @@ from rich.text import Text
 
 from .atomic import AtomicOutput, check_writable, write_text_atomic
 from .errors import ConversionError, SourceError
-from .imagefolder import read_class_list, scan_imagefolder
+from .imagefolder import read_class_list, scan_imagefolder, split_holdout
+from .shards import FORMAT, MANIFEST, sha256_of, shard_name
 
 PROG = "deit3-convert"
 
@@ -59,88 +63,257 @@ def _stats(values: np.ndarray) -> dict:
             "max": int(values.max())}
 
 
-def convert(src: str, out: str, *, max_resolution: int = 256, jpeg_quality: int = 90, write_mode: str = "jpg",
-            compress_probability: float = 0.5, workers: int | None = None, max_per_class: int | None = None,
-            fraction: float | None = None, seed: int = 0, classes_file: str | None = None, strict: bool = False,
-            console: Console | None = None, show_progress: bool = True, page_size: int = 8 << 20) -> dict:
-    """Convert and return the report (also written to OUT.json). Raises SourceError/ConversionError.
-    `page_size` (a power of two, at least 2 MiB) is FFCV's allocation unit: small files for tests and the GPU
-    check are written with 2 MiB pages, which makes them a quarter of the size."""
+def _fingerprint(options: dict, samples: list[tuple[str, int]], part: list[int], src: str) -> str:
+    """What a part's bytes depend on: the options that change stored pixels and its (file, label) list."""
+    content = {k: options[k] for k in ("max_resolution", "short_side", "jpeg_quality", "write_mode",
+                                       "compress_probability", "seed", "page_size")}
+    listing = [(os.path.relpath(samples[i][0], src), samples[i][1]) for i in part]
+    return hashlib.sha256(json.dumps([content, listing]).encode()).hexdigest()
+
+
+def _part_report(src: str, out: str, scan, part: list[int], result, options: dict, fingerprint: str,
+                 elapsed: float, *, main: bool) -> dict:
+    """The report beside one output file. Facts about the whole source tree (files skipped while walking it, files
+    outside class folders, files found per class) go to the main output's report only: the single .beton, or the
+    manifest of a shard set."""
+    from .writer import MODES
+
+    labels = np.array([scan.samples[i][1] for i in result.source_info[:, 0]], dtype=np.int64)
+    counts = np.bincount(labels, minlength=len(scan.classes))
+    rel = lambda p: os.path.relpath(p, src)  # noqa: E731
+    modes = np.bincount(result.source_info[:, 3], minlength=len(MODES))
+    skipped = [{"path": rel(scan.samples[i][0]), "reason": r} for i, r in result.skipped]
+    if main:
+        skipped += [{"path": rel(p), "reason": r} for p, r in scan.problems]
+    return {
+        "tool": PROG, "version": _version("deit3-fast"),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": os.path.abspath(src), "output": os.path.abspath(out), "output_bytes": result.file_bytes,
+        "sha256": result.sha256, "plan": fingerprint, "options": options,
+        "num_written": result.num_written, "num_candidates": len(part), "num_skipped": len(skipped),
+        "classes": scan.classes, "class_counts": counts.tolist(),
+        "files_found_per_class": scan.candidates_per_class if main else None,
+        "empty_classes": [c for c, n in zip(scan.classes, counts) if n == 0],
+        "skipped": skipped,
+        "ignored_outside_class_folders": [rel(p) for p in scan.outside_classes] if main else [],
+        "converted_to_rgb": {m: int(n) for m, n in zip(MODES, modes) if n and m != "RGB"},
+        "source_size": {"width": _stats(result.source_info[:, 1]), "height": _stats(result.source_info[:, 2])},
+        "stored_size": {"width": _stats(result.stored_hw[:, 1]), "height": _stats(result.stored_hw[:, 0])},
+        "mean_stored_image_bytes": round(float(result.stored_bytes.mean()), 1) if len(result.stored_bytes) else 0,
+        "elapsed_s": round(elapsed, 3),
+        "images_per_s": round(result.num_written / elapsed, 1) if elapsed else 0.0,
+    }
+
+
+def _complete(path: str, fingerprint: str) -> dict | None:
+    """The report of `path` if the file there is complete, from this same plan, and its bytes verify."""
+    try:
+        report = json.loads(open(path + ".json").read())
+        if report.get("plan") != fingerprint or os.path.getsize(path) != report.get("output_bytes"):
+            return None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return report if sha256_of(path) == report.get("sha256") else None
+
+
+def _plan(scan, out: str, shards: int | None, holdout: int, seed: int) -> tuple[list[str], list[list[int]], bool]:
+    """(output paths, their samples, whether the last one is the held-out split). Shard s takes every N-th sample
+    of the class-sorted list from s on, so each shard holds every class in proportion."""
+    kept, held = split_holdout(scan.samples, holdout, seed) if holdout else (list(range(len(scan.samples))), [])
+    if shards is None:
+        paths, parts = [out], [kept]
+        if holdout:
+            stem = out[:-len(".beton")] if out.endswith(".beton") else out
+            paths.append(stem + "-holdout.beton")
+    else:
+        paths = [os.path.join(out, shard_name(s, shards)) for s in range(shards)]
+        parts = [kept[s::shards] for s in range(shards)]
+        if holdout:
+            paths.append(os.path.join(out, "holdout.beton"))
+    if holdout:
+        parts.append(held)
+    return paths, parts, bool(holdout)
+
+
+def convert(src: str, out: str, *, max_resolution: int | None = None, short_side: int | None = None,
+            jpeg_quality: int = 90, write_mode: str = "jpg", compress_probability: float = 0.5,
+            workers: int | None = None, max_per_class: int | None = None, fraction: float | None = None,
+            seed: int = 0, classes_file: str | None = None, strict: bool = False, shards: int | None = None,
+            shard_index: int | None = None, holdout: int = 0, console: Console | None = None,
+            show_progress: bool = True, page_size: int = 8 << 20) -> dict:
+    """Convert and return the report (also written to OUT.json), or with `shards` the manifest (OUT/manifest.json,
+    written once every shard is complete). Raises SourceError/ConversionError.
+
+    `shard_index` writes only that shard (index `shards` is the held-out split); complete shards of the same plan
+    are verified and skipped. `page_size` (a power of two, at least 2 MiB) is the .beton allocation unit: small
+    files for tests and the GPU check are written with 2 MiB pages, which makes them a quarter of the size."""
+    from .writer import Encoding, Part, write_parts
+
+    if max_resolution is None and short_side is None:
+        max_resolution = 256  # the default: FFCV's ImageNet example's longer side
     console = console or Console(stderr=True)
     started = time.perf_counter()
-    problem = check_writable(out)
+    if shards is not None:
+        problem = _check_folder_output(out)
+    else:
+        problem = check_writable(out)
     if problem:
         raise SourceError(f"cannot write {out}: {problem}")
     classes = read_class_list(classes_file) if classes_file else None
     scan = scan_imagefolder(src, classes, max_per_class=max_per_class, fraction=fraction, seed=seed)
     if not scan.samples:
         raise SourceError(f"no image files in {src} ({len(scan.classes)} class folder(s), all empty)")
-    workers = max(1, min(workers or default_workers(), len(scan.samples)))
-    from .writer import MODES, ImageSources, SkippingDatasetWriter  # FFCV imports torch: seconds, so only now
+    options = {"max_resolution": max_resolution, "short_side": short_side, "jpeg_quality": jpeg_quality,
+               "write_mode": write_mode, "compress_probability": compress_probability, "workers": workers,
+               "max_per_class": max_per_class, "fraction": fraction, "seed": seed, "classes_file": classes_file,
+               "strict": strict, "shards": shards, "holdout": holdout, "page_size": page_size}
+    paths, parts, has_holdout = _plan(scan, out, shards, holdout, seed)
+    prints = [_fingerprint(options, scan.samples, p, src) for p in parts]
+    todo = list(range(len(parts)))
+    if shard_index is not None:
+        if not 0 <= shard_index < len(parts):
+            raise SourceError(f"--shard-index {shard_index}: there are {len(parts)} tasks (0..{len(parts) - 1}"
+                              + (f"; {len(parts) - 1} writes the held-out split)" if has_holdout else ")"))
+        todo = [shard_index]
+    if shards is not None:  # a re-run (a requeued array task, a second node) skips what is done and verifies
+        todo = [k for k in todo if _complete(paths[k], prints[k]) is None]
+    reports = {}
+    if todo:
+        workers = max(1, min(workers or default_workers(), sum(len(parts[k]) for k in todo)))
+        progress = Progress(TextColumn("[bold]writing[/]"), BarColumn(), MofNCompleteColumn(), _Rate(),
+                            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
+                            disable=not show_progress, speed_estimate_period=10, transient=True)
+        with ExitStack() as stack:
+            targets = [stack.enter_context(AtomicOutput(paths[k])) for k in todo]
+            stack.enter_context(progress)
+            task = progress.add_task("write", total=sum(len(parts[k]) for k in todo))
+            try:
+                results = write_parts(scan.samples, [Part(t.path, parts[k]) for t, k in zip(targets, todo)],
+                                      Encoding(max_resolution, short_side, write_mode, jpeg_quality,
+                                               compress_probability, seed),
+                                      workers=workers, strict=strict, page_size=page_size,
+                                      progress=lambda done: progress.update(task, completed=done))
+            except OSError as e:
+                raise ConversionError(f"writing failed: {e.strerror or e}") from None
+            main_k = 0 if shards is None else None
+            if main_k == 0 and results[0].num_written == 0:
+                first, why = results[0].skipped[0]
+                raise SourceError(f"no readable images in {src}: all {len(parts[0])} files were skipped "
+                                  f"(first: {os.path.relpath(scan.samples[first][0], src)}: {why})")
+            elapsed = time.perf_counter() - started
+            for t, k, r in zip(targets, todo, results):
+                r.sha256 = sha256_of(t.path)
+                reports[k] = _part_report(src, paths[k], scan, parts[k], r, options, prints[k], elapsed,
+                                          main=k == main_k)
+            # The reports first, then the files: a full disk at a report must not leave a .beton without one.
+            written = []
+            try:
+                for k in todo:
+                    write_text_atomic(paths[k] + ".json", json.dumps(reports[k], indent=1) + "\n")
+                    written.append(paths[k] + ".json")
+                for t in targets:
+                    t.commit()
+            except BaseException as e:
+                for t, k in zip(targets, todo):
+                    if not t.committed and paths[k] + ".json" in written:
+                        os.remove(paths[k] + ".json")
+                if isinstance(e, OSError):
+                    raise ConversionError(f"writing the report {e.filename or out} failed: {e.strerror or e}; "
+                                          "nothing was written") from None
+                raise
+    if shards is None:
+        return reports[0]
+    return _finish_manifest(src, out, scan, paths, prints, has_holdout, options, started, reports)
 
 
-    progress = Progress(TextColumn("[bold]writing[/]"), BarColumn(), MofNCompleteColumn(), _Rate(),
-                        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
-                        disable=not show_progress, speed_estimate_period=10, transient=True)
-    with AtomicOutput(out) as target, progress:
-        task = progress.add_task("write", total=len(scan.samples))
-        writer = SkippingDatasetWriter(target.path, max_resolution=max_resolution, write_mode=write_mode,
-                                       jpeg_quality=jpeg_quality, compress_probability=compress_probability,
-                                       num_workers=workers, strict=strict,
-                                       progress=lambda done: progress.update(task, completed=done),
-                                       page_size=page_size)
-        result = writer.write(ImageSources(scan.samples, max_resolution, seed))
-        if result.num_written == 0:
-            first, why = result.skipped[0]
-            raise SourceError(f"no readable images in {src}: all {len(scan.samples)} files were skipped "
-                              f"(first: {os.path.relpath(scan.samples[first][0], src)}: {why})")
-        elapsed = time.perf_counter() - started
+def _check_folder_output(out: str) -> str | None:
+    """A shard set goes into a folder: created if its parent exists."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        return f"{out} exists and is not a folder (a shard set is written into a folder)"
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        return f"folder {parent} does not exist"
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        return f"cannot create the folder: {e.strerror or e}"
+    if not os.access(out, os.W_OK | os.X_OK):
+        return f"folder {out} is not writable"
+    return None
 
-        labels = np.array([scan.samples[i][1] for i in result.source_info[:, 0]], dtype=np.int64)
-        counts = np.bincount(labels, minlength=len(scan.classes))
-        rel = lambda p: os.path.relpath(p, src)  # noqa: E731
-        modes = np.bincount(result.source_info[:, 3], minlength=len(MODES))
-        report = {
-            "tool": PROG, "version": _version("deit3-fast"), "ffcv_version": _version("ffcv"),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "source": os.path.abspath(src), "output": os.path.abspath(out),
-            "output_bytes": os.path.getsize(target.path),
-            "options": {"max_resolution": max_resolution, "jpeg_quality": jpeg_quality, "write_mode": write_mode,
-                        "compress_probability": compress_probability, "workers": workers,
-                        "max_per_class": max_per_class, "fraction": fraction, "seed": seed,
-                        "classes_file": classes_file, "strict": strict},
-            "num_written": result.num_written,
-            "num_candidates": len(scan.samples),
-            "num_skipped": len(result.skipped) + len(scan.problems),
-            "classes": scan.classes,
-            "class_counts": counts.tolist(),
-            "files_found_per_class": scan.candidates_per_class,
-            "empty_classes": [c for c, n in zip(scan.classes, counts) if n == 0],
-            "skipped": [{"path": rel(scan.samples[i][0]), "reason": r} for i, r in result.skipped]
-                       + [{"path": rel(p), "reason": r} for p, r in scan.problems],
-            "ignored_outside_class_folders": [rel(p) for p in scan.outside_classes],
-            "converted_to_rgb": {m: int(n) for m, n in zip(MODES, modes) if n and m != "RGB"},
-            "source_size": {"width": _stats(result.source_info[:, 1]), "height": _stats(result.source_info[:, 2])},
-            "stored_size": {"width": _stats(result.stored_hw[:, 1]), "height": _stats(result.stored_hw[:, 0])},
-            "mean_stored_image_bytes": round(float(result.stored_bytes.mean()), 1),
-            "elapsed_s": round(elapsed, 3),
-            "images_per_s": round(result.num_written / elapsed, 1),
-        }
-        # The report first, then the file: a full disk at the report must not leave a .beton without one.
+
+def _merge_stats(stats: list[dict]) -> dict:
+    """min, count-weighted mean and max of per-shard statistics (medians do not merge: not reported)."""
+    stats = [(s, n) for s, n in stats if s]
+    if not stats:
+        return {}
+    total = sum(n for _, n in stats)
+    return {"min": min(s["min"] for s, _ in stats), "mean": round(sum(s["mean"] * n for s, n in stats) / total, 1),
+            "max": max(s["max"] for s, _ in stats)}
+
+
+def _finish_manifest(src, out, scan, paths, prints, has_holdout, options, started, fresh: dict) -> dict:
+    """Write OUT/manifest.json if every part is complete (this run's, or an earlier one's of the same plan);
+    otherwise return what is done so far. The merged report sums the shards' and adds the source-tree facts."""
+    reports = {}
+    for k, path in enumerate(paths):
+        if k in fresh:
+            reports[k] = fresh[k]
+            continue
         try:
-            write_text_atomic(out + ".json", json.dumps(report, indent=1) + "\n")
-        except OSError as e:
-            raise ConversionError(f"writing the report {out}.json failed: {e.strerror or e}; nothing was "
-                                  "written") from None
-        try:
-            target.commit()
-        except BaseException:
-            os.remove(out + ".json")
-            raise
-    return report
+            r = json.loads(open(path + ".json").read())
+        except (OSError, ValueError):
+            r = None
+        if not isinstance(r, dict) or r.get("plan") != prints[k] or not os.path.exists(path) or \
+                os.path.getsize(path) != r.get("output_bytes"):
+            r = None
+        reports[k] = r
+    missing = [k for k, r in reports.items() if r is None]
+    if not missing and not sum(reports[k]["num_written"] for k in range(len(paths))):
+        raise SourceError(f"no readable images in {src}: every file was skipped (see the shard reports in {out})")
+    shard_ks = range(len(paths) - (1 if has_holdout else 0))
+    elapsed = time.perf_counter() - started
+    if missing:
+        return {"complete": False, "missing": missing, "written": sorted(fresh), "output": os.path.abspath(out),
+                "tasks": len(paths), "elapsed_s": round(elapsed, 3)}
+    shard_reports = [reports[k] for k in shard_ks]
+    rel = lambda p: os.path.relpath(p, src)  # noqa: E731
+    n = [r["num_written"] for r in shard_reports]
+    merged = {
+        "tool": PROG, "version": _version("deit3-fast"),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": os.path.abspath(src), "output": os.path.abspath(out),
+        "output_bytes": sum(r["output_bytes"] for r in shard_reports), "options": options,
+        "num_written": sum(n), "num_candidates": sum(r["num_candidates"] for r in shard_reports),
+        "classes": scan.classes,
+        "class_counts": np.sum([r["class_counts"] for r in shard_reports], axis=0).astype(int).tolist(),
+        "files_found_per_class": scan.candidates_per_class,
+        "skipped": [s for r in shard_reports for s in r["skipped"]]
+                   + [{"path": rel(p), "reason": why} for p, why in scan.problems],
+        "ignored_outside_class_folders": [rel(p) for p in scan.outside_classes],
+        "converted_to_rgb": dict(sum((Counter(r["converted_to_rgb"]) for r in shard_reports), Counter())),
+        "source_size": {d: _merge_stats([(r["source_size"][d], m) for r, m in zip(shard_reports, n)])
+                        for d in ("width", "height")},
+        "stored_size": {d: _merge_stats([(r["stored_size"][d], m) for r, m in zip(shard_reports, n)])
+                        for d in ("width", "height")},
+        "mean_stored_image_bytes": round(sum(r["mean_stored_image_bytes"] * m for r, m in zip(shard_reports, n))
+                                         / max(1, sum(n)), 1),
+        "elapsed_s": round(elapsed, 3),
+        "images_per_s": round(sum(fresh[k]["num_written"] for k in fresh) / elapsed, 1) if elapsed else 0.0,
+    }
+    merged["num_skipped"] = len(merged["skipped"])
+    merged["empty_classes"] = [c for c, m in zip(scan.classes, merged["class_counts"]) if m == 0]
+    entry = lambda k: {"file": os.path.basename(paths[k]), "num_samples": reports[k]["num_written"],  # noqa: E731
+                       "bytes": reports[k]["output_bytes"], "sha256": reports[k]["sha256"]}
+    manifest = {"format": FORMAT, "version": 1, "classes": scan.classes, "num_classes": len(scan.classes),
+                "num_samples": sum(n), "shards": [entry(k) for k in shard_ks],
+                "holdout": entry(len(paths) - 1) if has_holdout else None,
+                "options": options, "report": merged}
+    write_text_atomic(os.path.join(out, MANIFEST), json.dumps(manifest, indent=1) + "\n")
+    return manifest
 
 
-def print_summary(report: dict, console: Console) -> None:
+def print_summary(report: dict, console: Console, shards: int | None = None) -> None:
     t = Table(title=f"{PROG}: {report['output']}", show_header=False, title_justify="left")
     t.add_column(style="bold")
     t.add_column()
@@ -151,12 +324,19 @@ def print_summary(report: dict, console: Console) -> None:
     conv = report["converted_to_rgb"]
     t.add_row("converted to RGB", ", ".join(f"{m}: {n}" for m, n in conv.items()) or "none needed")
     ss, st = report["source_size"], report["stored_size"]
-    t.add_row("source size (median)", f"{ss['width']['median']:.0f} x {ss['height']['median']:.0f}")
-    t.add_row("stored size (median)", f"{st['width']['median']:.0f} x {st['height']['median']:.0f} "
-              f"(max side {report['options']['max_resolution']}, {report['options']['write_mode']})")
+    avg = "median" if "median" in ss["width"] else "mean"  # a shard set's merged statistics have no median
+    o = report["options"]
+    caps = ", ".join(f"{what} {o[key]}" for what, key in (("max side", "max_resolution"),
+                                                         ("short side", "short_side")) if o.get(key))
+    t.add_row(f"source size ({avg})", f"{ss['width'][avg]:.0f} x {ss['height'][avg]:.0f}")
+    t.add_row(f"stored size ({avg})", f"{st['width'][avg]:.0f} x {st['height'][avg]:.0f} "
+              f"({caps}, {o['write_mode']})")
     t.add_row("output", f"{mb:,.1f} MiB, {report['mean_stored_image_bytes'] / 1024:.1f} KiB/image")
     t.add_row("time", f"{report['elapsed_s']:.1f} s, {report['images_per_s']:,.0f} images/s")
-    t.add_row("report", report["output"] + ".json")
+    if shards:
+        t.add_row("shards", f"{shards} (+ manifest.json)" + (", held-out split: holdout.beton"
+                                                               if o.get("holdout") else ""))
+    t.add_row("report", report["output"] + (f"/{MANIFEST}" if shards else ".json"))
     console.print(t)
     for name in report["empty_classes"][:10]:
         console.print(f"[yellow]empty class:[/] {name} (label {report['classes'].index(name)}: no images written)")
@@ -180,7 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", nargs="?", metavar="SRC_DIR", help="ImageFolder root (one folder per class)")
     p.add_argument("out", nargs="?", metavar="OUT.beton", help="output file (written atomically)")
-    p.add_argument("--max-resolution", type=int, default=256, help="longer side is resized down to this (256)")
+    p.add_argument("--max-resolution", type=int, default=None,
+                   help="longer side is resized down to this (256 unless --short-side is given)")
+    p.add_argument("--short-side", type=int, default=None, metavar="N",
+                   help="shorter side is resized down to N, aspect kept (256 keeps eval inputs faithful: "
+                        "BENCHMARKS.md, fidelity)")
     p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality 1-100 (90)")
     p.add_argument("--write-mode", choices=["jpg", "proportion", "raw"], default="jpg",
                    help="jpg: all JPEG; raw: all raw pixels; proportion: JPEG with --compress-probability")
@@ -194,6 +378,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", default=None, metavar="FILE",
                    help="class list to use for labels: another split's OUT.beton.json, or one name per line")
     p.add_argument("--strict", action="store_true", help="stop at the first bad file instead of skipping it")
+    p.add_argument("--shards", type=int, default=None, metavar="N",
+                   help="write N shard files and manifest.json into the folder OUT (each holds every class in "
+                        "proportion)")
+    p.add_argument("--shard-index", type=int, default=None, metavar="I",
+                   help="with --shards: write only shard I (index N: the --holdout split); complete shards are "
+                        "verified and skipped, the manifest is written when all are there")
+    p.add_argument("--holdout", type=int, default=0, metavar="K",
+                   help="hold out K images per class (by --seed) into OUT-holdout.beton (OUT/holdout.beton with "
+                        "--shards), excluded from the training output")
+    p.add_argument("--submit", action="store_true",
+                   help="with --shards: send the shards to Slurm as a submitit job array (one task each)")
+    p.add_argument("--local", action="store_true",
+                   help="with --shards: run the shard tasks through submitit's local executor, one after another")
+    p.add_argument("--partition", help="--submit: Slurm partition")
+    p.add_argument("--account", help="--submit: Slurm account")
+    p.add_argument("--timeout-min", type=int, default=720, help="--submit: time limit per shard task (720)")
+    p.add_argument("--cpus-per-task", type=int, default=32, help="--submit: cores per shard task (32)")
+    p.add_argument("--array-parallelism", type=int, default=64, help="--submit: shard tasks at once (64)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("--inspect", metavar="BETON", default=None, help="check a .beton and print its statistics")
     p.add_argument("--samples", type=int, default=64, help="with --inspect: how many samples to decode (64)")
@@ -209,8 +411,22 @@ def _check_args(a: argparse.Namespace) -> None:
         if a.samples < 0:
             raise UsageError("--samples must be >= 0")
         return
-    if a.max_resolution < 8:
+    if a.max_resolution is not None and a.max_resolution < 8:
         raise UsageError(f"--max-resolution {a.max_resolution}: must be >= 8")
+    if a.short_side is not None and a.short_side < 8:
+        raise UsageError(f"--short-side {a.short_side}: must be >= 8")
+    if a.max_resolution is None and a.short_side is None:
+        a.max_resolution = 256
+    if a.shards is not None and a.shards < 1:
+        raise UsageError(f"--shards {a.shards}: must be >= 1")
+    if a.shards is None and (a.shard_index is not None or a.submit or a.local):
+        raise UsageError("--shard-index, --submit and --local need --shards N")
+    if a.shard_index is not None and (a.submit or a.local):
+        raise UsageError("--submit/--local run every --shard-index themselves: leave --shard-index out")
+    if a.submit and a.local:
+        raise UsageError("--submit (Slurm) or --local, not both")
+    if a.holdout < 0:
+        raise UsageError(f"--holdout {a.holdout}: must be >= 0")
     if not 1 <= a.jpeg_quality <= 100:
         raise UsageError(f"--jpeg-quality {a.jpeg_quality}: must be 1..100")
     if not 0.0 <= a.compress_probability <= 1.0:
@@ -245,13 +461,26 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if info["decode_failures"] == 0 else 2
         # SIGTERM (kill, Slurm, timeout) unwinds like Ctrl-C, so the partial output is removed.
         signal.signal(signal.SIGTERM, _terminate)
-        report = convert(args.src, args.out, max_resolution=args.max_resolution, jpeg_quality=args.jpeg_quality,
-                         write_mode=args.write_mode, compress_probability=args.compress_probability,
-                         workers=args.workers, max_per_class=args.max_per_class, fraction=args.fraction,
-                         seed=args.seed, classes_file=args.classes, strict=args.strict, console=err_console,
+        if args.submit or args.local:
+            from .convert_jobs import submit_shards
+
+            return submit_shards(args, argv if argv is not None else sys.argv[1:], out_console)
+        report = convert(args.src, args.out, max_resolution=args.max_resolution, short_side=args.short_side,
+                         jpeg_quality=args.jpeg_quality, write_mode=args.write_mode,
+                         compress_probability=args.compress_probability, workers=args.workers,
+                         max_per_class=args.max_per_class, fraction=args.fraction, seed=args.seed,
+                         classes_file=args.classes, strict=args.strict, shards=args.shards,
+                         shard_index=args.shard_index, holdout=args.holdout, console=err_console,
                          show_progress=not args.quiet)
         if not args.quiet:
-            print_summary(report, out_console)
+            if report.get("format") == FORMAT:
+                print_summary(report["report"], out_console, shards=len(report["shards"]))
+            elif report.get("complete") is False:
+                out_console.print(f"wrote {len(report['written'])} of {report['tasks']} shard task(s) into "
+                                  f"{report['output']}; still missing: {report['missing']} (the manifest is "
+                                  "written when all are there)")
+            else:
+                print_summary(report, out_console)
         return 0
     except (UsageError, SourceError, ConversionError, BetonError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

@@ -26,8 +26,11 @@ class Scan:
 
 
 def read_class_list(path: str | os.PathLike) -> list[str]:
-    """Classes from a sidecar `.beton.json` (its `classes`) or a text file with one class name per line."""
+    """Classes from a sidecar `.beton.json` (its `classes`), a shard folder or its manifest.json, or a text file
+    with one class name per line."""
     p = Path(path)
+    if p.is_dir():
+        p = p / "manifest.json"
     try:
         text = p.read_text()
     except OSError as e:
@@ -36,7 +39,7 @@ def read_class_list(path: str | os.PathLike) -> list[str]:
         try:
             classes = json.loads(text)["classes"]
         except (ValueError, KeyError, TypeError):
-            raise SourceError(f"--classes {p}: not a deit3-convert report (no 'classes' list)") from None
+            raise SourceError(f"--classes {p}: not a deit3-convert report or manifest (no 'classes' list)") from None
     else:
         classes = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     if not classes or len(set(classes)) != len(classes):
@@ -130,3 +133,17 @@ def scan_imagefolder(src: str | os.PathLike, classes: list[str] | None = None, *
         per_class.append(len(files))
         samples.extend((f, label) for f in _subset(files, label, max_per_class, fraction, seed))
     return Scan(classes, samples, per_class, problems, outside)
+
+
+def split_holdout(samples: list[tuple[str, int]], k: int, seed: int) -> tuple[list[int], list[int]]:
+    """(kept, held out) indices into `samples`: k files of each class held out (all but one where a class has
+    k or fewer), chosen by (seed, class, file list) alone, the same on every machine; both lists keep their order."""
+    by_class: dict[int, list[int]] = {}
+    for i, (_, label) in enumerate(samples):
+        by_class.setdefault(label, []).append(i)
+    held: set[int] = set()
+    for label, ix in by_class.items():
+        order = list(ix)
+        random.Random(f"holdout:{seed}:{label}").shuffle(order)
+        held.update(order[:min(k, len(order) - 1)])
+    return [i for i in range(len(samples)) if i not in held], sorted(held)

@@ -46,12 +46,31 @@ def _to_rgb_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
-def load_rgb(path: str | os.PathLike, max_resolution: int | None = None) -> tuple[np.ndarray, SourceInfo]:
-    """Decode `path` to RGB uint8 (H, W, 3).
+def stored_size(width: int, height: int, max_resolution: int | None = None,
+                short_side: int | None = None) -> tuple[int, int]:
+    """(width, height) an image is stored at: never enlarged; the longer side at most `max_resolution` (FFCV's
+    resizer: floor of ratio x size) and the shorter side at most `short_side` (exactly `short_side` when it binds,
+    so a 256 short side is what the official eval transform's Resize(256) makes of the original)."""
+    ratio, by_short = 1.0, False
+    if max_resolution and max(width, height) > max_resolution:
+        ratio = max_resolution / max(width, height)
+    if short_side and min(width, height) * ratio > short_side:
+        ratio, by_short = short_side / min(width, height), True
+    if ratio >= 1.0:
+        return width, height
+    w, h = (np.array([width, height]) * ratio).astype(int)
+    if by_short:
+        w, h = (short_side, max(1, h)) if width <= height else (max(1, w), short_side)
+    return max(1, int(w)), max(1, int(h))
 
-    With `max_resolution`, JPEGs of 4x that size or more are decoded at a reduced DCT scale (libjpeg's 1/2, 1/4,
-    1/8) that leaves at least 2x the target, then area-resized to exactly the size FFCV's resizer would give the
-    full image: the stored size is unchanged while the decode does a fraction of the work.
+
+def load_rgb(path: str | os.PathLike, max_resolution: int | None = None,
+             short_side: int | None = None) -> tuple[np.ndarray, SourceInfo]:
+    """Decode `path` to RGB uint8 (H, W, 3), resized (area interpolation) to `stored_size`.
+
+    JPEGs of 4x the stored size or more are decoded at a reduced DCT scale (libjpeg's 1/2, 1/4, 1/8) that leaves at
+    least 2x the target, then area-resized to exactly `stored_size` of the full image: the stored size is unchanged
+    while the decode does a fraction of the work.
     """
     try:
         size = os.path.getsize(path)
@@ -67,10 +86,11 @@ def load_rgb(path: str | os.PathLike, max_resolution: int | None = None) -> tupl
             info = SourceInfo(img.size[0], img.size[1], img.mode, img.format or "unknown")
             if info.width < 1 or info.height < 1:
                 raise BadImage(f"degenerate size {info.width}x{info.height}")
-            if max_resolution and img.format == "JPEG":
+            target = stored_size(info.width, info.height, max_resolution, short_side)
+            if img.format == "JPEG":
                 # Keep >= 2x the target so the area resize still averages; at 1x, DCT scaling alone loses up
                 # to ~8 dB PSNR on high-frequency ImageNet images, at 2x it stays within JPEG q90's own error.
-                scale = 2 * max_resolution / max(info.width, info.height)
+                scale = 2 * max(target[0] / info.width, target[1] / info.height)
                 if scale <= 0.5:
                     img.draft(img.mode if img.mode in ("L", "CMYK") else "RGB",
                               (int(np.ceil(info.width * scale)), int(np.ceil(info.height * scale))))
@@ -89,12 +109,10 @@ def load_rgb(path: str | os.PathLike, max_resolution: int | None = None) -> tupl
         raise BadImage(f"corrupt or truncated: {e}") from None
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise BadImage(f"unsupported pixel layout {rgb.shape} {rgb.dtype} (mode {info.mode})")
-    if rgb.shape[:2] != (info.height, info.width):
-        # Drafted: finish the resize here, to exactly the size FFCV's resizer would give the full image
-        # (floor of ratio * size), so the stored size does not depend on the decode shortcut.
+    if rgb.shape[:2] != target[::-1]:
+        # Drafted or not, the resize to the stored size of the full image happens here, so the stored size does
+        # not depend on the decode shortcut.
         import cv2
 
-        ratio = max_resolution / max(info.width, info.height)
-        size = (np.array([info.width, info.height]) * ratio).astype(int)
-        rgb = cv2.resize(rgb, (int(size[0]), int(size[1])), interpolation=cv2.INTER_AREA)
+        rgb = cv2.resize(rgb, target, interpolation=cv2.INTER_AREA)
     return np.ascontiguousarray(rgb), info

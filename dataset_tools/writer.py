@@ -1,205 +1,211 @@
-"""FFCV's `DatasetWriter`, made safe for real image folders.
+"""Parallel conversion into one or more .beton files: worker processes decode, resize and encode source images; the
+parent appends them, in order, to each output's `beton.BetonWriter`. No FFCV is needed.
 
-FFCV writes a .beton with a fixed sample count and worker processes that encode samples into shared pages.
-Three things in it do not suit a 1.28M-file ImageNet conversion, and are changed here (the format, the fields'
-encoders and the page allocator are FFCV's own, so the output is an ordinary .beton):
-
-* a bad source file would need a pre-pass to be excluded from the count (a second decode of every image).
-  Instead workers skip it, leave its metadata row empty, and `finalize` drops the empty rows and renumbers the
-  allocation table: one decode per image, and bad files cost nothing up front.
-* an exception in a worker makes FFCV's progress loop wait forever. Here a failing or killed worker stops the
-  whole write with its message (disk full, strict mode, a file that changed during the run).
-* progress goes to a callback (a rich bar) instead of tqdm.
+Why this shape (FFCV's `DatasetWriter` has workers write pages themselves):
+* a bad source file is simply not appended: no pre-pass to count good files, one decode per image;
+* samples are stored in order, so the allocation table is sorted by sample and by pointer (readers need no sort);
+* several outputs (shards, a held-out split) are written at once from one pool of workers;
+* a failing or killed worker stops the whole write with its message (disk full, --strict, a vanished file) instead
+  of hanging; progress goes to a callback (a rich bar).
+Memory stays bounded: at most `4 x workers` chunks are in flight, and finished chunks wait only for their
+predecessors in the same output.
 """
 from __future__ import annotations
 
 import ctypes
+import os
 import queue
 import signal
 import traceback
 from dataclasses import dataclass
-from multiprocessing import Process, Queue, Value
+from itertools import zip_longest
+from multiprocessing import Process, Queue
 from typing import Callable
 
 import numpy as np
-from ffcv.fields import IntField, RGBImageField
-from ffcv.memory_allocator import MemoryAllocator
-from ffcv.types import ALLOC_TABLE_TYPE
-from ffcv.utils import chunks
-from ffcv.writer import DatasetWriter, handle_sample
 
+from .beton import IMAGE_MODE_JPG, IMAGE_MODE_RAW, BetonWriter
 from .errors import ConversionError
 from .images import BadImage, load_rgb
 
 MODES = ("RGB", "L", "CMYK", "P", "RGBA", "LA", "PA", "I;16", "I", "F", "1", "YCbCr", "other")
 
 
+@dataclass(frozen=True)
+class Encoding:
+    """How images are stored: the size caps of `images.stored_size`, JPEG or raw pixels, the JPEG quality."""
+    max_resolution: int | None = 256
+    short_side: int | None = None
+    write_mode: str = "jpg"             # jpg | raw | proportion (JPEG with compress_probability)
+    jpeg_quality: int = 90
+    compress_probability: float = 0.5
+    seed: int = 0
+
+    def as_jpeg(self, source_ix: int) -> bool:
+        if self.write_mode != "proportion":
+            return self.write_mode == "jpg"
+        # Decided by (seed, source file index) alone: a re-run, or another shard layout, stores the same way.
+        return np.random.RandomState((self.seed * 1_000_003 + source_ix) % 2**32).rand() < self.compress_probability
+
+    def encode(self, rgb: np.ndarray, source_ix: int) -> tuple[np.ndarray, int]:
+        """(stored bytes, mode) of an RGB image already at its stored size."""
+        if not self.as_jpeg(source_ix):
+            return np.ascontiguousarray(rgb).reshape(-1), IMAGE_MODE_RAW
+        import cv2
+
+        ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
+                               [int(cv2.IMWRITE_JPEG_QUALITY), self.jpeg_quality])
+        if not ok:
+            raise ConversionError("OpenCV could not encode a JPEG")
+        return jpg.reshape(-1), IMAGE_MODE_JPG
+
+
 @dataclass
-class ImageSources:
-    """What the workers read: sample i is `samples[i]`, decoded with the checks in `images.load_rgb`."""
-    samples: list[tuple[str, int]]
-    max_resolution: int
-    seed: int
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def load(self, i: int):
-        path, label = self.samples[i]
-        # 'proportion' mode draws np.random inside FFCV's encoder: seed per sample so a re-run writes the same file.
-        np.random.seed((self.seed * 1_000_003 + i) % 2**32)
-        rgb, info = load_rgb(path, self.max_resolution)
-        return (rgb, label), info
-
-
-def _die_with_parent() -> None:
-    """If the converting process is SIGKILLed, its workers must not live on as orphans writing to nowhere."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # not Linux: workers are daemonic and exit with a normally ending parent
-
-
-def _worker(input_queue, metadata_sm, metadata_type, fields, allocator, done_number, result_queue,
-            sources: ImageSources, strict: bool):
-    """One writer process. Sends exactly one message: ('ok', ...) or ('error', text)."""
-    _die_with_parent()
-    # The parent alone handles Ctrl-C (the terminal signals the whole group) and stops workers with SIGTERM.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    try:
-        metadata = np.frombuffer(metadata_sm.buf, dtype=metadata_type)
-        names = metadata_type.names
-        skipped: list[tuple[int, str]] = []
-        # Per written sample: its index, source width/height and mode code (for the report's statistics).
-        seen = []
-        # Not `with allocator:` — on an error its exit would wait for this worker's turn to flush a page, delaying
-        # the stop until every other worker is done. A failed write is discarded, so the page need not be flushed.
-        allocator.__enter__()
-        while (chunk := input_queue.get()) is not None:
-            for dest_ix, source_ix in chunk:
-                try:
-                    sample, info = sources.load(source_ix)
-                except BadImage as e:
-                    if strict:
-                        raise ConversionError(f"{sources.samples[source_ix][0]}: {e} (--strict)") from None
-                    skipped.append((dest_ix, str(e)))
-                    continue
-                handle_sample(sample, dest_ix, names, metadata, allocator, fields)
-                mode = MODES.index(info.mode) if info.mode in MODES else len(MODES) - 1
-                seen.append((dest_ix, info.width, info.height, mode))
-            with done_number.get_lock():
-                done_number.value += len(chunk)
-        allocator.__exit__(None, None, None)
-        result_queue.put(("ok", allocator.allocations, skipped, np.array(seen, dtype=np.int64).reshape(-1, 4)))
-    except ConversionError as e:
-        result_queue.put(("error", str(e)))
-    except OSError as e:
-        result_queue.put(("error", f"writing failed: {e.strerror or e}" + (f" ({e.filename})" if e.filename else "")))
-    except BaseException:
-        result_queue.put(("error", "writer process failed:\n" + traceback.format_exc()))
+class Part:
+    """One output file: `samples` are indices into the source list, in the order they are stored."""
+    path: str
+    samples: list[int]
 
 
 @dataclass
 class WriteResult:
     num_written: int
-    skipped: list[tuple[int, str]]     # (index into sources.samples, reason)
+    skipped: list[tuple[int, str]]     # (index into the source list, reason)
     source_info: np.ndarray            # (num_written, 4): source index, width, height, mode code
-    stored_hw: np.ndarray              # (num_written, 2): stored height, width (after max_resolution)
-    stored_bytes: np.ndarray           # (num_written,): encoded image bytes
+    stored_hw: np.ndarray              # (num_written, 2): stored height, width
+    stored_bytes: np.ndarray           # (num_written,): bytes of each stored image
+    file_bytes: int
+    sha256: str = ""                   # of the finished file (set by the caller, which knows its final path)
 
 
-class SkippingDatasetWriter(DatasetWriter):
-    def __init__(self, fname: str, *, max_resolution: int, write_mode: str, jpeg_quality: int,
-                 compress_probability: float, num_workers: int, strict: bool,
-                 progress: Callable[[int], None] | None = None, page_size: int = 8 << 20):
-        fields = {
-            "image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution,
-                                   jpeg_quality=jpeg_quality, compress_probability=compress_probability),
-            "label": IntField(),
-        }
-        super().__init__(fname, fields, num_workers=num_workers, page_size=page_size)
-        self.strict = strict
-        self.progress = progress or (lambda done: None)
+def _die_with_parent(parent: int) -> None:
+    """If the converting process is SIGKILLed, its workers must not live on as orphans (waiting for work forever,
+    holding its stdout and stderr open)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: workers are daemonic and exit with a normally ending parent
+    if os.getppid() != parent:  # killed between the fork and the prctl: no signal will come
+        os._exit(1)
 
-    def write(self, sources: ImageSources, chunksize: int = 64) -> WriteResult:
-        n = len(sources)
-        self.num_samples = n
-        self.prepare()
-        work: Queue = Queue()
-        for chunk in chunks(list(enumerate(range(n))), chunksize):
-            work.put(chunk)
-        for _ in range(self.num_workers):
-            work.put(None)
-        results: Queue = Queue()
-        done_number = Value(ctypes.c_uint64, 0)
-        allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
-        args = (work, self.metadata_sm, self.metadata_type, self.fields, allocator, done_number, results,
-                sources, self.strict)
-        procs = [Process(target=_worker, args=args, daemon=True) for _ in range(self.num_workers)]
-        try:
-            for p in procs:
-                p.start()
-            replies = []
-            while len(replies) < len(procs):
-                self.progress(done_number.value)
+
+def _worker(work: Queue, results: Queue, samples: list[tuple[str, int]], enc: Encoding, strict: bool,
+            parent: int) -> None:
+    """Chunks of (part, chunk number, source indices) in, one ('chunk', ...) message per chunk out; a problem is one
+    ('error', text) message and the end of this worker."""
+    _die_with_parent(parent)
+    # The parent alone handles Ctrl-C (the terminal signals the whole group) and stops workers with SIGTERM.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        while (item := work.get()) is not None:
+            part, chunk_no, indices = item
+            rows = []
+            for i in indices:
+                path, label = samples[i]
                 try:
-                    reply = results.get(timeout=0.1)
-                except queue.Empty:
-                    dead = [p for p in procs if p.exitcode not in (None, 0)]
-                    if dead and results.empty():
-                        raise ConversionError(f"a writer process died (exit code {dead[0].exitcode}; "
-                                              "out of memory? try fewer --workers)") from None
+                    rgb, info = load_rgb(path, enc.max_resolution, enc.short_side)
+                except BadImage as e:
+                    if strict:
+                        raise ConversionError(f"{path}: {e} (--strict)") from None
+                    rows.append((i, str(e)))
                     continue
-                if reply[0] == "error":
-                    raise ConversionError(reply[1])
-                replies.append(reply)
-            self.progress(done_number.value)
-            for p in procs:
-                p.join()
-            allocations = [a for r in replies for a in r[1]]
-            skipped = sorted(s for r in replies for s in r[2])
-            seen = np.concatenate([r[3] for r in replies])
-            seen = seen[np.argsort(seen[:, 0], kind="stable")]
-            stored = self._finalize_compacted(allocations, [i for i, _ in skipped])
-            return WriteResult(len(seen), skipped, seen, *stored)
-        finally:
-            for p in procs:
-                if p.is_alive():
-                    p.terminate()
-            for p in procs:
-                if p.pid is not None:
-                    p.join(timeout=5)
-            self.metadata_sm.close()
-            self.metadata_sm.unlink()
+                data, mode = enc.encode(rgb, i)
+                code = MODES.index(info.mode) if info.mode in MODES else len(MODES) - 1
+                rows.append((i, (data, mode, rgb.shape[0], rgb.shape[1], label, info.width, info.height, code)))
+            results.put(("chunk", part, chunk_no, rows))
+    except ConversionError as e:
+        results.put(("error", str(e)))
+    except BaseException:
+        results.put(("error", "writer process failed:\n" + traceback.format_exc()))
 
-    def _finalize_compacted(self, allocations, skipped_ix: list[int]):
-        """FFCV's finalize, minus the rows of skipped samples: metadata is compacted, sample ids renumbered.
 
-        Data pointers are absolute file offsets, so the data pages stay where they were written."""
-        meta = np.frombuffer(self.metadata_sm.buf, dtype=self.metadata_type)
-        keep = np.ones(len(meta), dtype=bool)
-        keep[skipped_ix] = False
-        new_id = np.cumsum(keep) - 1
-        compact = meta[keep]
-        table = np.array(allocations, dtype=ALLOC_TABLE_TYPE) if allocations else np.zeros(0, ALLOC_TABLE_TYPE)
-        if len(table):
-            table["sample_id"] = new_id[table["sample_id"].astype(np.int64)]
-        self.header["num_samples"] = int(keep.sum())
-        with open(self.fname, "r+b") as fp:
-            fp.seek(self.metadata_start)
-            fp.write(compact.tobytes())
-            table_at = fp.seek(0, 2)
-            fp.write(table.tobytes())
-            self.header["alloc_table_ptr"] = table_at
-            fp.seek(0)
-            fp.write(self.header.tobytes())
-        image = compact[compact.dtype.names[0]]
-        sizes = np.zeros(len(compact), dtype=np.int64)
-        if len(table):
-            # Each image is one allocation; look its size up by pointer.
-            order = np.argsort(table["ptr"])
-            pos = np.searchsorted(table["ptr"][order], image["data_ptr"])
-            sizes = table["size"][order][np.clip(pos, 0, len(table) - 1)].astype(np.int64)
-        return np.stack([image["height"], image["width"]], axis=1).astype(np.int64), sizes
+class _Output:
+    """One part being written: chunks arrive in any order and are appended in order."""
+
+    def __init__(self, part: Part, page_size: int, chunksize: int):
+        self.writer = BetonWriter(part.path, max(1, len(part.samples)), page_size)
+        self.num_chunks = -(-len(part.samples) // chunksize)
+        self.next_chunk, self.waiting = 0, {}
+        self.skipped, self.info, self.hw, self.nbytes = [], [], [], []
+
+    def receive(self, chunk_no: int, rows) -> None:
+        self.waiting[chunk_no] = rows
+        while self.next_chunk in self.waiting:
+            for i, row in self.waiting.pop(self.next_chunk):
+                if isinstance(row, str):
+                    self.skipped.append((i, row))
+                    continue
+                data, mode, h, w, label, src_w, src_h, code = row
+                self.writer.add(data, mode, h, w, label)
+                self.info.append((i, src_w, src_h, code))
+                self.hw.append((h, w))
+                self.nbytes.append(data.nbytes)
+            self.next_chunk += 1
+
+    @property
+    def done(self) -> bool:
+        return self.next_chunk == self.num_chunks
+
+    def close(self) -> WriteResult:
+        size = self.writer.close()
+        return WriteResult(len(self.info), self.skipped, np.array(self.info, np.int64).reshape(-1, 4),
+                           np.array(self.hw, np.int64).reshape(-1, 2), np.array(self.nbytes, np.int64), size)
+
+
+def write_parts(samples: list[tuple[str, int]], parts: list[Part], enc: Encoding, *, workers: int, strict: bool,
+                progress: Callable[[int], None] | None = None, page_size: int = 8 << 20,
+                chunksize: int = 32) -> list[WriteResult]:
+    """Write every part (all at once, from one pool of `workers` processes); returns their results in order.
+    Raises ConversionError (with the worker's message) or OSError (from writing an output)."""
+    progress = progress or (lambda done: None)
+    outputs = [_Output(p, page_size, chunksize) for p in parts]
+    # Round-robin over the parts, so shards grow together and finish together.
+    per_part = [[(k, c, p.samples[c * chunksize:(c + 1) * chunksize]) for c in range(o.num_chunks)]
+                for k, (p, o) in enumerate(zip(parts, outputs))]
+    feed = iter([item for group in zip_longest(*per_part) for item in group if item is not None])
+    work, results = Queue(), Queue()
+    procs = [Process(target=_worker, args=(work, results, samples, enc, strict, os.getpid()),
+                     daemon=True)
+             for _ in range(workers)]
+    in_flight, fed_all, done = 0, False, 0
+    try:
+        for p in procs:
+            p.start()
+        while not all(o.done for o in outputs):
+            while not fed_all and in_flight < 4 * workers:
+                item = next(feed, None)
+                if item is None:
+                    fed_all = True
+                    for _ in procs:
+                        work.put(None)
+                else:
+                    work.put(item)
+                    in_flight += 1
+            try:
+                msg = results.get(timeout=0.1)
+            except queue.Empty:
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead and results.empty():
+                    raise ConversionError(f"a writer process died (exit code {dead[0].exitcode}; out of memory? "
+                                          "try fewer --workers)") from None
+                continue
+            if msg[0] == "error":
+                raise ConversionError(msg[1])
+            _, k, chunk_no, rows = msg
+            in_flight -= 1
+            done += len(rows)
+            outputs[k].receive(chunk_no, rows)
+            progress(done)
+        return [o.close() for o in outputs]
+    finally:
+        for o in outputs:
+            if not o.writer.fp.closed:
+                o.writer.fp.close()
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            if p.pid is not None:
+                p.join(timeout=5)

@@ -17,7 +17,7 @@ from . import __version__, ablate
 from . import distributed as dist
 from .archs import resolve_name
 from .checkpoint import CheckpointError
-from .config import ConfigError, batch_plan, load_config, to_dict
+from .config import ConfigError, batch_plan, load_config, resolve_num_classes, to_dict
 from .submit import add_slurm_args, describe, describe_job, slurm_options
 
 def _add_cfg_args(p: argparse.ArgumentParser, data_train: bool = True, cfg_required: bool = True) -> None:
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "missing, broken, skipped or info, with a one-line fix. Exit 1 when something is broken.")
     d.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     d.add_argument("--require-gpu", action="store_true", help="exit 1 when no CUDA device is usable")
-    d.add_argument("--data-train", help="a .beton for the throughput check (default: a generated one; needs ffcv)")
+    d.add_argument("--data-train", help="a .beton for the throughput check (default: a generated one)")
     d.add_argument("--engine", choices=ENGINES, help="engine for the throughput check")
     d.add_argument("--steps", type=int, default=10, help="timed batches in the throughput check (10)")
     d.add_argument("--no-throughput", action="store_true", help="skip the loader-vs-model measurement")
@@ -187,7 +187,7 @@ def _eval(args) -> int:
 
     if not args.cfg and not args.model:
         raise ConfigError("eval needs --cfg RECIPE or --model NAME (or both)")
-    cfg = load_config(args.cfg, _overrides(args))
+    cfg = resolve_num_classes(load_config(args.cfg, _overrides(args)))
     device = _device(args.device)
     model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, img_size=cfg.aug.img_size,
                          layer_scale_init=cfg.model.layer_scale_init)

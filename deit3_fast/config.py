@@ -30,7 +30,7 @@ class ConfigError(Exception):
 @dataclass
 class ModelConfig:
     name: str = "deit3_small"       # deit3_{small,...,huge}, timm's deit3_*_patch*_RES or official deit_*_LS names
-    num_classes: int = 1000
+    num_classes: int | str = 1000   # or auto: the class count of data.train's manifest or conversion report
     drop_path: float = 0.05         # the same rate in every block (official), not timm's linear ramp
     layer_scale_init: float | None = 1e-4  # null: no LayerScale (plain pre-norm residual blocks)
     checkpoint: str | None = None   # weights to start from (fine-tuning)
@@ -97,7 +97,12 @@ def _coerce(value, tp, where: str):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
+        for tp_ in inner[:-1]:
+            try:
+                return _coerce(value, tp_, where)
+            except ConfigError:
+                pass
+        return _coerce(value, inner[-1], where)
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{where}: expected a list of {len(args)} numbers, got {value!r}")
@@ -139,9 +144,33 @@ def _build(cls, values: dict, prefix: str = ""):
             kwargs[key] = _coerce(value, tp, where)
             if where in _CHOICES and kwargs[key] not in _CHOICES[where]:
                 raise ConfigError(f"{where}: {kwargs[key]!r} is not one of {', '.join(_CHOICES[where])}")
-            if where in _POSITIVE and kwargs[key] is not None and kwargs[key] < 1:
+            if where == "model.num_classes" and isinstance(kwargs[key], str) and kwargs[key] != "auto":
+                raise ConfigError(f"{where}: a class count or auto, got {kwargs[key]!r}")
+            if where in _POSITIVE and isinstance(kwargs[key], int) and kwargs[key] < 1:
                 raise ConfigError(f"{where}: must be at least 1, got {kwargs[key]!r}")
     return cls(**kwargs)
+
+
+def resolve_num_classes(cfg: Config) -> Config:
+    """`model.num_classes: auto` made a number: the length of the class list that data.train (else data.val) was
+    converted with (a shard set's manifest, or a .beton's report). ImageNet-21k releases differ (fall11: 21,841
+    classes, winter21: 19,167), so the IN-21k recipes take it from the data."""
+    if cfg.model.num_classes != "auto":
+        return cfg
+    from dataset_tools.beton import BetonError
+    from dataset_tools.shards import classes_of
+
+    path = cfg.data.train or cfg.data.val
+    if not path:
+        raise ConfigError("model.num_classes: auto needs data.train (or data.val) to count the classes")
+    try:
+        classes = classes_of(path)
+    except BetonError as e:
+        raise ConfigError(f"model.num_classes: auto: {e}") from None
+    if not classes:
+        raise ConfigError(f"model.num_classes: auto: {path} has no conversion report ({path}.json) or manifest "
+                          "naming its classes; set model.num_classes to a number")
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=len(classes)))
 
 
 def to_dict(cfg) -> dict:

@@ -64,7 +64,7 @@ def versions() -> list[Check]:
     else:
         driver = _driver_version()
         out.append(Check("CUDA", INFO, f"runtime {torch.version.cuda}, driver {driver or 'not found'}"))
-    optional = {"ffcv": ("the ffcv engine and deit3-convert need it", "pip install -e '.[ffcv]'"),
+    optional = {"ffcv": ("the ffcv engine needs it; deit3-convert and the other engines do not", "pip install -e '.[ffcv]'"),
                 "nvidia.dali": ("the dali engine needs it", "pip install -e '.[dali]'"),
                 "submitit": ("deit3-fast submit and ablate --submit (Slurm) need it", "pip install submitit")}
     for module in ("torchvision", "timm", "numpy", "numba", "ffcv", "nvidia.dali", "submitit"):
@@ -250,9 +250,6 @@ def throughput(device: torch.device, data_train: str | None, engine: str | None,
     engine = engine or ("ffcv" if _version("ffcv") is not None else "nvjpeg")
     with tempfile.TemporaryDirectory(prefix="deit3_doctor_") as tmp:
         if data_train is None:
-            if _version("ffcv") is None:
-                return Check("loader vs model", SKIPPED, "no .beton to read (generating one needs ffcv)",
-                             "pass --data-train TRAIN.beton")
             data_train = _generated_beton(Path(tmp))
         workers = len(os.sched_getaffinity(0))
         if device.type == "cuda":

@@ -31,7 +31,7 @@ from pipelines import keys
 from . import checkpoint as ckpt
 from . import distributed as dist
 from . import rundir
-from .config import NO_EFFECT_KEYS, BatchPlan, Config, batch_plan, differences, to_dict
+from .config import NO_EFFECT_KEYS, BatchPlan, Config, batch_plan, differences, resolve_num_classes, to_dict
 from .device import (AMP_DTYPES, autocast, device_name, is_out_of_memory, max_mem_mb, reset_peak_memory,
                      resolve_amp)
 from .losses import RecipeLoss
@@ -111,12 +111,14 @@ def make_loader(cfg: Config, split: str, device: torch.device, *, amp: str | Non
                 batch_size: int | None = None):
     """The data path's loader for this config: its `data` and `aug` sections and the plain values pipelines take."""
     amp = amp or resolve_amp(cfg.train.amp, device)
+    cfg = resolve_num_classes(cfg)
     data = cfg.data if batch_size is None else replace(cfg.data, batch_size=batch_size)
     return build_loader(data, cfg.aug, split, num_classes=cfg.model.num_classes, device=device,
                         dtype=AMP_DTYPES[amp], compile=cfg.train.compile)
 
 
 def build(cfg: Config, device: torch.device) -> Run:
+    cfg = resolve_num_classes(cfg)
     torch.manual_seed(cfg.train.seed)  # the same init on every rank (DDP also broadcasts rank 0's)
     plan = batch_plan(cfg, dist.world())
     amp = resolve_amp(cfg.train.amp, device)
@@ -311,6 +313,7 @@ def train(cfg: Config, out_dir: str | Path, device: torch.device, resume: str | 
     schedule still spans schedule.epochs), as a time limit or preemption would. With `handle_sigterm`, SIGTERM
     stops at the next step boundary, writes a checkpoint of that position and raises `Preempted`."""
     previous, stop = None, StopFlag()
+    cfg = resolve_num_classes(cfg)  # the run dir's config.yaml records the number, not "auto"
     try:
         if handle_sigterm and threading.current_thread() is threading.main_thread():
             def on_sigterm(signum, frame):

@@ -1,6 +1,7 @@
-"""What the engines that read .beton bytes themselves (nvjpeg, DALI) share: the file, the epoch's batches of sample
-indices with their crop keys (the same as the FFCV engine's), which JPEGs a GPU decoder refuses (counted per
-epoch), and the reflect padding of Simple Random Crop."""
+"""What the engines that read .beton bytes themselves (nvjpeg, DALI) share: the data (one .beton or a shard set,
+`dataset_tools.shards.open_samples`, read over the same global index), the epoch's batches of sample indices with
+their crop keys (the same as the FFCV engine's), which JPEGs a GPU decoder refuses (counted per epoch), and the
+reflect padding of Simple Random Crop."""
 from __future__ import annotations
 
 from collections import Counter
@@ -8,7 +9,8 @@ from collections import Counter
 import numpy as np
 import torch
 
-from dataset_tools.beton import IMAGE_MODE_RAW, Beton
+from dataset_tools.beton import IMAGE_MODE_RAW
+from dataset_tools.shards import open_samples
 
 from . import crops, keys
 from .jpeg_header import gpu_refusal
@@ -17,17 +19,14 @@ from .jpeg_header import gpu_refusal
 class BetonBatches:
     def __init__(self, path: str, epoch_order, batch_size: int, crop, device: torch.device, *, drop_last: bool,
                  seed: int = 0, rank: int = 0):
-        self.beton = Beton(path)
-        self.image_field = self.beton.field("rgb_image")
-        self.labels = self.beton.labels(self.beton.field("int"))
-        self.meta = self.beton.image_meta(self.image_field)
-        self.order, self.batch_size, self.crop, self.device = epoch_order, batch_size, crop, device
+        self.samples = open_samples(path)  # shards open lazily; labels are read per batch
+        self.epoch_order, self.batch_size, self.crop, self.device = epoch_order, batch_size, crop, device
         self.drop_last, self.seed, self.rank = drop_last, seed, rank
         self._refusals: dict[int, str | None] = {}  # sample -> why the GPU decoder refuses it (header, read once)
         self.cpu_decoded: Counter = Counter()        # this epoch's GPU refusals by reason
 
     def __len__(self) -> int:
-        n = len(self.order.indices(0))
+        n = len(self.epoch_order.indices(0))
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def index_batches(self, epoch: int, start: int = 0):
@@ -35,7 +34,7 @@ class BetonBatches:
         sample, slot in batch)."""
         self.cpu_decoded = Counter()
         ek = keys.epoch_key(self.seed, self.rank, epoch)
-        order = self.order.indices(epoch)
+        order = self.epoch_order.indices(epoch)
         stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
         for start in range(start * self.batch_size, stop, self.batch_size):
             idx = order[start:start + self.batch_size]
@@ -46,7 +45,7 @@ class BetonBatches:
         epoch's report."""
         i = int(i)
         if i not in self._refusals:
-            raw = self.meta[i]["mode"] == IMAGE_MODE_RAW
+            raw = self.image_row(i)["mode"] == IMAGE_MODE_RAW
             self._refusals[i] = None if raw else gpu_refusal(self.image_bytes(i) if data is None else data)
         reason = self._refusals[i]
         if reason is not None:
@@ -58,11 +57,15 @@ class BetonBatches:
         n = sum(self.cpu_decoded.values())
         return {"cpu_decoded": n, "cpu_decoded_reasons": dict(self.cpu_decoded)} if n else {}
 
+    def image_row(self, i: int):
+        """Sample i's stored mode, width, height."""
+        return self.samples.image_row(int(i))
+
     def image_bytes(self, i: int) -> np.ndarray:
-        return np.array(self.beton.image_bytes(int(i), self.image_field))
+        return np.array(self.samples.image_bytes(int(i)))
 
     def labels_of(self, idx: np.ndarray) -> torch.Tensor:
-        return upload(torch.from_numpy(self.labels[idx]), self.device)
+        return upload(torch.from_numpy(self.samples.labels_at(idx)), self.device)
 
 
 def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -6,6 +6,8 @@ knows the trainer's config tree, its loss or its precision policy.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .augment import DeviceStage
@@ -20,42 +22,50 @@ class DataError(Exception):
 
 
 def _check_beton(path: str | None, split: str, num_classes: int) -> int:
-    """Validate before any worker starts; returns the sample count."""
-    from dataset_tools.beton import Beton, BetonError
+    """Validate before any worker starts; returns the sample count. A shard set is checked from its manifest (every
+    shard there, of the recorded size, and its class count); each shard's own layout when it is first read."""
+    from dataset_tools.beton import BetonError
+    from dataset_tools.shards import ShardSet, open_samples
 
     if not path:
-        raise DataError(f"no {split} data: set data.{split} (a .beton written by deit3-convert)")
+        raise DataError(f"no {split} data: set data.{split} (a .beton or shard folder written by deit3-convert)")
     try:
-        b = Beton(path)
-        labels = b.labels(b.field("int"))
-        b.field("rgb_image")
+        b = open_samples(path)
+        if isinstance(b, ShardSet):
+            top, low = len(b.classes) - 1, 0
+            what = f"{len(b.classes)} classes"
+        else:
+            labels = b.labels(b.label_field)
+            b.field("rgb_image")
+            top, low = (int(labels.max()), int(labels.min())) if len(labels) else (0, 0)
+            what = f"labels up to {top}"
     except BetonError as e:
         raise DataError(str(e)) from None
     if len(b) == 0:
         raise DataError(f"{path} has no samples")
-    if labels.max() >= num_classes or labels.min() < 0:
-        raise DataError(f"{path} has labels up to {labels.max()} but model.num_classes is {num_classes}")
+    if top >= num_classes or low < 0:
+        raise DataError(f"{path} has {what} but model.num_classes is {num_classes} (model.num_classes: auto takes "
+                        "the count from the data)")
     return len(b)
 
 
 def check_same_classes(train: str, val: str) -> None:
     """A val split converted without the training split's class list has other labels for the same classes, and its
-    accuracy would mean nothing. The conversion reports (`X.beton.json`) name the classes; check when both exist."""
-    import json
-    from pathlib import Path
+    accuracy would mean nothing. The conversion reports (`X.beton.json`, a shard set's manifest) name the classes;
+    check when both exist."""
+    from dataset_tools.beton import BetonError
+    from dataset_tools.shards import classes_of
 
-    reports = [Path(str(p) + ".json") for p in (train, val)]
-    if not all(r.exists() for r in reports):
-        return
     try:
-        a, b = (json.loads(r.read_text()).get("classes") for r in reports)
-    except (OSError, ValueError):
-        return
+        a, b = classes_of(train), classes_of(val)
+    except BetonError:
+        return  # reported by the loader's own checks
     # Labels agree when val's class list is train's or its beginning (a val set with fewer classes).
     if a is not None and b is not None and list(a[:len(b)]) != list(b):
         where = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        listing = train if os.path.isdir(train) else f"{train}.json"
         raise DataError(f"{val} was converted with other classes than {train} ({len(b)} vs {len(a)}, first "
-                        f"difference at label {where}): convert the val split with --classes {train}.json")
+                        f"difference at label {where}): convert the val split with --classes {listing}")
 
 
 def build_loader(data: DataConfig, aug: AugConfig, split: str, *, num_classes: int, device: torch.device | str,
@@ -70,6 +80,9 @@ def build_loader(data: DataConfig, aug: AugConfig, split: str, *, num_classes: i
     device = torch.device(device)
     path = data.train if train else data.val
     n = _check_beton(path, split, num_classes)
+    if data.engine == "ffcv" and (os.path.isdir(path) or os.path.basename(path) == "manifest.json"):
+        raise DataError(f"{path} is a shard set; FFCV's loader reads one file: use data.engine: nvjpeg or dali "
+                        "(they read shard sets over the same global index), or convert without --shards")
     if rank is None or world is None:
         rank, world = dist_rank_world()
     try:

@@ -16,8 +16,6 @@ from collections import deque
 import numpy as np
 import torch
 
-from dataset_tools.beton import IMAGE_MODE_RAW
-
 from . import crops
 from .beton_source import BetonBatches, reflect_pad, upload
 
@@ -35,7 +33,7 @@ class DaliEngine(BetonBatches):
     def __init__(self, path: str, epoch_order, batch_size: int, crop, device: torch.device, *, workers: int,
                  drop_last: bool, seed: int = 0, rank: int = 0):
         super().__init__(path, epoch_order, batch_size, crop, device, drop_last=drop_last, seed=seed, rank=rank)
-        if (self.meta["mode"] == IMAGE_MODE_RAW).any():
+        if self.samples.has_raw_images():
             raise ValueError(f"{path} stores raw pixels; the dali engine reads JPEG files (convert with "
                              "--write-mode jpg, or use data.engine: ffcv or nvjpeg)")
         gpu = device.type == "cuda" and backend.GetCUDADeviceCount() > 0
@@ -69,7 +67,7 @@ class DaliEngine(BetonBatches):
         size = float(self.crop.size)
         enc, r0, r1, hw, anchor, pads = [], [], [], [], [], []
         for slot, i in enumerate(idx):
-            m = self.meta[i]
+            m = self.image_row(i)
             plan = crops.crop_plan(self.crop, int(m["height"]), int(m["width"]), keys[slot])
             enc.append(self.image_bytes(i))
             if self.gpu:

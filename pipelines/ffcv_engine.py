@@ -140,6 +140,7 @@ class FFCVEngine:
     def __init__(self, path: str, epoch_order, batch_size: int, crop: CropSpec, device: torch.device, *,
                  workers: int, os_cache: bool, drop_last: bool, seed: int = 0, rank: int = 0):
         self.key_cell, self.seed, self.rank, self.crop = KeyCell(), seed, rank, crop
+        self.epoch_order = epoch_order
         import numba
 
         # numba's thread pool is sized to the cores it can see; asking for more is an error, not a slowdown.

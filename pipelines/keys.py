@@ -44,8 +44,10 @@ def sample_key(epoch_key, sample_index, slot):
 
 
 def epoch_key(seed: int, rank: int, epoch: int) -> np.uint64:
-    """Keys are np.uint64 on the Python side too: a plain int above 2**63 would not pass back into numba."""
-    return np.uint64(combine(combine(np.uint64(seed & 0xFFFFFFFFFFFFFFFF), np.uint64(rank)), np.uint64(epoch)))
+    """Keys are np.uint64 on the Python side too: numba returns a uint64 as a plain int, and a plain int above 2**63
+    passed back into numba is an OverflowError (so every intermediate key is wrapped again)."""
+    seed_rank = np.uint64(combine(np.uint64(seed & 0xFFFFFFFFFFFFFFFF), np.uint64(rank)))
+    return np.uint64(combine(seed_rank, np.uint64(epoch)))
 
 
 def seed_of(key) -> int:

@@ -50,7 +50,7 @@ class NvjpegEngine(BetonBatches):
         return torch.from_numpy(self.image_bytes(i))
 
     def _pixels(self, i: int, data: torch.Tensor) -> np.ndarray:
-        m = self.meta[i]
+        m = self.image_row(i)
         if m["mode"] == IMAGE_MODE_RAW:
             return data.numpy().reshape(int(m["height"]), int(m["width"]), 3)
         return decode_jpeg(data, mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
@@ -63,7 +63,7 @@ class NvjpegEngine(BetonBatches):
     def _decode_on_gpu(self, idx: np.ndarray, data: list[torch.Tensor]) -> dict[int, torch.Tensor]:
         """{slot: (3, H, W) uint8 on the device} for the batch's JPEGs that nvJPEG takes; the rest are left out."""
         slots = [k for k, i in enumerate(idx)
-                 if self.meta[i]["mode"] != IMAGE_MODE_RAW and self.gpu_refusal(i, data[k].numpy()) is None]
+                 if self.image_row(i)["mode"] != IMAGE_MODE_RAW and self.gpu_refusal(i, data[k].numpy()) is None]
         if not slots:  # decode_jpeg([]) raises: a batch of raw pixels or refused JPEGs has nothing for nvJPEG
             return {}
         try:

@@ -13,7 +13,8 @@ from dataset_tools.synthetic import add_bad_inputs, make_imagefolder
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("DEIT3_SHARED_DATA", REPO.parent / "shared" / "data"))
-# Small .beton files made by `scripts/gpu-check.sh --prepare`, for a GPU machine that has no ffcv to write them.
+# Small .beton files made by `scripts/gpu-check.sh --prepare` (optional: deit3-convert needs no ffcv, so a GPU machine
+# can also write them itself).
 GPU_CHECK_DATA = os.environ.get("DEIT3_GPU_CHECK_DATA")
 
 
@@ -66,10 +67,9 @@ def imagenet_sample(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def data(tmp_path_factory) -> Path:
     """The tiny data set most trainer tests run on: train.beton (JPEG, 4 classes x 12, 32..64 px), val.beton
-    (4 x 4) and raw.beton (raw pixels, 3 x 4). On a GPU machine without ffcv: the copies in DEIT3_GPU_CHECK_DATA."""
+    (4 x 4) and raw.beton (raw pixels, 3 x 4); the copies in DEIT3_GPU_CHECK_DATA where that is set."""
     if GPU_CHECK_DATA:
         return Path(GPU_CHECK_DATA)
-    pytest.importorskip("ffcv", reason="writing test .beton files needs ffcv (or set DEIT3_GPU_CHECK_DATA)")
     return make_tiny_data(tmp_path_factory.mktemp("tiny_data"))
 
 
@@ -87,7 +87,7 @@ def make_tiny_data(root: Path, page_size: int = 8 << 20) -> Path:
     return root
 
 
-def plain_loader(split: str, device="cpu", **sets):
+def plain_loader(split: str, device="cpu", rank=None, world=None, **sets):
     """`pipelines.build_loader` from plain values, the way the data path is called without the trainer: `sets` name
     fields of `DataConfig` / `AugConfig` as "data.x" / "aug.y", plus "model.num_classes", "train.amp" (the batch
     dtype) and "train.compile"."""
@@ -115,7 +115,7 @@ def plain_loader(split: str, device="cpu", **sets):
             kw["compile"] = value
         else:
             raise AssertionError(f"{key} is not an input of the data path")
-    return build_loader(DataConfig(**data), AugConfig(**aug), split, device=device, **kw)
+    return build_loader(DataConfig(**data), AugConfig(**aug), split, device=device, rank=rank, world=world, **kw)
 
 
 def make_splits(root: Path, splits: dict, page_size: int = 8 << 20, write_mode: str = "jpg",

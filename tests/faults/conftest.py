@@ -81,21 +81,17 @@ def start_convert(src, out, *args, **kw) -> subprocess.Popen:
 
 
 def writer_processes(proc: subprocess.Popen, n: int, timeout: float = 120) -> list[psutil.Process]:
-    """The converter's `n` writer processes, once they exist (the scan is then complete and the output file open).
-
-    They are the children forked after multiprocessing's resource tracker, which the writer starts right before them."""
+    """The converter's `n` writer processes, once they exist (the scan is then complete and the outputs open): its
+    children, apart from a multiprocessing resource tracker should one be running."""
     parent = psutil.Process(proc.pid)
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"converter ended before its writers were seen: {proc.communicate()}")
         try:
-            kids = parent.children()
-            tracker = [k for k in kids if "resource_tracker" in " ".join(k.cmdline())]
-            if tracker:
-                writers = [k for k in kids if k.pid != tracker[0].pid and k.create_time() >= tracker[0].create_time()]
-                if len(writers) >= n:
-                    return writers[:n]
+            writers = [k for k in parent.children() if "resource_tracker" not in " ".join(k.cmdline())]
+            if len(writers) >= n:
+                return writers[:n]
         except psutil.Error:
             pass
         time.sleep(0.005)

@@ -81,3 +81,19 @@ def test_reflect_fill_mirrors_like_torchvision():
     crops.reflect_fill(out, 2, 1, 5, 6)
     ref = np.pad(block, ((2, 1), (1, 2), (0, 0)), mode="reflect")  # torchvision's padding_mode='reflect'
     np.testing.assert_array_equal(out, ref)
+
+
+def test_epoch_keys_exist_for_every_seed_and_rank():
+    """numba hands a uint64 back as a plain int; one above 2**63 passed back in overflowed, so most (seed, rank)
+    pairs other than seed 0 on ranks 0-2 crashed every engine at its first batch."""
+    from pipelines import keys
+
+    seen = set()
+    for seed in (0, 1, 5, 2**40, 2**64 - 1):
+        for rank in range(8):
+            for epoch in (0, 1, 799):
+                k = keys.epoch_key(seed, rank, epoch)
+                assert isinstance(k, np.uint64)
+                seen.add(int(k))
+                keys.sample_key(k, 3, 1)  # and it goes back into numba
+    assert len(seen) == 5 * 8 * 3

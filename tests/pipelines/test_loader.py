@@ -342,7 +342,7 @@ def test_nvjpeg_gpu_path_retries_one_by_one_when_the_batched_decode_fails(small_
 
     real = nv.decode_jpeg
     engine, clean = _gpu_path_batches(small_beton)
-    first = engine.image_bytes(int(engine.order.indices(0)[0]))
+    first = engine.image_bytes(int(engine.epoch_order.indices(0)[0]))
 
     def picky(data, *a, **kw):
         items = data if isinstance(data, list) else [data]

@@ -1,0 +1,165 @@
+"""Shard folders: N .beton files and `manifest.json`, read as one data set. This module owns the manifest format.
+
+    OUT_DIR/shard-00000-of-00004.beton (+ .json, its conversion report)  ...  shard-00003-of-00004.beton
+    OUT_DIR/holdout.beton (+ .json)            with --holdout: K images per class, not in any shard
+    OUT_DIR/manifest.json                      written last, once every shard is complete and verified
+
+manifest.json: {"format": "deit3-fast shards", "version": 1, "classes": [...label order...], "num_samples",
+"shards": [{"file", "num_samples", "bytes", "sha256"}, ...], "holdout": {...} | null, "options": {...},
+"report": {the merged conversion report}}.
+
+A shard set's sample i is sample i - offset[s] of shard s, shards in manifest order (offsets are the running sums of
+their sample counts): every engine orders, shuffles and deals ranks over this global index. Shards are opened
+lazily, on first read, and only their header and tables are mapped; labels are read per batch.
+
+`open_samples(path)` takes a .beton, a shard folder or its manifest.json, and returns an object with the same
+reading methods either way (`Beton` or `ShardSet`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .beton import IMAGE_MODE_RAW, Beton, BetonError
+
+MANIFEST = "manifest.json"
+FORMAT = "deit3-fast shards"
+
+
+def shard_name(index: int, count: int) -> str:
+    return f"shard-{index:05d}-of-{count:05d}.beton"
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def manifest_path(path: str | os.PathLike) -> Path | None:
+    """The manifest a path names (a shard folder or the manifest itself), or None for anything else."""
+    p = Path(path)
+    if p.is_dir():
+        return p / MANIFEST
+    if p.name == MANIFEST or p.suffix == ".json":
+        return p
+    return None
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    m = manifest_path(path)
+    if m is None:
+        raise BetonError(f"{path}: not a shard folder or manifest")
+    if not m.exists():
+        shards = sorted(m.parent.glob("shard-*.beton")) if m.parent.is_dir() else []
+        if shards:
+            raise BetonError(f"{path}: no {MANIFEST} yet: {len(shards)} shard file(s) are there, and the manifest is "
+                             "written when all are complete; run the missing --shard-index tasks (or the same "
+                             "command without it)")
+        raise BetonError(f"{path}: a folder without {MANIFEST}, so not a .beton or a shard set; convert with "
+                         "deit3-convert SRC OUT.beton (or SRC OUT_DIR --shards N)")
+    try:
+        manifest = json.loads(m.read_text())
+    except (OSError, ValueError) as e:
+        raise BetonError(f"{m}: unreadable ({e}); convert again or rerun one --shard-index task to rewrite it")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not manifest.get("shards"):
+        raise BetonError(f"{m}: not a deit3-convert shard manifest")
+    return manifest
+
+
+def classes_of(path: str | os.PathLike) -> list[str] | None:
+    """The class list (label order) of a .beton (from its report) or a shard set (from its manifest); None if
+    there is no report."""
+    if manifest_path(path) is not None and Path(path).suffix != ".beton":
+        return list(read_manifest(path)["classes"])
+    report = Path(str(path) + ".json")
+    try:
+        classes = json.loads(report.read_text()).get("classes")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return list(classes) if isinstance(classes, list) else None
+
+
+class ShardSet:
+    """The shards of a manifest as one data set, with `Beton`'s reading methods over the global index."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.manifest = read_manifest(path)
+        self.folder = manifest_path(path).parent
+        self.path = str(self.folder)
+        entries = self.manifest["shards"]
+        self.files = [self.folder / e["file"] for e in entries]
+        for f, e in zip(self.files, entries):
+            if not f.exists():
+                raise BetonError(f"{f}: listed in {self.folder / MANIFEST} but missing; copy or convert it again")
+            if f.stat().st_size != e["bytes"]:
+                raise BetonError(f"{f}: {f.stat().st_size} bytes, the manifest says {e['bytes']}: an incomplete "
+                                 "copy? run deit3-fast stage again, or convert this shard again")
+        counts = np.array([e["num_samples"] for e in entries], np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(counts)])
+        self.num_samples = int(self.offsets[-1])
+        self.classes = list(self.manifest["classes"])
+        self.stores_raw = self.manifest.get("options", {}).get("write_mode", "jpg") != "jpg"
+        self._open: dict[int, Beton] = {}
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def shard(self, s: int) -> Beton:
+        if s not in self._open:
+            b = Beton(self.files[s])
+            if len(b) != self.offsets[s + 1] - self.offsets[s]:
+                raise BetonError(f"{self.files[s]}: {len(b)} samples, the manifest says "
+                                 f"{self.offsets[s + 1] - self.offsets[s]}; convert this shard again")
+            self._open[s] = b
+        return self._open[s]
+
+    def locate(self, i) -> tuple[np.ndarray, np.ndarray]:
+        """(shard, index in shard) of global sample indices."""
+        i = np.asarray(i, np.int64)
+        if i.size and (i.min() < 0 or i.max() >= self.num_samples):
+            raise IndexError(f"sample index out of range 0..{self.num_samples - 1}")
+        s = np.searchsorted(self.offsets, i, side="right") - 1
+        return s, i - self.offsets[s]
+
+    def _one(self, i: int) -> tuple[Beton, int]:
+        s, j = self.locate(int(i))
+        return self.shard(int(s)), int(j)
+
+    def image_row(self, i: int):
+        b, j = self._one(i)
+        return b.image_row(j)
+
+    def image_bytes(self, i: int) -> np.ndarray:
+        b, j = self._one(i)
+        return b.image_bytes(j)
+
+    def decode(self, i: int) -> np.ndarray:
+        b, j = self._one(i)
+        return b.decode(j)
+
+    def labels_at(self, idx) -> np.ndarray:
+        s, j = self.locate(idx)
+        out = np.empty(len(s), np.int64)
+        for shard in np.unique(s):
+            here = s == shard
+            out[here] = self.shard(int(shard)).labels_at(j[here])
+        return out
+
+    def has_raw_images(self) -> bool:
+        return self.stores_raw
+
+
+def open_samples(path: str | os.PathLike) -> Beton | ShardSet:
+    """A .beton or a shard set (folder or manifest.json), with the same reading methods."""
+    p = Path(path)
+    if p.is_dir() or p.name == MANIFEST:
+        return ShardSet(p)
+    return Beton(p)
+
+
+__all__ = ["IMAGE_MODE_RAW", "MANIFEST", "ShardSet", "classes_of", "open_samples", "read_manifest", "shard_name",
+           "sha256_of"]
