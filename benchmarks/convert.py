@@ -6,6 +6,9 @@ Runs alternate (ours, FFCV, ours, ...) so background load hits both alike; the m
 
     python benchmarks/convert.py                        # ../shared/data/imagenet-sample-1000.tar, x3 copies
     python benchmarks/convert.py --src /data/imagenet/val --copies 1 --workers 16
+    python benchmarks/convert.py --scaling      # ours alone: workers 1..cores x shards 1, 4 (img/s, per core)
+
+Both writers are FFCV-format; ours needs no FFCV (dataset_tools/writer.py), FFCV's baseline needs it installed.
 """
 from __future__ import annotations
 
@@ -23,13 +26,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import replicate, unpack_imagenet_sample  # noqa: E402
 
 
-def run_ours(src: Path, out: Path, args) -> float:
+def run_ours(src: Path, out: Path, args, workers: int | None = None, shards: int | None = None) -> float:
+    import shutil
+
     from dataset_tools.convert import convert
 
+    if out.is_dir():
+        shutil.rmtree(out)  # a shard folder from the last repeat would be verified and skipped, not rewritten
     t = time.perf_counter()
     convert(str(src), str(out), max_resolution=args.max_resolution, jpeg_quality=args.jpeg_quality,
-            workers=args.workers, show_progress=False)
+            workers=workers or args.workers, shards=shards, show_progress=False)
     return time.perf_counter() - t
+
+
+def scaling(src: Path, tmp: Path, n: int, args) -> dict:
+    """Ours alone: img/s for each worker count (1, 2, 4, ... up to the cores) with 1 file and with 4 shards."""
+    cores = len(os.sched_getaffinity(0))
+    counts = sorted({1, cores, *[2**k for k in range(1, 8) if 2**k < cores]})
+    run_ours(src, tmp / "warm.beton", args, workers=cores)
+    rows = []
+    for workers in counts:
+        for shards in (None, 4):
+            secs = statistics.median(run_ours(src, tmp / ("s" if shards else "s.beton"), args, workers, shards)
+                                     for _ in range(args.repeats))
+            rows.append({"workers": workers, "shards": shards or 1, "images_per_s": round(n / secs, 1),
+                         "per_worker": round(n / secs / workers, 1)})
+            print(rows[-1], flush=True)
+    return {"images": n, "cores": cores, "rows": rows}
 
 
 def run_ffcv(src: Path, out: Path, args) -> float:
@@ -54,7 +77,15 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--max-resolution", type=int, default=256)
     p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--scaling", action="store_true", help="ours alone over worker counts and shard counts")
     args = p.parse_args()
+    if args.scaling:
+        with tempfile.TemporaryDirectory(prefix="bench_convert_") as tmp:
+            tmp = Path(tmp)
+            src = args.src or unpack_imagenet_sample(tmp / "x")
+            n = replicate(src, tmp / "src", args.copies)
+            print(json.dumps(scaling(tmp / "src", tmp, n, args), indent=1))
+        return
 
     with tempfile.TemporaryDirectory(prefix="bench_convert_") as tmp:
         tmp = Path(tmp)

@@ -112,6 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--no-mix", action="store_true", help="show the samples before mixup/cutmix")
     v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
 
+    st = sub.add_parser("stage", help="copy a shard set or .beton to node-local disk, verified and resumable",
+                        description="Copies SRC (a shard folder, its manifest.json, or a .beton) into the folder "
+                        "DEST, each file atomically and checked against the manifest's sha256 as it is copied; files "
+                        "already staged are skipped, the manifest goes last. data.stage_to does the same at job "
+                        "start, once per node.")
+    st.add_argument("src", metavar="SRC")
+    st.add_argument("dest", metavar="DEST")
+    st.add_argument("--merge", action="store_true",
+                    help="write a shard set into one DEST/merged.beton (for the ffcv engine, which reads one file)")
+    st.add_argument("--quiet", action="store_true", help="no progress bar")
+
     a = sub.add_parser("ablate", help="run a grid of recipe variants on short schedules and tabulate them",
                        description="Runs every variant of a grid file (a base config, override sets and/or a "
                        "product over config keys) one after another, or each as a submitit job with --submit; skips "
@@ -273,6 +284,26 @@ def _preview(args) -> int:
     return 0
 
 
+def _stage(args) -> int:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    from dataset_tools.beton import BetonError
+    from dataset_tools.stage import stage
+    from pipelines import DataError
+
+    with Progress(TextColumn("[bold]staging[/]"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  disable=args.quiet, transient=True) as progress:
+        task = progress.add_task("stage", total=None)
+        try:
+            where = stage(args.src, args.dest, progress=lambda n: progress.advance(task, n), merge_shards=args.merge)
+        except BetonError as e:
+            raise DataError(str(e)) from None
+        except OSError as e:
+            raise DataError(f"staging into {args.dest} failed: {e.strerror or e}") from None
+    print(json.dumps({"staged": str(where), "use": f"data.train: {where}"}))
+    return 0
+
+
 def _quickstart(args) -> int:
     from .quickstart import run_quickstart
 
@@ -287,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     from .trainer import ConfigMismatch, OutOfMemory, Preempted, TrainingDiverged
 
     commands = {"train": _train, "eval": _eval, "preview": _preview, "submit": _submit, "profile": _profile,
-                "ablate": ablate.run_grid, "doctor": _doctor, "quickstart": _quickstart}
+                "ablate": ablate.run_grid, "doctor": _doctor, "quickstart": _quickstart, "stage": _stage}
     try:
         return commands[args.command](args)
     except (ConfigError, DataError, CheckpointError, ConfigMismatch, OutOfMemory, DeviceError,

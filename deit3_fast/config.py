@@ -218,7 +218,8 @@ def apply_override(tree: dict, assignment: str) -> None:
 
 # Keys that may differ between a run dir's config and the current one without changing what is computed: where the
 # data lives, how many decode threads, how often the loss is logged.
-NO_EFFECT_KEYS = frozenset({"data.train", "data.val", "data.workers", "data.os_cache", "train.log_every"})
+NO_EFFECT_KEYS = frozenset({"data.train", "data.val", "data.stage_to", "data.workers", "data.os_cache",
+                            "train.log_every"})
 
 
 def differences(a: dict, b: dict, prefix: str = "") -> list[str]:

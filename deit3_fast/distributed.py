@@ -65,3 +65,8 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if world() > 1:
         dist.barrier()
+
+
+def local_rank() -> int:
+    """This process's index on its node (torchrun's and submitit's LOCAL_RANK)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))

@@ -117,6 +117,31 @@ def make_loader(cfg: Config, split: str, device: torch.device, *, amp: str | Non
                         dtype=AMP_DTYPES[amp], compile=cfg.train.compile)
 
 
+def stage_data(cfg: Config) -> Config:
+    """With data.stage_to, copy the splits to that node-local folder (the node's first process does, verifying
+    checksums and skipping what is there; the others wait) and read them from there. For the ffcv engine, which
+    reads one file, a shard set is merged into one .beton on the way."""
+    if not cfg.data.stage_to:
+        return cfg
+    from dataset_tools.beton import BetonError
+    from dataset_tools.stage import stage, staged_location
+
+    paths = {}
+    for split in ("train", "val"):
+        src = getattr(cfg.data, split)
+        if src:
+            dest = Path(cfg.data.stage_to) / split
+            try:
+                merge = cfg.data.engine == "ffcv"
+                paths[split] = str(stage(src, dest, merge_shards=merge) if dist.local_rank() == 0
+                                   else staged_location(src, dest, merge))
+            except (BetonError, OSError) as e:
+                raise DataError(f"data.stage_to: staging data.{split} into {dest} failed: "
+                                f"{e.strerror if isinstance(e, OSError) and e.strerror else e}") from None
+    dist.barrier()
+    return replace(cfg, data=replace(cfg.data, **paths))
+
+
 def build(cfg: Config, device: torch.device) -> Run:
     cfg = resolve_num_classes(cfg)
     torch.manual_seed(cfg.train.seed)  # the same init on every rank (DDP also broadcasts rank 0's)
@@ -313,7 +338,7 @@ def train(cfg: Config, out_dir: str | Path, device: torch.device, resume: str | 
     schedule still spans schedule.epochs), as a time limit or preemption would. With `handle_sigterm`, SIGTERM
     stops at the next step boundary, writes a checkpoint of that position and raises `Preempted`."""
     previous, stop = None, StopFlag()
-    cfg = resolve_num_classes(cfg)  # the run dir's config.yaml records the number, not "auto"
+    cfg = resolve_num_classes(stage_data(cfg))  # config.yaml records the class count, not "auto"
     try:
         if handle_sigterm and threading.current_thread() is threading.main_thread():
             def on_sigterm(signum, frame):

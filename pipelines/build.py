@@ -81,8 +81,9 @@ def build_loader(data: DataConfig, aug: AugConfig, split: str, *, num_classes: i
     path = data.train if train else data.val
     n = _check_beton(path, split, num_classes)
     if data.engine == "ffcv" and (os.path.isdir(path) or os.path.basename(path) == "manifest.json"):
-        raise DataError(f"{path} is a shard set; FFCV's loader reads one file: use data.engine: nvjpeg or dali "
-                        "(they read shard sets over the same global index), or convert without --shards")
+        raise DataError(f"{path} is a shard set; FFCV's loader reads one file: set data.stage_to (a node-local "
+                        "folder: the shards are merged there at job start), or use data.engine: nvjpeg or dali "
+                        "(they read shard sets as they are)")
     if rank is None or world is None:
         rank, world = dist_rank_world()
     try:

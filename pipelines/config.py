@@ -13,8 +13,9 @@ CROPS = ("rrc", "src")
 
 @dataclass
 class DataConfig:
-    train: str | None = None          # .beton written by deit3-convert
+    train: str | None = None          # a .beton or shard folder written by deit3-convert
     val: str | None = None
+    stage_to: str | None = None       # node-local folder: copy train/val there at job start (once per node)
     engine: str = "ffcv"              # ffcv | dali | nvjpeg
     batch_size: int = 256             # per process; global = batch_size x world x accumulation
     eval_batch_size: int | None = None  # default: 1.5 x batch_size, as upstream

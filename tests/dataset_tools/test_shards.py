@@ -224,7 +224,7 @@ def test_ffcv_engine_and_broken_shard_sets_are_one_clear_message(sharded, tmp_pa
 
     from pipelines.build import DataError
 
-    with pytest.raises(DataError, match="shard set; FFCV's loader reads one file: use data.engine: nvjpeg or dali"):
+    with pytest.raises(DataError, match="shard set; FFCV's loader reads one file: set data.stage_to"):
         plain_loader("train", **{"data.train": sharded, "data.engine": "ffcv", "model.num_classes": 4})
     copy = tmp_path / "copy"
     shutil.copytree(sharded, copy)
@@ -312,3 +312,64 @@ def test_local_executor_runs_one_task_per_shard_and_the_holdout(tree, tmp_path):
                        "--workers", "4"]) == ["s", "o", "--shards", "2", "--workers", "4"]
     r = run_cli(tree, out, "--shards", "2", "--submit", "--local")
     assert r.returncode == 2 and "not both" in r.stderr
+
+
+def test_stage_copies_verifies_and_resumes(sharded, tmp_path):
+    from dataset_tools.stage import stage
+
+    dest = tmp_path / "local"
+    assert stage(sharded, dest) == dest
+    staged = ShardSet(dest)
+    assert _digests(staged) == _digests(ShardSet(sharded)) and classes_of(dest) == classes_of(sharded)
+    stamps = {p.name: p.stat().st_mtime_ns for p in dest.iterdir()}
+    (dest / shard_name(0, 3)).unlink()  # one file lost (or a copy killed half-way: the atomic write left nothing)
+    stage(sharded, dest)  # only that file is copied again
+    now = {p.name: p.stat().st_mtime_ns for p in dest.iterdir()}
+    assert sorted(n for n in now if now[n] != stamps.get(n)) == sorted(
+        [shard_name(0, 3), ".staged.json", "manifest.json"])
+    # A source shard whose bytes are not the manifest's is refused, and nothing of it is left at the destination.
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(sharded, bad)
+    victim = bad / shard_name(1, 3)
+    data = bytearray(victim.read_bytes())
+    data[100] ^= 1
+    victim.write_bytes(bytes(data))
+    with pytest.raises(BetonError, match="sha256 differs from the manifest's"):
+        stage(bad, tmp_path / "local_bad")
+    assert not (tmp_path / "local_bad" / shard_name(1, 3)).exists()
+    assert not (tmp_path / "local_bad" / "manifest.json").exists()
+    r = subprocess.run([sys.executable, "-m", "deit3_fast", "stage", str(bad), str(tmp_path / "x"), "--quiet"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "sha256 differs" in r.stderr
+
+
+@pytest.mark.parametrize("engine", ["nvjpeg", "ffcv"])
+def test_training_with_stage_to_reads_the_staged_copy(sharded, single, tmp_path, engine):
+    """data.stage_to: the run stages both splits at its start and reads them from there (config.yaml says so); for
+    the ffcv engine, which reads one file, the shard set is merged into one .beton on the way."""
+    import yaml
+
+    from deit3_fast import cli
+
+    if engine == "ffcv":
+        pytest.importorskip("ffcv")
+    out, local = tmp_path / "run", tmp_path / "node_local"
+    sets = {"model.num_classes": "auto", "data.batch_size": 8, "train.global_batch": 8, "schedule.epochs": 1,
+            "schedule.warmup_epochs": 0, "data.workers": 1, "data.engine": engine, "data.repeats": 1,
+            "data.stage_to": str(local)}
+    args = ["train", "--cfg", "quickstart", "--data-train", str(sharded), "--data-val", str(single), "--out", str(out),
+            "--quiet", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
+    assert cli.main(args) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    train = local / "train" / ("merged.beton" if engine == "ffcv" else "")
+    assert saved["data"]["train"] == str(train) and saved["data"]["val"] == str(local / "val" / "all.beton")
+    assert saved["model"]["num_classes"] == 4 and (local / "val" / "all.beton.json").exists()
+    if engine == "ffcv":  # the merge is the shard set's samples in global order
+        merged, shards = Beton(train), ShardSet(sharded)
+        assert [bytes(merged.image_bytes(i)) for i in range(len(merged))] == \
+            [bytes(shards.image_bytes(i)) for i in range(len(shards))]
+        assert merged.labels().tolist() == shards.labels_at(np.arange(len(shards))).tolist()
+    else:
+        assert (local / "train" / "manifest.json").exists()

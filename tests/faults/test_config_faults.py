@@ -121,6 +121,6 @@ def test_missing_data_path(what, data, tmp_path, capsys):
     fragment = {"train_unset": "no train data: set data.train",
                 "train_missing": f"{tmp_path / 'absent.beton'}: cannot open (No such file or directory)",
                 "val_missing": f"{tmp_path / 'absent_val.beton'}: cannot open (No such file or directory)",
-                "train_is_folder": f"{tmp_path}: cannot open"}[what]
+                "train_is_folder": f"{tmp_path}: a folder without manifest.json, so not a .beton or a shard set"}[what]
     assert fragment in line
     assert not any((tmp_path / "run").glob("checkpoint*")) and not (tmp_path / "run" / "metrics.jsonl").exists()
