@@ -13,12 +13,9 @@ import os
 import signal
 import sys
 import time
-from collections import Counter
 from contextlib import ExitStack
-from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 
-import numpy as np
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
@@ -28,7 +25,8 @@ from rich.text import Text
 from .atomic import AtomicOutput, check_writable, write_text_atomic
 from .errors import ConversionError, SourceError
 from .imagefolder import read_class_list, scan_imagefolder, split_holdout
-from .shards import FORMAT, MANIFEST, sha256_of, shard_name
+from .report import merged_report, part_report
+from .shards import FORMAT, MANIFEST, sha256_of, shard_name, write_manifest
 
 PROG = "deit3-convert"
 
@@ -56,53 +54,12 @@ class _Rate(ProgressColumn):
         return Text(f"{task.speed:,.0f} img/s" if task.speed else "– img/s", style="cyan")
 
 
-def _stats(values: np.ndarray) -> dict:
-    if not len(values):
-        return {}
-    return {"min": int(values.min()), "median": float(np.median(values)), "mean": round(float(values.mean()), 1),
-            "max": int(values.max())}
-
-
 def _fingerprint(options: dict, samples: list[tuple[str, int]], part: list[int], src: str) -> str:
     """What a part's bytes depend on: the options that change stored pixels and its (file, label) list."""
     content = {k: options[k] for k in ("max_resolution", "short_side", "jpeg_quality", "write_mode",
                                        "compress_probability", "seed", "page_size")}
     listing = [(os.path.relpath(samples[i][0], src), samples[i][1]) for i in part]
     return hashlib.sha256(json.dumps([content, listing]).encode()).hexdigest()
-
-
-def _part_report(src: str, out: str, scan, part: list[int], result, options: dict, fingerprint: str,
-                 elapsed: float, *, main: bool) -> dict:
-    """The report beside one output file. Facts about the whole source tree (files skipped while walking it, files
-    outside class folders, files found per class) go to the main output's report only: the single .beton, or the
-    manifest of a shard set."""
-    from .writer import MODES
-
-    labels = np.array([scan.samples[i][1] for i in result.source_info[:, 0]], dtype=np.int64)
-    counts = np.bincount(labels, minlength=len(scan.classes))
-    rel = lambda p: os.path.relpath(p, src)  # noqa: E731
-    modes = np.bincount(result.source_info[:, 3], minlength=len(MODES))
-    skipped = [{"path": rel(scan.samples[i][0]), "reason": r} for i, r in result.skipped]
-    if main:
-        skipped += [{"path": rel(p), "reason": r} for p, r in scan.problems]
-    return {
-        "tool": PROG, "version": _version("deit3-fast"),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": os.path.abspath(src), "output": os.path.abspath(out), "output_bytes": result.file_bytes,
-        "sha256": result.sha256, "plan": fingerprint, "options": options,
-        "num_written": result.num_written, "num_candidates": len(part), "num_skipped": len(skipped),
-        "classes": scan.classes, "class_counts": counts.tolist(),
-        "files_found_per_class": scan.candidates_per_class if main else None,
-        "empty_classes": [c for c, n in zip(scan.classes, counts) if n == 0],
-        "skipped": skipped,
-        "ignored_outside_class_folders": [rel(p) for p in scan.outside_classes] if main else [],
-        "converted_to_rgb": {m: int(n) for m, n in zip(MODES, modes) if n and m != "RGB"},
-        "source_size": {"width": _stats(result.source_info[:, 1]), "height": _stats(result.source_info[:, 2])},
-        "stored_size": {"width": _stats(result.stored_hw[:, 1]), "height": _stats(result.stored_hw[:, 0])},
-        "mean_stored_image_bytes": round(float(result.stored_bytes.mean()), 1) if len(result.stored_bytes) else 0,
-        "elapsed_s": round(elapsed, 3),
-        "images_per_s": round(result.num_written / elapsed, 1) if elapsed else 0.0,
-    }
 
 
 def _complete(path: str, fingerprint: str) -> dict | None:
@@ -203,7 +160,7 @@ def convert(src: str, out: str, *, max_resolution: int | None = None, short_side
             elapsed = time.perf_counter() - started
             for t, k, r in zip(targets, todo, results):
                 r.sha256 = sha256_of(t.path)
-                reports[k] = _part_report(src, paths[k], scan, parts[k], r, options, prints[k], elapsed,
+                reports[k] = part_report(src, paths[k], scan, parts[k], r, options, prints[k], elapsed,
                                           main=k == main_k)
             # The reports first, then the files: a full disk at a report must not leave a .beton without one.
             written = []
@@ -242,19 +199,9 @@ def _check_folder_output(out: str) -> str | None:
     return None
 
 
-def _merge_stats(stats: list[dict]) -> dict:
-    """min, count-weighted mean and max of per-shard statistics (medians do not merge: not reported)."""
-    stats = [(s, n) for s, n in stats if s]
-    if not stats:
-        return {}
-    total = sum(n for _, n in stats)
-    return {"min": min(s["min"] for s, _ in stats), "mean": round(sum(s["mean"] * n for s, n in stats) / total, 1),
-            "max": max(s["max"] for s, _ in stats)}
-
-
 def _finish_manifest(src, out, scan, paths, prints, has_holdout, options, started, fresh: dict) -> dict:
     """Write OUT/manifest.json if every part is complete (this run's, or an earlier one's of the same plan);
-    otherwise return what is done so far. The merged report sums the shards' and adds the source-tree facts."""
+    otherwise return what is done so far."""
     reports = {}
     for k, path in enumerate(paths):
         if k in fresh:
@@ -269,48 +216,19 @@ def _finish_manifest(src, out, scan, paths, prints, has_holdout, options, starte
             r = None
         reports[k] = r
     missing = [k for k, r in reports.items() if r is None]
-    if not missing and not sum(reports[k]["num_written"] for k in range(len(paths))):
-        raise SourceError(f"no readable images in {src}: every file was skipped (see the shard reports in {out})")
-    shard_ks = range(len(paths) - (1 if has_holdout else 0))
     elapsed = time.perf_counter() - started
     if missing:
         return {"complete": False, "missing": missing, "written": sorted(fresh), "output": os.path.abspath(out),
                 "tasks": len(paths), "elapsed_s": round(elapsed, 3)}
-    shard_reports = [reports[k] for k in shard_ks]
-    rel = lambda p: os.path.relpath(p, src)  # noqa: E731
-    n = [r["num_written"] for r in shard_reports]
-    merged = {
-        "tool": PROG, "version": _version("deit3-fast"),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": os.path.abspath(src), "output": os.path.abspath(out),
-        "output_bytes": sum(r["output_bytes"] for r in shard_reports), "options": options,
-        "num_written": sum(n), "num_candidates": sum(r["num_candidates"] for r in shard_reports),
-        "classes": scan.classes,
-        "class_counts": np.sum([r["class_counts"] for r in shard_reports], axis=0).astype(int).tolist(),
-        "files_found_per_class": scan.candidates_per_class,
-        "skipped": [s for r in shard_reports for s in r["skipped"]]
-                   + [{"path": rel(p), "reason": why} for p, why in scan.problems],
-        "ignored_outside_class_folders": [rel(p) for p in scan.outside_classes],
-        "converted_to_rgb": dict(sum((Counter(r["converted_to_rgb"]) for r in shard_reports), Counter())),
-        "source_size": {d: _merge_stats([(r["source_size"][d], m) for r, m in zip(shard_reports, n)])
-                        for d in ("width", "height")},
-        "stored_size": {d: _merge_stats([(r["stored_size"][d], m) for r, m in zip(shard_reports, n)])
-                        for d in ("width", "height")},
-        "mean_stored_image_bytes": round(sum(r["mean_stored_image_bytes"] * m for r, m in zip(shard_reports, n))
-                                         / max(1, sum(n)), 1),
-        "elapsed_s": round(elapsed, 3),
-        "images_per_s": round(sum(fresh[k]["num_written"] for k in fresh) / elapsed, 1) if elapsed else 0.0,
-    }
-    merged["num_skipped"] = len(merged["skipped"])
-    merged["empty_classes"] = [c for c, m in zip(scan.classes, merged["class_counts"]) if m == 0]
+    if not sum(r["num_written"] for r in reports.values()):
+        raise SourceError(f"no readable images in {src}: every file was skipped (see the shard reports in {out})")
+    shard_reports = [reports[k] for k in range(len(paths) - (1 if has_holdout else 0))]
+    merged = merged_report(src, out, scan, shard_reports, options, elapsed,
+                           sum(fresh[k]["num_written"] for k in fresh))
     entry = lambda k: {"file": os.path.basename(paths[k]), "num_samples": reports[k]["num_written"],  # noqa: E731
                        "bytes": reports[k]["output_bytes"], "sha256": reports[k]["sha256"]}
-    manifest = {"format": FORMAT, "version": 1, "classes": scan.classes, "num_classes": len(scan.classes),
-                "num_samples": sum(n), "shards": [entry(k) for k in shard_ks],
-                "holdout": entry(len(paths) - 1) if has_holdout else None,
-                "options": options, "report": merged}
-    write_text_atomic(os.path.join(out, MANIFEST), json.dumps(manifest, indent=1) + "\n")
-    return manifest
+    return write_manifest(out, scan.classes, [entry(k) for k in range(len(shard_reports))],
+                          entry(len(paths) - 1) if has_holdout else None, options, merged)
 
 
 def print_summary(report: dict, console: Console, shards: int | None = None) -> None:

@@ -70,6 +70,19 @@ def read_manifest(path: str | os.PathLike) -> dict:
     return manifest
 
 
+def write_manifest(folder: str | os.PathLike, classes: list[str], shards: list[dict], holdout: dict | None,
+                   options: dict, report: dict) -> dict:
+    """Write FOLDER/manifest.json (atomically); `shards` and `holdout` are {"file", "num_samples", "bytes",
+    "sha256"} entries. Returns the manifest."""
+    from .atomic import write_text_atomic
+
+    manifest = {"format": FORMAT, "version": 1, "classes": classes, "num_classes": len(classes),
+                "num_samples": sum(e["num_samples"] for e in shards), "shards": shards, "holdout": holdout,
+                "options": options, "report": report}
+    write_text_atomic(Path(folder) / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
 def classes_of(path: str | os.PathLike) -> list[str] | None:
     """The class list (label order) of a .beton (from its report) or a shard set (from its manifest); None if
     there is no report."""
@@ -162,4 +175,4 @@ def open_samples(path: str | os.PathLike) -> Beton | ShardSet:
 
 
 __all__ = ["IMAGE_MODE_RAW", "MANIFEST", "ShardSet", "classes_of", "open_samples", "read_manifest", "shard_name",
-           "sha256_of"]
+           "sha256_of", "write_manifest"]

@@ -150,3 +150,18 @@ def staged_location(src: str | os.PathLike, dest: str | os.PathLike, merge_shard
     if _is_set(src):
         return Path(dest) / "merged.beton" if merge_shards else Path(dest)
     return Path(dest) / src.name
+
+
+def stage_splits(splits: dict[str, str], stage_to: str | os.PathLike, *, merge_shards: bool, copy: bool) -> dict:
+    """`data.stage_to` for a run: {split: path to read from}, each split staged into STAGE_TO/<split>. Only the
+    node's first process copies (`copy`); the others get the same paths and wait for it at a barrier."""
+    out = {}
+    for split, src in splits.items():
+        dest = Path(stage_to) / split
+        try:
+            out[split] = str(stage(src, dest, merge_shards=merge_shards) if copy
+                             else staged_location(src, dest, merge_shards))
+        except (BetonError, OSError) as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else e
+            raise BetonError(f"data.stage_to: staging data.{split} into {dest} failed: {why}") from None
+    return out

@@ -64,7 +64,8 @@ def versions() -> list[Check]:
     else:
         driver = _driver_version()
         out.append(Check("CUDA", INFO, f"runtime {torch.version.cuda}, driver {driver or 'not found'}"))
-    optional = {"ffcv": ("the ffcv engine needs it; deit3-convert and the other engines do not", "pip install -e '.[ffcv]'"),
+    optional = {"ffcv": ("the ffcv engine needs it; deit3-convert and the other engines do not",
+                         "pip install -e '.[ffcv]'"),
                 "nvidia.dali": ("the dali engine needs it", "pip install -e '.[dali]'"),
                 "submitit": ("deit3-fast submit and ablate --submit (Slurm) need it", "pip install submitit")}
     for module in ("torchvision", "timm", "numpy", "numba", "ffcv", "nvidia.dali", "submitit"):

@@ -118,26 +118,20 @@ def make_loader(cfg: Config, split: str, device: torch.device, *, amp: str | Non
 
 
 def stage_data(cfg: Config) -> Config:
-    """With data.stage_to, copy the splits to that node-local folder (the node's first process does, verifying
-    checksums and skipping what is there; the others wait) and read them from there. For the ffcv engine, which
-    reads one file, a shard set is merged into one .beton on the way."""
+    """With data.stage_to, read the splits from node-local copies (dataset_tools.stage: the node's first process
+    copies, verifying checksums and skipping what is there, while the others wait; the ffcv engine, which reads one
+    file, gets a shard set merged into one .beton)."""
     if not cfg.data.stage_to:
         return cfg
     from dataset_tools.beton import BetonError
-    from dataset_tools.stage import stage, staged_location
+    from dataset_tools.stage import stage_splits
 
-    paths = {}
-    for split in ("train", "val"):
-        src = getattr(cfg.data, split)
-        if src:
-            dest = Path(cfg.data.stage_to) / split
-            try:
-                merge = cfg.data.engine == "ffcv"
-                paths[split] = str(stage(src, dest, merge_shards=merge) if dist.local_rank() == 0
-                                   else staged_location(src, dest, merge))
-            except (BetonError, OSError) as e:
-                raise DataError(f"data.stage_to: staging data.{split} into {dest} failed: "
-                                f"{e.strerror if isinstance(e, OSError) and e.strerror else e}") from None
+    splits = {k: getattr(cfg.data, k) for k in ("train", "val") if getattr(cfg.data, k)}
+    try:
+        paths = stage_splits(splits, cfg.data.stage_to, merge_shards=cfg.data.engine == "ffcv",
+                             copy=dist.local_rank() == 0)
+    except BetonError as e:
+        raise DataError(str(e)) from None
     dist.barrier()
     return replace(cfg, data=replace(cfg.data, **paths))
 

@@ -7,8 +7,8 @@
 #   lamb.log               our LAMB (eager, compiled) vs timm's on ViT-B's parameters
 #   summary.json           each step's exit status and seconds
 #
-#   scripts/gpu-check.sh --prepare      # here, where ffcv is installed: write .gpu-check/data (the .beton files a
-#                                       # GPU machine without ffcv cannot write; ~30 MB, carried to it)
+#   scripts/gpu-check.sh --prepare      # write .gpu-check/data: the test .beton files and the ImageNet sample's
+#                                       # (~30 MB; needs ../shared/data, not ffcv); carry it to the GPU machine
 #   scripts/gpu-check.sh OUT_DIR [check|bench|all]   # on the GPU machine; `all` (default) is about 7 minutes on
 #                                       # one H200. A lent machine's calls are limited to 10 minutes each: there,
 #                                       # run `check` (doctor + pytest, <= 9 min) and `bench` (<= 8 min) as two calls
@@ -58,8 +58,8 @@ case "$GROUP" in check) RUN_STEPS="doctor pytest_cuda" ;; bench) RUN_STEPS="comp
   *) echo "gpu-check: unknown step group '$GROUP' (check, bench or all)" >&2; exit 2 ;; esac
 mkdir -p "$OUT"
 for f in train.beton val.beton raw.beton imagenet.beton; do
-  [ -f "$DATA/$f" ] || { echo "gpu-check: $DATA/$f is missing: run scripts/gpu-check.sh --prepare where ffcv is" \
-                              "installed and bring .gpu-check/ along" >&2; exit 2; }
+  [ -f "$DATA/$f" ] || { echo "gpu-check: $DATA/$f is missing: run scripts/gpu-check.sh --prepare where" \
+                              "../shared/data is (deit3-convert needs no ffcv) and bring .gpu-check/ along" >&2; exit 2; }
 done
 if [ -n "${GPU_CHECK_QUICK:-}" ]; then
   DOCTOR_STEPS=2; ROWS="deit3_nano@32"; BATCH=16; STEPS=2; LAMB_MODEL=deit3_micro; LAMB_STEPS=2; DEVICE=cpu

@@ -373,3 +373,32 @@ def test_training_with_stage_to_reads_the_staged_copy(sharded, single, tmp_path,
         assert merged.labels().tolist() == shards.labels_at(np.arange(len(shards))).tolist()
     else:
         assert (local / "train" / "manifest.json").exists()
+
+
+def test_submit_sends_one_array_task_per_shard(tree, tmp_path, monkeypatch, capsys):
+    """--submit: the Slurm path (map_array of ShardTask over the task indices, the sbatch options set) run through
+    submitit's local cluster instead of Slurm; the tasks write the shards and the last one the manifest."""
+    import time
+
+    submitit = pytest.importorskip("submitit")
+    from dataset_tools.convert import main
+
+    real, seen = submitit.AutoExecutor, {}
+
+    def local_instead_of_slurm(folder, cluster=None):
+        seen["cluster"] = cluster
+        executor = real(folder=folder, cluster="local")
+        update = executor.update_parameters
+        executor.update_parameters = lambda **kw: (seen.update(kw), update(**kw))
+        return executor
+
+    monkeypatch.setattr(submitit, "AutoExecutor", local_instead_of_slurm)
+    out = tmp_path / "train"
+    assert main([str(tree), str(out), "--shards", "3", "--submit", "--partition", "cpu", "--workers", "1",
+                 "--array-parallelism", "3"]) == 0
+    assert "submitted 3 shard task(s) as a job array" in capsys.readouterr().out
+    assert seen["cluster"] is None and seen["slurm_partition"] == "cpu" and seen["slurm_array_parallelism"] == 3
+    deadline = time.time() + 300
+    while not (out / "manifest.json").exists() and time.time() < deadline:
+        time.sleep(0.5)
+    assert len(ShardSet(out)) == 24
