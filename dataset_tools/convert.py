@@ -366,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     out_console, err_console = Console(), Console(stderr=True)
+    previous = None
     try:
         _check_args(args)
         if args.inspect is not None:
@@ -377,8 +378,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print_inspection(info, out_console)
             return 0 if info["decode_failures"] == 0 else 2
-        # SIGTERM (kill, Slurm, timeout) unwinds like Ctrl-C, so the partial output is removed.
-        signal.signal(signal.SIGTERM, _terminate)
+        # SIGTERM (kill, Slurm, timeout) unwinds like Ctrl-C, so the partial output is removed. Restored on return:
+        # main() is also called in-process (a submitit shard task, tests).
+        previous = signal.signal(signal.SIGTERM, _terminate)
         if args.submit or args.local:
             from .convert_jobs import submit_shards
 
@@ -406,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
