@@ -26,7 +26,7 @@ from .atomic import AtomicOutput, check_writable, write_text_atomic
 from .errors import ConversionError, SourceError
 from .imagefolder import read_class_list, scan_imagefolder, split_holdout
 from .report import merged_report, part_report
-from .shards import FORMAT, MANIFEST, sha256_of, shard_name, write_manifest
+from .shards import FORMAT, MANIFEST, SOURCES, sha256_of, shard_name, write_manifest
 
 PROG = "deit3-convert"
 
@@ -96,7 +96,8 @@ def convert(src: str, out: str, *, max_resolution: int | None = None, short_side
             jpeg_quality: int = 90, write_mode: str = "jpg", compress_probability: float = 0.5,
             workers: int | None = None, max_per_class: int | None = None, fraction: float | None = None,
             seed: int = 0, classes_file: str | None = None, strict: bool = False, shards: int | None = None,
-            shard_index: int | None = None, holdout: int = 0, console: Console | None = None,
+            shard_index: int | None = None, holdout: int = 0, folder_labels: str = "names",
+            console: Console | None = None,
             show_progress: bool = True, page_size: int = 8 << 20) -> dict:
     """Convert and return the report (also written to OUT.json), or with `shards` the manifest (OUT/manifest.json,
     written once every shard is complete). Raises SourceError/ConversionError.
@@ -117,12 +118,14 @@ def convert(src: str, out: str, *, max_resolution: int | None = None, short_side
     if problem:
         raise SourceError(f"cannot write {out}: {problem}")
     classes = read_class_list(classes_file) if classes_file else None
-    scan = scan_imagefolder(src, classes, max_per_class=max_per_class, fraction=fraction, seed=seed)
+    scan = scan_imagefolder(src, classes, max_per_class=max_per_class, fraction=fraction, seed=seed,
+                            folder_labels=folder_labels)
     if not scan.samples:
         raise SourceError(f"no image files in {src} ({len(scan.classes)} class folder(s), all empty)")
     options = {"max_resolution": max_resolution, "short_side": short_side, "jpeg_quality": jpeg_quality,
                "write_mode": write_mode, "compress_probability": compress_probability, "workers": workers,
                "max_per_class": max_per_class, "fraction": fraction, "seed": seed, "classes_file": classes_file,
+               "folder_labels": folder_labels,
                "strict": strict, "shards": shards, "holdout": holdout, "page_size": page_size}
     paths, parts, has_holdout = _plan(scan, out, shards, holdout, seed)
     prints = [_fingerprint(options, scan.samples, p, src) for p in parts]
@@ -162,18 +165,23 @@ def convert(src: str, out: str, *, max_resolution: int | None = None, short_side
                 r.sha256 = sha256_of(t.path)
                 reports[k] = part_report(src, paths[k], scan, parts[k], r, options, prints[k], elapsed,
                                           main=k == main_k)
-            # The reports first, then the files: a full disk at a report must not leave a .beton without one.
+            # The sidecars first (the report, each sample's source file), then the files: a full disk at a report
+            # must not leave a .beton without one.
             written = []
             try:
-                for k in todo:
+                for k, r in zip(todo, results):
                     write_text_atomic(paths[k] + ".json", json.dumps(reports[k], indent=1) + "\n")
                     written.append(paths[k] + ".json")
+                    write_text_atomic(paths[k] + SOURCES, "".join(
+                        os.path.relpath(scan.samples[i][0], src) + "\n" for i in r.source_info[:, 0]))
+                    written.append(paths[k] + SOURCES)
                 for t in targets:
                     t.commit()
             except BaseException as e:
                 for t, k in zip(targets, todo):
-                    if not t.committed and paths[k] + ".json" in written:
-                        os.remove(paths[k] + ".json")
+                    for sidecar in (paths[k] + ".json", paths[k] + SOURCES):
+                        if not t.committed and sidecar in written:
+                            os.remove(sidecar)
                 if isinstance(e, OSError):
                     raise ConversionError(f"writing the report {e.filename or out} failed: {e.strerror or e}; "
                                           "nothing was written") from None
@@ -295,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for subsets and proportion mode (0)")
     p.add_argument("--classes", default=None, metavar="FILE",
                    help="class list to use for labels: another split's OUT.beton.json, or one name per line")
+    p.add_argument("--folder-labels", choices=["names", "index"], default="names",
+                   help="names: a folder's label is its place among the sorted names (or in --classes); index: the "
+                        "folder name is the label (ImageNet-V2's 0 ... 999)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad file instead of skipping it")
     p.add_argument("--shards", type=int, default=None, metavar="N",
                    help="write N shard files and manifest.json into the folder OUT (each holds every class in "
@@ -390,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
                          compress_probability=args.compress_probability, workers=args.workers,
                          max_per_class=args.max_per_class, fraction=args.fraction, seed=args.seed,
                          classes_file=args.classes, strict=args.strict, shards=args.shards,
-                         shard_index=args.shard_index, holdout=args.holdout, console=err_console,
+                         shard_index=args.shard_index, holdout=args.holdout, folder_labels=args.folder_labels,
+                         console=err_console,
                          show_progress=not args.quiet)
         if not args.quiet:
             if report.get("format") == FORMAT:

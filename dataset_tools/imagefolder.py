@@ -101,9 +101,42 @@ def _subset(files: list[str], label: int, max_per_class: int | None, fraction: f
     return sorted(order[:k])
 
 
+def _folders_by_label(src: str, found: list[str], classes: list[str] | None,
+                      folder_labels: str) -> tuple[list[str], dict[int, str]]:
+    """(class list, {label: folder name}). `names`: a folder's label is its name's place in the class list (sorted
+    names unless given). `index`: the folder's name is its label (ImageNet-V2's `0` ... `999`), so the class names
+    come from the given list or are the indices themselves."""
+    if folder_labels == "names":
+        if classes is None:
+            classes = found
+        else:
+            unknown = sorted(set(found) - set(classes))
+            if unknown:
+                shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+                raise SourceError(f"{len(unknown)} class folder(s) in {src} are not in the --classes list: {shown}")
+        present = set(found)
+        return classes, {label: name for label, name in enumerate(classes) if name in present}
+    by_label: dict[int, str] = {}
+    for name in found:
+        if not (name.isascii() and name.isdigit()):
+            raise SourceError(f"--folder-labels index: folder {name!r} in {src} is not a class index (folders must "
+                              "be named 0, 1, 2, ... as ImageNet-V2's are)")
+        label = int(name)
+        if label in by_label:
+            raise SourceError(f"--folder-labels index: folders {by_label[label]!r} and {name!r} in {src} are both "
+                              f"class {label}")
+        if classes is not None and label >= len(classes):
+            raise SourceError(f"--folder-labels index: folder {name!r} in {src} is class {label}, but the --classes "
+                              f"list has {len(classes)} classes (0..{len(classes) - 1})")
+        by_label[label] = name
+    if classes is None:
+        classes = [str(i) for i in range(max(by_label) + 1)] if by_label else []
+    return classes, by_label
+
+
 def scan_imagefolder(src: str | os.PathLike, classes: list[str] | None = None, *,
                      max_per_class: int | None = None, fraction: float | None = None,
-                     seed: int = 0) -> Scan:
+                     seed: int = 0, folder_labels: str = "names") -> Scan:
     src = os.fspath(src)
     if not os.path.isdir(src):
         what = "does not exist" if not os.path.exists(src) else "is not a folder"
@@ -114,22 +147,16 @@ def scan_imagefolder(src: str | os.PathLike, classes: list[str] | None = None, *
         raise SourceError(f"source folder {src} cannot be read: {e.strerror}") from None
     found = [e.name for e in entries if not e.name.startswith(".") and e.is_dir(follow_symlinks=True)]
     outside = [e.path for e in entries if not e.name.startswith(".") and not e.is_dir(follow_symlinks=True)]
-    if classes is None:
-        classes = found
-    else:
-        unknown = sorted(set(found) - set(classes))
-        if unknown:
-            shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
-            raise SourceError(f"{len(unknown)} class folder(s) in {src} are not in the --classes list: {shown}")
+    classes, folder_of = _folders_by_label(src, found, classes, folder_labels)
     if not classes:
         raise SourceError(f"no class folders in {src} (expected SRC/<class>/<image>, the ImageFolder layout)")
 
     problems: list[tuple[str, str]] = []
     samples: list[tuple[str, int]] = []
     per_class: list[int] = []
-    present = set(found)
-    for label, name in enumerate(classes):
-        files = _walk_files(os.path.join(src, name), problems) if name in present else []
+    for label in range(len(classes)):
+        folder = folder_of.get(label)
+        files = _walk_files(os.path.join(src, folder), problems) if folder is not None else []
         per_class.append(len(files))
         samples.extend((f, label) for f in _subset(files, label, max_per_class, fraction, seed))
     return Scan(classes, samples, per_class, problems, outside)

@@ -28,6 +28,7 @@ from .beton import IMAGE_MODE_RAW, Beton, BetonError
 
 MANIFEST = "manifest.json"
 FORMAT = "deit3-fast shards"
+SOURCES = ".sources.txt"  # beside each written file: each sample's source file, relative to SRC, in sample order
 
 
 def shard_name(index: int, count: int) -> str:
@@ -94,6 +95,23 @@ def classes_of(path: str | os.PathLike) -> list[str] | None:
     except (OSError, ValueError, AttributeError):
         return None
     return list(classes) if isinstance(classes, list) else None
+
+
+def source_names(path: str | os.PathLike) -> list[str] | None:
+    """Each sample's source file (relative to the converted folder), in sample order, of a .beton or a shard set
+    (global order); None when the files were written without the list."""
+    if manifest_path(path) is not None and Path(path).suffix != ".beton":
+        m = manifest_path(path)
+        files = [m.parent / e["file"] for e in read_manifest(path)["shards"]]
+    else:
+        files = [Path(path)]
+    names = []
+    for f in files:
+        try:
+            names += Path(str(f) + SOURCES).read_text().splitlines()
+        except OSError:
+            return None
+    return names
 
 
 class ShardSet:
@@ -175,4 +193,4 @@ def open_samples(path: str | os.PathLike) -> Beton | ShardSet:
 
 
 __all__ = ["IMAGE_MODE_RAW", "MANIFEST", "ShardSet", "classes_of", "open_samples", "read_manifest", "shard_name",
-           "sha256_of", "write_manifest"]
+           "sha256_of", "source_names", "write_manifest"]

@@ -22,7 +22,7 @@ import numpy as np
 
 from .atomic import write_atomic, write_text_atomic
 from .beton import BetonError
-from .shards import MANIFEST, manifest_path, read_manifest
+from .shards import MANIFEST, SOURCES, manifest_path, read_manifest, source_names
 
 _RECORD = ".staged.json"
 _CHUNK = 16 << 20
@@ -35,11 +35,13 @@ def _files(src: Path) -> tuple[Path, list[tuple[str, str | None]], str | None]:
         manifest = read_manifest(src)
         entries = manifest["shards"] + ([manifest["holdout"]] if manifest.get("holdout") else [])
         names = [(e["file"], e["sha256"]) for e in entries]
-        names += [(e["file"] + ".json", None) for e in entries if (m.parent / (e["file"] + ".json")).exists()]
+        names += [(e["file"] + side, None) for e in entries for side in (".json", SOURCES)
+                  if (m.parent / (e["file"] + side)).exists()]
         return m.parent, names, m.name
     if not src.is_file():
         raise BetonError(f"{src}: not a .beton, shard folder or manifest")
-    names = [(src.name, None)] + ([(src.name + ".json", None)] if Path(str(src) + ".json").exists() else [])
+    names = [(src.name, None)] + [(src.name + side, None) for side in (".json", SOURCES)
+                                  if Path(str(src) + side).exists()]
     return src.parent, names, None
 
 
@@ -101,6 +103,9 @@ def merge(src: str | os.PathLike, dest: str | os.PathLike, progress: Callable[[i
                 w.fp.close()
         report = {**shards.manifest["report"], "output": str(out), "output_bytes": size, "merged_from": of,
                   "num_written": len(shards), "classes": shards.classes}
+        names = source_names(src)
+        if names is not None:
+            write_text_atomic(str(out) + SOURCES, "".join(n + "\n" for n in names))
         write_text_atomic(report_path, json.dumps(report, indent=1) + "\n")
         target.commit()
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from pipelines.config import ENGINES
@@ -54,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", help="model name (overrides model.name; a timm name's resolution sets aug.img_size)")
     e.add_argument("--checkpoint", required=True, help="checkpoint-*.pt of a run, an official .pth or a timm file")
     e.add_argument("--ema", action="store_true", help="evaluate the EMA weights of a run checkpoint")
+    e.add_argument("--val", action="append", default=[], metavar="NAME=PATH",
+                   help="a named validation set (repeatable): in1k, v2, a / imagenet-a and r / imagenet-r (scored over "
+                        "their 200 classes), or any name; prints a table and JSON")
+    e.add_argument("--real", metavar="REAL_JSON",
+                   help="also score the IN-1k validation set (in1k, or --data-val) with ReaL's labels (real.json)")
+    e.add_argument("--save-predictions", metavar="FILE",
+                   help="write one JSON line per sample: set, index, source file, label, top-5")
 
     s = sub.add_parser("submit", help="train on Slurm through submitit (checkpoint + requeue on preemption)",
                        description="Submit a training job to Slurm with submitit: one task per GPU, rendezvous "
@@ -111,6 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--no-mix", action="store_true", help="show the samples before mixup/cutmix")
     v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+
+    z = sub.add_parser("zoo", help="the model-zoo table on this machine: params, GFLOPs, img/s, peak memory",
+                       description="For every DeiT III model at its resolutions: parameters and GFLOPs (multiply-adds, "
+                       "the paper's convention), checked against the official table, then inference throughput and "
+                       "peak memory (batch 256 with AMP on a GPU) next to the official V100 figures. On a CPU the "
+                       "counts are exact and the timings are CPU timings (batch 8).")
+    z.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    z.add_argument("--no-timing", action="store_true", help="counts only (seconds on any machine)")
+    z.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    z.add_argument("--batch", type=int, help="timing batch (256 on a GPU, 8 on a CPU)")
+    z.add_argument("--steps", type=int, default=10, help="timed batches per model on a GPU (10)")
 
     st = sub.add_parser("stage", help="copy a shard set or .beton to node-local disk, verified and resumable",
                         description="Copies SRC (a shard folder, its manifest.json, or a .beton) into the folder "
@@ -191,14 +210,27 @@ def _train(args) -> int:
 def _eval(args) -> int:
     import torch
 
+    from dataset_tools.shards import classes_of, source_names
+
     from .checkpoint import load
     from .device import resolve_amp
+    from .evalsets import EvalSet, class_mask, load_real, parse_sets, real_top1, save_predictions
     from .models import create_model, load_checkpoint
     from .trainer import evaluate, make_loader
 
     if not args.cfg and not args.model:
         raise ConfigError("eval needs --cfg RECIPE or --model NAME (or both)")
     cfg = resolve_num_classes(load_config(args.cfg, _overrides(args)))
+    sets = parse_sets(args.val)
+    if cfg.data.val and (not sets or args.data_val):
+        sets.insert(0, EvalSet("val", cfg.data.val))
+    if not sets:
+        raise ConfigError("nothing to evaluate: give --data-val PATH or --val NAME=PATH (repeatable)")
+    real = load_real(args.real) if args.real else None
+    real_set = next((s for s in sets if s.name in ("in1k", "val")), None)
+    if real is not None and real_set is None:
+        raise ConfigError("--real scores the ImageNet-1k validation set: name it in1k (--val in1k=PATH) or give "
+                          "--data-val")
     device = _device(args.device)
     model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, img_size=cfg.aug.img_size,
                          layer_scale_init=cfg.model.layer_scale_init)
@@ -211,10 +243,49 @@ def _eval(args) -> int:
         load_checkpoint(model, args.checkpoint)
     model = model.to(device).to(memory_format=torch.channels_last)
     amp = resolve_amp(cfg.train.amp, device)
-    result = evaluate(model, make_loader(cfg, "val", device, amp=amp), amp)
-    if dist.is_main():
-        print(json.dumps(result))
+    results, predictions = {}, []
+    keep = bool(args.real or args.save_predictions)
+    for s in sets:
+        sources = source_names(s.path) if keep else None
+        if sources is None and real is not None and s is real_set:
+            raise ConfigError(f"--real: {s.path} was converted without its list of source files (the .sources.txt "
+                              "beside it, which ReaL's labels are looked up by): convert it again")
+        set_cfg = replace(cfg, data=replace(cfg.data, val=s.path))
+        mask = class_mask(s.name, classes_of(s.path), cfg.model.num_classes)
+        ev = evaluate(model, make_loader(set_cfg, "val", device, amp=amp), amp, mask=mask, keep=keep)
+        results[s.name] = {"acc1": ev["acc1"], "acc5": ev["acc5"], "n": ev["n"]}
+        if mask is not None:
+            results[s.name]["classes"] = int(mask.sum())
+        if real is not None and s is real_set:
+            results["real"] = real_top1(ev["top5"][:, 0], [sources[i] for i in ev["index"]], real)
+        if args.save_predictions:
+            predictions += [{"set": s.name, "index": int(i), "source": sources[i] if sources else None,
+                             "label": int(y), "top5": [int(c) for c in t]}
+                            for i, y, t in zip(ev["index"], ev["label"], ev["top5"])]
+    if not dist.is_main():
+        return 0
+    if args.save_predictions:
+        save_predictions(args.save_predictions, predictions)
+    if len(results) == 1 and "val" in results:  # the plain form: one line, as before named sets existed
+        print(json.dumps(results["val"]))
+        return 0
+    _print_eval_table(results)
+    print(json.dumps({"sets": results}))
     return 0
+
+
+def _print_eval_table(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="evaluation", title_justify="left")
+    for col in ("set", "images", "top-1", "top-5", "scored over"):
+        t.add_column(col, justify="left" if col in ("set", "scored over") else "right")
+    for name, r in results.items():
+        over = "ReaL labels (images with none left out)" if name == "real" else (
+            f"{r['classes']} classes" if "classes" in r else "all classes")
+        t.add_row(name, f"{r['n']:,}", f"{r['acc1']:.2f}", f"{r['acc5']:.2f}" if "acc5" in r else "—", over)
+    Console(stderr=True).print(t)
 
 
 def _submit(args) -> int:
@@ -284,6 +355,18 @@ def _preview(args) -> int:
     return 0
 
 
+def _zoo(args) -> int:
+    from .device import pick_device
+    from .zoo import render, zoo
+
+    result = zoo(pick_device(args.device), timings=not args.no_timing, batch=args.batch, steps=max(1, args.steps))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        render(result)
+    return 0
+
+
 def _stage(args) -> int:
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
@@ -318,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     from .trainer import ConfigMismatch, OutOfMemory, Preempted, TrainingDiverged
 
     commands = {"train": _train, "eval": _eval, "preview": _preview, "submit": _submit, "profile": _profile,
-                "ablate": ablate.run_grid, "doctor": _doctor, "quickstart": _quickstart, "stage": _stage}
+                "ablate": ablate.run_grid, "doctor": _doctor, "quickstart": _quickstart, "stage": _stage,
+                "zoo": _zoo}
     try:
         return commands[args.command](args)
     except (ConfigError, DataError, CheckpointError, ConfigMismatch, OutOfMemory, DeviceError,

@@ -63,6 +63,8 @@ class TrainConfig:
     ema_decay: float | None = None
     seed: int = 0
     log_every: int = 50
+    extra_val: list[str] = field(default_factory=list)  # NAME=PATH sets also evaluated (v2, a, r, ...)
+    extra_val_every: int = 0        # epochs between their evaluations; 0: the last epoch only
 
 
 @dataclass
@@ -103,6 +105,10 @@ def _coerce(value, tp, where: str):
             except ConfigError:
                 pass
         return _coerce(value, inner[-1], where)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{where}: expected a list of {len(args)} numbers, got {value!r}")
@@ -219,7 +225,7 @@ def apply_override(tree: dict, assignment: str) -> None:
 # Keys that may differ between a run dir's config and the current one without changing what is computed: where the
 # data lives, how many decode threads, how often the loss is logged.
 NO_EFFECT_KEYS = frozenset({"data.train", "data.val", "data.stage_to", "data.workers", "data.os_cache",
-                            "train.log_every"})
+                            "train.log_every", "train.extra_val", "train.extra_val_every"})
 
 
 def differences(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -263,6 +269,12 @@ def check(cfg: Config) -> None:
     patch = patch_size(cfg.model.name)
     if cfg.aug.img_size < patch:
         raise ConfigError(f"aug.img_size {cfg.aug.img_size} is smaller than {cfg.model.name}'s patch size {patch}")
+    if cfg.train.extra_val_every < 0:
+        raise ConfigError(f"train.extra_val_every: must be >= 0 (0: the last epoch only), got "
+                          f"{cfg.train.extra_val_every}")
+    from .evalsets import parse_sets
+
+    parse_sets(cfg.train.extra_val)  # NAME=PATH, names unique: a typo fails at load, not after the first epoch
 
 
 @dataclass(frozen=True)

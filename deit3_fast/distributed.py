@@ -62,6 +62,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's `obj`, in rank order (a list of one where there is no group)."""
+    if world() == 1:
+        return [obj]
+    out = [None] * world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if world() > 1:
         dist.barrier()

@@ -89,6 +89,7 @@ class Run:
     ema: object | None = None
     ddp: torch.nn.parallel.DistributedDataParallel | None = None
     stop: StopFlag = field(default_factory=StopFlag)  # train() hands in the one its SIGTERM handler sets
+    extra_val: list = field(default_factory=list)     # (name, loader, class mask) of train.extra_val
 
     @property
     def accum(self) -> int:
@@ -173,7 +174,23 @@ def build(cfg: Config, device: torch.device) -> Run:
 
         ema = ModelEmaV3(model, decay=cfg.train.ema_decay)
     return Run(cfg, forward, model, optimizer, scaler, scheduler, RecipeLoss(cfg.loss, cfg.aug.label_smoothing),
-               train_loader, val_loader, device, amp, plan, ema, ddp)
+               train_loader, val_loader, device, amp, plan, ema, ddp,
+               extra_val=_extra_val_loaders(cfg, device, amp, plan.per_process))
+
+
+def _extra_val_loaders(cfg: Config, device: torch.device, amp: str, batch: int) -> list:
+    """train.extra_val's sets (ImageNet-V2, -A, -R, ...): a loader and a class mask each, checked at start."""
+    from dataset_tools.shards import classes_of
+
+    from .evalsets import class_mask, parse_sets
+
+    out = []
+    for s in parse_sets(cfg.train.extra_val):
+        check_same_classes(cfg.data.train, s.path)
+        loader = make_loader(replace(cfg, data=replace(cfg.data, val=s.path)), "val", device, amp=amp,
+                             batch_size=batch)
+        out.append((s.name, loader, class_mask(s.name, classes_of(s.path), cfg.model.num_classes)))
+    return out
 
 
 def train_micro_batch(run: Run, x: torch.Tensor, y: torch.Tensor, step: int, last_micro: bool) -> torch.Tensor:
@@ -273,28 +290,48 @@ def train_one_epoch(run: Run, epoch: int, progress: Progress | None = None,
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, amp: str, progress: Progress | None = None) -> dict:
+def evaluate(model: torch.nn.Module, loader, amp: str, progress: Progress | None = None,
+             mask: torch.Tensor | None = None, keep: bool = False) -> dict:
+    """Top-1/top-5 (%) over every sample of `loader`'s set, counted once across ranks. `mask` (bool, one per class)
+    scores over those classes only (ImageNet-A/-R); `keep` also returns each sample's index, label and top-5, in
+    sample order, gathered from every rank."""
     model.eval()
     correct1 = correct5 = n = 0
+    kept = []
     task = progress.add_task("eval", total=len(loader), info="") if progress else None
+    device = next(model.parameters()).device
+    masked_out = None if mask is None else ~mask.to(device)
     for x, y in loader:
         with autocast(x.device, amp):
             logits = model(x)
-        top5 = logits.float().topk(min(5, logits.shape[-1]), dim=-1).indices
+        logits = logits.float()
+        if masked_out is not None:
+            logits = logits.masked_fill(masked_out, float("-inf"))
+        top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         hit = top5 == y[:, None]
         correct1 += hit[:, 0].sum()
         correct5 += hit.any(dim=-1).sum()
         n += len(y)
+        if keep:
+            kept.append((y.cpu(), top5.cpu()))
         if progress:
             progress.advance(task)
     if progress:
         progress.remove_task(task)
     # Each rank saw its own unpadded shard: summing the counts gives every sample exactly once.
-    device = next(model.parameters()).device
     sums = dist.all_reduce_sum(torch.tensor([float(correct1), float(correct5), float(n)], dtype=torch.float64,
                                             device=device))
     c1, c5, n = sums.tolist()
-    return {"acc1": 100.0 * c1 / max(n, 1), "acc5": 100.0 * c5 / max(n, 1), "n": int(n)}
+    result = {"acc1": 100.0 * c1 / max(n, 1), "acc5": 100.0 * c5 / max(n, 1), "n": int(n)}
+    if keep:
+        labels = torch.cat([k[0] for k in kept]).numpy() if kept else np.zeros(0, np.int64)
+        top5 = torch.cat([k[1] for k in kept]).numpy() if kept else np.zeros((0, 5), np.int64)
+        index = loader.engine.epoch_order.indices(0)[:len(labels)]
+        parts = dist.all_gather_object((index, labels, top5))
+        index, labels, top5 = (np.concatenate([p[i] for p in parts]) for i in range(3))
+        order = np.argsort(index, kind="stable")
+        result.update(index=index[order], label=labels[order], top5=top5[order])
+    return result
 
 
 # May change on resume: what does not change the computation, and schedule.epochs (extending a run).
@@ -383,6 +420,11 @@ def _train(cfg: Config, out: Path, device: torch.device, resume: str | None, for
             if run.val_loader is not None:
                 ev = evaluate(run.model, run.val_loader, run.amp, progress)
                 row.update(val_acc1=ev["acc1"], val_acc5=ev["acc5"])
+            every = cfg.train.extra_val_every
+            due = epoch + 1 == cfg.schedule.epochs or (every and (epoch + 1) % every == 0)
+            for name, loader, mask in run.extra_val:  # None where not evaluated: every row has the same keys
+                ev = evaluate(run.model, loader, run.amp, progress, mask=mask) if due else {}
+                row.update({f"val_{name}_acc1": ev.get("acc1"), f"val_{name}_acc5": ev.get("acc5")})
             row["max_mem_mb"] = max_mem_mb(device)
             history.append(row)
             acc = row["val_acc1"] if row["val_acc1"] is not None else -row["train_loss"]

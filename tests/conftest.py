@@ -77,7 +77,7 @@ def make_tiny_data(root: Path, page_size: int = 8 << 20) -> Path:
     """The `data` fixture's files under root (also what scripts/gpu-check.sh --prepare brings to a GPU machine)."""
     make_splits(root / "src", {"train": (4, 12, 0), "val": (4, 4, 1)}, min_side=32, max_side=64, page_size=page_size)
     for split in ("train", "val"):
-        for suffix in (".beton", ".beton.json"):
+        for suffix in (".beton", ".beton.json", ".beton.sources.txt"):
             (root / "src" / f"{split}{suffix}").rename(root / f"{split}{suffix}")
     make_imagefolder(root / "src" / "raw", num_classes=3, per_class=4, seed=5, min_side=24, max_side=48)
     from dataset_tools.convert import convert

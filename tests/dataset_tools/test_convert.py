@@ -208,7 +208,7 @@ def test_cli_success_prints_summary_and_report(good_tree, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "images written" in r.stdout and "40 of 40" in r.stdout
     assert json.loads((tmp_path / "o.beton.json").read_text())["num_written"] == 40
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.beton", "o.beton.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.beton", "o.beton.json", "o.beton.sources.txt"]
 
 
 def test_class_order_is_torchvisions_case_sensitive_sort(tmp_path):

@@ -119,7 +119,8 @@ def test_shard_index_tasks_then_the_manifest_then_reruns_skip_verified_shards(tr
     args = [tree, out, "--shards", "3", "--workers", "1", "--quiet"]
     r = run_cli(*args, "--shard-index", "1")
     assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in out.iterdir()) == [shard_name(1, 3), shard_name(1, 3) + ".json"]
+    assert sorted(p.name for p in out.iterdir()) == [shard_name(1, 3), shard_name(1, 3) + ".json",
+                                                     shard_name(1, 3) + ".sources.txt"]
     with pytest.raises(BetonError, match="no manifest.json yet: 1 shard file"):
         open_samples(out)
     for i in (0, 2):

@@ -155,7 +155,7 @@ def test_disk_full_leaves_nothing_and_rerun_succeeds(tmp_path, good_tree):
         resize_tmpfs(disk, "64m")
         r = run_cli(good_tree, disk / "o.beton", "--workers", "2", "--quiet")
         assert r.returncode == 0, r.stderr
-        assert sorted(p.name for p in disk.iterdir()) == ["o.beton", "o.beton.json"]
+        assert sorted(p.name for p in disk.iterdir()) == ["o.beton", "o.beton.json", "o.beton.sources.txt"]
 
 
 def test_disk_full_at_the_report_leaves_nothing(tmp_path, good_tree):

@@ -1,0 +1,102 @@
+"""Evaluation as the paper reports it: named validation sets, each scored the way it must be.
+
+* `in1k`, `v2` and any other name: top-1 / top-5 over all classes. ImageNet-V2's folders are class indices
+  (`deit3-convert --folder-labels index`), not names.
+* `a` / `imagenet-a` and `r` / `imagenet-r`: 200-class sets. The logits of the other 800 classes are masked out
+  before top-k (`configs/reference/imagenet_{a,r}_wnids.txt`, mapped to label indices through the set's class list);
+  with all 1000 logits such a set scores near zero.
+* ReaL (`--real real.json`): the IN-1k validation predictions scored against the reassessed labels, looked up by
+  each sample's source file name (`ILSVRC2012_val_{i+1:08d}.JPEG` is entry i; an empty entry is not counted).
+
+A set is given as NAME=PATH (a .beton or shard folder converted with the training split's class list). No torch
+at import: the config checks the NAME=PATH lists.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import CONFIG_DIR, ConfigError
+
+SUBSETS = {"a": "imagenet_a_wnids.txt", "imagenet-a": "imagenet_a_wnids.txt",
+           "r": "imagenet_r_wnids.txt", "imagenet-r": "imagenet_r_wnids.txt"}
+_VAL_NAME = re.compile(r"ILSVRC2012_val_(\d{8})\.JPEG$")
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    name: str
+    path: str
+
+
+def parse_sets(specs: list[str]) -> list[EvalSet]:
+    """NAME=PATH strings (the command line's --val, the config's data.extra_val) as sets; names are unique."""
+    sets = []
+    for spec in specs:
+        name, sep, path = str(spec).partition("=")
+        name = name.strip().lower()
+        if not sep or not name or not path or not re.fullmatch(r"[a-z0-9_-]+", name):
+            raise ConfigError(f"validation set {spec!r}: expected NAME=PATH with NAME of letters, digits, - or _ "
+                              "(in1k, v2, a, r, ...)")
+        if name in (s.name for s in sets):
+            raise ConfigError(f"validation set {name!r} is given twice")
+        sets.append(EvalSet(name, path.strip()))
+    return sets
+
+
+def class_mask(name: str, classes: list[str] | None, num_classes: int):
+    """The classes a set is scored over (a bool tensor, one per class), or None for all of them."""
+    if name not in SUBSETS:
+        return None
+    import torch
+
+    wnids = (CONFIG_DIR / "reference" / SUBSETS[name]).read_text().split()
+    if not classes:
+        raise ConfigError(f"validation set {name!r}: masking to its {len(wnids)} classes needs the class list it "
+                          "was converted with (its .beton.json report or manifest)")
+    index = {c: i for i, c in enumerate(classes)}
+    missing = [w for w in wnids if w not in index]
+    if missing:
+        raise ConfigError(f"validation set {name!r}: {len(missing)} of its classes (e.g. {missing[0]}) are not in "
+                          "the class list it was converted with: convert it with --classes TRAIN.beton.json")
+    mask = torch.zeros(num_classes, dtype=torch.bool)
+    mask[[index[w] for w in wnids]] = True
+    return mask
+
+
+def real_top1(top1: np.ndarray, sources: list[str], real: list[list[int]]) -> dict:
+    """ReaL top-1 (%) of predictions `top1[i]` for samples whose source files are `sources[i]`."""
+    hits = counted = 0
+    for pred, src in zip(top1, sources):
+        m = _VAL_NAME.search(src)
+        if m is None or not 1 <= int(m.group(1)) <= len(real):
+            raise ConfigError(f"ReaL labels are indexed by ImageNet validation file names "
+                              f"(ILSVRC2012_val_00000001.JPEG ... {len(real)}), and this set has {src!r}: use "
+                              "--real with the ImageNet-1k validation set")
+        labels = real[int(m.group(1)) - 1]
+        if labels:
+            counted += 1
+            hits += int(pred) in labels
+    return {"acc1": 100.0 * hits / max(counted, 1), "n": counted}
+
+
+def load_real(path: str | Path) -> list[list[int]]:
+    try:
+        real = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--real {path}: unreadable ({e}); the file is ReaL's real.json (a list of 50,000 "
+                          "lists of labels)") from None
+    if not isinstance(real, list) or not all(isinstance(x, list) for x in real):
+        raise ConfigError(f"--real {path}: not ReaL's real.json (a list of lists of label indices)")
+    return real
+
+
+def save_predictions(path: str | Path, rows: list[dict]) -> None:
+    """One JSON object per sample: set, index, source file, label, top-5."""
+    from dataset_tools.atomic import write_text_atomic
+
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
