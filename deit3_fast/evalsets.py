@@ -18,8 +18,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from .config import CONFIG_DIR, ConfigError
 
 SUBSETS = {"a": "imagenet_a_wnids.txt", "imagenet-a": "imagenet_a_wnids.txt",
@@ -68,7 +66,7 @@ def class_mask(name: str, classes: list[str] | None, num_classes: int):
     return mask
 
 
-def real_top1(top1: np.ndarray, sources: list[str], real: list[list[int]]) -> dict:
+def real_top1(top1, sources: list[str], real: list[list[int]]) -> dict:
     """ReaL top-1 (%) of predictions `top1[i]` for samples whose source files are `sources[i]`."""
     hits = counted = 0
     for pred, src in zip(top1, sources):

@@ -1,6 +1,7 @@
 """`deit3-fast zoo`: the official model-zoo table's columns, measured here — parameters, GFLOPs, inference
-throughput and peak memory for every DeiT III model at its resolutions — next to the official figures
-(`configs/reference/model-zoo.csv`: one V100-32GB, batch 256, mixed precision).
+throughput and peak memory for every DeiT III model at its resolutions (the table's, and those the recipes
+pre-train at: B and L at 192, H at 160 and 128) — next to the official figures (`configs/reference/model-zoo.csv`:
+one V100-32GB, batch 256, mixed precision).
 
 GFLOPs are counted as the official table counts them (fvcore): multiply-adds of every matrix product (the linear
 layers, the patch embedding, and the two attention products) plus 5 per LayerNorm input element. The official
@@ -26,6 +27,19 @@ def official_rows(path: Path = ZOO_CSV) -> list[dict]:
     """The IN-1k rows of the official table (the IN-21k rows are the same models: same counts and timings)."""
     with open(path) as f:
         return [r for r in csv.DictReader(f) if r["pretraining"] == "in1k"]
+
+
+def recipe_resolutions() -> list[tuple[str, int]]:
+    """(model, resolution) of every shipped recipe: pre-training (B and L at 192, H at 160 and 128) and
+    fine-tuning (224, 384)."""
+    from .archs import resolve_name
+    from .config import load_config
+
+    found = set()
+    for path in sorted(CONFIG_DIR.glob("vit_*.yaml")):
+        cfg = load_config(str(path))
+        found.add((resolve_name(cfg.model.name)[0], cfg.aug.img_size))
+    return sorted(found)
 
 
 def _float(v: str) -> float | None:
@@ -83,14 +97,18 @@ def zoo(device: torch.device | None = None, timings: bool = True, batch: int | N
     device = device or default_device()
     amp = resolve_amp("auto", device)
     batch = batch or (256 if device.type == "cuda" else 8)
+    official = {(MODELS[r["model"]], int(r["resolution"])): r for r in official_rows()}
+    order = {name: i for i, name in enumerate(MODELS.values())}
+    wanted = sorted(set(official) | set(recipe_resolutions()), key=lambda m: (order[m[0]], m[1]))
     rows = []
-    for r in official_rows():
-        name, res = MODELS[r["model"]], int(r["resolution"])
+    for name, res in wanted:
+        r = official.get((name, res), {})
         params, gflops = count(name, res)
         row = {"model": name, "resolution": res, "params_M": round(params, 2), "gflops": round(gflops, 2),
-               "official_params_M": _float(r["params_M"]), "official_gflops": _float(r["gflops"]),
-               "official_img_s_v100": _float(r["throughput_img_s"]), "official_peak_mb_v100": _float(r["peak_mem_mb"]),
-               "official_acc1_in1k": _float(r["acc1_in1k"]), "official_acc1_v2": _float(r["acc1_v2"])}
+               "official_params_M": _float(r.get("params_M")), "official_gflops": _float(r.get("gflops")),
+               "official_img_s_v100": _float(r.get("throughput_img_s")),
+               "official_peak_mb_v100": _float(r.get("peak_mem_mb")),
+               "official_acc1_in1k": _float(r.get("acc1_in1k")), "official_acc1_v2": _float(r.get("acc1_v2"))}
         if timings:
             img_s, peak = timing(name, res, batch, device, amp, steps if device.type == "cuda" else 1)
             row.update({"img_s": round(img_s, 1), "peak_mb": round(peak) if peak is not None else None})

@@ -231,6 +231,25 @@ def test_zoo_command_times_on_this_device_and_says_so():
                        cwd=REPO, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(r.stdout)
-    assert result["timing_device"] == "cpu" and len(result["rows"]) == 8
+    assert result["timing_device"] == "cpu" and len(result["rows"]) == 12  # the table's 8 and 4 recipe resolutions
+    measured = {(row["model"], row["resolution"]) for row in result["rows"]}
+    assert {("deit3_base", 192), ("deit3_large", 192), ("deit3_huge", 160), ("deit3_huge", 128)} <= measured
     assert all(row["img_s"] > 0 and row["official_img_s_v100"] != row["img_s"] for row in result["rows"]
                if row["official_img_s_v100"])
+
+
+def test_the_shared_real_json_loads_as_reals_labels():
+    from deit3_fast.evalsets import load_real
+
+    from ..conftest import SHARED_DATA
+
+    path = SHARED_DATA / "real.json"
+    if not path.exists():
+        pytest.skip(f"{path} is absent (it ships in the project's shared/data)")
+    real = load_real(path)
+    assert len(real) == 50_000 and sum(1 for x in real if not x) == 3_163
+    assert all(0 <= c < 1000 for x in real for c in x)
+    # Scored against its own first labels, every counted image is right: the file maps names as documented.
+    sources = [f"n/ILSVRC2012_val_{i + 1:08d}.JPEG" for i in range(50_000)]
+    top1 = [x[0] if x else 0 for x in real]
+    assert real_top1(top1, sources, real) == {"acc1": 100.0, "n": 46_837}
