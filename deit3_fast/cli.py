@@ -131,6 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--batch", type=int, help="timing batch (256 on a GPU, 8 on a CPU)")
     z.add_argument("--steps", type=int, default=10, help="timed batches per model on a GPU (10)")
 
+    x = sub.add_parser("export", help="write model.safetensors + config.json that timm.create_model loads",
+                       description="From a run checkpoint (or its EMA), an official DeiT III .pth or a timm file, "
+                       "write OUT_DIR/model.safetensors and OUT_DIR/config.json (timm's pretrained-config form); "
+                       "prints the timm.create_model call that loads them.")
+    x.add_argument("checkpoint", metavar="CHECKPOINT")
+    x.add_argument("out", metavar="OUT_DIR")
+    x.add_argument("--ema", action="store_true", help="export the EMA weights of a run checkpoint")
+    x.add_argument("--model", help="model name, where the checkpoint does not say (an official .pth does)")
+
     st = sub.add_parser("stage", help="copy a shard set or .beton to node-local disk, verified and resumable",
                         description="Copies SRC (a shard folder, its manifest.json, or a .beton) into the folder "
                         "DEST, each file atomically and checked against the manifest's sha256 as it is copied; files "
@@ -367,6 +376,13 @@ def _zoo(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from .export import export
+
+    print(json.dumps(export(args.checkpoint, args.out, model=args.model, ema=args.ema)))
+    return 0
+
+
 def _stage(args) -> int:
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
@@ -402,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
 
     commands = {"train": _train, "eval": _eval, "preview": _preview, "submit": _submit, "profile": _profile,
                 "ablate": ablate.run_grid, "doctor": _doctor, "quickstart": _quickstart, "stage": _stage,
-                "zoo": _zoo}
+                "zoo": _zoo, "export": _export}
     try:
         return commands[args.command](args)
     except (ConfigError, DataError, CheckpointError, ConfigMismatch, OutOfMemory, DeviceError,

@@ -65,6 +65,10 @@ class TrainConfig:
     log_every: int = 50
     extra_val: list[str] = field(default_factory=list)  # NAME=PATH sets also evaluated (v2, a, r, ...)
     extra_val_every: int = 0        # epochs between their evaluations; 0: the last epoch only
+    reference: str = "auto"         # official curve to compare with: auto (the recipe this run follows) | NAME | none
+    reference_tolerance: float = 2.0  # warn once when this many points behind at two official epochs in a row
+    tensorboard: bool = False       # TensorBoard event files in RUN_DIR/tensorboard (needs the tensorboard package)
+    wandb_project: str | None = None  # log to Weights & Biases under this project (needs wandb)
 
 
 @dataclass
@@ -225,7 +229,8 @@ def apply_override(tree: dict, assignment: str) -> None:
 # Keys that may differ between a run dir's config and the current one without changing what is computed: where the
 # data lives, how many decode threads, how often the loss is logged.
 NO_EFFECT_KEYS = frozenset({"data.train", "data.val", "data.stage_to", "data.workers", "data.os_cache",
-                            "train.log_every", "train.extra_val", "train.extra_val_every"})
+                            "train.log_every", "train.extra_val", "train.extra_val_every", "train.reference",
+                            "train.reference_tolerance", "train.tensorboard", "train.wandb_project"})
 
 
 def differences(a: dict, b: dict, prefix: str = "") -> list[str]:

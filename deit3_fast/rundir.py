@@ -71,10 +71,12 @@ def start_metrics(out: Path, resumed_after_epoch: int | None) -> None:
         write_text_atomic(str(p), "".join(json.dumps(r) + "\n" for r in kept))
 
 
-def plot_curves(runs: dict[str, list[dict]], png: Path, title: str | None = None, overlay: bool = False) -> None:
+def plot_curves(runs: dict[str, list[dict]], png: Path, title: str | None = None, overlay: bool = False,
+                reference: tuple[str, dict[int, float]] | None = None) -> None:
     """One run: validation top-1 and top-5, train loss and the learning rate against epoch. Several runs overlaid
     (`overlay`, as `ablate` draws its variants): top-1 and train loss relative to each run's first epoch, so BCE
-    (~0.5) and cross-entropy (~2) curves share one readable axis."""
+    (~0.5) and cross-entropy (~2) curves share one readable axis. `reference` (name, {epoch: top-1}) is drawn dashed
+    on the top-1 axis: the official curve of the recipe a run follows."""
     runs = {name: rows for name, rows in runs.items() if rows}
     if not runs:
         return
@@ -99,6 +101,9 @@ def plot_curves(runs: dict[str, list[dict]], png: Path, title: str | None = None
         rows = next(iter(runs.values()))
         axes[2].plot([r["epoch"] + 1 for r in rows], [r["lr"] for r in rows])
         axes[2].set_title("learning rate (end of epoch)")
+    if reference:
+        name, curve = reference
+        acc.plot(sorted(curve), [curve[e] for e in sorted(curve)], "k--", label=name)  # x: epochs completed
     acc.set_title("val accuracy (%)" if single else "val top-1 (%)")
     loss.set_title("train loss" if single else "train loss / train loss of epoch 1")
     for a in axes:

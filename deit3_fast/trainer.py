@@ -11,7 +11,6 @@ an epoch part-way with the same batches, see pipelines/loader.py). The run dir's
 """
 from __future__ import annotations
 
-import json
 import math
 import signal
 import sys
@@ -30,10 +29,11 @@ from pipelines import keys
 
 from . import checkpoint as ckpt
 from . import distributed as dist
-from . import rundir
+from . import reference, rundir
 from .config import NO_EFFECT_KEYS, BatchPlan, Config, batch_plan, differences, resolve_num_classes, to_dict
 from .device import (AMP_DTYPES, autocast, device_name, is_out_of_memory, max_mem_mb, reset_peak_memory,
                      resolve_amp)
+from .loggers import EpochLoggers
 from .losses import RecipeLoss
 from .models import create_model
 from .optim import build_optimizer
@@ -397,14 +397,17 @@ def _train(cfg: Config, out: Path, device: torch.device, resume: str | None, for
     main = dist.is_main()  # only rank 0 writes the run dir and talks
     quiet = quiet or not main
     config = to_dict(cfg)
+    followed = reference.resolve(cfg)  # the official curve this run is compared with, if any
     if main:
         rundir.write_config(out, config)
-        facts = run_facts(run)
+        facts = {**run_facts(run), "reference": followed}
         rundir.write_facts(out, facts)
         if not quiet:
             print(rundir.describe_facts(facts), flush=True)
         rundir.start_metrics(out, pos.epoch if resumed else None)
-    history, resume_at = [], pos.resume_at
+    gap = reference.Gap(followed, cfg.train.reference_tolerance, rundir.read_metrics(out)) if followed else None
+    loggers = EpochLoggers(cfg, out, config, main, followed)
+    history, resume_at, started, first_epoch = [], pos.resume_at, time.perf_counter(), pos.epoch + 1
     progress = _progress() if not quiet else None
     with progress or nullcontext():
         for epoch in range(pos.epoch + 1, cfg.schedule.epochs):
@@ -426,30 +429,55 @@ def _train(cfg: Config, out: Path, device: torch.device, resume: str | None, for
                 ev = evaluate(run.model, loader, run.amp, progress, mask=mask) if due else {}
                 row.update({f"val_{name}_acc1": ev.get("acc1"), f"val_{name}_acc5": ev.get("acc5")})
             row["max_mem_mb"] = max_mem_mb(device)
+            warning = gap.update(row) if gap is not None else None
             history.append(row)
             acc = row["val_acc1"] if row["val_acc1"] is not None else -row["train_loss"]
             improved = acc > pos.best
             pos = ckpt.Position(epoch, max(pos.best, acc))
             if main:
                 rundir.append_metrics(out, row)
+                loggers.log(row)
                 ckpt.save(out / ckpt.LAST, run.state_dict(), pos, config)
                 if improved:
                     ckpt.save(out / ckpt.BEST, run.state_dict(), pos, config)
-            _report(row, quiet, main)
+            per_epoch = (time.perf_counter() - started) / (epoch + 1 - first_epoch)
+            _report(row, quiet, main, cfg.schedule.epochs, per_epoch * (cfg.schedule.epochs - epoch - 1))
+            if warning and main:
+                print(warning, file=sys.stderr, flush=True)
             if stop_after_epoch is not None and epoch >= stop_after_epoch:
                 break
             if run.stop.should_stop() and epoch + 1 < cfg.schedule.epochs:  # SIGTERM in the epoch's last step
                 dist.barrier()
                 raise Preempted(out / ckpt.LAST, epoch + 1, 0, len(run.train_loader) // run.accum)
+    loggers.close()
     if main:
-        rundir.plot_curves({out.name: rundir.read_metrics(out)}, out / rundir.CURVES)
+        official = {e: v for e, v in reference.official_curve(followed).items() if e <= cfg.schedule.epochs} \
+            if followed else None
+        rundir.plot_curves({out.name: rundir.read_metrics(out)}, out / rundir.CURVES,
+                           reference=(f"official {followed}", official) if official else None)
     dist.barrier()  # nobody leaves before the last checkpoint is on disk
     return history
 
 
-def _report(row: dict, quiet: bool, main: bool) -> None:
+def epoch_line(row: dict, epochs: int, eta_s: float) -> str:
+    """One readable console line per epoch (metrics.jsonl keeps every number)."""
+    parts = [f"epoch {row['epoch'] + 1}/{epochs}", f"loss {row['train_loss']:.4f}", f"lr {row['lr']:.2e}"]
+    if row.get("val_acc1") is not None:
+        parts.append(f"val {row['val_acc1']:.2f}/{row['val_acc5']:.2f}")
+    if row.get("gap") is not None:
+        parts.append(f"gap {row['gap']:+.2f} (official {row['official_acc1']:.2f})")
+    parts += [f"{row['img_per_s']:,.0f} img/s", f"data wait {100 * row['data_wait_frac']:.0f}%",
+              f"mem {row['max_mem_mb']:,.0f} MB"]
+    if eta_s > 0:
+        d, rest = divmod(int(eta_s), 86400)
+        parts.append("ETA " + (f"{d}d {rest // 3600}h" if d else f"{rest // 3600}h {rest % 3600 // 60:02d}m"
+                               if rest >= 3600 else f"{rest // 60}m {rest % 60:02d}s"))
+    return "  ".join(parts)
+
+
+def _report(row: dict, quiet: bool, main: bool, epochs: int, eta_s: float) -> None:
     if not quiet:
-        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+        print(epoch_line(row, epochs, eta_s), flush=True)
     if main and row.get("cpu_decoded"):
         reasons = ", ".join(f"{n} {why}" for why, n in row["cpu_decoded_reasons"].items())
         print(f"epoch {row['epoch']}: {row['cpu_decoded']} JPEGs the GPU decoder refuses were decoded on the CPU "

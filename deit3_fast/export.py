@@ -1,0 +1,109 @@
+"""`deit3-fast export CHECKPOINT OUT_DIR`: weights any timm user can load. From any checkpoint `create_model` loads
+(a run's checkpoint-*.pt, its EMA with `--ema`, an official DeiT III .pth, a timm file) it writes
+`OUT_DIR/model.safetensors` (timm's state-dict layout) and `OUT_DIR/config.json` in timm's pretrained-config form
+(the architecture name, class count, input size, mean/std, interpolation, crop). Then
+
+    timm.create_model("deit3_small_patch16_224", pretrained=True,
+                      pretrained_cfg_overlay=dict(file="OUT_DIR/model.safetensors", num_classes=N))
+
+gives the same logits (`num_classes` only where it is not 1000: timm drops a head of another size).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .archs import ARCHS, TIMM_NAMES, resolve_name
+from .checkpoint import CheckpointError
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def timm_architecture(arch: str, img_size: int) -> tuple[str, dict]:
+    """timm's model name for our architecture, and the model arguments it needs (img_size where timm has no
+    name for the resolution, e.g. the 192-px pre-training checkpoints)."""
+    patch = ARCHS[arch][0]
+    size = arch.removeprefix("deit3_")
+    exact = f"deit3_{size}_patch{patch}_{img_size}"
+    if exact in TIMM_NAMES:
+        return exact, {}
+    base = f"deit3_{size}_patch{patch}_224"
+    if base not in TIMM_NAMES:
+        raise CheckpointError(f"timm has no DeiT III model for {arch}: export supports small, medium, base, large "
+                              "and huge")
+    return base, {"img_size": img_size}
+
+
+def _model_name(path: str, given: str | None, ema: bool) -> tuple[str, dict | None]:
+    """(model name, EMA state or None): --model, else the run checkpoint's config, else the official args."""
+    import torch
+
+    from .checkpoint import load
+
+    payload = None
+    try:
+        payload = load(path)
+    except CheckpointError:
+        pass  # not one of our run checkpoints: an official or timm file
+    ema_state = None
+    if ema:
+        if payload is None or payload.get("ema") is None:
+            raise CheckpointError(f"{path} has no EMA weights (only a run's checkpoint with train.ema_decay has)")
+        ema_state = payload["ema"]
+    if given:
+        return given, ema_state
+    if payload is not None and isinstance(payload.get("config"), dict):
+        return payload["config"]["model"]["name"], ema_state
+    try:
+        import argparse
+
+        torch.serialization.add_safe_globals([argparse.Namespace])  # official files carry their argparse args
+        args = torch.load(path, map_location="cpu", weights_only=True).get("args")
+        if args is not None and getattr(args, "model", None):
+            return args.model, ema_state
+    except Exception:  # noqa: BLE001 - any unreadable file is reported by the loader below
+        pass
+    raise CheckpointError(f"{path} does not say which model it holds: give --model (e.g. deit3_small_patch16_224)")
+
+
+def export(checkpoint: str, out_dir: str | Path, model: str | None = None, ema: bool = False) -> dict:
+    from safetensors.torch import save
+
+    from dataset_tools.atomic import write_atomic, write_text_atomic
+
+    from .models import _read_state_dict, create_model, load_checkpoint
+
+    name, ema_state = _model_name(checkpoint, model, ema)
+    try:
+        arch = resolve_name(name)[0]
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    state = ema_state if ema_state is not None else _read_state_dict(checkpoint)
+    if "head.weight" not in state or "pos_embed" not in state:
+        raise CheckpointError(f"{checkpoint}: not a ViT state dict (no head.weight / pos_embed)")
+    num_classes = state["head.weight"].shape[0]
+    img_size = int(math.isqrt(state["pos_embed"].shape[1])) * ARCHS[arch][0]
+    net = create_model(arch, num_classes=num_classes, img_size=img_size)
+    if ema_state is not None:
+        net.load_state_dict(ema_state)
+    else:
+        load_checkpoint(net, checkpoint)
+    timm_name, model_args = timm_architecture(arch, img_size)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+    write_atomic(out / "model.safetensors", lambda f: f.write(save(tensors, metadata={"format": "pt"})))
+    config = {"architecture": timm_name, "num_classes": num_classes, "num_features": ARCHS[arch][1],
+              "global_pool": "token", "model_args": model_args,
+              "pretrained_cfg": {"tag": "deit3_fast", "custom_load": False, "input_size": [3, img_size, img_size],
+                                 "fixed_input_size": True, "interpolation": "bicubic", "crop_pct": 1.0,
+                                 "crop_mode": "center", "mean": list(MEAN), "std": list(STD),
+                                 "num_classes": num_classes, "pool_size": None, "first_conv": "patch_embed.proj",
+                                 "classifier": "head"}}
+    write_text_atomic(out / "config.json", json.dumps(config, indent=1) + "\n")
+    return {"out": str(out), "architecture": timm_name, "num_classes": num_classes, "img_size": img_size,
+            "weights": "ema" if ema else "model", "load_with": (
+                f"timm.create_model({timm_name!r}, pretrained=True, pretrained_cfg_overlay=dict(file="
+                f"{str(out / 'model.safetensors')!r}" + (f", num_classes={num_classes}" if num_classes != 1000 else "")
+                + ")" + "".join(f", {k}={v!r}" for k, v in model_args.items()) + ")")}

@@ -1,0 +1,55 @@
+"""Where a run's per-epoch numbers go besides metrics.jsonl: TensorBoard event files (`train.tensorboard: true`,
+the `tensorboard` package) and Weights & Biases (`train.wandb_project: NAME`, the `wandb` package). Neither is a
+dependency: asking for one that is not installed is one ConfigError at the start of the run, before any epoch.
+Only the main process logs. Scalars are logged at step = epochs completed, so curves line up with metrics.jsonl."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import Config, ConfigError
+
+
+class EpochLoggers:
+    def __init__(self, cfg: Config, out: Path, config: dict, main: bool, reference: str | None = None):
+        self.tb = self.wandb = None
+        if not main:
+            return
+        if cfg.train.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("train.tensorboard: true needs the tensorboard package: pip install tensorboard "
+                                  "(or pip install -e '.[tensorboard]')") from None
+            self.tb = SummaryWriter(log_dir=str(out / "tensorboard"))
+        if cfg.train.wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise ConfigError(f"train.wandb_project: {cfg.train.wandb_project} needs the wandb package: pip "
+                                  "install wandb (and wandb login)") from None
+            # The run dir's name as the W&B id: a resumed run continues the same W&B run.
+            self.wandb = wandb.init(project=cfg.train.wandb_project, name=out.name, id=_wandb_id(out),
+                                    resume="allow", dir=str(out), config={**config, "reference": reference})
+
+    def log(self, row: dict) -> None:
+        scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and k != "epoch"}
+        step = row["epoch"] + 1
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _wandb_id(out: Path) -> str:
+    import hashlib
+
+    return hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:16]

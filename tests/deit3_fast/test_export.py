@@ -1,0 +1,80 @@
+"""`deit3-fast export`: what it writes loads in timm with pretrained=True and gives the same logits."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from deit3_fast.models import create_model, load_checkpoint
+
+from ..conftest import REPO
+from .test_models import _official_checkpoint
+
+
+def _timm_logits(out, num_classes, x):
+    import timm
+
+    cfg = json.loads((out / "config.json").read_text())
+    overlay = {"file": str(out / "model.safetensors")}
+    if num_classes != 1000:
+        overlay["num_classes"] = num_classes
+    m = timm.create_model(cfg["architecture"], pretrained=True, num_classes=num_classes,
+                          pretrained_cfg_overlay=overlay, **cfg["model_args"]).eval()
+    with torch.no_grad():
+        return m(x)
+
+
+def _export(*args):
+    return subprocess.run([sys.executable, "-m", "deit3_fast", "export", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_an_official_checkpoint_exports_to_timm_with_the_same_logits(tmp_path):
+    torch.manual_seed(0)
+    src = create_model("deit3_small", num_classes=1000, img_size=224).eval()
+    for b in src.blocks:  # LayerScale away from its init, so a lost gamma shows
+        b.ls1.gamma.data.uniform_(0.5, 1.5)
+    _official_checkpoint(src, tmp_path / "official.pth")
+    r = _export(tmp_path / "official.pth", tmp_path / "out")  # the model name comes from the official args
+    assert r.returncode == 0, r.stderr[-2000:]
+    said = json.loads(r.stdout)
+    assert said["architecture"] == "deit3_small_patch16_224" and "pretrained=True" in said["load_with"]
+    x = torch.randn(2, 3, 224, 224)
+    ours = create_model("deit3_small", num_classes=1000, img_size=224).eval()
+    load_checkpoint(ours, str(tmp_path / "official.pth"))
+    with torch.no_grad():
+        expected = ours(x)
+    torch.testing.assert_close(_timm_logits(tmp_path / "out", 1000, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_run_checkpoint_and_its_ema_export_with_their_class_count(tmp_path):
+    from deit3_fast import checkpoint as ckpt
+    from deit3_fast.config import load_config, to_dict
+
+    torch.manual_seed(1)
+    model = create_model("deit3_small", num_classes=10, img_size=224).eval()
+    ema = create_model("deit3_small", num_classes=10, img_size=224).eval()
+    cfg = load_config("vit_s_in1k", ["model.num_classes=10"])
+    state = {"model": model.state_dict(), "optimizer": {}, "scaler": {}, "ema": ema.state_dict()}
+    ckpt.save(tmp_path / "checkpoint-last.pt", state, ckpt.Position(3, 50.0), to_dict(cfg))
+    x = torch.randn(2, 3, 224, 224)
+    for flag, net in (([], model), (["--ema"], ema)):
+        out = tmp_path / ("ema" if flag else "model")
+        r = _export(tmp_path / "checkpoint-last.pt", out, *flag)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert json.loads((out / "config.json").read_text())["num_classes"] == 10
+        with torch.no_grad():
+            expected = net(x)
+        torch.testing.assert_close(_timm_logits(out, 10, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_export_errors_are_one_line(tmp_path):
+    src = create_model("deit3_micro", num_classes=10, img_size=64)
+    torch.save({"model": src.state_dict()}, tmp_path / "bare.pt")
+    r = _export(tmp_path / "bare.pt", tmp_path / "o")
+    assert r.returncode == 2 and "give --model" in r.stderr and r.stderr.count("\n") == 1
+    r = _export(tmp_path / "bare.pt", tmp_path / "o", "--ema")
+    assert r.returncode == 2 and "has no EMA weights" in r.stderr
+    r = _export(tmp_path / "bare.pt", tmp_path / "o", "--model", "deit3_micro")
+    assert r.returncode == 2 and "timm has no DeiT III model for deit3_micro" in r.stderr

@@ -1,0 +1,60 @@
+"""TensorBoard and W&B: the per-epoch numbers reach them; a missing package is one clear error before training."""
+import sys
+import types
+
+import pytest
+import torch
+
+from deit3_fast.config import ConfigError, load_config
+from deit3_fast.trainer import train
+
+
+def _cfg(data, **extra):
+    sets = {"data.train": data / "train.beton", "data.val": data / "val.beton", "model.num_classes": 4,
+            "data.batch_size": 8, "train.global_batch": 16, "schedule.epochs": 2, "schedule.warmup_epochs": 1,
+            "data.workers": 1, **extra}
+    return load_config("quickstart", [f"{k}={v}" for k, v in sets.items()])
+
+
+def test_tensorboard_and_wandb_receive_every_epoch(data, tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    calls = []
+    fake = types.ModuleType("wandb")
+
+    class Run:
+        def log(self, scalars, step):
+            calls.append(("log", step, dict(scalars)))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    def init(**kw):
+        calls.append(("init", kw))
+        return Run()
+
+    fake.init = init
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    rows = train(_cfg(data, **{"train.tensorboard": "true", "train.wandb_project": "deit3"}), tmp_path / "run",
+                 torch.device("cpu"), quiet=True)
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("val_acc1")] == [(1, pytest.approx(rows[0]["val_acc1"])),
+                                                                    (2, pytest.approx(rows[1]["val_acc1"]))]
+    assert {"train_loss", "lr", "img_per_s"} <= set(acc.Tags()["scalars"])
+    init = calls[0][1]
+    assert calls[0][0] == "init" and init["project"] == "deit3" and init["resume"] == "allow"
+    assert init["config"]["model"]["num_classes"] == 4
+    assert [c[1] for c in calls if c[0] == "log"] == [1, 2] and calls[-1] == ("finish",)
+    assert calls[1][2]["val_acc1"] == pytest.approx(rows[0]["val_acc1"])
+
+
+@pytest.mark.parametrize("key, value, package", [("train.tensorboard", "true", "torch.utils.tensorboard"),
+                                                 ("train.wandb_project", "p", "wandb")])
+def test_a_missing_logger_package_is_one_clear_error_before_training(data, tmp_path, monkeypatch, key, value,
+                                                                     package):
+    monkeypatch.setitem(sys.modules, package, None)  # import raises ImportError
+    with pytest.raises(ConfigError, match=f"needs the {package.split('.')[-1]} package: pip install"):
+        train(_cfg(data, **{key: value}), tmp_path / "run", torch.device("cpu"), quiet=True)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() and not list((tmp_path / "run").glob("checkpoint*"))
