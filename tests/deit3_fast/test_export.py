@@ -3,7 +3,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from deit3_fast.models import create_model, load_checkpoint
