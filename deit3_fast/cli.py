@@ -131,6 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--batch", type=int, help="timing batch (256 on a GPU, 8 on a CPU)")
     z.add_argument("--steps", type=int, default=10, help="timed batches per model on a GPU (10)")
 
+    c = sub.add_parser("compare", help="runs against each other and the official curve: table, JSON, plot",
+                       description="An epoch-aligned table of validation top-1 for each run dir (ablation variants "
+                       "too) and the official curve of the recipe they follow (or --reference NAME), with each run's "
+                       "gap; --out writes the plot.")
+    c.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    c.add_argument("--reference", help="official curve to compare with (a recipe name; none for no curve)")
+    c.add_argument("--json", action="store_true", help="print every row as JSON instead of the table")
+    c.add_argument("--out", help="write the plot here (PNG)")
+
     x = sub.add_parser("export", help="write model.safetensors + config.json that timm.create_model loads",
                        description="From a run checkpoint (or its EMA), an official DeiT III .pth or a timm file, "
                        "write OUT_DIR/model.safetensors and OUT_DIR/config.json (timm's pretrained-config form); "
@@ -376,6 +385,19 @@ def _zoo(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from .compare import compare, plot, render
+
+    result = compare(args.runs, args.reference)
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "shown"}))
+    else:
+        render(result)
+    if args.out:
+        plot(result, args.out)
+    return 0
+
+
 def _export(args) -> int:
     from .export import export
 
@@ -418,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
 
     commands = {"train": _train, "eval": _eval, "preview": _preview, "submit": _submit, "profile": _profile,
                 "ablate": ablate.run_grid, "doctor": _doctor, "quickstart": _quickstart, "stage": _stage,
-                "zoo": _zoo, "export": _export}
+                "zoo": _zoo, "export": _export, "compare": _compare}
     try:
         return commands[args.command](args)
     except (ConfigError, DataError, CheckpointError, ConfigMismatch, OutOfMemory, DeviceError,

@@ -26,8 +26,8 @@ def epochs_done(run_dir: Path) -> int:
     return len({r["epoch"] for r in rundir.read_metrics(run_dir)})
 
 
-COLUMNS = ["variant", "status", "config", "epochs", "overrides", "final_top1", "final_top5", "best_top1", "img_per_s",
-           "wall_s", "gpus", "gpu_hours"]
+COLUMNS = ["variant", "status", "config", "epochs", "overrides", "final_top1", "final_top5", "best_top1", "gap",
+           "img_per_s", "wall_s", "gpus", "gpu_hours"]
 
 
 def status(v: Variant, run_dir: Path, rows: list[dict] | None = None) -> str:
@@ -57,6 +57,8 @@ def result_row(v: Variant, run_dir: Path) -> dict:
             "final_top1": rows[-1].get("val_acc1") if rows else None,
             "final_top5": rows[-1].get("val_acc5") if rows else None,
             "best_top1": max(acc) if acc else None,
+            # vs the official curve, at the last official epoch reached (only where the variant follows a recipe)
+            "gap": next((r["gap"] for r in reversed(rows) if r.get("gap") is not None), None),
             "img_per_s": sum(r["img_per_s"] for r in rows) / len(rows) if rows else None,
             "wall_s": wall if attempts else None, "gpus": max((a["gpus"] for a in attempts), default=None),
             "gpu_hours": gpu_s / 3600 if attempts else None}
@@ -86,14 +88,17 @@ def write_results(grid: Grid, out: Path) -> list[dict]:
     lines = [f"# Ablation `{grid.name}`", "",
              f"Grid `{grid.path}`; overrides of every variant: {common}. "
              f"Written {datetime.now(timezone.utc).isoformat(timespec='seconds')}.", "",
-             "| variant | status | config | overrides | epochs | final top-1 | final top-5 | best top-1 | img/s "
-             "| wall | GPU-hours (0 on CPU) |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| variant | status | config | overrides | epochs | final top-1 | final top-5 | best top-1 | gap "
+             "| img/s | wall | GPU-hours (0 on CPU) |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         cells = [r["variant"], r["status"], r["config"], r["overrides"] or "–", r["epochs"], _fmt(r["final_top1"]),
-                 _fmt(r["final_top5"]), _fmt(r["best_top1"]), _fmt(r["img_per_s"], 0), _duration(r["wall_s"]),
+                 _fmt(r["final_top5"]), _fmt(r["best_top1"]), _fmt(r["gap"], 2), _fmt(r["img_per_s"], 0),
+                 _duration(r["wall_s"]),
                  _fmt(r["gpu_hours"], 2)]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
-    lines += ["", "Top-1/top-5: validation accuracy (%) after the last epoch run and the best epoch. img/s: mean "
+    lines += ["", "Top-1/top-5: validation accuracy (%) after the last epoch run and the best epoch. gap: top-1 minus "
+              "the official curve's at the last official epoch reached (– where a variant follows no recipe; "
+              "`deit3-fast compare` for the whole curve). img/s: mean "
               "training throughput over epochs, all processes together. wall: the variant's attempts added up "
               "(training, evaluation and start-up). GPU-hours: wall x GPUs used, 0 for CPU runs.", ""]
     write_text_atomic(out / "results.md", "\n".join(lines))

@@ -82,3 +82,48 @@ def test_training_against_a_reference_logs_the_gap_warns_once_and_plots_it(data,
                                                               "schedule.epochs": 1}.items()])
     rows = train(cfg, tmp_path / "plain", torch.device("cpu"), quiet=True)
     assert "gap" not in rows[0] and json.loads((tmp_path / "plain" / "run.json").read_text())["reference"] is None
+
+
+def test_compare_aligns_runs_and_the_reference_by_epochs_completed(tmp_path, capsys):
+    """Two run dirs (as train writes them) against the ft224 curve: the table's rows are the official epochs, each
+    run's top-1 at that epoch and its gap; JSON has every row; the plot is written; ablate shows the last gap."""
+    import subprocess
+    import sys
+
+    from deit3_fast import cli
+    from deit3_fast.ablate.results import result_row
+
+    from ..conftest import REPO
+
+    for name, offset in (("a", 0.0), ("b", -3.0)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "run.json").write_text(json.dumps({"reference": "vit_b_in1k_ft224"}))
+        curve = official_curve("vit_b_in1k_ft224")
+        rows = [{"epoch": k, "val_acc1": curve.get(k + 1, 80.0) + offset, "train_loss": 1.0, "img_per_s": 9.0}
+                for k in range(12)]
+        for r in rows:
+            g = curve.get(r["epoch"] + 1)
+            if g is not None:
+                r["gap"] = r["val_acc1"] - g
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli.main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--json", "--out",
+                     str(tmp_path / "c.png")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["reference"] == "vit_b_in1k_ft224" and [r["epoch"] for r in result["rows"]] == [5, 10]
+    assert result["rows"][1]["b"] == pytest.approx(83.788 - 3.0) and result["rows"][1]["gaps"]["b"] == \
+        pytest.approx(-3.0)
+    assert (tmp_path / "c.png").stat().st_size > 0
+    # Without a reference every epoch is a row; an unknown reference name is one clear error.
+    assert cli.main(["compare", str(tmp_path / "a"), "--json", "--reference", "none"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["rows"]) == 12
+    r = subprocess.run([sys.executable, "-m", "deit3_fast", "compare", str(tmp_path / "a"), "--reference", "vit_x"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "no official curve named 'vit_x'" in r.stderr
+    # ablate's results row: the gap at the last official epoch reached.
+
+    class V:
+        name, cfg, shown = "b", "vit_b_in1k_ft224", []
+        config = load_config("vit_b_in1k_ft224")
+
+    assert result_row(V, tmp_path / "b")["gap"] == pytest.approx(-3.0)

@@ -1,0 +1,84 @@
+"""`deit3-fast compare RUN_DIR [RUN_DIR ...] [--reference NAME]`: runs side by side, epoch by epoch, and against an
+official curve: a table (every official epoch, or every epoch without a reference; long tables thinned to about 25
+rows, the last epoch always kept), JSON with every row, and a plot. Ablation variants are run dirs too.
+
+Epochs are counted as completed epochs (a run's metrics.jsonl row k is epoch k + 1), as the official curves are.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import reference as ref
+from . import rundir
+from .config import ConfigError
+
+
+def _reference_of(runs: dict[str, Path], given: str | None) -> str | None:
+    if given == "none":
+        return None
+    if given:
+        ref.official_curve(given)  # an unknown name is a ConfigError listing the known ones
+        return given
+    import json
+
+    named = set()
+    for path in runs.values():
+        try:
+            named.add(json.loads((path / rundir.FACTS).read_text()).get("reference"))
+        except (OSError, ValueError):
+            named.add(None)
+    return named.pop() if len(named) == 1 else None  # the recipe all the runs follow, if they agree
+
+
+def compare(run_dirs: list[str], reference: str | None = None, max_rows: int = 25) -> dict:
+    runs = {}
+    for d in run_dirs:
+        p = Path(d)
+        if not (p / rundir.METRICS).exists():
+            raise ConfigError(f"{d}: not a run dir (no {rundir.METRICS})")
+        runs[p.name if p.name not in runs else str(p)] = p
+    name = _reference_of(runs, reference)
+    curve = ref.official_curve(name) if name else {}
+    acc = {n: {r["epoch"] + 1: r.get("val_acc1") for r in rundir.read_metrics(p)} for n, p in runs.items()}
+    last = max((e for a in acc.values() for e in a), default=0)
+    epochs = sorted(e for e in curve if 0 < e <= last) if curve else sorted({e for a in acc.values() for e in a})
+    rows = [{"epoch": e, **{n: a.get(e) for n, a in acc.items()}, **({"official": curve[e]} if curve else {})}
+            for e in epochs]
+    for row in rows:
+        if curve:
+            row["gaps"] = {n: row[n] - row["official"] for n in acc if row[n] is not None}
+    step = max(1, -(-len(rows) // max_rows))
+    shown = [r for i, r in enumerate(rows) if i % step == 0 or i == len(rows) - 1]
+    return {"runs": {n: str(p) for n, p in runs.items()}, "reference": name, "rows": rows, "shown": shown}
+
+
+def render(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    names = list(result["runs"])
+    title = "val top-1 (%) by epochs completed" + (f"; official: {result['reference']}" if result["reference"]
+                                                    else "")
+    t = Table(title=title, title_justify="left")
+    t.add_column("epoch", justify="right")
+    for n in names:
+        t.add_column(n, justify="right")
+    if result["reference"]:
+        t.add_column("official", justify="right")
+    for r in result["shown"]:
+        cells = []
+        for n in names:
+            v = r[n]
+            gap = r.get("gaps", {}).get(n)
+            cells.append("–" if v is None else f"{v:.2f}" + (f" ({gap:+.2f})" if gap is not None else ""))
+        t.add_row(str(r["epoch"]), *cells, *([f"{r['official']:.2f}"] if result["reference"] else []))
+    Console().print(t)
+
+
+def plot(result: dict, png: str | Path) -> None:
+    runs = {n: rundir.read_metrics(Path(p)) for n, p in result["runs"].items()}
+    curve = ref.official_curve(result["reference"]) if result["reference"] else None
+    last = max((r["epoch"] + 1 for rows in runs.values() for r in rows), default=0)
+    rundir.plot_curves(runs, Path(png), title="compare", overlay=len(runs) > 1,
+                       reference=(f"official {result['reference']}", {e: v for e, v in curve.items() if e <= last})
+                       if curve else None)
