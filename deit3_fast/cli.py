@@ -28,6 +28,8 @@ def _add_cfg_args(p: argparse.ArgumentParser, data_train: bool = True, cfg_requi
     p.add_argument("--data-val", help="validation .beton (overrides data.val)")
     p.add_argument("--engine", choices=ENGINES, help="loader engine (overrides data.engine)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--overrides", metavar="FILE",
+                   help="a YAML of config overrides (as profile --tune writes), applied before any --set")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, repeatable (e.g. --set optim.lr=1e-3)")
 
@@ -94,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cfg_args(f)
     f.add_argument("--steps", type=int, default=20, help="timed batches per measurement (20)")
     f.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    f.add_argument("--tune", action="store_true",
+                   help="try engines, data.workers, data.os_cache and train.compile; write the fastest "
+                        "compute-bound setting (else the fastest) as an override YAML for --overrides")
+    f.add_argument("--budget-s", type=float, default=300.0, help="with --tune: time to spend (300 s)")
+    f.add_argument("--tune-out", default="tuned.yaml", help="with --tune: the override file (tuned.yaml)")
 
     d = sub.add_parser("doctor", help="is this machine ready, and how fast is it? (versions, GPUs, decoders, "
                        "throughput)", description="Checks what a long run needs on this node and measures it: "
@@ -181,8 +188,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _flatten(tree: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out += _flatten(v, f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k}={json.dumps(v)}")  # JSON is YAML: lists, true/false, null survive
+    return out
+
+
 def _overrides(args) -> list[str]:
     sets = []
+    if getattr(args, "overrides", None):
+        import yaml
+
+        try:
+            tree = yaml.safe_load(Path(args.overrides).read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"--overrides {args.overrides}: unreadable ({str(e).splitlines()[0]})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"--overrides {args.overrides}: expected a mapping of config sections")
+        sets += _flatten(tree)
     model = getattr(args, "model", None)
     if model:  # first, so that an explicit --set still wins
         sets.append(f"model.name={model}")
@@ -334,6 +361,20 @@ def _profile(args) -> int:
     if args.steps < 1:
         raise ConfigError(f"--steps must be at least 1, got {args.steps}")
     cfg = load_config(args.cfg, _overrides(args))
+    if args.tune:
+        from .tune import tune, write_overrides
+
+        if args.budget_s <= 0:
+            raise ConfigError(f"--budget-s must be positive, got {args.budget_s}")
+        log = (lambda line: None) if args.json else (lambda line: print(line, flush=True))
+        tuned = tune(cfg, pick_device(args.device), budget_s=args.budget_s, steps=args.steps, log=log)
+        write_overrides(tuned, args.tune_out)
+        if args.json:
+            print(json.dumps(tuned))
+        else:
+            print(f"best: {tuned['overrides']} -> {args.tune_out} (use --overrides {args.tune_out}); "
+                  f"{len(tuned['tried'])} settings in {tuned['seconds']:.0f} s of {args.budget_s:.0f}")
+        return 0
     result = profile(cfg, pick_device(args.device), steps=args.steps)
     if args.json:
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))

@@ -92,3 +92,37 @@ def test_model_gemm_and_peak_use_the_models_shape_and_dtype():
     assert model_gemm(m, 64, torch.device("cpu"))[0] == 2048
     assert matmul_peak_tflops(torch.device("cpu"), torch.bfloat16, 256, 128, 512) > 0
     assert nominal_tflops(torch.device("cpu"), "bf16") is None
+
+
+def test_tune_tries_settings_within_its_budget_and_writes_usable_overrides(data, tmp_path):
+    """profile --tune on the quickstart: each installed engine and worker count (and compile on the best), a table
+    line each, the winner as an override YAML that --overrides applies; it ends within its budget."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    from ..conftest import REPO
+
+    out = tmp_path / "tuned.yaml"
+    common = ["--cfg", "quickstart", "--data-train", str(data / "train.beton"), "--set", "model.num_classes=4",
+              "--set", "data.batch_size=8", "--set", "train.global_batch=8", "--set", "data.repeats=1",
+              "--device", "cpu"]
+    r = subprocess.run([sys.executable, "-m", "deit3_fast", "profile", *common, "--tune", "--budget-s", "40",
+                        "--steps", "1", "--tune-out", str(out), "--json"], cwd=REPO, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(result["tried"]) >= 2 and result["seconds"] <= 40 * 1.5
+    best = result["best"]
+    assert best in result["tried"] and all(best["end_to_end_img_per_s"] >= t["end_to_end_img_per_s"]
+                                           for t in result["tried"] if "error" not in t
+                                           and (t["ratio"] >= 0.95) == result["compute_bound"])
+    written = yaml.safe_load(out.read_text())
+    assert written == result["overrides"] and written["data"]["engine"] == best["data.engine"]
+    dry = subprocess.run([sys.executable, "-m", "deit3_fast", "train", *common, "--overrides", str(out),
+                          "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    cfg = json.loads(dry.stdout)
+    assert (cfg["data"]["engine"], cfg["data"]["workers"], cfg["train"]["compile"]) == \
+        (written["data"]["engine"], written["data"]["workers"], written["train"]["compile"])

@@ -1,0 +1,103 @@
+"""`deit3-fast profile --tune`: the loader settings that feed the model fastest on this machine and this data.
+
+Tries, cheapest first, each installed engine with several `data.workers` counts (and `data.os_cache` both ways for
+FFCV), then `train.compile` on the best of them; each is a short `profile` of the real run. The winner is the
+fastest end-to-end setting that is compute-bound (the input keeps up), else the fastest; it is written as an
+override YAML (`--overrides FILE` on any command). A candidate is started only if the time spent plus the slowest
+one so far still fits `budget_s`, so tuning ends within the budget.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import replace
+from importlib.util import find_spec
+
+import yaml
+
+from .config import Config
+from .profile import COMPUTE_BOUND_RATIO, profile
+
+
+def _engines() -> list[str]:
+    found = ["nvjpeg"]
+    if find_spec("ffcv") is not None:
+        found.insert(0, "ffcv")
+    if find_spec("nvidia") is not None and find_spec("nvidia.dali") is not None:
+        found.append("dali")
+    return found
+
+
+def candidates(cfg: Config) -> list[dict]:
+    cores = len(os.sched_getaffinity(0))
+    workers = sorted({max(1, cores // 4), max(1, cores // 2), cores})
+    out = []
+    for engine in _engines():
+        for w in workers:
+            for os_cache in ((True, False) if engine == "ffcv" else (cfg.data.os_cache,)):
+                out.append({"data.engine": engine, "data.workers": w, "data.os_cache": os_cache})
+    return out
+
+
+def _apply(cfg: Config, setting: dict) -> Config:
+    data = replace(cfg.data, engine=setting["data.engine"], workers=setting["data.workers"],
+                   os_cache=setting["data.os_cache"])
+    return replace(cfg, data=data, train=replace(cfg.train, compile=setting.get("train.compile", cfg.train.compile)))
+
+
+def tune(cfg: Config, device, budget_s: float = 300.0, steps: int = 5, log=print) -> dict:
+    started, slowest, tried = time.perf_counter(), 0.0, []
+
+    def attempt(setting: dict) -> bool:
+        nonlocal slowest
+        if tried and time.perf_counter() - started + slowest > budget_s:
+            return False
+        t = time.perf_counter()
+        try:
+            r = profile(_apply(cfg, setting), device, steps=steps)
+            row = {**setting, "end_to_end_img_per_s": r["end_to_end_img_per_s"],
+                   "loader_img_per_s": r["loader_img_per_s"], "ratio": r["ratio"], "verdict": r["verdict"]}
+        except Exception as e:  # noqa: BLE001 - a setting that cannot run here is a result, not a crash
+            row = {**setting, "error": str(e).splitlines()[0][:200]}
+        row["seconds"] = time.perf_counter() - t
+        slowest = max(slowest, row["seconds"])
+        tried.append(row)
+        log(_line(row))
+        return True
+
+    for setting in candidates(cfg):
+        if not attempt(setting):
+            break
+    ok = [r for r in tried if "error" not in r]
+    if ok and not cfg.train.compile:  # compiling pays off for the model and the device stage: try it on the best
+        best = max(ok, key=lambda r: r["end_to_end_img_per_s"])
+        attempt({k: best[k] for k in ("data.engine", "data.workers", "data.os_cache")} | {"train.compile": True})
+        ok = [r for r in tried if "error" not in r]
+    if not ok:
+        raise RuntimeError("no setting could run: " + "; ".join(r["error"] for r in tried))
+    bound = [r for r in ok if r["ratio"] >= COMPUTE_BOUND_RATIO]
+    best = max(bound or ok, key=lambda r: r["end_to_end_img_per_s"])
+    overrides = {"data": {"engine": best["data.engine"], "workers": best["data.workers"],
+                          "os_cache": best["data.os_cache"]},
+                 "train": {"compile": bool(best.get("train.compile", cfg.train.compile))}}
+    return {"tried": tried, "best": best, "compute_bound": bool(bound), "overrides": overrides,
+            "seconds": time.perf_counter() - started, "budget_s": budget_s}
+
+
+def _line(r: dict) -> str:
+    what = (f"{r['data.engine']:<6} workers {r['data.workers']:<3} os_cache {str(r['data.os_cache']):<5} "
+            f"compile {str(r.get('train.compile', False)):<5}")
+    if "error" in r:
+        return f"{what}  failed: {r['error']}"
+    return (f"{what}  end-to-end {r['end_to_end_img_per_s']:,.0f} img/s ({r['ratio']:.0%} of the model alone, "
+            f"{r['verdict']})  [{r['seconds']:.0f} s]")
+
+
+def write_overrides(result: dict, path: str) -> None:
+    from dataset_tools.atomic import write_text_atomic
+
+    b = result["best"]
+    kind = "compute-bound" if result["compute_bound"] else "the fastest; not compute-bound"
+    head = (f"# deit3-fast profile --tune: {b['end_to_end_img_per_s']:,.0f} img/s end to end, {b['ratio']:.0%} of "
+            f"the model alone ({kind}). Use: --overrides {path}\n")
+    write_text_atomic(path, head + yaml.safe_dump(result["overrides"], sort_keys=True))
