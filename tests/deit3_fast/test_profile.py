@@ -115,10 +115,10 @@ def test_tune_tries_settings_within_its_budget_and_writes_usable_overrides(data,
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert len(result["tried"]) >= 2 and result["seconds"] <= 40 * 1.5
-    best = result["best"]
-    assert best in result["tried"] and all(best["end_to_end_img_per_s"] >= t["end_to_end_img_per_s"]
-                                           for t in result["tried"] if "error" not in t
-                                           and (t["ratio"] >= 0.95) == result["compute_bound"])
+    best, ran = result["best"], [t for t in result["tried"] if "error" not in t]
+    bound = [t for t in ran if t["ratio"] >= 0.95]
+    assert result["compute_bound"] == bool(bound)
+    assert best == max(bound or ran, key=lambda t: t["end_to_end_img_per_s"])  # the fastest that keeps up
     written = yaml.safe_load(out.read_text())
     assert written == result["overrides"] and written["data"]["engine"] == best["data.engine"]
     dry = subprocess.run([sys.executable, "-m", "deit3_fast", "train", *common, "--overrides", str(out),
