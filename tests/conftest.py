@@ -30,6 +30,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def env_without(folder: Path, *packages: str) -> dict:
+    """The environment of a Python that cannot import `packages` (nor their submodules), as on a machine without
+    them: a sitecustomize in `folder` puts an import blocker first on sys.meta_path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(
+        "import sys\n"
+        f"BLOCKED = {tuple(packages)!r}\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if any(name == p or name.startswith(p + '.') for p in BLOCKED):\n"
+        "            raise ImportError(f'{name} is not installed here')\n"
+        "sys.meta_path.insert(0, Block())\n")
+    return {**os.environ, "PYTHONPATH": f"{folder}:{REPO}"}
+
+
 def run_cli(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
     """A console script run the way a user runs it: a fresh process, captured output."""
     return subprocess.run([sys.executable, "-m", "dataset_tools.convert", *map(str, args)], capture_output=True,

@@ -15,7 +15,7 @@ from dataset_tools.images import stored_size
 from dataset_tools.shards import ShardSet, classes_of, open_samples, shard_name
 from dataset_tools.synthetic import make_imagefolder
 
-from ..conftest import REPO, plain_loader, run_cli
+from ..conftest import REPO, env_without, plain_loader, run_cli
 
 PAGE = 2 << 20
 
@@ -269,16 +269,7 @@ def test_num_classes_auto_counts_the_classes_of_the_data(sharded, single, tmp_pa
 
 def test_conversion_and_the_nvjpeg_engine_need_no_ffcv(tree, tmp_path):
     """FFCV hidden: conversion (sharded), --inspect and a training batch from the nvjpeg engine still work."""
-    block = tmp_path / "block"
-    block.mkdir()
-    (block / "sitecustomize.py").write_text(
-        "import sys\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] == 'ffcv':\n"
-        "            raise ImportError(f'{name} is not installed here')\n"
-        "sys.meta_path.insert(0, Block())\n")
-    env = {**os.environ, "PYTHONPATH": f"{block}:{REPO}"}
+    env = env_without(tmp_path / "block", "ffcv")
     out = tmp_path / "train"
     code = (
         "import sys\n"

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from ..conftest import REPO
+from ..conftest import REPO, env_without
 
 
 def doctor(*args, timeout=600):
@@ -57,16 +57,7 @@ def test_a_missing_optional_package_is_missing_with_its_fix(monkeypatch):
 def test_the_cli_works_on_a_bare_gpu_machine_without_ffcv_dali_or_submitit(tmp_path, beton):
     """What a lent GPU machine has: torch, torchvision, timm, numba, but no ffcv, DALI or submitit. doctor, train
     and eval with the nvjpeg engine must work there; submit says what is missing in one line."""
-    block = tmp_path / "block"
-    block.mkdir()
-    (block / "sitecustomize.py").write_text(
-        "import sys\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('ffcv', 'submitit') or name.startswith('nvidia.dali'):\n"
-        "            raise ImportError(f'{name} is not installed here')\n"
-        "sys.meta_path.insert(0, Block())\n")
-    env = {**__import__("os").environ, "PYTHONPATH": f"{block}:{REPO}"}
+    env = env_without(tmp_path / "block", "ffcv", "submitit", "nvidia.dali")
 
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "deit3_fast", *map(str, args)], cwd=REPO, capture_output=True,
