@@ -283,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  deit3-convert /data/imagenet/val val_256.beton --classes train_256.beton.json\n"
                "  deit3-convert /data/imagenet/train train_10pc.beton --fraction 0.1 --seed 0\n"
                "  deit3-convert --inspect train_256.beton",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False)  # --submit's tasks rebuild the command line from the full option names
     p.add_argument("src", nargs="?", metavar="SRC_DIR", help="ImageFolder root (one folder per class)")
     p.add_argument("out", nargs="?", metavar="OUT.beton", help="output file (written atomically)")
     p.add_argument("--max-resolution", type=int, default=None,

@@ -36,8 +36,11 @@ def shard_name(index: int, count: int) -> str:
 
 
 def sha256_of(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()  # read in chunks: hashlib.file_digest needs Python 3.11
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while chunk := f.read(16 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def manifest_path(path: str | os.PathLike) -> Path | None:

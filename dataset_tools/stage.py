@@ -136,12 +136,16 @@ def stage(src: str | os.PathLike, dest: str | os.PathLike, progress: Callable[[i
         s, d = folder / name, dest / name
         st = s.stat()
         known = record.get(name)
+        # Skipped only when neither side changed since the copy: a re-converted source of the same size (page-padded
+        # .beton sizes often are) has another mtime, and is copied again.
         if d.exists() and known and known["size"] == st.st_size == d.stat().st_size and \
-                known["mtime_ns"] == d.stat().st_mtime_ns and (expected is None or known["sha256"] == expected):
+                known["mtime_ns"] == d.stat().st_mtime_ns and known.get("src_mtime_ns") == st.st_mtime_ns and \
+                (expected is None or known["sha256"] == expected):
             progress(st.st_size)
             continue
         digest = _copy_verified(s, d, expected, progress)
-        record[name] = {"size": st.st_size, "mtime_ns": d.stat().st_mtime_ns, "sha256": digest}
+        record[name] = {"size": st.st_size, "mtime_ns": d.stat().st_mtime_ns, "src_mtime_ns": st.st_mtime_ns,
+                        "sha256": digest}
         write_text_atomic(record_path, json.dumps(record, indent=1) + "\n")
     if manifest is not None:
         write_text_atomic(dest / MANIFEST, (folder / manifest).read_text())

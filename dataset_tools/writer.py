@@ -13,13 +13,14 @@ predecessors in the same output.
 from __future__ import annotations
 
 import ctypes
+import multiprocessing
 import os
 import queue
 import signal
 import traceback
 from dataclasses import dataclass
 from itertools import zip_longest
-from multiprocessing import Process, Queue
+from multiprocessing import Queue
 from typing import Callable
 
 import numpy as np
@@ -130,8 +131,10 @@ class _Output:
         self.next_chunk, self.waiting = 0, {}
         self.skipped, self.info, self.hw, self.nbytes = [], [], [], []
 
-    def receive(self, chunk_no: int, rows) -> None:
+    def receive(self, chunk_no: int, rows) -> int:
+        """Park `rows` until its predecessors are in; returns how many chunks were appended now."""
         self.waiting[chunk_no] = rows
+        before = self.next_chunk
         while self.next_chunk in self.waiting:
             for i, row in self.waiting.pop(self.next_chunk):
                 if isinstance(row, str):
@@ -143,6 +146,7 @@ class _Output:
                 self.hw.append((h, w))
                 self.nbytes.append(data.nbytes)
             self.next_chunk += 1
+        return self.next_chunk - before
 
     @property
     def done(self) -> bool:
@@ -165,10 +169,14 @@ def write_parts(samples: list[tuple[str, int]], parts: list[Part], enc: Encoding
     per_part = [[(k, c, p.samples[c * chunksize:(c + 1) * chunksize]) for c in range(o.num_chunks)]
                 for k, (p, o) in enumerate(zip(parts, outputs))]
     feed = iter([item for group in zip_longest(*per_part) for item in group if item is not None])
-    work, results = Queue(), Queue()
-    procs = [Process(target=_worker, args=(work, results, samples, enc, strict, os.getpid()),
-                     daemon=True)
+    # fork, whatever the platform default (forkserver from Python 3.14): workers inherit the sample list, and
+    # _die_with_parent's parent check assumes the converter is their parent.
+    ctx = multiprocessing.get_context("fork")
+    work, results = ctx.Queue(), ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(work, results, samples, enc, strict, os.getpid()), daemon=True)
              for _ in range(workers)]
+    # Chunks fed and not yet appended (outstanding or parked behind a slower predecessor): bounded, so a slow or
+    # lost chunk cannot make the parent hold the rest of the output in memory.
     in_flight, fed_all, done = 0, False, 0
     try:
         for p in procs:
@@ -183,20 +191,21 @@ def write_parts(samples: list[tuple[str, int]], parts: list[Part], enc: Encoding
                 else:
                     work.put(item)
                     in_flight += 1
+            # A worker that reports an error exits normally; a non-zero exit is a kill (the OOM killer), checked on
+            # every pass: with messages arriving all the time a timeout would never come.
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                raise ConversionError(f"a writer process died (exit code {dead[0].exitcode}; out of memory? try "
+                                      "fewer --workers)")
             try:
                 msg = results.get(timeout=0.1)
             except queue.Empty:
-                dead = [p for p in procs if p.exitcode not in (None, 0)]
-                if dead and results.empty():
-                    raise ConversionError(f"a writer process died (exit code {dead[0].exitcode}; out of memory? "
-                                          "try fewer --workers)") from None
                 continue
             if msg[0] == "error":
                 raise ConversionError(msg[1])
             _, k, chunk_no, rows = msg
-            in_flight -= 1
             done += len(rows)
-            outputs[k].receive(chunk_no, rows)
+            in_flight -= outputs[k].receive(chunk_no, rows)
             progress(done)
         return [o.close() for o in outputs]
     finally:

@@ -268,6 +268,8 @@ def _eval(args) -> int:
     cfg = resolve_num_classes(load_config(args.cfg, _overrides(args)))
     sets = parse_sets(args.val)
     if cfg.data.val and (not sets or args.data_val):
+        if any(s.name == "val" for s in sets):
+            raise ConfigError("validation set 'val' is --data-val's name: give the other set another name")
         sets.insert(0, EvalSet("val", cfg.data.val))
     if not sets:
         raise ConfigError("nothing to evaluate: give --data-val PATH or --val NAME=PATH (repeatable)")

@@ -56,6 +56,10 @@ def class_mask(name: str, classes: list[str] | None, num_classes: int):
     if not classes:
         raise ConfigError(f"validation set {name!r}: masking to its {len(wnids)} classes needs the class list it "
                           "was converted with (its .beton.json report or manifest)")
+    if len(classes) != num_classes:  # converted with its own 200 classes: labels are not the model's outputs
+        raise ConfigError(f"validation set {name!r} was converted with {len(classes)} classes, the model has "
+                          f"{num_classes}: convert it with --classes TRAIN.beton.json, so its labels are the "
+                          "model's class indices")
     index = {c: i for i, c in enumerate(classes)}
     missing = [w for w in wnids if w not in index]
     if missing:

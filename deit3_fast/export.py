@@ -35,8 +35,9 @@ def timm_architecture(arch: str, img_size: int) -> tuple[str, dict]:
     return base, {"img_size": img_size}
 
 
-def _model_name(path: str, given: str | None, ema: bool) -> tuple[str, dict | None]:
-    """(model name, EMA state or None): --model, else the run checkpoint's config, else the official args."""
+def _model_name(path: str, given: str | None, ema: bool) -> tuple[str, dict | None, int | None]:
+    """(model name, EMA state or None, the run's img_size or None): --model, else the run checkpoint's config,
+    else the official args."""
     import torch
 
     from .checkpoint import load
@@ -51,17 +52,19 @@ def _model_name(path: str, given: str | None, ema: bool) -> tuple[str, dict | No
         if payload is None or payload.get("ema") is None:
             raise CheckpointError(f"{path} has no EMA weights (only a run's checkpoint with train.ema_decay has)")
         ema_state = payload["ema"]
+    config = payload.get("config") if payload is not None else None
+    img_size = config["aug"]["img_size"] if isinstance(config, dict) else None
     if given:
-        return given, ema_state
-    if payload is not None and isinstance(payload.get("config"), dict):
-        return payload["config"]["model"]["name"], ema_state
+        return given, ema_state, img_size
+    if isinstance(config, dict):
+        return config["model"]["name"], ema_state, img_size
     try:
         import argparse
 
         torch.serialization.add_safe_globals([argparse.Namespace])  # official files carry their argparse args
         args = torch.load(path, map_location="cpu", weights_only=True).get("args")
         if args is not None and getattr(args, "model", None):
-            return args.model, ema_state
+            return args.model, ema_state, getattr(args, "input_size", None)
     except Exception:  # noqa: BLE001 - any unreadable file is reported by the loader below
         pass
     raise CheckpointError(f"{path} does not say which model it holds: give --model (e.g. deit3_small_patch16_224)")
@@ -74,7 +77,7 @@ def export(checkpoint: str, out_dir: str | Path, model: str | None = None, ema: 
 
     from .models import _read_state_dict, create_model, load_checkpoint
 
-    name, ema_state = _model_name(checkpoint, model, ema)
+    name, ema_state, run_img_size = _model_name(checkpoint, model, ema)
     try:
         arch = resolve_name(name)[0]
     except ValueError as e:
@@ -83,7 +86,9 @@ def export(checkpoint: str, out_dir: str | Path, model: str | None = None, ema: 
     if "head.weight" not in state or "pos_embed" not in state:
         raise CheckpointError(f"{checkpoint}: not a ViT state dict (no head.weight / pos_embed)")
     num_classes = state["head.weight"].shape[0]
-    img_size = int(math.isqrt(state["pos_embed"].shape[1])) * ARCHS[arch][0]
+    # The run's resolution where the checkpoint says it: the patch grid is floored (ViT-H/14 at 160 px: 11 x 11),
+    # so the grid alone gives 154.
+    img_size = run_img_size or int(math.isqrt(state["pos_embed"].shape[1])) * ARCHS[arch][0]
     net = create_model(arch, num_classes=num_classes, img_size=img_size)
     if ema_state is not None:
         net.load_state_dict(ema_state)

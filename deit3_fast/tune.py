@@ -58,7 +58,7 @@ def tune(cfg: Config, device, budget_s: float = 300.0, steps: int = 5, log=print
             row = {**setting, "end_to_end_img_per_s": r["end_to_end_img_per_s"],
                    "loader_img_per_s": r["loader_img_per_s"], "ratio": r["ratio"], "verdict": r["verdict"]}
         except Exception as e:  # noqa: BLE001 - a setting that cannot run here is a result, not a crash
-            row = {**setting, "error": str(e).splitlines()[0][:200]}
+            row = {**setting, "error": (str(e).strip() or type(e).__name__).splitlines()[0][:200]}
         row["seconds"] = time.perf_counter() - t
         slowest = max(slowest, row["seconds"])
         tried.append(row)

@@ -321,6 +321,12 @@ def test_stage_copies_verifies_and_resumes(sharded, tmp_path):
     now = {p.name: p.stat().st_mtime_ns for p in dest.iterdir()}
     assert sorted(n for n in now if now[n] != stamps.get(n)) == sorted(
         [shard_name(0, 3), ".staged.json", "manifest.json"])
+    # A source file re-written since (same size: .beton files are page-padded) is copied again.
+    src_file = sharded / shard_name(2, 3)
+    os.utime(src_file, ns=(src_file.stat().st_atime_ns, src_file.stat().st_mtime_ns + 10**9))
+    stage(sharded, dest)
+    again = {p.name: p.stat().st_mtime_ns for p in dest.iterdir()}
+    assert again[shard_name(2, 3)] != now[shard_name(2, 3)] and again[shard_name(1, 3)] == now[shard_name(1, 3)]
     # A source shard whose bytes are not the manifest's is refused, and nothing of it is left at the destination.
     import shutil
 

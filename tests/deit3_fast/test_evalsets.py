@@ -103,7 +103,10 @@ def test_imagenet_a_and_r_masks_are_their_200_classes_in_the_label_order():
             open(os.path.join(info, f"imagenet_{s}_synsets.txt")).read().split()
     assert class_mask("v2", wnids, 1000) is None
     with pytest.raises(ConfigError, match="are not in the class list"):
-        class_mask("a", wnids[:500], 1000)
+        class_mask("a", wnids[:500], 500)
+    # A set converted with only its own 200 classes has labels that are not the model's outputs: refused.
+    with pytest.raises(ConfigError, match="was converted with 200 classes, the model has 1000"):
+        class_mask("a", sorted(subset), 1000)
 
 
 def test_a_masked_evaluation_never_predicts_a_class_outside_the_set():
