@@ -14,7 +14,6 @@ import signal
 import sys
 import time
 from contextlib import ExitStack
-from importlib.metadata import PackageNotFoundError, version
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
@@ -25,7 +24,7 @@ from rich.text import Text
 from .atomic import AtomicOutput, check_writable, write_text_atomic
 from .errors import ConversionError, SourceError
 from .imagefolder import read_class_list, scan_imagefolder, split_holdout
-from .report import merged_report, part_report
+from .report import merged_report, part_report, version_of
 from .shards import FORMAT, MANIFEST, SOURCES, sha256_of, shard_name, write_manifest
 
 PROG = "deit3-convert"
@@ -33,13 +32,6 @@ PROG = "deit3-convert"
 
 class UsageError(Exception):
     pass
-
-
-def _version(pkg: str) -> str:
-    try:
-        return version(pkg)
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def default_workers() -> int:
@@ -62,15 +54,21 @@ def _fingerprint(options: dict, samples: list[tuple[str, int]], part: list[int],
     return hashlib.sha256(json.dumps([content, listing]).encode()).hexdigest()
 
 
-def _complete(path: str, fingerprint: str) -> dict | None:
-    """The report of `path` if the file there is complete, from this same plan, and its bytes verify."""
+def _same_plan(path: str, fingerprint: str) -> dict | None:
+    """The report of `path` if it was written by this same plan and the file beside it has the size it records."""
     try:
         report = json.loads(open(path + ".json").read())
         if report.get("plan") != fingerprint or os.path.getsize(path) != report.get("output_bytes"):
             return None
     except (OSError, ValueError, AttributeError):
         return None
-    return report if sha256_of(path) == report.get("sha256") else None
+    return report
+
+
+def _complete(path: str, fingerprint: str) -> dict | None:
+    """`_same_plan`'s report if the file's bytes also verify (a re-run skips such a part)."""
+    report = _same_plan(path, fingerprint)
+    return report if report is not None and sha256_of(path) == report.get("sha256") else None
 
 
 def _plan(scan, out: str, shards: int | None, holdout: int, seed: int) -> tuple[list[str], list[list[int]], bool]:
@@ -210,19 +208,8 @@ def _check_folder_output(out: str) -> str | None:
 def _finish_manifest(src, out, scan, paths, prints, has_holdout, options, started, fresh: dict) -> dict:
     """Write OUT/manifest.json if every part is complete (this run's, or an earlier one's of the same plan);
     otherwise return what is done so far."""
-    reports = {}
-    for k, path in enumerate(paths):
-        if k in fresh:
-            reports[k] = fresh[k]
-            continue
-        try:
-            r = json.loads(open(path + ".json").read())
-        except (OSError, ValueError):
-            r = None
-        if not isinstance(r, dict) or r.get("plan") != prints[k] or not os.path.exists(path) or \
-                os.path.getsize(path) != r.get("output_bytes"):
-            r = None
-        reports[k] = r
+    # Another task's parts are taken at their report's word (size and plan): each task verified its own bytes.
+    reports = {k: fresh[k] if k in fresh else _same_plan(path, prints[k]) for k, path in enumerate(paths)}
     missing = [k for k, r in reports.items() if r is None]
     elapsed = time.perf_counter() - started
     if missing:
@@ -330,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inspect", metavar="BETON", default=None, help="check a .beton and print its statistics")
     p.add_argument("--samples", type=int, default=64, help="with --inspect: how many samples to decode (64)")
     p.add_argument("--json", action="store_true", help="with --inspect: print the statistics as JSON")
-    p.add_argument("--version", action="version", version=f"%(prog)s {_version('deit3-fast')}")
+    p.add_argument("--version", action="version", version=f"%(prog)s {version_of('deit3-fast')}")
     return p
 
 

@@ -12,7 +12,7 @@ import numpy as np
 from .writer import MODES
 
 
-def _version(pkg: str) -> str:
+def version_of(pkg: str) -> str:
     try:
         return version(pkg)
     except PackageNotFoundError:
@@ -39,7 +39,7 @@ def part_report(src: str, out: str, scan, part: list[int], result, options: dict
     if main:
         skipped += [{"path": rel(p), "reason": r} for p, r in scan.problems]
     return {
-        "tool": "deit3-convert", "version": _version("deit3-fast"),
+        "tool": "deit3-convert", "version": version_of("deit3-fast"),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "source": os.path.abspath(src), "output": os.path.abspath(out), "output_bytes": result.file_bytes,
         "sha256": result.sha256, "plan": fingerprint, "options": options,
@@ -76,7 +76,7 @@ def merged_report(src: str, out: str, scan, shard_reports: list[dict], options: 
     rel = lambda p: os.path.relpath(p, src)  # noqa: E731
     n = [r["num_written"] for r in shard_reports]
     merged = {
-        "tool": "deit3-convert", "version": _version("deit3-fast"),
+        "tool": "deit3-convert", "version": version_of("deit3-fast"),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "source": os.path.abspath(src), "output": os.path.abspath(out),
         "output_bytes": sum(r["output_bytes"] for r in shard_reports), "options": options,

@@ -43,14 +43,16 @@ def sha256_of(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def manifest_path(path: str | os.PathLike) -> Path | None:
-    """The manifest a path names (a shard folder or the manifest itself), or None for anything else."""
+def is_shard_set(path: str | os.PathLike) -> bool:
+    """A path names a shard set when it is a folder or a manifest.json; anything else is read as one .beton."""
     p = Path(path)
-    if p.is_dir():
-        return p / MANIFEST
-    if p.name == MANIFEST or p.suffix == ".json":
-        return p
-    return None
+    return p.is_dir() or p.name == MANIFEST
+
+
+def manifest_path(path: str | os.PathLike) -> Path | None:
+    """The manifest a shard set's path names, or None for anything else."""
+    p = Path(path)
+    return (p / MANIFEST if p.is_dir() else p) if is_shard_set(p) else None
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
@@ -90,7 +92,7 @@ def write_manifest(folder: str | os.PathLike, classes: list[str], shards: list[d
 def classes_of(path: str | os.PathLike) -> list[str] | None:
     """The class list (label order) of a .beton (from its report) or a shard set (from its manifest); None if
     there is no report."""
-    if manifest_path(path) is not None and Path(path).suffix != ".beton":
+    if is_shard_set(path):
         return list(read_manifest(path)["classes"])
     report = Path(str(path) + ".json")
     try:
@@ -103,9 +105,8 @@ def classes_of(path: str | os.PathLike) -> list[str] | None:
 def source_names(path: str | os.PathLike) -> list[str] | None:
     """Each sample's source file (relative to the converted folder), in sample order, of a .beton or a shard set
     (global order); None when the files were written without the list."""
-    if manifest_path(path) is not None and Path(path).suffix != ".beton":
-        m = manifest_path(path)
-        files = [m.parent / e["file"] for e in read_manifest(path)["shards"]]
+    if is_shard_set(path):
+        files = [manifest_path(path).parent / e["file"] for e in read_manifest(path)["shards"]]
     else:
         files = [Path(path)]
     names = []
@@ -189,11 +190,8 @@ class ShardSet:
 
 def open_samples(path: str | os.PathLike) -> Beton | ShardSet:
     """A .beton or a shard set (folder or manifest.json), with the same reading methods."""
-    p = Path(path)
-    if p.is_dir() or p.name == MANIFEST:
-        return ShardSet(p)
-    return Beton(p)
+    return ShardSet(path) if is_shard_set(path) else Beton(path)
 
 
-__all__ = ["IMAGE_MODE_RAW", "MANIFEST", "ShardSet", "classes_of", "open_samples", "read_manifest", "shard_name",
-           "sha256_of", "source_names", "write_manifest"]
+__all__ = ["IMAGE_MODE_RAW", "MANIFEST", "ShardSet", "classes_of", "is_shard_set", "open_samples", "read_manifest",
+           "shard_name", "sha256_of", "source_names", "write_manifest"]

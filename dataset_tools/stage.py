@@ -22,7 +22,7 @@ import numpy as np
 
 from .atomic import write_atomic, write_text_atomic
 from .beton import BetonError
-from .shards import MANIFEST, SOURCES, manifest_path, read_manifest, source_names
+from .shards import MANIFEST, SOURCES, is_shard_set, manifest_path, read_manifest, source_names
 
 _RECORD = ".staged.json"
 _CHUNK = 16 << 20
@@ -31,7 +31,7 @@ _CHUNK = 16 << 20
 def _files(src: Path) -> tuple[Path, list[tuple[str, str | None]], str | None]:
     """(source folder, [(file name, expected sha256 or None)], manifest name or None) of a shard set or a .beton."""
     m = manifest_path(src)
-    if _is_set(src):
+    if is_shard_set(src):
         manifest = read_manifest(src)
         entries = manifest["shards"] + ([manifest["holdout"]] if manifest.get("holdout") else [])
         names = [(e["file"], e["sha256"]) for e in entries]
@@ -61,10 +61,6 @@ def _copy_verified(src: Path, dst: Path, expected: str | None, progress: Callabl
 
     write_atomic(dst, write)
     return digest.hexdigest()
-
-
-def _is_set(src: Path) -> bool:
-    return manifest_path(src) is not None and src.suffix != ".beton"
 
 
 def merge(src: str | os.PathLike, dest: str | os.PathLike, progress: Callable[[int], None] | None = None) -> Path:
@@ -118,7 +114,7 @@ def stage(src: str | os.PathLike, dest: str | os.PathLike, progress: Callable[[i
     or unwritable disk)."""
     progress = progress or (lambda n: None)
     src, dest = Path(src), Path(dest)
-    if merge_shards and _is_set(src):
+    if merge_shards and is_shard_set(src):
         return merge(src, dest, progress)
     folder, names, manifest = _files(src)
     dest.mkdir(parents=True, exist_ok=True)
@@ -156,7 +152,7 @@ def stage(src: str | os.PathLike, dest: str | os.PathLike, progress: Callable[[i
 def staged_location(src: str | os.PathLike, dest: str | os.PathLike, merge_shards: bool = False) -> Path:
     """Where `stage(src, dest)` puts the data, without staging it (for the ranks that wait for another to)."""
     src = Path(src)
-    if _is_set(src):
+    if is_shard_set(src):
         return Path(dest) / "merged.beton" if merge_shards else Path(dest)
     return Path(dest) / src.name
 

@@ -259,7 +259,7 @@ def _eval(args) -> int:
 
     from .checkpoint import load
     from .device import resolve_amp
-    from .evalsets import EvalSet, class_mask, load_real, parse_sets, real_top1, save_predictions
+    from .evalsets import EvalSet, class_mask, load_real, parse_sets, real_top1, render, save_predictions
     from .models import create_model, load_checkpoint
     from .trainer import evaluate, make_loader
 
@@ -316,23 +316,9 @@ def _eval(args) -> int:
     if len(results) == 1 and "val" in results:  # the plain form: one line, as before named sets existed
         print(json.dumps(results["val"]))
         return 0
-    _print_eval_table(results)
+    render(results)
     print(json.dumps({"sets": results}))
     return 0
-
-
-def _print_eval_table(results: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title="evaluation", title_justify="left")
-    for col in ("set", "images", "top-1", "top-5", "scored over"):
-        t.add_column(col, justify="left" if col in ("set", "scored over") else "right")
-    for name, r in results.items():
-        over = "ReaL labels (images with none left out)" if name == "real" else (
-            f"{r['classes']} classes" if "classes" in r else "all classes")
-        t.add_row(name, f"{r['n']:,}", f"{r['acc1']:.2f}", f"{r['acc5']:.2f}" if "acc5" in r else "—", over)
-    Console(stderr=True).print(t)
 
 
 def _submit(args) -> int:

@@ -102,3 +102,18 @@ def save_predictions(path: str | Path, rows: list[dict]) -> None:
     from dataset_tools.atomic import write_text_atomic
 
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def render(results: dict) -> None:
+    """The table `eval` prints (on stderr: stdout is its JSON)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="evaluation", title_justify="left")
+    for col in ("set", "images", "top-1", "top-5", "scored over"):
+        t.add_column(col, justify="left" if col in ("set", "scored over") else "right")
+    for name, r in results.items():
+        over = "ReaL labels (images with none left out)" if name == "real" else (
+            f"{r['classes']} classes" if "classes" in r else "all classes")
+        t.add_row(name, f"{r['n']:,}", f"{r['acc1']:.2f}", f"{r['acc5']:.2f}" if "acc5" in r else "—", over)
+    Console(stderr=True).print(t)

@@ -45,6 +45,22 @@ def describe_facts(f: dict) -> str:
     return line + (f"\n{f['batch_note']}" if f["batch_note"] else "")
 
 
+def epoch_line(row: dict, epochs: int, eta_s: float) -> str:
+    """A metrics.jsonl row as the one console line per epoch (the file keeps every number)."""
+    parts = [f"epoch {row['epoch'] + 1}/{epochs}", f"loss {row['train_loss']:.4f}", f"lr {row['lr']:.2e}"]
+    if row.get("val_acc1") is not None:
+        parts.append(f"val {row['val_acc1']:.2f}/{row['val_acc5']:.2f}")
+    if row.get("gap") is not None:
+        parts.append(f"gap {row['gap']:+.2f} (official {row['official_acc1']:.2f})")
+    parts += [f"{row['img_per_s']:,.0f} img/s", f"data wait {100 * row['data_wait_frac']:.0f}%",
+              f"mem {row['max_mem_mb']:,.0f} MB"]
+    if eta_s > 0:
+        d, rest = divmod(int(eta_s), 86400)
+        parts.append("ETA " + (f"{d}d {rest // 3600}h" if d else f"{rest // 3600}h {rest % 3600 // 60:02d}m"
+                               if rest >= 3600 else f"{rest // 60}m {rest % 60:02d}s"))
+    return "  ".join(parts)
+
+
 def read_metrics(out: Path) -> list[dict]:
     p = out / METRICS
     if not p.exists():

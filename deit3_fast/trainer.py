@@ -459,25 +459,9 @@ def _train(cfg: Config, out: Path, device: torch.device, resume: str | None, for
     return history
 
 
-def epoch_line(row: dict, epochs: int, eta_s: float) -> str:
-    """One readable console line per epoch (metrics.jsonl keeps every number)."""
-    parts = [f"epoch {row['epoch'] + 1}/{epochs}", f"loss {row['train_loss']:.4f}", f"lr {row['lr']:.2e}"]
-    if row.get("val_acc1") is not None:
-        parts.append(f"val {row['val_acc1']:.2f}/{row['val_acc5']:.2f}")
-    if row.get("gap") is not None:
-        parts.append(f"gap {row['gap']:+.2f} (official {row['official_acc1']:.2f})")
-    parts += [f"{row['img_per_s']:,.0f} img/s", f"data wait {100 * row['data_wait_frac']:.0f}%",
-              f"mem {row['max_mem_mb']:,.0f} MB"]
-    if eta_s > 0:
-        d, rest = divmod(int(eta_s), 86400)
-        parts.append("ETA " + (f"{d}d {rest // 3600}h" if d else f"{rest // 3600}h {rest % 3600 // 60:02d}m"
-                               if rest >= 3600 else f"{rest // 60}m {rest % 60:02d}s"))
-    return "  ".join(parts)
-
-
 def _report(row: dict, quiet: bool, main: bool, epochs: int, eta_s: float) -> None:
     if not quiet:
-        print(epoch_line(row, epochs, eta_s), flush=True)
+        print(rundir.epoch_line(row, epochs, eta_s), flush=True)
     if main and row.get("cpu_decoded"):
         reasons = ", ".join(f"{n} {why}" for why, n in row["cpu_decoded_reasons"].items())
         print(f"epoch {row['epoch']}: {row['cpu_decoded']} JPEGs the GPU decoder refuses were decoded on the CPU "

@@ -6,8 +6,6 @@ knows the trainer's config tree, its loss or its precision policy.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .augment import DeviceStage
@@ -54,7 +52,7 @@ def check_same_classes(train: str, val: str) -> None:
     accuracy would mean nothing. The conversion reports (`X.beton.json`, a shard set's manifest) name the classes;
     check when both exist."""
     from dataset_tools.beton import BetonError
-    from dataset_tools.shards import classes_of
+    from dataset_tools.shards import classes_of, is_shard_set
 
     try:
         a, b = classes_of(train), classes_of(val)
@@ -63,7 +61,7 @@ def check_same_classes(train: str, val: str) -> None:
     # Labels agree when val's class list is train's or its beginning (a val set with fewer classes).
     if a is not None and b is not None and list(a[:len(b)]) != list(b):
         where = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        listing = train if os.path.isdir(train) else f"{train}.json"
+        listing = train if is_shard_set(train) else f"{train}.json"
         raise DataError(f"{val} was converted with other classes than {train} ({len(b)} vs {len(a)}, first "
                         f"difference at label {where}): convert the val split with --classes {listing}")
 
@@ -80,7 +78,8 @@ def build_loader(data: DataConfig, aug: AugConfig, split: str, *, num_classes: i
     device = torch.device(device)
     path = data.train if train else data.val
     n = _check_beton(path, split, num_classes)
-    if data.engine == "ffcv" and (os.path.isdir(path) or os.path.basename(path) == "manifest.json"):
+    from dataset_tools.shards import is_shard_set
+    if data.engine == "ffcv" and is_shard_set(path):
         raise DataError(f"{path} is a shard set; FFCV's loader reads one file: set data.stage_to (a node-local "
                         "folder: the shards are merged there at job start), or use data.engine: nvjpeg or dali "
                         "(they read shard sets as they are)")

@@ -8,7 +8,8 @@ import torch
 from deit3_fast import reference
 from deit3_fast.config import CONFIG_DIR, load_config
 from deit3_fast.reference import Gap, follows, official_curve, recipes
-from deit3_fast.trainer import epoch_line, train
+from deit3_fast.rundir import epoch_line
+from deit3_fast.trainer import train
 
 from ..conftest import SHARED_DATA
 
