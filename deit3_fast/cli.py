@@ -117,8 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("preview", help="save a grid of augmented training samples as a PNG",
                        description="Runs the real training loader on --data-train and saves one batch as the model "
-                       "sees it (after crop, flip, 3-Augment, colour jitter and, unless --no-mix, mixup/cutmix), "
-                       "each sample captioned with its 3-Augment branch and its positive classes.")
+                       "sees it (after crop, flip, RandAugment, 3-Augment, colour jitter and, unless --no-mix, "
+                       "mixup/cutmix), each sample captioned with its 3-Augment branch, its RandAugment ops and "
+                       "magnitudes, and its positive classes.")
     v.add_argument("--cfg", required=True, help="recipe name (configs/) or YAML path")
     v.add_argument("--data-train", help="the .beton to preview (default: the config's data.train)")
     v.add_argument("--out", default="preview.png")
@@ -398,7 +399,8 @@ def _preview(args) -> int:
     import torch
 
     info = make_preview(make_loader(cfg, "train", torch.device("cpu")), cfg.aug.mean, cfg.aug.std, args.out)
-    print(f"wrote {info['path']}: {info['samples']} samples, branches {info['branches']}")
+    ops = f", RandAugment ops {info['randaug']}" if "randaug" in info else ""
+    print(f"wrote {info['path']}: {info['samples']} samples, branches {info['branches']}{ops}")
     return 0
 
 

@@ -277,9 +277,28 @@ def check(cfg: Config) -> None:
     if cfg.train.extra_val_every < 0:
         raise ConfigError(f"train.extra_val_every: must be >= 0 (0: the last epoch only), got "
                           f"{cfg.train.extra_val_every}")
+    _check_randaugment(cfg.aug.auto_augment)
     from .evalsets import parse_sets
 
     parse_sets(cfg.train.extra_val)  # NAME=PATH, names unique: a typo fails at load, not after the first epoch
+
+
+_RA_SECTIONS = ("mstd", "mmax", "inc", "m", "n", "p")  # timm's rand_augment_transform options (t: a transform set)
+
+
+def _check_randaugment(policy: str | None) -> None:
+    """aug.auto_augment at load, without timm: a `rand-...` policy whose sections timm knows (the device stage runs
+    timm's RandAugment; the ops themselves are checked when it is built)."""
+    if not policy:
+        return
+    sections = policy.split("-")
+    bad = [c for c in sections[1:] if not c.startswith("t")
+           and not any(c.startswith(k) and c[len(k):].replace(".", "", 1).isdigit() for k in _RA_SECTIONS)]
+    if sections[0] != "rand" or bad:
+        what = f"unknown section {bad[0]!r}" if sections[0] == "rand" else "not a RandAugment policy"
+        raise ConfigError(f"aug.auto_augment {policy!r}: {what}; timm's RandAugment policies are written like "
+                          "rand-m9-mstd0.5-inc1 (m magnitude, n ops per image, p probability, mstd magnitude noise, "
+                          "mmax magnitude cap, inc increasing ops)")
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,10 @@ Input: uint8 (B, H, W, 3) on any device (what an engine yields). Output: float (
 normalised, in the requested dtype. Internally everything is NHWC, so a pixel's three channels are adjacent (grey
 values are one small matmul) and the channels-last output is a free permute. Training applies, per sample, as
 the official `new_data_aug_generator`: horizontal flip -> exactly one of grayscale | solarize | Gaussian blur
-(3-Augment) -> colour jitter (brightness, contrast, saturation in random order) -> normalise. Randomness comes
-from a torch.Generator on the same device, drawn once per batch into `AugParams` (returned, so previews and tests
-can see which branch each sample took).
+(3-Augment) -> colour jitter (brightness, contrast, saturation in random order) -> normalise. The fine-tuning
+recipes' RandAugment (`aug.auto_augment`, randaugment.py) comes right after the flip, as in timm's transform.
+Randomness comes from a torch.Generator on the same device, drawn once per batch into `AugParams` (returned, so
+previews and tests can see which branch and which RandAugment ops each sample took).
 
 Pixel values stay on the 0..255 scale until normalisation, so thresholds and the integer grayscale formula are
 PIL's exactly.
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import IMAGENET_MEAN, IMAGENET_STD
+from .randaugment import RandAugment, RandAugParams
 
 BRANCHES = ("grayscale", "solarize", "blur")
 JITTER_OPS = ("brightness", "contrast", "saturation")
@@ -34,6 +36,15 @@ class AugParams:
     sigma: torch.Tensor         # (B,) blur sigma (used where branch == blur)
     jitter: torch.Tensor        # (B, 3) brightness, contrast, saturation factors
     jitter_order: torch.Tensor  # (B, 3) permutation of JITTER_OPS per sample
+    randaug: RandAugParams | None = None  # aug.auto_augment's ops, per layer and sample
+
+    def tensors(self) -> list[torch.Tensor]:
+        more = list(vars(self.randaug).values()) if self.randaug is not None else []
+        return [self.flip, self.branch, self.sigma, self.jitter, self.jitter_order, *more]
+
+    def slice(self, s: slice) -> AugParams:
+        return AugParams(self.flip[s], self.branch[s], self.sigma[s], self.jitter[s], self.jitter_order[s],
+                         self.randaug.slice(s) if self.randaug is not None else None)
 
 
 def draw_params(batch: int, g: torch.Generator, *, hflip: float, three_augment: bool,
@@ -138,11 +149,15 @@ def _blur_branch(x: torch.Tensor, p: AugParams, max_sigma: float, subset: bool) 
     return x
 
 
-def _pointwise(x: torch.Tensor, flip: torch.Tensor, branch: torch.Tensor, factors: torch.Tensor,
+def flip(x: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    return torch.where(chosen.view(-1, 1, 1, 1), x.flip(2), x)
+
+
+def _pointwise(x: torch.Tensor, flipped: torch.Tensor, branch: torch.Tensor, factors: torch.Tensor,
                order: torch.Tensor, solarize_threshold: float, jitter: bool) -> torch.Tensor:
     """Flip, grayscale, solarize and colour jitter as whole-batch selects: no data-dependent shapes, so
     torch.compile can fuse it into a few passes over memory (see DeviceStage)."""
-    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(2), x)
+    x = flip(x, flipped)
     x = torch.where((branch == 0).view(-1, 1, 1, 1), grayscale(x), x)
     x = torch.where((branch == 1).view(-1, 1, 1, 1), solarize(x, solarize_threshold), x)
     return color_jitter(x, factors, order) if jitter else x
@@ -156,9 +171,9 @@ def augment(x: torch.Tensor, p: AugParams, *, solarize_threshold: float = 128, m
     return _pointwise(x, p.flip, p.branch, p.jitter, p.jitter_order, solarize_threshold, color_jitter_on)
 
 
-def _pointwise_normalized(x, flip, branch, factors, order, solarize_threshold: float, jitter: bool,
+def _pointwise_normalized(x, flipped, branch, factors, order, solarize_threshold: float, jitter: bool,
                           scale: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    x = _pointwise(x, flip, branch, factors, order, solarize_threshold, jitter)
+    x = _pointwise(x, flipped, branch, factors, order, solarize_threshold, jitter)
     return (x * scale - shift).to(dtype)
 
 
@@ -166,9 +181,9 @@ class DeviceStage:
     """uint8 batch -> model-ready batch. Training augments; evaluation only converts and normalises.
 
     Nothing here waits for the device: constants are cached per device, parameters are drawn on it, and the blur
-    branch selects rather than gathers on a GPU. With `compile=True` the pointwise part is compiled by torch.compile
-    (inductor): about 3x faster on CPU and fewer kernel launches on GPU, for a one-off compilation of tens of
-    seconds."""
+    branch and RandAugment select rather than gather on a GPU. With `compile=True` the pointwise part and
+    RandAugment are compiled by torch.compile (inductor): about 3x faster on CPU and fewer kernel launches on GPU,
+    for a one-off compilation of tens of seconds."""
 
     CPU_SLICE = 16
 
@@ -176,6 +191,12 @@ class DeviceStage:
         self.aug, self.train, self.dtype = aug, train, dtype
         self._fused = torch.compile(_pointwise_normalized, dynamic=False) if compile else _pointwise_normalized
         self._consts: dict = {}
+        self.randaug = None
+        if train and aug.auto_augment:
+            # timm's create_transform: translate relative to the crop, fill with the mean colour.
+            fill = tuple(min(255, round(255 * m)) for m in aug.mean)
+            self.randaug = RandAugment(aug.auto_augment, fill, translate_const=int(aug.img_size * 0.45),
+                                       compile=compile)
 
     def _scale_shift(self, device):
         if device not in self._consts:
@@ -188,14 +209,19 @@ class DeviceStage:
         a = self.aug
         p = draw_params(images.shape[0], g, hflip=a.hflip, three_augment=a.three_augment,
                         blur_sigma=tuple(a.blur_sigma), color_jitter=a.color_jitter)
+        if self.randaug is not None:
+            p.randaug = self.randaug.draw(images.shape[0], g)
         scale, shift = self._scale_shift(images.device)
         # On a CPU the ~20 passes over a batch run from cache when it is cut into slices (about 2x faster);
         # a GPU takes the whole batch at once. The parameters are drawn for the whole batch either way.
         step = self.CPU_SLICE if images.device.type == "cpu" else len(images)
         out = torch.empty(images.shape, dtype=self.dtype, device=images.device)
         for s in range(0, len(images), step):
-            q = AugParams(*(t[s:s + step] for t in (p.flip, p.branch, p.sigma, p.jitter, p.jitter_order)))
-            x = _blur_branch(to_float(images[s:s + step]), q, max(a.blur_sigma), subset=images.device.type == "cpu")
-            out[s:s + step] = self._fused(x, q.flip, q.branch, q.jitter, q.jitter_order, float(a.solarize_threshold),
+            q = p.slice(slice(s, s + step))
+            x, flipped = to_float(images[s:s + step]), q.flip
+            if q.randaug is not None:  # flip -> RandAugment -> the rest, as timm orders them
+                x, flipped = self.randaug(flip(x, q.flip), q.randaug), torch.zeros_like(q.flip)
+            x = _blur_branch(x, q, max(a.blur_sigma), subset=images.device.type == "cpu")
+            out[s:s + step] = self._fused(x, flipped, q.branch, q.jitter, q.jitter_order, float(a.solarize_threshold),
                                           a.color_jitter > 0, scale, shift, self.dtype)
         return to_model_layout(out), p

@@ -5,7 +5,6 @@ import numpy as np
 import torch
 
 from . import keys
-from .beton_source import upload
 from .engine import Engine
 
 
@@ -17,13 +16,12 @@ class Loader:
     crops are keyed per sample, and the device stage and mixing draw from generators seeded per batch.
     On CUDA the next batch's device stage is queued on a side stream while the caller computes on the current one.
 
-    `host_stage` (RandAugment for fine-tuning) augments the engine's host batch before it is uploaded; `dtype` is
-    what the batch is cast to last (the stage may work in float32 so that mixing blends in float32).
+    `dtype` is what the batch is cast to last (the stage may work in float32 so that mixing blends in float32).
     """
 
     def __init__(self, engine: Engine, stage, mixing, *, device: torch.device, seed: int, rank: int,
-                 dtype: torch.dtype | None = None, host_stage=None):
-        self.engine, self.stage, self.mixing, self.host_stage = engine, stage, mixing, host_stage
+                 dtype: torch.dtype | None = None):
+        self.engine, self.stage, self.mixing = engine, stage, mixing
         self.device, self.seed, self.rank = device, seed, rank
         self.dtype = dtype or stage.dtype
         self.epoch = 0
@@ -43,8 +41,6 @@ class Loader:
     def prepare(self, b: int, images, labels):
         """Batch `b` of the current epoch from the engine's uint8 images: augmented, mixed, model-ready."""
         g, rng = self._generators(b)
-        if self.host_stage is not None:
-            images, labels = (upload(t, self.device) for t in (self.host_stage(images, rng), labels))
         x, params = self.stage(images, g)
         y = labels
         if self.mixing is not None:
@@ -70,14 +66,14 @@ class Loader:
         for b, (images, labels) in batches:
             side.wait_stream(main)  # the engine's writes are ordered before the main stream's current point
             for t in (images, labels):
-                if t.is_cuda:  # a host batch (RandAugment) is uploaded on the side stream itself
+                if t.is_cuda:
                     t.record_stream(side)
             with torch.cuda.stream(side):
                 ready = self.prepare(b, images, labels)
             if pending is not None:
                 yield pending
             main.wait_stream(side)
-            params = [] if ready[2] is None else list(vars(ready[2]).values())
+            params = [] if ready[2] is None else ready[2].tensors()
             for t in [*ready[:2], *params]:  # the batch and its augmentation parameters, all made on `side`
                 t.record_stream(main)
             pending = ready

@@ -192,19 +192,19 @@ def test_recipe_runs_with_the_official_values(name, small, monkeypatch):
     mix = run.train_loader.mixing.mixup
     assert (mix.mixup_alpha, mix.cutmix_alpha, mix.mix_prob, mix.switch_prob, mix.label_smoothing, mix.mode) == \
            (e["mixup"], e["cutmix"], 1.0, 0.5, e["smoothing"], "batch")
-    # Augmentation: the primary crop, the device stage, RandAugment on the host, the eval crop, repeats.
+    # Augmentation: the primary crop, the device stage (with RandAugment when fine-tuning), the eval crop, repeats.
     engine_ = run.train_loader.engine
     assert engine_.crop.kind == e["crop"] and engine_.crop.size == e["res"]
     assert (engine_.crop.scale, engine_.crop.ratio, engine_.crop.pad) == ((0.08, 1.0), (3 / 4, 4 / 3), 4)
     a = run.train_loader.stage.aug
     assert (a.hflip, a.three_augment, a.color_jitter, a.solarize_threshold, tuple(a.blur_sigma)) == \
            (0.5, e["three_aug"], e["jitter"], 128, (0.1, 2.0))
-    host = run.train_loader.host_stage
-    assert (host is not None) == (e["auto_augment"] is not None)
-    if host is not None:
-        ops = sorted(op.name for op in host.transform.ops)
-        assert host.transform.num_layers == 2 and len(ops) == 15 and "SolarizeIncreasing" in ops
-        assert all(op.magnitude == 9 and op.magnitude_std == 0.5 for op in host.transform.ops)
+    ra = run.train_loader.stage.randaug
+    assert (ra is not None) == (e["auto_augment"] is not None)
+    if ra is not None:
+        assert ra.layers == 2 and len(ra.names) == 15 and "SolarizeIncreasing" in ra.names and ra.weights is None
+        assert (ra.mean, ra.std, ra.top, ra.prob) == (9, 0.5, 10, 0.5)
+        assert ra.translate_const == int(0.45 * e["res"]) and ra.fill == (124, 116, 104)
     val = run.val_loader.engine.crop
     assert (val.kind, val.size, val.center_ratio) == ("center", e["res"], 1.0)
     assert run.train_loader.engine.epoch_order.repeats == e["repeats"]

@@ -78,6 +78,8 @@ SETS = {  # --set value: fragment
     "model.name={a: [}": "the value is not valid YAML",
     "model.name=!!python/name:os.system": "the value is not valid YAML",
     "loss=mse": "loss: 'mse' is not one of bce, ce",
+    "aug.auto_augment=rand-m9-mstd0.5-inc": "aug.auto_augment 'rand-m9-mstd0.5-inc': unknown section 'inc'",
+    "aug.auto_augment=autoaug-v0": "aug.auto_augment 'autoaug-v0': not a RandAugment policy",
     "train.global_batch=40": "train.global_batch 40 is not a multiple of data.batch_size 32 x world size 1: use "
                              "--set data.batch_size=20 (2 accumulation steps)",
 }

@@ -236,28 +236,32 @@ def test_mixup_blends_in_float32_and_casts_once(small_beton):
     assert stage.dtype == torch.float32
 
 
-def test_finetuning_randaugment_runs_on_the_host_batch_before_the_upload(small_beton):
-    """Fine-tuning: the engine's uint8 batch goes through timm's RandAugment on the host, seeded by the batch's
-    numpy generator, then the device stage and mixing: exactly that composition, and the same batches when an epoch
+def test_finetuning_randaugment_runs_in_the_device_stage(small_beton):
+    """Fine-tuning: the engine's uint8 batch goes straight to the device stage, which runs RandAugment after the flip
+    from the batch's keyed generator, then mixing: exactly that composition, and the same batches when an epoch
     starts part-way (mid-epoch resume)."""
     cfg = cfg_for(small_beton, **{"aug.auto_augment": "rand-m9-mstd0.5-inc1", "aug.three_augment": False,
                                   "aug.color_jitter": 0.0, "aug.label_smoothing": 0.1})
     loader = build_loader(cfg, "train", "cpu")
-    assert loader.host_stage is not None and loader.engine.loader is not None  # ffcv engine, host side
+    assert loader.stage.randaug is not None and loader.stage.randaug.translate_const == int(48 * 0.45)
     loader.set_epoch(1)
     full = [(x.clone(), y.clone()) for x, y in loader]
     raw = [(i.clone(), y.clone()) for i, y in loader.engine.batches(1)]
     loader.epoch = 1
     for b in (0, 3):
         g, rng = loader._generators(b)
-        images = loader.host_stage(raw[b][0], rng)
-        assert (images != raw[b][0]).any()
-        x, _ = loader.stage(images, g)
+        x, p = loader.stage(raw[b][0], g)
+        assert p.randaug.apply.any()
         x, y = loader.mixing(x, raw[b][1], rng)
         assert torch.equal(x, full[b][0]) and torch.equal(y, full[b][1])
     loader.set_epoch(1)
     part = [(x.clone(), y.clone()) for x, y in loader.iter_from(3)]
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(full[3:], part))
+    # The ops change the pixels: the same batch without RandAugment differs.
+    plain = build_loader(cfg_for(small_beton, **{"aug.three_augment": False, "aug.color_jitter": 0.0,
+                                                 "aug.label_smoothing": 0.1}), "train", "cpu")
+    plain.set_epoch(1)
+    assert not torch.equal(next(iter(plain))[0], full[0][0])
 
 
 @pytest.mark.parametrize("kind, reason", [("baseline", None), ("gray", None), ("444", None), ("422", None),
