@@ -47,11 +47,23 @@ class OptimConfig:
 
 
 @dataclass
+class ResolutionConfig:
+    """Progressive resolution (FFCV's low-res-first schedules): the training crop size moves linearly from `start`
+    at `start_epoch` to `end` at `end_epoch`, in multiples of `step`; evaluation stays at aug.img_size."""
+    start: int | None = None        # null: no ramp, aug.img_size throughout
+    end: int | None = None          # null: aug.img_size
+    start_epoch: int = 0
+    end_epoch: int = 0
+    step: int = 32                  # sizes are multiples of it: a small fixed set (torch.compile compiles each once)
+
+
+@dataclass
 class ScheduleConfig:
     epochs: int = 800
     warmup_epochs: int = 5
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
+    resolution: ResolutionConfig = field(default_factory=ResolutionConfig)
 
 
 @dataclass
@@ -278,9 +290,26 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"train.extra_val_every: must be >= 0 (0: the last epoch only), got "
                           f"{cfg.train.extra_val_every}")
     _check_randaugment(cfg.aug.auto_augment)
+    _check_resolution(cfg.schedule.resolution, cfg.aug.img_size, patch, cfg.model.name)
     from .evalsets import parse_sets
 
     parse_sets(cfg.train.extra_val)  # NAME=PATH, names unique: a typo fails at load, not after the first epoch
+
+
+def _check_resolution(r: ResolutionConfig, img_size: int, patch: int, model: str) -> None:
+    if r.start is None:
+        return
+    end = r.end if r.end is not None else img_size
+    where = "schedule.resolution"
+    if r.step < 1 or r.start % r.step or end % r.step:
+        raise ConfigError(f"{where}: start {r.start} and end {end} (null: aug.img_size) must be multiples of step "
+                          f"{r.step}, so that the sizes are a small fixed set")
+    if r.start < patch or r.start > end:
+        raise ConfigError(f"{where}: start {r.start} must be at least {model}'s patch size {patch} and at most end "
+                          f"{end}")
+    if not 0 <= r.start_epoch < r.end_epoch:
+        raise ConfigError(f"{where}: the ramp needs 0 <= start_epoch < end_epoch, got {r.start_epoch} and "
+                          f"{r.end_epoch}")
 
 
 _RA_SECTIONS = ("mstd", "mmax", "inc", "m", "n", "p")  # timm's rand_augment_transform options (t: a transform set)

@@ -48,6 +48,8 @@ def describe_facts(f: dict) -> str:
 def epoch_line(row: dict, epochs: int, eta_s: float) -> str:
     """A metrics.jsonl row as the one console line per epoch (the file keeps every number)."""
     parts = [f"epoch {row['epoch'] + 1}/{epochs}", f"loss {row['train_loss']:.4f}", f"lr {row['lr']:.2e}"]
+    if row.get("train_img_size"):
+        parts.append(f"@{row['train_img_size']}px")
     if row.get("val_acc1") is not None:
         parts.append(f"val {row['val_acc1']:.2f}/{row['val_acc5']:.2f}")
     if row.get("gap") is not None:

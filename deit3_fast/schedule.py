@@ -1,4 +1,6 @@
-"""Learning rate: linear warm-up from `warmup_lr`, then cosine down to `min_lr`, evaluated every step.
+"""Learning rate and training resolution over a run.
+
+Learning rate: linear warm-up from `warmup_lr`, then cosine down to `min_lr`, evaluated every step.
 
 The official run uses timm's CosineLRScheduler (warmup_prefix=False, t_in_epochs=True) stepped once per epoch. We
 evaluate the same formula at the fractional epoch `step / steps_per_epoch`, so at every epoch boundary the value
@@ -35,3 +37,19 @@ class WarmupCosine:
         for group in self.optimizer.param_groups:
             group["lr"] = value * group.get("lr_scale", 1.0)
         return value
+
+
+def resolution_at(epoch: int, *, start: int, end: int, start_epoch: int, end_epoch: int, step: int) -> int:
+    """The training crop size of `epoch` (FFCV's progressive resizing): `start` until start_epoch, then linear to
+    `end` at end_epoch, rounded to a multiple of `step`; a function of the epoch alone, so a resume picks it up."""
+    t = min(max((epoch - start_epoch) / (end_epoch - start_epoch), 0.0), 1.0)
+    return int(round((start + t * (end - start)) / step)) * step
+
+
+def resolution_schedule(r, img_size: int, epochs: int) -> list[int] | None:
+    """Every epoch's training size for the config's `schedule.resolution` `r`, or None when it has no ramp."""
+    if r.start is None:
+        return None
+    end = r.end if r.end is not None else img_size
+    return [resolution_at(e, start=r.start, end=end, start_epoch=r.start_epoch, end_epoch=r.end_epoch,
+                          step=r.step) for e in range(epochs)]

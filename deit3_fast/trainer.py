@@ -37,7 +37,7 @@ from .loggers import EpochLoggers
 from .losses import RecipeLoss
 from .models import create_model
 from .optim import build_optimizer
-from .schedule import WarmupCosine
+from .schedule import WarmupCosine, resolution_schedule
 
 
 class TrainingDiverged(Exception):
@@ -90,6 +90,13 @@ class Run:
     ddp: torch.nn.parallel.DistributedDataParallel | None = None
     stop: StopFlag = field(default_factory=StopFlag)  # train() hands in the one its SIGTERM handler sets
     extra_val: list = field(default_factory=list)     # (name, loader, class mask) of train.extra_val
+    resolutions: list[int] | None = None  # schedule.resolution: each epoch's training crop size (None: img_size)
+
+    def train_size(self, epoch: int) -> int:
+        """The training crop size of `epoch`; evaluation always runs at aug.img_size."""
+        if self.resolutions is None:
+            return self.cfg.aug.img_size
+        return self.resolutions[min(epoch, len(self.resolutions) - 1)]
 
     @property
     def accum(self) -> int:
@@ -142,9 +149,12 @@ def build(cfg: Config, device: torch.device) -> Run:
     torch.manual_seed(cfg.train.seed)  # the same init on every rank (DDP also broadcasts rank 0's)
     plan = batch_plan(cfg, dist.world())
     amp = resolve_amp(cfg.train.amp, device)
+    sizes = resolution_schedule(cfg.schedule.resolution, cfg.aug.img_size, cfg.schedule.epochs)
+    # Progressive resolution: timm's dynamic image size resamples pos_embed (bicubic) for each epoch's patch grid;
+    # at aug.img_size it is used as it is, so evaluation and checkpoints are those of a fixed-size model.
     model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, img_size=cfg.aug.img_size,
                          drop_path=cfg.model.drop_path, layer_scale_init=cfg.model.layer_scale_init,
-                         checkpoint=cfg.model.checkpoint).to(device)
+                         checkpoint=cfg.model.checkpoint, **({"dynamic_img_size": True} if sizes else {})).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     o = cfg.optim
@@ -155,7 +165,13 @@ def build(cfg: Config, device: torch.device) -> Run:
         forward = ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     forward = forward or model
-    forward = torch.compile(forward) if cfg.train.compile else forward
+    if cfg.train.compile and sizes:
+        # One static graph per size (a few: sizes are multiples of schedule.resolution.step), each compiled once,
+        # instead of one dynamic-shape graph; the default recompile limit (8) would fall back to eager past it.
+        import torch._dynamo.config as dynamo
+
+        dynamo.recompile_limit = max(dynamo.recompile_limit, 2 * len(set(sizes)) + 4)
+    forward = torch.compile(forward, dynamic=False if sizes else None) if cfg.train.compile else forward
     train_loader = make_loader(cfg, "train", device, amp=amp, batch_size=plan.per_process)
     if len(train_loader) < plan.accum:
         raise DataError(f"{cfg.data.train}: an epoch has {len(train_loader)} batch(es) of {plan.per_process} per "
@@ -175,7 +191,7 @@ def build(cfg: Config, device: torch.device) -> Run:
         ema = ModelEmaV3(model, decay=cfg.train.ema_decay)
     return Run(cfg, forward, model, optimizer, scaler, scheduler, RecipeLoss(cfg.loss, cfg.aug.label_smoothing),
                train_loader, val_loader, device, amp, plan, ema, ddp,
-               extra_val=_extra_val_loaders(cfg, device, amp, plan.per_process))
+               extra_val=_extra_val_loaders(cfg, device, amp, plan.per_process), resolutions=sizes)
 
 
 def _extra_val_loaders(cfg: Config, device: torch.device, amp: str, batch: int) -> list:
@@ -226,6 +242,7 @@ def train_one_epoch(run: Run, epoch: int, progress: Progress | None = None,
     loader = run.train_loader
     run.model.train()
     loader.set_epoch(epoch)
+    loader.set_resolution(run.train_size(epoch))
     steps = max(1, len(loader) // run.accum)
     first = resume_at["step"] if resume_at else 0
     micro_total = steps * run.accum
@@ -284,6 +301,8 @@ def train_one_epoch(run: Run, epoch: int, progress: Progress | None = None,
     total = dist.all_reduce_sum(torch.cat([loss_sum[None], counts])).tolist()
     row = {"train_loss": total[0] / (micro_total * dist.world()), "lr": lr, "img_per_s": total[1] / elapsed,
            "data_wait_frac": wait / elapsed, "train_seconds": elapsed}
+    if run.resolutions is not None:
+        row["train_img_size"] = run.train_size(epoch)
     if total[2]:
         row.update(cpu_decoded=int(total[2]), cpu_decoded_reasons=report.get("cpu_decoded_reasons", {}))
     return EpochResult(steps, row=row)

@@ -97,24 +97,28 @@ def build_loader(data: DataConfig, aug: AugConfig, split: str, *, num_classes: i
 
     crop = (CropSpec(aug.crop, aug.img_size, tuple(aug.rrc_scale), tuple(aug.rrc_ratio), aug.src_pad) if train
             else CropSpec("center", aug.img_size, center_ratio=aug.eval_crop_ratio))
-    if data.engine in ("nvjpeg", "dali"):
+
+    def make_engine(crop: CropSpec):
+        if data.engine == "ffcv":
+            from .ffcv_engine import FFCVEngine
+
+            return FFCVEngine(path, order, batch, crop, device, workers=data.workers, os_cache=data.os_cache,
+                              drop_last=train, seed=data.seed, rank=rank)
         if data.engine == "nvjpeg":
             from .nvjpeg_engine import NvjpegEngine as cls
         else:
             from .dali_engine import DaliEngine as cls
         try:
-            engine = cls(path, order, batch, crop, device, workers=data.workers, drop_last=train,
-                         seed=data.seed, rank=rank)
+            return cls(path, order, batch, crop, device, workers=data.workers, drop_last=train, seed=data.seed,
+                       rank=rank)
         except ValueError as e:
             raise DataError(str(e)) from None
-    else:
-        from .ffcv_engine import FFCVEngine
 
-        engine = FFCVEngine(path, order, batch, crop, device, workers=data.workers, os_cache=data.os_cache,
-                            drop_last=train, seed=data.seed, rank=rank)
+    engine = make_engine(crop)
     mixing = Mixing(aug, num_classes) if train else None
     # Mixup blends in float32 and the batch is cast to `dtype` once, after it (as the official code, whose images
     # stay fp32 up to autocast): blending bf16 pixels would round each of the two images first.
     stage = DeviceStage(aug, train=train, dtype=torch.float32 if mixing is not None and mixing.active else dtype,
                         compile=compile)
-    return Loader(engine, stage, mixing, device=device, seed=data.seed, rank=rank, dtype=dtype)
+    return Loader(engine, stage, mixing, device=device, seed=data.seed, rank=rank, dtype=dtype,
+                  make_engine=make_engine)

@@ -1,6 +1,8 @@
 """`Loader`: an engine's uint8 batches through the device stage and mixing. The training loop sees only this."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
@@ -17,11 +19,14 @@ class Loader:
     On CUDA the next batch's device stage is queued on a side stream while the caller computes on the current one.
 
     `dtype` is what the batch is cast to last (the stage may work in float32 so that mixing blends in float32).
+    `set_resolution` changes the primary crop's size between epochs (progressive resolution), given `make_engine`
+    (a CropSpec -> Engine factory).
     """
 
     def __init__(self, engine: Engine, stage, mixing, *, device: torch.device, seed: int, rank: int,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, make_engine=None):
         self.engine, self.stage, self.mixing = engine, stage, mixing
+        self._make_engine, self._engines = make_engine, {engine.crop.size: engine}
         self.device, self.seed, self.rank = device, seed, rank
         self.dtype = dtype or stage.dtype
         self.epoch = 0
@@ -31,6 +36,18 @@ class Loader:
 
     def __len__(self) -> int:
         return len(self.engine)
+
+    def set_resolution(self, size: int) -> None:
+        """Crop to `size` from the next pass on. An engine is built once per size and kept (FFCV and DALI compile
+        their pipelines for one output size); the samples, their order and every crop box stay what they were, as
+        they depend on the keys only, so only the resampling changes."""
+        if size == self.engine.crop.size:
+            return
+        if size not in self._engines:
+            if self._make_engine is None:
+                raise ValueError("this loader was built without an engine factory; it cannot change resolution")
+            self._engines[size] = self._make_engine(replace(self.engine.crop, size=size))
+        self.engine = self._engines[size]
 
     def _generators(self, batch: int):
         key = int(keys.combine(keys.epoch_key(self.seed, self.rank, self.epoch), np.uint64(batch)))

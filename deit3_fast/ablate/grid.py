@@ -85,15 +85,25 @@ def _round_half_up(x: float) -> int:
 
 
 def _scaled_warmup(cfg: str, sets: list[str]) -> list[str]:
-    """`schedule.warmup_epochs=W` that keeps warm-up proportional when the overrides change the epoch budget."""
+    """`schedule.warmup_epochs=W` that keeps warm-up proportional when the overrides change the epoch budget, and
+    the same for a progressive-resolution ramp's epochs (so a shorter budget still reaches the final size)."""
     keys = {_key(s) for s in sets}
-    if "schedule.epochs" not in keys or "schedule.warmup_epochs" in keys:
+    if "schedule.epochs" not in keys:
         return []
     ref = load_config(cfg, [s for s in sets if _key(s) != "schedule.epochs"]).schedule
     epochs = load_config(cfg, sets).schedule.epochs
-    if epochs == ref.epochs or ref.warmup_epochs == 0:
+    if epochs == ref.epochs:
         return []
-    return [f"schedule.warmup_epochs={max(1, _round_half_up(ref.warmup_epochs * epochs / ref.epochs))}"]
+    out = []
+    if ref.warmup_epochs and "schedule.warmup_epochs" not in keys:
+        out.append(f"schedule.warmup_epochs={max(1, _round_half_up(ref.warmup_epochs * epochs / ref.epochs))}")
+    r = ref.resolution
+    if r.start is not None and not keys & {"schedule.resolution.start_epoch", "schedule.resolution.end_epoch",
+                                           "schedule.resolution"}:
+        start = _round_half_up(r.start_epoch * epochs / ref.epochs)
+        out += [f"schedule.resolution.start_epoch={start}",
+                f"schedule.resolution.end_epoch={max(start + 1, _round_half_up(r.end_epoch * epochs / ref.epochs))}"]
+    return out
 
 
 def _variant_entries(raw, where: str) -> list[tuple[str, str | None, list[str]]]:

@@ -81,6 +81,9 @@ def test_warmup_set_explicitly_or_zero_is_not_scaled(tmp_path):
     # an epoch budget given on the command line for the whole grid scales too: the CIFAR recipes' 5 of 100
     cifar = load_grid("cifar10_grid", ["schedule.epochs=50"])
     assert {(v.config.schedule.epochs, v.config.schedule.warmup_epochs) for v in cifar.variants} == {(50, 3)}
+    # and so does a progressive-resolution ramp (35 -> 85 of 100 epochs: 18 -> 43 of 50), so it still ends at 32 px
+    r = {v.name: v.config for v in cifar.variants}["progressive"].schedule.resolution
+    assert (r.start_epoch, r.end_epoch, r.start, r.end) == (18, 43, 16, 32)
 
 
 @pytest.mark.parametrize("grid, message", [
@@ -124,7 +127,7 @@ def test_cli_reports_a_bad_grid_in_one_line_before_running(tmp_path, capsys):
 def test_shipped_cifar10_ablation_follows_its_recipes():
     g = load_grid("cifar10_grid")
     by = {v.name: v.config for v in g.variants}
-    assert list(by) == ["deit3", "deit_style", "no_3aug", "no_layerscale"]
+    assert list(by) == ["deit3", "deit_style", "no_3aug", "no_layerscale", "progressive"]
     d3 = by["deit3"]
     assert (d3.model.name, d3.aug.img_size, d3.model.num_classes) == ("deit3_cifar", 32, 10)
     assert (d3.optim.name, d3.loss, d3.aug.three_augment, d3.aug.color_jitter, d3.aug.auto_augment) == \
@@ -142,6 +145,8 @@ def test_shipped_cifar10_ablation_follows_its_recipes():
     assert changed(flat["no_3aug"], flat["deit3"]) == ["aug.three_augment"]
     assert changed(flat["no_layerscale"], flat["deit3"]) == ["model.layer_scale_init"]
     assert by["no_layerscale"].model.layer_scale_init is None
+    assert changed(flat["progressive"], flat["deit3"]) == [f"schedule.resolution.{k}" for k in
+                                                          ("start", "end", "start_epoch", "end_epoch", "step")]
     assert set(changed(flat["deit_style"], flat["deit3"])) == {
         "aug.three_augment", "aug.color_jitter", "aug.auto_augment", "aug.label_smoothing", "optim.name", "optim.lr",
         "loss"}
@@ -174,7 +179,7 @@ def test_submit_dry_run_describes_one_job_per_unfinished_variant(tmp_path, capsy
     text = capsys.readouterr().out
     assert "deit3: done, skipped" in text
     jobs = [json.loads("{" + chunk) for chunk in text.split("\n{")[1:]]
-    assert [j["variant"] for j in jobs] == ["deit_style", "no_3aug", "no_layerscale"]
+    assert [j["variant"] for j in jobs] == ["deit_style", "no_3aug", "no_layerscale", "progressive"]
     assert jobs[0]["parameters"]["name"] == "ablate-cifar10_grid-deit_style"
     assert jobs[0]["parameters"]["slurm_partition"] == "p1" and jobs[0]["world_size"] == 2
     assert jobs[0]["command"][3:6] == ["cifar10_deit_style", "--out", str(out / "deit_style")]

@@ -34,7 +34,7 @@ OFFICIAL_BATCH = {
 
 def test_every_recipe_is_covered():
     assert len(RECIPES) == 19 and set(OFFICIAL_BATCH) == set(RECIPES) - {"quickstart"}
-    assert len(ABLATIONS) == 4
+    assert len(ABLATIONS) == 5
 
 
 @pytest.fixture(scope="module")

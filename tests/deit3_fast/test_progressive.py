@@ -1,0 +1,117 @@
+"""Progressive resolution (schedule.resolution): the epoch's crop size, the ViT at each grid, eval at the final
+size, exact resume, the config's checks and the CIFAR ablation."""
+import pytest
+import torch
+
+from deit3_fast import trainer
+from deit3_fast.config import ConfigError, load_config
+from deit3_fast.schedule import resolution_at, resolution_schedule
+from deit3_fast.trainer import train
+
+from .test_train import assert_same_as_uninterrupted, tiny_cfg
+
+RAMP = {"schedule.resolution": "{start: 16, start_epoch: 0, end_epoch: 2, step: 8}"}  # 16, 24, then 32 = img_size
+
+
+def test_resolution_is_linear_in_the_epoch_and_rounded_to_the_step():
+    kw = dict(start=128, end=224, start_epoch=10, end_epoch=20, step=32)
+    assert [resolution_at(e, **kw) for e in (0, 10, 11, 15, 19, 20, 99)] == [128, 128, 128, 192, 224, 224, 224]
+    r = load_config("cifar10_progressive").schedule.resolution
+    sizes = resolution_schedule(r, 32, 100)
+    assert {s: sizes.count(s) for s in set(sizes)} == {16: 48, 24: 25, 32: 27}
+    assert resolution_schedule(load_config("cifar10_deit3").schedule.resolution, 32, 100) is None
+
+
+def test_a_ramped_run_trains_at_each_size_and_evaluates_at_the_final_one(data, tmp_path, monkeypatch):
+    seen = []
+    real = trainer.RecipeLoss.__call__
+
+    def loss(self, logits, y):
+        seen.append(("train", current[0]))
+        return real(self, logits, y)
+
+    current = [None]
+    forward = trainer.evaluate
+
+    def evaluate(model, loader, *a, **kw):
+        x, _ = next(iter(loader))
+        seen.append(("eval", x.shape[-1]))
+        return forward(model, loader, *a, **kw)
+
+    monkeypatch.setattr(trainer.RecipeLoss, "__call__", loss)
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    real_micro = trainer.train_micro_batch
+
+    def micro(run, x, y, step, last):
+        current[0] = x.shape[-1]
+        return real_micro(run, x, y, step, last)
+
+    monkeypatch.setattr(trainer, "train_micro_batch", micro)
+    rows = train(tiny_cfg(data, **RAMP), tmp_path, torch.device("cpu"), quiet=True)
+    assert [r["train_img_size"] for r in rows] == [16, 24, 32]
+    trained = [s for kind, s in seen if kind == "train"]
+    assert trained == [16] * 6 + [24] * 6 + [32] * 6  # 6 micro-batches per epoch
+    assert [s for kind, s in seen if kind == "eval"] == [32, 32, 32] and all(r["val_acc1"] is not None for r in rows)
+
+
+def test_a_ramped_run_resumes_exactly(data, tmp_path):
+    """Stopped after the 16 px epoch and resumed: the 24 and 32 px epochs are those of an uninterrupted run."""
+    cpu = torch.device("cpu")
+    full = train(tiny_cfg(data, **RAMP), tmp_path / "full", cpu, quiet=True)
+    train(tiny_cfg(data, **RAMP), tmp_path / "split", cpu, quiet=True, stop_after_epoch=0)
+    rest = train(tiny_cfg(data, **RAMP), tmp_path / "split", cpu, quiet=True, resume="auto")
+    assert [r["train_img_size"] for r in rest] == [24, 32]
+    assert_same_as_uninterrupted(tmp_path / "full", full, tmp_path / "split")
+
+
+def test_the_loader_keeps_its_crops_and_changes_only_their_size(data):
+    """The same samples, in the same order, with the same boxes at every size: only the resampling changes."""
+    from deit3_fast.trainer import make_loader
+
+    cfg = tiny_cfg(data, **{"aug.mixup": 0, "aug.cutmix": 0, "aug.three_augment": False, "aug.color_jitter": 0,
+                            "aug.hflip": 0})
+    loader = make_loader(cfg, "train", torch.device("cpu"))
+    big = [(i.clone(), y.clone()) for i, y in loader.engine.batches(0)]
+    loader.set_resolution(16)
+    small = [(i.clone(), y.clone()) for i, y in loader.engine.batches(0)]
+    assert loader.engine.crop.size == 16 and small[0][0].shape[1:] == (16, 16, 3)
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(big, small))
+    # A 32 px crop scaled to 16 px is (nearly) the 16 px crop of the same box.
+    down = torch.nn.functional.interpolate(big[0][0].permute(0, 3, 1, 2).float(), size=16, mode="area")
+    assert (down - small[0][0].permute(0, 3, 1, 2).float()).abs().mean() < 12
+    engine16 = loader.engine
+    loader.set_resolution(32)
+    loader.set_resolution(16)
+    assert loader.engine is engine16  # built once per size
+
+
+@pytest.mark.parametrize("value, fragment", [
+    ("{start: 20, start_epoch: 0, end_epoch: 5, step: 8}", "multiples of step 8"),
+    ("{start: 16, end: 36, start_epoch: 0, end_epoch: 5, step: 8}", "multiples of step 8"),
+    ("{start: 0, start_epoch: 0, end_epoch: 5, step: 8}", "patch size 4"),
+    ("{start: 48, start_epoch: 0, end_epoch: 5, step: 8}", "at most end 32"),
+    ("{start: 16, start_epoch: 5, end_epoch: 5, step: 8}", "start_epoch < end_epoch"),
+    ("{start: 16, end_epoch: 5, stpe: 8}", "did you mean 'step'"),
+])
+def test_bad_ramps_are_refused_at_load(value, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")):
+        load_config("quickstart", [f"schedule.resolution={value}"])
+
+
+@pytest.mark.slow
+def test_compiled_ramped_run_compiles_each_size_once(data, tmp_path):
+    """torch.compile with a ramp: one static graph per size, not a recompilation every epoch (and no fallback to
+    eager at the recompile limit)."""
+    import torch._dynamo.utils as dutils
+
+    dutils.counters.clear()
+    cfg = tiny_cfg(data, **{**RAMP, "train.compile": "true", "schedule.epochs": 4})
+    rows = train(cfg, tmp_path, torch.device("cpu"), quiet=True, stop_after_epoch=2)
+    after_ramp = dutils.counters["stats"]["unique_graphs"]
+    assert [r["train_img_size"] for r in rows] == [16, 24, 32]
+    # Epochs at sizes already compiled compile nothing new, in any order (a resumed run in the same process too).
+    run = trainer.build(cfg, torch.device("cpu"))
+    dutils.counters.clear()
+    for epoch in (3, 0, 1, 2):
+        trainer.train_one_epoch(run, epoch)
+    assert after_ramp > 0 and dutils.counters["stats"]["unique_graphs"] == 0
