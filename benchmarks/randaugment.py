@@ -5,7 +5,9 @@ after which timm's output would still need ToTensor + an upload, and ours is alr
 in DataLoader-style worker processes (`--workers`, as the official loader runs it); ours runs eager and compiled
 (torch.compile) on the CPU with torch's threads set to the same count, and on the GPU when there is one.
 
-    python benchmarks/randaugment.py [--workers 2] [--batch 64] [--batches 8] [--size 224] [--json OUT]
+    python benchmarks/randaugment.py [--workers 2] [--batch 64] [--batches 8] [--size 224] [--beton B] [--json OUT]
+
+--beton takes the images from a .beton instead (the GPU machine, where shared/data is not, has the GPU check's).
 """
 from __future__ import annotations
 
@@ -28,9 +30,15 @@ POLICY = "rand-m9-mstd0.5-inc1"
 FILL = (124, 116, 104)
 
 
-def load_crops(size: int, count: int) -> np.ndarray:
+def load_crops(size: int, count: int, beton: str | None = None) -> np.ndarray:
     import tempfile
 
+    if beton:
+        from dataset_tools.beton import Beton
+
+        b = Beton(beton)
+        return np.stack([np.asarray(Image.fromarray(b.decode(i)).resize((size, size), Image.BICUBIC))
+                         for i in range(min(count, len(b)))])
     with tempfile.TemporaryDirectory() as tmp:
         root = unpack_imagenet_sample(Path(tmp))
         files = sorted(root.glob("*/*.JPEG"))[:count]
@@ -100,9 +108,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--beton")
     ap.add_argument("--json")
     a = ap.parse_args()
-    crops = load_crops(a.size, 200)
+    crops = load_crops(a.size, 200, a.beton)
     images = np.stack([crops[i % len(crops)] for i in range(a.batch)])
     torch.set_num_threads(a.workers)
     res = {"policy": POLICY, "size": a.size, "batch": a.batch, "cores": a.workers,

@@ -5,6 +5,7 @@
 #   compute_bound.json/.log  model-alone img/s and MFU for ViT-S@224, B@192, L@192, H@160 (bf16, batch 256), the
 #                          nvjpeg engine's img/s and CPU cores busy at those sizes, end-to-end / model-alone
 #   lamb.log               our LAMB (eager, compiled) vs timm's on ViT-B's parameters
+#   randaugment.json/.log  the device RandAugment (CPU and GPU, eager and compiled) vs timm's PIL RandAugment
 #   summary.json           each step's exit status and seconds
 #
 #   scripts/gpu-check.sh --prepare      # write .gpu-check/data: the test .beton files and the ImageNet sample's
@@ -53,8 +54,8 @@ fi
 
 OUT=${1:?usage: scripts/gpu-check.sh OUT_DIR [check|bench|all] | --prepare}
 GROUP=${2:-all}
-case "$GROUP" in check) RUN_STEPS="doctor pytest_cuda" ;; bench) RUN_STEPS="compute_bound lamb" ;;
-  all) RUN_STEPS="doctor pytest_cuda compute_bound lamb" ;;
+case "$GROUP" in check) RUN_STEPS="doctor pytest_cuda" ;; bench) RUN_STEPS="compute_bound lamb randaugment" ;;
+  all) RUN_STEPS="doctor pytest_cuda compute_bound lamb randaugment" ;;
   *) echo "gpu-check: unknown step group '$GROUP' (check, bench or all)" >&2; exit 2 ;; esac
 mkdir -p "$OUT"
 for f in train.beton val.beton raw.beton imagenet.beton; do
@@ -63,9 +64,10 @@ for f in train.beton val.beton raw.beton imagenet.beton; do
 done
 if [ -n "${GPU_CHECK_QUICK:-}" ]; then
   DOCTOR_STEPS=2; ROWS="deit3_nano@32"; BATCH=16; STEPS=2; LAMB_MODEL=deit3_micro; LAMB_STEPS=2; DEVICE=cpu
+  RA_SIZE=64
 else
   DOCTOR_STEPS=10; ROWS="deit3_small@224,deit3_base@192,deit3_large@192,deit3_huge@160"; BATCH=256; STEPS=10
-  LAMB_MODEL=deit3_base; LAMB_STEPS=20; DEVICE=cuda
+  LAMB_MODEL=deit3_base; LAMB_STEPS=20; DEVICE=cuda; RA_SIZE=224
 fi
 
 failed=0
@@ -100,6 +102,8 @@ step compute_bound 330 bash -c "'$PYTHON' benchmarks/compute_bound.py --device $
   --workers $(nproc) --json '$OUT/compute_bound.json' > '$OUT/compute_bound.log' 2>&1"
 step lamb 120 bash -c "'$PYTHON' benchmarks/lamb.py --device $DEVICE --model $LAMB_MODEL --steps $LAMB_STEPS \
   > '$OUT/lamb.log' 2>&1"
+step randaugment 150 bash -c "'$PYTHON' benchmarks/randaugment.py --workers $(nproc) --batch $BATCH --batches 4 \
+  --beton '$DATA/imagenet.beton' --size $RA_SIZE --json '$OUT/randaugment.json' > '$OUT/randaugment.log' 2>&1"
 
 cat "$OUT/summary.json"
 tail -n 3 "$OUT/pytest-cuda.log" 2>/dev/null

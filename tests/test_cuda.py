@@ -219,3 +219,37 @@ def test_nccl_group_of_one(monkeypatch, tmp_path):
         assert t.sum().item() == 4
     finally:
         distributed.shutdown()
+
+
+def test_device_randaugment_on_cuda_is_the_cpu_op_and_never_waits():
+    """Fine-tuning's RandAugment on the GPU: the whole-batch pass equals the CPU's per-op subsets (colour ops
+    exactly, warps within a grey level), with no host sync (set_sync_debug_mode), eager and compiled."""
+    from pipelines.randaugment import RandAugment
+
+    images = torch.randint(0, 256, (48, 40, 56, 3), generator=torch.Generator().manual_seed(5)).float()
+    for compile in (False, True):
+        torch._dynamo.reset()
+        ra = RandAugment("rand-m9-mstd0.5-inc1", (124, 116, 104), compile=compile)
+        p = ra.draw(len(images), torch.Generator(device=CUDA).manual_seed(0))
+        ra(images.to(CUDA), p)  # warm-up: compilation, constants
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = ra(images.to(CUDA, non_blocking=True), p)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        q = type(p)(*(t.cpu() for t in vars(p).values()))
+        ref = ra.apply(images, q, subset=True)
+        assert (out.cpu() - ref).abs().max() <= 1 and (out.cpu() != ref).float().mean() < 0.01
+
+
+def test_a_ramped_finetuning_run_on_cuda(data, tmp_path):
+    """Progressive resolution (24 -> 48 px) with the device RandAugment, compiled, on the GPU: trains at each size,
+    evaluates at the final one."""
+    torch._dynamo.reset()
+    rows = trainer.train(cfg_for(data, **{"schedule.epochs": 3, "train.compile": "true",
+                                          "aug.auto_augment": "rand-m9-mstd0.5-inc1",
+                                          "schedule.resolution": "{start: 24, start_epoch: 0, end_epoch: 2, step: 8}"}),
+                         tmp_path, CUDA, quiet=True)
+    assert [r["train_img_size"] for r in rows] == [24, 40, 48] and all(np.isfinite(r["train_loss"]) for r in rows)
+    assert rows[-1]["val_acc1"] is not None
