@@ -8,7 +8,8 @@ full-size JPEGs, as it does in practice. Per stage:
   cpu_stage      the FFCV engine alone: decode + RandomResizedCrop into uint8 batches (and the nvjpeg engine's,
                  which on a CPU decodes with torchvision/libjpeg-turbo on threads)
   device_stage   the augmentation stage alone, on the CPU here, on a fixed uint8 batch (eager and torch.compile)
-  end_to_end     build_loader: both stages plus mixup/cutmix, on the same cores
+  end_to_end     build_loader: both stages plus mixup/cutmix, on the same cores, as a run gets it by default (on a
+                 CPU, an epoch this large compiles the device stage: pipelines.build.compile_stage_on_cpu)
 
     python benchmarks/loader_cpu.py [--copies 10] [--batch-size 128] [--workers 2] [--images 5120]
 """
@@ -56,7 +57,7 @@ def main() -> None:
     from deit3_fast.config import load_config
     from official_pipeline import official_train_loader
     from deit3_fast.trainer import make_loader
-    from pipelines.augment import DeviceStage
+    from pipelines.augment import DeviceStage, _pointwise_normalized
 
     torch.set_num_threads(args.workers)
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
@@ -72,13 +73,12 @@ def main() -> None:
 
         sets = [f"data.train={tmp / 'train.beton'}", f"data.batch_size={args.batch_size}",
                 f"data.workers={args.workers}", "data.repeats=1", "train.amp=fp32", f"aug.img_size={args.size}"]
+        cfg = load_config("vit_s_in1k", sets)
+        loader = make_loader(cfg, "train", torch.device("cpu"))
+        result["cpu_stage_img_per_s"] = rate(lambda: loader.engine.batches(0), args.images)
+        images = next(iter(loader.engine.batches(0)))[0].clone()
         for compiled in (False, True):
-            cfg = load_config("vit_s_in1k", sets + [f"train.compile={str(compiled).lower()}"])
-            loader = make_loader(cfg, "train", torch.device("cpu"))
             tag = "compiled" if compiled else "eager"
-            if not compiled:
-                result["cpu_stage_img_per_s"] = rate(lambda: loader.engine.batches(0), args.images)
-            images = next(iter(loader.engine.batches(0)))[0].clone()
             stage = DeviceStage(cfg.aug, train=True, compile=compiled)
             g = torch.Generator().manual_seed(0)
             stage(images, g)  # compile / warm up
@@ -87,11 +87,11 @@ def main() -> None:
             for _ in range(reps):
                 stage(images, g)
             result[f"device_stage_{tag}_img_per_s"] = reps * len(images) / (time.perf_counter() - t0)
-            result[f"end_to_end_{tag}_img_per_s"] = rate(lambda: loader, args.images)
+        result["device_stage_compiled_by_default"] = loader.stage._fused is not _pointwise_normalized
+        result["end_to_end_img_per_s"] = rate(lambda: loader, args.images)
         nv = make_loader(load_config("vit_s_in1k", sets + ["data.engine=nvjpeg"]), "train", torch.device("cpu"))
         result["cpu_stage_nvjpeg_engine_img_per_s"] = rate(lambda: nv.engine.batches(0), args.images)
-        best = max(result["end_to_end_eager_img_per_s"], result["end_to_end_compiled_img_per_s"])
-        result["ratio_end_to_end_vs_official"] = best / result["official_img_per_s"]
+        result["ratio_end_to_end_vs_official"] = result["end_to_end_img_per_s"] / result["official_img_per_s"]
         result["ratio_cpu_stage_vs_official"] = result["cpu_stage_img_per_s"] / result["official_img_per_s"]
         result["torch_threads"] = torch.get_num_threads()  # FFCV sets it to data.workers
     print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}, indent=1))

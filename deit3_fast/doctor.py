@@ -267,6 +267,11 @@ def throughput(device: torch.device, data_train: str | None, engine: str | None,
     detail = (f"{r['model']}@{r['img_size']} batch {r['batch_size']} {r['amp']}, {engine} engine, {workers} "
               f"workers: loader {r['loader_img_per_s']:,.0f} img/s, model alone {r['model_img_per_s']:,.0f}, end "
               f"to end {r['end_to_end_img_per_s']:,.0f} ({r['ratio']:.0%}), MFU {r['mfu']:.0%}: {r['verdict']}")
+    if r.get("cpu_stage_img_per_s_per_core"):
+        detail += f"; CPU stage {r['cpu_stage_img_per_s_per_core']:,.0f} img/s per core at {r['img_size']} px"
+        this = next((v for k, v in (r.get("cores_per_gpu") or {}).items() if k.startswith("this GPU")), None)
+        if this is not None:
+            detail += f", {this:.1f} cores per GPU keep this model fed"
     return Check("loader vs model", OK if r["verdict"] == "compute-bound" else INFO, detail,
                  None if r["verdict"] == "compute-bound" else r["advice"])
 

@@ -36,6 +36,20 @@ NOMINAL_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("GH20
                   ("V100", 125.0), ("T4", 65.0))
 
 
+# The GPUs of the cores-per-GPU estimate when the GPU is not here: datasheet dense tensor-core TFLOP/s in the AMP dtype
+# each trains in (V100 has no bf16), at a stated MFU (a ViT at batch 256 reaches 40-50% on these; 40% is the
+# conservative side, which asks fewer cores).
+REFERENCE_GPUS = (("V100", "fp16", 125.0), ("A100", "bf16", 312.0), ("H100", "bf16", 989.0))
+REFERENCE_MFU = 0.4
+
+
+def cores_per_gpu(gflop_per_image: float, cpu_img_per_s_per_core: float, tflops: float,
+                  mfu: float = REFERENCE_MFU) -> tuple[float, float]:
+    """(img/s one GPU trains at `mfu` of `tflops`, CPU cores whose CPU stage keeps up with it)."""
+    gpu = tflops * 1e12 * mfu / (gflop_per_image * 1e9)
+    return gpu, gpu / cpu_img_per_s_per_core
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -178,6 +192,16 @@ def profile(cfg: Config, device: torch.device, steps: int = 20) -> dict:
         peak_note = f"the model ran faster than the matmul probe ({achieved:.3g} vs {peak:.3g} TFLOP/s)"
         peak = achieved
     nominal = nominal_tflops(device, run.amp)
+    # The CPU stage (decode + crop on CPU threads: ffcv, or any engine run on a CPU): img/s per busy core, and how
+    # many such cores a GPU needs, this one (measured) or the reference ones (nominal rate at REFERENCE_MFU).
+    per_core = engine_rate / engine_cores if (cfg.data.engine == "ffcv" or device.type == "cpu") and \
+        engine_cores > 0.05 else None
+    cores = None
+    if per_core:
+        cores = {f"{name} {dt} @ {REFERENCE_MFU:.0%} MFU": cores_per_gpu(flops / 1e9, per_core, tf)[1]
+                 for name, dt, tf in REFERENCE_GPUS}
+        if device.type == "cuda":
+            cores = {f"this GPU (model alone, {model_rate:,.0f} img/s)": model_rate / per_core, **cores}
     result = {
         "model": cfg.model.name, "img_size": cfg.aug.img_size, "batch_size": b, "accum": accum, "amp": run.amp,
         "engine": cfg.data.engine, "workers": cfg.data.workers, "compile": cfg.train.compile,
@@ -188,6 +212,7 @@ def profile(cfg: Config, device: torch.device, steps: int = 20) -> dict:
         "ratio": end_to_end / model_rate, "gflop_per_image": flops / 1e9, "achieved_tflops": achieved,
         "peak_tflops": peak, "mfu": achieved / peak, "peak_note": peak_note,
         "nominal_tflops": nominal, "mfu_nominal": achieved / nominal if nominal else None, "steps": steps,
+        "cpu_stage_img_per_s_per_core": per_core, "cores_per_gpu": cores,
     }
     result.update(verdict(result, cfg))
     return result
@@ -242,5 +267,9 @@ def render(r: dict) -> None:
                                            if r.get("mfu_nominal") else ""))
     if r.get("peak_note"):
         console.print(f"note: {r['peak_note']}")
+    if r.get("cores_per_gpu"):
+        need = ", ".join(f"{k}: {v:.1f}" for k, v in r["cores_per_gpu"].items())
+        console.print(f"CPU stage: {r['cpu_stage_img_per_s_per_core']:,.0f} img/s per core; cores per GPU to stay "
+                      f"compute-bound on {r['model']}@{r['img_size']}: {need}")
     console.print(f"[bold]{r['verdict']}[/bold] (end to end = {r['ratio']:.0%} of model alone; slowest: "
                   f"{r['slowest_stage']}): {r['advice']}")

@@ -66,12 +66,24 @@ def check_same_classes(train: str, val: str) -> None:
                         f"difference at label {where}): convert the val split with --classes {listing}")
 
 
+# On a CPU the device stage compiled (inductor fuses its ~20 passes) is ~2.4x faster than eager at 224 px, which is
+# what makes a CPU run faster than the official per-sample PIL pipeline rather than slower (BENCHMARKS.md, issues 3,
+# 20); compiling costs ~15 s once. It pays for itself within an epoch once an epoch holds this many pixels.
+CPU_COMPILE_PIXELS = 4e8
+
+
+def compile_stage_on_cpu(samples: int, img_size: int) -> bool:
+    """Whether a CPU run compiles its training device stage without being asked (train.compile off)."""
+    return samples * img_size * img_size >= CPU_COMPILE_PIXELS
+
+
 def build_loader(data: DataConfig, aug: AugConfig, split: str, *, num_classes: int, device: torch.device | str,
                  dtype: torch.dtype = torch.float32, rank: int | None = None, world: int | None = None,
                  compile: bool = False) -> Loader:
     """The `split` ("train" | "val") loader of `data` with `aug`'s augmentation. Batches are `dtype`, channels-last,
     on `device`; targets are timm's soft mixed targets (class indices where nothing is mixed). `rank` and `world`
-    default to torch.distributed's when a process group is initialised."""
+    default to torch.distributed's when a process group is initialised. `compile` compiles the device stage; a
+    CPU training loader compiles it anyway when its epochs are large enough to repay that (compile_stage_on_cpu)."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     train = split == "train"
@@ -118,6 +130,7 @@ def build_loader(data: DataConfig, aug: AugConfig, split: str, *, num_classes: i
     mixing = Mixing(aug, num_classes) if train else None
     # Mixup blends in float32 and the batch is cast to `dtype` once, after it (as the official code, whose images
     # stay fp32 up to autocast): blending bf16 pixels would round each of the two images first.
+    compile = compile or (train and device.type == "cpu" and compile_stage_on_cpu(len(order), aug.img_size))
     stage = DeviceStage(aug, train=train, dtype=torch.float32 if mixing is not None and mixing.active else dtype,
                         compile=compile)
     return Loader(engine, stage, mixing, device=device, seed=data.seed, rank=rank, dtype=dtype,

@@ -26,7 +26,7 @@ class Loader:
     def __init__(self, engine: Engine, stage, mixing, *, device: torch.device, seed: int, rank: int,
                  dtype: torch.dtype | None = None, make_engine=None):
         self.engine, self.stage, self.mixing = engine, stage, mixing
-        self._make_engine, self._engines = make_engine, {engine.crop.size: engine}
+        self._make_engine, self._engines = make_engine, {}
         self.device, self.seed, self.rank = device, seed, rank
         self.dtype = dtype or stage.dtype
         self.epoch = 0
@@ -43,6 +43,7 @@ class Loader:
         they depend on the keys only, so only the resampling changes."""
         if size == self.engine.crop.size:
             return
+        self._engines.setdefault(self.engine.crop.size, self.engine)
         if size not in self._engines:
             if self._make_engine is None:
                 raise ValueError("this loader was built without an engine factory; it cannot change resolution")

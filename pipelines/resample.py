@@ -28,9 +28,9 @@ def _bicubic(x):
 
 @njit(cache=True, nogil=True, fastmath=True)
 def _to_u8(v):
-    """Round and clip to 0..255, as Pillow does after each pass (bicubic overshoots at sharp edges)."""
-    v = math.floor(v + 0.5)
-    return 0.0 if v < 0 else (255.0 if v > 255 else v)
+    """Round and clip to 0..255, as Pillow does after each pass (bicubic overshoots at sharp edges); branch-free,
+    so the loops that call it vectorise."""
+    return min(max(np.float32(np.floor(v + np.float32(0.5))), np.float32(0.0)), np.float32(255.0))
 
 
 @njit(cache=True, nogil=True)
@@ -62,39 +62,64 @@ def _coeffs(in_size, in0, in1, out_size):
 
 @njit(cache=True, nogil=True, fastmath=True)
 def resize_box(src, y0, x0, y1, x1, out):
-    """Resample the box [y0, y1) x [x0, x1) (float source coordinates) of src (H, W, 3) uint8 into out (h, w, 3)."""
+    """Resample the box [y0, y1) x [x0, x1) (float source coordinates) of src (H, W, 3) uint8 into out (h, w, 3),
+    C-contiguous. Pillow's order: horizontal pass, rounded to 8 bits, then vertical pass, rounded.
+
+    Both passes are weighted sums of whole contiguous rows, which the compiler vectorises: the horizontal pass runs
+    on the source window transposed (a source column is a row there), and its result is transposed back for the
+    vertical pass. About 3.5x faster than summing taps per output pixel (BENCHMARKS.md, issue 20), same pixels."""
     oh, ow = out.shape[0], out.shape[1]
     hf, hc, hw = _coeffs(src.shape[1], x0, x1, ow)
     vf, vc, vw = _coeffs(src.shape[0], y0, y1, oh)
-    r_lo = vf[0]
-    r_hi = vf[oh - 1] + vc[oh - 1]
-    # Horizontal pass over the source rows the vertical pass will need; rows are (ow * 3) floats, contiguous.
-    tmp = np.zeros((r_hi - r_lo, ow * 3), np.float32)
-    for r in range(r_lo, r_hi):
-        row = src[r]
-        t = tmp[r - r_lo]
-        for xx in range(ow):
-            a0 = a1 = a2 = np.float32(0.0)
-            for k in range(hc[xx]):
-                w = hw[xx, k]
-                px = row[hf[xx] + k]
-                a0 += w * px[0]
-                a1 += w * px[1]
-                a2 += w * px[2]
-            t[3 * xx] = _to_u8(a0)
-            t[3 * xx + 1] = _to_u8(a1)
-            t[3 * xx + 2] = _to_u8(a2)
-    # Vertical pass: whole rows at a time (a weighted sum of contiguous vectors).
-    acc = np.empty(ow * 3, np.float32)
+    r_lo, r_hi = vf[0], vf[oh - 1] + vc[oh - 1]
+    c_lo, c_hi = hf[0], hf[ow - 1] + hc[ow - 1]
+    nr, nc = r_hi - r_lo, c_hi - c_lo
+    n3 = nr * 3
+    src_t = np.empty((nc, n3), np.float32)  # src_t[x, 3 r + c] = window[r, x, c]
+    for r in range(nr):
+        row = src[r_lo + r]
+        for x in range(nc):
+            d = src_t[x]
+            d[3 * r] = row[c_lo + x, 0]
+            d[3 * r + 1] = row[c_lo + x, 1]
+            d[3 * r + 2] = row[c_lo + x, 2]
+    tmp_t = np.empty((ow, n3), np.float32)  # horizontal pass: output column xx, all window rows
+    for xx in range(ow):
+        acc = tmp_t[xx]
+        base = hf[xx] - c_lo
+        w0 = hw[xx, 0]
+        s = src_t[base]
+        for i in range(n3):
+            acc[i] = w0 * s[i]
+        for k in range(1, hc[xx]):
+            w = hw[xx, k]
+            s = src_t[base + k]
+            for i in range(n3):
+                acc[i] += w * s[i]
+        for i in range(n3):
+            acc[i] = _to_u8(acc[i])
+    m = ow * 3
+    tmp = np.empty((nr, m), np.float32)  # transposed back: tmp[r, 3 xx + c]
+    for xx in range(ow):
+        t = tmp_t[xx]
+        for r in range(nr):
+            d = tmp[r]
+            d[3 * xx] = t[3 * r]
+            d[3 * xx + 1] = t[3 * r + 1]
+            d[3 * xx + 2] = t[3 * r + 2]
+    acc = np.empty(m, np.float32)  # vertical pass: one output row at a time
+    flat = out.reshape(oh, m)
     for yy in range(oh):
         base = vf[yy] - r_lo
-        acc[:] = 0.0
-        for k in range(vc[yy]):
+        w0 = vw[yy, 0]
+        t = tmp[base]
+        for i in range(m):
+            acc[i] = w0 * t[i]
+        for k in range(1, vc[yy]):
             w = vw[yy, k]
             t = tmp[base + k]
-            for i in range(ow * 3):
+            for i in range(m):
                 acc[i] += w * t[i]
-        o = out[yy]
-        for xx in range(ow):
-            for c in range(3):
-                o[xx, c] = _to_u8(acc[3 * xx + c])
+        o = flat[yy]
+        for i in range(m):
+            o[i] = np.uint8(_to_u8(acc[i]))

@@ -1,5 +1,6 @@
 """`deit3-fast profile`: the measurements a user reads to tell input-bound from compute-bound, and the verdict."""
 import json
+import os
 import subprocess
 import sys
 
@@ -26,6 +27,23 @@ def test_profile_json_on_cpu(data):
     assert 0 < result["mfu"] < 1
     assert result["verdict"] in ("input-bound", "compute-bound")
     assert result["ratio"] == pytest.approx(result["end_to_end_img_per_s"] / result["model_img_per_s"], rel=1e-2)
+    # The CPU stage per busy core, and the cores a GPU needs at its nominal rate (40% MFU) for this model's FLOPs.
+    per_core = result["cpu_stage_img_per_s_per_core"]
+    assert per_core >= result["engine_img_per_s"] / os.cpu_count() * 0.5
+    cores = result["cores_per_gpu"]
+    assert list(cores) == ["V100 fp16 @ 40% MFU", "A100 bf16 @ 40% MFU", "H100 bf16 @ 40% MFU"]
+    h100 = 989e12 * 0.4 / (result["gflop_per_image"] * 1e9)
+    assert cores["H100 bf16 @ 40% MFU"] == pytest.approx(h100 / per_core, rel=1e-2)  # the JSON rounds
+
+
+def test_cores_per_gpu_is_the_gpus_rate_over_the_per_core_rate():
+    from deit3_fast.profile import cores_per_gpu
+
+    # ViT-S@224 trains at ~27.6 GFLOP/image: an H100 at 40% MFU takes ~14,300 img/s; at 200 img/s per core (the
+    # official pipeline here) that is ~72 cores, at 2,000 (ours) ~7.
+    gpu, cores = cores_per_gpu(27.6, 200.0, 989.0, 0.4)
+    assert gpu == pytest.approx(14333, rel=1e-3) and cores == pytest.approx(71.7, rel=1e-2)
+    assert cores_per_gpu(27.6, 2000.0, 989.0, 0.4)[1] == pytest.approx(cores / 10)
 
 
 def test_profile_table_and_bad_input(data, tmp_path):

@@ -427,3 +427,18 @@ def test_a_training_batch_is_exactly_engine_then_stage_then_mixing(small_beton):
         x, y = loader.mixing(x, raw[b][1], rng)
         assert torch.equal(batches[b][0], x.to(torch.bfloat16)) and torch.equal(batches[b][1], y)
         assert torch.allclose(y.sum(1), torch.ones(len(y)))
+
+
+def test_a_cpu_training_loader_compiles_its_stage_when_epochs_repay_it(small_beton, monkeypatch):
+    """On a CPU the compiled device stage is what beats the official per-sample pipeline; compilation costs ~15 s,
+    so it is chosen without train.compile once an epoch holds enough pixels (ImageNet-sized CPU runs), and not for
+    small sets (quickstart, tests). Evaluation and GPU loaders are not affected."""
+    from pipelines import build
+    from pipelines.augment import _pointwise_normalized
+
+    assert build.compile_stage_on_cpu(10_000, 224) and not build.compile_stage_on_cpu(2_000, 32)
+    assert build.compile_stage_on_cpu(50_000, 96) and not build.compile_stage_on_cpu(50_000, 32)  # CIFAR: eager
+    assert build_loader(cfg_for(small_beton), "train", "cpu").stage._fused is _pointwise_normalized
+    monkeypatch.setattr(build, "CPU_COMPILE_PIXELS", 120 * 48 * 48)
+    assert build_loader(cfg_for(small_beton), "train", "cpu").stage._fused is not _pointwise_normalized
+    assert build_loader(cfg_for(small_beton), "val", "cpu").stage._fused is _pointwise_normalized
