@@ -49,6 +49,12 @@ def load_crops(size: int, count: int, beton: str | None = None) -> np.ndarray:
 _TIMM = None
 
 
+def _posterize(img, bits, **_):
+    from PIL import ImageOps
+
+    return img if bits >= 8 else Image.new(img.mode, img.size) if bits <= 0 else ImageOps.posterize(img, bits)
+
+
 def _timm_chunk(args) -> int:
     """One worker's share: timm's RandAugment on each image (what the official loader's workers do per sample)."""
     global _TIMM
@@ -58,6 +64,9 @@ def _timm_chunk(args) -> int:
 
         _TIMM = rand_augment_transform(POLICY, {"translate_const": int(size * 0.45), "img_mean": FILL,
                                                 "interpolation": Image.BICUBIC})
+        for op in _TIMM.ops:  # Pillow 13 refuses 0 bits (magnitude 10); older Pillow, and ours, give black
+            if op.name.startswith("Posterize"):
+                op.aug_fn = _posterize
     import random
 
     random.seed(seed)

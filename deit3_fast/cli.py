@@ -398,7 +398,8 @@ def _preview(args) -> int:
     cfg = load_config(args.cfg, sets)
     import torch
 
-    info = make_preview(make_loader(cfg, "train", torch.device("cpu")), cfg.aug.mean, cfg.aug.std, args.out)
+    loader = make_loader(cfg, "train", torch.device("cpu"), auto_compile=False)
+    info = make_preview(loader, cfg.aug.mean, cfg.aug.std, args.out)
     ops = f", RandAugment ops {info['randaug']}" if "randaug" in info else ""
     print(f"wrote {info['path']}: {info['samples']} samples, branches {info['branches']}{ops}")
     return 0

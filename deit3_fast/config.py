@@ -290,13 +290,13 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"train.extra_val_every: must be >= 0 (0: the last epoch only), got "
                           f"{cfg.train.extra_val_every}")
     _check_randaugment(cfg.aug.auto_augment)
-    _check_resolution(cfg.schedule.resolution, cfg.aug.img_size, patch, cfg.model.name)
+    _check_resolution(cfg.schedule.resolution, cfg.aug.img_size, patch, cfg.model.name, cfg.schedule.epochs)
     from .evalsets import parse_sets
 
     parse_sets(cfg.train.extra_val)  # NAME=PATH, names unique: a typo fails at load, not after the first epoch
 
 
-def _check_resolution(r: ResolutionConfig, img_size: int, patch: int, model: str) -> None:
+def _check_resolution(r: ResolutionConfig, img_size: int, patch: int, model: str, epochs: int) -> None:
     if r.start is None:
         return
     end = r.end if r.end is not None else img_size
@@ -310,6 +310,9 @@ def _check_resolution(r: ResolutionConfig, img_size: int, patch: int, model: str
     if not 0 <= r.start_epoch < r.end_epoch:
         raise ConfigError(f"{where}: the ramp needs 0 <= start_epoch < end_epoch, got {r.start_epoch} and "
                           f"{r.end_epoch}")
+    if r.end_epoch >= epochs:
+        raise ConfigError(f"{where}: end_epoch {r.end_epoch} must be below schedule.epochs {epochs}, or the run "
+                          f"never trains at the final size {end}")
 
 
 _RA_SECTIONS = ("mstd", "mmax", "inc", "m", "n", "p")  # timm's rand_augment_transform options (t: a transform set)

@@ -42,6 +42,12 @@ def _official_init(model: VisionTransformer, drop_path: float) -> None:
         block.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
 
+def _floor_to_patches(module: nn.Module, args: tuple) -> tuple:
+    x = args[0]
+    ph, pw = module.patch_size
+    return (x[..., : x.shape[-2] // ph * ph, : x.shape[-1] // pw * pw], *args[1:])
+
+
 def create_model(name: str, num_classes: int = 1000, img_size: int | None = None, drop_path: float = 0.0,
                  layer_scale_init: float | None = 1e-4, checkpoint: str | None = None,
                  **overrides) -> VisionTransformer:
@@ -61,6 +67,10 @@ def create_model(name: str, num_classes: int = 1000, img_size: int | None = None
                   global_pool="token", init_values=layer_scale_init, norm_layer=partial(nn.LayerNorm, eps=1e-6))
     kwargs.update(overrides)
     model = VisionTransformer(**kwargs)
+    if kwargs.get("dynamic_img_size"):
+        # timm's dynamic size asserts that the input is a multiple of the patch; the official floor (the strided
+        # convolution never reads the leftover pixels) is the same as cropping them off first.
+        model.patch_embed.register_forward_pre_hook(_floor_to_patches)
     _official_init(model, drop_path)
     if checkpoint:
         load_checkpoint(model, checkpoint)

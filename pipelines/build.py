@@ -79,11 +79,11 @@ def compile_stage_on_cpu(samples: int, img_size: int) -> bool:
 
 def build_loader(data: DataConfig, aug: AugConfig, split: str, *, num_classes: int, device: torch.device | str,
                  dtype: torch.dtype = torch.float32, rank: int | None = None, world: int | None = None,
-                 compile: bool = False) -> Loader:
+                 compile: bool = False, auto_compile: bool = True) -> Loader:
     """The `split` ("train" | "val") loader of `data` with `aug`'s augmentation. Batches are `dtype`, channels-last,
     on `device`; targets are timm's soft mixed targets (class indices where nothing is mixed). `rank` and `world`
-    default to torch.distributed's when a process group is initialised. `compile` compiles the device stage; a
-    CPU training loader compiles it anyway when its epochs are large enough to repay that (compile_stage_on_cpu)."""
+    default to torch.distributed's when a process group is initialised. `compile` compiles the device stage; with
+    `auto_compile`, a CPU training loader compiles it anyway when its epochs repay that (compile_stage_on_cpu)."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     train = split == "train"
@@ -130,7 +130,8 @@ def build_loader(data: DataConfig, aug: AugConfig, split: str, *, num_classes: i
     mixing = Mixing(aug, num_classes) if train else None
     # Mixup blends in float32 and the batch is cast to `dtype` once, after it (as the official code, whose images
     # stay fp32 up to autocast): blending bf16 pixels would round each of the two images first.
-    compile = compile or (train and device.type == "cpu" and compile_stage_on_cpu(len(order), aug.img_size))
+    compile = compile or (auto_compile and train and device.type == "cpu" and compile_stage_on_cpu(len(order),
+                                                                                                  aug.img_size))
     stage = DeviceStage(aug, train=train, dtype=torch.float32 if mixing is not None and mixing.active else dtype,
                         compile=compile)
     return Loader(engine, stage, mixing, device=device, seed=data.seed, rank=rank, dtype=dtype,

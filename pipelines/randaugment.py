@@ -77,6 +77,7 @@ class RandAugment:
         self.layers, self.prob, self.mean = t.num_layers, first.prob, float(first.magnitude)
         self.std, self.top = first.magnitude_std, float(first.magnitude_max or 10)
         self.weights = None if t.choice_weights is None else torch.tensor(t.choice_weights, dtype=torch.float64)
+        self._weights_on: dict = {}
         self.translate_pct = first.hparams.get("translate_pct", 0.45)
         # torch.compile: on a GPU the whole pass (no data-dependent shapes); on a CPU, which takes each op's samples
         # only (their count varies), the warp alone, with dynamic shapes: about 10x faster than eager there.
@@ -85,19 +86,25 @@ class RandAugment:
 
     def draw(self, batch: int, g: torch.Generator) -> RandAugParams:
         dev, shape = g.device, (self.layers, batch)
-        u = torch.rand(3, *shape, generator=g, device=dev)
+        u = torch.rand(4, *shape, generator=g, device=dev)
         if self.weights is None:  # timm: np.random.choice with replacement
             op = (u[0] * len(self.names)).long().clamp_(max=len(self.names) - 1)
         else:  # timm: weighted choice without replacement = Gumbel top-k
             gumbel = -torch.log(-torch.log(torch.rand(batch, len(self.names), generator=g, device=dev)))
-            op = (self.weights.log().float().to(dev, non_blocking=True) + gumbel).topk(self.layers, dim=1).indices.T
+            op = (self._log_weights(dev) + gumbel).topk(self.layers, dim=1).indices.T
         noise = torch.randn(shape, generator=g, device=dev)
         if self.std == float("inf"):
-            magnitude = self.mean * u[2]
+            magnitude = self.mean * u[3]
         else:
             magnitude = self.mean + self.std * noise if self.std > 0 else torch.full(shape, self.mean, device=dev)
         # timm skips an op when random() > prob, and negates when random() > 0.5.
         return RandAugParams(op, u[1] <= self.prob, magnitude.clamp(0, self.top), u[2] > 0.5)
+
+    def _log_weights(self, device: torch.device) -> torch.Tensor:
+        """The weighted choice's log-weights on `device`, copied once (a copy per batch would wait for the device)."""
+        if device not in self._weights_on:
+            self._weights_on[device] = self.weights.log().float().to(device)
+        return self._weights_on[device]
 
     def describe(self, p: RandAugParams, sample: int) -> str:
         """What sample `sample` went through, for captions: 'Rotate 9.3, Equalize' (ops skipped by p left out)."""
@@ -349,14 +356,16 @@ def warp_affine(x: torch.Tensor, matrix: torch.Tensor, fill: tuple[float, float,
     are weighted with PIL's cubic and the result is truncated into 0..255, as PIL does."""
     b, h, w, c = x.shape
     dev = x.device
-    mat = matrix.float().view(b, 6, 1, 1)
-    ys = (torch.arange(h, device=dev, dtype=torch.float32) + 0.5).view(1, h, 1)
-    xs = (torch.arange(w, device=dev, dtype=torch.float32) + 0.5).view(1, 1, w)
+    # Source coordinates in float64, as PIL computes them: in float32 a point within ~1e-5 of the border could
+    # land on the other side of PIL's inside test (fill colour vs an interpolated pixel).
+    mat = matrix.double().view(b, 6, 1, 1)
+    ys = (torch.arange(h, device=dev, dtype=torch.float64) + 0.5).view(1, h, 1)
+    xs = (torch.arange(w, device=dev, dtype=torch.float64) + 0.5).view(1, 1, w)
     sx = mat[:, 0] * xs + mat[:, 1] * ys + mat[:, 2]
     sy = mat[:, 3] * xs + mat[:, 4] * ys + mat[:, 5]
     inside = (sx >= 0) & (sx < w) & (sy >= 0) & (sy < h)
     fx, fy = torch.floor(sx - 0.5), torch.floor(sy - 0.5)
-    wx, wy = _cubic_weights(sx - 0.5 - fx), _cubic_weights(sy - 0.5 - fy)
+    wx, wy = _cubic_weights((sx - 0.5 - fx).float()), _cubic_weights((sy - 0.5 - fy).float())
     flat = x.reshape(b, h * w, c)
     out = torch.zeros_like(x)
     for j in range(4):

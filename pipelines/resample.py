@@ -69,6 +69,8 @@ def resize_box(src, y0, x0, y1, x1, out):
     on the source window transposed (a source column is a row there), and its result is transposed back for the
     vertical pass. About 3.5x faster than summing taps per output pixel (BENCHMARKS.md, issue 20), same pixels."""
     oh, ow = out.shape[0], out.shape[1]
+    if oh == 0 or ow == 0:
+        return
     hf, hc, hw = _coeffs(src.shape[1], x0, x1, ow)
     vf, vc, vw = _coeffs(src.shape[0], y0, y1, oh)
     r_lo, r_hi = vf[0], vf[oh - 1] + vc[oh - 1]

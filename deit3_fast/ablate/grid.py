@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import CONFIG_DIR, Config, ConfigError, _closest, load_config, resolve_path
+from ..config import CONFIG_DIR, Config, ConfigError, _closest, apply_override, load_config, resolve_path
 
 ABLATIONS_DIR = CONFIG_DIR / "ablations"
 GRID_KEYS = ("base", "sets", "variants", "axes")
@@ -91,7 +91,13 @@ def _scaled_warmup(cfg: str, sets: list[str]) -> list[str]:
     if "schedule.epochs" not in keys:
         return []
     ref = load_config(cfg, [s for s in sets if _key(s) != "schedule.epochs"]).schedule
-    epochs = load_config(cfg, sets).schedule.epochs
+    tree: dict = {}
+    for s in sets:  # the budget asked for, read without validating the rest (a ramp may not fit it unscaled)
+        if _key(s) == "schedule.epochs":
+            apply_override(tree, s)
+    epochs = tree["schedule"]["epochs"]
+    if not isinstance(epochs, int) or isinstance(epochs, bool):
+        return []  # load_config reports the bad value with the variant's name
     if epochs == ref.epochs:
         return []
     out = []
@@ -100,9 +106,10 @@ def _scaled_warmup(cfg: str, sets: list[str]) -> list[str]:
     r = ref.resolution
     if r.start is not None and not keys & {"schedule.resolution.start_epoch", "schedule.resolution.end_epoch",
                                            "schedule.resolution"}:
-        start = _round_half_up(r.start_epoch * epochs / ref.epochs)
-        out += [f"schedule.resolution.start_epoch={start}",
-                f"schedule.resolution.end_epoch={max(start + 1, _round_half_up(r.end_epoch * epochs / ref.epochs))}"]
+        # The ramp must end before the last epoch, or a short budget never trains at the final size.
+        end = max(1, min(_round_half_up(r.end_epoch * epochs / ref.epochs), epochs - 1))
+        start = min(_round_half_up(r.start_epoch * epochs / ref.epochs), end - 1)
+        out += [f"schedule.resolution.start_epoch={start}", f"schedule.resolution.end_epoch={end}"]
     return out
 
 

@@ -84,6 +84,9 @@ def test_warmup_set_explicitly_or_zero_is_not_scaled(tmp_path):
     # and so does a progressive-resolution ramp (35 -> 85 of 100 epochs: 18 -> 43 of 50), so it still ends at 32 px
     r = {v.name: v.config for v in cifar.variants}["progressive"].schedule.resolution
     assert (r.start_epoch, r.end_epoch, r.start, r.end) == (18, 43, 16, 32)
+    # a budget shorter than the ramp still ends it before the last epoch, which trains at 32 px
+    r = {v.name: v.config for v in load_grid("cifar10_grid", ["schedule.epochs=3"]).variants}["progressive"]
+    assert (r.schedule.resolution.start_epoch, r.schedule.resolution.end_epoch) == (1, 2)
 
 
 @pytest.mark.parametrize("grid, message", [

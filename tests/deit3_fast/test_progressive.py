@@ -92,6 +92,7 @@ def test_the_loader_keeps_its_crops_and_changes_only_their_size(data):
     ("{start: 48, start_epoch: 0, end_epoch: 5, step: 8}", "at most end 32"),
     ("{start: 16, start_epoch: 5, end_epoch: 5, step: 8}", "start_epoch < end_epoch"),
     ("{start: 16, end_epoch: 5, stpe: 8}", "did you mean 'step'"),
+    ("{start: 16, start_epoch: 0, end_epoch: 40, step: 8}", "end_epoch 40 must be below schedule.epochs 40"),
 ])
 def test_bad_ramps_are_refused_at_load(value, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")):
@@ -115,3 +116,22 @@ def test_compiled_ramped_run_compiles_each_size_once(data, tmp_path):
     for epoch in (3, 0, 1, 2):
         trainer.train_one_epoch(run, epoch)
     assert after_ramp > 0 and dutils.counters["stats"]["unique_graphs"] == 0
+
+
+def test_a_ramp_floors_the_patch_grid_like_the_fixed_size_model():
+    """Sizes need not be multiples of the patch (ViT-H/14 pre-trains at 160): with the ramp's dynamic image size the
+    leftover pixels are ignored, as the fixed-size model's strided convolution ignores them, so at the final size
+    the ramped model computes exactly what the fixed one does, and at a smaller size it runs on the floored grid."""
+    from deit3_fast.models import create_model
+
+    torch.manual_seed(0)
+    fixed = create_model("deit3_micro", num_classes=5, img_size=36).eval()  # patch 8: a 4 x 4 grid, 4 px left over
+    ramped = create_model("deit3_micro", num_classes=5, img_size=36, dynamic_img_size=True).eval()
+    ramped.load_state_dict(fixed.state_dict())
+    x = torch.randn(2, 3, 36, 36)
+    with torch.no_grad():
+        assert torch.equal(ramped(x), fixed(x))
+        assert ramped(torch.randn(2, 3, 20, 20)).shape == (2, 5)  # 2 x 2 patches, 4 px ignored
+    cfg = load_config("vit_h_in1k", ["schedule.resolution={start: 128, end: 160, start_epoch: 0, end_epoch: 5, "
+                                     "step: 32}"])
+    assert resolution_schedule(cfg.schedule.resolution, 160, 8)[:6] == [128, 128, 128, 160, 160, 160]

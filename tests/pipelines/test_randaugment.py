@@ -121,8 +121,12 @@ def test_op_magnitude_and_sign_frequencies():
     assert abs(m.mean() - ref.mean()) < 0.01 and abs(m.std() - ref.std()) < 0.01 and m.max() <= 10
     # mstd0 is the fixed magnitude; mstd101 (> 100) is timm's uniform [0, m].
     assert (RandAugment("rand-m7-mstd0", FILL).draw(100, torch.Generator()).magnitude == 7).all()
-    u = RandAugment("rand-m8-mstd101", FILL).draw(n, torch.Generator().manual_seed(1)).magnitude.double()
+    pu = RandAugment("rand-m8-mstd101", FILL).draw(n, torch.Generator().manual_seed(1))
+    u = pu.magnitude.double()
     assert 0 <= u.min() and u.max() <= 8 and abs(u.mean() - 4) < 0.05
+    # ... drawn independently of the sign (a shared uniform once made every large rotation turn the same way)
+    big = u > 4
+    assert abs(pu.negate[big].double().mean() - 0.5) < 0.02 and abs(pu.negate[~big].double().mean() - 0.5) < 0.02
     # n3: three layers; p0.2: each applies with p 0.2.
     p3 = RandAugment("rand-m9-n3-p0.2", FILL).draw(n, torch.Generator().manual_seed(2))
     assert p3.op.shape == (3, n) and abs(p3.apply.double().mean() - 0.2) < 0.01
