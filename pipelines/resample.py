@@ -61,6 +61,20 @@ def _coeffs(in_size, in0, in1, out_size):
 
 
 @njit(cache=True, nogil=True, fastmath=True)
+def _weighted_rows(rows, first, count, weights, acc):
+    """acc = sum over k < count of weights[k] * rows[first + k]: whole contiguous rows, which vectorise."""
+    w0 = weights[0]
+    s = rows[first]
+    for i in range(acc.size):
+        acc[i] = w0 * s[i]
+    for k in range(1, count):
+        w = weights[k]
+        s = rows[first + k]
+        for i in range(acc.size):
+            acc[i] += w * s[i]
+
+
+@njit(cache=True, nogil=True, fastmath=True)
 def resize_box(src, y0, x0, y1, x1, out):
     """Resample the box [y0, y1) x [x0, x1) (float source coordinates) of src (H, W, 3) uint8 into out (h, w, 3),
     C-contiguous. Pillow's order: horizontal pass, rounded to 8 bits, then vertical pass, rounded.
@@ -88,16 +102,7 @@ def resize_box(src, y0, x0, y1, x1, out):
     tmp_t = np.empty((ow, n3), np.float32)  # horizontal pass: output column xx, all window rows
     for xx in range(ow):
         acc = tmp_t[xx]
-        base = hf[xx] - c_lo
-        w0 = hw[xx, 0]
-        s = src_t[base]
-        for i in range(n3):
-            acc[i] = w0 * s[i]
-        for k in range(1, hc[xx]):
-            w = hw[xx, k]
-            s = src_t[base + k]
-            for i in range(n3):
-                acc[i] += w * s[i]
+        _weighted_rows(src_t, hf[xx] - c_lo, hc[xx], hw[xx], acc)
         for i in range(n3):
             acc[i] = _to_u8(acc[i])
     m = ow * 3
@@ -112,16 +117,7 @@ def resize_box(src, y0, x0, y1, x1, out):
     acc = np.empty(m, np.float32)  # vertical pass: one output row at a time
     flat = out.reshape(oh, m)
     for yy in range(oh):
-        base = vf[yy] - r_lo
-        w0 = vw[yy, 0]
-        t = tmp[base]
-        for i in range(m):
-            acc[i] = w0 * t[i]
-        for k in range(1, vc[yy]):
-            w = vw[yy, k]
-            t = tmp[base + k]
-            for i in range(m):
-                acc[i] += w * t[i]
+        _weighted_rows(tmp, vf[yy] - r_lo, vc[yy], vw[yy], acc)
         o = flat[yy]
         for i in range(m):
             o[i] = np.uint8(_to_u8(acc[i]))
