@@ -12,7 +12,7 @@
 #                                       # (~30 MB; needs ../shared/data, not ffcv); carry it to the GPU machine
 #   scripts/gpu-check.sh OUT_DIR [check|bench|all]   # on the GPU machine; `all` (default) is about 7 minutes on
 #                                       # one H200. A lent machine's calls are limited to 10 minutes each: there,
-#                                       # run `check` (doctor + pytest, <= 9 min) and `bench` (<= 8 min) as two calls
+#                                       # run `check` (doctor + pytest, <= 9 min) and `bench` (<= 10 min) as two calls
 #   GPU_CHECK_QUICK=1 scripts/gpu-check.sh OUT_DIR   # the same steps at toy sizes: a CPU smoke test of this script
 #
 # Designed for a bare machine: python3 with torch/torchvision/timm/numba/pytest; ffcv, DALI and submitit optional;
