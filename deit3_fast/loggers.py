@@ -10,7 +10,8 @@ from .config import Config, ConfigError
 
 
 class EpochLoggers:
-    def __init__(self, cfg: Config, out: Path, config: dict, main: bool, reference: str | None = None):
+    def __init__(self, cfg: Config, out: Path, config: dict, main: bool, reference: str | None = None,
+                 resumed: bool = False):
         self.tb = self.wandb = None
         if not main:
             return
@@ -27,8 +28,10 @@ class EpochLoggers:
             except ImportError:
                 raise ConfigError(f"train.wandb_project: {cfg.train.wandb_project} needs the wandb package: pip "
                                   "install wandb (and wandb login)") from None
-            # The run dir's name as the W&B id: a resumed run continues the same W&B run.
-            self.wandb = wandb.init(project=cfg.train.wandb_project, name=out.name, id=_wandb_id(out),
+            from .rundir import wandb_id
+
+            # A resumed run continues its W&B run (the id its run dir recorded); a fresh one starts a new one.
+            self.wandb = wandb.init(project=cfg.train.wandb_project, name=out.name, id=wandb_id(out, resumed),
                                     resume="allow", dir=str(out), config={**config, "reference": reference})
 
     def log(self, row: dict) -> None:
@@ -47,9 +50,3 @@ class EpochLoggers:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
-
-
-def _wandb_id(out: Path) -> str:
-    import hashlib
-
-    return hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:16]

@@ -5,6 +5,7 @@
     metrics.jsonl       one JSON row per finished epoch (`epoch`, `train_loss`, `lr`, `val_acc1`, ...)
     checkpoint-*.pt     the checkpoints (their format: checkpoint.py)
     curves.png          the curves of metrics.jsonl
+    wandb-id.txt        the W&B run id (train.wandb_project): a resume continues that W&B run
 
 `ablate` reads variants' run dirs through the same functions and draws its overlay with the same plot.
 """
@@ -18,6 +19,7 @@ import yaml
 from dataset_tools.atomic import write_text_atomic
 
 CONFIG, FACTS, METRICS, CURVES = "config.yaml", "run.json", "metrics.jsonl", "curves.png"
+WANDB_ID = "wandb-id.txt"
 
 
 def write_config(out: Path, config: dict) -> None:
@@ -31,6 +33,19 @@ def read_config(out: Path) -> dict | None:
     except (OSError, yaml.YAMLError):
         return None
     return tree if isinstance(tree, dict) else None
+
+
+def wandb_id(out: Path, resumed: bool) -> str:
+    """The W&B run id of this run dir: a resumed run continues the W&B run its dir recorded; a fresh run (also a
+    fresh run in a used dir) starts a new one, or W&B would get its steps 1, 2, ... again on the old run."""
+    import secrets
+
+    path = out / WANDB_ID
+    if resumed and path.exists():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(8)
+    write_text_atomic(str(path), run_id + "\n")
+    return run_id
 
 
 def write_facts(out: Path, facts: dict) -> None:

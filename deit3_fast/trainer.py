@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -426,10 +426,11 @@ def _train(cfg: Config, out: Path, device: torch.device, resume: str | None, for
             print(rundir.describe_facts(facts), flush=True)
         rundir.start_metrics(out, pos.epoch if resumed else None)
     gap = reference.Gap(followed, cfg.train.reference_tolerance, rundir.read_metrics(out)) if followed else None
-    loggers = EpochLoggers(cfg, out, config, main, followed)
+    loggers = EpochLoggers(cfg, out, config, main, followed, resumed=resumed)
     history, resume_at, started, first_epoch = [], pos.resume_at, time.perf_counter(), pos.epoch + 1
     progress = _progress() if not quiet else None
-    with progress or nullcontext():
+    # The loggers are closed however the loop ends (a preempted run's W&B run finishes, its TensorBoard events flush).
+    with progress or nullcontext(), closing(loggers):
         for epoch in range(pos.epoch + 1, cfg.schedule.epochs):
             result = train_one_epoch(run, epoch, progress, resume_at)
             resume_at = None
@@ -469,7 +470,6 @@ def _train(cfg: Config, out: Path, device: torch.device, resume: str | None, for
             if run.stop.should_stop() and epoch + 1 < cfg.schedule.epochs:  # SIGTERM in the epoch's last step
                 dist.barrier()
                 raise Preempted(out / ckpt.LAST, epoch + 1, 0, len(run.train_loader) // run.accum)
-    loggers.close()
     if main:
         official = {e: v for e, v in reference.official_curve(followed).items() if e <= cfg.schedule.epochs} \
             if followed else None

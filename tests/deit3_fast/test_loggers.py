@@ -50,6 +50,46 @@ def test_tensorboard_and_wandb_receive_every_epoch(data, tmp_path, monkeypatch):
     assert calls[1][2]["val_acc1"] == pytest.approx(rows[0]["val_acc1"])
 
 
+def test_a_preempted_run_closes_its_loggers(data, tmp_path, monkeypatch):
+    """SIGTERM mid-run raises Preempted out of the loop: the W&B run is still finished (and TensorBoard flushed)."""
+    import os
+    import signal
+
+    from deit3_fast import trainer
+
+    calls = []
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: types.SimpleNamespace(log=lambda scalars, step: calls.append(("log", step)),
+                                                  finish=lambda: calls.append(("finish",)))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    real, losses = trainer.RecipeLoss.__call__, []
+
+    def loss_that_signals(self, x, y):
+        losses.append(1)
+        if len(losses) == 8:  # epoch 1's second micro-batch
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, x, y)
+
+    monkeypatch.setattr(trainer.RecipeLoss, "__call__", loss_that_signals)
+    with pytest.raises(trainer.Preempted):
+        train(_cfg(data, **{"train.wandb_project": "deit3", "schedule.epochs": 3}), tmp_path / "run",
+              torch.device("cpu"), quiet=True, handle_sigterm=True)
+    assert calls == [("log", 1), ("finish",)]
+
+
+def test_the_wandb_run_is_continued_on_resume_and_new_for_a_fresh_run(data, tmp_path, monkeypatch):
+    ids = []
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: ids.append(kw["id"]) or types.SimpleNamespace(log=lambda *a, **k: None,
+                                                                          finish=lambda: None)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = _cfg(data, **{"train.wandb_project": "deit3", "schedule.epochs": 2})
+    train(cfg, tmp_path / "run", torch.device("cpu"), quiet=True, stop_after_epoch=0)
+    train(cfg, tmp_path / "run", torch.device("cpu"), quiet=True, resume="auto")     # continues: same W&B run
+    train(cfg, tmp_path / "run", torch.device("cpu"), quiet=True)                    # starts again: a new one
+    assert ids[0] == ids[1] != ids[2] and len(ids[2]) == 16
+
+
 @pytest.mark.parametrize("key, value, package", [("train.tensorboard", "true", "torch.utils.tensorboard"),
                                                  ("train.wandb_project", "p", "wandb")])
 def test_a_missing_logger_package_is_one_clear_error_before_training(data, tmp_path, monkeypatch, key, value,
