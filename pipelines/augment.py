@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from .config import IMAGENET_MEAN, IMAGENET_STD
-from .randaugment import RandAugment, RandAugParams
+
+if TYPE_CHECKING:
+    from .randaugment import RandAugParams
 
 BRANCHES = ("grayscale", "solarize", "blur")
 JITTER_OPS = ("brightness", "contrast", "saturation")
@@ -69,11 +72,15 @@ def _weighted_grey(x: torch.Tensor, w: tuple[float, float, float]) -> torch.Tens
     return w[0] * x[..., 0] + w[1] * x[..., 1] + w[2] * x[..., 2]
 
 
-def grayscale(x: torch.Tensor) -> torch.Tensor:
-    """PIL's convert('L') on integer pixels: (19595 R + 38470 G + 7471 B + 2^15) >> 16, copied to 3 channels.
+def pil_grey(x: torch.Tensor) -> torch.Tensor:
+    """PIL's convert('L') on integer pixels: (19595 R + 38470 G + 7471 B + 2^15) >> 16, one channel (B, H, W).
     Exact in float32: every partial sum is an integer below 2^24."""
-    grey = torch.floor((_weighted_grey(x, _PIL_GREY) + 32768) / 65536)
-    return grey.unsqueeze(-1).expand_as(x)
+    return torch.floor((_weighted_grey(x, _PIL_GREY) + 32768) / 65536)
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """PIL's convert('L') copied to 3 channels."""
+    return pil_grey(x).unsqueeze(-1).expand_as(x)
 
 
 def solarize(x: torch.Tensor, threshold: float = 128) -> torch.Tensor:
@@ -136,17 +143,23 @@ def normalize(x: torch.Tensor, dtype: torch.dtype, mean=IMAGENET_MEAN, std=IMAGE
     return to_model_layout((x * scale - shift).to(dtype))
 
 
-def _blur_branch(x: torch.Tensor, p: AugParams, max_sigma: float, subset: bool) -> torch.Tensor:
-    """Blur the samples whose branch is blur. On a CPU only those are convolved; on a GPU the whole batch is, and
-    the result selected, because picking the subset (nonzero) would make the host wait for the device."""
-    chosen = p.branch == 2
+def per_sample(x: torch.Tensor, on: torch.Tensor, subset: bool, fn) -> torch.Tensor:
+    """`fn` applied to the samples where `on` (fn(x_part, index) gets those samples and an index for its
+    per-sample values). With `subset` (a CPU) only those are computed; otherwise the whole batch is, and the result
+    selected, because picking the subset (nonzero) would make the host wait for the device."""
     if not subset:
-        return torch.where(chosen.view(-1, 1, 1, 1), gaussian_blur(x, p.sigma, max_sigma), x)
-    idx = chosen.nonzero().squeeze(1)
-    if idx.numel():
-        x = x.clone()
-        x[idx] = gaussian_blur(x[idx], p.sigma[idx], max_sigma)
+        return torch.where(on.view(-1, 1, 1, 1), fn(x, slice(None)), x)
+    idx = on.nonzero().squeeze(1)
+    if not idx.numel():
+        return x
+    x = x.clone()
+    x[idx] = fn(x[idx], idx)
     return x
+
+
+def _blur_branch(x: torch.Tensor, p: AugParams, max_sigma: float, subset: bool) -> torch.Tensor:
+    """Blur the samples whose branch is blur (only those on a CPU, see per_sample)."""
+    return per_sample(x, p.branch == 2, subset, lambda v, i: gaussian_blur(v, p.sigma[i], max_sigma))
 
 
 def flip(x: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
@@ -193,6 +206,8 @@ class DeviceStage:
         self._consts: dict = {}
         self.randaug = None
         if train and aug.auto_augment:
+            from .randaugment import RandAugment
+
             # timm's create_transform: translate relative to the crop, fill with the mean colour.
             fill = tuple(min(255, round(255 * m)) for m in aug.mean)
             self.randaug = RandAugment(aug.auto_augment, fill, translate_const=int(aug.img_size * 0.45),

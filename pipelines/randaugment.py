@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .augment import grayscale, per_sample, pil_grey
+
 # The ops timm's RandAugment sets use (_RAND_TRANSFORMS, _RAND_INCREASING_TRANSFORMS and the weighted '0' set).
 TABLE_OPS = ("AutoContrast", "Equalize", "Invert", "Posterize", "PosterizeIncreasing", "PosterizeOriginal", "Solarize",
              "SolarizeIncreasing", "SolarizeAdd", "Contrast", "ContrastIncreasing", "Brightness",
@@ -33,7 +35,6 @@ BLEND_OPS = ("Color", "ColorIncreasing", "Sharpness", "SharpnessIncreasing")
 WARP_OPS = ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "TranslateXRel", "TranslateYRel")
 SUPPORTED = TABLE_OPS + BLEND_OPS + WARP_OPS
 SIGNED = WARP_OPS + ("ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing")
-_PIL_GREY = (19595.0, 38470.0, 7471.0)  # convert('L'): (19595 R + 38470 G + 7471 B + 2^15) >> 16
 
 
 @dataclass
@@ -148,7 +149,7 @@ class RandAugment:
 
     def layer(self, x, op, apply, magnitude, negate, subset: bool) -> torch.Tensor:
         m, neg = magnitude.double(), negate
-        table_on, tables = self._kind(op, apply, TABLE_OPS)
+        _, tables = self._kind(op, apply, TABLE_OPS)
         if tables:
             x = _apply_table(x, self._table(x, m, neg, tables))
         blend_on, blends = self._kind(op, apply, BLEND_OPS)
@@ -159,15 +160,15 @@ class RandAugment:
                 factor = torch.where(mask, _level(name, m, neg, self), factor)
                 if name.startswith("Sharpness"):
                     sharp = sharp | mask
-            x = _where(x, blend_on, subset,
-                       lambda v, i: _blend_color_or_sharpness(v, factor[i].float(), sharp[i], subset))
+            x = per_sample(x, blend_on, subset,
+                           lambda v, i: _blend_color_or_sharpness(v, factor[i].float(), sharp[i], subset))
         warp_on, warps = self._kind(op, apply, WARP_OPS)
         if warps:
             matrix = _const((1.0, 0, 0, 0, 1, 0), x.device, torch.float64).expand(len(x), 6)
             h, w = x.shape[1:3]
             for name, mask in warps:
                 matrix = torch.where(mask[:, None], _affine(name, _level(name, m, neg, self), h, w), matrix)
-            x = _where(x, warp_on, subset, lambda v, i: self.warp(v, matrix[i]))
+            x = per_sample(x, warp_on, subset, lambda v, i: self.warp(v, matrix[i]))
         return x
 
     def _table(self, x, m, neg, tables) -> torch.Tensor:
@@ -199,7 +200,7 @@ class RandAugment:
             else:  # Contrast / Brightness: Image.blend against a flat degenerate image (the grey mean, or black)
                 f = _level(name, m, neg, self).float()[:, None, None]
                 if name.startswith("Contrast"):
-                    grey = _grey(x)
+                    grey = pil_grey(x)
                     mean = _div(grey.sum(dim=(1, 2), dtype=torch.float64), grey[0].numel())
                     d = torch.floor(mean + 0.5).float()[:, None, None]
                 else:
@@ -297,12 +298,6 @@ def _blend(d: torch.Tensor, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     return torch.floor((d + f * (x - d)).clamp(0, 255))
 
 
-def _grey(x: torch.Tensor) -> torch.Tensor:
-    """PIL's convert('L'), exact in float32 (every partial sum is an integer below 2^24)."""
-    w = _PIL_GREY
-    return torch.floor((w[0] * x[..., 0] + w[1] * x[..., 1] + w[2] * x[..., 2] + 32768) / 65536)
-
-
 def _smooth(x: torch.Tensor) -> torch.Tensor:
     """ImageFilter.SMOOTH: kernel [1 1 1; 1 5 1; 1 1 1] / 13 rounded half up, border pixels copied. On integers the
     sum S is exact and S / 13 is never within 1/26 of a half, so floor((S + 6.5) / 13) is PIL's float result."""
@@ -315,7 +310,7 @@ def _smooth(x: torch.Tensor) -> torch.Tensor:
 
 def _blend_color_or_sharpness(x: torch.Tensor, factor: torch.Tensor, sharp: torch.Tensor, look: bool) -> torch.Tensor:
     """ImageEnhance.Color (against the grey image) or .Sharpness (against SMOOTH), per sample."""
-    grey = _grey(x).unsqueeze(-1).expand_as(x)
+    grey = grayscale(x)
     if look and not sharp.any():  # on a CPU looking costs no sync: skip the filter when nobody sharpens
         return _blend(grey, x, factor.view(-1, 1, 1, 1))
     degenerate = torch.where(sharp.view(-1, 1, 1, 1), _smooth(x), grey)
@@ -387,16 +382,3 @@ def _const(values, device, dtype=torch.float32) -> torch.Tensor:
     for i, v in enumerate(values):
         t[i] = v
     return t
-
-
-def _where(x: torch.Tensor, on: torch.Tensor, subset: bool, fn) -> torch.Tensor:
-    """fn on the samples where `on` (fn(x_part, index) gets those samples and an index for its per-sample values):
-    on a CPU only those are computed; elsewhere the whole batch is, and the result selected (no host sync)."""
-    if not subset:
-        return torch.where(on.view(-1, 1, 1, 1), fn(x, slice(None)), x)
-    idx = on.nonzero().squeeze(1)
-    if not idx.numel():
-        return x
-    x = x.clone()
-    x[idx] = fn(x[idx], idx)
-    return x
