@@ -255,39 +255,40 @@ def train_one_epoch(run: Run, epoch: int, progress: Progress | None = None,
     images, wait, started = int(done["images"]), 0.0, time.perf_counter() - done["seconds"]
     lr = run.scheduler.value(epoch * steps + first)
     stopped_at = None
-    it = loader.iter_from(first * run.accum)
-    for micro in range(first * run.accum, micro_total):
-        t0 = time.perf_counter()
-        x, y = next(it)
-        wait += time.perf_counter() - t0
-        step = epoch * steps + micro // run.accum
-        last_micro = (micro + 1) % run.accum == 0
-        # Drop-path draws from the global RNG (CPU and CUDA), seeded per (seed, rank, epoch, micro-batch) like the
-        # data keys: every rank has its own stream, and a run resumed at any step on any number of processes draws
-        # what an uninterrupted one would, without carrying RNG states (which are per rank and per device).
-        torch.manual_seed(keys.seed_of(keys.combine(ek, np.uint64(micro))))
-        loss_sum += train_micro_batch(run, x, y, step, last_micro)
-        images += len(x)
-        if last_micro:
-            lr = run.scheduler.value(step)
-        if (micro + 1) % run.cfg.train.log_every == 0 or micro + 1 == micro_total:
-            # The one host sync, every log_every micro-batches; summed over ranks, so all ranks stop together, and
-            # carrying the stop flag, so all ranks agree on where a SIGTERM ends the run.
-            flag = torch.full((), float(run.stop.requested), device=loss_sum.device)
-            total, stops = dist.all_reduce_sum(torch.stack([loss_sum, flag])).tolist()
-            mean = total / ((micro + 1) * dist.world())
-            run.stop.agreed |= stops > 0
-            if not math.isfinite(mean):
-                raise TrainingDiverged(f"loss is {mean} at epoch {epoch}, step {step}; stopping. The last good "
-                                       f"checkpoint is kept; lower optim.lr or use train.amp: bf16")
-            if progress:
-                progress.update(task, completed=micro + 1, info=f"loss {mean:.4f} lr {lr:.2e}")
-        if last_micro and micro + 1 < micro_total and run.stop.should_stop():
-            stopped_at = (micro + 1) // run.accum
-            break
-    if stopped_at is None:
-        for _ in it:  # the engine's epoch ends cleanly even when accumulation leaves micro-batches over
-            pass
+    # Closed here however the loop ends: an engine's decode threads must stop before the process may exit.
+    with closing(loader.iter_from(first * run.accum)) as it:
+        for micro in range(first * run.accum, micro_total):
+            t0 = time.perf_counter()
+            x, y = next(it)
+            wait += time.perf_counter() - t0
+            step = epoch * steps + micro // run.accum
+            last_micro = (micro + 1) % run.accum == 0
+            # Drop-path draws from the global RNG (CPU and CUDA), seeded per (seed, rank, epoch, micro-batch) like the
+            # data keys: every rank has its own stream, and a run resumed at any step on any number of processes draws
+            # what an uninterrupted one would, without carrying RNG states (which are per rank and per device).
+            torch.manual_seed(keys.seed_of(keys.combine(ek, np.uint64(micro))))
+            loss_sum += train_micro_batch(run, x, y, step, last_micro)
+            images += len(x)
+            if last_micro:
+                lr = run.scheduler.value(step)
+            if (micro + 1) % run.cfg.train.log_every == 0 or micro + 1 == micro_total:
+                # The one host sync, every log_every micro-batches; summed over ranks, so all ranks stop together, and
+                # carrying the stop flag, so all ranks agree on where a SIGTERM ends the run.
+                flag = torch.full((), float(run.stop.requested), device=loss_sum.device)
+                total, stops = dist.all_reduce_sum(torch.stack([loss_sum, flag])).tolist()
+                mean = total / ((micro + 1) * dist.world())
+                run.stop.agreed |= stops > 0
+                if not math.isfinite(mean):
+                    raise TrainingDiverged(f"loss is {mean} at epoch {epoch}, step {step}; stopping. The last good "
+                                           f"checkpoint is kept; lower optim.lr or use train.amp: bf16")
+                if progress:
+                    progress.update(task, completed=micro + 1, info=f"loss {mean:.4f} lr {lr:.2e}")
+            if last_micro and micro + 1 < micro_total and run.stop.should_stop():
+                stopped_at = (micro + 1) // run.accum
+                break
+        if stopped_at is None:
+            for _ in it:  # the engine's epoch ends cleanly even when accumulation leaves micro-batches over
+                pass
     elapsed = time.perf_counter() - started
     if progress:
         progress.remove_task(task)

@@ -67,6 +67,29 @@ def test_dali_matches_nvjpeg_closely_and_repeats_epochs(betons):
         assert (xa.int() - xc.int()).abs().float().mean() < 0.5
 
 
+@pytest.mark.parametrize("taken", [1, 2])
+def test_ffcv_epoch_left_early_stops_its_thread(betons, taken):
+    """A consumer that leaves an epoch part-way (a stop request, an error, a Slurm requeue's sys.exit) ends FFCV's
+    decode thread before its buffers are freed: one left running aborted a requeued job at exit. Taking 2 of 4 val
+    batches leaves the thread handing the epoch's end into a full queue (2 slots), a wait that never ends alone.
+    The next epoch is whole and the same as a fresh loader's."""
+    import threading
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    cfg = cfg_for(betons / "jpg.beton", "ffcv")
+    loader = build_loader(cfg, "val", "cpu")
+    it = loader.engine.batches(1)
+    for _ in range(taken):
+        next(it)
+    it.close()
+    assert not [t for t in threading.enumerate() if isinstance(t, EpochIterator)]
+    again = [(x.clone(), y.clone()) for x, y in loader.engine.batches(1)]
+    fresh = engine_epoch(cfg, "val")
+    assert len(again) == len(fresh) == 4
+    for (xa, ya), (xb, yb) in zip(again, fresh):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
 def test_nvjpeg_reads_raw_pixels_exactly_like_ffcv(betons):
     """Raw-mode files have no decoder in between: the two engines' crops are equal."""
     a = engine_epoch(cfg_for(betons / "raw.beton", "ffcv"), "train")
