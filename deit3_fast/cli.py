@@ -18,7 +18,7 @@ from . import __version__, ablate
 from . import distributed as dist
 from .archs import resolve_name
 from .checkpoint import CheckpointError
-from .config import ConfigError, batch_plan, load_config, resolve_num_classes, to_dict
+from .config import ConfigError, batch_plan, batch_plans, load_config, resolve_num_classes, to_dict
 from .submit import add_slurm_args, describe, describe_job, slurm_options
 
 def _add_cfg_args(p: argparse.ArgumentParser, data_train: bool = True, cfg_required: bool = True) -> None:
@@ -328,12 +328,14 @@ def _submit(args) -> int:
     sets = _overrides(args)
     cfg = load_config(args.cfg, sets)  # a bad config fails here, not hours later on the cluster
     world = 1 if args.local else args.nodes * args.gpus_per_node
-    plan = batch_plan(cfg, world)
+    plan, per_size = batch_plan(cfg, world), batch_plans(cfg, world)
     out = args.out or str(Path("runs") / Path(args.cfg).stem)
     desc = describe_job(args.cfg, sets, out, **slurm_options(args))
     if args.dry_run:
         desc["global_batch"] = (f"{cfg.train.global_batch} = {plan.per_process} per process x {world} processes x "
                                 f"{plan.accum} accumulation steps")
+        for size, p in sorted(per_size.items()):
+            desc[f"global_batch_at_{size}px"] = f"{p.per_process} per process x {world} x {p.accum}"
         print(describe(desc))
         return 0
     job = slurm_executor(desc).submit(TrainJob(args.cfg, sets, out, args.device))

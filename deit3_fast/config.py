@@ -55,6 +55,10 @@ class ResolutionConfig:
     start_epoch: int = 0
     end_epoch: int = 0
     step: int = 32                  # sizes are multiples of it: a small fixed set (torch.compile compiles each once)
+    # Per-process batch at a training size, e.g. {128: 256, 160: 128}; sizes not named use data.batch_size. The
+    # global batch stays train.global_batch: accumulation steps make up the difference, so the optimiser steps and
+    # the learning-rate schedule are those of a fixed-batch run (larger batches where small crops leave memory).
+    batch_sizes: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -125,6 +129,10 @@ def _coerce(value, tp, where: str):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {_coerce(k, args[0], f"{where} key"): _coerce(v, args[1], f"{where}[{k}]") for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{where}: expected a list of {len(args)} numbers, got {value!r}")
@@ -245,6 +253,17 @@ NO_EFFECT_KEYS = frozenset({"data.train", "data.val", "data.stage_to", "data.wor
                             "train.reference_tolerance", "train.tensorboard", "train.wandb_project"})
 
 
+def with_defaults(tree: dict) -> dict:
+    """A config dict as an earlier version wrote it (a checkpoint's, a run dir's config.yaml), with the keys added
+    since filled in at their defaults. A new key's default is the behaviour from before it existed, so a run started
+    then still compares equal to the same config now, and resumes without --force."""
+    def fill(default, given):
+        if not isinstance(default, dict) or not isinstance(given, dict) or not default:
+            return given
+        return {**default, **{k: fill(default.get(k), v) for k, v in given.items()}}
+    return fill(to_dict(Config()), tree)
+
+
 def differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two config dicts (as `to_dict` gives them)."""
     out = []
@@ -298,6 +317,9 @@ def check(cfg: Config) -> None:
 
 def _check_resolution(r: ResolutionConfig, img_size: int, patch: int, model: str, epochs: int) -> None:
     if r.start is None:
+        if r.batch_sizes:
+            raise ConfigError("schedule.resolution.batch_sizes: a batch per training size needs a ramp "
+                              "(schedule.resolution.start); without one, set data.batch_size")
         return
     end = r.end if r.end is not None else img_size
     where = "schedule.resolution"
@@ -313,6 +335,13 @@ def _check_resolution(r: ResolutionConfig, img_size: int, patch: int, model: str
     if r.end_epoch >= epochs:
         raise ConfigError(f"{where}: end_epoch {r.end_epoch} must be below schedule.epochs {epochs}, or the run "
                           f"never trains at the final size {end}")
+    sizes = range(r.start, end + 1, r.step)  # a short budget may skip some of them (ablate scales the ramp)
+    for size, batch in r.batch_sizes.items():
+        if size not in sizes:
+            raise ConfigError(f"{where}.batch_sizes: the ramp never trains at {size} px; its sizes are "
+                              f"{', '.join(map(str, sizes))}")
+        if batch < 1:
+            raise ConfigError(f"{where}.batch_sizes[{size}]: must be at least 1, got {batch}")
 
 
 _RA_SECTIONS = ("mstd", "mmax", "inc", "m", "n", "p")  # timm's rand_augment_transform options (t: a transform set)
@@ -339,6 +368,19 @@ class BatchPlan:
     per_process: int
     accum: int
     note: str | None = None  # one line when the per-process batch differs from the one asked for
+
+
+def batch_plans(cfg: Config, world: int) -> dict[int, BatchPlan]:
+    """`batch_plan` at each size of the progressive-resolution ramp whose per-process batch
+    schedule.resolution.batch_sizes changes ({} without one): the global batch is the same at every size."""
+    out = {}
+    for size, b in cfg.schedule.resolution.batch_sizes.items():
+        try:
+            out[size] = batch_plan(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=b)), world)
+        except ConfigError as e:
+            why = str(e).replace("--set data.batch_size=", "a batch of ").replace("data.batch_size", "the batch")
+            raise ConfigError(f"schedule.resolution.batch_sizes[{size}] = {b}: {why}") from None
+    return out
 
 
 def batch_plan(cfg: Config, world: int) -> BatchPlan:

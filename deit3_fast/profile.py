@@ -138,7 +138,7 @@ def train_flops_per_image(run: trainer.Run, x: torch.Tensor, y: torch.Tensor) ->
 
 def _micro(run: trainer.Run, x: torch.Tensor, y: torch.Tensor) -> None:
     """Forward and backward of one micro-batch, gradients accumulated, no optimiser step."""
-    trainer.train_micro_batch(run, x, y, step=0, last_micro=False)
+    trainer.train_micro_batch(run, x, y, step=0, last_micro=False, accum=run.accum)
 
 
 def _optimizer_step(run: trainer.Run) -> None:

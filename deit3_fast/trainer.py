@@ -30,7 +30,8 @@ from pipelines import keys
 from . import checkpoint as ckpt
 from . import distributed as dist
 from . import reference, rundir
-from .config import NO_EFFECT_KEYS, BatchPlan, Config, batch_plan, differences, resolve_num_classes, to_dict
+from .config import (NO_EFFECT_KEYS, BatchPlan, Config, batch_plan, batch_plans, differences, resolve_num_classes,
+                     to_dict, with_defaults)
 from .device import (AMP_DTYPES, autocast, device_name, is_out_of_memory, max_mem_mb, reset_peak_memory,
                      resolve_amp)
 from .loggers import EpochLoggers
@@ -85,12 +86,13 @@ class Run:
     val_loader: object
     device: torch.device
     amp: str                        # the AMP dtype in use (train.amp: auto resolved for this device)
-    batch: BatchPlan                # per-process batch and accumulation steps
+    batch: BatchPlan                # per-process batch and accumulation steps (at aug.img_size)
     ema: object | None = None
     ddp: torch.nn.parallel.DistributedDataParallel | None = None
     stop: StopFlag = field(default_factory=StopFlag)  # train() hands in the one its SIGTERM handler sets
     extra_val: list = field(default_factory=list)     # (name, loader, class mask) of train.extra_val
     resolutions: list[int] | None = None  # schedule.resolution: each epoch's training crop size (None: img_size)
+    batches: dict[int, BatchPlan] = field(default_factory=dict)  # schedule.resolution.batch_sizes, by size
 
     def train_size(self, epoch: int) -> int:
         """The training crop size of `epoch`; evaluation always runs at aug.img_size."""
@@ -98,9 +100,18 @@ class Run:
             return self.cfg.aug.img_size
         return self.resolutions[min(epoch, len(self.resolutions) - 1)]
 
+    def batch_at(self, epoch: int) -> BatchPlan:
+        """The per-process batch and accumulation steps of `epoch`: the global batch is the same in every epoch."""
+        return self.batches.get(self.train_size(epoch), self.batch)
+
     @property
     def accum(self) -> int:
         return self.batch.accum
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimiser steps per epoch: the same at every size, as per-process batch x accumulation is."""
+        return self.scheduler.steps_per_epoch
 
     def state_dict(self) -> dict:
         return {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -174,10 +185,13 @@ def build(cfg: Config, device: torch.device) -> Run:
         dynamo.recompile_limit = max(dynamo.recompile_limit, 2 * len(set(sizes)) + 4)
     forward = torch.compile(forward, dynamic=False if sizes else None) if cfg.train.compile else forward
     train_loader = make_loader(cfg, "train", device, amp=amp, batch_size=plan.per_process)
-    if len(train_loader) < plan.accum:
-        raise DataError(f"{cfg.data.train}: an epoch has {len(train_loader)} batch(es) of {plan.per_process} per "
-                        f"process, fewer than one optimiser step ({plan.accum} micro-batches); lower "
-                        "data.batch_size or train.global_batch")
+    batches = batch_plans(cfg, dist.world())
+    samples = len(train_loader.engine.epoch_order.indices(0))  # this rank's, per epoch (training drops the rest)
+    for p in sorted({plan, *batches.values()}, key=lambda p: p.accum, reverse=True):
+        if samples // p.per_process < p.accum:
+            raise DataError(f"{cfg.data.train}: an epoch has {samples // p.per_process} batch(es) of {p.per_process} "
+                            f"per process, fewer than one optimiser step ({p.accum} micro-batches); lower "
+                            "data.batch_size (or schedule.resolution.batch_sizes) or train.global_batch")
     if cfg.data.val:
         check_same_classes(cfg.data.train, cfg.data.val)
     val_loader = make_loader(cfg, "val", device, amp=amp, batch_size=plan.per_process) if cfg.data.val else None
@@ -192,7 +206,7 @@ def build(cfg: Config, device: torch.device) -> Run:
         ema = ModelEmaV3(model, decay=cfg.train.ema_decay)
     return Run(cfg, forward, model, optimizer, scaler, scheduler, RecipeLoss(cfg.loss, cfg.aug.label_smoothing),
                train_loader, val_loader, device, amp, plan, ema, ddp,
-               extra_val=_extra_val_loaders(cfg, device, amp, plan.per_process), resolutions=sizes)
+               extra_val=_extra_val_loaders(cfg, device, amp, plan.per_process), resolutions=sizes, batches=batches)
 
 
 def _extra_val_loaders(cfg: Config, device: torch.device, amp: str, batch: int) -> list:
@@ -210,14 +224,15 @@ def _extra_val_loaders(cfg: Config, device: torch.device, amp: str, batch: int) 
     return out
 
 
-def train_micro_batch(run: Run, x: torch.Tensor, y: torch.Tensor, step: int, last_micro: bool) -> torch.Tensor:
-    """Forward and backward of one micro-batch; on a step's last micro-batch also the optimiser step (at the
+def train_micro_batch(run: Run, x: torch.Tensor, y: torch.Tensor, step: int, last_micro: bool,
+                      accum: int) -> torch.Tensor:
+    """Forward and backward of one of a step's `accum` micro-batches; on its last also the optimiser step (at the
     scheduled learning rate) and the EMA update. Returns the loss as a device tensor (nothing is read back)."""
     # Micro-batches before a step's last one keep their gradients local: one all-reduce per optimiser step.
     with run.ddp.no_sync() if run.ddp is not None and not last_micro else nullcontext():
         with autocast(run.device, run.amp):
             loss = run.loss(run.model(x), y)
-        run.scaler.scale(loss / run.accum).backward()
+        run.scaler.scale(loss / accum).backward()
     if last_micro:
         run.scheduler(step)
         run.scaler.step(run.optimizer)
@@ -243,11 +258,12 @@ def train_one_epoch(run: Run, epoch: int, progress: Progress | None = None,
     loader = run.train_loader
     run.model.train()
     loader.set_epoch(epoch)
-    loader.set_resolution(run.train_size(epoch))
-    steps = max(1, len(loader) // run.accum)
+    plan = run.batch_at(epoch)
+    loader.set_resolution(run.train_size(epoch), plan.per_process)
+    accum, steps = plan.accum, run.steps_per_epoch
     first = resume_at["step"] if resume_at else 0
-    micro_total = steps * run.accum
-    task = progress.add_task(f"epoch {epoch}", total=micro_total, completed=first * run.accum, info="") \
+    micro_total = steps * accum
+    task = progress.add_task(f"epoch {epoch}", total=micro_total, completed=first * accum, info="") \
         if progress else None
     done = resume_at or {"loss_sum": 0.0, "images": 0, "seconds": 0.0}
     loss_sum = torch.full((), float(done["loss_sum"]), device=run.device)
@@ -256,18 +272,18 @@ def train_one_epoch(run: Run, epoch: int, progress: Progress | None = None,
     lr = run.scheduler.value(epoch * steps + first)
     stopped_at = None
     # Closed here however the loop ends: an engine's decode threads must stop before the process may exit.
-    with closing(loader.iter_from(first * run.accum)) as it:
-        for micro in range(first * run.accum, micro_total):
+    with closing(loader.iter_from(first * accum)) as it:
+        for micro in range(first * accum, micro_total):
             t0 = time.perf_counter()
             x, y = next(it)
             wait += time.perf_counter() - t0
-            step = epoch * steps + micro // run.accum
-            last_micro = (micro + 1) % run.accum == 0
+            step = epoch * steps + micro // accum
+            last_micro = (micro + 1) % accum == 0
             # Drop-path draws from the global RNG (CPU and CUDA), seeded per (seed, rank, epoch, micro-batch) like the
             # data keys: every rank has its own stream, and a run resumed at any step on any number of processes draws
             # what an uninterrupted one would, without carrying RNG states (which are per rank and per device).
             torch.manual_seed(keys.seed_of(keys.combine(ek, np.uint64(micro))))
-            loss_sum += train_micro_batch(run, x, y, step, last_micro)
+            loss_sum += train_micro_batch(run, x, y, step, last_micro, accum)
             images += len(x)
             if last_micro:
                 lr = run.scheduler.value(step)
@@ -284,7 +300,7 @@ def train_one_epoch(run: Run, epoch: int, progress: Progress | None = None,
                 if progress:
                     progress.update(task, completed=micro + 1, info=f"loss {mean:.4f} lr {lr:.2e}")
             if last_micro and micro + 1 < micro_total and run.stop.should_stop():
-                stopped_at = (micro + 1) // run.accum
+                stopped_at = (micro + 1) // accum
                 break
         if stopped_at is None:
             for _ in it:  # the engine's epoch ends cleanly even when accumulation leaves micro-batches over
@@ -305,6 +321,8 @@ def train_one_epoch(run: Run, epoch: int, progress: Progress | None = None,
            "data_wait_frac": wait / elapsed, "train_seconds": elapsed}
     if run.resolutions is not None:
         row["train_img_size"] = run.train_size(epoch)
+    if run.batches:
+        row["per_process_batch"] = plan.per_process
     if total[2]:
         row.update(cpu_decoded=int(total[2]), cpu_decoded_reasons=report.get("cpu_decoded_reasons", {}))
     return EpochResult(steps, row=row)
@@ -365,7 +383,7 @@ def _resume(run: Run, resume: str | None, out: Path, force: bool) -> ckpt.Positi
     if path is None:
         return None
     payload = ckpt.load(path)
-    changed = [k for k in differences(payload["config"], to_dict(run.cfg)) if k not in _RESUMABLE]
+    changed = [k for k in differences(with_defaults(payload["config"]), to_dict(run.cfg)) if k not in _RESUMABLE]
     if changed and not force:
         raise ConfigMismatch(f"{path} was written with a different config ({', '.join(changed)}); resume with the "
                              "same config, or pass --force")
@@ -378,7 +396,9 @@ def run_facts(run: Run) -> dict:
     cfg, device = run.cfg, run.device
     return {"amp": run.amp, "amp_config": cfg.train.amp, "device": device_name(device), "world_size": dist.world(),
             "per_process_batch": run.batch.per_process, "accumulation_steps": run.accum,
-            "global_batch": cfg.train.global_batch, "batch_note": run.batch.note, "torch": torch.__version__,
+            "global_batch": cfg.train.global_batch, "batch_note": run.batch.note,
+            "batch_by_size": {size: [p.per_process, p.accum] for size, p in run.batches.items()} or None,
+            "torch": torch.__version__,
             "cuda": torch.version.cuda if device.type == "cuda" else None,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
@@ -470,7 +490,7 @@ def _train(cfg: Config, out: Path, device: torch.device, resume: str | None, for
                 break
             if run.stop.should_stop() and epoch + 1 < cfg.schedule.epochs:  # SIGTERM in the epoch's last step
                 dist.barrier()
-                raise Preempted(out / ckpt.LAST, epoch + 1, 0, len(run.train_loader) // run.accum)
+                raise Preempted(out / ckpt.LAST, epoch + 1, 0, run.steps_per_epoch)
     if main:
         official = {e: v for e, v in reference.official_curve(followed).items() if e <= cfg.schedule.epochs} \
             if followed else None
@@ -500,4 +520,6 @@ def _oom_message(cfg: Config, device: torch.device, error: Exception) -> str:
     detail = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
     hint = (f"--set data.batch_size={b // 2} keeps train.global_batch {cfg.train.global_batch} with {2 * accum} "
             "accumulation steps instead of " + str(accum)) if b > 1 else "use a smaller model or aug.img_size"
+    if cfg.schedule.resolution.batch_sizes:
+        hint += "; schedule.resolution.batch_sizes sets the batch at the sizes it names"
     return f"out of memory on {device} with data.batch_size {b} per process ({detail}); {hint}"

@@ -110,18 +110,18 @@ def build_loader(data: DataConfig, aug: AugConfig, split: str, *, num_classes: i
     crop = (CropSpec(aug.crop, aug.img_size, tuple(aug.rrc_scale), tuple(aug.rrc_ratio), aug.src_pad) if train
             else CropSpec("center", aug.img_size, center_ratio=aug.eval_crop_ratio))
 
-    def make_engine(crop: CropSpec):
+    def make_engine(crop: CropSpec, batch_size: int = batch):
         if data.engine == "ffcv":
             from .ffcv_engine import FFCVEngine
 
-            return FFCVEngine(path, order, batch, crop, device, workers=data.workers, os_cache=data.os_cache,
+            return FFCVEngine(path, order, batch_size, crop, device, workers=data.workers, os_cache=data.os_cache,
                               drop_last=train, seed=data.seed, rank=rank)
         if data.engine == "nvjpeg":
             from .nvjpeg_engine import NvjpegEngine as cls
         else:
             from .dali_engine import DaliEngine as cls
         try:
-            return cls(path, order, batch, crop, device, workers=data.workers, drop_last=train, seed=data.seed,
+            return cls(path, order, batch_size, crop, device, workers=data.workers, drop_last=train, seed=data.seed,
                        rank=rank)
         except ValueError as e:
             raise DataError(str(e)) from None

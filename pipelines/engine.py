@@ -16,6 +16,7 @@ from .sampler import EpochOrder
 
 class Engine(Protocol):
     crop: CropSpec
+    batch_size: int
     epoch_order: EpochOrder  # which samples, in which order, on this rank
 
     def __len__(self) -> int:

@@ -19,8 +19,8 @@ class Loader:
     On CUDA the next batch's device stage is queued on a side stream while the caller computes on the current one.
 
     `dtype` is what the batch is cast to last (the stage may work in float32 so that mixing blends in float32).
-    `set_resolution` changes the primary crop's size between epochs (progressive resolution), given `make_engine`
-    (a CropSpec -> Engine factory).
+    `set_resolution` changes the primary crop's size (and the batch size) between epochs (progressive resolution),
+    given `make_engine` (a (CropSpec, batch size) -> Engine factory).
     """
 
     def __init__(self, engine: Engine, stage, mixing, *, device: torch.device, seed: int, rank: int,
@@ -37,18 +37,21 @@ class Loader:
     def __len__(self) -> int:
         return len(self.engine)
 
-    def set_resolution(self, size: int) -> None:
-        """Crop to `size` from the next pass on. An engine is built once per size and kept (FFCV and DALI compile
-        their pipelines for one output size); the samples, their order and every crop box stay what they were, as
-        they depend on the keys only, so only the resampling changes."""
-        if size == self.engine.crop.size:
+    def set_resolution(self, size: int, batch_size: int | None = None) -> None:
+        """Crop to `size`, in batches of `batch_size` (None: as now), from the next pass on. An engine is built once
+        per (size, batch size) and kept (FFCV and DALI compile their pipelines for one output size); the samples,
+        their order and every crop box stay what they were, as they depend on the keys only, so at another size only
+        the resampling changes."""
+        now = (self.engine.crop.size, self.engine.batch_size)
+        want = (size, batch_size or self.engine.batch_size)
+        if want == now:
             return
-        self._engines.setdefault(self.engine.crop.size, self.engine)
-        if size not in self._engines:
+        self._engines.setdefault(now, self.engine)
+        if want not in self._engines:
             if self._make_engine is None:
                 raise ValueError("this loader was built without an engine factory; it cannot change resolution")
-            self._engines[size] = self._make_engine(replace(self.engine.crop, size=size))
-        self.engine = self._engines[size]
+            self._engines[want] = self._make_engine(replace(self.engine.crop, size=size), want[1])
+        self.engine = self._engines[want]
 
     def _generators(self, batch: int):
         key = int(keys.combine(keys.epoch_key(self.seed, self.rank, self.epoch), np.uint64(batch)))

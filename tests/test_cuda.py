@@ -171,14 +171,15 @@ def test_a_training_step_never_waits_for_the_device(data, compiled):
     raw = [(i.clone(), y.clone()) for i, y in run.train_loader.engine.batches(0)]
     x, y, _ = run.train_loader.prepare(0, *raw[0])
     for i in range(2 * run.accum):  # warm-up: compilation, optimiser state, cached constants
-        trainer.train_micro_batch(run, x, y, step=i // run.accum, last_micro=(i + 1) % run.accum == 0)
+        trainer.train_micro_batch(run, x, y, step=i // run.accum, last_micro=(i + 1) % run.accum == 0,
+                                  accum=run.accum)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for i in range(run.accum):
             x, y, _ = run.train_loader.prepare(1, *raw[1])
             torch.manual_seed(i)  # what the loop does per micro-batch for drop-path
-            trainer.train_micro_batch(run, x, y, step=2, last_micro=i == run.accum - 1)
+            trainer.train_micro_batch(run, x, y, step=2, last_micro=i == run.accum - 1, accum=run.accum)
         run.train_loader.stage(raw[1][0], torch.Generator(device=CUDA).manual_seed(0))
     finally:
         torch.cuda.set_sync_debug_mode(0)

@@ -13,7 +13,8 @@ from pathlib import Path
 from dataset_tools.atomic import write_text_atomic
 
 from .. import rundir
-from ..config import NO_EFFECT_KEYS, Config, ConfigError, batch_plan, differences, load_config, to_dict
+from ..config import (NO_EFFECT_KEYS, Config, ConfigError, batch_plan, batch_plans, differences, load_config,
+                      to_dict, with_defaults)
 from ..submit import TrainJob, describe, describe_job, slurm_executor, slurm_options, submitit
 from .grid import Grid, Variant, _error, load_grid
 from .results import (ATTEMPTS, DONE, FAILED, JOB, _duration, _fmt, epochs_done, print_results, read_json, status,
@@ -27,8 +28,8 @@ def check_run_dir(v: Variant, run_dir: Path) -> None:
         return
     # Unlike a resume, schedule.epochs may not differ: a finished 30-epoch run is not the first 30 epochs of a
     # 100-epoch run.
-    diff = ([k for k in differences(old, to_dict(v.config)) if k not in NO_EFFECT_KEYS] if old is not None
-            else ["config.yaml"])
+    diff = ([k for k in differences(with_defaults(old), to_dict(v.config)) if k not in NO_EFFECT_KEYS]
+            if old is not None else ["config.yaml"])
     if diff:
         raise _error(f"variant '{v.name}': {run_dir} holds a run of a different config ({', '.join(diff[:5])}); "
                      "use another --out or remove that folder")
@@ -90,7 +91,7 @@ def _check_runnable(grid: Grid, out: Path, world: int, local_data: bool) -> None
         if (out / v.name / DONE).exists():
             continue
         try:
-            batch_plan(v.config, world)
+            batch_plan(v.config, world), batch_plans(v.config, world)
         except ConfigError as e:
             raise ConfigError(f"variant '{v.name}': {e}") from None
         for split in ("train", "val"):

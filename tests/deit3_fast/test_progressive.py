@@ -11,6 +11,10 @@ from deit3_fast.trainer import train
 from .test_train import assert_same_as_uninterrupted, tiny_cfg
 
 RAMP = {"schedule.resolution": "{start: 16, start_epoch: 0, end_epoch: 2, step: 8}"}  # 16, 24, then 32 = img_size
+# The same ramp with 16 per process at 16 px (no accumulation) and 4 at 24 px (4 micro-batches a step); 32 px keeps
+# data.batch_size 8 (2 micro-batches): 16 images a step throughout.
+RAMP_BATCHES = {"schedule.resolution": "{start: 16, start_epoch: 0, end_epoch: 2, step: 8, "
+                                       "batch_sizes: {16: 16, 24: 4}}"}
 
 
 def test_resolution_is_linear_in_the_epoch_and_rounded_to_the_step():
@@ -42,9 +46,9 @@ def test_a_ramped_run_trains_at_each_size_and_evaluates_at_the_final_one(data, t
     monkeypatch.setattr(trainer, "evaluate", evaluate)
     real_micro = trainer.train_micro_batch
 
-    def micro(run, x, y, step, last):
+    def micro(run, x, y, step, last, accum):
         current[0] = x.shape[-1]
-        return real_micro(run, x, y, step, last)
+        return real_micro(run, x, y, step, last, accum)
 
     monkeypatch.setattr(trainer, "train_micro_batch", micro)
     rows = train(tiny_cfg(data, **RAMP), tmp_path, torch.device("cpu"), quiet=True)
@@ -61,6 +65,91 @@ def test_a_ramped_run_resumes_exactly(data, tmp_path):
     train(tiny_cfg(data, **RAMP), tmp_path / "split", cpu, quiet=True, stop_after_epoch=0)
     rest = train(tiny_cfg(data, **RAMP), tmp_path / "split", cpu, quiet=True, resume="auto")
     assert [r["train_img_size"] for r in rest] == [24, 32]
+    assert_same_as_uninterrupted(tmp_path / "full", full, tmp_path / "split")
+
+
+def test_a_batch_per_size_keeps_the_global_batch_and_the_schedule(data, tmp_path, monkeypatch):
+    """schedule.resolution.batch_sizes: each epoch's micro-batches have its size's batch and accumulation, every
+    step sees 16 images, and the optimiser steps and learning rates are those of the fixed-batch ramp."""
+    import json
+
+    seen = []
+    real_micro = trainer.train_micro_batch
+
+    def micro(run, x, y, step, last, accum):
+        seen.append((x.shape[-1], len(x), accum))
+        return real_micro(run, x, y, step, last, accum)
+
+    monkeypatch.setattr(trainer, "train_micro_batch", micro)
+    rows = train(tiny_cfg(data, **RAMP_BATCHES), tmp_path / "b", torch.device("cpu"), quiet=True)
+    assert [(r["train_img_size"], r["per_process_batch"]) for r in rows] == [(16, 16), (24, 4), (32, 8)]
+    assert seen == [(16, 16, 1)] * 3 + [(24, 4, 4)] * 12 + [(32, 8, 2)] * 6
+    fixed = train(tiny_cfg(data, **RAMP), tmp_path / "fixed", torch.device("cpu"), quiet=True)
+    assert [r["lr"] for r in rows] == [r["lr"] for r in fixed]
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["batch_by_size"] == {"16": [16, 1], "24": [4, 4]}
+
+
+def test_a_batch_per_size_must_split_the_global_batch():
+    from deit3_fast.config import batch_plans
+
+    cfg = load_config("quickstart", ["schedule.resolution={start: 16, start_epoch: 0, end_epoch: 2, step: 8, "
+                                     "batch_sizes: {16: 12, 24: 64}}"])  # global batch 32
+    with pytest.raises(ConfigError, match=r"batch_sizes\[16\] = 12: .* use a batch of 8 \(4 accumulation"):
+        batch_plans(cfg, 1)
+    cfg = load_config("quickstart", ["schedule.resolution={start: 16, start_epoch: 0, end_epoch: 2, step: 8, "
+                                     "batch_sizes: {16: 16, 24: 64}}"])
+    plans = batch_plans(cfg, 2)
+    assert (plans[16].per_process, plans[16].accum) == (16, 1) and (plans[24].per_process, plans[24].accum) == (16, 1)
+
+
+def test_micro_batches_average_to_the_whole_batch_gradient(data):
+    """A step's gradient is the mean over its images however they are split: one micro-batch of 16 (accum 1) and
+    two of 8 (accum 2) over the same images give the same gradients (no drop-path; a ViT has no batch statistics)."""
+    cfg = tiny_cfg(data, **{"model.drop_path": 0.0, "train.amp": "fp32"})
+    run = trainer.build(cfg, torch.device("cpu"))
+    it = iter(run.train_loader)
+    (x1, y1), (x2, y2) = next(it), next(it)
+    it.close()
+
+    def grads(parts, accum):
+        run.optimizer.zero_grad(set_to_none=True)
+        for x, y in parts:
+            trainer.train_micro_batch(run, x, y, step=0, last_micro=False, accum=accum)
+        return [p.grad.clone() for p in run.raw_model.parameters() if p.grad is not None]
+
+    whole = grads([(torch.cat([x1, x2]), torch.cat([y1, y2]))], accum=1)
+    split = grads([(x1, y1), (x2, y2)], accum=2)
+    assert len(whole) == len(split) > 0
+    for a, b in zip(whole, split):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_a_batch_per_size_resumes_exactly_mid_epoch(data, tmp_path, monkeypatch):
+    """SIGTERM in the 24 px epoch (4 micro-batches a step): the checkpoint's step is counted in that epoch's steps,
+    and the resumed run ends bit-identical to the uninterrupted one."""
+    import os
+    import signal
+
+    from deit3_fast.checkpoint import load
+
+    cpu = torch.device("cpu")
+    full = train(tiny_cfg(data, **RAMP_BATCHES), tmp_path / "full", cpu, quiet=True)
+    calls = []
+    real = trainer.RecipeLoss.__call__
+
+    def loss_that_signals(self, x, y):
+        calls.append(1)
+        if len(calls) == 3 + 5:  # epoch 0 has 3 micro-batches; then the 24 px epoch's second step, 1st of 4
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, x, y)
+
+    monkeypatch.setattr(trainer.RecipeLoss, "__call__", loss_that_signals)
+    with pytest.raises(trainer.Preempted, match="epoch 1, step 2/3"):
+        train(tiny_cfg(data, **RAMP_BATCHES), tmp_path / "split", cpu, quiet=True, handle_sigterm=True)
+    assert len(calls) == 3 + 8 and load(tmp_path / "split" / "checkpoint-last.pt")["resume_at"]["step"] == 2
+    monkeypatch.setattr(trainer.RecipeLoss, "__call__", real)
+    rest = train(tiny_cfg(data, **RAMP_BATCHES), tmp_path / "split", cpu, quiet=True, resume="auto")
+    assert [(r["epoch"], r["per_process_batch"]) for r in rest] == [(1, 4), (2, 8)]
     assert_same_as_uninterrupted(tmp_path / "full", full, tmp_path / "split")
 
 
@@ -83,6 +172,12 @@ def test_the_loader_keeps_its_crops_and_changes_only_their_size(data):
     loader.set_resolution(32)
     loader.set_resolution(16)
     assert loader.engine is engine16  # built once per size
+    loader.set_resolution(16, 4)  # schedule.resolution.batch_sizes: the same samples in smaller batches
+    quarter = [(i.clone(), y.clone()) for i, y in loader.engine.batches(0)]
+    assert loader.engine.batch_size == 4 and len(loader) == 12 and quarter[0][0].shape == (4, 16, 16, 3)
+    assert torch.equal(torch.cat([y for _, y in quarter]), torch.cat([y for _, y in small]))
+    loader.set_resolution(16, 8)
+    assert loader.engine is engine16
 
 
 @pytest.mark.parametrize("value, fragment", [
@@ -93,6 +188,10 @@ def test_the_loader_keeps_its_crops_and_changes_only_their_size(data):
     ("{start: 16, start_epoch: 5, end_epoch: 5, step: 8}", "start_epoch < end_epoch"),
     ("{start: 16, end_epoch: 5, stpe: 8}", "did you mean 'step'"),
     ("{start: 16, start_epoch: 0, end_epoch: 40, step: 8}", "end_epoch 40 must be below schedule.epochs 40"),
+    ("{start: 16, start_epoch: 0, end_epoch: 5, step: 8, batch_sizes: {20: 8}}", "never trains at 20 px"),
+    ("{start: 16, start_epoch: 0, end_epoch: 5, step: 8, batch_sizes: {16: 0}}", r"batch_sizes\[16\]: must be at"),
+    ("{batch_sizes: {16: 8}}", "needs a ramp"),
+    ("{start: 16, start_epoch: 0, end_epoch: 5, step: 8, batch_sizes: [8]}", "batch_sizes: expected a mapping"),
 ])
 def test_bad_ramps_are_refused_at_load(value, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")):

@@ -98,7 +98,8 @@ def test_recipe_starts_and_takes_a_step(name, small, monkeypatch):
     for micro in range(run.accum):
         x, y = next(it)
         assert x.shape == (8, 3, cfg.aug.img_size, cfg.aug.img_size) and x.dtype == AMP_DTYPES[run.amp]
-        loss = trainer.train_micro_batch(run, x, y, step=0, last_micro=micro == run.accum - 1)
+        loss = trainer.train_micro_batch(run, x, y, step=0, last_micro=micro == run.accum - 1,
+                                          accum=run.accum)
         assert torch.isfinite(loss)
     it.close()
     assert any(not torch.equal(a, b) for a, b in zip(before, run.raw_model.parameters()))

@@ -44,6 +44,10 @@ def test_dry_run_prints_sbatch_parameters_and_the_batch_arithmetic():
     assert (p["slurm_partition"], p["slurm_account"], p["slurm_constraint"]) == ("p1", "a1", "volta32gb")
     assert d["world_size"] == 32 and d["global_batch"].startswith("2048 = 64 per process x 32 processes x 1")
     assert d["command"][:4] == ["deit3-fast", "train", "--cfg", "vit_l_in1k"] and "auto" in d["command"]
+    ramp = cli("submit", "--cfg", "vit_l_in1k", "--nodes", "4", "--gpus-per-node", "8", "--dry-run", "--set",
+               "schedule.resolution={start: 128, start_epoch: 0, end_epoch: 10, step: 32, batch_sizes: {192: 32}}")
+    assert ramp.returncode == 0, ramp.stderr
+    assert json.loads(ramp.stdout)["global_batch_at_192px"] == "32 per process x 32 x 2"
     bad = cli("submit", "--cfg", "vit_l_in1k", "--nodes", "3", "--gpus-per-node", "8", "--dry-run")
     assert bad.returncode == 2 and "cannot be split over 24 processes" in bad.stderr and "16 or 32" in bad.stderr
 

@@ -129,6 +129,20 @@ def test_resume_with_changed_config_is_refused_unless_forced(data, tmp_path):
     assert [r["epoch"] for r in rows] == [1]
 
 
+def test_a_checkpoint_from_before_a_config_key_existed_resumes(data, tmp_path):
+    """A checkpoint written before schedule.resolution existed (its config has no such section) is the same config
+    at that key's default, so it resumes without --force; a real difference is still refused."""
+    train(tiny_cfg(data), tmp_path, torch.device("cpu"), quiet=True, stop_after_epoch=0)
+    path = tmp_path / "checkpoint-last.pt"
+    payload = load(path)
+    del payload["config"]["schedule"]["resolution"]
+    torch.save(payload, path)
+    with pytest.raises(ConfigMismatch, match=r"\(optim.lr\)"):
+        train(tiny_cfg(data, **{"optim.lr": 1e-3}), tmp_path, torch.device("cpu"), quiet=True, resume="auto")
+    rows = train(tiny_cfg(data), tmp_path, torch.device("cpu"), quiet=True, resume="auto", stop_after_epoch=1)
+    assert [r["epoch"] for r in rows] == [1]
+
+
 def test_global_batch_must_divide(data, tmp_path):
     from deit3_fast.config import ConfigError
 
