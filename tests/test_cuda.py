@@ -246,11 +246,13 @@ def test_device_randaugment_on_cuda_is_the_cpu_op_and_never_waits():
 
 def test_a_ramped_finetuning_run_on_cuda(data, tmp_path):
     """Progressive resolution (24 -> 48 px; epoch 1 is 36 px, rounded half to even to 32) with the device
-    RandAugment, compiled, on the GPU: trains at each size, evaluates at the final one."""
+    RandAugment, compiled, on the GPU, 16 per process at 24 px and 4 at 32 (batch_sizes): trains at each size with
+    its batch, evaluates at the final one."""
     torch._dynamo.reset()
+    ramp = "{start: 24, start_epoch: 0, end_epoch: 2, step: 8, batch_sizes: {24: 16, 32: 4}}"
     rows = trainer.train(cfg_for(data, **{"schedule.epochs": 3, "train.compile": "true",
-                                          "aug.auto_augment": "rand-m9-mstd0.5-inc1",
-                                          "schedule.resolution": "{start: 24, start_epoch: 0, end_epoch: 2, step: 8}"}),
+                                          "aug.auto_augment": "rand-m9-mstd0.5-inc1", "schedule.resolution": ramp}),
                          tmp_path, CUDA, quiet=True)
-    assert [r["train_img_size"] for r in rows] == [24, 32, 48] and all(np.isfinite(r["train_loss"]) for r in rows)
+    assert [(r["train_img_size"], r["per_process_batch"]) for r in rows] == [(24, 16), (32, 4), (48, 8)]
+    assert all(np.isfinite(r["train_loss"]) for r in rows)
     assert rows[-1]["val_acc1"] is not None
