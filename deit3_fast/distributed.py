@@ -7,6 +7,7 @@ Only the main process logs and writes.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -71,9 +72,16 @@ def all_gather_object(obj) -> list:
     return out
 
 
-def barrier() -> None:
+def barrier(group=None) -> None:
     if world() > 1:
-        dist.barrier()
+        dist.barrier(group=group)
+
+
+def long_wait_group(timeout: timedelta):
+    """A gloo group whose `barrier` waits up to `timeout`, beyond the default group's limit (NCCL's is 10 minutes):
+    for one process per node copying a data set while the others wait. Every rank makes it before that wait begins
+    (making a group is itself collective). None without a process group."""
+    return dist.new_group(backend="gloo", timeout=timeout) if world() > 1 else None
 
 
 def local_rank() -> int:

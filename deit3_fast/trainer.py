@@ -18,6 +18,7 @@ import threading
 import time
 from contextlib import closing, nullcontext
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +138,9 @@ def make_loader(cfg: Config, split: str, device: torch.device, *, amp: str | Non
                         dtype=AMP_DTYPES[amp], compile=cfg.train.compile, auto_compile=auto_compile)
 
 
+STAGE_TIMEOUT = timedelta(hours=12)  # data.stage_to: how long the other processes wait for a node's copy
+
+
 def stage_data(cfg: Config) -> Config:
     """With data.stage_to, read the splits from node-local copies (dataset_tools.stage: the node's first process
     copies, verifying checksums and skipping what is there, while the others wait; the ffcv engine, which reads one
@@ -147,12 +151,15 @@ def stage_data(cfg: Config) -> Config:
     from dataset_tools.stage import stage_splits
 
     splits = {k: getattr(cfg.data, k) for k in ("train", "val") if getattr(cfg.data, k)}
+    # A copy of ImageNet-21k takes longer than NCCL's 10-minute limit on a collective: the others wait on a group
+    # of their own, made before the copy starts.
+    waiting = dist.long_wait_group(STAGE_TIMEOUT)
     try:
         paths = stage_splits(splits, cfg.data.stage_to, merge_shards=cfg.data.engine == "ffcv",
                              copy=dist.local_rank() == 0)
     except BetonError as e:
         raise DataError(str(e)) from None
-    dist.barrier()
+    dist.barrier(waiting)
     return replace(cfg, data=replace(cfg.data, **paths))
 
 

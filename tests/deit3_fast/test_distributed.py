@@ -1,5 +1,6 @@
 """torchrun with gloo on CPU: 2 processes x batch B train like 1 process x batch 2B; evaluation counts are exact."""
 import json
+import os
 import subprocess
 import sys
 
@@ -191,3 +192,46 @@ def test_a_checkpoint_resumes_on_another_number_of_processes(data, tmp_path, bef
     assert [r["epoch"] for r in rows] == [0, 1, 2]
     assert all(r["train_loss"] == r["train_loss"] and 0 < r["train_loss"] < 10 for r in rows)
     assert load(tmp_path / "run" / "checkpoint-last.pt")["epoch"] == 2
+
+
+STAGE_SCRIPT = """
+import os, sys, time
+from datetime import timedelta
+
+import torch.distributed as tdist
+
+tdist.init_process_group("gloo", timeout=timedelta(seconds=3))  # stands in for NCCL's 10-minute limit
+import dataset_tools.stage as stage
+from deit3_fast import trainer
+from deit3_fast.config import load_config
+
+real = stage.stage_splits
+
+
+def slow(*args, copy, **kw):
+    if copy:
+        time.sleep(8)  # the node's copy takes longer than the group's limit
+    return real(*args, copy=copy, **kw)
+
+
+stage.stage_splits = slow
+cfg = load_config("quickstart", [f"data.train={sys.argv[1]}", "data.val=null", f"data.stage_to={sys.argv[2]}",
+                                 "model.num_classes=4"])
+with open(f"{sys.argv[2]}-rank{os.environ['RANK']}.txt", "w") as f:  # the ranks' stdout interleaves
+    f.write(trainer.stage_data(cfg).data.train)
+tdist.destroy_process_group()
+"""
+
+
+def test_staging_outlasts_the_process_groups_time_limit(data, tmp_path):
+    """data.stage_to with 2 processes: the second waits for the first's copy past the default group's limit (here
+    3 s for NCCL's 10 minutes) on a group of its own, and both read the staged copy."""
+    script = tmp_path / "stage_two.py"
+    script.write_text(STAGE_SCRIPT)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
+                        data / "train.beton", tmp_path / "node"], cwd=REPO, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    staged = str(tmp_path / "node" / "train" / "train.beton")
+    assert [(tmp_path / f"node-rank{i}.txt").read_text() for i in (0, 1)] == [staged, staged]
+
