@@ -138,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     z.add_argument("--batch", type=int, help="timing batch (256 on a GPU, 8 on a CPU)")
     z.add_argument("--steps", type=int, default=10, help="timed batches per model on a GPU (10)")
+    z.add_argument("--models", nargs="+", metavar="MODEL", help="only these models' rows (e.g. deit3_small)")
 
     c = sub.add_parser("compare", help="runs against each other and the official curve: table, JSON, plot",
                        description="An epoch-aligned table of validation top-1 for each run dir (ablation variants "
@@ -411,7 +412,8 @@ def _zoo(args) -> int:
     from .device import pick_device
     from .zoo import render, zoo
 
-    result = zoo(pick_device(args.device), timings=not args.no_timing, batch=args.batch, steps=max(1, args.steps))
+    result = zoo(pick_device(args.device), timings=not args.no_timing, batch=args.batch, steps=max(1, args.steps),
+                 models=args.models)
     if args.json:
         print(json.dumps(result))
     else:

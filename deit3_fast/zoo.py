@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .config import CONFIG_DIR
+from .config import CONFIG_DIR, ConfigError
 
 ZOO_CSV = CONFIG_DIR / "reference" / "model-zoo.csv"
 MODELS = {"vit_s": "deit3_small", "vit_m": "deit3_medium", "vit_b": "deit3_base", "vit_l": "deit3_large",
@@ -91,8 +91,13 @@ def timing(name: str, img_size: int, batch: int, device: torch.device, amp: str,
 
 
 def zoo(device: torch.device | None = None, timings: bool = True, batch: int | None = None,
-        steps: int = 10) -> dict:
+        steps: int = 10, models: list[str] | None = None) -> dict:
+    """The table's rows; `models` (our names, e.g. deit3_base) keeps those models' rows only."""
     from .device import default_device, device_name, resolve_amp
+
+    unknown = sorted(set(models or ()) - set(MODELS.values()))
+    if unknown:
+        raise ConfigError(f"zoo --models: unknown {', '.join(unknown)}; choose from {', '.join(MODELS.values())}")
 
     device = device or default_device()
     amp = resolve_amp("auto", device)
@@ -100,6 +105,7 @@ def zoo(device: torch.device | None = None, timings: bool = True, batch: int | N
     official = {(MODELS[r["model"]], int(r["resolution"])): r for r in official_rows()}
     order = {name: i for i, name in enumerate(MODELS.values())}
     wanted = sorted(set(official) | set(recipe_resolutions()), key=lambda m: (order[m[0]], m[1]))
+    wanted = [m for m in wanted if not models or m[0] in models]
     rows = []
     for name, res in wanted:
         r = official.get((name, res), {})
