@@ -132,7 +132,10 @@ def _coerce(value, tp, where: str):
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return {_coerce(k, args[0], f"{where} key"): _coerce(v, args[1], f"{where}[{k}]") for k, v in value.items()}
+        def key(k):  # JSON (an ablation grid's axis) and dotted --set keys arrive as text: "96" is 96
+            return int(k) if args[0] is int and isinstance(k, str) and k.strip().isdigit() else k
+        return {_coerce(key(k), args[0], f"{where} key"): _coerce(v, args[1], f"{where}[{k}]")
+                for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{where}: expected a list of {len(args)} numbers, got {value!r}")
@@ -376,7 +379,9 @@ def batch_plans(cfg: Config, world: int) -> dict[int, BatchPlan]:
     out = {}
     for size, b in cfg.schedule.resolution.batch_sizes.items():
         try:
-            out[size] = batch_plan(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=b)), world)
+            plan = batch_plan(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=b)), world)
+            out[size] = dataclasses.replace(plan, note=plan.note and f"at {size} px: " + plan.note.replace(
+                "data.batch_size", "schedule.resolution.batch_sizes"))
         except ConfigError as e:
             why = str(e).replace("--set data.batch_size=", "a batch of ").replace("data.batch_size", "the batch")
             raise ConfigError(f"schedule.resolution.batch_sizes[{size}] = {b}: {why}") from None

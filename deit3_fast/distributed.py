@@ -77,8 +77,23 @@ def barrier(group=None) -> None:
         dist.barrier(group=group)
 
 
+def all_ok(ok: bool, group=None) -> bool:
+    """Whether `ok` holds on every rank: a barrier that carries a verdict, so one rank's failure ends the others'
+    wait with an error instead of a timeout."""
+    if world() == 1:
+        return ok
+    t = torch.tensor([int(ok)])
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return bool(t.item())
+
+
+def release(group) -> None:
+    if group is not None:
+        dist.destroy_process_group(group)
+
+
 def long_wait_group(timeout: timedelta):
-    """A gloo group whose `barrier` waits up to `timeout`, beyond the default group's limit (NCCL's is 10 minutes):
+    """A gloo group whose collectives wait up to `timeout`, beyond the default group's limit (NCCL's is 10 minutes):
     for one process per node copying a data set while the others wait. Every rank makes it before that wait begins
     (making a group is itself collective). None without a process group."""
     return dist.new_group(backend="gloo", timeout=timeout) if world() > 1 else None

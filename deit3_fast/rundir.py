@@ -57,7 +57,10 @@ def describe_facts(f: dict) -> str:
     amp = f["amp"] if f["amp_config"] == f["amp"] else f"{f['amp_config']} -> {f['amp']}"
     line = (f"{f['device']} x {f['world_size']}, amp {amp}, global batch {f['global_batch']} = "
             f"{f['per_process_batch']} per process x {f['world_size']} x {f['accumulation_steps']} accumulation")
-    return line + (f"\n{f['batch_note']}" if f["batch_note"] else "")
+    for size, b in (f.get("batch_by_size") or {}).items():  # schedule.resolution.batch_sizes
+        line += f"; at {size} px {b['per_process_batch']} x {f['world_size']} x {b['accumulation_steps']}"
+    notes = [f["batch_note"]] + [b["batch_note"] for b in (f.get("batch_by_size") or {}).values()]
+    return line + "".join(f"\n{n}" for n in notes if n)
 
 
 def epoch_line(row: dict, epochs: int, eta_s: float) -> str:

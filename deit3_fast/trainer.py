@@ -153,13 +153,16 @@ def stage_data(cfg: Config) -> Config:
     splits = {k: getattr(cfg.data, k) for k in ("train", "val") if getattr(cfg.data, k)}
     # A copy of ImageNet-21k takes longer than NCCL's 10-minute limit on a collective: the others wait on a group
     # of their own, made before the copy starts.
-    waiting = dist.long_wait_group(STAGE_TIMEOUT)
+    waiting, failed = dist.long_wait_group(STAGE_TIMEOUT), None
     try:
         paths = stage_splits(splits, cfg.data.stage_to, merge_shards=cfg.data.engine == "ffcv",
                              copy=dist.local_rank() == 0)
     except BetonError as e:
-        raise DataError(str(e)) from None
-    dist.barrier(waiting)
+        failed = DataError(str(e))
+    ok = dist.all_ok(failed is None, waiting)  # one node's failed copy ends every process's wait
+    dist.release(waiting)
+    if not ok:
+        raise failed or DataError("data.stage_to: the copy failed on a node (its first process's log says why)")
     return replace(cfg, data=replace(cfg.data, **paths))
 
 
@@ -404,7 +407,8 @@ def run_facts(run: Run) -> dict:
     return {"amp": run.amp, "amp_config": cfg.train.amp, "device": device_name(device), "world_size": dist.world(),
             "per_process_batch": run.batch.per_process, "accumulation_steps": run.accum,
             "global_batch": cfg.train.global_batch, "batch_note": run.batch.note,
-            "batch_by_size": {size: [p.per_process, p.accum] for size, p in run.batches.items()} or None,
+            "batch_by_size": {size: {"per_process_batch": p.per_process, "accumulation_steps": p.accum,
+                                     "batch_note": p.note} for size, p in run.batches.items()} or None,
             "torch": torch.__version__,
             "cuda": torch.version.cuda if device.type == "cuda" else None,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -162,31 +162,29 @@ class FFCVEngine:
         # here because FFCV would otherwise emit a partial last batch under drop_last.
         self.order.window = slice(start * self.batch_size, len(self) * self.batch_size)
         self.loader.next_epoch = epoch
-        thread, taken = iter(self.loader), 0
+        thread = iter(self.loader)
         try:
             for images, labels in thread:
-                taken += 1
                 # FFCV reuses its buffers: the labels are copied here, the images by the device stage's first op.
                 yield images, labels.to(torch.int64, copy=True)
         finally:
-            _stop(thread, taken)
+            _stop(thread)
 
     def epoch_report(self) -> dict:
         return {}  # FFCV decodes every JPEG on the CPU: nothing is refused
 
 
-def _stop(thread, taken: int) -> None:
-    """End an FFCV epoch thread, `taken` of whose batches were consumed, before its buffers go. FFCV's own `close`
-    only sets a flag, which the thread reads when its queue is full, and frees the buffers at once: a consumer that
-    leaves an epoch early (a stop request, an error, `sys.exit` in a Slurm requeue) would leave it decoding into
-    freed memory, and at interpreter exit a daemon thread inside native code aborts the process ('terminate called
-    without an active exception'). So: set the flag, wait for the thread to see it, then free. The one wait that
-    never ends by itself is its hand-over of the epoch's end into a full queue: that queue is emptied."""
+def _stop(thread) -> None:
+    """End an FFCV epoch thread before its buffers go. FFCV's own `close` only sets a flag, which the thread reads
+    when its queue is full, and frees the buffers at once: a consumer that leaves an epoch early (a stop request, an
+    error, `sys.exit` in a Slurm requeue) would leave it decoding into freed memory, and at interpreter exit a daemon
+    thread inside native code aborts the process ('terminate called without an active exception'). So: the flag,
+    no batches left to decode (the thread then hands over the epoch's end), the queue emptied until it has, then
+    free."""
     thread.terminate_event.set()
-    batches = -(-len(thread.order) // thread.loader.batch_size)
+    thread.iter_ixes = iter(())  # FFCV 1.0's thread takes its next batch's indices from here
     while thread.is_alive():
-        thread.join(0.5)
-        if thread.is_alive() and taken + thread.output_queue.qsize() >= batches:
-            while not thread.output_queue.empty():
-                thread.output_queue.get_nowait()
+        thread.join(0.2)
+        while not thread.output_queue.empty():
+            thread.output_queue.get_nowait()
     thread.close()

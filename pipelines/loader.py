@@ -70,12 +70,16 @@ class Loader:
 
     def iter_with_params(self, start: int = 0):
         """Like iteration, but also yields the per-sample augmentation parameters (see augment.AugParams)."""
-        batches = enumerate(self.engine.batches(self.epoch, start), start)
-        if self.device.type == "cuda":
-            yield from self._prefetched(batches)
-        else:
-            for b, (images, labels) in batches:
-                yield self.prepare(b, images, labels)
+        engine_batches = self.engine.batches(self.epoch, start)
+        batches = enumerate(engine_batches, start)
+        try:
+            if self.device.type == "cuda":
+                yield from self._prefetched(batches)
+            else:
+                for b, (images, labels) in batches:
+                    yield self.prepare(b, images, labels)
+        finally:  # an error here (out of memory in the stage) must not leave the engine's decode threads running
+            engine_batches.close()
         self.epoch += 1
 
     def _prefetched(self, batches):

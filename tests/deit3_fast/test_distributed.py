@@ -211,6 +211,8 @@ real = stage.stage_splits
 def slow(*args, copy, **kw):
     if copy:
         time.sleep(8)  # the node's copy takes longer than the group's limit
+        if sys.argv[3] == "fail":
+            raise stage.BetonError("data.stage_to: staging data.train into /local failed: No space left on device")
     return real(*args, copy=copy, **kw)
 
 
@@ -218,20 +220,28 @@ stage.stage_splits = slow
 cfg = load_config("quickstart", [f"data.train={sys.argv[1]}", "data.val=null", f"data.stage_to={sys.argv[2]}",
                                  "model.num_classes=4"])
 with open(f"{sys.argv[2]}-rank{os.environ['RANK']}.txt", "w") as f:  # the ranks' stdout interleaves
-    f.write(trainer.stage_data(cfg).data.train)
+    try:
+        f.write(trainer.stage_data(cfg).data.train)
+    except trainer.DataError as e:
+        f.write(f"DataError: {e}")
 tdist.destroy_process_group()
 """
 
 
-def test_staging_outlasts_the_process_groups_time_limit(data, tmp_path):
+@pytest.mark.parametrize("outcome", ["ok", "fail"])
+def test_staging_outlasts_the_process_groups_time_limit(data, tmp_path, outcome):
     """data.stage_to with 2 processes: the second waits for the first's copy past the default group's limit (here
-    3 s for NCCL's 10 minutes) on a group of its own, and both read the staged copy."""
+    3 s for NCCL's 10 minutes) on a group of its own, and both read the staged copy; when the copy fails, both stop
+    with an error at once (not at the long wait's end)."""
     script = tmp_path / "stage_two.py"
     script.write_text(STAGE_SCRIPT)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
-                        data / "train.beton", tmp_path / "node"], cwd=REPO, capture_output=True, text=True,
+                        data / "train.beton", tmp_path / "node", outcome], cwd=REPO, capture_output=True, text=True,
                        timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 0, r.stderr[-3000:]
-    staged = str(tmp_path / "node" / "train" / "train.beton")
-    assert [(tmp_path / f"node-rank{i}.txt").read_text() for i in (0, 1)] == [staged, staged]
-
+    seen = [(tmp_path / f"node-rank{i}.txt").read_text() for i in (0, 1)]
+    if outcome == "ok":
+        assert seen == [str(tmp_path / "node" / "train" / "train.beton")] * 2
+    else:
+        assert seen == ["DataError: data.stage_to: staging data.train into /local failed: No space left on device",
+                        "DataError: data.stage_to: the copy failed on a node (its first process's log says why)"]

@@ -86,7 +86,9 @@ def test_a_batch_per_size_keeps_the_global_batch_and_the_schedule(data, tmp_path
     assert seen == [(16, 16, 1)] * 3 + [(24, 4, 4)] * 12 + [(32, 8, 2)] * 6
     fixed = train(tiny_cfg(data, **RAMP), tmp_path / "fixed", torch.device("cpu"), quiet=True)
     assert [r["lr"] for r in rows] == [r["lr"] for r in fixed]
-    assert json.loads((tmp_path / "b" / "run.json").read_text())["batch_by_size"] == {"16": [16, 1], "24": [4, 4]}
+    by_size = json.loads((tmp_path / "b" / "run.json").read_text())["batch_by_size"]
+    assert {k: (v["per_process_batch"], v["accumulation_steps"]) for k, v in by_size.items()} == {"16": (16, 1),
+                                                                                                 "24": (4, 4)}
 
 
 def test_a_batch_per_size_must_split_the_global_batch():
@@ -96,8 +98,10 @@ def test_a_batch_per_size_must_split_the_global_batch():
                                      "batch_sizes: {16: 12, 24: 64}}"])  # global batch 32
     with pytest.raises(ConfigError, match=r"batch_sizes\[16\] = 12: .* use a batch of 8 \(4 accumulation"):
         batch_plans(cfg, 1)
+    # Dotted --set keys and JSON (an ablation grid's axes) give the size as text.
     cfg = load_config("quickstart", ["schedule.resolution={start: 16, start_epoch: 0, end_epoch: 2, step: 8, "
-                                     "batch_sizes: {16: 16, 24: 64}}"])
+                                     "batch_sizes: {\"24\": 64}}", "schedule.resolution.batch_sizes.16=16"])
+    assert cfg.schedule.resolution.batch_sizes == {16: 16, 24: 64}
     plans = batch_plans(cfg, 2)
     assert (plans[16].per_process, plans[16].accum) == (16, 1) and (plans[24].per_process, plans[24].accum) == (16, 1)
 
