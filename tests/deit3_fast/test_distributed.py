@@ -37,37 +37,45 @@ def run(args, nproc):
     return r
 
 
+def train_args(data):
+    return ["train", "--cfg", "quickstart", "--data-train", data / "train.beton", "--data-val", data / "val.beton",
+            "--device", "cpu", "--quiet", *[x for s in DETERMINISTIC for x in ("--set", s)]]
+
+
+@pytest.fixture(scope="module")
+def one_process(data, tmp_path_factory):
+    """The reference: 1 process x batch 16."""
+    out = tmp_path_factory.mktemp("one")
+    run([*train_args(data), "--set", "data.batch_size=16", "--out", out], nproc=1)
+    return out
+
+
 @pytest.mark.parametrize("per_process", [8, 4], ids=["no-accumulation", "accumulation-2"])
-def test_two_processes_train_like_one_with_twice_the_batch(data, tmp_path, per_process):
+def test_two_processes_train_like_one_with_twice_the_batch(data, one_process, tmp_path, per_process):
     """Global batch 16 = 2 processes x 8, or 2 x 4 x 2 accumulation steps (gradients all-reduced once per step,
     under DDP no_sync for the first micro-batch) == 1 process x 16."""
-    common = ["train", "--cfg", "quickstart", "--data-train", data / "train.beton", "--data-val", data / "val.beton",
-              "--device", "cpu", "--quiet"]
-    sets = [x for s in DETERMINISTIC for x in ("--set", s)]
-    run([*common, *sets, "--set", "data.batch_size=16", "--out", tmp_path / "one"], nproc=1)
-    two = run([*common, *sets, "--set", f"data.batch_size={per_process}", "--out", tmp_path / "two"], nproc=2)
+    two = run([*train_args(data), "--set", f"data.batch_size={per_process}", "--out", tmp_path / "two"], nproc=2)
     summaries = [line for line in two.stdout.splitlines() if line.startswith("{")]
     assert len(summaries) == 1 and json.loads(summaries[0])["world_size"] == 2  # only rank 0 reports
-    a, b = load(tmp_path / "one" / "checkpoint-last.pt"), load(tmp_path / "two" / "checkpoint-last.pt")
+    a, b = load(one_process / "checkpoint-last.pt"), load(tmp_path / "two" / "checkpoint-last.pt")
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5, msg=k)
-    rows = [[json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in ("one", "two")]
+    rows = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+            for d in (one_process, tmp_path / "two")]
     for ra, rb in zip(*rows):
         assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-4)
         assert ra["val_acc1"] == pytest.approx(rb["val_acc1"])  # distributed eval: the same 15 samples, once each
     assert not (tmp_path / "two" / ".checkpoint-last.pt.partial-0").exists()
 
 
-def test_distributed_eval_counts_every_sample_once(data, tmp_path):
+def test_distributed_eval_counts_every_sample_once(data, one_process):
     sets = [x for s in DETERMINISTIC + ["data.batch_size=4"] for x in ("--set", s)]
-    run(["train", "--cfg", "quickstart", "--data-train", data / "train.beton", "--data-val", data / "val.beton",
-         "--device", "cpu", "--quiet", "--out", tmp_path, *sets, "--set", "schedule.epochs=1"], nproc=1)
     r = run(["eval", "--cfg", "quickstart", "--data-val", data / "val.beton", "--device", "cpu",
-             "--checkpoint", tmp_path / "checkpoint-last.pt", *sets], nproc=2)
+             "--checkpoint", one_process / "checkpoint-last.pt", *sets], nproc=2)
     results = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert len(results) == 1 and results[0]["n"] == 15
     single = run(["eval", "--cfg", "quickstart", "--data-val", data / "val.beton", "--device", "cpu",
-                  "--checkpoint", tmp_path / "checkpoint-last.pt", *sets], nproc=1)
+                  "--checkpoint", one_process / "checkpoint-last.pt", *sets], nproc=1)
     assert json.loads(single.stdout.strip().splitlines()[-1]) == results[0]
 
 
@@ -200,7 +208,7 @@ from datetime import timedelta
 
 import torch.distributed as tdist
 
-tdist.init_process_group("gloo", timeout=timedelta(seconds=3))  # stands in for NCCL's 10-minute limit
+tdist.init_process_group("gloo", timeout=timedelta(seconds=2))  # stands in for NCCL's 10-minute limit
 import dataset_tools.stage as stage
 from deit3_fast import trainer
 from deit3_fast.config import load_config
@@ -210,7 +218,7 @@ real = stage.stage_splits
 
 def slow(*args, copy, **kw):
     if copy:
-        time.sleep(8)  # the node's copy takes longer than the group's limit
+        time.sleep(5)  # the node's copy takes longer than the group's limit
         if sys.argv[3] == "fail":
             raise stage.BetonError("data.stage_to: staging data.train into /local failed: No space left on device")
     return real(*args, copy=copy, **kw)
@@ -231,7 +239,7 @@ tdist.destroy_process_group()
 @pytest.mark.parametrize("outcome", ["ok", "fail"])
 def test_staging_outlasts_the_process_groups_time_limit(data, tmp_path, outcome):
     """data.stage_to with 2 processes: the second waits for the first's copy past the default group's limit (here
-    3 s for NCCL's 10 minutes) on a group of its own, and both read the staged copy; when the copy fails, both stop
+    2 s for NCCL's 10 minutes) on a group of its own, and both read the staged copy; when the copy fails, both stop
     with an error at once (not at the long wait's end)."""
     script = tmp_path / "stage_two.py"
     script.write_text(STAGE_SCRIPT)

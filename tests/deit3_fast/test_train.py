@@ -172,18 +172,22 @@ def test_cli_train_then_eval(data, tmp_path, layer_scale):
     assert set(result) == {"acc1", "acc5", "n"}
 
 
-def test_cli_dry_run_and_one_line_errors(tmp_path):
+def test_cli_dry_run_and_one_line_errors(tmp_path, capsys):
     r = cli("train", "--cfg", "vit_h_in1k.yaml", "--dry-run", "--epochs", "3", cwd=tmp_path)  # from any directory
     assert r.returncode == 0, r.stderr
     cfg = json.loads(r.stdout)
     assert cfg["model"]["name"] == "deit3_huge" and cfg["schedule"]["epochs"] == 3 and cfg["aug"]["img_size"] == 160
-    for args, fragment in [(["--cfg", "vit_s_in1k", "--set", "optim.lrr=1"], "did you mean 'lr'"),
-                           (["--cfg", "vit_s_in1k", "--set", "data.batch_size=big"], "data.batch_size"),
+    r = cli("train", "--cfg", "vit_s_in1k", "--set", "optim.lrr=1", "--out", tmp_path / "run")  # a whole process
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "deit3-fast: error: unknown config key 'optim.lrr' (did you mean 'lr'?)"], r.stderr
+    from deit3_fast.cli import main  # the rest in this process: the same main, without a second start-up
+
+    for args, fragment in [(["--cfg", "vit_s_in1k", "--set", "data.batch_size=big"], "data.batch_size"),
                            (["--cfg", "no_such_recipe"], "not found"),
                            (["--cfg", "vit_s_in1k", "--data-train", tmp_path / "absent.beton"], "absent.beton")]:
-        r = cli("train", *args, "--out", tmp_path / "run")
-        assert r.returncode == 2, (args, r.stderr)
-        assert len(r.stderr.strip().splitlines()) == 1 and fragment in r.stderr, r.stderr
+        assert main(["train", *map(str, args), "--out", str(tmp_path / "run")]) == 2, args
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and fragment in err, err
 
 
 @pytest.mark.parametrize("name, model, size, lr, drop_path, batch", [
