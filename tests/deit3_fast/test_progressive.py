@@ -8,7 +8,7 @@ from deit3_fast.config import ConfigError, load_config
 from deit3_fast.schedule import resolution_at, resolution_schedule
 from deit3_fast.trainer import train
 
-from .test_train import assert_same_as_uninterrupted, tiny_cfg
+from .test_train import assert_same_as_uninterrupted, sigterm_at_loss, tiny_cfg
 
 RAMP = {"schedule.resolution": "{start: 16, start_epoch: 0, end_epoch: 2, step: 8}"}  # 16, 24, then 32 = img_size
 # The same ramp with 16 per process at 16 px (no accumulation) and 4 at 24 px (4 micro-batches a step); 32 px keeps
@@ -131,27 +131,15 @@ def test_micro_batches_average_to_the_whole_batch_gradient(data):
 def test_a_batch_per_size_resumes_exactly_mid_epoch(data, tmp_path, monkeypatch):
     """SIGTERM in the 24 px epoch (4 micro-batches a step): the checkpoint's step is counted in that epoch's steps,
     and the resumed run ends bit-identical to the uninterrupted one."""
-    import os
-    import signal
-
     from deit3_fast.checkpoint import load
 
     cpu = torch.device("cpu")
     full = train(tiny_cfg(data, **RAMP_BATCHES), tmp_path / "full", cpu, quiet=True)
-    calls = []
-    real = trainer.RecipeLoss.__call__
-
-    def loss_that_signals(self, x, y):
-        calls.append(1)
-        if len(calls) == 3 + 5:  # epoch 0 has 3 micro-batches; then the 24 px epoch's second step, 1st of 4
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(self, x, y)
-
-    monkeypatch.setattr(trainer.RecipeLoss, "__call__", loss_that_signals)
+    calls = sigterm_at_loss(monkeypatch, 3 + 5)  # epoch 0 has 3 micro-batches; then the 24 px epoch's 2nd step
     with pytest.raises(trainer.Preempted, match="epoch 1, step 2/3"):
         train(tiny_cfg(data, **RAMP_BATCHES), tmp_path / "split", cpu, quiet=True, handle_sigterm=True)
     assert len(calls) == 3 + 8 and load(tmp_path / "split" / "checkpoint-last.pt")["resume_at"]["step"] == 2
-    monkeypatch.setattr(trainer.RecipeLoss, "__call__", real)
+    monkeypatch.undo()
     rest = train(tiny_cfg(data, **RAMP_BATCHES), tmp_path / "split", cpu, quiet=True, resume="auto")
     assert [(r["epoch"], r["per_process_batch"]) for r in rest] == [(1, 4), (2, 8)]
     assert_same_as_uninterrupted(tmp_path / "full", full, tmp_path / "split")

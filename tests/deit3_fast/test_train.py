@@ -64,33 +64,41 @@ def test_resume_is_bit_identical(data, tmp_path, sets):
     assert_same_as_uninterrupted(tmp_path / "full", full, tmp_path / "split")
 
 
+def sigterm_at_loss(monkeypatch, n: int) -> list:
+    """Send this process SIGTERM at the n-th loss computed from now on (what a scheduler does mid-step); the list
+    that returns counts the loss calls."""
+    import os
+    import signal
+
+    calls, real = [], trainer.RecipeLoss.__call__
+
+    def loss_that_signals(self, x, y):
+        calls.append(1)
+        if len(calls) == n:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, x, y)
+
+    monkeypatch.setattr(trainer.RecipeLoss, "__call__", loss_that_signals)
+    return calls
+
+
 @pytest.mark.parametrize("sets", [{}, {"train.ema_decay": 0.9, "train.amp": "fp16"}], ids=["plain", "ema-fp16"])
 def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(data, tmp_path, monkeypatch, sets):
     """A real SIGTERM in the middle of epoch 1 (sent by the 9th loss call: epoch 1, step 1 of 3): the run stops at
     the step boundary, the checkpoint records that position, and the resumed run ends bit-identical to one never
     interrupted: every piece of state (with an EMA and fp16's grad scaler too) and every metrics row."""
-    import os
     import signal
 
     cpu = torch.device("cpu")
     full = train(tiny_cfg(data, **sets), tmp_path / "full", cpu, quiet=True)
-    calls = []
-    real = trainer.RecipeLoss.__call__
-
-    def loss_that_signals(self, x, y):
-        calls.append(1)
-        if len(calls) == 9:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(self, x, y)
-
-    monkeypatch.setattr(trainer.RecipeLoss, "__call__", loss_that_signals)
+    calls = sigterm_at_loss(monkeypatch, 9)
     with pytest.raises(trainer.Preempted, match="epoch 1, step 2/3") as stopped:
         train(tiny_cfg(data, **sets), tmp_path / "split", cpu, quiet=True, handle_sigterm=True)
     assert len(calls) == 10  # the step's second micro-batch ran: no half-accumulated gradients are lost
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
     state = load(stopped.value.checkpoint)
     assert state["epoch"] == 0 and state["resume_at"]["step"] == 2
-    monkeypatch.setattr(trainer.RecipeLoss, "__call__", real)
+    monkeypatch.undo()
     rest = train(tiny_cfg(data, **sets), tmp_path / "split", cpu, quiet=True, resume="auto")
     assert [r["epoch"] for r in rest] == [1, 2]
     assert_same_as_uninterrupted(tmp_path / "full", full, tmp_path / "split")
