@@ -158,11 +158,12 @@ def stage_data(cfg: Config) -> Config:
         paths = stage_splits(splits, cfg.data.stage_to, merge_shards=cfg.data.engine == "ffcv",
                              copy=dist.local_rank() == 0)
     except BetonError as e:
-        failed = DataError(str(e))
+        failed = str(e)  # raised below, once every process knows (an exception kept in a local would hold this
+        # frame, and with it the group and its threads, in a reference cycle until exit: an abort there)
     ok = dist.all_ok(failed is None, waiting)  # one node's failed copy ends every process's wait
     dist.release(waiting)
     if not ok:
-        raise failed or DataError("data.stage_to: the copy failed on a node (its first process's log says why)")
+        raise DataError(failed or "data.stage_to: the copy failed on a node (its first process's log says why)")
     return replace(cfg, data=replace(cfg.data, **paths))
 
 
