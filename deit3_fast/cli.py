@@ -263,7 +263,8 @@ def _eval(args) -> int:
     from .device import resolve_amp
     from .evalsets import EvalSet, class_mask, load_real, parse_sets, real_top1, render, save_predictions
     from .models import create_model, load_checkpoint
-    from .trainer import evaluate, make_loader
+    from .components import make_loader
+    from .trainer import evaluate
 
     if not args.cfg and not args.model:
         raise ConfigError("eval needs --cfg RECIPE or --model NAME (or both)")
@@ -391,7 +392,7 @@ def _doctor(args) -> int:
 def _preview(args) -> int:
     from pipelines.preview import make_preview
 
-    from .trainer import make_loader
+    from .components import make_loader
 
     sets = [*args.set, f"data.batch_size={args.n}", "data.repeats=1", f"data.seed={args.seed}", "train.amp=fp32"]
     if args.data_train:

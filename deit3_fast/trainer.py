@@ -1,4 +1,4 @@
-"""Training and evaluation: config -> components (`build`) -> loop (`train`), around one `Run`.
+"""Training and evaluation: config -> components (`build`, components.py) -> loop (`train`), around one `Run`.
 
 One optimiser step = `accum` micro-batches of the per-process batch; global batch = per-process batch x world x
 accum = `train.global_batch` (`config.batch_plan`); under DDP only the last micro-batch of a step all-reduces
@@ -17,29 +17,22 @@ import sys
 import threading
 import time
 from contextlib import closing, nullcontext
-from dataclasses import dataclass, field, replace
-from datetime import timedelta
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from pipelines import DataError, build_loader, check_same_classes
 from pipelines import keys
 
 from . import checkpoint as ckpt
 from . import distributed as dist
 from . import reference, rundir
-from .config import (NO_EFFECT_KEYS, BatchPlan, Config, batch_plan, batch_plans, differences, resolve_num_classes,
-                     to_dict, with_defaults)
-from .device import (AMP_DTYPES, autocast, device_name, is_out_of_memory, max_mem_mb, reset_peak_memory,
-                     resolve_amp)
+from .components import Run, StopFlag, build, run_facts, stage_data
+from .config import NO_EFFECT_KEYS, Config, batch_plan, differences, resolve_num_classes, to_dict, with_defaults
+from .device import autocast, is_out_of_memory, max_mem_mb, reset_peak_memory
 from .loggers import EpochLoggers
-from .losses import RecipeLoss
-from .models import create_model
-from .optim import build_optimizer
-from .schedule import WarmupCosine, resolution_schedule
 
 
 class TrainingDiverged(Exception):
@@ -61,178 +54,6 @@ class Preempted(Exception):
         super().__init__(f"SIGTERM: stopped at epoch {epoch}, step {step}/{steps}; checkpoint written to "
                          f"{checkpoint}; continue with --resume auto")
         self.checkpoint, self.epoch, self.step = checkpoint, epoch, step
-
-
-class StopFlag:
-    """`requested`: set by this process's SIGTERM handler. `agreed`: some rank's request, as every rank learnt it at
-    the same log point; with several processes only that one may end the run, or the ranks would part ways."""
-    requested = False
-    agreed = False
-
-    def should_stop(self) -> bool:
-        return self.agreed or (dist.world() == 1 and self.requested)
-
-
-@dataclass
-class Run:
-    """Everything a run computes with; `state_dict` is what a checkpoint saves of it."""
-    cfg: Config                     # the config as given (what the run dir records and a resume compares)
-    model: torch.nn.Module          # what runs forward: compiled when train.compile, DDP-wrapped with several ranks
-    raw_model: torch.nn.Module      # its parameters and state dict (no '_orig_mod.' / 'module.' prefixes)
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    scheduler: WarmupCosine
-    loss: RecipeLoss
-    train_loader: object
-    val_loader: object
-    device: torch.device
-    amp: str                        # the AMP dtype in use (train.amp: auto resolved for this device)
-    batch: BatchPlan                # per-process batch and accumulation steps (at aug.img_size)
-    ema: object | None = None
-    ddp: torch.nn.parallel.DistributedDataParallel | None = None
-    stop: StopFlag = field(default_factory=StopFlag)  # train() hands in the one its SIGTERM handler sets
-    extra_val: list = field(default_factory=list)     # (name, loader, class mask) of train.extra_val
-    resolutions: list[int] | None = None  # schedule.resolution: each epoch's training crop size (None: img_size)
-    batches: dict[int, BatchPlan] = field(default_factory=dict)  # schedule.resolution.batch_sizes, by size
-
-    def train_size(self, epoch: int) -> int:
-        """The training crop size of `epoch`; evaluation always runs at aug.img_size."""
-        if self.resolutions is None:
-            return self.cfg.aug.img_size
-        return self.resolutions[min(epoch, len(self.resolutions) - 1)]
-
-    def batch_at(self, epoch: int) -> BatchPlan:
-        """The per-process batch and accumulation steps of `epoch`: the global batch is the same in every epoch."""
-        return self.batches.get(self.train_size(epoch), self.batch)
-
-    @property
-    def accum(self) -> int:
-        return self.batch.accum
-
-    @property
-    def steps_per_epoch(self) -> int:
-        """Optimiser steps per epoch: the same at every size, as per-process batch x accumulation is."""
-        return self.scheduler.steps_per_epoch
-
-    def state_dict(self) -> dict:
-        return {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "ema": self.ema.module.state_dict() if self.ema is not None else None}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.raw_model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        if self.ema is not None and state.get("ema") is not None:
-            self.ema.module.load_state_dict(state["ema"])
-
-
-def make_loader(cfg: Config, split: str, device: torch.device, *, amp: str | None = None,
-                batch_size: int | None = None, auto_compile: bool = True):
-    """The data path's loader for this config: its `data` and `aug` sections and the plain values pipelines take.
-    `auto_compile=False` for a loader that yields a batch or two (preview): no compilation it cannot repay."""
-    amp = amp or resolve_amp(cfg.train.amp, device)
-    cfg = resolve_num_classes(cfg)
-    data = cfg.data if batch_size is None else replace(cfg.data, batch_size=batch_size)
-    return build_loader(data, cfg.aug, split, num_classes=cfg.model.num_classes, device=device,
-                        dtype=AMP_DTYPES[amp], compile=cfg.train.compile, auto_compile=auto_compile)
-
-
-STAGE_TIMEOUT = timedelta(hours=12)  # data.stage_to: how long the other processes wait for a node's copy
-
-
-def stage_data(cfg: Config) -> Config:
-    """With data.stage_to, read the splits from node-local copies (dataset_tools.stage: the node's first process
-    copies, verifying checksums and skipping what is there, while the others wait; the ffcv engine, which reads one
-    file, gets a shard set merged into one .beton)."""
-    if not cfg.data.stage_to:
-        return cfg
-    from dataset_tools.beton import BetonError
-    from dataset_tools.stage import stage_splits
-
-    splits = {k: getattr(cfg.data, k) for k in ("train", "val") if getattr(cfg.data, k)}
-    # A copy of ImageNet-21k takes longer than NCCL's 10-minute limit on a collective: the others wait on a group
-    # of their own, made before the copy starts.
-    waiting, failed = dist.long_wait_group(STAGE_TIMEOUT), None
-    try:
-        paths = stage_splits(splits, cfg.data.stage_to, merge_shards=cfg.data.engine == "ffcv",
-                             copy=dist.local_rank() == 0)
-    except BetonError as e:
-        failed = str(e)  # raised below, once every process knows (an exception kept in a local would hold this
-        # frame, and with it the group and its threads, in a reference cycle until exit: an abort there)
-    ok = dist.all_ok(failed is None, waiting)  # one node's failed copy ends every process's wait
-    dist.release(waiting)
-    if not ok:
-        raise DataError(failed or "data.stage_to: the copy failed on a node (its first process's log says why)")
-    return replace(cfg, data=replace(cfg.data, **paths))
-
-
-def build(cfg: Config, device: torch.device) -> Run:
-    cfg = resolve_num_classes(cfg)
-    torch.manual_seed(cfg.train.seed)  # the same init on every rank (DDP also broadcasts rank 0's)
-    plan = batch_plan(cfg, dist.world())
-    amp = resolve_amp(cfg.train.amp, device)
-    sizes = resolution_schedule(cfg.schedule.resolution, cfg.aug.img_size, cfg.schedule.epochs)
-    # Progressive resolution: timm's dynamic image size resamples pos_embed (bicubic) for each epoch's patch grid;
-    # at aug.img_size it is used as it is, so evaluation and checkpoints are those of a fixed-size model.
-    model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, img_size=cfg.aug.img_size,
-                         drop_path=cfg.model.drop_path, layer_scale_init=cfg.model.layer_scale_init,
-                         checkpoint=cfg.model.checkpoint, **({"dynamic_img_size": True} if sizes else {})).to(device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    o = cfg.optim
-    optimizer = build_optimizer(o.name, model, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas),
-                                eps=o.eps, max_grad_norm=o.max_grad_norm, compile=cfg.train.compile)
-    forward = ddp = None
-    if dist.world() > 1:
-        forward = ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    forward = forward or model
-    if cfg.train.compile and sizes:
-        # One static graph per size (a few: sizes are multiples of schedule.resolution.step), each compiled once,
-        # instead of one dynamic-shape graph; the default recompile limit (8) would fall back to eager past it.
-        import torch._dynamo.config as dynamo
-
-        dynamo.recompile_limit = max(dynamo.recompile_limit, 2 * len(set(sizes)) + 4)
-    forward = torch.compile(forward, dynamic=False if sizes else None) if cfg.train.compile else forward
-    train_loader = make_loader(cfg, "train", device, amp=amp, batch_size=plan.per_process)
-    batches = batch_plans(cfg, dist.world())
-    samples = len(train_loader.engine.epoch_order.indices(0))  # this rank's, per epoch (training drops the rest)
-    for p in sorted({plan, *batches.values()}, key=lambda p: p.accum, reverse=True):
-        if samples // p.per_process < p.accum:
-            raise DataError(f"{cfg.data.train}: an epoch has {samples // p.per_process} batch(es) of {p.per_process} "
-                            f"per process, fewer than one optimiser step ({p.accum} micro-batches); lower "
-                            "data.batch_size (or schedule.resolution.batch_sizes) or train.global_batch")
-    if cfg.data.val:
-        check_same_classes(cfg.data.train, cfg.data.val)
-    val_loader = make_loader(cfg, "val", device, amp=amp, batch_size=plan.per_process) if cfg.data.val else None
-    s = cfg.schedule
-    scheduler = WarmupCosine(optimizer, max(1, len(train_loader) // plan.accum), lr=o.lr, epochs=s.epochs,
-                             warmup_epochs=s.warmup_epochs, warmup_lr=s.warmup_lr, min_lr=s.min_lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    ema = None
-    if cfg.train.ema_decay:
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(model, decay=cfg.train.ema_decay)
-    return Run(cfg, forward, model, optimizer, scaler, scheduler, RecipeLoss(cfg.loss, cfg.aug.label_smoothing),
-               train_loader, val_loader, device, amp, plan, ema, ddp,
-               extra_val=_extra_val_loaders(cfg, device, amp, plan.per_process), resolutions=sizes, batches=batches)
-
-
-def _extra_val_loaders(cfg: Config, device: torch.device, amp: str, batch: int) -> list:
-    """train.extra_val's sets (ImageNet-V2, -A, -R, ...): a loader and a class mask each, checked at start."""
-    from dataset_tools.shards import classes_of
-
-    from .evalsets import class_mask, parse_sets
-
-    out = []
-    for s in parse_sets(cfg.train.extra_val):
-        check_same_classes(cfg.data.train, s.path)
-        loader = make_loader(replace(cfg, data=replace(cfg.data, val=s.path)), "val", device, amp=amp,
-                             batch_size=batch)
-        out.append((s.name, loader, class_mask(s.name, classes_of(s.path), cfg.model.num_classes)))
-    return out
 
 
 def train_micro_batch(run: Run, x: torch.Tensor, y: torch.Tensor, step: int, last_micro: bool,
@@ -400,19 +221,6 @@ def _resume(run: Run, resume: str | None, out: Path, force: bool) -> ckpt.Positi
                              "same config, or pass --force")
     run.load_state_dict(payload)
     return ckpt.position(payload)
-
-
-def run_facts(run: Run) -> dict:
-    """What this process actually runs with, beyond the config: written to the run dir as run.json."""
-    cfg, device = run.cfg, run.device
-    return {"amp": run.amp, "amp_config": cfg.train.amp, "device": device_name(device), "world_size": dist.world(),
-            "per_process_batch": run.batch.per_process, "accumulation_steps": run.accum,
-            "global_batch": cfg.train.global_batch, "batch_note": run.batch.note,
-            "batch_by_size": {size: {"per_process_batch": p.per_process, "accumulation_steps": p.accum,
-                                     "batch_note": p.note} for size, p in run.batches.items()} or None,
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda if device.type == "cuda" else None,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 def train(cfg: Config, out_dir: str | Path, device: torch.device, resume: str | None = None,

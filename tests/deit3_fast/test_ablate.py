@@ -14,8 +14,9 @@ from deit3_fast.ablate import DONE, AblateJob, load_grid, run_variant
 from deit3_fast.checkpoint import load
 from deit3_fast.cli import main
 from deit3_fast.config import ConfigError, load_config, to_dict
-from deit3_fast.trainer import TrainingDiverged, train
+from deit3_fast.losses import RecipeLoss
 from deit3_fast.models import create_model
+from deit3_fast.trainer import TrainingDiverged, train
 
 from ..conftest import SHARED_DATA
 
@@ -283,11 +284,11 @@ def test_a_run_dir_of_another_config_is_refused(tiny, capsys):
 
 def test_a_diverging_or_crashing_variant_does_not_stop_the_grid(tiny, tmp_path, monkeypatch, capsys):
     grid, _, _ = tiny
-    real = trainer.RecipeLoss.__call__
+    real = RecipeLoss.__call__
 
     def nan_for_bce(self, x, y):
         return real(self, x, y) * (math.nan if self.kind == "bce" else 1.0)
-    monkeypatch.setattr(trainer.RecipeLoss, "__call__", nan_for_bce)
+    monkeypatch.setattr(RecipeLoss, "__call__", nan_for_bce)
     assert main(["ablate", "--grid", grid, "--out", str(tmp_path / "a"), "--device", "cpu", "--quiet"]) == 0
     rows = {r["variant"]: r for r in csv.DictReader(open(tmp_path / "a" / "results.csv"))}
     assert rows["loss=bce"]["status"] == "diverged" and rows["loss=ce"]["status"] == "done"
@@ -296,7 +297,7 @@ def test_a_diverging_or_crashing_variant_does_not_stop_the_grid(tiny, tmp_path, 
         if self.kind == "bce":
             raise ValueError("bits must be between or equal to 1 and 8")
         return real(self, x, y)
-    monkeypatch.setattr(trainer.RecipeLoss, "__call__", crash_for_bce)
+    monkeypatch.setattr(RecipeLoss, "__call__", crash_for_bce)
     capsys.readouterr()
     assert main(["ablate", "--grid", grid, "--out", str(tmp_path / "b"), "--device", "cpu", "--quiet"]) == 1
     err = capsys.readouterr().err
@@ -305,7 +306,7 @@ def test_a_diverging_or_crashing_variant_does_not_stop_the_grid(tiny, tmp_path, 
     assert rows["loss=bce"]["status"] == "failed after 0 epochs (ValueError: bits must be between or equal to 1 and 8)"
     assert rows["loss=ce"]["status"] == "done"
     # fixed: the next run retries the failed variant only
-    monkeypatch.setattr(trainer.RecipeLoss, "__call__", real)
+    monkeypatch.setattr(RecipeLoss, "__call__", real)
     assert main(["ablate", "--grid", grid, "--out", str(tmp_path / "b"), "--device", "cpu", "--quiet"]) == 0
     assert [r["status"] for r in csv.DictReader(open(tmp_path / "b" / "results.csv"))] == ["done", "done"]
     assert not (tmp_path / "b" / "loss=bce" / "failed.json").exists()
@@ -316,7 +317,7 @@ def test_sigterm_stops_the_grid_instead_of_skipping_to_the_next_variant(tiny, tm
 
     def preempted(self, x, y):
         raise trainer.Preempted(tmp_path / "checkpoint-last.pt", 0, 0, 6)
-    monkeypatch.setattr(trainer.RecipeLoss, "__call__", preempted)
+    monkeypatch.setattr(RecipeLoss, "__call__", preempted)
     assert main(["ablate", "--grid", grid, "--out", str(tmp_path), "--device", "cpu", "--quiet"]) == 0
     assert "SIGTERM" in capsys.readouterr().err
     assert not (tmp_path / "loss=bce" / "failed.json").exists() and not (tmp_path / "loss=ce").exists()

@@ -130,12 +130,13 @@ def _rank_main(rank, world, init, out, sets, resume, sigterm_at):
 
     from deit3_fast import trainer
     from deit3_fast.config import load_config
+    from deit3_fast.losses import RecipeLoss
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.distributed.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:
         if sigterm_at is not None and rank == 0:
-            real, calls = trainer.RecipeLoss.__call__, []
+            real, calls = RecipeLoss.__call__, []
 
             def loss_that_signals(self, x, y):
                 calls.append(1)
@@ -143,7 +144,7 @@ def _rank_main(rank, world, init, out, sets, resume, sigterm_at):
                     os.kill(os.getpid(), signal.SIGTERM)
                 return real(self, x, y)
 
-            trainer.RecipeLoss.__call__ = loss_that_signals
+            RecipeLoss.__call__ = loss_that_signals
         try:
             trainer.train(load_config("quickstart", sets), out, torch.device("cpu"), resume=resume, quiet=True,
                          handle_sigterm=True)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from deit3_fast.config import ConfigError, load_config
+from deit3_fast.losses import RecipeLoss
 from deit3_fast.trainer import train
 
 
@@ -62,7 +63,7 @@ def test_a_preempted_run_closes_its_loggers(data, tmp_path, monkeypatch):
     fake.init = lambda **kw: types.SimpleNamespace(log=lambda scalars, step: calls.append(("log", step)),
                                                   finish=lambda: calls.append(("finish",)))
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    real, losses = trainer.RecipeLoss.__call__, []
+    real, losses = RecipeLoss.__call__, []
 
     def loss_that_signals(self, x, y):
         losses.append(1)
@@ -70,7 +71,7 @@ def test_a_preempted_run_closes_its_loggers(data, tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGTERM)
         return real(self, x, y)
 
-    monkeypatch.setattr(trainer.RecipeLoss, "__call__", loss_that_signals)
+    monkeypatch.setattr(RecipeLoss, "__call__", loss_that_signals)
     with pytest.raises(trainer.Preempted):
         train(_cfg(data, **{"train.wandb_project": "deit3", "schedule.epochs": 3}), tmp_path / "run",
               torch.device("cpu"), quiet=True, handle_sigterm=True)

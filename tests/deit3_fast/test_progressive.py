@@ -5,6 +5,7 @@ import torch
 
 from deit3_fast import trainer
 from deit3_fast.config import ConfigError, load_config
+from deit3_fast.losses import RecipeLoss
 from deit3_fast.schedule import resolution_at, resolution_schedule
 from deit3_fast.trainer import train
 
@@ -28,7 +29,7 @@ def test_resolution_is_linear_in_the_epoch_and_rounded_to_the_step():
 
 def test_a_ramped_run_trains_at_each_size_and_evaluates_at_the_final_one(data, tmp_path, monkeypatch):
     seen = []
-    real = trainer.RecipeLoss.__call__
+    real = RecipeLoss.__call__
 
     def loss(self, logits, y):
         seen.append(("train", current[0]))
@@ -42,7 +43,7 @@ def test_a_ramped_run_trains_at_each_size_and_evaluates_at_the_final_one(data, t
         seen.append(("eval", x.shape[-1]))
         return forward(model, loader, *a, **kw)
 
-    monkeypatch.setattr(trainer.RecipeLoss, "__call__", loss)
+    monkeypatch.setattr(RecipeLoss, "__call__", loss)
     monkeypatch.setattr(trainer, "evaluate", evaluate)
     real_micro = trainer.train_micro_batch
 
@@ -147,7 +148,7 @@ def test_a_batch_per_size_resumes_exactly_mid_epoch(data, tmp_path, monkeypatch)
 
 def test_the_loader_keeps_its_crops_and_changes_only_their_size(data):
     """The same samples, in the same order, with the same boxes at every size: only the resampling changes."""
-    from deit3_fast.trainer import make_loader
+    from deit3_fast.components import make_loader
 
     cfg = tiny_cfg(data, **{"aug.mixup": 0, "aug.cutmix": 0, "aug.three_augment": False, "aug.color_jitter": 0,
                             "aug.hflip": 0})

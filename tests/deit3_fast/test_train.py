@@ -10,6 +10,7 @@ import torch
 from deit3_fast import trainer
 from deit3_fast.checkpoint import load
 from deit3_fast.config import load_config
+from deit3_fast.losses import RecipeLoss
 from deit3_fast.trainer import ConfigMismatch, TrainingDiverged, train
 
 from ..conftest import REPO
@@ -70,7 +71,7 @@ def sigterm_at_loss(monkeypatch, n: int) -> list:
     import os
     import signal
 
-    calls, real = [], trainer.RecipeLoss.__call__
+    calls, real = [], RecipeLoss.__call__
 
     def loss_that_signals(self, x, y):
         calls.append(1)
@@ -78,7 +79,7 @@ def sigterm_at_loss(monkeypatch, n: int) -> list:
             os.kill(os.getpid(), signal.SIGTERM)
         return real(self, x, y)
 
-    monkeypatch.setattr(trainer.RecipeLoss, "__call__", loss_that_signals)
+    monkeypatch.setattr(RecipeLoss, "__call__", loss_that_signals)
     return calls
 
 
@@ -118,8 +119,8 @@ def test_run_dir_contents(data, tmp_path):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, monkeypatch):
     train(tiny_cfg(data, **{"schedule.epochs": 3}), tmp_path, torch.device("cpu"), quiet=True, stop_after_epoch=0)
     good = load(tmp_path / "checkpoint-last.pt")
-    real = trainer.RecipeLoss.__call__
-    monkeypatch.setattr(trainer.RecipeLoss, "__call__", lambda self, x, y: real(self, x, y) * math.nan)
+    real = RecipeLoss.__call__
+    monkeypatch.setattr(RecipeLoss, "__call__", lambda self, x, y: real(self, x, y) * math.nan)
     with pytest.raises(TrainingDiverged, match="loss is nan at epoch 1"):
         train(tiny_cfg(data, **{"schedule.epochs": 3}), tmp_path, torch.device("cpu"), quiet=True, resume="auto")
     kept = load(tmp_path / "checkpoint-last.pt")
@@ -188,7 +189,9 @@ def test_cli_dry_run_and_one_line_errors(tmp_path, capsys):
     r = cli("train", "--cfg", "vit_s_in1k", "--set", "optim.lrr=1", "--out", tmp_path / "run")  # a whole process
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "deit3-fast: error: unknown config key 'optim.lrr' (did you mean 'lr'?)"], r.stderr
-    from deit3_fast.cli import main  # the rest in this process: the same main, without a second start-up
+    from deit3_fast.cli import (
+        main,  # the rest in this process: the same main, without a second start-up
+    )
 
     for args, fragment in [(["--cfg", "vit_s_in1k", "--set", "data.batch_size=big"], "data.batch_size"),
                            (["--cfg", "no_such_recipe"], "not found"),
