@@ -9,6 +9,9 @@ with `torch.load(weights_only=True)`; they are written to a temporary beside the
 """
 from __future__ import annotations
 
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +38,34 @@ class Position:
 def save(path: Path, state: dict, position: Position, config: dict) -> None:
     payload = {**state, "epoch": position.epoch, "best_acc1": position.best, "resume_at": position.resume_at,
                "config": config}
-    write_atomic(path, lambda f: torch.save(payload, f))
+    with _signals_deferred():
+        write_atomic(path, lambda f: torch.save(payload, f))
+
+
+# What a scheduler sends before a time limit or preemption: SIGTERM (our handler), SIGUSR1/2 (submitit's, which
+# requeues the job and calls sys.exit in whatever the main thread is doing).
+_DEFERRED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+@contextmanager
+def _signals_deferred():
+    """Run the handlers of signals that arrive during a checkpoint write after it, not inside it: a requeue's
+    sys.exit inside torch.save became torch's 'unexpected pos' error on the way out, and the job failed instead of
+    being requeued. Python runs signal handlers in the main thread, so elsewhere there is nothing to defer."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived = []
+    # A handler installed outside Python (getsignal: None) could not be put back: such a signal is left alone.
+    previous = {s: signal.signal(s, lambda signum, frame: arrived.append(signum)) for s in _DEFERRED
+                if signal.getsignal(s) is not None}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(arrived):  # each once, in the order they came
+            signal.raise_signal(s)
 
 
 def load(path: Path) -> dict:

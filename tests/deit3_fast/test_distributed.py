@@ -211,8 +211,9 @@ import torch.distributed as tdist
 
 tdist.init_process_group("gloo", timeout=timedelta(seconds=2))  # stands in for NCCL's 10-minute limit
 import dataset_tools.stage as stage
-from deit3_fast import trainer
+from deit3_fast import components
 from deit3_fast.config import load_config
+from pipelines import DataError
 
 real = stage.stage_splits
 
@@ -237,8 +238,8 @@ def gloo_threads():
 
 before = gloo_threads()
 try:
-    result = trainer.stage_data(cfg).data.train
-except trainer.DataError as e:
+    result = components.stage_data(cfg).data.train
+except DataError as e:
     result = f"DataError: {e}"
 left = gloo_threads() - before  # the long wait's group is gone, and its threads with it
 with open(f"{sys.argv[2]}-rank{os.environ['RANK']}.txt", "w") as f:  # the ranks' stdout interleaves

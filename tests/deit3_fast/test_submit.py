@@ -82,3 +82,32 @@ def test_preempted_job_requeues_and_resumes_to_the_same_state(sets, tmp_path):
     a, b = load(tmp_path / "job" / "checkpoint-last.pt"), load(tmp_path / "straight" / "checkpoint-last.pt")
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_a_requeue_signal_during_a_checkpoint_write_is_handled_after_it(tmp_path, monkeypatch):
+    """submitit's handler for the scheduler's SIGUSR2 requeues the job and calls sys.exit wherever the main thread
+    is. Inside torch.save that exit became torch's 'unexpected pos' error and the job failed instead of requeuing:
+    the handler now runs once the checkpoint is written whole, and is the handler again afterwards."""
+    import os
+
+    from deit3_fast import checkpoint as ckpt
+
+    real_save = torch.save
+
+    def save_signalled_half_way(obj, f):
+        os.kill(os.getpid(), signal.SIGUSR2)
+        real_save(obj, f)
+
+    def requeue(signum, frame):
+        raise SystemExit(144)  # what submitit's handler ends with (LOCAL_REQUEUE_RETURN_CODE)
+
+    monkeypatch.setattr(torch, "save", save_signalled_half_way)
+    previous = signal.signal(signal.SIGUSR2, requeue)
+    try:
+        with pytest.raises(SystemExit):
+            ckpt.save(tmp_path / "c.pt", {"w": torch.ones(3)}, ckpt.Position(epoch=4), {})
+        assert signal.getsignal(signal.SIGUSR2) is requeue
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert load(tmp_path / "c.pt")["epoch"] == 4
+
