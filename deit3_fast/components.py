@@ -158,8 +158,8 @@ def build(cfg: Config, device: torch.device) -> Run:
     forward = torch.compile(forward, dynamic=False if sizes else None) if cfg.train.compile else forward
     train_loader = make_loader(cfg, "train", device, amp=amp, batch_size=plan.per_process)
     batches = batch_plans(cfg, dist.world())
-    samples = len(train_loader.engine.epoch_order.indices(0))  # this rank's, per epoch (training drops the rest)
-    for p in sorted({plan, *batches.values()}, key=lambda p: p.accum, reverse=True):
+    samples = len(train_loader.engine.epoch_order)  # this rank's, per epoch (training drops the rest)
+    for p in [plan, *batches.values()]:
         if samples // p.per_process < p.accum:
             raise DataError(f"{cfg.data.train}: an epoch has {samples // p.per_process} batch(es) of {p.per_process} "
                             f"per process, fewer than one optimiser step ({p.accum} micro-batches); lower "

@@ -72,9 +72,9 @@ def all_gather_object(obj) -> list:
     return out
 
 
-def barrier(group=None) -> None:
+def barrier() -> None:
     if world() > 1:
-        dist.barrier(group=group)
+        dist.barrier()
 
 
 def all_ok(ok: bool, group=None) -> bool:

@@ -57,9 +57,10 @@ def describe_facts(f: dict) -> str:
     amp = f["amp"] if f["amp_config"] == f["amp"] else f"{f['amp_config']} -> {f['amp']}"
     line = (f"{f['device']} x {f['world_size']}, amp {amp}, global batch {f['global_batch']} = "
             f"{f['per_process_batch']} per process x {f['world_size']} x {f['accumulation_steps']} accumulation")
-    for size, b in (f.get("batch_by_size") or {}).items():  # schedule.resolution.batch_sizes
+    by_size = f.get("batch_by_size") or {}  # schedule.resolution.batch_sizes
+    for size, b in by_size.items():
         line += f"; at {size} px {b['per_process_batch']} x {f['world_size']} x {b['accumulation_steps']}"
-    notes = [f["batch_note"]] + [b["batch_note"] for b in (f.get("batch_by_size") or {}).values()]
+    notes = [f["batch_note"]] + [b["batch_note"] for b in by_size.values()]
     return line + "".join(f"\n{n}" for n in notes if n)
 
 
