@@ -376,28 +376,24 @@ class BatchPlan:
 def batch_plans(cfg: Config, world: int) -> dict[int, BatchPlan]:
     """`batch_plan` at each size of the progressive-resolution ramp whose per-process batch
     schedule.resolution.batch_sizes changes ({} without one): the global batch is the same at every size."""
-    out = {}
-    for size, b in cfg.schedule.resolution.batch_sizes.items():
-        try:
-            plan = batch_plan(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=b)), world)
-            out[size] = dataclasses.replace(plan, note=plan.note and f"at {size} px: " + plan.note.replace(
-                "data.batch_size", "schedule.resolution.batch_sizes"))
-        except ConfigError as e:
-            why = str(e).replace("--set data.batch_size=", "a batch of ").replace("data.batch_size", "the batch")
-            raise ConfigError(f"schedule.resolution.batch_sizes[{size}] = {b}: {why}") from None
-    return out
+    return {size: split_batch(cfg.train.global_batch, b, world, f"schedule.resolution.batch_sizes.{size}")
+            for size, b in cfg.schedule.resolution.batch_sizes.items()}
 
 
 def batch_plan(cfg: Config, world: int) -> BatchPlan:
-    """How `train.global_batch` is split over `world` processes: `data.batch_size` per process when the global batch
-    is a multiple of it times the world size; when the processes together would exceed the global batch (the
-    quickstart's 32 under torchrun with 2 processes), global / world per process; otherwise a ConfigError naming a
+    """How `train.global_batch` is split over `world` processes with `data.batch_size` per process."""
+    return split_batch(cfg.train.global_batch, cfg.data.batch_size, world, "data.batch_size")
+
+
+def split_batch(g: int, b: int, world: int, key: str) -> BatchPlan:
+    """Global batch `g` over `world` processes of batch `b` (the setting `key`, named in messages): `b` per process
+    when `g` is a multiple of it times the world size; when the processes together would exceed `g` (the
+    quickstart's 32 under torchrun with 2 processes), g / world per process; otherwise a ConfigError naming a
     per-process batch (or world sizes) that work."""
-    b, g = cfg.data.batch_size, cfg.train.global_batch
     if g % (b * world) == 0:
         return BatchPlan(b, g // (b * world))
     if b * world > g and g % world == 0:
-        return BatchPlan(g // world, 1, f"train.global_batch {g} over {world} processes: data.batch_size {b} -> "
+        return BatchPlan(g // world, 1, f"train.global_batch {g} over {world} processes: {key} {b} -> "
                                         f"{g // world} per process, no accumulation")
     if g % world:
         below = max(d for d in range(1, world) if g % d == 0)
@@ -408,5 +404,5 @@ def batch_plan(cfg: Config, world: int) -> BatchPlan:
     fits = [d for d in range(1, g // world + 1) if (g // world) % d == 0 and d <= b] or [1]
     even = [d for d in fits if d % 2 == 0]  # mixup/cutmix pair the batch with its reverse
     s = (even or fits)[-1]
-    raise ConfigError(f"train.global_batch {g} is not a multiple of data.batch_size {b} x world size {world}: "
-                      f"use --set data.batch_size={s} ({g // (s * world)} accumulation steps)")
+    raise ConfigError(f"train.global_batch {g} is not a multiple of {key} {b} x world size {world}: "
+                      f"use --set {key}={s} ({g // (s * world)} accumulation steps)")

@@ -97,7 +97,8 @@ def test_a_batch_per_size_must_split_the_global_batch():
 
     cfg = load_config("quickstart", ["schedule.resolution={start: 16, start_epoch: 0, end_epoch: 2, step: 8, "
                                      "batch_sizes: {16: 12, 24: 64}}"])  # global batch 32
-    with pytest.raises(ConfigError, match=r"batch_sizes\[16\] = 12: .* use a batch of 8 \(4 accumulation"):
+    fix = r"batch_sizes.16 12 x world size 1: use --set schedule.resolution.batch_sizes.16=8 \(4 accumulation"
+    with pytest.raises(ConfigError, match=fix):
         batch_plans(cfg, 1)
     # Dotted --set keys and JSON (an ablation grid's axes) give the size as text.
     cfg = load_config("quickstart", ["schedule.resolution={start: 16, start_epoch: 0, end_epoch: 2, step: 8, "
