@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from pipelines.config import ENGINES
@@ -255,16 +254,7 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    import torch
-
-    from dataset_tools.shards import classes_of, source_names
-
-    from .checkpoint import load
-    from .device import resolve_amp
-    from .evalsets import EvalSet, class_mask, load_real, parse_sets, real_top1, render, save_predictions
-    from .models import create_model, load_checkpoint
-    from .components import make_loader
-    from .trainer import evaluate
+    from .evalsets import EvalSet, evaluate_checkpoint, load_real, parse_sets, render, save_predictions
 
     if not args.cfg and not args.model:
         raise ConfigError("eval needs --cfg RECIPE or --model NAME (or both)")
@@ -277,41 +267,8 @@ def _eval(args) -> int:
     if not sets:
         raise ConfigError("nothing to evaluate: give --data-val PATH or --val NAME=PATH (repeatable)")
     real = load_real(args.real) if args.real else None
-    real_set = next((s for s in sets if s.name in ("in1k", "val")), None)
-    if real is not None and real_set is None:
-        raise ConfigError("--real scores the ImageNet-1k validation set: name it in1k (--val in1k=PATH) or give "
-                          "--data-val")
-    device = _device(args.device)
-    model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, img_size=cfg.aug.img_size,
-                         layer_scale_init=cfg.model.layer_scale_init)
-    if args.ema:
-        state = load(args.checkpoint).get("ema")
-        if state is None:
-            raise CheckpointError(f"{args.checkpoint} has no EMA weights (train.ema_decay was off)")
-        model.load_state_dict(state)
-    else:
-        load_checkpoint(model, args.checkpoint)
-    model = model.to(device).to(memory_format=torch.channels_last)
-    amp = resolve_amp(cfg.train.amp, device)
-    results, predictions = {}, []
-    keep = bool(args.real or args.save_predictions)
-    for s in sets:
-        sources = source_names(s.path) if keep else None
-        if sources is None and real is not None and s is real_set:
-            raise ConfigError(f"--real: {s.path} was converted without its list of source files (the .sources.txt "
-                              "beside it, which ReaL's labels are looked up by): convert it again")
-        set_cfg = replace(cfg, data=replace(cfg.data, val=s.path))
-        mask = class_mask(s.name, classes_of(s.path), cfg.model.num_classes)
-        ev = evaluate(model, make_loader(set_cfg, "val", device, amp=amp), amp, mask=mask, keep=keep)
-        results[s.name] = {"acc1": ev["acc1"], "acc5": ev["acc5"], "n": ev["n"]}
-        if mask is not None:
-            results[s.name]["classes"] = int(mask.sum())
-        if real is not None and s is real_set:
-            results["real"] = real_top1(ev["top5"][:, 0], [sources[i] for i in ev["index"]], real)
-        if args.save_predictions:
-            predictions += [{"set": s.name, "index": int(i), "source": sources[i] if sources else None,
-                             "label": int(y), "top5": [int(c) for c in t]}
-                            for i, y, t in zip(ev["index"], ev["label"], ev["top5"])]
+    results, predictions = evaluate_checkpoint(cfg, args.checkpoint, sets, _device(args.device), ema=args.ema,
+                                               real=real, keep=bool(args.real or args.save_predictions))
     if not dist.is_main():
         return 0
     if args.save_predictions:

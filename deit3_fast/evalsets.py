@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .config import CONFIG_DIR, ConfigError
+from .config import CONFIG_DIR, Config, ConfigError
 
 SUBSETS = {"a": "imagenet_a_wnids.txt", "imagenet-a": "imagenet_a_wnids.txt",
            "r": "imagenet_r_wnids.txt", "imagenet-r": "imagenet_r_wnids.txt"}
@@ -68,6 +68,58 @@ def class_mask(name: str, classes: list[str] | None, num_classes: int):
     mask = torch.zeros(num_classes, dtype=torch.bool)
     mask[[index[w] for w in wnids]] = True
     return mask
+
+
+def evaluate_checkpoint(cfg: Config, checkpoint: str, sets: list[EvalSet], device, *, ema: bool = False,
+                        real: list[list[int]] | None = None, keep: bool = False) -> tuple[dict, list[dict]]:
+    """Score `checkpoint` (its EMA weights with `ema`) on each set as that set must be scored: {set name: {acc1,
+    acc5, n[, classes]}}, plus "real" when ReaL labels are given (scored on the set named in1k or val), and with
+    `keep` one prediction row per image (set, index, source file, label, top-5)."""
+    import torch
+
+    from dataset_tools.shards import classes_of, source_names
+
+    from .checkpoint import CheckpointError, load
+    from .components import make_loader
+    from .device import resolve_amp
+    from .models import create_model, load_checkpoint
+    from .trainer import evaluate
+
+    real_set = next((s for s in sets if s.name in ("in1k", "val")), None)
+    if real is not None and real_set is None:
+        raise ConfigError("--real scores the ImageNet-1k validation set: name it in1k (--val in1k=PATH) or give "
+                          "--data-val")
+    model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, img_size=cfg.aug.img_size,
+                         layer_scale_init=cfg.model.layer_scale_init)
+    if ema:
+        state = load(checkpoint).get("ema")
+        if state is None:
+            raise CheckpointError(f"{checkpoint} has no EMA weights (train.ema_decay was off)")
+        model.load_state_dict(state)
+    else:
+        load_checkpoint(model, checkpoint)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    amp = resolve_amp(cfg.train.amp, device)
+    keep = keep or real is not None
+    results, predictions = {}, []
+    for s in sets:
+        sources = source_names(s.path) if keep else None
+        if sources is None and real is not None and s is real_set:
+            raise ConfigError(f"--real: {s.path} was converted without its list of source files (the .sources.txt "
+                              "beside it, which ReaL's labels are looked up by): convert it again")
+        mask = class_mask(s.name, classes_of(s.path), cfg.model.num_classes)
+        ev = evaluate(model, make_loader(replace(cfg, data=replace(cfg.data, val=s.path)), "val", device, amp=amp),
+                      amp, mask=mask, keep=keep)
+        results[s.name] = {"acc1": ev["acc1"], "acc5": ev["acc5"], "n": ev["n"]}
+        if mask is not None:
+            results[s.name]["classes"] = int(mask.sum())
+        if real is not None and s is real_set:
+            results["real"] = real_top1(ev["top5"][:, 0], [sources[i] for i in ev["index"]], real)
+        if keep:
+            predictions += [{"set": s.name, "index": int(i), "source": sources[i] if sources else None,
+                             "label": int(y), "top5": [int(c) for c in t]}
+                            for i, y, t in zip(ev["index"], ev["label"], ev["top5"])]
+    return results, predictions
 
 
 def real_top1(top1, sources: list[str], real: list[list[int]]) -> dict:
