@@ -103,9 +103,18 @@ class AtomicOutput:
             self.path = self._named
         return self
 
+    def write_text(self, text: str) -> None:
+        with open(self.path, "w") as f:
+            f.write(text)
+
+    def sync(self) -> None:
+        """Flush the staged file to disk: a full disk that shows only at flush (delayed allocation, NFS) shows here,
+        where nothing has replaced the previous file yet."""
+        os.fsync(self._fd)
+
     def commit(self) -> None:
         assert self._fd is not None and not self.committed
-        os.fsync(self._fd)
+        self.sync()
         if self._named is None:
             staging = self._partial_name()
             _linkat_follow(f"/proc/self/fd/{self._fd}", staging)

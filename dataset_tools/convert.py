@@ -21,7 +21,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.table import Table
 from rich.text import Text
 
-from .atomic import AtomicOutput, check_writable, write_text_atomic
+from .atomic import AtomicOutput, check_writable
 from .errors import ConversionError, SourceError
 from .imagefolder import read_class_list, scan_imagefolder, split_holdout
 from .report import merged_report, part_report, version_of
@@ -163,26 +163,33 @@ def convert(src: str, out: str, *, max_resolution: int | None = None, short_side
                 r.sha256 = sha256_of(t.path)
                 reports[k] = part_report(src, paths[k], scan, parts[k], r, options, prints[k], elapsed,
                                           main=k == main_k)
-            # The sidecars first (the report, each sample's source file), then the files: a full disk at a report
-            # must not leave a .beton without one.
-            written = []
+            # Every file is staged and flushed before any is renamed into place, and the sidecars (the report, each
+            # sample's source file) are renamed before their .beton: a failed write leaves a previous output whole,
+            # and a .beton never appears without its report.
+            sidecars, name = [], out
             try:
                 for k, r in zip(todo, results):
-                    write_text_atomic(paths[k] + ".json", json.dumps(reports[k], indent=1) + "\n")
-                    written.append(paths[k] + ".json")
-                    write_text_atomic(paths[k] + SOURCES, "".join(
-                        os.path.relpath(scan.samples[i][0], src) + "\n" for i in r.source_info[:, 0]))
-                    written.append(paths[k] + SOURCES)
-                for t in targets:
-                    t.commit()
+                    for name, text in ((paths[k] + ".json", json.dumps(reports[k], indent=1) + "\n"),
+                                       (paths[k] + SOURCES, "".join(os.path.relpath(scan.samples[i][0], src) + "\n"
+                                                                   for i in r.source_info[:, 0]))):
+                        sidecars.append(stack.enter_context(AtomicOutput(name)))
+                        sidecars[-1].write_text(text)
+                for f in sidecars + targets:
+                    name = f.final
+                    f.sync()
+                for f in sidecars + targets:
+                    name = f.final
+                    f.commit()
             except BaseException as e:
-                for t, k in zip(targets, todo):
-                    for sidecar in (paths[k] + ".json", paths[k] + SOURCES):
-                        if not t.committed and sidecar in written:
-                            os.remove(sidecar)
+                # Only a rename can fail once all is flushed: a report without its .beton would describe another file
+                for i, t in enumerate(targets):
+                    for f in sidecars[2 * i:2 * i + 2]:
+                        if f.committed and not t.committed:
+                            os.remove(f.final)
                 if isinstance(e, OSError):
-                    raise ConversionError(f"writing the report {e.filename or out} failed: {e.strerror or e}; "
-                                          "nothing was written") from None
+                    done = sum(t.committed for t in targets)
+                    raise ConversionError(f"writing {name} failed: {e.strerror or e}; " + (
+                        f"{done} of {len(targets)} shards are complete" if done else "nothing was written")) from None
                 raise
     if shards is None:
         return reports[0]

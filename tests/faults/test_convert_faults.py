@@ -12,6 +12,7 @@ Covered elsewhere with the same real injection (not repeated here):
 """
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -168,6 +169,30 @@ def test_disk_full_at_the_report_leaves_nothing(tmp_path, good_tree):
         assert r.returncode == 2, r.stderr
         assert "No space left on device" in _one_error_line(r.stderr)
         assert list(disk.iterdir()) == []
+
+
+@pytest.mark.parametrize("failing", ["o.beton.json", "o.beton.sources.txt", "o.beton"])
+def test_a_failed_reconversion_leaves_the_previous_output_whole(tmp_path, good_tree, monkeypatch, failing):
+    """Converting again over OUT, a full disk at the last write (the report, the source list, or the .beton's final
+    flush) leaves the previous .beton and both its sidecars byte for byte, and no staged file."""
+    from dataset_tools import atomic
+    from dataset_tools.errors import ConversionError
+
+    out = tmp_path / "o.beton"
+    convert(str(good_tree), str(out), workers=1, show_progress=False)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real_write, real_sync = atomic.AtomicOutput.write_text, atomic.AtomicOutput.sync
+
+    def full(name):
+        if os.path.basename(name) == failing:
+            raise OSError(28, "No space left on device", name)
+
+    monkeypatch.setattr(atomic.AtomicOutput, "write_text", lambda self, t: (full(self.final), real_write(self, t)))
+    monkeypatch.setattr(atomic.AtomicOutput, "sync", lambda self: (full(self.final), real_sync(self)))
+    with pytest.raises(ConversionError, match=rf"writing .*/{re.escape(failing)} failed: No space left on device; "
+                                              "nothing was written"):
+        convert(str(good_tree), str(out), workers=1, show_progress=False, seed=1)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def test_file_size_limit_leaves_nothing(tmp_path, good_tree):
