@@ -1,6 +1,7 @@
 """`deit3-fast compare RUN_DIR [RUN_DIR ...] [--reference NAME]`: runs side by side, epoch by epoch, and against an
 official curve: a table (every official epoch, or every epoch without a reference; long tables thinned to about 25
-rows, the last epoch always kept), JSON with every row, and a plot. Ablation variants are run dirs too.
+rows, the last epoch always kept), JSON with every row ({epoch, acc1: {run: top-1}, official, gaps: {run: gap}}),
+and a plot. Ablation variants are run dirs too.
 
 Epochs are counted as completed epochs (a run's metrics.jsonl row k is epoch k + 1), as the official curves are.
 """
@@ -42,11 +43,12 @@ def compare(run_dirs: list[str], reference: str | None = None, max_rows: int = 2
     acc = {n: {r["epoch"] + 1: r.get("val_acc1") for r in rundir.read_metrics(p)} for n, p in runs.items()}
     last = max((e for a in acc.values() for e in a), default=0)
     epochs = sorted(e for e in curve if 0 < e <= last) if curve else sorted({e for a in acc.values() for e in a})
-    rows = [{"epoch": e, **{n: a.get(e) for n, a in acc.items()}, **({"official": curve[e]} if curve else {})}
-            for e in epochs]
+    # Each run's numbers under its own key, so that no run dir's name (epoch, official, ...) clashes with a column
+    rows = [{"epoch": e, "acc1": {n: a.get(e) for n, a in acc.items()}} for e in epochs]
     for row in rows:
         if curve:
-            row["gaps"] = {n: row[n] - row["official"] for n in acc if row[n] is not None}
+            row["official"] = curve[row["epoch"]]
+            row["gaps"] = {n: v - row["official"] for n, v in row["acc1"].items() if v is not None}
     step = max(1, -(-len(rows) // max_rows))
     shown = [r for i, r in enumerate(rows) if i % step == 0 or i == len(rows) - 1]
     return {"runs": {n: str(p) for n, p in runs.items()}, "reference": name, "rows": rows, "shown": shown}
@@ -68,7 +70,7 @@ def render(result: dict) -> None:
     for r in result["shown"]:
         cells = []
         for n in names:
-            v = r[n]
+            v = r["acc1"][n]
             gap = r.get("gaps", {}).get(n)
             cells.append("–" if v is None else f"{v:.2f}" + (f" ({gap:+.2f})" if gap is not None else ""))
         t.add_row(str(r["epoch"]), *cells, *([f"{r['official']:.2f}"] if result["reference"] else []))

@@ -1,6 +1,7 @@
 """Runs that check themselves against the official curves: which recipe a run follows, the gap and its one warning,
 the readable epoch line, and the official curve in the run dir."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -112,9 +113,14 @@ def test_compare_aligns_runs_and_the_reference_by_epochs_completed(tmp_path, cap
                      str(tmp_path / "c.png")]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["reference"] == "vit_b_in1k_ft224" and [r["epoch"] for r in result["rows"]] == [5, 10]
-    assert result["rows"][1]["b"] == pytest.approx(83.788 - 3.0) and result["rows"][1]["gaps"]["b"] == \
+    assert result["rows"][1]["acc1"]["b"] == pytest.approx(83.788 - 3.0) and result["rows"][1]["gaps"]["b"] == \
         pytest.approx(-3.0)
     assert (tmp_path / "c.png").stat().st_size > 0
+    # A run dir named like a column keeps its numbers apart from the epoch and the official curve.
+    shutil.copytree(tmp_path / "b", tmp_path / "official")
+    assert cli.main(["compare", str(tmp_path / "a"), str(tmp_path / "official"), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["rows"][1]
+    assert row["official"] == pytest.approx(83.788) and row["acc1"]["official"] == pytest.approx(83.788 - 3.0)
     # Without a reference every epoch is a row; an unknown reference name is one clear error.
     assert cli.main(["compare", str(tmp_path / "a"), "--json", "--reference", "none"]) == 0
     assert len(json.loads(capsys.readouterr().out)["rows"]) == 12
