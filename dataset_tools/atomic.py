@@ -1,10 +1,10 @@
 """An output file that appears complete or not at all, even if the writer is killed with SIGKILL.
 
 On Linux the data goes into an unnamed file (O_TMPFILE) in the destination folder: if the process dies, the
-kernel frees it and nothing is left to clean up. Only `commit()` gives it a name (linkat) and renames it over
-the destination. Where O_TMPFILE is unsupported (NFS, Lustre, non-Linux) a hidden `.NAME.partial-PID` file is
-used instead; it is removed on any exception, Ctrl-C or SIGTERM, and stale ones of dead processes are swept
-on the next run.
+kernel frees it and nothing is left to clean up. Only `stage()` gives it a hidden name (linkat) and `commit()`
+renames it over the destination. Where O_TMPFILE is unsupported (NFS, Lustre, non-Linux) a hidden
+`.NAME.partial-PID` file is used from the start; it is removed on any exception, Ctrl-C or SIGTERM, and stale ones
+of dead processes are swept on the next run.
 """
 from __future__ import annotations
 
@@ -104,21 +104,26 @@ class AtomicOutput:
         return self
 
     def write_text(self, text: str) -> None:
-        with open(self.path, "w") as f:
+        with open(self.path, "w", encoding="utf-8") as f:
             f.write(text)
 
-    def sync(self) -> None:
-        """Flush the staged file to disk: a full disk that shows only at flush (delayed allocation, NFS) shows here,
-        where nothing has replaced the previous file yet."""
+    def stage(self) -> None:
+        """Flush the file and give it its hidden `.NAME.partial-PID` name, closing it: everything that can fail on a
+        full disk (delayed allocation, a new directory entry) fails here, before anything replaces a previous file,
+        and a file staged among many holds no descriptor."""
+        if self._fd is None:
+            return
         os.fsync(self._fd)
-
-    def commit(self) -> None:
-        assert self._fd is not None and not self.committed
-        self.sync()
         if self._named is None:
             staging = self._partial_name()
             _linkat_follow(f"/proc/self/fd/{self._fd}", staging)
             self._named = staging
+        os.close(self._fd)
+        self._fd = None
+
+    def commit(self) -> None:
+        assert self._named is not None or self._fd is not None, "nothing to commit"
+        self.stage()
         os.replace(self._named, self.final)
         self._named = None
         self.committed = True

@@ -163,9 +163,9 @@ def convert(src: str, out: str, *, max_resolution: int | None = None, short_side
                 r.sha256 = sha256_of(t.path)
                 reports[k] = part_report(src, paths[k], scan, parts[k], r, options, prints[k], elapsed,
                                           main=k == main_k)
-            # Every file is staged and flushed before any is renamed into place, and the sidecars (the report, each
-            # sample's source file) are renamed before their .beton: a failed write leaves a previous output whole,
-            # and a .beton never appears without its report.
+            # Every file is flushed and named before any replaces a previous one, and the sidecars (the report, each
+            # sample's source file) replace theirs before their .beton: a failed write leaves a previous output
+            # whole, and a .beton never appears without its report.
             sidecars, name = [], out
             try:
                 for k, r in zip(todo, results):
@@ -174,22 +174,23 @@ def convert(src: str, out: str, *, max_resolution: int | None = None, short_side
                                                                    for i in r.source_info[:, 0]))):
                         sidecars.append(stack.enter_context(AtomicOutput(name)))
                         sidecars[-1].write_text(text)
-                for f in sidecars + targets:
-                    name = f.final
-                    f.sync()
+                        sidecars[-1].stage()
+                for t, k in zip(targets, todo):
+                    name = paths[k]
+                    t.stage()
                 for f in sidecars + targets:
                     name = f.final
                     f.commit()
             except BaseException as e:
-                # Only a rename can fail once all is flushed: a report without its .beton would describe another file
+                # Only a rename can fail once all is staged: a report without its .beton would describe another file
                 for i, t in enumerate(targets):
                     for f in sidecars[2 * i:2 * i + 2]:
                         if f.committed and not t.committed:
                             os.remove(f.final)
                 if isinstance(e, OSError):
-                    done = sum(t.committed for t in targets)
+                    done = [t.final for t in targets if t.committed]
                     raise ConversionError(f"writing {name} failed: {e.strerror or e}; " + (
-                        f"{done} of {len(targets)} shards are complete" if done else "nothing was written")) from None
+                        f"complete: {', '.join(done)}" if done else "nothing was written")) from None
                 raise
     if shards is None:
         return reports[0]

@@ -267,6 +267,9 @@ def _eval(args) -> int:
     if not sets:
         raise ConfigError("nothing to evaluate: give --data-val PATH or --val NAME=PATH (repeatable)")
     real = load_real(args.real) if args.real else None
+    if real is not None and not any(s.name in ("in1k", "val") for s in sets):
+        raise ConfigError("--real scores the ImageNet-1k validation set: name it in1k (--val in1k=PATH) or give "
+                          "--data-val")
     results, predictions = evaluate_checkpoint(cfg, args.checkpoint, sets, _device(args.device), ema=args.ema,
                                                real=real, keep=bool(args.real or args.save_predictions))
     if not dist.is_main():

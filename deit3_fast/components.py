@@ -131,7 +131,7 @@ def stage_data(cfg: Config) -> Config:
 def build(cfg: Config, device: torch.device) -> Run:
     cfg = resolve_num_classes(cfg)
     torch.manual_seed(cfg.train.seed)  # the same init on every rank (DDP also broadcasts rank 0's)
-    plan = batch_plan(cfg, dist.world())
+    plan, batches = batch_plan(cfg, dist.world()), batch_plans(cfg, dist.world())  # bad arithmetic fails first
     amp = resolve_amp(cfg.train.amp, device)
     sizes = resolution_schedule(cfg.schedule.resolution, cfg.aug.img_size, cfg.schedule.epochs)
     # Progressive resolution: timm's dynamic image size resamples pos_embed (bicubic) for each epoch's patch grid;
@@ -157,7 +157,6 @@ def build(cfg: Config, device: torch.device) -> Run:
         dynamo.recompile_limit = max(dynamo.recompile_limit, 2 * len(set(sizes)) + 4)
     forward = torch.compile(forward, dynamic=False if sizes else None) if cfg.train.compile else forward
     train_loader = make_loader(cfg, "train", device, amp=amp, batch_size=plan.per_process)
-    batches = batch_plans(cfg, dist.world())
     samples = len(train_loader.engine.epoch_order)  # this rank's, per epoch (training drops the rest)
     for p in [plan, *batches.values()]:
         if samples // p.per_process < p.accum:

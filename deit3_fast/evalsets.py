@@ -87,8 +87,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, sets: list[EvalSet], devic
 
     real_set = next((s for s in sets if s.name in ("in1k", "val")), None)
     if real is not None and real_set is None:
-        raise ConfigError("--real scores the ImageNet-1k validation set: name it in1k (--val in1k=PATH) or give "
-                          "--data-val")
+        raise ConfigError("ReaL labels score the ImageNet-1k validation set: name it in1k or val")
     model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, img_size=cfg.aug.img_size,
                          layer_scale_init=cfg.model.layer_scale_init)
     if ema:

@@ -156,7 +156,7 @@ def val_named(tmp_path_factory):
     return root
 
 
-def test_eval_several_sets_real_and_saved_predictions(val_named, data, tmp_path):
+def test_eval_several_sets_real_and_saved_predictions(val_named, data, tmp_path, capsys):
     """One eval: the plain set, a second name for it, ReaL and the predictions file; ReaL equals the hand computation
     from the saved predictions, and each set's top-1 equals the saved top-1."""
     from deit3_fast.config import load_config
@@ -190,6 +190,12 @@ def test_eval_several_sets_real_and_saved_predictions(val_named, data, tmp_path)
     r = subprocess.run([*eval_, "--val", f"in1k={data / 'val.beton'}", "--real", val_named / "real.json"],
                        cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and "ReaL labels are indexed by ImageNet validation file names" in r.stderr
+    # ReaL without the IN-1k validation set named is refused before a model is built.
+    from deit3_fast import cli
+
+    assert cli.main(["eval", "--cfg", "quickstart", "--checkpoint", str(tmp_path / "missing.pt"), "--val",
+                     f"v2={data / 'val.beton'}", "--real", str(val_named / "real.json")]) == 2
+    assert "--real scores the ImageNet-1k validation set" in capsys.readouterr().err
 
 
 def test_training_logs_extra_sets_at_the_chosen_epochs(data, tmp_path):

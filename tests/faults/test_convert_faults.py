@@ -13,6 +13,7 @@ Covered elsewhere with the same real injection (not repeated here):
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -173,26 +174,37 @@ def test_disk_full_at_the_report_leaves_nothing(tmp_path, good_tree):
 
 @pytest.mark.parametrize("failing", ["o.beton.json", "o.beton.sources.txt", "o.beton"])
 def test_a_failed_reconversion_leaves_the_previous_output_whole(tmp_path, good_tree, monkeypatch, failing):
-    """Converting again over OUT, a full disk at the last write (the report, the source list, or the .beton's final
-    flush) leaves the previous .beton and both its sidecars byte for byte, and no staged file."""
+    """Converting again over OUT, a full disk at the last writes (the report's or the source list's bytes, or naming
+    the new .beton, which needs a directory entry) leaves the previous .beton and both its sidecars byte for byte,
+    and no staged file."""
     from dataset_tools import atomic
     from dataset_tools.errors import ConversionError
 
     out = tmp_path / "o.beton"
     convert(str(good_tree), str(out), workers=1, show_progress=False)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    real_write, real_sync = atomic.AtomicOutput.write_text, atomic.AtomicOutput.sync
+    real_write, real_link = atomic.AtomicOutput.write_text, atomic._linkat_follow
 
     def full(name):
-        if os.path.basename(name) == failing:
+        if os.path.basename(name) in (failing, f".{failing}.partial-{os.getpid()}"):
             raise OSError(28, "No space left on device", name)
 
     monkeypatch.setattr(atomic.AtomicOutput, "write_text", lambda self, t: (full(self.final), real_write(self, t)))
-    monkeypatch.setattr(atomic.AtomicOutput, "sync", lambda self: (full(self.final), real_sync(self)))
-    with pytest.raises(ConversionError, match=rf"writing .*/{re.escape(failing)} failed: No space left on device; "
+    monkeypatch.setattr(atomic, "_linkat_follow", lambda src, dst: (full(dst), real_link(src, dst)))
+    with pytest.raises(ConversionError, match=rf"writing .*{re.escape(failing)} failed: No space left on device; "
                                               "nothing was written"):
         convert(str(good_tree), str(out), workers=1, show_progress=False, seed=1)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_many_shards_within_a_small_open_file_limit(tmp_path, good_tree):
+    """40 shards under a limit of 100 open files: a staged report or source list holds no descriptor."""
+    def limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (100, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+    r = run_cli(good_tree, tmp_path / "out", "--shards", "40", "--workers", "1", "--quiet", preexec_fn=limit)
+    assert r.returncode == 0, r.stderr
+    assert len(list((tmp_path / "out").glob("*.beton.sources.txt"))) == 40
 
 
 def test_file_size_limit_leaves_nothing(tmp_path, good_tree):
