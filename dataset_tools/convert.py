@@ -18,14 +18,13 @@ from contextlib import ExitStack
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
-from rich.table import Table
 from rich.text import Text
 
 from .atomic import AtomicOutput, check_writable
 from .errors import ConversionError, SourceError
 from .imagefolder import read_class_list, scan_imagefolder, split_holdout
-from .report import merged_report, part_report, version_of
-from .shards import FORMAT, MANIFEST, SOURCES, sha256_of, shard_name, write_manifest
+from .report import merged_report, part_report, print_summary, version_of
+from .shards import FORMAT, SOURCES, sha256_of, shard_name, write_manifest
 
 PROG = "deit3-convert"
 
@@ -232,42 +231,6 @@ def _finish_manifest(src, out, scan, paths, prints, has_holdout, options, starte
                        "bytes": reports[k]["output_bytes"], "sha256": reports[k]["sha256"]}
     return write_manifest(out, scan.classes, [entry(k) for k in range(len(shard_reports))],
                           entry(len(paths) - 1) if has_holdout else None, options, merged)
-
-
-def print_summary(report: dict, console: Console, shards: int | None = None) -> None:
-    t = Table(title=f"{PROG}: {report['output']}", show_header=False, title_justify="left")
-    t.add_column(style="bold")
-    t.add_column()
-    mb = report["output_bytes"] / 2**20
-    t.add_row("images written", f"{report['num_written']:,} of {report['num_candidates']:,} files")
-    t.add_row("classes", f"{len(report['classes']):,} (empty: {len(report['empty_classes'])})")
-    t.add_row("skipped", f"{report['num_skipped']:,}")
-    conv = report["converted_to_rgb"]
-    t.add_row("converted to RGB", ", ".join(f"{m}: {n}" for m, n in conv.items()) or "none needed")
-    ss, st = report["source_size"], report["stored_size"]
-    avg = "median" if "median" in ss["width"] else "mean"  # a shard set's merged statistics have no median
-    o = report["options"]
-    caps = ", ".join(f"{what} {o[key]}" for what, key in (("max side", "max_resolution"),
-                                                         ("short side", "short_side")) if o.get(key))
-    t.add_row(f"source size ({avg})", f"{ss['width'][avg]:.0f} x {ss['height'][avg]:.0f}")
-    t.add_row(f"stored size ({avg})", f"{st['width'][avg]:.0f} x {st['height'][avg]:.0f} "
-              f"({caps}, {o['write_mode']})")
-    t.add_row("output", f"{mb:,.1f} MiB, {report['mean_stored_image_bytes'] / 1024:.1f} KiB/image")
-    t.add_row("time", f"{report['elapsed_s']:.1f} s, {report['images_per_s']:,.0f} images/s")
-    if shards:
-        t.add_row("shards", f"{shards} (+ manifest.json)" + (", held-out split: holdout.beton"
-                                                               if o.get("holdout") else ""))
-    t.add_row("report", report["output"] + (f"/{MANIFEST}" if shards else ".json"))
-    console.print(t)
-    for name in report["empty_classes"][:10]:
-        console.print(f"[yellow]empty class:[/] {name} (label {report['classes'].index(name)}: no images written)")
-    if report["ignored_outside_class_folders"]:
-        console.print(f"[yellow]ignored[/] {len(report['ignored_outside_class_folders'])} file(s) outside class "
-                      "folders")
-    for s in report["skipped"][:10]:
-        console.print(f"[yellow]skipped:[/] {s['path']}: {s['reason']}")
-    if len(report["skipped"]) > 10:
-        console.print(f"... and {len(report['skipped']) - 10} more skipped files, all listed in the report")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
 
+from .shards import MANIFEST
 from .writer import MODES
 
 
@@ -100,3 +101,42 @@ def merged_report(src: str, out: str, scan, shard_reports: list[dict], options: 
     merged["num_skipped"] = len(merged["skipped"])
     merged["empty_classes"] = [c for c, m in zip(scan.classes, merged["class_counts"]) if m == 0]
     return merged
+
+
+def print_summary(report: dict, console, shards: int | None = None) -> None:
+    """The report as the converter prints it: a table, then the empty classes and the first skipped files."""
+    from rich.table import Table
+
+    t = Table(title=f"deit3-convert: {report['output']}", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    mb = report["output_bytes"] / 2**20
+    t.add_row("images written", f"{report['num_written']:,} of {report['num_candidates']:,} files")
+    t.add_row("classes", f"{len(report['classes']):,} (empty: {len(report['empty_classes'])})")
+    t.add_row("skipped", f"{report['num_skipped']:,}")
+    conv = report["converted_to_rgb"]
+    t.add_row("converted to RGB", ", ".join(f"{m}: {n}" for m, n in conv.items()) or "none needed")
+    ss, st = report["source_size"], report["stored_size"]
+    avg = "median" if "median" in ss["width"] else "mean"  # a shard set's merged statistics have no median
+    o = report["options"]
+    caps = ", ".join(f"{what} {o[key]}" for what, key in (("max side", "max_resolution"),
+                                                         ("short side", "short_side")) if o.get(key))
+    t.add_row(f"source size ({avg})", f"{ss['width'][avg]:.0f} x {ss['height'][avg]:.0f}")
+    t.add_row(f"stored size ({avg})", f"{st['width'][avg]:.0f} x {st['height'][avg]:.0f} "
+              f"({caps}, {o['write_mode']})")
+    t.add_row("output", f"{mb:,.1f} MiB, {report['mean_stored_image_bytes'] / 1024:.1f} KiB/image")
+    t.add_row("time", f"{report['elapsed_s']:.1f} s, {report['images_per_s']:,.0f} images/s")
+    if shards:
+        t.add_row("shards", f"{shards} (+ manifest.json)" + (", held-out split: holdout.beton"
+                                                               if o.get("holdout") else ""))
+    t.add_row("report", report["output"] + (f"/{MANIFEST}" if shards else ".json"))
+    console.print(t)
+    for name in report["empty_classes"][:10]:
+        console.print(f"[yellow]empty class:[/] {name} (label {report['classes'].index(name)}: no images written)")
+    if report["ignored_outside_class_folders"]:
+        console.print(f"[yellow]ignored[/] {len(report['ignored_outside_class_folders'])} file(s) outside class "
+                      "folders")
+    for s in report["skipped"][:10]:
+        console.print(f"[yellow]skipped:[/] {s['path']}: {s['reason']}")
+    if len(report["skipped"]) > 10:
+        console.print(f"... and {len(report['skipped']) - 10} more skipped files, all listed in the report")

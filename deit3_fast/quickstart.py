@@ -10,7 +10,8 @@ import time
 
 from rich.console import Console
 
-from dataset_tools.convert import convert, print_summary
+from dataset_tools.convert import convert
+from dataset_tools.report import print_summary
 from dataset_tools.inspect_beton import inspect_beton, print_inspection
 from dataset_tools.synthetic import make_imagefolder
 
