@@ -83,7 +83,8 @@ class Run:
     def load_state_dict(self, state: dict) -> None:
         self.raw_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # a bf16 run's is empty: resumed where `auto` is fp16 (a V100), the scaler starts fresh
+            self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.module.load_state_dict(state["ema"])
 

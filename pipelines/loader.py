@@ -30,6 +30,7 @@ class Loader:
         self.device, self.seed, self.rank = device, seed, rank
         self.dtype = dtype or stage.dtype
         self.epoch = 0
+        self._side = None  # the CUDA side stream of _prefetched, made once
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -86,7 +87,12 @@ class Loader:
         """Batch b+1's augmentation runs on a side stream while the consumer's kernels for batch b run on the main
         one; the main stream waits for it before the batch is handed over, and `record_stream` keeps the allocator
         from reusing its memory while the main stream still reads it."""
-        main, side = torch.cuda.current_stream(self.device), torch.cuda.Stream(self.device)
+        if self._side is None:
+            # One stream for the loader's life, from the high-priority pool: streams made anew come round-robin from
+            # the pool that the nvJPEG decoder's and FFCV's also come from, and sharing one serialises decode with
+            # the training step
+            self._side = torch.cuda.Stream(self.device, priority=-1)
+        main, side = torch.cuda.current_stream(self.device), self._side
         pending = None
         for b, (images, labels) in batches:
             side.wait_stream(main)  # the engine's writes are ordered before the main stream's current point

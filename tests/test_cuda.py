@@ -127,6 +127,12 @@ def test_prefetching_loader_gives_exactly_the_batches_of_the_plain_one(data):
         x, y, _ = loader.prepare(b, images, labels)
         assert torch.equal(x, prefetched[b][0]) and torch.equal(y, prefetched[b][1])
         assert x.is_contiguous(memory_format=torch.channels_last)
+    # One side stream for every epoch, from the high-priority pool (not shared with the decoders' streams).
+    side = loader._side
+    epoch = iter(loader)
+    next(epoch)
+    epoch.close()
+    assert loader._side is side and side.priority < 0
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])

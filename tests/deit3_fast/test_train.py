@@ -258,6 +258,14 @@ def test_fp16_with_grad_scaler_trains(data, tmp_path):
                  quiet=True)
     assert math.isfinite(rows[0]["train_loss"])
     assert load(tmp_path / "checkpoint-last.pt")["scaler"]  # the scaler's state is saved for resume
+    # A bf16 run's checkpoint (an empty scaler state) resumes where train.amp auto means fp16 (a V100): the scaler
+    # starts fresh; the fp16 checkpoint's scale is kept.
+    bf16 = trainer.build(tiny_cfg(data, **{"train.amp": "bf16"}), torch.device("cpu")).state_dict()
+    fp16 = trainer.build(tiny_cfg(data, **{"train.amp": "fp16"}), torch.device("cpu"))
+    fp16.load_state_dict(bf16)
+    assert fp16.scaler.is_enabled() and fp16.scaler.get_scale() == 2.0 ** 16
+    fp16.load_state_dict(load(tmp_path / "checkpoint-last.pt"))
+    assert fp16.scaler.get_scale() == load(tmp_path / "checkpoint-last.pt")["scaler"]["scale"]
 
 
 @pytest.mark.parametrize("name, model, res, drop_path", [
