@@ -17,7 +17,8 @@ from . import __version__, ablate
 from . import distributed as dist
 from .archs import resolve_name
 from .checkpoint import CheckpointError
-from .config import ConfigError, batch_plan, batch_plans, load_config, resolve_num_classes, to_dict
+from .batching import batch_plan, batch_plans
+from .config import ConfigError, load_config, resolve_num_classes, to_dict
 from .submit import add_slurm_args, describe, describe_job, slurm_options
 
 def _add_cfg_args(p: argparse.ArgumentParser, data_train: bool = True, cfg_required: bool = True) -> None:

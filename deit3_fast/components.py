@@ -16,7 +16,8 @@ import torch
 from pipelines import DataError, build_loader, check_same_classes
 
 from . import distributed as dist
-from .config import BatchPlan, Config, batch_plan, batch_plans, resolve_num_classes
+from .batching import BatchPlan, batch_plan, batch_plans
+from .config import Config, resolve_num_classes
 from .device import AMP_DTYPES, device_name, resolve_amp
 from .losses import RecipeLoss
 from .models import create_model

@@ -1,7 +1,7 @@
 """Training and evaluation: config -> components (`build`, components.py) -> loop (`train`), around one `Run`.
 
 One optimiser step = `accum` micro-batches of the per-process batch; global batch = per-process batch x world x
-accum = `train.global_batch` (`config.batch_plan`); under DDP only the last micro-batch of a step all-reduces
+accum = `train.global_batch` (`batching.batch_plan`); under DDP only the last micro-batch of a step all-reduces
 gradients. The learning rate is set every step (schedule.py). Losses stay on the device and are read back every
 `train.log_every` micro-batches, so the host never waits for the device in between.
 
@@ -29,8 +29,9 @@ from pipelines import keys
 from . import checkpoint as ckpt
 from . import distributed as dist
 from . import reference, rundir
+from .batching import batch_plan
 from .components import Run, StopFlag, build, run_facts, stage_data
-from .config import NO_EFFECT_KEYS, Config, batch_plan, differences, resolve_num_classes, to_dict, with_defaults
+from .config import NO_EFFECT_KEYS, Config, differences, resolve_num_classes, to_dict, with_defaults
 from .device import autocast, is_out_of_memory, max_mem_mb, reset_peak_memory
 from .loggers import EpochLoggers
 

@@ -13,8 +13,8 @@ from pathlib import Path
 from dataset_tools.atomic import write_text_atomic
 
 from .. import rundir
-from ..config import (NO_EFFECT_KEYS, Config, ConfigError, batch_plan, batch_plans, differences, load_config,
-                      to_dict, with_defaults)
+from ..batching import batch_plan, batch_plans
+from ..config import NO_EFFECT_KEYS, Config, ConfigError, differences, load_config, to_dict, with_defaults
 from ..submit import TrainJob, describe, describe_job, slurm_executor, slurm_options, submitit
 from .grid import Grid, Variant, _error, load_grid
 from .results import (ATTEMPTS, DONE, FAILED, JOB, _duration, _fmt, epochs_done, print_results, read_json, status,

@@ -4,7 +4,8 @@ import sys
 
 import pytest
 
-from deit3_fast.config import ConfigError, batch_plan, load_config
+from deit3_fast.batching import batch_plan
+from deit3_fast.config import ConfigError, load_config
 
 from ..conftest import REPO
 
@@ -12,8 +13,8 @@ from ..conftest import REPO
 def test_loading_and_checking_a_config_imports_no_torch():
     """Every command checks its config first: that must not wait seconds for torch, timm or numba, and the data
     path's config sections and the ablation grids load without them too."""
-    code = ("import sys\nimport deit3_fast.config as c, deit3_fast.ablate, pipelines.config\n"
-            "c.load_config('vit_h_in1k')\n"
+    code = ("import sys\nimport deit3_fast.config as c, deit3_fast.ablate, deit3_fast.batching as b, pipelines.config\n"
+            "b.batch_plan(c.load_config('vit_h_in1k'), 8)\n"
             "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'timm', 'numba', 'numpy'})\n"
             "print(heavy)\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -93,7 +93,7 @@ def test_a_batch_per_size_keeps_the_global_batch_and_the_schedule(data, tmp_path
 
 
 def test_a_batch_per_size_must_split_the_global_batch():
-    from deit3_fast.config import batch_plans
+    from deit3_fast.batching import batch_plans
 
     cfg = load_config("quickstart", ["schedule.resolution={start: 16, start_epoch: 0, end_epoch: 2, step: 8, "
                                      "batch_sizes: {16: 12, 24: 64}}"])  # global batch 32
