@@ -19,13 +19,25 @@ class BatchPlan:
 def batch_plans(cfg: Config, world: int) -> dict[int, BatchPlan]:
     """`batch_plan` at each size of the progressive-resolution ramp whose per-process batch
     schedule.resolution.batch_sizes changes ({} without one): the global batch is the same at every size."""
-    return {size: split_batch(cfg.train.global_batch, b, world, f"schedule.resolution.batch_sizes.{size}")
-            for size, b in cfg.schedule.resolution.batch_sizes.items()}
+    return {size: _paired(cfg, split_batch(cfg.train.global_batch, b, world, key), key)
+            for size, b in cfg.schedule.resolution.batch_sizes.items()
+            for key in [f"schedule.resolution.batch_sizes.{size}"]}
 
 
 def batch_plan(cfg: Config, world: int) -> BatchPlan:
     """How `train.global_batch` is split over `world` processes with `data.batch_size` per process."""
-    return split_batch(cfg.train.global_batch, cfg.data.batch_size, world, "data.batch_size")
+    return _paired(cfg, split_batch(cfg.train.global_batch, cfg.data.batch_size, world, "data.batch_size"),
+                   "data.batch_size")
+
+
+def _paired(cfg: Config, plan: BatchPlan, key: str) -> BatchPlan:
+    """Mixup and cutmix blend each image with the batch's reverse (timm's batch mode): an odd batch has no pair for
+    its middle image, which timm refuses at the first step."""
+    a = cfg.aug
+    if plan.per_process % 2 and a.mix_prob > 0 and (a.mixup > 0 or a.cutmix > 0):
+        raise ConfigError(f"{key}: {plan.per_process} images per process is odd, and mixup/cutmix pair each image "
+                          f"with another of its batch: use an even {key}, or aug.mixup=0 and aug.cutmix=0")
+    return plan
 
 
 def split_batch(g: int, b: int, world: int, key: str) -> BatchPlan:

@@ -432,6 +432,7 @@ def _quickstart(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipelines import DataError
+    from pipelines.randaugment import RandAugmentError
 
     from .device import DeviceError
     from .trainer import ConfigMismatch, OutOfMemory, Preempted, TrainingDiverged
@@ -441,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
                 "zoo": _zoo, "export": _export, "compare": _compare}
     try:
         return commands[args.command](args)
-    except (ConfigError, DataError, CheckpointError, ConfigMismatch, OutOfMemory, DeviceError,
+    except (ConfigError, DataError, CheckpointError, ConfigMismatch, OutOfMemory, DeviceError, RandAugmentError,
             FileNotFoundError) as e:
         print(f"deit3-fast: error: {e}", file=sys.stderr)
         return 2

@@ -77,7 +77,9 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, sets: list[EvalSet], devic
     `keep` one prediction row per image (set, index, source file, label, top-5)."""
     import torch
 
+    from dataset_tools.beton import BetonError
     from dataset_tools.shards import classes_of, source_names
+    from pipelines import DataError
 
     from .checkpoint import CheckpointError, load
     from .components import make_loader
@@ -102,11 +104,15 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, sets: list[EvalSet], devic
     keep = keep or real is not None
     results, predictions = {}, []
     for s in sets:
-        sources = source_names(s.path) if keep else None
+        try:
+            sources = source_names(s.path) if keep else None
+            classes = classes_of(s.path)
+        except BetonError as e:  # e.g. a folder given where a .beton or a shard set belongs
+            raise DataError(f"--val {s.name}: {e}") from None
         if sources is None and real is not None and s is real_set:
             raise ConfigError(f"--real: {s.path} was converted without its list of source files (the .sources.txt "
                               "beside it, which ReaL's labels are looked up by): convert it again")
-        mask = class_mask(s.name, classes_of(s.path), cfg.model.num_classes)
+        mask = class_mask(s.name, classes, cfg.model.num_classes)
         ev = evaluate(model, make_loader(replace(cfg, data=replace(cfg.data, val=s.path)), "val", device, amp=amp),
                       amp, mask=mask, keep=keep)
         results[s.name] = {"acc1": ev["acc1"], "acc5": ev["acc5"], "n": ev["n"]}

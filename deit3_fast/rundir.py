@@ -18,6 +18,8 @@ import yaml
 
 from dataset_tools.atomic import write_text_atomic
 
+from .config import ConfigError
+
 CONFIG, FACTS, METRICS, CURVES = "config.yaml", "run.json", "metrics.jsonl", "curves.png"
 WANDB_ID = "wandb-id.txt"
 
@@ -86,7 +88,19 @@ def read_metrics(out: Path) -> list[dict]:
     p = out / METRICS
     if not p.exists():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    lines = [line for line in p.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if i == len(lines) - 1:  # a row cut short by a crash mid-append: that epoch is redone on resume
+                break
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
+            raise ConfigError(f"{p}: line {i + 1} is not a metrics row (JSON with an epoch); mend or remove it")
+        rows.append(row)
+    return rows
 
 
 def append_metrics(out: Path, row: dict) -> None:

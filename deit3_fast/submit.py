@@ -59,15 +59,27 @@ def slurm_parameters(nodes: int, gpus_per_node: int, timeout_min: int, partition
     return params
 
 
+def _at_least_1(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return value
+
+
 def add_slurm_args(p) -> None:
     """The sbatch side of `submit` and `ablate --submit`."""
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--nodes", type=_at_least_1, default=1)
+    p.add_argument("--gpus-per-node", type=_at_least_1, default=8)
     p.add_argument("--partition")
     p.add_argument("--account")
     p.add_argument("--constraint")
-    p.add_argument("--timeout-min", type=int, default=2800)
-    p.add_argument("--cpus-per-task", type=int, default=10)
+    p.add_argument("--timeout-min", type=_at_least_1, default=2800)
+    p.add_argument("--cpus-per-task", type=_at_least_1, default=10)
 
 
 def slurm_options(args) -> dict:

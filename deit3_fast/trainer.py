@@ -216,6 +216,9 @@ def _resume(run: Run, resume: str | None, out: Path, force: bool) -> ckpt.Positi
     if path is None:
         return None
     payload = ckpt.load(path)
+    if not isinstance(payload, dict) or "config" not in payload or "model" not in payload:
+        raise ckpt.CheckpointError(f"{path} is not a checkpoint of a deit3-fast run (no config and position to resume "
+                                   "from); to start from its weights, use --set model.checkpoint=" + str(path))
     changed = [k for k in differences(with_defaults(payload["config"]), to_dict(run.cfg)) if k not in _RESUMABLE]
     if changed and not force:
         raise ConfigMismatch(f"{path} was written with a different config ({', '.join(changed)}); resume with the "
@@ -249,11 +252,11 @@ def train(cfg: Config, out_dir: str | Path, device: torch.device, resume: str | 
 
 def _train(cfg: Config, out: Path, device: torch.device, resume: str | None, force: bool, quiet: bool,
            stop_after_epoch: int | None, stop: StopFlag) -> list[dict]:
-    out.mkdir(parents=True, exist_ok=True)
     reset_peak_memory(device)
     run = build(cfg, device)
     run.stop = stop
     pos = _resume(run, resume, out, force)
+    out.mkdir(parents=True, exist_ok=True)  # after the inputs are checked: a refused run leaves no empty run dir
     resumed = pos is not None
     pos = pos or ckpt.Position()
     main = dist.is_main()  # only rank 0 writes the run dir and talks

@@ -201,6 +201,49 @@ def test_cli_dry_run_and_one_line_errors(tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1 and fragment in err, err
 
 
+def test_refused_inputs_are_one_line_and_leave_no_run_dir(data, tmp_path, capsys):
+    """Inputs a fault hunt found passing as tracebacks: each is one line, exit 2, and no run dir is left."""
+    from deit3_fast.cli import main
+
+    common = ["--cfg", "quickstart", "--data-train", str(data / "train.beton"), "--data-val", str(data / "val.beton"),
+              "--set", "model.num_classes=4", "--set", "data.workers=1", "--device", "cpu"]
+    weights = tmp_path / "weights.pt"
+    from deit3_fast.models import create_model
+
+    q = load_config("quickstart")
+    model = create_model(q.model.name, num_classes=4, img_size=q.aug.img_size)
+    torch.save({"model": model.state_dict()}, weights)  # as an official .pth: weights only, no config or position
+    (tmp_path / "src").mkdir()
+    for args, fragment in [
+            (["--set", "aug.auto_augment=rand-t3a"], "does not implement"),  # timm ops the device stage lacks
+            (["--set", "data.batch_size=15", "--set", "train.global_batch=15"], "15 images per process is odd"),
+            (["--resume", str(weights)], "not a checkpoint of a deit3-fast run")]:
+        assert main(["train", *common, *args, "--out", str(tmp_path / "run")]) == 2, args
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and fragment in err, err
+        assert not (tmp_path / "run").exists()
+    assert main(["eval", "--cfg", "quickstart", "--set", "model.num_classes=4", "--device", "cpu", "--checkpoint",
+                 str(weights), "--val", f"x={tmp_path / 'src'}"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--val x: " in err and "not a .beton or a shard set" in err, err
+    with pytest.raises(SystemExit) as stop:
+        main(["submit", "--cfg", "quickstart", "--nodes", "0", "--dry-run"])
+    assert stop.value.code == 2 and "--nodes: must be a whole number of at least 1" in capsys.readouterr().err
+
+
+def test_a_damaged_metrics_file_is_read_or_named(tmp_path, capsys):
+    """A row cut short by a crash mid-append is the epoch redone on resume: dropped. Any other bad line is named."""
+    from deit3_fast import cli, rundir
+
+    rows = [{"epoch": 0, "val_acc1": 10.0}, {"epoch": 1, "val_acc1": 20.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"epoch": 2, "val')
+    assert rundir.read_metrics(tmp_path) == rows
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n[1, 2]\n" + json.dumps(rows[1]) + "\n")
+    assert cli.main(["compare", str(tmp_path), "--json"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "metrics.jsonl: line 2 is not a metrics row" in err, err
+
+
 @pytest.mark.parametrize("name, model, size, lr, drop_path, batch", [
     ("vit_s_in1k", "deit3_small", 224, 4e-3, 0.05, 256), ("vit_b_in1k", "deit3_base", 192, 3e-3, 0.2, 256),
     ("vit_l_in1k", "deit3_large", 192, 3e-3, 0.45, 64), ("vit_h_in1k", "deit3_huge", 160, 3e-3, 0.6, 64)])
