@@ -35,6 +35,9 @@ def read_class_list(path: str | os.PathLike) -> list[str]:
         text = p.read_text()
     except OSError as e:
         raise SourceError(f"--classes {p}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise SourceError(f"--classes {p}: not text; give a class list (one name per line), a .beton's .json "
+                          "report or a shard folder") from None
     if p.suffix == ".json":
         try:
             classes = json.loads(text)["classes"]

@@ -207,7 +207,7 @@ def _overrides(args) -> list[str]:
 
         try:
             tree = yaml.safe_load(Path(args.overrides).read_text())
-        except (OSError, yaml.YAMLError) as e:
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
             raise ConfigError(f"--overrides {args.overrides}: unreadable ({str(e).splitlines()[0]})") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"--overrides {args.overrides}: expected a mapping of config sections")
@@ -268,6 +268,12 @@ def _eval(args) -> int:
     if not sets:
         raise ConfigError("nothing to evaluate: give --data-val PATH or --val NAME=PATH (repeatable)")
     real = load_real(args.real) if args.real else None
+    if args.save_predictions:
+        from dataset_tools.atomic import check_writable
+
+        problem = check_writable(args.save_predictions)
+        if problem:
+            raise ConfigError(f"--save-predictions: cannot write {args.save_predictions}: {problem}")
     if real is not None and not any(s.name in ("in1k", "val") for s in sets):
         raise ConfigError("--real scores the ImageNet-1k validation set: name it in1k (--val in1k=PATH) or give "
                           "--data-val")
@@ -350,11 +356,18 @@ def _doctor(args) -> int:
     return exit_code(report, args.require_gpu)
 
 
+def _image_out(path: str | None, flag: str = "--out") -> None:
+    """A plot or picture path whose format is known by its suffix, checked before the work that fills it."""
+    if path and Path(path).suffix.lower() not in (".png", ".jpg", ".jpeg", ".pdf", ".svg", ".webp"):
+        raise ConfigError(f"{flag} {path}: name an image file (.png, .jpg, .pdf, .svg)")
+
+
 def _preview(args) -> int:
     from pipelines.preview import make_preview
 
     from .components import make_loader
 
+    _image_out(args.out)
     sets = [*args.set, f"data.batch_size={args.n}", "data.repeats=1", f"data.seed={args.seed}", "train.amp=fp32"]
     if args.data_train:
         sets.append(f"data.train={args.data_train}")
@@ -364,6 +377,9 @@ def _preview(args) -> int:
     import torch
 
     loader = make_loader(cfg, "train", torch.device("cpu"), auto_compile=False)
+    if len(loader) == 0:  # training batches are whole: n above the set's size makes none
+        raise ConfigError(f"--n {args.n}: more than the {len(loader.engine.epoch_order)} samples of "
+                          f"{cfg.data.train}; ask for fewer")
     info = make_preview(loader, cfg.aug.mean, cfg.aug.std, args.out)
     ops = f", RandAugment ops {info['randaug']}" if "randaug" in info else ""
     print(f"wrote {info['path']}: {info['samples']} samples, branches {info['branches']}{ops}")
@@ -386,6 +402,7 @@ def _zoo(args) -> int:
 def _compare(args) -> int:
     from .compare import compare, plot, render
 
+    _image_out(args.out)
     result = compare(args.runs, args.reference)
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "shown"}))

@@ -105,7 +105,8 @@ AMP_CHOICES = ("auto", "bf16", "fp16", "fp32")
 _CHOICES = {"data.engine": ENGINES, "aug.crop": CROPS, "loss": LOSSES, "train.amp": AMP_CHOICES,
             "optim.name": OPTIMIZERS, "model.name": MODEL_NAMES}
 # Sizes and counts a run divides by or loops over: 0 would be a ZeroDivisionError, or a loader that hangs.
-_POSITIVE = {"data.batch_size", "train.global_batch", "train.log_every", "aug.img_size", "model.num_classes"}
+_POSITIVE = {"data.batch_size", "train.global_batch", "train.log_every", "aug.img_size", "model.num_classes",
+             "schedule.epochs"}
 
 
 def _closest(key: str, options) -> str:

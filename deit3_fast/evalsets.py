@@ -93,7 +93,8 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, sets: list[EvalSet], devic
     model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, img_size=cfg.aug.img_size,
                          layer_scale_init=cfg.model.layer_scale_init)
     if ema:
-        state = load(checkpoint).get("ema")
+        payload = load(checkpoint)
+        state = payload.get("ema") if isinstance(payload, dict) else None
         if state is None:
             raise CheckpointError(f"{checkpoint} has no EMA weights (train.ema_decay was off)")
         model.load_state_dict(state)

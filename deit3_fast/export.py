@@ -42,11 +42,15 @@ def _model_name(path: str, given: str | None, ema: bool) -> tuple[str, dict | No
 
     from .checkpoint import load
 
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
     payload = None
     try:
         payload = load(path)
     except CheckpointError:
         pass  # not one of our run checkpoints: an official or timm file
+    if not isinstance(payload, dict):
+        payload = None
     ema_state = None
     if ema:
         if payload is None or payload.get("ema") is None:
@@ -77,6 +81,9 @@ def export(checkpoint: str, out_dir: str | Path, model: str | None = None, ema: 
 
     from .models import _read_state_dict, create_model, load_checkpoint
 
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} exists and is not a folder: give a folder for model.safetensors and config.json")
     name, ema_state, run_img_size = _model_name(checkpoint, model, ema)
     try:
         arch = resolve_name(name)[0]
@@ -95,8 +102,10 @@ def export(checkpoint: str, out_dir: str | Path, model: str | None = None, ema: 
     else:
         load_checkpoint(net, checkpoint)
     timm_name, model_args = timm_architecture(arch, img_size)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create {out}: {e.strerror or e}") from None
     tensors = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
     write_atomic(out / "model.safetensors", lambda f: f.write(save(tensors, metadata={"format": "pt"})))
     config = {"architecture": timm_name, "num_classes": num_classes, "num_features": ARCHS[arch][1],

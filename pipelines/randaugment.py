@@ -75,6 +75,10 @@ class RandAugment:
             raise RandAugmentError(f"aug.auto_augment {policy!r} uses ops the device stage does not implement: "
                                    f"{', '.join(unknown)}")
         first = t.ops[0]
+        if t.choice_weights is not None and t.num_layers > len(self.names):
+            raise RandAugmentError(f"aug.auto_augment {policy!r}: {t.num_layers} ops per image from a weighted set of "
+                                   f"{len(self.names)}, which timm draws without replacement: use n{len(self.names)} "
+                                   "or fewer")
         self.layers, self.prob, self.mean = t.num_layers, first.prob, float(first.magnitude)
         self.std, self.top = first.magnitude_std, float(first.magnitude_max or 10)
         self.weights = None if t.choice_weights is None else torch.tensor(t.choice_weights, dtype=torch.float64)

@@ -231,6 +231,37 @@ def test_refused_inputs_are_one_line_and_leave_no_run_dir(data, tmp_path, capsys
     assert stop.value.code == 2 and "--nodes: must be a whole number of at least 1" in capsys.readouterr().err
 
 
+def test_more_refused_inputs_are_one_line(data, tmp_path, capsys):
+    """The rest of the fault hunt's cases, each refused before its work with one line naming the fix."""
+    from dataset_tools.convert import main as convert_main
+    from deit3_fast.cli import main
+
+    binary = tmp_path / "train.beton"
+    binary.write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "a_dir").mkdir()
+    train_ = ["train", "--cfg", "quickstart", "--data-train", str(data / "train.beton"), "--data-val",
+              str(data / "val.beton"), "--set", "model.num_classes=4", "--device", "cpu", "--out", str(tmp_path / "r")]
+    preview = ["preview", "--cfg", "quickstart", "--data-train", str(data / "train.beton"), "--set",
+               "model.num_classes=4"]
+    cases = [
+        (main, [*train_, "--set", "aug.auto_augment=rand-n20-tweights"], "use n"),  # crashed at the first batch
+        (main, [*train_, "--overrides", str(binary)], "--overrides"),
+        (main, [*train_, "--epochs", "0"], "schedule.epochs: must be at least 1"),
+        (main, ["compare", str(tmp_path), "--out", str(tmp_path / "p.txt")], "name an image file"),
+        (main, [*preview, "--out", str(tmp_path / "p.txt")], "name an image file"),
+        (main, [*preview, "--n", "1000", "--out", str(tmp_path / "p.png")], "--n 1000: more than the"),
+        (main, ["export", str(tmp_path / "missing.pt"), str(tmp_path / "e")], "no such checkpoint file"),
+        (main, ["export", str(binary), str(binary)], "exists and is not a folder"),
+        (main, ["eval", "--cfg", "quickstart", "--data-val", str(data / "val.beton"), "--checkpoint", str(binary),
+                "--save-predictions", str(tmp_path / "a_dir")], "--save-predictions: cannot write"),
+        (convert_main, [str(tmp_path / "a_dir"), str(tmp_path / "o.beton"), "--classes", str(binary)], "not text")]
+    for entry, args, fragment in cases:
+        assert entry(args) == 2, args
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and fragment in err, (args, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_dir", "train.beton"]
+
+
 def test_a_damaged_metrics_file_is_read_or_named(tmp_path, capsys):
     """A row cut short by a crash mid-append is the epoch redone on resume: dropped. Any other bad line is named."""
     from deit3_fast import cli, rundir
