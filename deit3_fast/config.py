@@ -327,7 +327,9 @@ def _check_resolution(r: ResolutionConfig, img_size: int, patch: int, model: str
         return
     end = r.end if r.end is not None else img_size
     where = "schedule.resolution"
-    if r.step < 1 or r.start % r.step or end % r.step:
+    if r.step < 1:
+        raise ConfigError(f"{where}.step: must be at least 1, got {r.step} (the sizes are multiples of it)")
+    if r.start % r.step or end % r.step:
         raise ConfigError(f"{where}: start {r.start} and end {end} (null: aug.img_size) must be multiples of step "
                           f"{r.step}, so that the sizes are a small fixed set")
     if r.start < patch or r.start > end:

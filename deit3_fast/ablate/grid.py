@@ -90,7 +90,10 @@ def _scaled_warmup(cfg: str, sets: list[str]) -> list[str]:
     keys = {_key(s) for s in sets}
     if "schedule.epochs" not in keys:
         return []
-    ref = load_config(cfg, [s for s in sets if _key(s) != "schedule.epochs"]).schedule
+    # The base's schedule, without the overrides' ramp: a ramp set with the budget may not fit the base's epochs, and
+    # a ramp given is not scaled.
+    ref = load_config(cfg, [s for s in sets if _key(s) != "schedule.epochs"
+                            and not _key(s).startswith("schedule.resolution")]).schedule
     tree: dict = {}
     for s in sets:  # the budget asked for, read without validating the rest (a ramp may not fit it unscaled)
         if _key(s) == "schedule.epochs":

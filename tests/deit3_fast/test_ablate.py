@@ -88,6 +88,12 @@ def test_warmup_set_explicitly_or_zero_is_not_scaled(tmp_path):
     # a budget shorter than the ramp still ends it before the last epoch, which trains at 32 px
     r = {v.name: v.config for v in load_grid("cifar10_grid", ["schedule.epochs=3"]).variants}["progressive"]
     assert (r.schedule.resolution.start_epoch, r.schedule.resolution.end_epoch) == (1, 2)
+    # a ramp given with the budget is taken as given, though it does not fit the base's 40 epochs
+    g = load_grid(write_grid(tmp_path / "r.yaml", {
+        "base": "quickstart", "axes": {"schedule.epochs": [50]},
+        "sets": {"schedule.resolution": {"start": 16, "step": 8, "start_epoch": 0, "end_epoch": 45}}}))
+    s = g.variants[0].config.schedule
+    assert (s.epochs, s.warmup_epochs, s.resolution.start_epoch, s.resolution.end_epoch) == (50, 3, 0, 45)
 
 
 @pytest.mark.parametrize("grid, message", [

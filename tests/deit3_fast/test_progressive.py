@@ -177,6 +177,7 @@ def test_the_loader_keeps_its_crops_and_changes_only_their_size(data):
 @pytest.mark.parametrize("value, fragment", [
     ("{start: 20, start_epoch: 0, end_epoch: 5, step: 8}", "multiples of step 8"),
     ("{start: 16, end: 36, start_epoch: 0, end_epoch: 5, step: 8}", "multiples of step 8"),
+    ("{start: 16, start_epoch: 0, end_epoch: 5, step: 0}", "step: must be at least 1, got 0"),
     ("{start: 0, start_epoch: 0, end_epoch: 5, step: 8}", "patch size 4"),
     ("{start: 48, start_epoch: 0, end_epoch: 5, step: 8}", "at most end 32"),
     ("{start: 16, start_epoch: 5, end_epoch: 5, step: 8}", "start_epoch < end_epoch"),
