@@ -9,25 +9,35 @@ from pathlib import Path
 from .config import Config, ConfigError
 
 
+def required(cfg: Config) -> tuple:
+    """(TensorBoard's SummaryWriter, the wandb module), each None where `cfg` does not ask for it; one ConfigError
+    for one that is not installed. The trainer calls it before it writes anything into the run dir."""
+    writer = wandb = None
+    if cfg.train.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter as writer
+        except ImportError:
+            raise ConfigError("train.tensorboard: true needs the tensorboard package: pip install tensorboard "
+                              "(or pip install -e '.[tensorboard]')") from None
+    if cfg.train.wandb_project:
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError(f"train.wandb_project: {cfg.train.wandb_project} needs the wandb package: pip "
+                              "install wandb (and wandb login)") from None
+    return writer, wandb
+
+
 class EpochLoggers:
     def __init__(self, cfg: Config, out: Path, config: dict, main: bool, reference: str | None = None,
                  resumed: bool = False):
         self.tb = self.wandb = None
         if not main:
             return
-        if cfg.train.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ConfigError("train.tensorboard: true needs the tensorboard package: pip install tensorboard "
-                                  "(or pip install -e '.[tensorboard]')") from None
-            self.tb = SummaryWriter(log_dir=str(out / "tensorboard"))
-        if cfg.train.wandb_project:
-            try:
-                import wandb
-            except ImportError:
-                raise ConfigError(f"train.wandb_project: {cfg.train.wandb_project} needs the wandb package: pip "
-                                  "install wandb (and wandb login)") from None
+        writer, wandb = required(cfg)
+        if writer is not None:
+            self.tb = writer(log_dir=str(out / "tensorboard"))
+        if wandb is not None:
             from .rundir import wandb_id
 
             # A resumed run continues its W&B run (the id its run dir recorded); a fresh one starts a new one.

@@ -34,6 +34,7 @@ from .components import Run, StopFlag, build, run_facts, stage_data
 from .config import NO_EFFECT_KEYS, Config, differences, resolve_num_classes, to_dict, with_defaults
 from .device import autocast, is_out_of_memory, max_mem_mb, reset_peak_memory
 from .loggers import EpochLoggers
+from .loggers import required as loggers_required
 
 
 class TrainingDiverged(Exception):
@@ -256,6 +257,8 @@ def _train(cfg: Config, out: Path, device: torch.device, resume: str | None, for
     run = build(cfg, device)
     run.stop = stop
     pos = _resume(run, resume, out, force)
+    if dist.is_main():
+        loggers_required(cfg)  # a logging package asked for and missing is refused before the run dir is touched
     out.mkdir(parents=True, exist_ok=True)  # after the inputs are checked: a refused run leaves no empty run dir
     resumed = pos is not None
     pos = pos or ckpt.Position()

@@ -95,7 +95,13 @@ def test_the_wandb_run_is_continued_on_resume_and_new_for_a_fresh_run(data, tmp_
                                                  ("train.wandb_project", "p", "wandb")])
 def test_a_missing_logger_package_is_one_clear_error_before_training(data, tmp_path, monkeypatch, key, value,
                                                                      package):
+    """Refused before the run dir is touched: an earlier run's files in it stay as they were."""
+    train(_cfg(data, **{"schedule.epochs": 1}), tmp_path / "run", torch.device("cpu"), quiet=True)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
     monkeypatch.setitem(sys.modules, package, None)  # import raises ImportError
     with pytest.raises(ConfigError, match=f"needs the {package.split('.')[-1]} package: pip install"):
         train(_cfg(data, **{key: value}), tmp_path / "run", torch.device("cpu"), quiet=True)
-    assert not (tmp_path / "run" / "metrics.jsonl").exists() and not list((tmp_path / "run").glob("checkpoint*"))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
+    with pytest.raises(ConfigError, match="needs the"):
+        train(_cfg(data, **{key: value}), tmp_path / "new", torch.device("cpu"), quiet=True)
+    assert not (tmp_path / "new").exists()
