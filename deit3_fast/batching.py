@@ -19,20 +19,20 @@ class BatchPlan:
 def batch_plans(cfg: Config, world: int) -> dict[int, BatchPlan]:
     """`batch_plan` at each size of the progressive-resolution ramp whose per-process batch
     schedule.resolution.batch_sizes changes ({} without one): the global batch is the same at every size."""
-    return {size: _paired(cfg, split_batch(cfg.train.global_batch, b, world, key), key)
-            for size, b in cfg.schedule.resolution.batch_sizes.items()
-            for key in [f"schedule.resolution.batch_sizes.{size}"]}
+    return {size: _plan(cfg, b, world, f"schedule.resolution.batch_sizes.{size}")
+            for size, b in cfg.schedule.resolution.batch_sizes.items()}
 
 
 def batch_plan(cfg: Config, world: int) -> BatchPlan:
     """How `train.global_batch` is split over `world` processes with `data.batch_size` per process."""
-    return _paired(cfg, split_batch(cfg.train.global_batch, cfg.data.batch_size, world, "data.batch_size"),
-                   "data.batch_size")
+    return _plan(cfg, cfg.data.batch_size, world, "data.batch_size")
 
 
-def _paired(cfg: Config, plan: BatchPlan, key: str) -> BatchPlan:
-    """Mixup and cutmix blend each image with the batch's reverse (timm's batch mode): an odd batch has no pair for
-    its middle image, which timm refuses at the first step."""
+def _plan(cfg: Config, batch: int, world: int, key: str) -> BatchPlan:
+    """The split with per-process batch `batch` (the setting `key`). Mixup and cutmix blend each image with the
+    batch's reverse (timm's batch mode): an odd batch has no pair for its middle image, which timm refuses at the
+    first step."""
+    plan = split_batch(cfg.train.global_batch, batch, world, key)
     a = cfg.aug
     if plan.per_process % 2 and a.mix_prob > 0 and (a.mixup > 0 or a.cutmix > 0):
         raise ConfigError(f"{key}: {plan.per_process} images per process is odd, and mixup/cutmix pair each image "
