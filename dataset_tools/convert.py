@@ -165,25 +165,26 @@ def convert(src: str, out: str, *, max_resolution: int | None = None, short_side
             # Every file is flushed and named before any replaces a previous one, and the sidecars (the report, each
             # sample's source file) replace theirs before their .beton: a failed write leaves a previous output
             # whole, and a .beton never appears without its report.
-            sidecars, name = [], out
+            sidecars, name = {}, out  # each target's report and source list
             try:
-                for k, r in zip(todo, results):
+                for t, k, r in zip(targets, todo, results):
+                    sidecars[t] = []
                     for name, text in ((paths[k] + ".json", json.dumps(reports[k], indent=1) + "\n"),
                                        (paths[k] + SOURCES, "".join(os.path.relpath(scan.samples[i][0], src) + "\n"
                                                                    for i in r.source_info[:, 0]))):
-                        sidecars.append(stack.enter_context(AtomicOutput(name)))
-                        sidecars[-1].write_text(text)
-                        sidecars[-1].stage()
+                        sidecars[t].append(stack.enter_context(AtomicOutput(name)))
+                        sidecars[t][-1].write_text(text)
+                        sidecars[t][-1].stage()
                 for t, k in zip(targets, todo):
                     name = paths[k]
                     t.stage()
-                for f in sidecars + targets:
+                for f in [*(f for own in sidecars.values() for f in own), *targets]:
                     name = f.final
                     f.commit()
             except BaseException as e:
                 # Only a rename can fail once all is staged: a report without its .beton would describe another file
-                for i, t in enumerate(targets):
-                    for f in sidecars[2 * i:2 * i + 2]:
+                for t, own in sidecars.items():
+                    for f in own:
                         if f.committed and not t.committed:
                             os.remove(f.final)
                 if isinstance(e, OSError):
