@@ -255,7 +255,7 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from .evalsets import EvalSet, evaluate_checkpoint, load_real, parse_sets, render, save_predictions
+    from .evalsets import EvalSet, evaluate_checkpoint, load_real, parse_sets, real_set, render, save_predictions
 
     if not args.cfg and not args.model:
         raise ConfigError("eval needs --cfg RECIPE or --model NAME (or both)")
@@ -274,9 +274,7 @@ def _eval(args) -> int:
         problem = check_writable(args.save_predictions)
         if problem:
             raise ConfigError(f"--save-predictions: cannot write {args.save_predictions}: {problem}")
-    if real is not None and not any(s.name in ("in1k", "val") for s in sets):
-        raise ConfigError("--real scores the ImageNet-1k validation set: name it in1k (--val in1k=PATH) or give "
-                          "--data-val")
+    real_set(sets, real)  # before a device or a model is set up
     results, predictions = evaluate_checkpoint(cfg, args.checkpoint, sets, _device(args.device), ema=args.ema,
                                                real=real, keep=bool(args.real or args.save_predictions))
     if not dist.is_main():

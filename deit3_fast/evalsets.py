@@ -70,6 +70,17 @@ def class_mask(name: str, classes: list[str] | None, num_classes: int):
     return mask
 
 
+def real_set(sets: list[EvalSet], real) -> EvalSet | None:
+    """The set ReaL labels score (named in1k or val); None without labels. The CLI asks before it sets a device up."""
+    if real is None:
+        return None
+    found = next((s for s in sets if s.name in ("in1k", "val")), None)
+    if found is None:
+        raise ConfigError("--real scores the ImageNet-1k validation set: name it in1k (--val in1k=PATH) or give "
+                          "--data-val")
+    return found
+
+
 def evaluate_checkpoint(cfg: Config, checkpoint: str, sets: list[EvalSet], device, *, ema: bool = False,
                         real: list[list[int]] | None = None, keep: bool = False) -> tuple[dict, list[dict]]:
     """Score `checkpoint` (its EMA weights with `ema`) on each set as that set must be scored: {set name: {acc1,
@@ -87,14 +98,11 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, sets: list[EvalSet], devic
     from .models import create_model, load_checkpoint
     from .trainer import evaluate
 
-    real_set = next((s for s in sets if s.name in ("in1k", "val")), None)
-    if real is not None and real_set is None:
-        raise ConfigError("ReaL labels score the ImageNet-1k validation set: name it in1k or val")
+    scored_by_real = real_set(sets, real)
     model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, img_size=cfg.aug.img_size,
                          layer_scale_init=cfg.model.layer_scale_init)
     if ema:
-        payload = load(checkpoint)
-        state = payload.get("ema") if isinstance(payload, dict) else None
+        state = load(checkpoint).get("ema")
         if state is None:
             raise CheckpointError(f"{checkpoint} has no EMA weights (train.ema_decay was off)")
         model.load_state_dict(state)
@@ -110,7 +118,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, sets: list[EvalSet], devic
             classes = classes_of(s.path)
         except BetonError as e:  # e.g. a folder given where a .beton or a shard set belongs
             raise DataError(f"--val {s.name}: {e}") from None
-        if sources is None and real is not None and s is real_set:
+        if sources is None and s is scored_by_real:
             raise ConfigError(f"--real: {s.path} was converted without its list of source files (the .sources.txt "
                               "beside it, which ReaL's labels are looked up by): convert it again")
         mask = class_mask(s.name, classes, cfg.model.num_classes)
@@ -119,7 +127,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, sets: list[EvalSet], devic
         results[s.name] = {"acc1": ev["acc1"], "acc5": ev["acc5"], "n": ev["n"]}
         if mask is not None:
             results[s.name]["classes"] = int(mask.sum())
-        if real is not None and s is real_set:
+        if s is scored_by_real:
             results["real"] = real_top1(ev["top5"][:, 0], [sources[i] for i in ev["index"]], real)
         if keep:
             predictions += [{"set": s.name, "index": int(i), "source": sources[i] if sources else None,

@@ -49,8 +49,6 @@ def _model_name(path: str, given: str | None, ema: bool) -> tuple[str, dict | No
         payload = load(path)
     except CheckpointError:
         pass  # not one of our run checkpoints: an official or timm file
-    if not isinstance(payload, dict):
-        payload = None
     ema_state = None
     if ema:
         if payload is None or payload.get("ema") is None:

@@ -33,8 +33,7 @@ from .batching import batch_plan
 from .components import Run, StopFlag, build, run_facts, stage_data
 from .config import NO_EFFECT_KEYS, Config, differences, resolve_num_classes, to_dict, with_defaults
 from .device import autocast, is_out_of_memory, max_mem_mb, reset_peak_memory
-from .loggers import EpochLoggers
-from .loggers import required as loggers_required
+from .loggers import EpochLoggers, required as loggers_required
 
 
 class TrainingDiverged(Exception):
@@ -217,7 +216,7 @@ def _resume(run: Run, resume: str | None, out: Path, force: bool) -> ckpt.Positi
     if path is None:
         return None
     payload = ckpt.load(path)
-    if not isinstance(payload, dict) or "config" not in payload or "model" not in payload:
+    if "config" not in payload or "model" not in payload:
         raise ckpt.CheckpointError(f"{path} is not a checkpoint of a deit3-fast run (no config and position to resume "
                                    "from); to start from its weights, use --set model.checkpoint=" + str(path))
     changed = [k for k in differences(with_defaults(payload["config"]), to_dict(run.cfg)) if k not in _RESUMABLE]
