@@ -127,12 +127,12 @@ def test_tune_tries_settings_within_its_budget_and_writes_usable_overrides(data,
     common = ["--cfg", "quickstart", "--data-train", str(data / "train.beton"), "--set", "model.num_classes=4",
               "--set", "data.batch_size=8", "--set", "train.global_batch=8", "--set", "data.repeats=1",
               "--device", "cpu"]
-    r = subprocess.run([sys.executable, "-m", "deit3_fast", "profile", *common, "--tune", "--budget-s", "25",
+    r = subprocess.run([sys.executable, "-m", "deit3_fast", "profile", *common, "--tune", "--budget-s", "40",
                         "--steps", "1", "--tune-out", str(out), "--json"], cwd=REPO, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(result["tried"]) >= 2 and result["seconds"] <= 25 * 1.5
+    assert len(result["tried"]) >= 2 and result["seconds"] <= 40 * 1.5
     best, ran = result["best"], [t for t in result["tried"] if "error" not in t]
     bound = [t for t in ran if t["ratio"] >= 0.95]
     assert result["compute_bound"] == bool(bound)
