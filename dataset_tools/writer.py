@@ -13,6 +13,7 @@ predecessors in the same output.
 from __future__ import annotations
 
 import ctypes
+import gc
 import multiprocessing
 import os
 import queue
@@ -179,8 +180,15 @@ def write_parts(samples: list[tuple[str, int]], parts: list[Part], enc: Encoding
     # lost chunk cannot make the parent hold the rest of the output in memory.
     in_flight, fed_all, done = 0, False, 0
     try:
-        for p in procs:
-            p.start()
+        # The workers must never collect what they inherit: a collection would run the caller's finalizers in them
+        # (a dropped DALI pipeline's destructor hung a worker this way). Frozen objects are left out of collections
+        # in the children for good, and in the caller only until every worker has forked.
+        gc.freeze()
+        try:
+            for p in procs:
+                p.start()
+        finally:
+            gc.unfreeze()
         while not all(o.done for o in outputs):
             while not fed_all and in_flight < 4 * workers:
                 item = next(feed, None)

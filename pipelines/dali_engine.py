@@ -11,6 +11,7 @@ epoch from their headers (`epoch_report`), as the nvjpeg engine does.
 """
 from __future__ import annotations
 
+import gc
 from collections import deque
 
 import numpy as np
@@ -19,6 +20,12 @@ import torch
 from . import crops
 from .beton_source import BetonBatches, reflect_pad, upload
 
+# DALI's import parses every operator argument's default (thousands of ast.literal_eval). CPython 3.11 keeps one AST
+# depth counter per interpreter: a garbage collection inside one of those parses can run a finalizer (or pass the GIL
+# to a thread) that parses too, and the import dies with "SystemError: AST constructor recursion depth mismatch",
+# leaving `nvidia` half-imported for the rest of the process (it failed a CI run). So no collection runs during it.
+_gc_was_enabled = gc.isenabled()
+gc.disable()
 try:
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
@@ -27,6 +34,9 @@ except ImportError as e:  # pragma: no cover - exercised by the missing-dependen
     raise ImportError(f"the dali engine needs NVIDIA DALI ({e}); install it with: pip install -e '.[dali]' "
                       "(nvidia-dali-cuda120; nvidia-dali-cuda130 for CUDA 13 drivers), or use data.engine: "
                       "nvjpeg, which needs only torch") from None
+finally:
+    if _gc_was_enabled:
+        gc.enable()
 
 
 class DaliEngine(BetonBatches):
@@ -38,20 +48,17 @@ class DaliEngine(BetonBatches):
                              "--write-mode jpg, or use data.engine: ffcv or nvjpeg)")
         gpu = device.type == "cuda" and backend.GetCUDADeviceCount() > 0
         self.gpu = gpu
-        self._next_input = _exhausted
+        self._feed = _Feed()
         self.pipe = self._pipeline(batch_size=batch_size, num_threads=max(1, workers),
                                    device_id=device.index or 0 if gpu else None, prefetch_queue_depth=1,
                                    exec_dynamic=True, gpu=gpu)
         self.pipe.build()
 
-    def _source(self):
-        return self._next_input()  # StopIteration ends DALI's epoch
-
     @pipeline_def
     def _pipeline(self, gpu: bool):
         size, src = self.crop.size, self.crop.kind == "src"
         enc, roi0, roi1, out_hw, *anchor = fn.external_source(
-            source=self._source, num_outputs=5 if src else 4, batch=True,
+            source=self._feed, num_outputs=5 if src else 4, batch=True,
             dtype=[types.UINT8] + [types.FLOAT] * (4 if src else 3))
         img = fn.decoders.image(enc, device="mixed" if gpu else "cpu", output_type=types.RGB)
         img = fn.resize(img, size=out_hw, roi_start=roi0, roi_end=roi1, roi_relative=False,
@@ -94,21 +101,23 @@ class DaliEngine(BetonBatches):
             in_flight.append((idx, pads))
             return data
 
-        self._next_input = next_input
-        while True:
-            try:
-                # On a GPU the outputs are handed over on the consumer's stream, which keeps DALI's buffer alive
-                # until the copy out of it (feed_ndarray, queued on that stream) has run.
-                (out,) = self.pipe.run(torch.cuda.current_stream(self.device)) if self.gpu else self.pipe.run()
-            except StopIteration:
-                break
-            idx, pads = in_flight.popleft()
-            images = _to_torch(out, self.device)
-            for slot, pad in enumerate(pads):
-                reflect_pad(images[slot], *pad)
-            yield images, self.labels_of(idx)
-        self._next_input = _exhausted
-        self.pipe.reset()
+        self._feed.next = next_input
+        try:
+            while True:
+                try:
+                    # On a GPU the outputs are handed over on the consumer's stream, which keeps DALI's buffer
+                    # alive until the copy out of it (feed_ndarray, queued on that stream) has run.
+                    (out,) = self.pipe.run(torch.cuda.current_stream(self.device)) if self.gpu else self.pipe.run()
+                except StopIteration:
+                    break
+                idx, pads = in_flight.popleft()
+                images = _to_torch(out, self.device)
+                for slot, pad in enumerate(pads):
+                    reflect_pad(images[slot], *pad)
+                yield images, self.labels_of(idx)
+            self.pipe.reset()
+        finally:  # also when the epoch is abandoned: next_input refers to the engine
+            self._feed.next = _exhausted
 
 
 def _to_torch(out, device: torch.device) -> torch.Tensor:
@@ -127,4 +136,17 @@ def _to_torch(out, device: torch.device) -> torch.Tensor:
 
 
 def _exhausted():
-    raise StopIteration
+    raise StopIteration  # ends DALI's epoch
+
+
+class _Feed:
+    """What the pipeline's external_source calls for a batch's inputs: the current epoch's, set by `batches`.
+    The pipeline holds this, not a bound method of the engine: with that cycle an engine dropped was freed, with
+    its pipeline and DALI's threads, only by a later garbage collection, which can come in a process forked
+    meanwhile (a convert worker, which then hung destroying the parent's DALI executor)."""
+
+    def __init__(self):
+        self.next = _exhausted
+
+    def __call__(self):
+        return self.next()

@@ -80,7 +80,7 @@ def test_nvjpeg_batches_survive_a_consumer_that_frees_memory_under_load(data):
 
 
 def test_dali_mixed_decode_matches_the_cpu_engines(data):
-    pytest.importorskip("nvidia.dali")
+    pytest.importorskip("pipelines.dali_engine")  # DALI, imported as the engine does
     cfg = cfg_for(data, "dali")
     gpu, cpu = engine_batches(cfg, "val", CUDA), engine_batches(cfg_for(data), "val", "cpu")
     for (xg, yg), (xc, yc) in zip(gpu, cpu):  # DALI's cubic ROI resize is within a grey level or two of Pillow's

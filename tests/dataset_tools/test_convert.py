@@ -1,4 +1,5 @@
 """deit3-convert on synthetic trees: counts, labels, the report, bad inputs, subsets, class lists, exit codes."""
+import gc
 import json
 import os
 
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dataset_tools import writer
 from dataset_tools.beton import Beton
 from dataset_tools.convert import convert
 from dataset_tools.errors import ConversionError, SourceError
@@ -239,3 +241,37 @@ def test_fraction_keeps_round_half_up_of_each_class_and_at_least_one(tmp_path):
     assert counts(0.3) == [1, 1, 2, 2, 3]
     assert counts(0.5) == [1, 2, 3, 4, 5]
     assert counts(1.0) == [1, 3, 5, 7, 9]
+
+
+class _FinalizedInAWorker:
+    """Cyclic garbage whose finalizer leaves a mark if it runs in another process than the one that made it."""
+
+    def __init__(self, mark):
+        self.me, self.mark, self.maker = self, mark, os.getpid()
+
+    def __del__(self):
+        if os.getpid() != self.maker:
+            self.mark.touch()
+
+
+def test_workers_never_run_the_callers_finalizers(good_tree, tmp_path, monkeypatch):
+    """Garbage the caller has not collected yet when convert forks its workers is never collected in a worker: its
+    finalizer would run there (a dropped DALI pipeline's destructor hung a worker, destroying the caller's executor)."""
+    real_worker = writer._worker
+
+    def collecting_worker(*args):
+        gc.collect()  # what a worker's allocations make the collector do sooner or later
+        real_worker(*args)
+
+    monkeypatch.setattr(writer, "_worker", collecting_worker)
+    mark = tmp_path / "finalized-in-a-worker"
+    was_enabled = gc.isenabled()
+    gc.disable()  # so that the garbage is still there when the workers fork
+    try:
+        for _ in range(10):
+            _FinalizedInAWorker(mark)
+        convert(str(good_tree), str(tmp_path / "out.beton"), workers=2, show_progress=False)
+    finally:
+        if was_enabled:
+            gc.enable()
+    assert not mark.exists()

@@ -150,3 +150,33 @@ def test_dali_refuses_raw_files_and_a_missing_dali_is_one_message(betons):
     code = "import sys; sys.modules['nvidia.dali'] = None\nfrom pipelines import dali_engine\n"
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "pip install -e '.[dali]'" in r.stderr and "nvjpeg" in r.stderr
+
+
+# A finalizer that parses, run by collections that the churn below makes frequent: what CPython 3.11's shared AST
+# depth counter cannot survive during DALI's import (thousands of ast.literal_eval calls), as in a failed CI run.
+_PARSING_FINALIZERS = """
+import ast, gc, sys
+class Parses:
+    def __del__(self):
+        ast.literal_eval("(1, 2)")
+class Cycle:
+    def __init__(self):
+        self.me, self.parses = self, Parses()
+plain = ast.literal_eval
+def literal_eval(text):
+    Cycle()  # garbage for the next collection, which can come in the middle of the parse below
+    return plain(text)
+ast.literal_eval = literal_eval
+gc.set_threshold(50)
+"""
+
+
+def test_dali_imports_whole_when_a_collection_would_parse_in_the_middle():
+    pytest.importorskip("pipelines.dali_engine")
+    guarded = subprocess.run([sys.executable, "-c", _PARSING_FINALIZERS + "from pipelines import dali_engine\n"],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert guarded.returncode == 0, guarded.stderr
+    if sys.version_info[:2] == (3, 11):  # the hazard itself, shown on the Python CI runs: a bare import dies of it
+        bare = subprocess.run([sys.executable, "-c", _PARSING_FINALIZERS + "import nvidia.dali\n"],
+                              cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert bare.returncode != 0 and "recursion depth mismatch" in bare.stderr

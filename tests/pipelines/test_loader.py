@@ -1,6 +1,8 @@
 """build_loader end to end on small .beton files: what the model receives, exact epochs, keyed crops, errors."""
+import gc
 import subprocess
 import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -364,7 +366,7 @@ def test_nvjpeg_gpu_path_retries_one_by_one_when_the_batched_decode_fails(small_
 def test_dali_output_is_copied_by_what_dali_returned():
     """A CPU DALI pipeline returns a TensorListCPU whatever device the loader runs on: it is copied to that device
     (here 'meta', which no DALI path writes to directly), not fed to a CUDA buffer."""
-    pytest.importorskip("nvidia.dali")
+    pytest.importorskip("pipelines.dali_engine")  # DALI, imported as the engine does
     from nvidia.dali.tensors import TensorListCPU
 
     from pipelines.dali_engine import _to_torch
@@ -378,7 +380,7 @@ def test_dali_output_is_copied_by_what_dali_returned():
 def test_dali_counts_the_jpegs_its_gpu_decoder_hands_to_its_cpu_fallback(small_beton, monkeypatch):
     """On a GPU, DALI's decoder takes progressive/CMYK/odd-subsampling JPEGs to its CPU path itself; the engine
     counts them per epoch from their headers, as the nvjpeg engine does."""
-    pytest.importorskip("nvidia.dali")
+    pytest.importorskip("pipelines.dali_engine")  # DALI, imported as the engine does
     import pipelines.beton_source as source
 
     loader = build_loader(cfg_for(small_beton, **{"data.engine": "dali"}), "val", "cpu")
@@ -442,3 +444,27 @@ def test_a_cpu_training_loader_compiles_its_stage_when_epochs_repay_it(small_bet
     monkeypatch.setattr(build, "CPU_COMPILE_PIXELS", 120 * 48 * 48)
     assert build_loader(cfg_for(small_beton), "train", "cpu").stage._fused is not _pointwise_normalized
     assert build_loader(cfg_for(small_beton), "val", "cpu").stage._fused is _pointwise_normalized
+
+
+@pytest.mark.parametrize("used", ["unused", "one epoch", "abandoned epoch"])
+def test_a_dropped_dali_loader_frees_its_pipeline_at_once(small_beton, used):
+    """Not at some later garbage collection, which may come in a process forked meanwhile (a convert worker), where
+    the pipeline's destructor hung destroying the parent's DALI executor."""
+    pytest.importorskip("pipelines.dali_engine")  # DALI, imported as the engine does
+    loader = build_loader(cfg_for(small_beton, **{"data.engine": "dali"}), "val", "cpu")
+    if used != "unused":
+        batches = iter(loader)
+        next(batches)
+        if used == "one epoch":
+            for _ in batches:
+                pass
+        del batches
+    pipeline = weakref.ref(loader.engine.pipe)
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del loader
+        assert pipeline() is None
+    finally:
+        if was_enabled:
+            gc.enable()
