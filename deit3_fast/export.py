@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import ExitStack
 from pathlib import Path
 
 from .archs import ARCHS, TIMM_NAMES, resolve_name
@@ -75,7 +76,7 @@ def _model_name(path: str, given: str | None, ema: bool) -> tuple[str, dict | No
 def export(checkpoint: str, out_dir: str | Path, model: str | None = None, ema: bool = False) -> dict:
     from safetensors.torch import save
 
-    from dataset_tools.atomic import write_atomic, write_text_atomic
+    from dataset_tools.atomic import AtomicOutput
 
     from .models import _read_state_dict, create_model, load_checkpoint
 
@@ -105,7 +106,6 @@ def export(checkpoint: str, out_dir: str | Path, model: str | None = None, ema: 
     except OSError as e:
         raise CheckpointError(f"cannot create {out}: {e.strerror or e}") from None
     tensors = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-    write_atomic(out / "model.safetensors", lambda f: f.write(save(tensors, metadata={"format": "pt"})))
     config = {"architecture": timm_name, "num_classes": num_classes, "num_features": ARCHS[arch][1],
               "global_pool": "token", "model_args": model_args,
               "pretrained_cfg": {"tag": "deit3_fast", "custom_load": False, "input_size": [3, img_size, img_size],
@@ -113,7 +113,22 @@ def export(checkpoint: str, out_dir: str | Path, model: str | None = None, ema: 
                                  "crop_mode": "center", "mean": list(MEAN), "std": list(STD),
                                  "num_classes": num_classes, "pool_size": None, "first_conv": "patch_embed.proj",
                                  "classifier": "head"}}
-    write_text_atomic(out / "config.json", json.dumps(config, indent=1) + "\n")
+    try:
+        with ExitStack() as stack:
+            weights = stack.enter_context(AtomicOutput(str(out / "model.safetensors")))
+            described = stack.enter_context(AtomicOutput(str(out / "config.json")))
+            with open(weights.path, "wb") as f:
+                f.write(save(tensors, metadata={"format": "pt"}))
+            described.write_text(json.dumps(config, indent=1) + "\n")
+            # Both written and staged before either replaces an earlier export's file: a failure (a full disk) leaves
+            # that export whole, and never weights beside a config.json that describes other ones.
+            weights.stage()
+            described.stage()
+            weights.commit()
+            described.commit()
+    except OSError as e:
+        raise CheckpointError(f"writing the export into {out} failed: {e.strerror or e}; no file there was replaced") \
+            from None
     return {"out": str(out), "architecture": timm_name, "num_classes": num_classes, "img_size": img_size,
             "weights": "ema" if ema else "model", "load_with": (
                 f"timm.create_model({timm_name!r}, pretrained=True, pretrained_cfg_overlay=dict(file="

@@ -1,8 +1,10 @@
 """`deit3-fast export`: what it writes loads in timm with pretrained=True and gives the same logits."""
 import json
+import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from deit3_fast.models import create_model, load_checkpoint
@@ -77,3 +79,34 @@ def test_export_errors_are_one_line(tmp_path):
     assert r.returncode == 2 and "has no EMA weights" in r.stderr
     r = _export(tmp_path / "bare.pt", tmp_path / "o", "--model", "deit3_micro")
     assert r.returncode == 2 and "timm has no DeiT III model for deit3_micro" in r.stderr
+
+
+@pytest.mark.parametrize("earlier", [True, False], ids=["over-an-export", "into-an-empty-folder"])
+@pytest.mark.parametrize("failing", ["model.safetensors", "config.json"])
+def test_a_failed_export_replaces_nothing(tmp_path, monkeypatch, failing, earlier):
+    """A full disk at either file leaves an earlier export byte for byte (never new weights beside a config.json
+    that describes other ones), or an empty folder; the error is a CheckpointError that the CLI prints as one line."""
+    from dataset_tools import atomic
+    from deit3_fast.checkpoint import CheckpointError
+    from deit3_fast.export import export
+
+    for seed in (0, 1):  # two checkpoints with different weights and class counts
+        torch.manual_seed(seed)
+        _official_checkpoint(create_model("deit3_small", num_classes=10 + seed, img_size=224), tmp_path / f"{seed}.pth")
+    out = tmp_path / "out"
+    if earlier:
+        export(str(tmp_path / "0.pth"), out)
+    else:
+        out.mkdir()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_stage = atomic.AtomicOutput.stage
+
+    def stage(self):
+        if os.path.basename(self.final) == failing:
+            raise OSError(28, "No space left on device")
+        real_stage(self)
+
+    monkeypatch.setattr(atomic.AtomicOutput, "stage", stage)
+    with pytest.raises(CheckpointError, match=f"writing the export into {out} failed: No space left on device"):
+        export(str(tmp_path / "1.pth"), out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
