@@ -44,9 +44,12 @@ def resolve_grid(name_or_path: str) -> Path:
     return resolve_path(name_or_path, ABLATIONS_DIR, what="grid")
 
 
-def _assignment(key: str, value) -> str:
+def _assignment(key: str, value, where: str) -> str:
     # JSON is valid YAML, so load_config reads back exactly this value (a string stays a string, a list a list).
-    return f"{key}={json.dumps(value)}"
+    try:
+        return f"{key}={json.dumps(value)}"
+    except TypeError:  # YAML reads an unquoted 2024-01-01 as a date, which no config value is
+        raise _error(f"{where}: {key}: {value!r:.80} is not a config value; quote it if it is meant as text") from None
 
 
 def _sets(value, where: str) -> list[str]:
@@ -54,7 +57,7 @@ def _sets(value, where: str) -> list[str]:
     if value is None:
         return []
     if isinstance(value, dict):
-        return [_assignment(str(k), v) for k, v in value.items()]
+        return [_assignment(str(k), v, where) for k, v in value.items()]
     if isinstance(value, list) and all(isinstance(s, str) and "=" in s for s in value):
         return list(value)
     raise _error(f"{where}: expected a mapping of config keys to values or a list of key=value, got {value!r:.80}")
@@ -184,7 +187,7 @@ def load_grid(name_or_path: str, extra_sets: list[str] | tuple = ()) -> Grid:
         cfg = vcfg or base
         if cfg is None:
             raise _error(f"{where}: variant '{name}' has no config: set 'base' or the variant's 'cfg'")
-        own = vsets + [_assignment(k, v) for k, _, v in point]
+        own = vsets + [_assignment(k, v, where) for k, _, v in point]
         try:
             derived = _scaled_warmup(cfg, common + own)
             config = load_config(cfg, common + own + derived)

@@ -1,6 +1,7 @@
 """`deit3-fast ablate`: grid parsing, naming and validation; warm-up scaling; a tiny grid end to end (results, skip,
 resume, divergence, refusal of a foreign run dir, submitit's local executor); and learning on a real CIFAR-10 subset."""
 import csv
+import datetime
 import json
 import math
 import tarfile
@@ -112,6 +113,9 @@ def test_warmup_set_explicitly_or_zero_is_not_scaled(tmp_path):
     ({"variants": [{"name": "a"}]}, "variant 'a' has no config"),
     ({"base": "quickstart"}, "a grid needs 'variants', 'axes' or both"),
     ({"base": "quickstart", "sets": "loss=ce", "axes": {"loss": ["ce"]}}, "sets: expected a mapping"),
+    ({"base": "quickstart", "variants": [{"name": "a", "sets": {"train.seed": datetime.date(2024, 1, 1)}}]},
+     "variant 'a': sets: train.seed: datetime.date(2024, 1, 1) is not a config value; quote it"),
+    ({"base": "quickstart", "axes": {"train.seed": [datetime.date(2024, 1, 1)]}}, "train.seed: datetime.date"),
 ])
 def test_grid_errors_are_one_line_config_errors(tmp_path, grid, message):
     with pytest.raises(ConfigError) as e:
