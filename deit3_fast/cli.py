@@ -406,8 +406,8 @@ def _compare(args) -> int:
         print(json.dumps({k: v for k, v in result.items() if k != "shown"}))
     else:
         render(result)
-    if args.out:
-        plot(result, args.out)
+    if args.out and not plot(result, args.out):
+        print(f"compare: no run has finished an epoch yet: no plot written to {args.out}", file=sys.stderr)
     return 0
 
 

@@ -77,10 +77,10 @@ def render(result: dict) -> None:
     Console().print(t)
 
 
-def plot(result: dict, png: str | Path) -> None:
+def plot(result: dict, png: str | Path) -> bool:
     runs = {n: rundir.read_metrics(Path(p)) for n, p in result["runs"].items()}
     curve = ref.official_curve(result["reference"]) if result["reference"] else None
     last = max((r["epoch"] + 1 for rows in runs.values() for r in rows), default=0)
-    rundir.plot_curves(runs, Path(png), title="compare", overlay=len(runs) > 1,
-                       reference=(f"official {result['reference']}", {e: v for e, v in curve.items() if e <= last})
-                       if curve else None)
+    return rundir.plot_curves(runs, Path(png), title="compare", overlay=len(runs) > 1,
+                              reference=(f"official {result['reference']}",
+                                         {e: v for e, v in curve.items() if e <= last}) if curve else None)

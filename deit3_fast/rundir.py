@@ -123,14 +123,15 @@ def start_metrics(out: Path, resumed_after_epoch: int | None) -> None:
 
 
 def plot_curves(runs: dict[str, list[dict]], png: Path, title: str | None = None, overlay: bool = False,
-                reference: tuple[str, dict[int, float]] | None = None) -> None:
+                reference: tuple[str, dict[int, float]] | None = None) -> bool:
     """One run: validation top-1 and top-5, train loss and the learning rate against epoch. Several runs overlaid
     (`overlay`, as `ablate` draws its variants): top-1 and train loss relative to each run's first epoch, so BCE
     (~0.5) and cross-entropy (~2) curves share one readable axis. `reference` (name, {epoch: top-1}) is drawn dashed
-    on the top-1 axis: the official curve of the recipe a run follows."""
+    on the top-1 axis: the official curve of the recipe a run follows. False (and no file) when no run has an
+    epoch yet."""
     runs = {name: rows for name, rows in runs.items() if rows}
     if not runs:
-        return
+        return False
     import matplotlib
 
     matplotlib.use("Agg")
@@ -167,3 +168,4 @@ def plot_curves(runs: dict[str, list[dict]], png: Path, title: str | None = None
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
+    return True

@@ -134,3 +134,10 @@ def test_compare_aligns_runs_and_the_reference_by_epochs_completed(tmp_path, cap
         config = load_config("vit_b_in1k_ft224")
 
     assert result_row(V, tmp_path / "b")["gap"] == pytest.approx(-3.0)
+    # Runs with no epoch yet: no plot, and --out says so instead of saying nothing.
+    for name in ("c", "d"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("")
+    assert cli.main(["compare", str(tmp_path / "c"), str(tmp_path / "d"), "--out", str(tmp_path / "e.png")]) == 0
+    assert "no run has finished an epoch yet: no plot written to" in capsys.readouterr().err
+    assert not (tmp_path / "e.png").exists()
