@@ -16,6 +16,7 @@ from numba import carray, types
 from numba.extending import intrinsic
 
 from . import crops, keys
+from .build import DataError
 from .crops import CropSpec
 from .resample import resize_box
 
@@ -164,7 +165,12 @@ class FFCVEngine:
         self.loader.next_epoch = epoch
         thread = iter(self.loader)
         try:
-            for images, labels in thread:
+            while True:
+                _wait_for_a_batch(thread)
+                try:
+                    images, labels = next(thread)
+                except StopIteration:
+                    break
                 # FFCV reuses its buffers: the labels are copied here, the images by the device stage's first op.
                 yield images, labels.to(torch.int64, copy=True)
         finally:
@@ -172,6 +178,19 @@ class FFCVEngine:
 
     def epoch_report(self) -> dict:
         return {}  # FFCV decodes every JPEG on the CPU: nothing is refused
+
+
+def _wait_for_a_batch(thread) -> None:
+    """Wait, as FFCV's `__next__` does, for the thread's next batch or its end of epoch, but not for good: a thread
+    that died (an error in its compiled pipeline, out of memory) would leave the run waiting forever, on every rank
+    of a job. One consumer, so a batch seen here is still there for `__next__`."""
+    queue = thread.output_queue
+    with queue.not_empty:  # the queue's own lock: qsize() would take it again
+        while not queue._qsize():
+            if not thread.is_alive():
+                raise DataError("FFCV's decode thread stopped with an error (its traceback is printed above); the "
+                                "epoch cannot go on")
+            queue.not_empty.wait(1.0)
 
 
 def _stop(thread) -> None:

@@ -180,3 +180,35 @@ def test_dali_imports_whole_when_a_collection_would_parse_in_the_middle():
         bare = subprocess.run([sys.executable, "-c", _PARSING_FINALIZERS + "import nvidia.dali\n"],
                               cwd=REPO, capture_output=True, text=True, timeout=300)
         assert bare.returncode != 0 and "recursion depth mismatch" in bare.stderr
+
+
+def test_a_dead_ffcv_thread_is_an_error_not_a_hang(betons, monkeypatch):
+    """FFCV's own __next__ waits for good on the queue of a decode thread that died (an error in its compiled
+    pipeline, seen as a numba KeyError): the run would hang on every rank. The engine says so within a second."""
+    import threading
+
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    real = EpochIterator.run_pipeline
+
+    def run_pipeline(self, b_ix, *args):
+        if b_ix == 1:
+            raise KeyError("an error in the decode thread")
+        return real(self, b_ix, *args)
+
+    monkeypatch.setattr(EpochIterator, "run_pipeline", run_pipeline)
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # the test's thread error is expected
+    loader = build_loader(cfg_for(betons / "jpg.beton", "ffcv"), "val", "cpu")
+    outcome = []
+
+    def consume():
+        try:
+            outcome.append(sum(1 for _ in loader.engine.batches(1)))
+        except DataError as e:
+            outcome.append(e)
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    consumer.join(60)
+    assert not consumer.is_alive(), "the epoch waited for good on a dead decode thread"
+    assert isinstance(outcome[0], DataError) and "FFCV's decode thread stopped with an error" in str(outcome[0])
