@@ -25,6 +25,7 @@ try:
     from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
     from ffcv.libffcv import imdecode
     from ffcv.loader import Loader as FFCVLoader
+    from ffcv.memory_managers.os_cache import OSCacheManager
     from ffcv.pipeline.allocation_query import AllocationQuery
     from ffcv.pipeline.compiler import Compiler
     from ffcv.transforms import Squeeze, ToDevice, ToTensor
@@ -32,6 +33,27 @@ try:
 except ImportError as e:  # pragma: no cover - exercised by the missing-dependency test in a subprocess
     raise ImportError(f"the ffcv engine needs FFCV ({e}); install it with: pip install -e '.[ffcv]' "
                       "(needs pkg-config, g++, libturbojpeg0-dev, libopencv-dev; `make install` does all)") from None
+
+
+def _compile_os_cache_reader(self):
+    """FFCV's `OSCacheManager.compile_reader` (data.os_cache: true), typed without changing numba's own types.
+
+    FFCV builds the reader's signature by setting `.mutable = False` on `numba.uint8[::1]`, which is numba's one
+    shared instance of that type: its hash changes under every compiled function's table of overloads that holds
+    it. numba then raises KeyError on those tables: "Exception ignored" at each loader freed (ablate's variants, a
+    resolution ramp), and a decode thread that died compiling against a table it had spoilt. Same reader, same
+    (read-only data) signature, from types made read-only as numba means them to be."""
+    data = types.Array(types.uint8, 1, "C", readonly=True)
+    index = types.Array(types.uint64, 1, "C")
+
+    def read(address, mem_state):
+        size = mem_state[2][np.searchsorted(mem_state[1], address)]
+        return mem_state[0][address:address + size]
+
+    return Compiler.compile(read, data(types.uint64, types.Tuple([data, index, index])))
+
+
+OSCacheManager.compile_reader = _compile_os_cache_reader
 
 
 class KeyCell:

@@ -212,3 +212,18 @@ def test_a_dead_ffcv_thread_is_an_error_not_a_hang(betons, monkeypatch):
     consumer.join(60)
     assert not consumer.is_alive(), "the epoch waited for good on a dead decode thread"
     assert isinstance(outcome[0], DataError) and "FFCV's decode thread stopped with an error" in str(outcome[0])
+
+
+def test_ffcv_leaves_numbas_shared_types_as_they_were(betons):
+    """FFCV's os_cache reader set `.mutable = False` on numba's one shared uint8[::1] type, changing its hash under
+    every compiled function's table of overloads: numba then raised KeyError from them ("Exception ignored" as each
+    loader was freed, and in a decode thread that compiled against a spoilt table). The engine's reader does not."""
+    import numba
+
+    shared = numba.uint8[::1]
+    assert shared.mutable
+    cached, paged = (engine_epoch(cfg_for(betons / "jpg.beton", "ffcv", **{"data.os_cache": c}), "val")
+                     for c in (True, False))
+    assert shared.mutable and numba.uint8[::1] is shared
+    assert len(cached) == len(paged) == 4  # the reader still reads: the same batches either way
+    assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(cached, paged))
