@@ -183,8 +183,8 @@ def write_parts(samples: list[tuple[str, int]], parts: list[Part], enc: Encoding
         # The workers must never collect what they inherit: a collection would run the caller's finalizers in them
         # (a dropped DALI pipeline's destructor hung a worker this way). Frozen objects are left out of collections
         # in the children for good, and in the caller only until every worker has forked.
-        gc.freeze()
         try:
+            gc.freeze()
             for p in procs:
                 p.start()
         finally:

@@ -42,6 +42,8 @@ def _first_line(e: BaseException) -> str:
 
 def _version(module: str) -> str | None:
     try:
+        if module == "nvidia.dali":
+            import pipelines.dali_engine  # noqa: F401  DALI imported the one safe way (see there)
         m = importlib.import_module(module)
     except Exception:  # an optional package may fail in many ways at import (missing libs, ABI)
         return None

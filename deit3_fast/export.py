@@ -113,6 +113,7 @@ def export(checkpoint: str, out_dir: str | Path, model: str | None = None, ema: 
                                  "crop_mode": "center", "mean": list(MEAN), "std": list(STD),
                                  "num_classes": num_classes, "pool_size": None, "first_conv": "patch_embed.proj",
                                  "classifier": "head"}}
+    weights = None
     try:
         with ExitStack() as stack:
             weights = stack.enter_context(AtomicOutput(str(out / "model.safetensors")))
@@ -127,8 +128,9 @@ def export(checkpoint: str, out_dir: str | Path, model: str | None = None, ema: 
             weights.commit()
             described.commit()
     except OSError as e:
-        raise CheckpointError(f"writing the export into {out} failed: {e.strerror or e}; no file there was replaced") \
-            from None
+        replaced = "model.safetensors was replaced, config.json was not" if weights and weights.committed else \
+            "no file there was replaced"
+        raise CheckpointError(f"writing the export into {out} failed: {e.strerror or e}; {replaced}") from None
     return {"out": str(out), "architecture": timm_name, "num_classes": num_classes, "img_size": img_size,
             "weights": "ema" if ema else "model", "load_with": (
                 f"timm.create_model({timm_name!r}, pretrained=True, pretrained_cfg_overlay=dict(file="

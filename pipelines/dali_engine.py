@@ -21,15 +21,18 @@ from . import crops
 from .beton_source import BetonBatches, reflect_pad, upload
 
 # DALI's import parses every operator argument's default (thousands of ast.literal_eval). CPython 3.11 keeps one AST
-# depth counter per interpreter: a garbage collection inside one of those parses can run a finalizer (or pass the GIL
-# to a thread) that parses too, and the import dies with "SystemError: AST constructor recursion depth mismatch",
-# leaving `nvidia` half-imported for the rest of the process (it failed a CI run). So no collection runs during it.
+# depth counter per interpreter: a garbage collection inside one of those parses can run a finalizer that parses too
+# (or that hands the GIL to a thread that does), and the import dies with "SystemError: AST constructor recursion
+# depth mismatch", leaving `nvidia` half-imported for the rest of the process (it failed a CI run). With the
+# collector off no Python code runs inside a parse. Everything of DALI's this module uses is imported here, at once.
 _gc_was_enabled = gc.isenabled()
 gc.disable()
 try:
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
     from nvidia.dali import backend, pipeline_def
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+    from nvidia.dali.tensors import TensorListGPU
 except ImportError as e:  # pragma: no cover - exercised by the missing-dependency test in a subprocess
     raise ImportError(f"the dali engine needs NVIDIA DALI ({e}); install it with: pip install -e '.[dali]' "
                       "(nvidia-dali-cuda120; nvidia-dali-cuda130 for CUDA 13 drivers), or use data.engine: "
@@ -116,18 +119,15 @@ class DaliEngine(BetonBatches):
                     reflect_pad(images[slot], *pad)
                 yield images, self.labels_of(idx)
             self.pipe.reset()
-        finally:  # also when the epoch is abandoned: next_input refers to the engine
-            self._feed.next = _exhausted
+        finally:  # also when the epoch is abandoned (next_input refers to the engine), unless a newer one is on
+            if self._feed.next is next_input:
+                self._feed.next = _exhausted
 
 
 def _to_torch(out, device: torch.device) -> torch.Tensor:
     """DALI's output batch as a torch tensor on `device`. What DALI returned decides the copy, not the device asked
     for: a GPU pipeline gives a TensorListGPU, a CPU one (no visible GPU for DALI) a TensorListCPU."""
-    from nvidia.dali.tensors import TensorListGPU
-
     if isinstance(out, TensorListGPU):
-        from nvidia.dali.plugin.pytorch import feed_ndarray
-
         t = out.as_tensor()
         images = torch.empty(t.shape(), dtype=torch.uint8, device=device)
         feed_ndarray(t, images, cuda_stream=torch.cuda.current_stream(device))

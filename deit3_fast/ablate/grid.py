@@ -47,8 +47,8 @@ def resolve_grid(name_or_path: str) -> Path:
 def _assignment(key: str, value, where: str) -> str:
     # JSON is valid YAML, so load_config reads back exactly this value (a string stays a string, a list a list).
     try:
-        return f"{key}={json.dumps(value)}"
-    except TypeError:  # YAML reads an unquoted 2024-01-01 as a date, which no config value is
+        return f"{key}={json.dumps(value, allow_nan=False)}"
+    except (TypeError, ValueError):  # YAML reads an unquoted 2024-01-01 as a date (and .nan as NaN): no config value
         raise _error(f"{where}: {key}: {value!r:.80} is not a config value; quote it if it is meant as text") from None
 
 
@@ -187,7 +187,7 @@ def load_grid(name_or_path: str, extra_sets: list[str] | tuple = ()) -> Grid:
         cfg = vcfg or base
         if cfg is None:
             raise _error(f"{where}: variant '{name}' has no config: set 'base' or the variant's 'cfg'")
-        own = vsets + [_assignment(k, v, where) for k, _, v in point]
+        own = vsets + [_assignment(k, v, f"{where}: axis") for k, _, v in point]
         try:
             derived = _scaled_warmup(cfg, common + own)
             config = load_config(cfg, common + own + derived)

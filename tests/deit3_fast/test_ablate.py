@@ -115,7 +115,8 @@ def test_warmup_set_explicitly_or_zero_is_not_scaled(tmp_path):
     ({"base": "quickstart", "sets": "loss=ce", "axes": {"loss": ["ce"]}}, "sets: expected a mapping"),
     ({"base": "quickstart", "variants": [{"name": "a", "sets": {"train.seed": datetime.date(2024, 1, 1)}}]},
      "variant 'a': sets: train.seed: datetime.date(2024, 1, 1) is not a config value; quote it"),
-    ({"base": "quickstart", "axes": {"train.seed": [datetime.date(2024, 1, 1)]}}, "train.seed: datetime.date"),
+    ({"base": "quickstart", "axes": {"train.seed": [datetime.date(2024, 1, 1)]}}, "axis: train.seed: datetime.date"),
+    ({"base": "quickstart", "axes": {"aug.hflip": [float("nan")]}}, "aug.hflip: nan is not a config value"),
 ])
 def test_grid_errors_are_one_line_config_errors(tmp_path, grid, message):
     with pytest.raises(ConfigError) as e:

@@ -107,6 +107,13 @@ def test_a_failed_export_replaces_nothing(tmp_path, monkeypatch, failing, earlie
         real_stage(self)
 
     monkeypatch.setattr(atomic.AtomicOutput, "stage", stage)
-    with pytest.raises(CheckpointError, match=f"writing the export into {out} failed: No space left on device"):
+    with pytest.raises(CheckpointError, match=f"writing the export into {out} failed: No space left on device; no "
+                                              "file there was replaced"):
         export(str(tmp_path / "1.pth"), out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    if failing == "config.json" and earlier:  # failing between the two renames: the message says what happened
+        real_commit = atomic.AtomicOutput.commit
+        monkeypatch.setattr(atomic.AtomicOutput, "stage", real_stage)
+        monkeypatch.setattr(atomic.AtomicOutput, "commit", lambda self: (stage(self), real_commit(self)))
+        with pytest.raises(CheckpointError, match="; model.safetensors was replaced, config.json was not"):
+            export(str(tmp_path / "1.pth"), out)

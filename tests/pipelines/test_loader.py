@@ -468,3 +468,19 @@ def test_a_dropped_dali_loader_frees_its_pipeline_at_once(small_beton, used):
     finally:
         if was_enabled:
             gc.enable()
+
+
+def test_a_dali_epoch_left_behind_and_closed_later_does_not_end_the_next_one(small_beton):
+    """An abandoned epoch's generator can be closed (by the collector) after the next epoch has begun: it must not
+    switch off the feed the new epoch is drawing from, which would end that epoch early without an error."""
+    pytest.importorskip("pipelines.dali_engine")  # DALI, imported as the engine does
+    engine = build_loader(cfg_for(small_beton, **{"data.engine": "dali"}), "val", "cpu").engine
+    whole = [y.clone() for _, y in engine.batches(1)]
+    left_behind = engine.batches(1)
+    next(left_behind)
+    current = engine.batches(1)
+    labels = [next(current)[1].clone()]
+    left_behind.close()
+    labels += [y.clone() for _, y in current]
+    assert len(whole) > 2 and len(labels) == len(whole)
+    assert all(torch.equal(a, b) for a, b in zip(labels, whole))
