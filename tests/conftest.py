@@ -1,7 +1,9 @@
+import gc
 import os
 import subprocess
 import sys
 import tarfile
+from contextlib import contextmanager
 from pathlib import Path
 
 # hypothesis is imported before any FFCV thread runs: CPython 3.11's AST depth counter is global, and a module
@@ -43,6 +45,19 @@ def env_without(folder: Path, *packages: str) -> dict:
         "            raise ImportError(f'{name} is not installed here')\n"
         "sys.meta_path.insert(0, Block())\n")
     return {**os.environ, "PYTHONPATH": f"{folder}:{REPO}"}
+
+
+@contextmanager
+def collector_off():
+    """No automatic garbage collection inside the block (explicit gc.collect() still runs); the previous state
+    after it. For tests of what must be freed by reference counting, or garbage that must outlive a fork."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def run_cli(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:

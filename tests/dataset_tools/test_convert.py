@@ -12,7 +12,7 @@ from dataset_tools.beton import Beton
 from dataset_tools.convert import convert
 from dataset_tools.errors import ConversionError, SourceError
 
-from ..conftest import no_leftovers, run_cli
+from ..conftest import collector_off, no_leftovers, run_cli
 
 
 def _image_files(root, cls):
@@ -265,13 +265,8 @@ def test_workers_never_run_the_callers_finalizers(good_tree, tmp_path, monkeypat
 
     monkeypatch.setattr(writer, "_worker", collecting_worker)
     mark = tmp_path / "finalized-in-a-worker"
-    was_enabled = gc.isenabled()
-    gc.disable()  # so that the garbage is still there when the workers fork
-    try:
+    with collector_off():  # so that the garbage is still there when the workers fork
         for _ in range(10):
             _FinalizedInAWorker(mark)
         convert(str(good_tree), str(tmp_path / "out.beton"), workers=2, show_progress=False)
-    finally:
-        if was_enabled:
-            gc.enable()
     assert not mark.exists()

@@ -1,5 +1,4 @@
 """build_loader end to end on small .beton files: what the model receives, exact epochs, keyed crops, errors."""
-import gc
 import subprocess
 import sys
 import weakref
@@ -16,7 +15,7 @@ from dataset_tools.synthetic import make_imagefolder
 from pipelines import DataError, crops, keys
 from pipelines.sampler import EpochOrder
 
-from ..conftest import REPO, plain_loader
+from ..conftest import REPO, collector_off, plain_loader
 
 
 @pytest.fixture(scope="module")
@@ -460,14 +459,9 @@ def test_a_dropped_dali_loader_frees_its_pipeline_at_once(small_beton, used):
                 pass
         del batches
     pipeline = weakref.ref(loader.engine.pipe)
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with collector_off():
         del loader
         assert pipeline() is None
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def test_a_dali_epoch_left_behind_and_closed_later_does_not_end_the_next_one(small_beton):
