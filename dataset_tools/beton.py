@@ -27,6 +27,8 @@ from functools import cached_property
 
 import numpy as np
 
+from .errors import UserError
+
 FORMAT_VERSION = 2
 
 HEADER = np.dtype([("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"),
@@ -52,7 +54,7 @@ IMAGE_MODE_JPG, IMAGE_MODE_RAW = 0, 1
 TYPE_INT, TYPE_RGB_IMAGE = 1, 2
 
 
-class BetonError(Exception):
+class BetonError(UserError):
     """Not a readable .beton; the message names the file and the problem."""
 
 

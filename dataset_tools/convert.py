@@ -21,16 +21,12 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.text import Text
 
 from .atomic import AtomicOutput, check_writable
-from .errors import ConversionError, SourceError
+from .errors import ConversionError, SourceError, UsageError, UserError
 from .imagefolder import read_class_list, scan_imagefolder, split_holdout
 from .report import merged_report, part_report, print_summary, version_of
 from .shards import FORMAT, SOURCES, sha256_of, shard_name, write_manifest
 
 PROG = "deit3-convert"
-
-
-class UsageError(Exception):
-    pass
 
 
 def default_workers() -> int:
@@ -333,8 +329,6 @@ def _terminate(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .beton import BetonError
-
     args = build_parser().parse_args(argv)
     out_console, err_console = Console(), Console(stderr=True)
     previous = None
@@ -374,9 +368,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print_summary(report, out_console)
         return 0
-    except (UsageError, SourceError, ConversionError, BetonError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        print(f"{PROG}: {e.prefix}: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
         return 130

@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 
 from dataset_tools.atomic import write_atomic
+from dataset_tools.errors import UserError
 
 LAST, BEST = "checkpoint-last.pt", "checkpoint-best.pt"
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint that cannot be read, or does not fit the model or run it is loaded into."""
 
 
@@ -94,5 +95,5 @@ def find_resume(resume: str | None, out_dir: Path) -> Path | None:
     p = Path(resume)
     p = p / LAST if p.is_dir() else p
     if not p.exists():
-        raise FileNotFoundError(f"--resume {resume}: no checkpoint at {p}")
+        raise CheckpointError(f"--resume {resume}: no checkpoint at {p}")
     return p

@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from dataset_tools.errors import UserError
+
 from . import ablate
 from . import distributed as dist
 from .archs import resolve_name
@@ -276,27 +278,19 @@ def _quickstart(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pipelines import DataError
-    from pipelines.randaugment import RandAugmentError
-
-    from .device import DeviceError
-    from .trainer import ConfigMismatch, OutOfMemory, Preempted, TrainingDiverged
+    from .trainer import Preempted
 
     commands = {"train": _train, "eval": _eval, "preview": _preview, "submit": _submit, "profile": _profile,
                 "ablate": ablate.run_grid, "doctor": _doctor, "quickstart": _quickstart, "stage": _stage,
                 "zoo": _zoo, "export": _export, "compare": _compare}
     try:
         return commands[args.command](args)
-    except (ConfigError, DataError, CheckpointError, ConfigMismatch, OutOfMemory, DeviceError, RandAugmentError,
-            FileNotFoundError) as e:
-        print(f"deit3-fast: error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        print(f"deit3-fast: {e.prefix}: {e}", file=sys.stderr)
+        return e.exit_code
     except Preempted as e:  # a scheduler's SIGTERM: the position is saved, and stopping was asked for
         print(f"deit3-fast: {e}", file=sys.stderr)
         return 0
-    except TrainingDiverged as e:
-        print(f"deit3-fast: stopped: {e}", file=sys.stderr)
-        return 3
     except KeyboardInterrupt:
         print("deit3-fast: interrupted; the last completed epoch's checkpoint is kept", file=sys.stderr)
         return 130

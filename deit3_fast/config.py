@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from dataset_tools.errors import UserError
+
 from pipelines.config import CROPS, ENGINES, AugConfig, DataConfig
 
 from .archs import MODEL_NAMES, default_img_size, patch_size
@@ -23,8 +25,8 @@ from .archs import MODEL_NAMES, default_img_size, patch_size
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-class ConfigError(Exception):
-    pass
+class ConfigError(UserError):
+    """A config (a recipe, an --set, an --overrides file) that cannot be run as written."""
 
 
 @dataclass

@@ -13,10 +13,12 @@ from contextlib import nullcontext
 
 import torch
 
+from dataset_tools.errors import UserError
+
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-class DeviceError(Exception):
+class DeviceError(UserError):
     """A device was asked for that this machine does not have."""
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from dataset_tools.errors import UserError
 from pipelines import keys
 
 from . import checkpoint as ckpt
@@ -36,16 +37,18 @@ from .device import autocast, is_out_of_memory, max_mem_mb, reset_peak_memory
 from .loggers import EpochLoggers, required as loggers_required
 
 
-class TrainingDiverged(Exception):
-    pass
+class TrainingDiverged(UserError):
+    """The loss became NaN or inf: the run stops (exit code 3) with its last good checkpoint kept."""
+
+    exit_code, prefix = 3, "stopped"
 
 
-class ConfigMismatch(Exception):
-    pass
+class ConfigMismatch(UserError):
+    """A resume whose config differs from the checkpoint's in a key that changes what the run computes."""
 
 
-class OutOfMemory(Exception):
-    pass
+class OutOfMemory(UserError):
+    """The device ran out of memory at the configured batch: the message names the settings that lower it."""
 
 
 class Preempted(Exception):

@@ -10,13 +10,10 @@ import torch
 
 from .augment import DeviceStage
 from .config import ENGINES, AugConfig, DataConfig
+from .errors import DataError
 from .loader import Loader
 from .mix import Mixing
 from .sampler import EpochOrder, dist_rank_world
-
-
-class DataError(Exception):
-    """The data named by the config cannot be loaded (missing, not a .beton, labels out of range)."""
 
 
 def _check_beton(path: str | None, split: str, num_classes: int) -> int:

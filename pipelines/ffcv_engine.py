@@ -16,7 +16,7 @@ from numba import carray, types
 from numba.extending import intrinsic
 
 from . import crops, keys
-from .build import DataError
+from .errors import DataError
 from .crops import CropSpec
 from .resample import resize_box
 

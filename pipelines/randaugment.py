@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dataset_tools.errors import UserError
+
 from .augment import grayscale, per_sample, pil_grey
 
 # The ops timm's RandAugment sets use (_RAND_TRANSFORMS, _RAND_INCREASING_TRANSFORMS and the weighted '0' set).
@@ -50,8 +52,8 @@ class RandAugParams:
         return RandAugParams(self.op[:, s], self.apply[:, s], self.magnitude[:, s], self.negate[:, s])
 
 
-class RandAugmentError(ValueError):
-    pass
+class RandAugmentError(UserError, ValueError):
+    """A RandAugment policy the device stage cannot run (an op it lacks, a string timm cannot parse)."""
 
 
 class RandAugment:
