@@ -18,8 +18,8 @@ against closed forms (1 and 2 degrees of freedom), the normal limit and tabulate
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -45,7 +45,7 @@ def _values(values: Iterable[float], what: str = "values") -> list[float]:
     out = []
     for v in values:
         if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
-            raise ValueError(f"{what}: {v!r} is not a number")
+            raise TypeError(f"{what}: {v!r} is not a number")
         if not math.isfinite(v):
             raise ValueError(f"{what}: {v!r} is not finite (a diverged or unfinished run must be left out or counted "
                              "by the caller, not averaged)")
@@ -78,7 +78,7 @@ def _betacf(a: float, b: float, x: float) -> float:
     c, d = 1.0, 1.0 - qab * x / qap
     d = 1.0 / (d if abs(d) > tiny else tiny)
     h = d
-    # O(sqrt(max(a, b))) terms are needed; a = df / 2 stays below 5e3 here (larger df use the series in t_quantile).
+    # O(sqrt(max(a, b))) terms are needed: a = df / 2 < 500 from t_quantile (larger df use its series).
     for m in range(1, 100_000):
         m2 = 2 * m
         aa = m * (b - m) * x / ((qam + m2) * (a + m2))

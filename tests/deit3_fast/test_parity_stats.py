@@ -37,9 +37,10 @@ def test_summarize_degenerate_inputs():
     assert same == stats.Summary(76.1, 0.0, 3)
 
 
-@pytest.mark.parametrize("bad", [[76.0, float("nan")], [76.0, None], [76.0, "76"], [float("inf")]])
-def test_summarize_rejects_what_is_not_a_result(bad):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("bad, error", [([76.0, float("nan")], ValueError), ([float("inf")], ValueError),
+                                        ([76.0, None], TypeError), ([76.0, "76"], TypeError)])
+def test_summarize_rejects_what_is_not_a_result(bad, error):
+    with pytest.raises(error):
         summarize(bad)
 
 
