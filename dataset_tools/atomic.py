@@ -37,6 +37,23 @@ def check_writable(path: str) -> str | None:
     return None
 
 
+def check_folder_output(out: str) -> str | None:
+    """Why a shard set cannot be written into folder `out`, or None; the folder is created if its parent exists.
+    (deit3-convert checks it before converting, and before submitting the shard tasks that write there.)"""
+    if os.path.exists(out) and not os.path.isdir(out):
+        return f"{out} exists and is not a folder (a shard set is written into a folder)"
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        return f"folder {parent} does not exist"
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        return f"cannot create the folder: {e.strerror or e}"
+    if not os.access(out, os.W_OK | os.X_OK):
+        return f"folder {out} is not writable"
+    return None
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -20,7 +20,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.text import Text
 
-from .atomic import AtomicOutput, check_writable
+from .atomic import AtomicOutput, check_folder_output, check_writable
+from .convert_jobs import submit_shards
 from .errors import ConversionError, SourceError, UsageError, UserError
 from .imagefolder import read_class_list, scan_imagefolder, split_holdout
 from .report import merged_report, part_report, print_summary, version_of
@@ -105,7 +106,7 @@ def convert(src: str, out: str, *, max_resolution: int | None = None, short_side
     console = console or Console(stderr=True)
     started = time.perf_counter()
     if shards is not None:
-        problem = _check_folder_output(out)
+        problem = check_folder_output(out)
     else:
         problem = check_writable(out)
     if problem:
@@ -191,22 +192,6 @@ def convert(src: str, out: str, *, max_resolution: int | None = None, short_side
     if shards is None:
         return reports[0]
     return _finish_manifest(src, out, scan, paths, prints, has_holdout, options, started, reports)
-
-
-def _check_folder_output(out: str) -> str | None:
-    """A shard set goes into a folder: created if its parent exists."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        return f"{out} exists and is not a folder (a shard set is written into a folder)"
-    parent = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(parent):
-        return f"folder {parent} does not exist"
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        return f"cannot create the folder: {e.strerror or e}"
-    if not os.access(out, os.W_OK | os.X_OK):
-        return f"folder {out} is not writable"
-    return None
 
 
 def _finish_manifest(src, out, scan, paths, prints, has_holdout, options, started, fresh: dict) -> dict:
@@ -347,9 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         # main() is also called in-process (a submitit shard task, tests).
         previous = signal.signal(signal.SIGTERM, _terminate)
         if args.submit or args.local:
-            from .convert_jobs import submit_shards
-
-            return submit_shards(args, argv if argv is not None else sys.argv[1:], out_console)
+            return submit_shards(main, args, argv if argv is not None else sys.argv[1:], out_console)
         report = convert(args.src, args.out, max_resolution=args.max_resolution, short_side=args.short_side,
                          jpeg_quality=args.jpeg_quality, write_mode=args.write_mode,
                          compress_probability=args.compress_probability, workers=args.workers,

@@ -5,17 +5,22 @@ submitit's local executor (one at a time, each using all cores) and waits; `--su
 """
 from __future__ import annotations
 
+import os
+
+from .atomic import check_folder_output
+from .errors import ConversionError, SourceError
+
 
 class ShardTask:
-    """What array task I runs: `deit3-convert ARGV --shard-index I --quiet`; a non-zero exit fails the task."""
+    """What array task I runs: `deit3-convert ARGV --shard-index I --quiet`; a non-zero exit fails the task.
+    `main` is convert.main, handed in (pickled by reference with the task) rather than imported: convert imports
+    this module."""
 
-    def __init__(self, argv: list[str]):
-        self.argv = list(argv)
+    def __init__(self, main, argv: list[str]):
+        self.main, self.argv = main, list(argv)
 
     def __call__(self, index: int) -> int:
-        from .convert import main
-
-        code = main([*self.argv, "--shard-index", str(index), "--quiet"])
+        code = self.main([*self.argv, "--shard-index", str(index), "--quiet"])
         if code != 0:
             raise RuntimeError(f"deit3-convert --shard-index {index} exited with {code} (its stderr is in the "
                                "task's log)")
@@ -23,9 +28,9 @@ class ShardTask:
 
     def checkpoint(self, index: int):
         # Preempted or out of time: requeue the same task; it verifies and skips its shard if it got that far.
-        import submitit
+        import submitit  # optional (only --submit/--local need it): here, where submitit already runs the task
 
-        return submitit.helpers.DelayedSubmission(ShardTask(self.argv), index)
+        return submitit.helpers.DelayedSubmission(ShardTask(self.main, self.argv), index)
 
 
 def _task_argv(argv: list[str]) -> list[str]:
@@ -47,19 +52,13 @@ def _task_argv(argv: list[str]) -> list[str]:
     return out
 
 
-def submit_shards(args, argv: list[str], console) -> int:
+def submit_shards(main, args, argv: list[str], console) -> int:
+    """Send the shard tasks of `deit3-convert ARGV` (`main`: convert.main, what each task runs)."""
     try:
-        import submitit
+        import submitit  # optional: only --submit/--local need it
     except ImportError as e:
-        from .errors import ConversionError
-
         raise ConversionError(f"--submit/--local need submitit ({e}): pip install submitit") from None
-    import os
-
-    from .convert import _check_folder_output
-    from .errors import SourceError
-
-    problem = _check_folder_output(args.out)
+    problem = check_folder_output(args.out)
     if problem:
         raise SourceError(f"cannot write {args.out}: {problem}")
     tasks = args.shards + (1 if args.holdout else 0)
@@ -74,7 +73,7 @@ def submit_shards(args, argv: list[str], console) -> int:
             if value:
                 params[key] = value
         executor.update_parameters(**params)
-    task = ShardTask(_task_argv(argv))
+    task = ShardTask(main, _task_argv(argv))
     if args.local:
         # The local executor would run array tasks concurrently, each with every core: one at a time is faster.
         jobs = []
