@@ -46,8 +46,9 @@ def main() -> None:
 
     from timm.optim import Lamb as TimmLamb
 
+    from deit3_fast.lamb import Lamb
     from deit3_fast.models import create_model
-    from deit3_fast.optim import Lamb, param_groups_weight_decay
+    from deit3_fast.optim import param_groups_weight_decay
 
     torch.manual_seed(0)
     model = create_model(args.model).to(device)

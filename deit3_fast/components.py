@@ -1,9 +1,10 @@
 """The components of a run, built from a config (`build`): model, optimiser, schedule, loss, loaders, and the
 batch arithmetic, held in one `Run`; the loop that uses them is trainer.py.
 
-`build` is config -> plain values -> factories (models.create_model, optim.build_optimizer, pipelines.build_loader),
-the same for `train`, `profile` and the tests. With `schedule.resolution` the model takes any patch grid and each
-epoch's size (and, with `batch_sizes`, its batch plan) comes from `Run.train_size` / `Run.batch_at`.
+`build` is config -> each section's own `build` (optim.OptimConfig, schedule.ScheduleConfig and its resolution) and
+plain values for the factories of the rest (models.create_model, losses.RecipeLoss, loaders.make_loader), the same
+for `train`, `profile` and the tests. With `schedule.resolution` the model takes any patch grid and each epoch's
+size (and, with `batch_sizes`, its batch plan) comes from `Run.train_size` / `Run.batch_at`.
 """
 from __future__ import annotations
 
@@ -13,16 +14,18 @@ from datetime import timedelta
 
 import torch
 
-from pipelines import DataError, build_loader, check_same_classes
+from dataset_tools.shards import classes_of
+from pipelines import DataError, check_same_classes
 
 from . import distributed as dist
 from .batching import BatchPlan, batch_plan, batch_plans
-from .config import Config, resolve_num_classes
-from .device import AMP_DTYPES, device_name, resolve_amp
+from .config import Config, parse_sets, resolve_num_classes
+from .device import device_name, resolve_amp
+from .evalsets import class_mask
+from .loaders import make_loader
 from .losses import RecipeLoss
 from .models import create_model
-from .optim import build_optimizer
-from .schedule import WarmupCosine, resolution_schedule
+from .schedule import WarmupCosine
 
 
 class StopFlag:
@@ -90,17 +93,6 @@ class Run:
             self.ema.module.load_state_dict(state["ema"])
 
 
-def make_loader(cfg: Config, split: str, device: torch.device, *, amp: str | None = None,
-                batch_size: int | None = None, auto_compile: bool = True):
-    """The data path's loader for this config: its `data` and `aug` sections and the plain values pipelines take.
-    `auto_compile=False` for a loader that yields a batch or two (preview): no compilation it cannot repay."""
-    amp = amp or resolve_amp(cfg.train.amp, device)
-    cfg = resolve_num_classes(cfg)
-    data = cfg.data if batch_size is None else replace(cfg.data, batch_size=batch_size)
-    return build_loader(data, cfg.aug, split, num_classes=cfg.model.num_classes, device=device,
-                        dtype=AMP_DTYPES[amp], compile=cfg.train.compile, auto_compile=auto_compile)
-
-
 STAGE_TIMEOUT = timedelta(hours=12)  # data.stage_to: how long the other processes wait for a node's copy
 
 
@@ -135,7 +127,7 @@ def build(cfg: Config, device: torch.device) -> Run:
     torch.manual_seed(cfg.train.seed)  # the same init on every rank (DDP also broadcasts rank 0's)
     plan, batches = batch_plan(cfg, dist.world()), batch_plans(cfg, dist.world())  # bad arithmetic fails first
     amp = resolve_amp(cfg.train.amp, device)
-    sizes = resolution_schedule(cfg.schedule.resolution, cfg.aug.img_size, cfg.schedule.epochs)
+    sizes = cfg.schedule.resolution.build(cfg.aug.img_size, cfg.schedule.epochs)
     # Progressive resolution: timm's dynamic image size resamples pos_embed (bicubic) for each epoch's patch grid;
     # at aug.img_size it is used as it is, so evaluation and checkpoints are those of a fixed-size model.
     model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, img_size=cfg.aug.img_size,
@@ -143,9 +135,7 @@ def build(cfg: Config, device: torch.device) -> Run:
                          checkpoint=cfg.model.checkpoint, **({"dynamic_img_size": True} if sizes else {})).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    o = cfg.optim
-    optimizer = build_optimizer(o.name, model, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas),
-                                eps=o.eps, max_grad_norm=o.max_grad_norm, compile=cfg.train.compile)
+    optimizer = cfg.optim.build(model, compile=cfg.train.compile)
     forward = ddp = None
     if dist.world() > 1:
         forward = ddp = torch.nn.parallel.DistributedDataParallel(
@@ -168,9 +158,7 @@ def build(cfg: Config, device: torch.device) -> Run:
     if cfg.data.val:
         check_same_classes(cfg.data.train, cfg.data.val)
     val_loader = make_loader(cfg, "val", device, amp=amp, batch_size=plan.per_process) if cfg.data.val else None
-    s = cfg.schedule
-    scheduler = WarmupCosine(optimizer, max(1, len(train_loader) // plan.accum), lr=o.lr, epochs=s.epochs,
-                             warmup_epochs=s.warmup_epochs, warmup_lr=s.warmup_lr, min_lr=s.min_lr)
+    scheduler = cfg.schedule.build(optimizer, max(1, len(train_loader) // plan.accum), lr=cfg.optim.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     ema = None
     if cfg.train.ema_decay:
@@ -184,10 +172,6 @@ def build(cfg: Config, device: torch.device) -> Run:
 
 def _extra_val_loaders(cfg: Config, device: torch.device, amp: str, batch: int) -> list:
     """train.extra_val's sets (ImageNet-V2, -A, -R, ...): a loader and a class mask each, checked at start."""
-    from dataset_tools.shards import classes_of
-
-    from .evalsets import class_mask, parse_sets
-
     out = []
     for s in parse_sets(cfg.train.extra_val):
         check_same_classes(cfg.data.train, s.path)

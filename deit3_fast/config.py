@@ -1,14 +1,17 @@
 """The config tree: one validated object, loaded from YAML (+ `--set a.b=value` overrides), passed down as plain values.
 
-Sections: `model`, `data`, `aug` (the data path's own dataclasses, see pipelines/config.py), `optim`, `schedule`,
-`train`, and `loss`. An unknown key, a value of the wrong type or out of range, and a combination that cannot run
-(an image smaller than one patch) is a `ConfigError` naming it (with the closest valid key or value); recipes in
-`configs/` are found by name from any directory. No torch here: every command can load and check a config at once.
+Sections: `model`, `data`, `aug` (the data path's own dataclasses, see pipelines/config.py), `optim` (optim.py),
+`schedule` (schedule.py), `train`, and `loss` (its names in losses.py). A section lives beside the component it
+configures, with its names, the checks of its keys (declared as in schema.py) and its `build`; this module composes
+them, reads YAML and `--set`, and checks what no single section can. An unknown key, a value of the wrong type or out
+of range, and a combination that cannot run (an image smaller than one patch) is a `ConfigError` naming it (with the
+closest valid key or value); recipes in `configs/` are found by name from any directory. No torch here, nor in the
+sections' modules at import: every command can load and check a config at once.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,71 +19,47 @@ from pathlib import Path
 
 import yaml
 
-from dataset_tools.errors import UserError
-
 from pipelines.config import CROPS, ENGINES, AugConfig, DataConfig
 
+from .amp import AMP_CHOICES
 from .archs import MODEL_NAMES, default_img_size, patch_size
+from .losses import LOSSES
+from .optim import OptimConfig
+from .schedule import ResolutionConfig, ScheduleConfig
+from .schema import ConfigError, at_least_one, check_value, checked, closest, one_of
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
+# Also what the other modules and the tests import from here: ConfigError (schema.py) and the composed sections.
+__all__ = ["CONFIG_DIR", "Config", "ConfigError", "ModelConfig", "DataConfig", "AugConfig", "OptimConfig",
+           "ScheduleConfig", "ResolutionConfig", "TrainConfig", "EvalSet", "parse_sets", "load_config"]
 
-class ConfigError(UserError):
-    """A config (a recipe, an --set, an --overrides file) that cannot be run as written."""
+
+def _count_or_auto(value, where: str) -> None:
+    if isinstance(value, str) and value != "auto":
+        raise ConfigError(f"{where}: a class count or auto, got {value!r}")
 
 
 @dataclass
 class ModelConfig:
-    name: str = "deit3_small"       # deit3_{small,...,huge}, timm's deit3_*_patch*_RES or official deit_*_LS names
-    num_classes: int | str = 1000   # or auto: the class count of data.train's manifest or conversion report
+    # deit3_{small,...,huge}, timm's deit3_*_patch*_RES or official deit_*_LS names (archs.py)
+    name: str = one_of("deit3_small", MODEL_NAMES)
+    # or auto: the class count of data.train's manifest or conversion report
+    num_classes: int | str = checked(1000, _count_or_auto, positive=True)
     drop_path: float = 0.05         # the same rate in every block (official), not timm's linear ramp
     layer_scale_init: float | None = 1e-4  # null: no LayerScale (plain pre-norm residual blocks)
     checkpoint: str | None = None   # weights to start from (fine-tuning)
 
 
 @dataclass
-class OptimConfig:
-    name: str = "lamb"              # lamb (pre-training) | adamw (fine-tuning)
-    lr: float = 4e-3                # used as-is (the recipes' --unscale-lr)
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    max_grad_norm: float = 1.0      # LAMB's built-in global clipping
-
-
-@dataclass
-class ResolutionConfig:
-    """Progressive resolution (FFCV's low-res-first schedules): the training crop size moves linearly from `start`
-    at `start_epoch` to `end` at `end_epoch`, in multiples of `step`; evaluation stays at aug.img_size."""
-    start: int | None = None        # null: no ramp, aug.img_size throughout
-    end: int | None = None          # null: aug.img_size
-    start_epoch: int = 0
-    end_epoch: int = 0
-    step: int = 32                  # sizes are multiples of it: a small fixed set (torch.compile compiles each once)
-    # Per-process batch at a training size, e.g. {128: 256, 160: 128}; sizes not named use data.batch_size. The
-    # global batch stays train.global_batch: accumulation steps make up the difference, so the optimiser steps and
-    # the learning-rate schedule are those of a fixed-batch run (larger batches where small crops leave memory).
-    batch_sizes: dict[int, int] = field(default_factory=dict)
-
-
-@dataclass
-class ScheduleConfig:
-    epochs: int = 800
-    warmup_epochs: int = 5
-    warmup_lr: float = 1e-6
-    min_lr: float = 1e-5
-    resolution: ResolutionConfig = field(default_factory=ResolutionConfig)
-
-
-@dataclass
 class TrainConfig:
-    global_batch: int = 2048        # = data.batch_size x world size x accumulation steps
-    amp: str = "auto"               # auto: bf16 where native, else fp16 + GradScaler | bf16 | fp16 | fp32
+    global_batch: int = at_least_one(2048)  # = data.batch_size x world size x accumulation steps
+    amp: str = one_of("auto", AMP_CHOICES)  # auto: bf16 where native, else fp16 + GradScaler | bf16 | fp16 | fp32
     compile: bool = False
     channels_last: bool = True
     ema_decay: float | None = None
     seed: int = 0
-    log_every: int = 50
+    log_every: int = at_least_one(50)
     extra_val: list[str] = field(default_factory=list)  # NAME=PATH sets also evaluated (v2, a, r, ...)
     extra_val_every: int = 0        # epochs between their evaluations; 0: the last epoch only
     reference: str = "auto"         # official curve to compare with: auto (the recipe this run follows) | NAME | none
@@ -97,23 +76,35 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    loss: str = "bce"               # bce: BCE on binarised mixed targets | ce: soft-target cross-entropy
+    loss: str = one_of("bce", LOSSES)  # bce: BCE on binarised mixed targets | ce: soft-target cross-entropy
 
 
-# The vocabulary of this schema's own keys, imported by the modules that act on them (optim.py, losses.py, device.py).
-OPTIMIZERS = ("lamb", "adamw")
-LOSSES = ("bce", "ce")
-AMP_CHOICES = ("auto", "bf16", "fp16", "fp32")
-_CHOICES = {"data.engine": ENGINES, "aug.crop": CROPS, "loss": LOSSES, "train.amp": AMP_CHOICES,
-            "optim.name": OPTIMIZERS, "model.name": MODEL_NAMES}
-# Sizes and counts a run divides by or loops over: 0 would be a ZeroDivisionError, or a loader that hangs.
-_POSITIVE = {"data.batch_size", "train.global_batch", "train.log_every", "aug.img_size", "model.num_classes",
-             "schedule.epochs"}
+@dataclass(frozen=True)
+class EvalSet:
+    name: str
+    path: str
 
 
-def _closest(key: str, options) -> str:
-    match = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
-    return f" (did you mean '{match[0]}'?)" if match else f" (valid: {', '.join(options)})"
+def parse_sets(specs: list[str]) -> list[EvalSet]:
+    """NAME=PATH strings (the command line's --val, the config's train.extra_val) as sets; names are unique. Here,
+    with the train section, so that a typo fails at load, not after the first epoch; evalsets.py scores them."""
+    sets = []
+    for spec in specs:
+        name, sep, path = str(spec).partition("=")
+        name = name.strip().lower()
+        if not sep or not name or not path or not re.fullmatch(r"[a-z0-9_-]+", name):
+            raise ConfigError(f"validation set {spec!r}: expected NAME=PATH with NAME of letters, digits, - or _ "
+                              "(in1k, v2, a, r, ...)")
+        if name in (s.name for s in sets):
+            raise ConfigError(f"validation set {name!r} is given twice")
+        sets.append(EvalSet(name, path.strip()))
+    return sets
+
+
+# The data path's sections are pipelines' own plain dataclasses (it knows nothing of this schema): their keys'
+# checks are declared here. The other sections declare theirs on their fields (schema.py).
+_CHOICES = {"data.engine": ENGINES, "aug.crop": CROPS}
+_POSITIVE = {"data.batch_size", "aug.img_size"}  # 0 would be a ZeroDivisionError, or a loader that hangs
 
 
 def _coerce(value, tp, where: str):
@@ -165,25 +156,22 @@ def _coerce(value, tp, where: str):
 
 def _build(cls, values: dict, prefix: str = ""):
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
     kwargs = {}
     for key, value in values.items():
         where = f"{prefix}{key}"
         if not isinstance(key, str) or key not in names:  # YAML keys can be numbers or null
-            raise ConfigError(f"unknown config key '{where}'" + _closest(str(key), names))
+            raise ConfigError(f"unknown config key '{where}'" + closest(str(key), names))
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, {} if value is None else value, where + ".")
         else:
             kwargs[key] = _coerce(value, tp, where)
-            if where in _CHOICES and kwargs[key] not in _CHOICES[where]:
-                raise ConfigError(f"{where}: {kwargs[key]!r} is not one of {', '.join(_CHOICES[where])}")
-            if where == "model.num_classes" and isinstance(kwargs[key], str) and kwargs[key] != "auto":
-                raise ConfigError(f"{where}: a class count or auto, got {kwargs[key]!r}")
-            if where in _POSITIVE and isinstance(kwargs[key], int) and kwargs[key] < 1:
-                raise ConfigError(f"{where}: must be at least 1, got {kwargs[key]!r}")
+            declared = fields[key].metadata or {"choices": _CHOICES.get(where), "positive": where in _POSITIVE}
+            check_value(declared, kwargs[key], where)
     return cls(**kwargs)
 
 
@@ -193,6 +181,7 @@ def resolve_num_classes(cfg: Config) -> Config:
     classes, winter21: 19,167), so the IN-21k recipes take it from the data."""
     if cfg.model.num_classes != "auto":
         return cfg
+    # Here: the .beton reader imports numpy, which a config that gives its class count never needs.
     from dataset_tools.beton import BetonError
     from dataset_tools.shards import classes_of
 
@@ -231,7 +220,7 @@ def resolve_path(name_or_path: str, folder: Path = CONFIG_DIR, what: str = "conf
     if hits:
         return hits[0]
     known = sorted(q.stem for q in folder.rglob("*.yaml")) if folder.is_dir() else []
-    hint = _closest(Path(stem).stem, known) if known else ""
+    hint = closest(Path(stem).stem, known) if known else ""
     raise ConfigError(f"{what} '{name_or_path}' not found (not a file, not in {folder}){hint}")
 
 
@@ -315,41 +304,8 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"train.extra_val_every: must be >= 0 (0: the last epoch only), got "
                           f"{cfg.train.extra_val_every}")
     _check_randaugment(cfg.aug.auto_augment)
-    _check_resolution(cfg.schedule.resolution, cfg.aug.img_size, patch, cfg.model.name, cfg.schedule.epochs)
-    from .evalsets import parse_sets
-
+    cfg.schedule.resolution.check(cfg.aug.img_size, patch, cfg.model.name, cfg.schedule.epochs)
     parse_sets(cfg.train.extra_val)  # NAME=PATH, names unique: a typo fails at load, not after the first epoch
-
-
-def _check_resolution(r: ResolutionConfig, img_size: int, patch: int, model: str, epochs: int) -> None:
-    if r.start is None:
-        if r.batch_sizes:
-            raise ConfigError("schedule.resolution.batch_sizes: a batch per training size needs a ramp "
-                              "(schedule.resolution.start); without one, set data.batch_size")
-        return
-    end = r.end if r.end is not None else img_size
-    where = "schedule.resolution"
-    if r.step < 1:
-        raise ConfigError(f"{where}.step: must be at least 1, got {r.step} (the sizes are multiples of it)")
-    if r.start % r.step or end % r.step:
-        raise ConfigError(f"{where}: start {r.start} and end {end} (null: aug.img_size) must be multiples of step "
-                          f"{r.step}, so that the sizes are a small fixed set")
-    if r.start < patch or r.start > end:
-        raise ConfigError(f"{where}: start {r.start} must be at least {model}'s patch size {patch} and at most end "
-                          f"{end}")
-    if not 0 <= r.start_epoch < r.end_epoch:
-        raise ConfigError(f"{where}: the ramp needs 0 <= start_epoch < end_epoch, got {r.start_epoch} and "
-                          f"{r.end_epoch}")
-    if r.end_epoch >= epochs:
-        raise ConfigError(f"{where}: end_epoch {r.end_epoch} must be below schedule.epochs {epochs}, or the run "
-                          f"never trains at the final size {end}")
-    sizes = range(r.start, end + 1, r.step)  # a short budget may skip some of them (ablate scales the ramp)
-    for size, batch in r.batch_sizes.items():
-        if size not in sizes:
-            raise ConfigError(f"{where}.batch_sizes: the ramp never trains at {size} px; its sizes are "
-                              f"{', '.join(map(str, sizes))}")
-        if batch < 1:
-            raise ConfigError(f"{where}.batch_sizes[{size}]: must be at least 1, got {batch}")
 
 
 _RA_SECTIONS = ("mstd", "mmax", "inc", "m", "n", "p")  # timm's rand_augment_transform options (t: a transform set)

@@ -15,7 +15,9 @@ import torch
 
 from dataset_tools.errors import UserError
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from .amp import PRECISIONS
+
+AMP_DTYPES = {name: getattr(torch, dtype) for name, dtype in PRECISIONS.items()}
 
 
 class DeviceError(UserError):

@@ -8,50 +8,46 @@
 * ReaL (`--real real.json`): the IN-1k validation predictions scored against the reassessed labels, looked up by
   each sample's source file name (`ILSVRC2012_val_{i+1:08d}.JPEG` is entry i; an empty entry is not counted).
 
-A set is given as NAME=PATH (a .beton or shard folder converted with the training split's class list). No torch
-at import: the config checks the NAME=PATH lists.
+A set is given as NAME=PATH (a .beton or shard folder converted with the training split's class list; the config's
+`parse_sets` reads the lists, so a typo fails at load). The loop that scores a loader is eval_loop.py, which the
+trainer's evaluation runs too.
 """
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
-from .config import CONFIG_DIR, Config, ConfigError
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from dataset_tools.atomic import write_text_atomic
+from dataset_tools.beton import BetonError
+from dataset_tools.shards import classes_of, source_names
+from pipelines import DataError
+
+from .checkpoint import CheckpointError, load
+from .config import CONFIG_DIR, Config, ConfigError, EvalSet, parse_sets
+from .device import resolve_amp
+from .eval_loop import evaluate
+from .loaders import make_loader
+from .models import create_model, load_checkpoint
+
+# EvalSet and parse_sets are the config's (it checks train.extra_val at load); the eval command takes them from here.
+__all__ = ["EvalSet", "parse_sets", "class_mask", "real_set", "evaluate_checkpoint", "real_top1", "load_real",
+           "save_predictions", "render"]
 
 SUBSETS = {"a": "imagenet_a_wnids.txt", "imagenet-a": "imagenet_a_wnids.txt",
            "r": "imagenet_r_wnids.txt", "imagenet-r": "imagenet_r_wnids.txt"}
 _VAL_NAME = re.compile(r"ILSVRC2012_val_(\d{8})\.JPEG$")
 
 
-@dataclass(frozen=True)
-class EvalSet:
-    name: str
-    path: str
-
-
-def parse_sets(specs: list[str]) -> list[EvalSet]:
-    """NAME=PATH strings (the command line's --val, the config's data.extra_val) as sets; names are unique."""
-    sets = []
-    for spec in specs:
-        name, sep, path = str(spec).partition("=")
-        name = name.strip().lower()
-        if not sep or not name or not path or not re.fullmatch(r"[a-z0-9_-]+", name):
-            raise ConfigError(f"validation set {spec!r}: expected NAME=PATH with NAME of letters, digits, - or _ "
-                              "(in1k, v2, a, r, ...)")
-        if name in (s.name for s in sets):
-            raise ConfigError(f"validation set {name!r} is given twice")
-        sets.append(EvalSet(name, path.strip()))
-    return sets
-
-
 def class_mask(name: str, classes: list[str] | None, num_classes: int):
     """The classes a set is scored over (a bool tensor, one per class), or None for all of them."""
     if name not in SUBSETS:
         return None
-    import torch
-
     wnids = (CONFIG_DIR / "reference" / SUBSETS[name]).read_text().split()
     if not classes:
         raise ConfigError(f"validation set {name!r}: masking to its {len(wnids)} classes needs the class list it "
@@ -86,18 +82,6 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, sets: list[EvalSet], devic
     """Score `checkpoint` (its EMA weights with `ema`) on each set as that set must be scored: {set name: {acc1,
     acc5, n[, classes]}}, plus "real" when ReaL labels are given (scored on the set named in1k or val), and with
     `keep` one prediction row per image (set, index, source file, label, top-5)."""
-    import torch
-
-    from dataset_tools.beton import BetonError
-    from dataset_tools.shards import classes_of, source_names
-    from pipelines import DataError
-
-    from .checkpoint import CheckpointError, load
-    from .components import make_loader
-    from .device import resolve_amp
-    from .models import create_model, load_checkpoint
-    from .trainer import evaluate
-
     scored_by_real = real_set(sets, real)
     model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, img_size=cfg.aug.img_size,
                          layer_scale_init=cfg.model.layer_scale_init)
@@ -165,16 +149,11 @@ def load_real(path: str | Path) -> list[list[int]]:
 
 def save_predictions(path: str | Path, rows: list[dict]) -> None:
     """One JSON object per sample: set, index, source file, label, top-5."""
-    from dataset_tools.atomic import write_text_atomic
-
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def render(results: dict) -> None:
     """The table `eval` prints (on stderr: stdout is its JSON)."""
-    from rich.console import Console
-    from rich.table import Table
-
     t = Table(title="evaluation", title_justify="left")
     for col in ("set", "images", "top-1", "top-5", "scored over"):
         t.add_column(col, justify="left" if col in ("set", "scored over") else "right")

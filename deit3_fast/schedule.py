@@ -1,4 +1,5 @@
-"""Learning rate and training resolution over a run.
+"""Learning rate and training resolution over a run: the config's `schedule` section (`ScheduleConfig`, with its
+`resolution` ramp), its checks, and what it builds. No torch here (the config schema composes these sections).
 
 Learning rate: linear warm-up from `warmup_lr`, then cosine down to `min_lr`, evaluated every step.
 
@@ -13,6 +14,75 @@ we do not reproduce that.) Short ablation schedules scale both phases with the e
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+
+from .schema import ConfigError, at_least_one
+
+
+@dataclass
+class ResolutionConfig:
+    """Progressive resolution (FFCV's low-res-first schedules): the training crop size moves linearly from `start`
+    at `start_epoch` to `end` at `end_epoch`, in multiples of `step`; evaluation stays at aug.img_size."""
+    start: int | None = None        # null: no ramp, aug.img_size throughout
+    end: int | None = None          # null: aug.img_size
+    start_epoch: int = 0
+    end_epoch: int = 0
+    step: int = 32                  # sizes are multiples of it: a small fixed set (torch.compile compiles each once)
+    # Per-process batch at a training size, e.g. {128: 256, 160: 128}; sizes not named use data.batch_size. The
+    # global batch stays train.global_batch: accumulation steps make up the difference, so the optimiser steps and
+    # the learning-rate schedule are those of a fixed-batch run (larger batches where small crops leave memory).
+    batch_sizes: dict[int, int] = field(default_factory=dict)
+
+    def check(self, img_size: int, patch: int, model: str, epochs: int) -> None:
+        """The ramp against the rest of the config: aug.img_size (the default end), the model's patch size (the
+        smallest start), schedule.epochs (the ramp must end before the run does)."""
+        r = self
+        if r.start is None:
+            if r.batch_sizes:
+                raise ConfigError("schedule.resolution.batch_sizes: a batch per training size needs a ramp "
+                                  "(schedule.resolution.start); without one, set data.batch_size")
+            return
+        end = r.end if r.end is not None else img_size
+        where = "schedule.resolution"
+        if r.step < 1:
+            raise ConfigError(f"{where}.step: must be at least 1, got {r.step} (the sizes are multiples of it)")
+        if r.start % r.step or end % r.step:
+            raise ConfigError(f"{where}: start {r.start} and end {end} (null: aug.img_size) must be multiples of "
+                              f"step {r.step}, so that the sizes are a small fixed set")
+        if r.start < patch or r.start > end:
+            raise ConfigError(f"{where}: start {r.start} must be at least {model}'s patch size {patch} and at most "
+                              f"end {end}")
+        if not 0 <= r.start_epoch < r.end_epoch:
+            raise ConfigError(f"{where}: the ramp needs 0 <= start_epoch < end_epoch, got {r.start_epoch} and "
+                              f"{r.end_epoch}")
+        if r.end_epoch >= epochs:
+            raise ConfigError(f"{where}: end_epoch {r.end_epoch} must be below schedule.epochs {epochs}, or the run "
+                              f"never trains at the final size {end}")
+        sizes = range(r.start, end + 1, r.step)  # a short budget may skip some of them (ablate scales the ramp)
+        for size, batch in r.batch_sizes.items():
+            if size not in sizes:
+                raise ConfigError(f"{where}.batch_sizes: the ramp never trains at {size} px; its sizes are "
+                                  f"{', '.join(map(str, sizes))}")
+            if batch < 1:
+                raise ConfigError(f"{where}.batch_sizes[{size}]: must be at least 1, got {batch}")
+
+    def build(self, img_size: int, epochs: int) -> list[int] | None:
+        """Every epoch's training size (None: no ramp, aug.img_size throughout)."""
+        return resolution_schedule(self, img_size, epochs)
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = at_least_one(800)
+    warmup_epochs: int = 5
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    resolution: ResolutionConfig = field(default_factory=ResolutionConfig)
+
+    def build(self, optimizer, steps_per_epoch: int, *, lr: float) -> WarmupCosine:
+        """The learning rate of `optimizer`'s groups at every step: warm-up to `lr` (optim.lr), cosine after."""
+        return WarmupCosine(optimizer, steps_per_epoch, lr=lr, epochs=self.epochs, warmup_epochs=self.warmup_epochs,
+                            warmup_lr=self.warmup_lr, min_lr=self.min_lr)
 
 
 def lr_at(epoch: float, *, lr: float, epochs: int, warmup_epochs: float, warmup_lr: float, min_lr: float) -> float:

@@ -34,6 +34,7 @@ from .batching import batch_plan
 from .components import Run, StopFlag, build, run_facts, stage_data
 from .config import NO_EFFECT_KEYS, Config, differences, resolve_num_classes, to_dict, with_defaults
 from .device import autocast, is_out_of_memory, max_mem_mb, reset_peak_memory
+from .eval_loop import evaluate
 from .loggers import EpochLoggers, required as loggers_required
 
 
@@ -162,51 +163,6 @@ def train_one_epoch(run: Run, epoch: int, progress: Progress | None = None,
     if total[2]:
         row.update(cpu_decoded=int(total[2]), cpu_decoded_reasons=report.get("cpu_decoded_reasons", {}))
     return EpochResult(steps, row=row)
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, amp: str, progress: Progress | None = None,
-             mask: torch.Tensor | None = None, keep: bool = False) -> dict:
-    """Top-1/top-5 (%) over every sample of `loader`'s set, counted once across ranks. `mask` (bool, one per class)
-    scores over those classes only (ImageNet-A/-R); `keep` also returns each sample's index, label and top-5, in
-    sample order, gathered from every rank."""
-    model.eval()
-    correct1 = correct5 = n = 0
-    kept = []
-    task = progress.add_task("eval", total=len(loader), info="") if progress else None
-    device = next(model.parameters()).device
-    masked_out = None if mask is None else ~mask.to(device)
-    for x, y in loader:
-        with autocast(x.device, amp):
-            logits = model(x)
-        logits = logits.float()
-        if masked_out is not None:
-            logits = logits.masked_fill(masked_out, float("-inf"))
-        top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-        hit = top5 == y[:, None]
-        correct1 += hit[:, 0].sum()
-        correct5 += hit.any(dim=-1).sum()
-        n += len(y)
-        if keep:
-            kept.append((y.cpu(), top5.cpu()))
-        if progress:
-            progress.advance(task)
-    if progress:
-        progress.remove_task(task)
-    # Each rank saw its own unpadded shard: summing the counts gives every sample exactly once.
-    sums = dist.all_reduce_sum(torch.tensor([float(correct1), float(correct5), float(n)], dtype=torch.float64,
-                                            device=device))
-    c1, c5, n = sums.tolist()
-    result = {"acc1": 100.0 * c1 / max(n, 1), "acc5": 100.0 * c5 / max(n, 1), "n": int(n)}
-    if keep:
-        labels = torch.cat([k[0] for k in kept]).numpy() if kept else np.zeros(0, np.int64)
-        top5 = torch.cat([k[1] for k in kept]).numpy() if kept else np.zeros((0, 5), np.int64)
-        index = loader.engine.epoch_order.indices(0)[:len(labels)]
-        parts = dist.all_gather_object((index, labels, top5))
-        index, labels, top5 = (np.concatenate([p[i] for p in parts]) for i in range(3))
-        order = np.argsort(index, kind="stable")
-        result.update(index=index[order], label=labels[order], top5=top5[order])
-    return result
 
 
 # May change on resume: what does not change the computation, and schedule.epochs (extending a run).

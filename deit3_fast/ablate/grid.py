@@ -11,7 +11,8 @@ from pathlib import Path
 
 import yaml
 
-from ..config import CONFIG_DIR, Config, ConfigError, _closest, apply_override, load_config, resolve_path
+from ..config import CONFIG_DIR, Config, ConfigError, apply_override, load_config, resolve_path
+from ..schema import closest
 
 ABLATIONS_DIR = CONFIG_DIR / "ablations"
 GRID_KEYS = ("base", "sets", "variants", "axes")
@@ -131,7 +132,7 @@ def _variant_entries(raw, where: str) -> list[tuple[str, str | None, list[str]]]
         for k in entry:
             if k not in VARIANT_KEYS:
                 raise _error(f"{where}: variant '{entry['name']}': unknown key '{k}'"
-                             + _closest(str(k), VARIANT_KEYS))
+                             + closest(str(k), VARIANT_KEYS))
         cfg = entry.get("cfg")
         if cfg is not None and not isinstance(cfg, str):
             raise _error(f"{where}: variant '{entry['name']}': 'cfg' must be a config name or path")
@@ -167,7 +168,7 @@ def load_grid(name_or_path: str, extra_sets: list[str] | tuple = ()) -> Grid:
         raise _error(f"{where}: a grid is a mapping with keys {', '.join(GRID_KEYS)}")
     for k in raw:
         if k not in GRID_KEYS:
-            raise _error(f"{where}: unknown grid key '{k}'" + _closest(str(k), GRID_KEYS))
+            raise _error(f"{where}: unknown grid key '{k}'" + closest(str(k), GRID_KEYS))
     if "variants" not in raw and "axes" not in raw:
         raise _error(f"{where}: a grid needs 'variants', 'axes' or both")
     base = raw.get("base")

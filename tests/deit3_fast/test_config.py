@@ -6,6 +6,7 @@ import pytest
 
 from deit3_fast.batching import batch_plan
 from deit3_fast.config import ConfigError, load_config
+from pipelines.config import ENGINES
 
 from ..conftest import REPO
 
@@ -23,12 +24,38 @@ def test_loading_and_checking_a_config_imports_no_torch():
 
 
 def test_each_vocabulary_is_written_once():
-    from deit3_fast import config, device, losses, optim
+    """Each component owns its names; the config's sections check their keys against those very tuples."""
+    from dataclasses import fields
+
+    from deit3_fast import amp, archs, config, device, losses, optim
     from pipelines import config as data_config
 
-    assert optim.OPTIMIZERS is config.OPTIMIZERS and losses.LOSSES is config.LOSSES
-    assert set(device.AMP_DTYPES) | {"auto"} == set(config.AMP_CHOICES)
+    def choices(cls, key):
+        return next(f for f in fields(cls) if f.name == key).metadata["choices"]
+
+    assert choices(config.OptimConfig, "name") is optim.OPTIMIZERS and choices(config.Config, "loss") is losses.LOSSES
+    assert choices(config.TrainConfig, "amp") is amp.AMP_CHOICES and set(device.AMP_DTYPES) | {"auto"} == \
+        set(amp.AMP_CHOICES)
+    assert choices(config.ModelConfig, "name") is archs.MODEL_NAMES
     assert config._CHOICES["data.engine"] is data_config.ENGINES and config._CHOICES["aug.crop"] is data_config.CROPS
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.name=sgd", "optim.name: 'sgd' is not one of lamb, adamw"),
+    ("loss=mse", "loss: 'mse' is not one of bce, ce"),
+    ("train.amp=fp8", "train.amp: 'fp8' is not one of auto, bf16, fp16, fp32"),
+    ("data.engine=pil", f"data.engine: 'pil' is not one of {', '.join(ENGINES)}"),
+    ("aug.crop=center", "aug.crop: 'center' is not one of rrc, src"),
+    ("model.num_classes=0", "model.num_classes: must be at least 1, got 0"),
+    ("model.num_classes=many", "model.num_classes: a class count or auto, got 'many'"),
+    ("schedule.epochs=0", "schedule.epochs: must be at least 1, got 0"),
+    ("train.global_batch=-2", "train.global_batch: must be at least 1, got -2"),
+])
+def test_each_section_checks_its_keys(override, message):
+    """The checks a section declares on its fields (schema.py) run on the values read, wherever it lives."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert str(e.value) == message
 
 
 def test_an_image_smaller_than_one_patch_is_refused_at_load():

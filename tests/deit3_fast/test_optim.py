@@ -1,4 +1,4 @@
-"""`deit3_fast.optim`: `Lamb` against a float64 per-parameter reference of apex `FusedLAMB`, the DeiT III weight-decay
+"""`deit3_fast.lamb` and `deit3_fast.optim`: `Lamb` against a float64 per-parameter reference of apex `FusedLAMB`, the DeiT III weight-decay
 split, and `build_optimizer`.
 
 The reference is written out from apex's csrc/multi_tensor_lamb.cu (adam_w_mode=1, grad_averaging=1,
@@ -13,7 +13,8 @@ import pytest
 import timm
 import torch
 
-from deit3_fast.optim import Lamb, build_optimizer, param_groups_weight_decay
+from deit3_fast.lamb import Lamb
+from deit3_fast.optim import build_optimizer, param_groups_weight_decay
 
 # float64 everywhere: the two implementations differ only in rounding order, ~1e-15 relative per step.
 RTOL, ATOL = 1e-10, 1e-12
@@ -300,6 +301,20 @@ def test_build_optimizer():
 
     with pytest.raises(ValueError, match="lamb.*adamw"):
         build_optimizer("sgd", model, lr=0.1, weight_decay=0.0)
+
+
+@pytest.mark.parametrize("name", ["lamb", "adamw"])
+def test_the_optim_section_builds_with_every_value_it_holds(name):
+    """OptimConfig.build (what the run's optimiser is made by) passes every key on: none left at its default."""
+    from deit3_fast.optim import OptimConfig
+
+    o = OptimConfig(name=name, lr=2e-3, weight_decay=0.2, betas=(0.8, 0.95), eps=1e-6, max_grad_norm=3.0)
+    opt = o.build(_tiny_deit3())
+    assert isinstance(opt, Lamb if name == "lamb" else torch.optim.AdamW)
+    assert [(g["lr"], g["weight_decay"], g["betas"], g["eps"]) for g in opt.param_groups] == \
+        [(2e-3, 0.2, (0.8, 0.95), 1e-6), (2e-3, 0.0, (0.8, 0.95), 1e-6)]
+    if name == "lamb":
+        assert opt.defaults["max_grad_norm"] == 3.0
 
 
 @pytest.mark.parametrize("kw", [{"lr": -1.0}, {"betas": (1.0, 0.999)}, {"eps": -1.0}, {"weight_decay": -0.1},

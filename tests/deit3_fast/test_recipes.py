@@ -12,8 +12,8 @@ from deit3_fast import components, trainer
 from deit3_fast.archs import ARCHS, resolve_name
 from deit3_fast.config import CONFIG_DIR, load_config
 from deit3_fast.device import AMP_DTYPES
+from deit3_fast.lamb import Lamb
 from deit3_fast.models import create_model
-from deit3_fast.optim import Lamb, build_optimizer
 
 from ..conftest import make_splits
 
@@ -69,9 +69,9 @@ def test_recipe_model_at_its_resolution_and_its_optimiser(name):
             assert dp.drop_prob == cfg.model.drop_path if cfg.model.drop_path else isinstance(dp, torch.nn.Identity)
         assert hasattr(block.ls1, "gamma") == (cfg.model.layer_scale_init is not None)
     o = cfg.optim
-    opt = build_optimizer(o.name, model, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas),
-                                 eps=o.eps, max_grad_norm=o.max_grad_norm)
+    opt = o.build(model)  # the section's own build, as components.build makes the run's optimiser
     assert isinstance(opt, Lamb) == (o.name == "lamb")
+    assert (opt.defaults["betas"], opt.defaults["eps"]) == (tuple(o.betas), o.eps)
     decay, no_decay = opt.param_groups
     assert (decay["weight_decay"], no_decay["weight_decay"], decay["lr"]) == (o.weight_decay, 0.0, o.lr)
     assert all(p.ndim >= 2 for p in decay["params"])

@@ -5,7 +5,7 @@ import pytest
 import torch
 from timm.scheduler import CosineLRScheduler
 
-from deit3_fast.schedule import WarmupCosine, lr_at
+from deit3_fast.schedule import ResolutionConfig, ScheduleConfig, WarmupCosine, lr_at
 
 
 @pytest.mark.parametrize("epochs, warmup", [(800, 5), (30, 5), (20, 5), (3, 1)])
@@ -33,3 +33,15 @@ def test_scheduler_sets_every_group_and_is_smooth():
     steps = [abs(b - a) for a, b in zip(values, values[1:])]
     del steps[49]
     assert max(steps) < 1e-4  # per-step values, no epoch-long stairs
+
+
+def test_the_schedule_section_builds_with_every_value_it_holds():
+    """ScheduleConfig.build (what the run's scheduler is made by) passes every key on, and optim.lr as the peak."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    s = ScheduleConfig(epochs=30, warmup_epochs=3, warmup_lr=2e-6, min_lr=3e-5)
+    sched = s.build(opt, 7, lr=5e-3)
+    assert sched.steps_per_epoch == 7
+    for step in (0, 10, 21, 100, 210):
+        assert sched(step) == lr_at(step / 7, lr=5e-3, epochs=30, warmup_epochs=3, warmup_lr=2e-6, min_lr=3e-5)
+    r = ResolutionConfig(start=16, end=32, start_epoch=1, end_epoch=3, step=8)
+    assert r.build(img_size=64, epochs=5) == [16, 16, 24, 32, 32] and ResolutionConfig().build(64, 5) is None
