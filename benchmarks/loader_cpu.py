@@ -1,4 +1,4 @@
-"""Training data pipeline on CPU: deit3-fast (FFCV engine + device stage) vs the official torchvision/PIL pipeline.
+"""Training data pipeline on CPU: deit3-fast (FFCV engine + BatchAugment) vs the official torchvision/PIL pipeline.
 
 Both produce normalised 224 px training batches (RRC + flip + 3-Augment + colour jitter + normalise) from the same
 real images (the shared ImageNet sample, replicated by hard links to >= 10k files), with the same number of CPU
@@ -9,7 +9,7 @@ full-size JPEGs, as it does in practice. Per stage:
                  which on a CPU decodes with torchvision/libjpeg-turbo on threads)
   device_stage   the augmentation stage alone, on the CPU here, on a fixed uint8 batch (eager and torch.compile)
   end_to_end     build_loader: both stages plus mixup/cutmix, on the same cores, as a run gets it by default (on a
-                 CPU, an epoch this large compiles the device stage: pipelines.build.compile_stage_on_cpu)
+                 CPU, an epoch this large compiles the batch augmentation: pipelines.build.compile_augment_on_cpu)
 
     python benchmarks/loader_cpu.py [--copies 10] [--batch-size 128] [--workers 2] [--images 5120]
 """
@@ -57,7 +57,7 @@ def main() -> None:
     from deit3_fast.config import load_config
     from official_pipeline import official_train_loader
     from deit3_fast.components import make_loader
-    from pipelines.augment import DeviceStage, _pointwise_normalized
+    from pipelines.augment import BatchAugment
 
     torch.set_num_threads(args.workers)
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
@@ -79,15 +79,14 @@ def main() -> None:
         images = next(iter(loader.engine.batches(0)))[0].clone()
         for compiled in (False, True):
             tag = "compiled" if compiled else "eager"
-            stage = DeviceStage(cfg.aug, train=True, compile=compiled)
-            g = torch.Generator().manual_seed(0)
-            stage(images, g)  # compile / warm up
+            augment = BatchAugment(cfg.aug, train=True, compile=compiled)
+            augment(images, 0)  # compile / warm up
             t0 = time.perf_counter()
             reps = max(1, args.images // len(images) // 2)
-            for _ in range(reps):
-                stage(images, g)
+            for rep in range(reps):
+                augment(images, rep + 1)
             result[f"device_stage_{tag}_img_per_s"] = reps * len(images) / (time.perf_counter() - t0)
-        result["device_stage_compiled_by_default"] = loader.stage._fused is not _pointwise_normalized
+        result["device_stage_compiled_by_default"] = loader.augment.compiled
         result["end_to_end_img_per_s"] = rate(lambda: loader, args.images)
         nv = make_loader(load_config("vit_s_in1k", sets + ["data.engine=nvjpeg"]), "train", torch.device("cpu"))
         result["cpu_stage_nvjpeg_engine_img_per_s"] = rate(lambda: nv.engine.batches(0), args.images)

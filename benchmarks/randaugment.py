@@ -92,7 +92,7 @@ def ours_rate(images: np.ndarray, batches: int, device: torch.device, compile: b
     ra = RandAugment(POLICY, FILL, translate_const=int(images.shape[1] * 0.45), compile=compile)
     u8 = torch.from_numpy(images).to(device)
     g = torch.Generator(device=device).manual_seed(0)
-    step = 16 if device.type == "cpu" else len(u8)  # the device stage's CPU slices
+    step = 16 if device.type == "cpu" else len(u8)  # BatchAugment's CPU slices
 
     def one_batch():
         for s in range(0, len(u8), step):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 
 _LAZY = {"build_loader": "build", "DataError": "errors", "check_same_classes": "build", "Loader": "loader",
-         "DeviceStage": "augment", "EpochOrder": "sampler", "DataConfig": "config", "AugConfig": "config"}
+         "BatchAugment": "augment", "EpochOrder": "sampler", "DataConfig": "config", "AugConfig": "config"}
 
 
 def __getattr__(name: str):

@@ -1,4 +1,5 @@
-"""The device stage: batched DeiT III augmentation after the primary crop, one implementation for every engine.
+"""`BatchAugment`: batched DeiT III augmentation after the primary crop, one implementation for every engine and
+for the CPU as for a GPU.
 
 Input: uint8 (B, H, W, 3) on any device (what an engine yields). Output: float (B, 3, H, W) in channels-last memory,
 normalised, in the requested dtype. Internally everything is NHWC, so a pixel's three channels are adjacent (grey
@@ -6,99 +7,94 @@ values are one small matmul) and the channels-last output is a free permute. Tra
 the official `new_data_aug_generator`: horizontal flip -> exactly one of grayscale | solarize | Gaussian blur
 (3-Augment) -> colour jitter (brightness, contrast, saturation in random order) -> normalise. The fine-tuning
 recipes' RandAugment (`aug.auto_augment`, randaugment.py) comes right after the flip, as in timm's transform.
-Randomness comes from a torch.Generator on the same device, drawn once per batch into `AugParams` (returned, so
-previews and tests can see which branch and which RandAugment ops each sample took).
 
-Pixel values stay on the 0..255 scale until normalisation, so thresholds and the integer grayscale formula are
-PIL's exactly.
+Each of these is an op (ops.py: `draw`, then `eager` and/or `pointwise` parts), composed in `train_ops`, one line
+per op. Each op draws its parameters for a batch from its own generator, keyed by the batch key and the op's name
+(ops.py states the contract): adding an op leaves every other op's draws unchanged. The parameters are returned as
+`AugParams` (op name -> that op's parameters), so previews and tests can see which branch and which RandAugment
+ops each sample took. The pixel maths itself is in pixels.py; values stay on the 0..255 scale until normalisation,
+so thresholds and the integer grayscale formula are PIL's exactly.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from .config import IMAGENET_MEAN, IMAGENET_STD
-
-if TYPE_CHECKING:
-    from .randaugment import RandAugParams
+from .ops import AugOp, AugParams, OpParams, draw
+from .pixels import TV_GREY, flip, gaussian_blur, grayscale, per_sample, solarize, tv_blend, weighted_grey
+from .randaugment import RandAugment
 
 BRANCHES = ("grayscale", "solarize", "blur")
 JITTER_OPS = ("brightness", "contrast", "saturation")
-# torchvision's rgb_to_grayscale weights, used by contrast and saturation (as torchvision's ColorJitter does).
-_TV_GREY = (0.2989, 0.587, 0.114)
+
+
+# ---- the ops -------------------------------------------------------------------------------------------------------
+
+@dataclass
+class FlipParams(OpParams):
+    flip: torch.Tensor          # (B,) bool
+
+
+class Flip(AugOp):
+    name = "flip"
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def draw(self, batch: int, g: torch.Generator) -> FlipParams:
+        return FlipParams(torch.rand(batch, generator=g, device=g.device) < self.p)
+
+    def pointwise(self, x: torch.Tensor, p: FlipParams) -> torch.Tensor:
+        return flip(x, p.flip)
+
+    def describe(self, p: FlipParams, sample: int) -> str:
+        return "+flip" if bool(p.flip[sample]) else ""
 
 
 @dataclass
-class AugParams:
-    flip: torch.Tensor          # (B,) bool
-    branch: torch.Tensor        # (B,) long: index into BRANCHES, -1 when 3-Augment is off
+class ThreeAugmentParams(OpParams):
+    branch: torch.Tensor        # (B,) long: index into BRANCHES
     sigma: torch.Tensor         # (B,) blur sigma (used where branch == blur)
-    jitter: torch.Tensor        # (B, 3) brightness, contrast, saturation factors
-    jitter_order: torch.Tensor  # (B, 3) permutation of JITTER_OPS per sample
-    randaug: RandAugParams | None = None  # aug.auto_augment's ops, per layer and sample
-
-    def tensors(self) -> list[torch.Tensor]:
-        more = list(vars(self.randaug).values()) if self.randaug is not None else []
-        return [self.flip, self.branch, self.sigma, self.jitter, self.jitter_order, *more]
-
-    def slice(self, s: slice) -> AugParams:
-        return AugParams(self.flip[s], self.branch[s], self.sigma[s], self.jitter[s], self.jitter_order[s],
-                         self.randaug.slice(s) if self.randaug is not None else None)
 
 
-def draw_params(batch: int, g: torch.Generator, *, hflip: float, three_augment: bool,
-                blur_sigma: tuple[float, float], color_jitter: float) -> AugParams:
-    dev = g.device
-    u = torch.rand(batch, 6, generator=g, device=dev)
-    branch = (u[:, 1] * 3).long().clamp_(max=2) if three_augment else torch.full((batch,), -1, device=dev)
-    jitter = 1 + color_jitter * (2 * u[:, 3:6] - 1)
-    return AugParams(flip=u[:, 0] < hflip, branch=branch,
-                     sigma=blur_sigma[0] + (blur_sigma[1] - blur_sigma[0]) * u[:, 2],
-                     jitter=jitter, jitter_order=torch.argsort(torch.rand(batch, 3, generator=g, device=dev), dim=1))
+class ThreeAugment(AugOp):
+    """Exactly one of grayscale | solarize | blur per sample. The blur is the eager part: it runs before the flip, a
+    symmetric kernel with symmetric edge padding commuting with it, and the branches exclude each other."""
+    name = "three_augment"
+    tally_key = "branches"
+
+    def __init__(self, blur_sigma: tuple[float, float], solarize_threshold: float = 128):
+        self.blur_sigma, self.threshold = tuple(blur_sigma), float(solarize_threshold)
+
+    def draw(self, batch: int, g: torch.Generator) -> ThreeAugmentParams:
+        u = torch.rand(batch, 2, generator=g, device=g.device)
+        lo, hi = self.blur_sigma
+        return ThreeAugmentParams(branch=(u[:, 0] * 3).long().clamp_(max=2), sigma=lo + (hi - lo) * u[:, 1])
+
+    def eager(self, x: torch.Tensor, p: ThreeAugmentParams) -> torch.Tensor:
+        return self.blur(x, p, subset=x.device.type == "cpu")
+
+    def blur(self, x: torch.Tensor, p: ThreeAugmentParams, subset: bool) -> torch.Tensor:
+        """Blur the samples whose branch is blur (only those with `subset`, a CPU: see per_sample)."""
+        return per_sample(x, p.branch == 2, subset, lambda v, i: gaussian_blur(v, p.sigma[i], max(self.blur_sigma)))
+
+    def pointwise(self, x: torch.Tensor, p: ThreeAugmentParams) -> torch.Tensor:
+        x = torch.where((p.branch == 0).view(-1, 1, 1, 1), grayscale(x), x)
+        return torch.where((p.branch == 1).view(-1, 1, 1, 1), solarize(x, self.threshold), x)
+
+    def describe(self, p: ThreeAugmentParams, sample: int) -> str:
+        return BRANCHES[int(p.branch[sample])]
+
+    def tally(self, p: ThreeAugmentParams) -> dict[str, int]:
+        return {b: int((p.branch == i).sum()) for i, b in enumerate(BRANCHES)}
 
 
-# ---- single operations on float (B, H, W, 3) in [0, 255] (NHWC: a pixel's channels are adjacent in memory) ------
-
-_PIL_GREY = (19595.0, 38470.0, 7471.0)
-
-
-def _weighted_grey(x: torch.Tensor, w: tuple[float, float, float]) -> torch.Tensor:
-    """w[0] R + w[1] G + w[2] B over the last axis, with Python-number weights: a weight tensor built here would be
-    a blocking host-to-device copy on every call."""
-    return w[0] * x[..., 0] + w[1] * x[..., 1] + w[2] * x[..., 2]
-
-
-def pil_grey(x: torch.Tensor) -> torch.Tensor:
-    """PIL's convert('L') on integer pixels: (19595 R + 38470 G + 7471 B + 2^15) >> 16, one channel (B, H, W).
-    Exact in float32: every partial sum is an integer below 2^24."""
-    return torch.floor((_weighted_grey(x, _PIL_GREY) + 32768) / 65536)
-
-
-def grayscale(x: torch.Tensor) -> torch.Tensor:
-    """PIL's convert('L') copied to 3 channels."""
-    return pil_grey(x).unsqueeze(-1).expand_as(x)
-
-
-def solarize(x: torch.Tensor, threshold: float = 128) -> torch.Tensor:
-    """PIL ImageOps.solarize: pixels >= threshold are inverted."""
-    return torch.where(x >= threshold, 255 - x, x)
-
-
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float = 2.0) -> torch.Tensor:
-    """Per-sample separable Gaussian blur, kernel truncated at 3 sigma of the largest sigma, edges replicated."""
-    b, h, w, c = x.shape
-    radius = int(math.ceil(3 * max_sigma))
-    k = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float32)
-    kernel = torch.exp(-(k[None, :] ** 2) / (2 * sigma.float()[:, None] ** 2))
-    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (B*C, K)
-    y = x.permute(0, 3, 1, 2).reshape(1, b * c, h, w).float()
-    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="replicate"), kernel[:, None, None, :], groups=b * c)
-    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="replicate"), kernel[:, None, :, None], groups=b * c)
-    return y.reshape(b, c, h, w).permute(0, 2, 3, 1)
+@dataclass
+class ColorJitterParams(OpParams):
+    factors: torch.Tensor       # (B, 3) brightness, contrast, saturation factors
+    order: torch.Tensor         # (B, 3) permutation of JITTER_OPS per sample
 
 
 def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -110,16 +106,57 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) ->
     for pos in range(3):
         op = order[:, pos].view(-1, 1, 1, 1)
         f = factors.gather(1, order[:, pos:pos + 1]).to(x.dtype).view(-1, 1, 1, 1)
-        grey = _weighted_grey(x, _TV_GREY).unsqueeze(-1)
+        grey = weighted_grey(x, TV_GREY).unsqueeze(-1)
         other = torch.where(op == 1, grey.mean(dim=(1, 2), keepdim=True), grey) * (op != 0)
-        x = (f * x + (1 - f) * other).clamp_(0, 255)
+        x = tv_blend(x, other, f)
     return x
 
 
-# ---- the stage -----------------------------------------------------------------------------------------------------
+class ColorJitter(AugOp):
+    """Brightness, contrast and saturation factors ~ U(1 - s, 1 + s), in a random order per sample."""
+    name = "color_jitter"
+
+    def __init__(self, strength: float):
+        self.strength = strength
+
+    def draw(self, batch: int, g: torch.Generator) -> ColorJitterParams:
+        u = torch.rand(batch, 3, generator=g, device=g.device)
+        order = torch.argsort(torch.rand(batch, 3, generator=g, device=g.device), dim=1)
+        return ColorJitterParams(factors=1 + self.strength * (2 * u - 1), order=order)
+
+    def pointwise(self, x: torch.Tensor, p: ColorJitterParams) -> torch.Tensor:
+        return color_jitter(x, p.factors, p.order)
+
+
+def train_ops(aug, compile: bool = False) -> list[AugOp]:
+    """The training ops of `aug` in the official order, one line each. An op that is off is left out: it draws
+    nothing and costs nothing, and the other ops draw what they would anyway (each has its own stream)."""
+    # timm's create_transform: RandAugment translates relative to the crop and fills with the mean colour.
+    fill = tuple(min(255, round(255 * m)) for m in aug.mean)
+    ops: list[AugOp] = []
+    if aug.hflip > 0:
+        ops.append(Flip(aug.hflip))
+    if aug.auto_augment:
+        ops.append(RandAugment(aug.auto_augment, fill, translate_const=int(aug.img_size * 0.45), compile=compile))
+    if aug.three_augment:
+        ops.append(ThreeAugment(tuple(aug.blur_sigma), aug.solarize_threshold))
+    if aug.color_jitter > 0:
+        ops.append(ColorJitter(aug.color_jitter))
+    return ops
+
+
+def augment(x: torch.Tensor, ops, p: AugParams) -> torch.Tensor:
+    """The reference composition on float (B, H, W, 3) in [0, 255]: each op in full (eager part, then pointwise part),
+    one after the other, whole batch, nothing fused. BatchAugment computes the same, faster."""
+    for op in ops:
+        x = op.pointwise(op.eager(x, p[op.name]), p[op.name])
+    return x
+
+
+# ---- conversions ---------------------------------------------------------------------------------------------------
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float32 (B, H, W, 3), the layout every operation above works in."""
+    """uint8 (B, H, W, 3) -> float32 (B, H, W, 3), the layout every operation works in."""
     return images.float()
 
 
@@ -143,89 +180,68 @@ def normalize(x: torch.Tensor, dtype: torch.dtype, mean=IMAGENET_MEAN, std=IMAGE
     return to_model_layout((x * scale - shift).to(dtype))
 
 
-def per_sample(x: torch.Tensor, on: torch.Tensor, subset: bool, fn) -> torch.Tensor:
-    """`fn` applied to the samples where `on` (fn(x_part, index) gets those samples and an index for its
-    per-sample values). With `subset` (a CPU) only those are computed; otherwise the whole batch is, and the result
-    selected, because picking the subset (nonzero) would make the host wait for the device."""
-    if not subset:
-        return torch.where(on.view(-1, 1, 1, 1), fn(x, slice(None)), x)
-    idx = on.nonzero().squeeze(1)
-    if not idx.numel():
-        return x
-    x = x.clone()
-    x[idx] = fn(x[idx], idx)
-    return x
+# ---- the composition -----------------------------------------------------------------------------------------------
+
+def fuse(ops):
+    """One function applying the pointwise parts of `ops` in order, then normalising: what torch.compile fuses into a
+    few passes over memory (each op's part is a closure over its settings; its parameters are arguments)."""
+    ops = tuple(ops)
+
+    def pointwise_normalized(x: torch.Tensor, params: list, scale: torch.Tensor, shift: torch.Tensor,
+                             dtype: torch.dtype) -> torch.Tensor:
+        for op, p in zip(ops, params):
+            x = op.pointwise(x, p)
+        return (x * scale - shift).to(dtype)
+    return pointwise_normalized
 
 
-def _blur_branch(x: torch.Tensor, p: AugParams, max_sigma: float, subset: bool) -> torch.Tensor:
-    """Blur the samples whose branch is blur (only those on a CPU, see per_sample)."""
-    return per_sample(x, p.branch == 2, subset, lambda v, i: gaussian_blur(v, p.sigma[i], max_sigma))
-
-
-def flip(x: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-    return torch.where(chosen.view(-1, 1, 1, 1), x.flip(2), x)
-
-
-def _pointwise(x: torch.Tensor, flipped: torch.Tensor, branch: torch.Tensor, factors: torch.Tensor,
-               order: torch.Tensor, solarize_threshold: float, jitter: bool) -> torch.Tensor:
-    """Flip, grayscale, solarize and colour jitter as whole-batch selects: no data-dependent shapes, so
-    torch.compile can fuse it into a few passes over memory (see DeviceStage)."""
-    x = flip(x, flipped)
-    x = torch.where((branch == 0).view(-1, 1, 1, 1), grayscale(x), x)
-    x = torch.where((branch == 1).view(-1, 1, 1, 1), solarize(x, solarize_threshold), x)
-    return color_jitter(x, factors, order) if jitter else x
-
-
-def augment(x: torch.Tensor, p: AugParams, *, solarize_threshold: float = 128, max_sigma: float = 2.0,
-            color_jitter_on: bool = True) -> torch.Tensor:
-    """Flip, 3-Augment, colour jitter on float (B, H, W, 3) in [0, 255]. Blur runs before the flip: a symmetric
-    kernel with symmetric edge padding commutes with it, and the branches exclude each other."""
-    x = _blur_branch(x, p, max_sigma, subset=x.device.type == "cpu")
-    return _pointwise(x, p.flip, p.branch, p.jitter, p.jitter_order, solarize_threshold, color_jitter_on)
-
-
-def _pointwise_normalized(x, flipped, branch, factors, order, solarize_threshold: float, jitter: bool,
-                          scale: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    x = _pointwise(x, flipped, branch, factors, order, solarize_threshold, jitter)
-    return (x * scale - shift).to(dtype)
-
-
-class DeviceStage:
-    """uint8 batch -> model-ready batch. Training augments; evaluation only converts and normalises.
+class BatchAugment:
+    """uint8 batch -> model-ready batch. Training augments with `ops` (default: `train_ops(aug)`); evaluation only
+    converts and normalises. Runs on whatever device the batch is on.
 
     Nothing here waits for the device: constants are cached per device, parameters are drawn on it, and the blur
-    branch and RandAugment select rather than gather on a GPU. With `compile=True` the pointwise part and
+    branch and RandAugment select rather than gather on a GPU. With `compile=True` the fused pointwise part and
     RandAugment are compiled by torch.compile (inductor): about 3x faster on CPU and fewer kernel launches on GPU,
     for a one-off compilation of tens of seconds."""
 
     CPU_SLICE = 16
 
-    def __init__(self, aug, train: bool, dtype: torch.dtype = torch.float32, compile: bool = False):
+    def __init__(self, aug, train: bool, dtype: torch.dtype = torch.float32, compile: bool = False, ops=None):
         self.aug, self.train, self.dtype = aug, train, dtype
-        self._fused = torch.compile(_pointwise_normalized, dynamic=False) if compile else _pointwise_normalized
+        self.ops: list[AugOp] = list(ops if ops is not None else train_ops(aug, compile)) if train else []
+        names = [op.name for op in self.ops]
+        if len(set(names)) != len(names):  # a shared name would be a shared random stream (ops.py)
+            raise ValueError(f"two augmentation ops share a name (their random stream): {names}")
+        # Ops up to the last barrier run in full, unfused, before it; from it on, eager parts then one fused pass.
+        last = max((i for i, op in enumerate(self.ops) if op.barrier), default=0)
+        self._head, self._tail = self.ops[:last], self.ops[last:]
+        self._eager_fused = fuse(self._tail)
+        self._fused = torch.compile(self._eager_fused, dynamic=False) if compile else self._eager_fused
         self._consts: dict = {}
-        self.randaug = None
-        if train and aug.auto_augment:
-            from .randaugment import RandAugment
 
-            # timm's create_transform: translate relative to the crop, fill with the mean colour.
-            fill = tuple(min(255, round(255 * m)) for m in aug.mean)
-            self.randaug = RandAugment(aug.auto_augment, fill, translate_const=int(aug.img_size * 0.45),
-                                       compile=compile)
+    @property
+    def compiled(self) -> bool:
+        return self._fused is not self._eager_fused
+
+    def op(self, name: str) -> AugOp | None:
+        """The op called `name`, or None when this BatchAugment does not run it."""
+        return next((op for op in self.ops if op.name == name), None)
 
     def _scale_shift(self, device):
         if device not in self._consts:
             self._consts[device] = scale_shift(self.aug.mean, self.aug.std, device)
         return self._consts[device]
 
-    def __call__(self, images: torch.Tensor, g: torch.Generator | None = None):
+    def draw(self, batch: int, key, device: torch.device) -> AugParams:
+        """Every op's parameters for a batch of `batch` with batch key `key` (each op from its own stream)."""
+        return draw(self.ops, batch, key, torch.device(device))
+
+    def __call__(self, images: torch.Tensor, key=None):
+        """`key`: the batch's key (the loader's keys.combine(epoch key, batch index)); unused in evaluation.
+        Returns the batch and its AugParams (None in evaluation)."""
         if not self.train:
             return normalize(to_float(images), self.dtype, consts=self._scale_shift(images.device)), None
-        a = self.aug
-        p = draw_params(images.shape[0], g, hflip=a.hflip, three_augment=a.three_augment,
-                        blur_sigma=tuple(a.blur_sigma), color_jitter=a.color_jitter)
-        if self.randaug is not None:
-            p.randaug = self.randaug.draw(images.shape[0], g)
+        p = self.draw(images.shape[0], key, images.device)
         scale, shift = self._scale_shift(images.device)
         # On a CPU the ~20 passes over a batch run from cache when it is cut into slices (about 2x faster);
         # a GPU takes the whole batch at once. The parameters are drawn for the whole batch either way.
@@ -233,10 +249,10 @@ class DeviceStage:
         out = torch.empty(images.shape, dtype=self.dtype, device=images.device)
         for s in range(0, len(images), step):
             q = p.slice(slice(s, s + step))
-            x, flipped = to_float(images[s:s + step]), q.flip
-            if q.randaug is not None:  # flip -> RandAugment -> the rest, as timm orders them
-                x, flipped = self.randaug(flip(x, q.flip), q.randaug), torch.zeros_like(q.flip)
-            x = _blur_branch(x, q, max(a.blur_sigma), subset=images.device.type == "cpu")
-            out[s:s + step] = self._fused(x, flipped, q.branch, q.jitter, q.jitter_order, float(a.solarize_threshold),
-                                          a.color_jitter > 0, scale, shift, self.dtype)
+            x = to_float(images[s:s + step])
+            for op in self._head:  # before a barrier (RandAugment after the flip, as timm orders them)
+                x = op.pointwise(op.eager(x, q[op.name]), q[op.name])
+            for op in self._tail:
+                x = op.eager(x, q[op.name])
+            out[s:s + step] = self._fused(x, [q[op.name] for op in self._tail], scale, shift, self.dtype)
         return to_model_layout(out), p

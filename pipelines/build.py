@@ -1,4 +1,4 @@
-"""`build_loader`: a `.beton` split -> engine -> device stage -> mixing, as one `Loader`, from plain values.
+"""`build_loader`: a `.beton` split -> engine -> batch augmentation -> mixing, as one `Loader`, from plain values.
 
 The caller (the trainer, a benchmark, a test) passes the data path's own config sections (`DataConfig`, `AugConfig`)
 and plain values: the class count, the dtype batches are cast to, the device, the rank and world size. Nothing here
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .augment import DeviceStage
+from .augment import BatchAugment
 from .config import ENGINES, AugConfig, DataConfig
 from .errors import DataError
 from .loader import Loader
@@ -63,14 +63,14 @@ def check_same_classes(train: str, val: str) -> None:
                         f"difference at label {where}): convert the val split with --classes {listing}")
 
 
-# On a CPU the device stage compiled (inductor fuses its ~20 passes) is ~2.4x faster than eager at 224 px, which is
-# what makes a CPU run faster than the official per-sample PIL pipeline rather than slower (BENCHMARKS.md, issues 3,
-# 20); compiling costs ~15 s once. It pays for itself within an epoch once an epoch holds this many pixels.
+# On a CPU the batch augmentation compiled (inductor fuses its ~20 passes) is ~2.4x faster than eager at 224 px, which
+# is what makes a CPU run faster than the official per-sample PIL pipeline rather than slower (BENCHMARKS.md, issues
+# 3, 20); compiling costs ~15 s once. It pays for itself within an epoch once an epoch holds this many pixels.
 CPU_COMPILE_PIXELS = 4e8
 
 
-def compile_stage_on_cpu(samples: int, img_size: int) -> bool:
-    """Whether a CPU run compiles its training device stage without being asked (train.compile off)."""
+def compile_augment_on_cpu(samples: int, img_size: int) -> bool:
+    """Whether a CPU run compiles its training batch augmentation without being asked (train.compile off)."""
     return samples * img_size * img_size >= CPU_COMPILE_PIXELS
 
 
@@ -79,8 +79,9 @@ def build_loader(data: DataConfig, aug: AugConfig, split: str, *, num_classes: i
                  compile: bool = False, auto_compile: bool = True) -> Loader:
     """The `split` ("train" | "val") loader of `data` with `aug`'s augmentation. Batches are `dtype`, channels-last,
     on `device`; targets are timm's soft mixed targets (class indices where nothing is mixed). `rank` and `world`
-    default to torch.distributed's when a process group is initialised. `compile` compiles the device stage; with
-    `auto_compile`, a CPU training loader compiles it anyway when its epochs repay that (compile_stage_on_cpu)."""
+    default to torch.distributed's when a process group is initialised. `compile` compiles the batch augmentation;
+    with `auto_compile`, a CPU training loader compiles it anyway when its epochs repay that
+    (compile_augment_on_cpu)."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     train = split == "train"
@@ -127,9 +128,9 @@ def build_loader(data: DataConfig, aug: AugConfig, split: str, *, num_classes: i
     mixing = Mixing(aug, num_classes) if train else None
     # Mixup blends in float32 and the batch is cast to `dtype` once, after it (as the official code, whose images
     # stay fp32 up to autocast): blending bf16 pixels would round each of the two images first.
-    compile = compile or (auto_compile and train and device.type == "cpu" and compile_stage_on_cpu(len(order),
+    compile = compile or (auto_compile and train and device.type == "cpu" and compile_augment_on_cpu(len(order),
                                                                                                   aug.img_size))
-    stage = DeviceStage(aug, train=train, dtype=torch.float32 if mixing is not None and mixing.active else dtype,
-                        compile=compile)
-    return Loader(engine, stage, mixing, device=device, seed=data.seed, rank=rank, dtype=dtype,
+    augment = BatchAugment(aug, train=train, dtype=torch.float32 if mixing is not None and mixing.active else dtype,
+                           compile=compile)
+    return Loader(engine, augment, mixing, device=device, seed=data.seed, rank=rank, dtype=dtype,
                   make_engine=make_engine)

@@ -1,7 +1,7 @@
 """What a decode engine is to the loader. Every engine (FFCV: `ffcv_engine.py`, nvjpeg: `nvjpeg_engine.py`, DALI:
 `dali_engine.py`) reads one .beton (nvjpeg and DALI also a shard set, as one global index), decodes, takes the
 primary crop and yields uint8 batches; everything after the crop (flip, 3-Augment, jitter, normalisation, mixing) is
-the device stage's, the same for all of them.
+the batch augmentation's (augment.py), the same for all of them.
 """
 from __future__ import annotations
 

@@ -193,7 +193,7 @@ class FFCVEngine:
                     images, labels = next(thread)
                 except StopIteration:
                     break
-                # FFCV reuses its buffers: the labels are copied here, the images by the device stage's first op.
+                # FFCV reuses its buffers: the labels are copied here, the images by the batch augmentation's first op.
                 yield images, labels.to(torch.int64, copy=True)
         finally:
             _stop(thread)

@@ -3,10 +3,12 @@
 A key is derived from (seed, rank, epoch, ...) by `combine`, and `uniform(key, n)` is its n-th U[0, 1) draw. So a
 crop does not depend on which thread decoded it, a resumed run (at any step, on any number of processes) draws what
 an uninterrupted one would, and every engine computes the same numbers. Users: the crops (per sample), the loader's
-per-batch generators (device stage, mixing) and the trainer's per-micro-batch drop-path seed. numba-compiled (FFCV's
-decoder calls them from its threads) and callable from Python.
+per-batch keys (each batch augmentation op draws from its own `named` child stream; mixing) and the trainer's
+per-micro-batch drop-path seed. numba-compiled (FFCV's decoder calls them from its threads) and callable from Python.
 """
 from __future__ import annotations
+
+from functools import lru_cache
 
 import numpy as np
 from numba import njit
@@ -53,3 +55,19 @@ def epoch_key(seed: int, rank: int, epoch: int) -> np.uint64:
 def seed_of(key) -> int:
     """A key as a non-negative 63-bit seed, for torch.manual_seed and torch.Generator.manual_seed."""
     return int(key) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+@lru_cache(maxsize=None)
+def name_key(name: str) -> np.uint64:
+    """A stable 64-bit key of a name: its UTF-8 bytes folded with `combine` (Python's hash() of a str is salted per
+    process, so it would differ between the processes of one run)."""
+    k = np.uint64(0)
+    for byte in name.encode():
+        k = np.uint64(combine(k, np.uint64(byte)))
+    return k
+
+
+def named(key, name: str) -> np.uint64:
+    """Key of the child stream called `name` of `key`: e.g. one augmentation op's draws for one batch. Streams of
+    different names are independent, so adding a stream leaves every other one's numbers unchanged."""
+    return np.uint64(combine(np.uint64(key), name_key(name)))

@@ -1,4 +1,4 @@
-"""`Loader`: an engine's uint8 batches through the device stage and mixing. The training loop sees only this."""
+"""`Loader`: an engine's uint8 batches through the batch augmentation and mixing. The training loop sees only this."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -15,20 +15,20 @@ class Loader:
 
     Without `set_epoch` each full pass moves on to the next epoch, so a plain `for` loop still reshuffles.
     `iter_from(batch)` starts an epoch part-way with exactly the batches an uninterrupted pass would give there:
-    crops are keyed per sample, and the device stage and mixing draw from generators seeded per batch.
-    On CUDA the next batch's device stage is queued on a side stream while the caller computes on the current one.
+    crops are keyed per sample, and the augmentation ops and mixing draw from streams keyed per batch.
+    On CUDA the next batch's augmentation is queued on a side stream while the caller computes on the current one.
 
-    `dtype` is what the batch is cast to last (the stage may work in float32 so that mixing blends in float32).
+    `dtype` is what the batch is cast to last (`augment` may work in float32 so that mixing blends in float32).
     `set_resolution` changes the primary crop's size (and the batch size) between epochs (progressive resolution),
     given `make_engine` (a (CropSpec, batch size) -> Engine factory).
     """
 
-    def __init__(self, engine: Engine, stage, mixing, *, device: torch.device, seed: int, rank: int,
+    def __init__(self, engine: Engine, augment, mixing, *, device: torch.device, seed: int, rank: int,
                  dtype: torch.dtype | None = None, make_engine=None):
-        self.engine, self.stage, self.mixing = engine, stage, mixing
+        self.engine, self.augment, self.mixing = engine, augment, mixing
         self._make_engine, self._engines = make_engine, {}
         self.device, self.seed, self.rank = device, seed, rank
-        self.dtype = dtype or stage.dtype
+        self.dtype = dtype or augment.dtype
         self.epoch = 0
         self._side = None  # the CUDA side stream of _prefetched, made once
 
@@ -54,23 +54,22 @@ class Loader:
             self._engines[want] = self._make_engine(replace(self.engine.crop, size=size), want[1])
         self.engine = self._engines[want]
 
-    def _generators(self, batch: int):
+    def _keys(self, batch: int):
+        """Batch `batch`'s key (each augmentation op derives its own stream from it, ops.py) and mixing's generator."""
         key = int(keys.combine(keys.epoch_key(self.seed, self.rank, self.epoch), np.uint64(batch)))
-        g = torch.Generator(device=self.device)
-        g.manual_seed(keys.seed_of(key))
-        return g, np.random.default_rng(key)
+        return key, np.random.default_rng(key)
 
     def prepare(self, b: int, images, labels):
         """Batch `b` of the current epoch from the engine's uint8 images: augmented, mixed, model-ready."""
-        g, rng = self._generators(b)
-        x, params = self.stage(images, g)
+        key, rng = self._keys(b)
+        x, params = self.augment(images, key)
         y = labels
         if self.mixing is not None:
             x, y = self.mixing(x, labels, rng)
         return x.to(self.dtype), y, params
 
     def iter_with_params(self, start: int = 0):
-        """Like iteration, but also yields the per-sample augmentation parameters (see augment.AugParams)."""
+        """Like iteration, but also yields the per-sample augmentation parameters (see ops.AugParams)."""
         engine_batches = self.engine.batches(self.epoch, start)
         batches = enumerate(engine_batches, start)
         try:
@@ -79,7 +78,7 @@ class Loader:
             else:
                 for b, (images, labels) in batches:
                     yield self.prepare(b, images, labels)
-        finally:  # an error here (out of memory in the stage) must not leave the engine's decode threads running
+        finally:  # an error here (out of memory in the augmentation) must not leave the engine's decode threads running
             engine_batches.close()
         self.epoch += 1
 

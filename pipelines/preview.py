@@ -1,12 +1,10 @@
-"""A PNG grid of augmented training samples, captioned with the 3-Augment branch and the RandAugment ops each one
-took."""
+"""A PNG grid of augmented training samples, captioned with what each augmentation op did to each (the 3-Augment
+branch, the flip, the RandAugment ops); the ops describe and count their own parameters (ops.AugOp)."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-
-from .augment import BRANCHES
 
 
 def denormalize(x: torch.Tensor, mean, std) -> np.ndarray:
@@ -17,16 +15,15 @@ def denormalize(x: torch.Tensor, mean, std) -> np.ndarray:
     return img.round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def captions(params, targets: torch.Tensor, randaug=None) -> list[str]:
-    """One line per sample: its 3-Augment branch, flip, RandAugment ops (with magnitudes) and target classes."""
+def captions(params, targets: torch.Tensor, ops=()) -> list[str]:
+    """One line per sample: what each op of `ops` says it did to it (ops.AugOp.describe: the 3-Augment branch, the
+    flip, the RandAugment ops with magnitudes), then its target classes."""
     out = []
     for i in range(len(targets)):
-        branch = int(params.branch[i]) if params is not None else -1
-        text = BRANCHES[branch] if branch >= 0 else ("" if randaug is not None else "no 3-Aug")
-        if params is not None and bool(params.flip[i]):
-            text += " +flip"
-        if randaug is not None and params is not None and params.randaug is not None:
-            text = f"{text} {randaug.describe(params.randaug, i)}".strip()
+        text = ""
+        if params is not None:
+            text = " ".join(d for d in (op.describe(params[op.name], i) for op in ops if op.name in params) if d)
+            text = text or "no op"
         t = targets[i]
         # Soft targets: the classes above the smoothing floor (every class gets label_smoothing / classes).
         classes = [int(c) for c in (t > t.min()).nonzero().flatten()] if t.ndim else [int(t)]
@@ -48,12 +45,10 @@ def grid(images: np.ndarray, texts: list[str], columns: int = 8, caption_h: int 
 
 def make_preview(loader, mean, std, out_path: str, columns: int = 8) -> dict:
     x, y, params = next(iter(loader.iter_with_params()))
-    texts = captions(params, y, getattr(loader.stage, "randaug", None))
-    grid(denormalize(x, mean, std), texts, columns).save(out_path)
-    counts = {b: int((params.branch == i).sum()) for i, b in enumerate(BRANCHES)} if params is not None else {}
-    info = {"path": out_path, "samples": len(x), "branches": counts}
-    randaug = getattr(loader.stage, "randaug", None)
-    if randaug is not None and params is not None:
-        applied = params.randaug.op[params.randaug.apply]
-        info["randaug"] = {n: int((applied == i).sum()) for i, n in enumerate(randaug.names) if (applied == i).any()}
+    ops = loader.augment.ops
+    grid(denormalize(x, mean, std), captions(params, y, ops), columns).save(out_path)
+    # "branches" always (empty without 3-Augment), then each op's own counts under its tally_key.
+    info = {"path": out_path, "samples": len(x), "branches": {}}
+    if params is not None:
+        info.update({op.tally_key: op.tally(params[op.name]) for op in ops if op.tally_key and op.name in params})
     return info

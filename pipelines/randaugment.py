@@ -1,5 +1,6 @@
-"""RandAugment (timm's `rand-*` policies; the fine-tuning recipes' `rand-m9-mstd0.5-inc1`) as batched tensor ops, part
-of the device stage: after the primary crop and the flip, as the official fine-tuning transform applies it.
+"""RandAugment (timm's `rand-*` policies; the fine-tuning recipes' `rand-m9-mstd0.5-inc1`) as batched tensor ops, an op
+of the batch augmentation (augment.py): after the primary crop and the flip, as the official fine-tuning transform
+applies it.
 
 Semantics are timm's `rand_augment_transform` as timm's `create_transform` builds it for the official fine-tuning
 (`--aa rand-m9-mstd0.5-inc1 --train-interpolation bicubic`): timm parses the policy string (so every option it
@@ -7,11 +8,11 @@ knows, m, n, p, mstd, mmax, inc, means what it means there), and per image draws
 replacement; each applies with its probability, at magnitude ~ N(m, mstd) clipped to [0, mmax or 10], with a
 random sign for the signed ops, filling uncovered pixels with the mean colour, geometric ops bicubic.
 
-Each op reproduces the PIL function timm calls, on integer pixel values held in float32 (NHWC, 0..255, the device
-stage's layout): the colour ops are per-sample lookup tables (PIL's `point`), or PIL's `Image.blend` (float32 maths,
-truncated) against PIL's degenerate image; the geometric ops are one affine warp with PIL's own bicubic (its
-transform filter is cubic convolution with a = -1, not torch's -0.75), sampled at PIL's pixel centres. Tolerances
-are stated by the tests that compare every op with timm's.
+Each op reproduces the PIL function timm calls, on integer pixel values held in float32 (NHWC, 0..255, the batch
+augmentation's layout; the primitives shared with it are pixels.py's): the colour ops are per-sample lookup tables
+(PIL's `point`), or PIL's `Image.blend` (float32 maths, truncated) against PIL's degenerate image; the geometric ops
+are one affine warp with PIL's own bicubic (its transform filter is cubic convolution with a = -1, not torch's
+-0.75), sampled at PIL's pixel centres. Tolerances are stated by the tests that compare every op with timm's.
 
 One layer is three whole-batch passes, whichever op each sample drew: a lookup table (identity where the sample's op
 is not a table op), a blend (factor 1 where not a blend op) and a warp (identity where not geometric) -- each exact
@@ -22,12 +23,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from dataset_tools.errors import UserError
 
-from .augment import grayscale, per_sample, pil_grey
+from .ops import AugOp, OpParams
+from .pixels import device_const, exact_div, grayscale, per_sample, pil_blend, pil_grey, pil_smooth
 
 # The ops timm's RandAugment sets use (_RAND_TRANSFORMS, _RAND_INCREASING_TRANSFORMS and the weighted '0' set).
 TABLE_OPS = ("AutoContrast", "Equalize", "Invert", "Posterize", "PosterizeIncreasing", "PosterizeOriginal", "Solarize",
@@ -40,24 +43,28 @@ SIGNED = WARP_OPS + ("ColorIncreasing", "ContrastIncreasing", "BrightnessIncreas
 
 
 @dataclass
-class RandAugParams:
-    """Per layer and sample (each (layers, B)): which op of the policy, whether it applies, its magnitude after
-    noise and clipping, and whether a signed op's argument is negated."""
+class RandAugParams(OpParams):
+    """Per layer and sample (each (layers, B), so the batch is dimension 1): which op of the policy, whether it
+    applies, its magnitude after noise and clipping, and whether a signed op's argument is negated."""
+    BATCH_DIM: ClassVar[int] = 1
     op: torch.Tensor
     apply: torch.Tensor
     magnitude: torch.Tensor
     negate: torch.Tensor
 
-    def slice(self, s: slice) -> RandAugParams:
-        return RandAugParams(self.op[:, s], self.apply[:, s], self.magnitude[:, s], self.negate[:, s])
-
 
 class RandAugmentError(UserError, ValueError):
-    """A RandAugment policy the device stage cannot run (an op it lacks, a string timm cannot parse)."""
+    """A RandAugment policy the batch augmentation cannot run (an op it lacks, a string timm cannot parse)."""
 
 
-class RandAugment:
-    """`policy` as timm spells it; `fill`: the colour of uncovered pixels (timm: the mean, rounded to 0..255)."""
+class RandAugment(AugOp):
+    """`policy` as timm spells it; `fill`: the colour of uncovered pixels (timm: the mean, rounded to 0..255).
+
+    As an op of the batch augmentation (ops.py) it is all eager part, and a barrier: timm flips before it, and its
+    warps do not commute with the flip."""
+    name = "randaugment"
+    barrier = True
+    tally_key = "randaug"
 
     def __init__(self, policy: str, fill: tuple[int, int, int], translate_const: int = 100, compile: bool = False):
         from timm.data.auto_augment import rand_augment_transform
@@ -74,7 +81,7 @@ class RandAugment:
         self.names = [op.name for op in t.ops]
         unknown = sorted(set(self.names) - set(SUPPORTED))
         if unknown:
-            raise RandAugmentError(f"aug.auto_augment {policy!r} uses ops the device stage does not implement: "
+            raise RandAugmentError(f"aug.auto_augment {policy!r} uses ops the batch augmentation does not implement: "
                                    f"{', '.join(unknown)}")
         first = t.ops[0]
         if t.choice_weights is not None and t.num_layers > len(self.names):
@@ -124,6 +131,14 @@ class RandAugment:
                 parts.append(name if name in ("AutoContrast", "Equalize", "Invert") else f"{name} {sign}{m:.1f}")
         return ", ".join(parts) or "no op"
 
+    def tally(self, p: RandAugParams) -> dict[str, int]:
+        """How many times each op of the policy applied in the batch (ops that never did left out)."""
+        applied = p.op[p.apply]
+        return {n: int((applied == i).sum()) for i, n in enumerate(self.names) if (applied == i).any()}
+
+    def eager(self, x: torch.Tensor, p: RandAugParams) -> torch.Tensor:
+        return self(x, p)
+
     def __call__(self, x: torch.Tensor, p: RandAugParams) -> torch.Tensor:
         """float (B, H, W, 3) integer-valued in [0, 255] -> the same, every sample through its own ops."""
         subset = x.device.type == "cpu"
@@ -170,7 +185,7 @@ class RandAugment:
                            lambda v, i: _blend_color_or_sharpness(v, factor[i].float(), sharp[i], subset))
         warp_on, warps = self._kind(op, apply, WARP_OPS)
         if warps:
-            matrix = _const((1.0, 0, 0, 0, 1, 0), x.device, torch.float64).expand(len(x), 6)
+            matrix = device_const((1.0, 0, 0, 0, 1, 0), x.device, torch.float64).expand(len(x), 6)
             h, w = x.shape[1:3]
             for name, mask in warps:
                 matrix = torch.where(mask[:, None], _affine(name, _level(name, m, neg, self), h, w), matrix)
@@ -207,19 +222,13 @@ class RandAugment:
                 f = _level(name, m, neg, self).float()[:, None, None]
                 if name.startswith("Contrast"):
                     grey = pil_grey(x)
-                    mean = _div(grey.sum(dim=(1, 2), dtype=torch.float64), grey[0].numel())
+                    mean = exact_div(grey.sum(dim=(1, 2), dtype=torch.float64), grey[0].numel())
                     d = torch.floor(mean + 0.5).float()[:, None, None]
                 else:
                     d = torch.zeros_like(f)
-                t = _blend(d, ramp.float(), f).double()
+                t = pil_blend(d, ramp.float(), f).double()
             lut = torch.where(mask[:, None, None], t.expand(b, 3, 256), lut)
         return lut.float()
-
-
-def _div(a: torch.Tensor, b) -> torch.Tensor:
-    """a / b rounded as Python rounds it: torch divides by a Python number as a multiplication by its reciprocal,
-    one ulp off at times, which moves int() across an integer (PIL's autocontrast at 47 * 255 / 235 = 51)."""
-    return a / (b if isinstance(b, torch.Tensor) else torch.full_like(a, b))
 
 
 # ---- level -> argument (timm's LEVEL_TO_ARG, in float64 as Python computes it) ------------------------------------
@@ -230,29 +239,29 @@ def _level(name: str, m: torch.Tensor, neg: torch.Tensor, ra: RandAugment) -> to
 
     base = name.removesuffix("Increasing")
     if name == "Rotate":
-        return signed(_div(m, 10) * 30.0)
+        return signed(exact_div(m, 10) * 30.0)
     if name in ("ShearX", "ShearY"):
-        return signed(_div(m, 10) * 0.3)
+        return signed(exact_div(m, 10) * 0.3)
     if name in ("TranslateXRel", "TranslateYRel"):
-        return signed(_div(m, 10) * ra.translate_pct)
+        return signed(exact_div(m, 10) * ra.translate_pct)
     if name in ("TranslateX", "TranslateY"):
-        return signed(_div(m, 10) * float(ra.translate_const))
+        return signed(exact_div(m, 10) * float(ra.translate_const))
     if name == "Posterize":
-        return torch.floor(_div(m, 10) * 4)
+        return torch.floor(exact_div(m, 10) * 4)
     if name == "PosterizeIncreasing":
-        return 4 - torch.floor(_div(m, 10) * 4)
+        return 4 - torch.floor(exact_div(m, 10) * 4)
     if name == "PosterizeOriginal":
-        return torch.floor(_div(m, 10) * 4) + 4
+        return torch.floor(exact_div(m, 10) * 4) + 4
     if name == "Solarize":
-        return torch.floor(_div(m, 10) * 256).clamp(max=256)
+        return torch.floor(exact_div(m, 10) * 256).clamp(max=256)
     if name == "SolarizeIncreasing":
-        return 256 - torch.floor(_div(m, 10) * 256).clamp(max=256)
+        return 256 - torch.floor(exact_div(m, 10) * 256).clamp(max=256)
     if name == "SolarizeAdd":
-        return torch.floor(_div(m, 10) * 110).clamp(max=128)
+        return torch.floor(exact_div(m, 10) * 110).clamp(max=128)
     if base in ("Color", "Contrast", "Brightness", "Sharpness"):
         if name.endswith("Increasing"):
-            return (1.0 + signed(_div(m, 10) * 0.9)).clamp(min=0.1)
-        return _div(m, 10) * 1.8 + 0.1
+            return (1.0 + signed(exact_div(m, 10) * 0.9)).clamp(min=0.1)
+        return exact_div(m, 10) * 1.8 + 0.1
     raise KeyError(name)
 
 
@@ -280,7 +289,7 @@ def _autocontrast_table(hist: torch.Tensor) -> torch.Tensor:
     present = hist > 0
     lo = torch.where(present, ramp, 256.0).amin(-1, keepdim=True)
     hi = torch.where(present, ramp, -1.0).amax(-1, keepdim=True)
-    scale = _div(torch.full_like(hi, 255.0), (hi - lo).clamp(min=1))
+    scale = exact_div(torch.full_like(hi, 255.0), (hi - lo).clamp(min=1))
     t = torch.floor(ramp * scale + (-lo * scale)).clamp(0, 255)  # int() truncates; clamping makes it a floor
     return torch.where(hi <= lo, ramp, t)
 
@@ -290,37 +299,22 @@ def _equalize_table(hist: torch.Tensor) -> torch.Tensor:
     i) // step; identity when at most one level is used or step is 0."""
     ramp = torch.arange(256, device=hist.device, dtype=torch.float64)
     last = torch.where(hist > 0, ramp, -1.0).argmax(-1, keepdim=True)
-    step = torch.floor(_div(hist.sum(-1, keepdim=True) - hist.gather(-1, last), 255))
+    step = torch.floor(exact_div(hist.sum(-1, keepdim=True) - hist.gather(-1, last), 255))
     below = hist.cumsum(-1) - hist
-    t = torch.floor((torch.floor(_div(step, 2)) + below) / step.clamp(min=1)).clamp(max=255)
+    t = torch.floor((torch.floor(exact_div(step, 2)) + below) / step.clamp(min=1)).clamp(max=255)
     keep = ((hist > 0).sum(-1, keepdim=True) <= 1) | (step == 0)
     return torch.where(keep, ramp, t)
 
 
 # ---- blends -------------------------------------------------------------------------------------------------------
 
-def _blend(d: torch.Tensor, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """Image.blend(d, x, f) on 8-bit pixels: float32 d + f (x - d), truncated into 0..255."""
-    return torch.floor((d + f * (x - d)).clamp(0, 255))
-
-
-def _smooth(x: torch.Tensor) -> torch.Tensor:
-    """ImageFilter.SMOOTH: kernel [1 1 1; 1 5 1; 1 1 1] / 13 rounded half up, border pixels copied. On integers the
-    sum S is exact and S / 13 is never within 1/26 of a half, so floor((S + 6.5) / 13) is PIL's float result."""
-    rows = x[:, :-2] + x[:, 1:-1] + x[:, 2:]
-    s = rows[:, :, :-2] + rows[:, :, 1:-1] + rows[:, :, 2:] + 4 * x[:, 1:-1, 1:-1]
-    out = x.clone()
-    out[:, 1:-1, 1:-1] = torch.floor((s + 6.5) / 13)
-    return out
-
-
 def _blend_color_or_sharpness(x: torch.Tensor, factor: torch.Tensor, sharp: torch.Tensor, look: bool) -> torch.Tensor:
     """ImageEnhance.Color (against the grey image) or .Sharpness (against SMOOTH), per sample."""
     grey = grayscale(x)
     if look and not sharp.any():  # on a CPU looking costs no sync: skip the filter when nobody sharpens
-        return _blend(grey, x, factor.view(-1, 1, 1, 1))
-    degenerate = torch.where(sharp.view(-1, 1, 1, 1), _smooth(x), grey)
-    return _blend(degenerate, x, factor.view(-1, 1, 1, 1))
+        return pil_blend(grey, x, factor.view(-1, 1, 1, 1))
+    degenerate = torch.where(sharp.view(-1, 1, 1, 1), pil_smooth(x), grey)
+    return pil_blend(degenerate, x, factor.view(-1, 1, 1, 1))
 
 
 # ---- warps --------------------------------------------------------------------------------------------------------
@@ -378,13 +372,4 @@ def warp_affine(x: torch.Tensor, matrix: torch.Tensor, fill: tuple[float, float,
             acc = acc + wx[i].unsqueeze(-1) * tap
         out = out + wy[j].unsqueeze(-1) * acc
     out = torch.floor(out.clamp(0, 255))
-    return torch.where(inside.unsqueeze(-1), out, _const(fill, dev, x.dtype))
-
-
-def _const(values, device, dtype=torch.float32) -> torch.Tensor:
-    """A small constant built on `device` from Python numbers: torch.tensor(..., device=cuda) would be a blocking
-    copy from host memory, which waits for the device."""
-    t = torch.empty(len(values), device=device, dtype=dtype)
-    for i, v in enumerate(values):
-        t[i] = v
-    return t
+    return torch.where(inside.unsqueeze(-1), out, device_const(fill, dev, x.dtype))

@@ -10,7 +10,7 @@ import torch
 from deit3_fast import components, trainer
 from deit3_fast.checkpoint import load
 from deit3_fast.config import load_config
-from pipelines.augment import DeviceStage, augment, draw_params, normalize, to_float
+from pipelines.augment import BatchAugment, augment, normalize, to_float
 from pipelines.config import AugConfig
 
 pytestmark = pytest.mark.cuda
@@ -87,36 +87,36 @@ def test_dali_mixed_decode_matches_the_cpu_engines(data):
         assert torch.equal(yg, yc) and (xg.float() - xc.float()).abs().mean() < 3.0
 
 
-def test_device_stage_on_cuda_equals_the_cpu_to_fp32_tolerance():
+def test_batch_augment_on_cuda_equals_the_cpu_to_fp32_tolerance():
     """The same parameters on both devices (a CUDA generator draws other numbers than a CPU one). The CPU blurs only
     the blur branch's samples, the GPU blurs all and selects: both paths are compared."""
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (16, 40, 48, 3), dtype=torch.uint8, generator=g)
-    p = draw_params(16, g, hflip=0.5, three_augment=True, blur_sigma=(0.1, 2.0), color_jitter=0.3)
+    images = torch.randint(0, 256, (16, 40, 48, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    train = BatchAugment(AugConfig(), train=True)
+    p = train.draw(16, 0, torch.device("cpu"))
     on = {}
     for device in ("cpu", CUDA):
-        q = type(p)(*(t.to(device) for t in (p.flip, p.branch, p.sigma, p.jitter, p.jitter_order)))
-        x = augment(to_float(images.to(device)), q)
+        x = augment(to_float(images.to(device)), train.ops, p.to(device))
         on[torch.device(device).type] = normalize(x, torch.float32).cpu()
-    assert (p.branch == 2).any() and (p.branch != 2).any()
+    branch = p["three_augment"].branch
+    assert (branch == 2).any() and (branch != 2).any()
     torch.testing.assert_close(on["cuda"], on["cpu"], rtol=1e-5, atol=1e-4)
 
 
-def test_the_whole_batch_train_stage_on_cuda_equals_the_cpu_operations():
-    """On a GPU the stage runs the whole batch at once and blurs by select (no CPU slices, no gather): its output
+def test_the_whole_batch_training_augmentation_on_cuda_equals_the_cpu_operations():
+    """On a GPU BatchAugment runs the whole batch at once and blurs by select (no CPU slices, no gather): its output
     equals the CPU operations on the parameters it returns."""
-    stage = DeviceStage(AugConfig(), train=True)
+    train = BatchAugment(AugConfig(), train=True)
     images = torch.randint(0, 256, (40, 24, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
-    out, p = stage(images.to(CUDA), torch.Generator(device=CUDA).manual_seed(0))
-    q = type(p)(*(t.cpu() for t in (p.flip, p.branch, p.sigma, p.jitter, p.jitter_order)))
-    assert set(q.branch.tolist()) == {0, 1, 2}
-    ref = normalize(augment(to_float(images), q), torch.float32)
+    out, p = train(images.to(CUDA), 0)
+    q = p.to("cpu")
+    assert set(q["three_augment"].branch.tolist()) == {0, 1, 2}
+    ref = normalize(augment(to_float(images), train.ops, q), torch.float32)
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-4)
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_prefetching_loader_gives_exactly_the_batches_of_the_plain_one(data):
-    """On CUDA the next batch's device stage runs on a side stream: the batches must be those of running each step
+    """On CUDA the next batch's augmentation runs on a side stream: the batches must be those of running each step
     on the caller's stream, bit for bit."""
     loader = build_loader(cfg_for(data), "train", CUDA)
     loader.set_epoch(2)
@@ -164,7 +164,7 @@ def test_lamb_on_cuda_matches_the_float64_reference():
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-lamb"])
 def test_a_training_step_never_waits_for_the_device(data, compiled):
-    """The device stage, mixing, forward/backward, LAMB (eager and torch.compile'd, whose scalars used to be
+    """BatchAugment, mixing, forward/backward, LAMB (eager and torch.compile'd, whose scalars used to be
     blocking copies), the schedule and the EMA under torch.cuda.set_sync_debug_mode("error"): any blocking copy or
     read-back in the step raises. (The engine is outside: nvjpeg synchronises its own decode stream by design.)"""
     from deit3_fast.optim import build_optimizer
@@ -186,7 +186,7 @@ def test_a_training_step_never_waits_for_the_device(data, compiled):
             x, y, _ = run.train_loader.prepare(1, *raw[1])
             torch.manual_seed(i)  # what the loop does per micro-batch for drop-path
             trainer.train_micro_batch(run, x, y, step=2, last_micro=i == run.accum - 1, accum=run.accum)
-        run.train_loader.stage(raw[1][0], torch.Generator(device=CUDA).manual_seed(0))
+        run.train_loader.augment(raw[1][0], 0)
     finally:
         torch.cuda.set_sync_debug_mode(0)
 
@@ -245,7 +245,7 @@ def test_device_randaugment_on_cuda_is_the_cpu_op_and_never_waits():
             out = ra(images.to(CUDA, non_blocking=True), p)
         finally:
             torch.cuda.set_sync_debug_mode(0)
-        q = type(p)(*(t.cpu() for t in vars(p).values()))
+        q = p.to("cpu")
         ref = ra.apply(images, q, subset=True)
         assert (out.cpu() - ref).abs().max() <= 1 and (out.cpu() != ref).float().mean() < 0.01
 

@@ -193,14 +193,14 @@ def test_recipe_runs_with_the_official_values(name, small, monkeypatch):
     mix = run.train_loader.mixing.mixup
     assert (mix.mixup_alpha, mix.cutmix_alpha, mix.mix_prob, mix.switch_prob, mix.label_smoothing, mix.mode) == \
            (e["mixup"], e["cutmix"], 1.0, 0.5, e["smoothing"], "batch")
-    # Augmentation: the primary crop, the device stage (with RandAugment when fine-tuning), the eval crop, repeats.
+    # Augmentation: the primary crop, BatchAugment (with RandAugment when fine-tuning), the eval crop, repeats.
     engine_ = run.train_loader.engine
     assert engine_.crop.kind == e["crop"] and engine_.crop.size == e["res"]
     assert (engine_.crop.scale, engine_.crop.ratio, engine_.crop.pad) == ((0.08, 1.0), (3 / 4, 4 / 3), 4)
-    a = run.train_loader.stage.aug
+    a = run.train_loader.augment.aug
     assert (a.hflip, a.three_augment, a.color_jitter, a.solarize_threshold, tuple(a.blur_sigma)) == \
            (0.5, e["three_aug"], e["jitter"], 128, (0.1, 2.0))
-    ra = run.train_loader.stage.randaug
+    ra = run.train_loader.augment.op("randaugment")
     assert (ra is not None) == (e["auto_augment"] is not None)
     if ra is not None:
         assert ra.layers == 2 and len(ra.names) == 15 and "SolarizeIncreasing" in ra.names and ra.weights is None

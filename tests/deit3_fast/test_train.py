@@ -215,7 +215,7 @@ def test_refused_inputs_are_one_line_and_leave_no_run_dir(data, tmp_path, capsys
     torch.save({"model": model.state_dict()}, weights)  # as an official .pth: weights only, no config or position
     (tmp_path / "src").mkdir()
     for args, fragment in [
-            (["--set", "aug.auto_augment=rand-t3a"], "does not implement"),  # timm ops the device stage lacks
+            (["--set", "aug.auto_augment=rand-t3a"], "does not implement"),  # timm ops BatchAugment lacks
             (["--set", "data.batch_size=15", "--set", "train.global_batch=15"], "15 images per process is odd"),
             (["--resume", str(weights)], "not a checkpoint of a deit3-fast run")]:
         assert main(["train", *common, *args, "--out", str(tmp_path / "run")]) == 2, args

@@ -1,11 +1,12 @@
 """The random draws a run really makes, with its defaults, against the distributions of the official recipe.
 
-Each test draws through the component a run uses (the device stage with `AugConfig()`, `Mixing`, the loader's
-per-batch generators, `crops.py`) with fixed seeds, so a changed default, range or wiring shows up as a wrong rate
+Each test draws through the component a run uses (BatchAugment with `AugConfig()`, `Mixing`, the loader's
+per-batch keys, `crops.py`) with fixed seeds, so a changed default, range or wiring shows up as a wrong rate
 or a wrong distribution. Kolmogorov-Smirnov distances are compared with the 99.9% critical value
 1.95 / sqrt(n) (two-sample: 1.95 * sqrt(2 / n)); rates with at least 5 standard deviations of slack.
 """
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import torch
 from torchvision.transforms import RandomResizedCrop
 
 from pipelines import crops, keys
-from pipelines.augment import BRANCHES, DeviceStage
+from pipelines.augment import BRANCHES, BatchAugment
 from pipelines.config import AugConfig
 from pipelines.loader import Loader
 from pipelines.mix import Mixing
@@ -40,11 +41,17 @@ def rate_ok(observed: float, p: float, n: int) -> bool:
 
 @pytest.fixture(scope="module")
 def stage_params():
-    """The device stage's parameters for N samples, drawn by the stage itself with the default AugConfig."""
-    stage = DeviceStage(AugConfig(), train=True)
+    """BatchAugment's parameters for N samples, drawn by BatchAugment itself with the default AugConfig, flattened
+    (flip, branch, sigma, jitter factors and order)."""
+    augment = BatchAugment(AugConfig(), train=True)
     images = torch.randint(0, 256, (N, 2, 2, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    _, p = stage(images, torch.Generator().manual_seed(0))
-    return p
+    _, p = augment(images, 0)
+    return _flat(p)
+
+
+def _flat(p):
+    return SimpleNamespace(flip=p["flip"].flip, branch=p["three_augment"].branch, sigma=p["three_augment"].sigma,
+                           jitter=p["color_jitter"].factors, jitter_order=p["color_jitter"].order)
 
 
 def test_flip_rate_is_one_half(stage_params):
@@ -75,17 +82,17 @@ def test_blur_sigma_is_uniform_on_0_1_2_0_and_independent_of_the_branch(stage_pa
 
 
 def test_the_batches_of_an_epoch_draw_differently():
-    """Per-batch generators are keyed by the batch index: two batches of one epoch get other flips, branches,
+    """Per-batch streams are keyed by the batch index: two batches of one epoch get other flips, branches,
     jitter and mixing; the same batch of another epoch too; the same batch again, the same draws."""
-    stage = DeviceStage(AugConfig(), train=True)
-    loader = Loader(None, stage, Mixing(AugConfig(), 10), device=torch.device("cpu"), seed=0, rank=0)
+    augment = BatchAugment(AugConfig(), train=True)
+    loader = Loader(None, augment, Mixing(AugConfig(), 10), device=torch.device("cpu"), seed=0, rank=0)
     images = torch.full((64, 8, 8, 3), 128, dtype=torch.uint8)
     labels = torch.arange(64) % 10
 
     def draw(epoch, b):
         loader.epoch = epoch
         x, y, p = loader.prepare(b, images, labels)
-        return x, y, p
+        return x, y, _flat(p)
 
     (_, y0, p0), (x1, y1, p1), (_, y0b, p0b) = draw(0, 0), draw(0, 1), draw(1, 0)
     assert not torch.equal(p0.flip, p1.flip) and not torch.equal(p0.branch, p1.branch)

@@ -90,30 +90,30 @@ def test_ffcv_epoch_left_early_stops_its_thread(betons, taken):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
-def test_an_error_in_the_device_stage_stops_the_ffcv_thread(betons, monkeypatch):
-    """The loader's own error (out of memory in the device stage) ends the engine's epoch at once, while the error
+def test_an_error_in_the_batch_augmentation_stops_the_ffcv_thread(betons, monkeypatch):
+    """The loader's own error (out of memory in the batch augmentation) ends the engine's epoch at once, while the error
     is still being handled (its traceback keeps the loader's frames alive)."""
     import threading
     from ffcv.loader.epoch_iterator import EpochIterator
 
     loader = build_loader(cfg_for(betons / "jpg.beton", "ffcv"), "train", "cpu")
-    real = loader.stage
+    real = loader.augment
 
-    def stage(images, g):
-        if stage.calls == 1:
+    def augment(images, key):
+        if augment.calls == 1:
             raise RuntimeError("out of memory")
-        stage.calls += 1
-        return real(images, g)
+        augment.calls += 1
+        return real(images, key)
 
-    stage.calls = 0
-    monkeypatch.setattr(loader, "stage", stage)
+    augment.calls = 0
+    monkeypatch.setattr(loader, "augment", augment)
     try:
         for _ in loader:
             pass
     except RuntimeError:
         assert not [t for t in threading.enumerate() if isinstance(t, EpochIterator) and t.is_alive()]
     else:
-        raise AssertionError("the stage's error did not propagate")
+        raise AssertionError("the augmentation's error did not propagate")
 
 
 def test_nvjpeg_reads_raw_pixels_exactly_like_ffcv(betons):

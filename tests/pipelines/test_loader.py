@@ -96,7 +96,7 @@ def test_epoch_order_is_exact_and_deterministic(small_beton, big_beton):
 @pytest.mark.parametrize("engine", ["ffcv", "nvjpeg"])
 def test_an_epoch_started_part_way_gives_the_same_batches(small_beton, engine):
     """What a mid-epoch resume relies on: batches 2.. of `iter_from(2)` equal those of a full pass, augmentation and
-    mixing included (crop keys are per sample, the device stage and mixing draw per batch)."""
+    mixing included (crop keys are per sample, the augmentation ops and mixing draw per batch)."""
     loader = build_loader(cfg_for(small_beton, **{"data.engine": engine}), "train", "cpu")
     loader.set_epoch(3)
     full = [(x.clone(), y.clone()) for x, y in loader]
@@ -233,26 +233,26 @@ def test_mixup_blends_in_float32_and_casts_once(small_beton):
     (xa, ya), (xb, yb) = next(iter(fp32)), next(iter(bf16))
     assert xb.dtype == torch.bfloat16 and xb.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(xb, xa.to(torch.bfloat16)) and torch.equal(ya, yb)
-    stage = bf16.stage  # the device stage itself stays float32 when mixing follows
-    assert stage.dtype == torch.float32
+    assert bf16.augment.dtype == torch.float32  # the augmentation itself stays float32 when mixing follows
 
 
-def test_finetuning_randaugment_runs_in_the_device_stage(small_beton):
-    """Fine-tuning: the engine's uint8 batch goes straight to the device stage, which runs RandAugment after the flip
-    from the batch's keyed generator, then mixing: exactly that composition, and the same batches when an epoch
+def test_finetuning_randaugment_runs_in_the_batch_augmentation(small_beton):
+    """Fine-tuning: the engine's uint8 batch goes straight to BatchAugment, which runs RandAugment after the flip
+    from the batch's keyed stream, then mixing: exactly that composition, and the same batches when an epoch
     starts part-way (mid-epoch resume)."""
     cfg = cfg_for(small_beton, **{"aug.auto_augment": "rand-m9-mstd0.5-inc1", "aug.three_augment": False,
                                   "aug.color_jitter": 0.0, "aug.label_smoothing": 0.1})
     loader = build_loader(cfg, "train", "cpu")
-    assert loader.stage.randaug is not None and loader.stage.randaug.translate_const == int(48 * 0.45)
+    ra = loader.augment.op("randaugment")
+    assert ra is not None and ra.translate_const == int(48 * 0.45)
     loader.set_epoch(1)
     full = [(x.clone(), y.clone()) for x, y in loader]
     raw = [(i.clone(), y.clone()) for i, y in loader.engine.batches(1)]
     loader.epoch = 1
     for b in (0, 3):
-        g, rng = loader._generators(b)
-        x, p = loader.stage(raw[b][0], g)
-        assert p.randaug.apply.any()
+        key, rng = loader._keys(b)
+        x, p = loader.augment(raw[b][0], key)
+        assert p["randaugment"].apply.any()
         x, y = loader.mixing(x, raw[b][1], rng)
         assert torch.equal(x, full[b][0]) and torch.equal(y, full[b][1])
     loader.set_epoch(1)
@@ -411,9 +411,9 @@ def test_nvjpeg_gpu_path_resamples_like_the_cpu_path(path, split, crop, request)
         assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
 
 
-def test_a_training_batch_is_exactly_engine_then_stage_then_mixing(small_beton):
-    """Not only in range: batch b of an epoch is the engine's uint8 batch b through the device stage and mixing,
-    with the generators keyed by (seed, rank, epoch, b), cast once to the AMP dtype: the pre-training recipe's
+def test_a_training_batch_is_exactly_engine_then_augment_then_mixing(small_beton):
+    """Not only in range: batch b of an epoch is the engine's uint8 batch b through BatchAugment and mixing,
+    with the streams keyed by (seed, rank, epoch, b), cast once to the AMP dtype: the pre-training recipe's
     path (3-Augment, jitter, mixup/cutmix into soft targets) in bf16."""
     loader = build_loader(cfg_for(small_beton, **{"train.amp": "bf16"}), "train", "cpu")
     loader.set_epoch(2)
@@ -422,27 +422,26 @@ def test_a_training_batch_is_exactly_engine_then_stage_then_mixing(small_beton):
     assert len(batches) == len(raw) == 5
     loader.epoch = 2
     for b in (0, 4):
-        g, rng = loader._generators(b)
-        x, p = loader.stage(raw[b][0], g)
-        assert x.dtype == torch.float32 and set(p.branch.tolist()) <= {0, 1, 2}
+        key, rng = loader._keys(b)
+        x, p = loader.augment(raw[b][0], key)
+        assert x.dtype == torch.float32 and set(p["three_augment"].branch.tolist()) <= {0, 1, 2}
         x, y = loader.mixing(x, raw[b][1], rng)
         assert torch.equal(batches[b][0], x.to(torch.bfloat16)) and torch.equal(batches[b][1], y)
         assert torch.allclose(y.sum(1), torch.ones(len(y)))
 
 
-def test_a_cpu_training_loader_compiles_its_stage_when_epochs_repay_it(small_beton, monkeypatch):
-    """On a CPU the compiled device stage is what beats the official per-sample pipeline; compilation costs ~15 s,
+def test_a_cpu_training_loader_compiles_its_augmentation_when_epochs_repay_it(small_beton, monkeypatch):
+    """On a CPU the compiled BatchAugment is what beats the official per-sample pipeline; compilation costs ~15 s,
     so it is chosen without train.compile once an epoch holds enough pixels (ImageNet-sized CPU runs), and not for
     small sets (quickstart, tests). Evaluation and GPU loaders are not affected."""
     from pipelines import build
-    from pipelines.augment import _pointwise_normalized
 
-    assert build.compile_stage_on_cpu(10_000, 224) and not build.compile_stage_on_cpu(2_000, 32)
-    assert build.compile_stage_on_cpu(50_000, 96) and not build.compile_stage_on_cpu(50_000, 32)  # CIFAR: eager
-    assert build_loader(cfg_for(small_beton), "train", "cpu").stage._fused is _pointwise_normalized
+    assert build.compile_augment_on_cpu(10_000, 224) and not build.compile_augment_on_cpu(2_000, 32)
+    assert build.compile_augment_on_cpu(50_000, 96) and not build.compile_augment_on_cpu(50_000, 32)  # CIFAR: eager
+    assert not build_loader(cfg_for(small_beton), "train", "cpu").augment.compiled
     monkeypatch.setattr(build, "CPU_COMPILE_PIXELS", 120 * 48 * 48)
-    assert build_loader(cfg_for(small_beton), "train", "cpu").stage._fused is not _pointwise_normalized
-    assert build_loader(cfg_for(small_beton), "val", "cpu").stage._fused is _pointwise_normalized
+    assert build_loader(cfg_for(small_beton), "train", "cpu").augment.compiled
+    assert not build_loader(cfg_for(small_beton), "val", "cpu").augment.compiled
 
 
 @pytest.mark.parametrize("used", ["unused", "one epoch", "abandoned epoch"])

@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 from dataset_tools.synthetic import class_image
-from pipelines.augment import DeviceStage, flip, normalize, to_float
+from pipelines.augment import BatchAugment, normalize, to_float
 from pipelines.config import AugConfig
+from pipelines.pixels import flip
 from pipelines.randaugment import SUPPORTED, WARP_OPS, RandAugment, RandAugmentError, RandAugParams
 
 FILL = (124, 116, 104)  # timm: the ImageNet mean, rounded to 0..255
@@ -151,26 +152,28 @@ def test_policies_the_device_cannot_run_are_refused_with_the_reason():
         RandAugment("rand-m9-t3a", FILL)
 
 
-def test_device_stage_runs_randaugment_after_the_flip(images):
-    """Fine-tuning's device stage: flip -> RandAugment (the drawn ops, visible in the returned parameters) ->
+def test_batch_augment_runs_randaugment_after_the_flip(images):
+    """Fine-tuning's BatchAugment: flip -> RandAugment (the drawn ops, visible in the returned parameters) ->
     normalise, nothing else when 3-Augment and jitter are off (the fine-tuning recipes)."""
     aug = AugConfig(img_size=72, three_augment=False, color_jitter=0.0, auto_augment=POLICY)
-    stage = DeviceStage(aug, train=True)
+    augment = BatchAugment(aug, train=True)
+    ra = augment.op("randaugment")
     u8 = torch.from_numpy(np.concatenate([images] * 4))
-    out, p = stage(u8, torch.Generator().manual_seed(4))
-    assert p.randaug is not None and p.randaug.op.shape == (2, len(u8)) and p.flip.any() and (~p.flip).any()
-    warps = [stage.randaug.names.index(n) for n in WARP_OPS if n in stage.randaug.names]
-    warped = (torch.isin(p.randaug.op, torch.tensor(warps)) & p.randaug.apply).any(0)
-    assert (warped & p.flip).sum() >= 3  # where the order shows: a flipped sample's shear is not the flip's
+    out, p = augment(u8, 4)
+    flips, rp = p["flip"].flip, p["randaugment"]
+    assert list(p) == ["flip", "randaugment"] and rp.op.shape == (2, len(u8)) and flips.any() and (~flips).any()
+    warps = [ra.names.index(n) for n in WARP_OPS if n in ra.names]
+    warped = (torch.isin(rp.op, torch.tensor(warps)) & rp.apply).any(0)
+    assert (warped & flips).sum() >= 3  # where the order shows: a flipped sample's shear is not the flip's
     x = to_float(u8)
-    ref = torch.cat([stage.randaug(flip(x[s:s + 16], p.flip[s:s + 16]), p.randaug.slice(slice(s, s + 16)))
+    ref = torch.cat([ra(flip(x[s:s + 16], flips[s:s + 16]), rp.slice(slice(s, s + 16)))
                      for s in range(0, len(x), 16)])
     torch.testing.assert_close(out, normalize(ref, torch.float32), atol=1e-6, rtol=0)
-    assert not torch.equal(ref, torch.cat([flip(stage.randaug(x[s:s + 16], p.randaug.slice(slice(s, s + 16))),
-                                                 p.flip[s:s + 16]) for s in range(0, len(x), 16)]))
-    # Without auto_augment the stage draws exactly what it drew before (same generator state after 3-Augment).
-    plain, q = DeviceStage(AugConfig(img_size=72), train=True)(u8, torch.Generator().manual_seed(4))
-    assert q.randaug is None and torch.equal(q.flip, p.flip)
+    assert not torch.equal(ref, torch.cat([flip(ra(x[s:s + 16], rp.slice(slice(s, s + 16))),
+                                                 flips[s:s + 16]) for s in range(0, len(x), 16)]))
+    # Without auto_augment the flip draws exactly what it drew with it (each op has its own stream).
+    plain, q = BatchAugment(AugConfig(img_size=72), train=True)(u8, 4)
+    assert "randaugment" not in q and torch.equal(q["flip"].flip, flips)
 
 
 def test_device_randaugment_traces_as_one_graph(images):
@@ -195,11 +198,11 @@ def test_preview_captions_name_each_samples_ops():
                       apply=torch.tensor([[True, False], [True, False]]),
                       magnitude=torch.tensor([[9.3, 9.0], [8.0, 9.0]]), negate=torch.tensor([[True, False],
                                                                                                [False, False]]))
-    from pipelines.augment import AugParams
+    from pipelines.augment import Flip, FlipParams
+    from pipelines.ops import AugParams
 
-    params = AugParams(flip=torch.tensor([True, False]), branch=torch.tensor([-1, -1]), sigma=torch.zeros(2),
-                       jitter=torch.ones(2, 3), jitter_order=torch.zeros(2, 3, dtype=torch.long), randaug=p)
-    texts = captions(params, torch.tensor([3, 5]), ra)
+    params = AugParams(flip=FlipParams(torch.tensor([True, False])), randaugment=p)
+    texts = captions(params, torch.tensor([3, 5]), [Flip(0.5), ra])
     assert texts[0].startswith("+flip Rotate -9.3, Equalize") and texts[0].endswith("y=3")
     assert texts[1].startswith("no op")
 
