@@ -312,7 +312,7 @@ _RA_SECTIONS = ("mstd", "mmax", "inc", "m", "n", "p")  # timm's rand_augment_tra
 
 
 def _check_randaugment(policy: str | None) -> None:
-    """aug.auto_augment at load, without timm: a `rand-...` policy whose sections timm knows (the device stage runs
+    """aug.auto_augment at load, without timm: a `rand-...` policy whose sections timm knows (BatchAugment runs
     timm's RandAugment; the ops themselves are checked when it is built)."""
     if not policy:
         return

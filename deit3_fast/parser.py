@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--epochs", type=int, default=None, help="overrides the quickstart recipe's epochs")
 
     f = sub.add_parser("profile", help="input- or compute-bound? loader, model and end-to-end throughput, MFU",
-                       description="Measures the loader alone (decode + crop, then the device augmentation stage), "
+                       description="Measures the loader alone (decode + crop, then the batch augmentation), "
                        "the model step alone on synthetic batches already on the device (img/s, TFLOP/s, MFU "
                        "against this device's measured matmul peak) and the real end-to-end step; prints a table "
                        "and a verdict naming the slowest stage and what to change.")

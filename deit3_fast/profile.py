@@ -3,7 +3,7 @@
 Measurements on the real components of a training run (the same `components.build` as `train`):
   1. the engine alone: JPEG decode + primary crop (FFCV: CPU threads; DALI/nvjpeg: the GPU), uint8 batches, and
      how many CPU cores it kept busy meanwhile (process CPU time / wall time);
-  2. the device stage alone on one real batch: 3-Augment, jitter, flip, mixup/cutmix, normalisation;
+  2. the batch augmentation alone on one real batch: 3-Augment, jitter, flip, mixup/cutmix, normalisation;
   3. the model alone on synthetic batches already on the device, at the recipe's AMP dtype: a micro-batch's forward
      and backward, and the optimiser step (LAMB/AdamW, scaler, EMA), timed apart and combined as a run does them:
      one step per `accum` micro-batches. FLOPs come from torch's FlopCounterMode (matmuls and attention, the
@@ -236,7 +236,7 @@ def verdict(r: dict, cfg: Config) -> dict:
         advice = (f"the {cfg.data.engine} engine decodes {stages[slowest]:.0f} img/s: on a GPU machine run it with "
                   "--device cuda; otherwise raise data.workers or use --engine ffcv")
     else:
-        advice = (f"the device augmentation stage runs at {stages[slowest]:.0f} img/s: set train.compile: true "
+        advice = (f"the batch augmentation runs at {stages[slowest]:.0f} img/s: set train.compile: true "
                   "(fuses its elementwise passes) or run on a GPU")
     return {"verdict": "input-bound", "slowest_stage": slowest, "advice": advice}
 
@@ -252,7 +252,7 @@ def render(r: dict) -> None:
     table.add_column("vs model", justify="right")
     m = r["model_img_per_s"]
     for name, key in (("decode + crop (engine)", "engine_img_per_s"),
-                      ("augmentation (device stage)", "device_stage_img_per_s"),
+                      ("augmentation (BatchAugment)", "device_stage_img_per_s"),
                       ("loader (both)", "loader_img_per_s"), ("model step alone", "model_img_per_s"),
                       ("end to end", "end_to_end_img_per_s")):
         table.add_row(name, f"{r[key]:,.0f}", f"{r[key] / m:.2f}x")

@@ -69,7 +69,7 @@ def tune(cfg: Config, device, budget_s: float = 300.0, steps: int = 5, log=print
         if not attempt(setting):
             break
     ok = [r for r in tried if "error" not in r]
-    if ok and not cfg.train.compile:  # compiling pays off for the model and the device stage: try it on the best
+    if ok and not cfg.train.compile:  # compiling pays off for the model and BatchAugment: try it on the best
         best = max(ok, key=lambda r: r["end_to_end_img_per_s"])
         attempt({k: best[k] for k in ("data.engine", "data.workers", "data.os_cache")} | {"train.compile": True})
         ok = [r for r in tried if "error" not in r]
