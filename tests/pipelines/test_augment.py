@@ -160,6 +160,21 @@ def test_batch_augment_train_and_eval(images, compiled):
         torch.testing.assert_close(a, eager, atol=1e-4, rtol=0)
 
 
+def test_the_pointwise_ops_fuse_into_one_graph(images):
+    """What keeps the training augmentation fast: the ops' pointwise parts and the normalisation, with their
+    parameters as arguments, trace as one graph with no break (torch.compile then fuses it into a few passes)."""
+    import torch._dynamo
+
+    augment = BatchAugment(AugConfig(), train=True)
+    p = augment.draw(len(images), 0, torch.device("cpu"))
+    scale, shift = augment._scale_shift(torch.device("cpu"))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(augment._eager_fused)(batch(images), [p[op.name] for op in augment.ops],
+                                                            scale, shift, torch.float32)
+    assert [op.name for op in augment._tail] == ["flip", "three_augment", "color_jitter"]
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_training_batch_augment_equals_the_reference_composition(images, compiled):
     """The fused, sliced training BatchAugment (with the default AugConfig) against the official per-sample order
