@@ -19,6 +19,7 @@ from pipelines import DataError, check_same_classes
 
 from . import distributed as dist
 from .batching import BatchPlan, batch_plan, batch_plans
+from .checkpoint import RunState
 from .config import Config, parse_sets, resolve_num_classes
 from .device import device_name, resolve_amp
 from .evalsets import class_mask
@@ -80,17 +81,19 @@ class Run:
         return self.scheduler.steps_per_epoch
 
     def state_dict(self) -> dict:
-        return {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "ema": self.ema.module.state_dict() if self.ema is not None else None}
+        """The run state a checkpoint saves, in checkpoint.py's layout."""
+        return RunState(self.raw_model.state_dict(), self.optimizer.state_dict(), self.scaler.state_dict(),
+                        self.ema.module.state_dict() if self.ema is not None else None).to_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.raw_model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if state["scaler"]:  # a bf16 run's is empty: resumed where `auto` is fp16 (a V100), the scaler starts fresh
-            self.scaler.load_state_dict(state["scaler"])
-        if self.ema is not None and state.get("ema") is not None:
-            self.ema.module.load_state_dict(state["ema"])
+        """`state_dict`'s dict, or a whole checkpoint payload (which holds it)."""
+        s = RunState.from_dict(state)
+        self.raw_model.load_state_dict(s.model)
+        self.optimizer.load_state_dict(s.optimizer)
+        if s.scaler:  # a bf16 run's is empty: resumed where `auto` is fp16 (a V100), the scaler starts fresh
+            self.scaler.load_state_dict(s.scaler)
+        if self.ema is not None and s.ema is not None:
+            self.ema.module.load_state_dict(s.ema)
 
 
 STAGE_TIMEOUT = timedelta(hours=12)  # data.stage_to: how long the other processes wait for a node's copy

@@ -28,7 +28,7 @@ from dataset_tools.beton import BetonError
 from dataset_tools.shards import classes_of, source_names
 from pipelines import DataError
 
-from .checkpoint import CheckpointError, load
+from .checkpoint import load_weights
 from .config import CONFIG_DIR, Config, ConfigError, EvalSet, parse_sets
 from .device import resolve_amp
 from .eval_loop import evaluate
@@ -86,10 +86,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, sets: list[EvalSet], devic
     model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, img_size=cfg.aug.img_size,
                          layer_scale_init=cfg.model.layer_scale_init)
     if ema:
-        state = load(checkpoint).get("ema")
-        if state is None:
-            raise CheckpointError(f"{checkpoint} has no EMA weights (train.ema_decay was off)")
-        model.load_state_dict(state)
+        model.load_state_dict(load_weights(checkpoint, ema=True))  # a run's own EMA: its layout, as it is
     else:
         load_checkpoint(model, checkpoint)
     model = model.to(device).to(memory_format=torch.channels_last)

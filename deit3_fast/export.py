@@ -1,5 +1,5 @@
-"""`deit3-fast export CHECKPOINT OUT_DIR`: weights any timm user can load. From any checkpoint `create_model` loads
-(a run's checkpoint-*.pt, its EMA with `--ema`, an official DeiT III .pth, a timm file) it writes
+"""`deit3-fast export CHECKPOINT OUT_DIR`: weights any timm user can load. From any file checkpoint.py reads (a run's
+checkpoint-*.pt, its EMA with `--ema`, an official DeiT III .pth, a timm file, a .safetensors file) it writes
 `OUT_DIR/model.safetensors` (timm's state-dict layout) and `OUT_DIR/config.json` in timm's pretrained-config form
 (the architecture name, class count, input size, mean/std, interpolation, crop). Then
 
@@ -16,7 +16,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from .archs import ARCHS, TIMM_NAMES, resolve_name
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, read_weights
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -36,41 +36,17 @@ def timm_architecture(arch: str, img_size: int) -> tuple[str, dict]:
     return base, {"img_size": img_size}
 
 
-def _model_name(path: str, given: str | None, ema: bool) -> tuple[str, dict | None, int | None]:
-    """(model name, EMA state or None, the run's img_size or None): --model, else the run checkpoint's config,
-    else the official args."""
-    import torch
-
-    from .checkpoint import load
-
+def _read(path: str, given: str | None, ema: bool) -> tuple[str, dict, int | None]:
+    """(model name, state dict, the image size the file records or None): --model, else the name the file records
+    (a run checkpoint's config, an official file's args)."""
     if not Path(path).is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
-    payload = None
-    try:
-        payload = load(path)
-    except CheckpointError:
-        pass  # not one of our run checkpoints: an official or timm file
-    ema_state = None
-    if ema:
-        if payload is None or payload.get("ema") is None:
-            raise CheckpointError(f"{path} has no EMA weights (only a run's checkpoint with train.ema_decay has)")
-        ema_state = payload["ema"]
-    config = payload.get("config") if payload is not None else None
-    img_size = config["aug"]["img_size"] if isinstance(config, dict) else None
-    if given:
-        return given, ema_state, img_size
-    if isinstance(config, dict):
-        return config["model"]["name"], ema_state, img_size
-    try:
-        import argparse
-
-        torch.serialization.add_safe_globals([argparse.Namespace])  # official files carry their argparse args
-        args = torch.load(path, map_location="cpu", weights_only=True).get("args")
-        if args is not None and getattr(args, "model", None):
-            return args.model, ema_state, getattr(args, "input_size", None)
-    except Exception:  # noqa: BLE001 - any unreadable file is reported by the loader below
-        pass
-    raise CheckpointError(f"{path} does not say which model it holds: give --model (e.g. deit3_small_patch16_224)")
+    weights = read_weights(path, ema=ema)
+    name = given or weights.model
+    if not name:
+        raise CheckpointError(f"{path} does not say which model it holds: give --model (e.g. "
+                              "deit3_small_patch16_224)")
+    return name, weights.state, weights.img_size
 
 
 def export(checkpoint: str, out_dir: str | Path, model: str | None = None, ema: bool = False) -> dict:
@@ -78,28 +54,27 @@ def export(checkpoint: str, out_dir: str | Path, model: str | None = None, ema: 
 
     from dataset_tools.atomic import AtomicOutput
 
-    from .models import _read_state_dict, create_model, load_checkpoint
+    from .models import create_model, load_state
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} exists and is not a folder: give a folder for model.safetensors and config.json")
-    name, ema_state, run_img_size = _model_name(checkpoint, model, ema)
+    name, state, run_img_size = _read(checkpoint, model, ema)
     try:
         arch = resolve_name(name)[0]
     except ValueError as e:
         raise CheckpointError(str(e)) from None
-    state = ema_state if ema_state is not None else _read_state_dict(checkpoint)
     if "head.weight" not in state or "pos_embed" not in state:
         raise CheckpointError(f"{checkpoint}: not a ViT state dict (no head.weight / pos_embed)")
     num_classes = state["head.weight"].shape[0]
-    # The run's resolution where the checkpoint says it: the patch grid is floored (ViT-H/14 at 160 px: 11 x 11),
-    # so the grid alone gives 154.
+    # The resolution where the checkpoint says it (a run's config, an official file's args): the patch grid is
+    # floored (ViT-H/14 at 160 px: 11 x 11), so the grid alone gives 154.
     img_size = run_img_size or int(math.isqrt(state["pos_embed"].shape[1])) * ARCHS[arch][0]
     net = create_model(arch, num_classes=num_classes, img_size=img_size)
-    if ema_state is not None:
-        net.load_state_dict(ema_state)
+    if ema:
+        net.load_state_dict(state)  # our own layout, at the run's size
     else:
-        load_checkpoint(net, checkpoint)
+        load_state(net, state, checkpoint)
     timm_name, model_args = timm_architecture(arch, img_size)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -5,22 +5,21 @@ pos_embed without a class-token slot, SDPA attention) but not the same init: tim
 drop-path ramp over depth and cls_token std 1e-6. `create_model` sets the recipe's: LayerScale 1e-4, the same
 drop-path rate in every block, trunc-normal(0.02) for pos_embed, cls_token and Linear weights, zero biases.
 
-Checkpoints: official DeiT III `.pth` files (key `model`, `gamma_1/2`), timm checkpoints and ours load through
-timm's `checkpoint_filter_fn`; pos_embed is resized bicubically over the patch grid for another resolution (as the
-official fine-tuning code does, without antialiasing) and a head of the wrong size is dropped (fine-tuning).
+Checkpoints: official DeiT III `.pth` files (key `model`, `gamma_1/2`), timm checkpoints, safetensors files and ours
+(each read by checkpoint.py) load through timm's `checkpoint_filter_fn`; pos_embed is resized bicubically over the
+patch grid for another resolution (as the official fine-tuning code does, without antialiasing) and a head of the
+wrong size is dropped (fine-tuning).
 """
 from __future__ import annotations
 
-import argparse
 from functools import partial
 
-import torch
 import torch.nn as nn
 from timm.layers import DropPath, trunc_normal_
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from .archs import ARCHS, DEFAULT_IMG_SIZE, resolve_name
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, load_weights
 
 __all__ = ["create_model", "load_checkpoint", "CheckpointError", "ARCHS"]
 
@@ -77,29 +76,15 @@ def create_model(name: str, num_classes: int = 1000, img_size: int | None = None
     return model
 
 
-def _read_state_dict(path: str) -> dict:
-    # Official checkpoints carry an argparse.Namespace ('args') next to the weights.
-    torch.serialization.add_safe_globals([argparse.Namespace])
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} does not exist") from None
-    except Exception as e:  # corrupt zip, pickle with unexpected globals, not a torch file
-        raise CheckpointError(f"checkpoint {path} cannot be read: {str(e).splitlines()[0]}") from None
-    state = ckpt
-    for key in ("model", "state_dict", "model_ema"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"checkpoint {path} holds no model state dict")
-    # DDP ('module.') and torch.compile ('_orig_mod.') prefixes.
-    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
-
-
 def load_checkpoint(model: VisionTransformer, path: str) -> list[str]:
-    """Load weights for fine-tuning or evaluation; returns the keys left at their init (a dropped head)."""
-    state = _read_state_dict(path)
+    """Load the weights of any file checkpoint.py reads (ours, official, timm, safetensors) for fine-tuning or
+    evaluation; returns the keys left at their init (a dropped head)."""
+    return load_state(model, load_weights(path), path)
+
+
+def load_state(model: VisionTransformer, state: dict, path: str) -> list[str]:
+    """Fit `state` (read from `path`, which messages name) into `model`: official layouts mapped to timm's, pos_embed
+    resized, a head of another size dropped; returns the keys left at their init."""
     state = checkpoint_filter_fn(state, model, adapt_layer_scale=True, antialias=False)
     own = model.state_dict()
     dropped = [k for k in ("head.weight", "head.bias") if k in state and state[k].shape != own[k].shape]

@@ -174,16 +174,13 @@ def _resume(run: Run, resume: str | None, out: Path, force: bool) -> ckpt.Positi
     path = ckpt.find_resume(resume, out)
     if path is None:
         return None
-    payload = ckpt.load(path)
-    if "config" not in payload or "model" not in payload:
-        raise ckpt.CheckpointError(f"{path} is not a checkpoint of a deit3-fast run (no config and position to resume "
-                                   "from); to start from its weights, use --set model.checkpoint=" + str(path))
-    changed = [k for k in differences(with_defaults(payload["config"]), to_dict(run.cfg)) if k not in _RESUMABLE]
+    saved = ckpt.load_run(path)
+    changed = [k for k in differences(with_defaults(saved.config), to_dict(run.cfg)) if k not in _RESUMABLE]
     if changed and not force:
         raise ConfigMismatch(f"{path} was written with a different config ({', '.join(changed)}); resume with the "
                              "same config, or pass --force")
-    run.load_state_dict(payload)
-    return ckpt.position(payload)
+    run.load_state_dict(saved.state)
+    return saved.position
 
 
 def train(cfg: Config, out_dir: str | Path, device: torch.device, resume: str | None = None,
@@ -243,7 +240,7 @@ def _train(cfg: Config, out: Path, device: torch.device, resume: str | None, for
             if result.resume_at is not None:  # stopped part-way (SIGTERM): save exactly where
                 if main:
                     stopped = ckpt.Position(epoch - 1, pos.best, result.resume_at)
-                    ckpt.save(out / ckpt.LAST, run.state_dict(), stopped, config)
+                    ckpt.save_run(out / ckpt.LAST, run.state_dict(), stopped, config)
                 dist.barrier()
                 raise Preempted(out / ckpt.LAST, epoch, result.resume_at["step"], result.steps)
             row = {"epoch": epoch, **result.row, "val_acc1": None, "val_acc5": None}
@@ -264,9 +261,9 @@ def _train(cfg: Config, out: Path, device: torch.device, resume: str | None, for
             if main:
                 rundir.append_metrics(out, row)
                 loggers.log(row)
-                ckpt.save(out / ckpt.LAST, run.state_dict(), pos, config)
+                ckpt.save_run(out / ckpt.LAST, run.state_dict(), pos, config)
                 if improved:
-                    ckpt.save(out / ckpt.BEST, run.state_dict(), pos, config)
+                    ckpt.save_run(out / ckpt.BEST, run.state_dict(), pos, config)
             per_epoch = (time.perf_counter() - started) / (epoch + 1 - first_epoch)
             _report(row, quiet, main, cfg.schedule.epochs, per_epoch * (cfg.schedule.epochs - epoch - 1))
             if warning and main:

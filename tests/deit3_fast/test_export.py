@@ -58,7 +58,7 @@ def test_a_run_checkpoint_and_its_ema_export_with_their_class_count(tmp_path):
     ema = create_model("deit3_small", num_classes=10, img_size=224).eval()
     cfg = load_config("vit_s_in1k", ["model.num_classes=10"])
     state = {"model": model.state_dict(), "optimizer": {}, "scaler": {}, "ema": ema.state_dict()}
-    ckpt.save(tmp_path / "checkpoint-last.pt", state, ckpt.Position(3, 50.0), to_dict(cfg))
+    ckpt.save_run(tmp_path / "checkpoint-last.pt", state, ckpt.Position(3, 50.0), to_dict(cfg))
     x = torch.randn(2, 3, 224, 224)
     for flag, net in (([], model), (["--ema"], ema)):
         out = tmp_path / ("ema" if flag else "model")

@@ -102,10 +102,11 @@ def test_a_requeue_signal_during_a_checkpoint_write_is_handled_after_it(tmp_path
         raise SystemExit(144)  # what submitit's handler ends with (LOCAL_REQUEUE_RETURN_CODE)
 
     monkeypatch.setattr(torch, "save", save_signalled_half_way)
+    state = ckpt.RunState({"w": torch.ones(3)}, {}, {}).to_dict()
     previous = signal.signal(signal.SIGUSR2, requeue)
     try:
         with pytest.raises(SystemExit):
-            ckpt.save(tmp_path / "c.pt", {"w": torch.ones(3)}, ckpt.Position(epoch=4), {})
+            ckpt.save_run(tmp_path / "c.pt", state, ckpt.Position(epoch=4), {})
         assert signal.getsignal(signal.SIGUSR2) is requeue
     finally:
         signal.signal(signal.SIGUSR2, previous)

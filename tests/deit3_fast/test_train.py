@@ -145,6 +145,8 @@ def test_a_checkpoint_from_before_a_config_key_existed_resumes(data, tmp_path):
     path = tmp_path / "checkpoint-last.pt"
     payload = load(path)
     del payload["config"]["schedule"]["resolution"]
+    # ... and before checkpoints carried a format version (runs in flight have such files): read as version 1.
+    del payload["format"], payload["version"]
     torch.save(payload, path)
     with pytest.raises(ConfigMismatch, match=r"\(optim.lr\)"):
         train(tiny_cfg(data, **{"optim.lr": 1e-3}), tmp_path, torch.device("cpu"), quiet=True, resume="auto")
@@ -203,6 +205,7 @@ def test_cli_dry_run_and_one_line_errors(tmp_path, capsys):
 
 def test_refused_inputs_are_one_line_and_leave_no_run_dir(data, tmp_path, capsys):
     """Inputs a fault hunt found passing as tracebacks: each is one line, exit 2, and no run dir is left."""
+    from deit3_fast import __version__
     from deit3_fast.cli import main
 
     common = ["--cfg", "quickstart", "--data-train", str(data / "train.beton"), "--data-val", str(data / "val.beton"),
@@ -213,11 +216,15 @@ def test_refused_inputs_are_one_line_and_leave_no_run_dir(data, tmp_path, capsys
     q = load_config("quickstart")
     model = create_model(q.model.name, num_classes=4, img_size=q.aug.img_size)
     torch.save({"model": model.state_dict()}, weights)  # as an official .pth: weights only, no config or position
+    newer = tmp_path / "newer.pt"  # as a later deit3-fast with another checkpoint layout would write it
+    torch.save({"format": "deit3-fast-checkpoint", "version": 2, "model": model.state_dict()}, newer)
     (tmp_path / "src").mkdir()
     for args, fragment in [
             (["--set", "aug.auto_augment=rand-t3a"], "does not implement"),  # timm ops BatchAugment lacks
             (["--set", "data.batch_size=15", "--set", "train.global_batch=15"], "15 images per process is odd"),
-            (["--resume", str(weights)], "not a checkpoint of a deit3-fast run")]:
+            (["--resume", str(weights)], "not a checkpoint of a deit3-fast run"),
+            (["--resume", str(newer)], (f"{newer} is a deit3-fast checkpoint of format version 2, and deit3-fast "
+                                        f"{__version__} reads version 1; a newer deit3-fast wrote it: upgrade"))]:
         assert main(["train", *common, *args, "--out", str(tmp_path / "run")]) == 2, args
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and fragment in err, err
