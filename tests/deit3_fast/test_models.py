@@ -83,6 +83,22 @@ def test_timm_and_compiled_ddp_prefixes_load(tmp_path):
     torch.testing.assert_close(dst.head.weight, src.head.weight)
 
 
+def test_a_safetensors_file_loads_as_model_checkpoint(tmp_path):
+    """An export's model.safetensors (or a timm hub file) as model.checkpoint: every weight, at another resolution
+    with pos_embed resized and a head of another size dropped, as for the other kinds of file."""
+    from safetensors.torch import save_file
+
+    src = create_model("deit3_nano", num_classes=5, img_size=32)
+    save_file(src.state_dict(), str(tmp_path / "model.safetensors"))
+    same = create_model("deit3_nano", num_classes=5, img_size=32, checkpoint=str(tmp_path / "model.safetensors"))
+    for k, v in src.state_dict().items():
+        assert torch.equal(same.state_dict()[k], v), k
+    other = create_model("deit3_nano", num_classes=3, img_size=48)
+    assert load_checkpoint(other, str(tmp_path / "model.safetensors")) == ["head.weight", "head.bias"]
+    assert other.pos_embed.shape[1] == (48 // 4) ** 2  # resized from 8 x 8 patches to 12 x 12
+    torch.testing.assert_close(other.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+
+
 def test_bad_checkpoints_are_clear_errors(tmp_path):
     m = create_model("deit3_nano", num_classes=5, img_size=32)
     with pytest.raises(CheckpointError, match="does not exist"):
