@@ -75,8 +75,8 @@ def main() -> None:
                 f"data.workers={args.workers}", "data.repeats=1", "train.amp=fp32", f"aug.img_size={args.size}"]
         cfg = load_config("vit_s_in1k", sets)
         loader = make_loader(cfg, "train", torch.device("cpu"))
-        result["cpu_stage_img_per_s"] = rate(lambda: loader.engine.batches(0), args.images)
-        images = next(iter(loader.engine.batches(0)))[0].clone()
+        result["cpu_stage_img_per_s"] = rate(lambda: loader.raw_batches(0), args.images)
+        images = next(iter(loader.raw_batches(0)))[0].clone()
         for compiled in (False, True):
             tag = "compiled" if compiled else "eager"
             augment = BatchAugment(cfg.aug, train=True, compile=compiled)
@@ -89,7 +89,7 @@ def main() -> None:
         result["device_stage_compiled_by_default"] = loader.augment.compiled
         result["end_to_end_img_per_s"] = rate(lambda: loader, args.images)
         nv = make_loader(load_config("vit_s_in1k", sets + ["data.engine=nvjpeg"]), "train", torch.device("cpu"))
-        result["cpu_stage_nvjpeg_engine_img_per_s"] = rate(lambda: nv.engine.batches(0), args.images)
+        result["cpu_stage_nvjpeg_engine_img_per_s"] = rate(lambda: nv.raw_batches(0), args.images)
         result["ratio_end_to_end_vs_official"] = result["end_to_end_img_per_s"] / result["official_img_per_s"]
         result["ratio_cpu_stage_vs_official"] = result["cpu_stage_img_per_s"] / result["official_img_per_s"]
         result["torch_threads"] = torch.get_num_threads()  # FFCV sets it to data.workers

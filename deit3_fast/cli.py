@@ -208,7 +208,7 @@ def _preview(args) -> int:
 
     loader = make_loader(cfg, "train", torch.device("cpu"), auto_compile=False)
     if len(loader) == 0:  # training batches are whole: n above the set's size makes none
-        raise ConfigError(f"--n {args.n}: more than the {len(loader.engine.epoch_order)} samples of "
+        raise ConfigError(f"--n {args.n}: more than the {loader.samples} samples of "
                           f"{cfg.data.train}; ask for fewer")
     info = make_preview(loader, cfg.aug.mean, cfg.aug.std, args.out)
     ops = f", RandAugment ops {info['randaug']}" if "randaug" in info else ""

@@ -152,7 +152,7 @@ def build(cfg: Config, device: torch.device) -> Run:
         dynamo.recompile_limit = max(dynamo.recompile_limit, 2 * len(set(sizes)) + 4)
     forward = torch.compile(forward, dynamic=False if sizes else None) if cfg.train.compile else forward
     train_loader = make_loader(cfg, "train", device, amp=amp, batch_size=plan.per_process)
-    samples = len(train_loader.engine.epoch_order)  # this rank's, per epoch (training drops the rest)
+    samples = train_loader.samples  # this rank's, per epoch (training drops the rest)
     for p in [plan, *batches.values()]:
         if samples // p.per_process < p.accum:
             raise DataError(f"{cfg.data.train}: an epoch has {samples // p.per_process} batch(es) of {p.per_process} "

@@ -49,7 +49,7 @@ def evaluate(model: torch.nn.Module, loader, amp: str, progress: Progress | None
     if keep:
         labels = torch.cat([k[0] for k in kept]).numpy() if kept else np.zeros(0, np.int64)
         top5 = torch.cat([k[1] for k in kept]).numpy() if kept else np.zeros((0, 5), np.int64)
-        index = loader.engine.epoch_order.indices(0)[:len(labels)]
+        index = loader.sample_indices(0)[:len(labels)]
         parts = dist.all_gather_object((index, labels, top5))
         index, labels, top5 = (np.concatenate([p[i] for p in parts]) for i in range(3))
         order = np.argsort(index, kind="stable")

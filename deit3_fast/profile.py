@@ -77,7 +77,7 @@ def _engine_batches(loader):
     """The engine's uint8 batches across epochs for as long as they are asked for (small sets have short epochs)."""
     epoch = 0
     while True:
-        yield from loader.engine.batches(epoch)
+        yield from loader.raw_batches(epoch)
         epoch += 1
 
 

@@ -38,6 +38,21 @@ class Loader:
     def __len__(self) -> int:
         return len(self.engine)
 
+    @property
+    def samples(self) -> int:
+        """This rank's samples per epoch (a training epoch's whole batches may hold fewer)."""
+        return len(self.engine.epoch_order)
+
+    def sample_indices(self, epoch: int):
+        """This rank's sample indices of `epoch` in the order its batches hold them (numpy int64)."""
+        return self.engine.epoch_order.indices(epoch)
+
+    def raw_batches(self, epoch: int, start: int = 0):
+        """The engine's own batches of `epoch` from batch `start` on: (uint8 images (B, H, W, 3), labels) on the
+        device, before the device stage and mixing (what `profile` times as the engine alone). Close the generator,
+        or run it out, before the next pass: an engine runs one pass at a time."""
+        return self.engine.batches(epoch, start)
+
     def set_resolution(self, size: int, batch_size: int | None = None) -> None:
         """Crop to `size`, in batches of `batch_size` (None: as now), from the next pass on. An engine is built once
         per (size, batch size) and kept (FFCV and DALI compile their pipelines for one output size); the samples,

@@ -36,7 +36,7 @@ def build_loader(sets: dict, split: str, device="cpu"):
 
 def engine_epoch(cfg, split, epoch=1):
     loader = build_loader(cfg, split, "cpu")
-    return [(x.clone(), y.clone()) for x, y in loader.engine.batches(epoch)]
+    return [(x.clone(), y.clone()) for x, y in loader.raw_batches(epoch)]
 
 
 @pytest.mark.parametrize("engine", ["nvjpeg", "dali"])
@@ -59,8 +59,8 @@ def test_dali_matches_nvjpeg_closely_and_repeats_epochs(betons):
     pass over the same epoch gives the same batches (the pipeline is reset cleanly at each epoch's end)."""
     cfg = cfg_for(betons / "jpg.beton", "dali")
     loader = build_loader(cfg, "train", "cpu")
-    first = [(x.clone(), y.clone()) for x, y in loader.engine.batches(3)]
-    again = [(x.clone(), y.clone()) for x, y in loader.engine.batches(3)]
+    first = [(x.clone(), y.clone()) for x, y in loader.raw_batches(3)]
+    again = [(x.clone(), y.clone()) for x, y in loader.raw_batches(3)]
     other = engine_epoch(cfg_for(betons / "jpg.beton", "nvjpeg"), "train", epoch=3)
     for (xa, ya), (xb, yb), (xc, yc) in zip(first, again, other):
         assert torch.equal(xa, xb) and torch.equal(ya, yb) and torch.equal(ya, yc)
@@ -78,12 +78,12 @@ def test_ffcv_epoch_left_early_stops_its_thread(betons, taken):
 
     cfg = cfg_for(betons / "jpg.beton", "ffcv")
     loader = build_loader(cfg, "val", "cpu")
-    it = loader.engine.batches(1)
+    it = loader.raw_batches(1)
     for _ in range(taken):
         next(it)
     it.close()
     assert not [t for t in threading.enumerate() if isinstance(t, EpochIterator)]
-    again = [(x.clone(), y.clone()) for x, y in loader.engine.batches(1)]
+    again = [(x.clone(), y.clone()) for x, y in loader.raw_batches(1)]
     fresh = engine_epoch(cfg, "val")
     assert len(again) == len(fresh) == 4
     for (xa, ya), (xb, yb) in zip(again, fresh):
@@ -203,7 +203,7 @@ def test_a_dead_ffcv_thread_is_an_error_not_a_hang(betons, monkeypatch):
 
     def consume():
         try:
-            outcome.append(sum(1 for _ in loader.engine.batches(1)))
+            outcome.append(sum(1 for _ in loader.raw_batches(1)))
         except DataError as e:
             outcome.append(e)
 
