@@ -19,7 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from pipelines.config import CROPS, ENGINES, AugConfig, DataConfig
+from pipelines.config import CROPS, AugConfig, DataConfig
+from pipelines.registry import ENGINES
 
 from .amp import AMP_CHOICES
 from .archs import MODEL_NAMES, default_img_size, patch_size

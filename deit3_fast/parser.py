@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipelines.config import ENGINES
+from pipelines.registry import ENGINES
 
 from . import __version__
 from .submit import add_slurm_args

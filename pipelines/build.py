@@ -9,10 +9,11 @@ from __future__ import annotations
 import torch
 
 from .augment import BatchAugment
-from .config import ENGINES, AugConfig, DataConfig
+from .config import AugConfig, DataConfig
 from .errors import DataError
 from .loader import Loader
 from .mix import Mixing
+from .registry import engine_info, engine_names, one_of
 from .sampler import EpochOrder, dist_rank_world
 
 
@@ -88,10 +89,12 @@ def build_loader(data: DataConfig, aug: AugConfig, split: str, *, num_classes: i
     device = torch.device(device)
     path = data.train if train else data.val
     n = _check_beton(path, split, num_classes)
+    info = engine_info(data.engine)
     from dataset_tools.shards import is_shard_set
-    if data.engine == "ffcv" and is_shard_set(path):
-        raise DataError(f"{path} is a shard set; FFCV's loader reads one file: set data.stage_to (a node-local "
-                        "folder: the shards are merged there at job start), or use data.engine: nvjpeg or dali "
+    if not info.reads_shard_sets and is_shard_set(path):
+        readers = engine_names(reads_shard_sets=True)
+        raise DataError(f"{path} is a shard set; {info.what} reads one file: set data.stage_to (a node-local "
+                        f"folder: the shards are merged there at job start), or use data.engine: {one_of(readers)} "
                         "(they read shard sets as they are)")
     if rank is None or world is None:
         rank, world = dist_rank_world()
@@ -101,28 +104,18 @@ def build_loader(data: DataConfig, aug: AugConfig, split: str, *, num_classes: i
     except ValueError as e:
         raise DataError(f"{path}: {e}") from None
     batch = data.batch_size if train else (data.eval_batch_size or int(1.5 * data.batch_size))
-    if data.engine not in ENGINES:
-        raise DataError(f"data.engine {data.engine!r}: choose one of {', '.join(ENGINES)}")
     from .crops import CropSpec
 
     crop = (CropSpec(aug.crop, aug.img_size, tuple(aug.rrc_scale), tuple(aug.rrc_ratio), aug.src_pad) if train
             else CropSpec("center", aug.img_size, center_ratio=aug.eval_crop_ratio))
 
-    def make_engine(crop: CropSpec, batch_size: int = batch):
-        if data.engine == "ffcv":
-            from .ffcv_engine import FFCVEngine
+    cls = info.load()
+    options = {"workers": data.workers, "drop_last": train, "seed": data.seed, "rank": rank}
+    if info.os_cache:
+        options["os_cache"] = data.os_cache
 
-            return FFCVEngine(path, order, batch_size, crop, device, workers=data.workers, os_cache=data.os_cache,
-                              drop_last=train, seed=data.seed, rank=rank)
-        if data.engine == "nvjpeg":
-            from .nvjpeg_engine import NvjpegEngine as cls
-        else:
-            from .dali_engine import DaliEngine as cls
-        try:
-            return cls(path, order, batch_size, crop, device, workers=data.workers, drop_last=train, seed=data.seed,
-                       rank=rank)
-        except ValueError as e:
-            raise DataError(str(e)) from None
+    def make_engine(crop: CropSpec, batch_size: int = batch):
+        return cls(path, order, batch_size, crop, device, **options)
 
     engine = make_engine(crop)
     mixing = Mixing(aug, num_classes) if train else None

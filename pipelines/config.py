@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-ENGINES = ("ffcv", "dali", "nvjpeg")
 CROPS = ("rrc", "src")
 
 
@@ -16,7 +15,7 @@ class DataConfig:
     train: str | None = None          # a .beton or shard folder written by deit3-convert
     val: str | None = None
     stage_to: str | None = None       # node-local folder: copy train/val there at job start (once per node)
-    engine: str = "ffcv"              # ffcv | dali | nvjpeg
+    engine: str = "ffcv"              # an engine's name in registry.py (ENGINES)
     batch_size: int = 256             # per process; global = batch_size x world x accumulation
     eval_batch_size: int | None = None  # default: 1.5 x batch_size, as upstream
     workers: int = 8                  # CPU decode threads per process

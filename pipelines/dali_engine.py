@@ -19,6 +19,7 @@ import torch
 
 from . import crops
 from .beton_source import BetonBatches, reflect_pad, upload
+from .errors import DataError
 
 # DALI's import parses every operator argument's default (thousands of ast.literal_eval). CPython 3.11 keeps one AST
 # depth counter per interpreter: a garbage collection inside one of those parses can run a finalizer that parses too
@@ -47,7 +48,7 @@ class DaliEngine(BetonBatches):
                  drop_last: bool, seed: int = 0, rank: int = 0):
         super().__init__(path, epoch_order, batch_size, crop, device, drop_last=drop_last, seed=seed, rank=rank)
         if self.samples.has_raw_images():
-            raise ValueError(f"{path} stores raw pixels; the dali engine reads JPEG files (convert with "
+            raise DataError(f"{path} stores raw pixels; the dali engine reads JPEG files (convert with "
                              "--write-mode jpg, or use data.engine: ffcv or nvjpeg)")
         gpu = device.type == "cuda" and backend.GetCUDADeviceCount() > 0
         self.gpu = gpu

@@ -2,6 +2,11 @@
 `dali_engine.py`) reads one .beton (nvjpeg and DALI also a shard set, as one global index), decodes, takes the
 primary crop and yields uint8 batches; everything after the crop (flip, 3-Augment, jitter, normalisation, mixing) is
 the batch augmentation's (augment.py), the same for all of them.
+
+Each is registered by name with its capabilities in `registry.py`, and `build_loader` constructs every one the same
+way: `cls(path, epoch_order, batch_size, crop, device, *, workers, drop_last, seed, rank)`, plus `os_cache` for an
+engine registered as taking it. Data it cannot read (a file format it does not support) is a `DataError` from the
+constructor, which the user sees as one line.
 """
 from __future__ import annotations
 

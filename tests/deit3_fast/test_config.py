@@ -6,7 +6,7 @@ import pytest
 
 from deit3_fast.batching import batch_plan
 from deit3_fast.config import ConfigError, load_config
-from pipelines.config import ENGINES
+from pipelines.registry import ENGINES
 
 from ..conftest import REPO
 
@@ -29,6 +29,7 @@ def test_each_vocabulary_is_written_once():
 
     from deit3_fast import amp, archs, config, device, losses, optim
     from pipelines import config as data_config
+    from pipelines import registry
 
     def choices(cls, key):
         return next(f for f in fields(cls) if f.name == key).metadata["choices"]
@@ -37,7 +38,7 @@ def test_each_vocabulary_is_written_once():
     assert choices(config.TrainConfig, "amp") is amp.AMP_CHOICES and set(device.AMP_DTYPES) | {"auto"} == \
         set(amp.AMP_CHOICES)
     assert choices(config.ModelConfig, "name") is archs.MODEL_NAMES
-    assert config._CHOICES["data.engine"] is data_config.ENGINES and config._CHOICES["aug.crop"] is data_config.CROPS
+    assert config._CHOICES["data.engine"] is registry.ENGINES and config._CHOICES["aug.crop"] is data_config.CROPS
 
 
 @pytest.mark.parametrize("override, message", [

@@ -1,4 +1,5 @@
-"""The engines over one .beton: the same samples in the same order with the same keyed crops, pixel-close."""
+"""The engines over one .beton: the same samples in the same order with the same keyed crops, pixel-close; and the
+registry that names them (a new engine is its own class and one entry)."""
 import subprocess
 import sys
 
@@ -9,7 +10,9 @@ import torch
 from dataset_tools.beton import Beton
 from dataset_tools.convert import convert
 from dataset_tools.synthetic import make_imagefolder
-from pipelines import DataError
+from pipelines import DataError, registry
+from pipelines.beton_source import BetonBatches
+from pipelines.config import IMAGENET_MEAN, IMAGENET_STD
 
 from ..conftest import REPO, plain_loader
 
@@ -20,6 +23,7 @@ def betons(tmp_path_factory):
     make_imagefolder(d / "src", num_classes=6, per_class=10, seed=7, min_side=40, max_side=120)
     convert(str(d / "src"), str(d / "jpg.beton"), workers=2, show_progress=False)
     convert(str(d / "src"), str(d / "raw.beton"), workers=2, write_mode="raw", show_progress=False)
+    convert(str(d / "src"), str(d / "shards"), shards=2, workers=2, show_progress=False, page_size=2 << 20)
     return d
 
 
@@ -227,3 +231,61 @@ def test_ffcv_leaves_numbas_shared_types_as_they_were(betons):
     assert shared.mutable and numba.uint8[::1] is shared
     assert len(cached) == len(paged) == 4  # the reader still reads: the same batches either way
     assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(cached, paged))
+
+
+class GreyEngine(BetonBatches):
+    """A fourth engine in a few lines: every image mid-grey; the samples, their order and labels read as the real
+    engines read them (beton_source). Registered as not taking data.os_cache, so its constructor has no such
+    argument: a builder that passed it anyway fails here."""
+
+    def __init__(self, path, epoch_order, batch_size, crop, device, *, workers, drop_last, seed=0, rank=0):
+        super().__init__(path, epoch_order, batch_size, crop, device, drop_last=drop_last, seed=seed, rank=rank)
+        self.workers = workers
+
+    def batches(self, epoch, start=0):
+        size = self.crop.size
+        for idx, _ in self.index_batches(epoch, start):
+            yield (torch.full((len(idx), size, size, 3), 128, dtype=torch.uint8, device=self.device),
+                   self.labels_of(idx))
+
+
+class CachedGreyEngine(GreyEngine):
+    def __init__(self, *args, os_cache, **options):
+        super().__init__(*args, **options)
+        self.os_cache = os_cache
+
+
+@pytest.fixture
+def grey_engines():
+    added = [registry.register(registry.EngineInfo(
+                 "grey", f"{__name__}:GreyEngine", reads_shard_sets=False, gpu_decode=False, workers_on_gpu=True,
+                 os_cache=False)),
+             registry.register(registry.EngineInfo(
+                 "grey_cached", f"{__name__}:CachedGreyEngine", reads_shard_sets=True, gpu_decode=False,
+                 workers_on_gpu=True, os_cache=True))]
+    yield added
+    for info in added:  # the registry is the process's: the tests after this one see the real engines only
+        del registry._REGISTRY[info.name]
+
+
+def test_a_new_engine_is_its_class_and_one_registry_entry(betons, grey_engines):
+    """What the coming engines need (the official PIL pipeline, `reference`): their own class and one `register`.
+    build_loader then builds it into a working loader, data.engine's choices include it, and its capabilities
+    decide what it is given (data.os_cache only where it takes it) and refused (a shard set, naming the engines
+    that read one)."""
+    assert "grey" in registry.ENGINES and "grey_cached" in registry.ENGINES  # the config schema's and CLI's choices
+    val = build_loader(cfg_for(betons / "jpg.beton", "grey"), "val")
+    assert val.samples == 60 and len(val) == 4  # batches of 1.5 x 12
+    labels = torch.cat([y for _, y in val.raw_batches(0)])
+    np.testing.assert_array_equal(labels.numpy(), Beton(betons / "jpg.beton").labels()[val.sample_indices(0)])
+    x, y = next(iter(val))
+    grey = (128 / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    assert x.shape == (18, 3, 40, 40) and torch.allclose(x, grey.view(1, 3, 1, 1).expand_as(x), atol=1e-6)
+    x, y = next(iter(build_loader(cfg_for(betons / "jpg.beton", "grey"), "train")))
+    assert x.shape == (12, 3, 40, 40) and x.is_contiguous(memory_format=torch.channels_last) and y.shape == (12, 6)
+
+    cached = build_loader(cfg_for(betons / "shards", "grey_cached", **{"data.os_cache": False}), "train")
+    assert cached.engine.os_cache is False and cached.engine.workers == 2
+    with pytest.raises(DataError, match=r"shards is a shard set; the grey engine reads one file: set data.stage_to "
+                                        r".* or use data.engine: dali, nvjpeg or grey_cached \(they read shard"):
+        build_loader(cfg_for(betons / "shards", "grey"), "train")
