@@ -79,7 +79,7 @@ def official_end_to_end(root: Path, device: torch.device, batch: int, workers: i
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default=DEFAULT_ROWS, help="model@resolution, comma-separated")
-    p.add_argument("--engines", default=None, help="default: ffcv,dali,nvjpeg on CUDA, ffcv on CPU")
+    p.add_argument("--engines", default=None, help="default: every registered engine on CUDA, ffcv on CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--steps", type=int, default=30)
@@ -92,11 +92,12 @@ def main() -> None:
     p.add_argument("--json", help="also write every row's full profile as JSON here")
     args = p.parse_args()
     device = torch.device(args.device)
-    engines = (args.engines or ("ffcv,dali,nvjpeg" if device.type == "cuda" else "ffcv")).split(",")
-
     from dataset_tools.beton import Beton
     from deit3_fast.config import load_config
     from deit3_fast.profile import profile
+    from pipelines.registry import ENGINES
+
+    engines = (args.engines or (",".join(ENGINES) if device.type == "cuda" else "ffcv")).split(",")
 
     rows, official, profiles = [], None, []
     with tempfile.TemporaryDirectory(prefix="bench_compute_") as tmp:

@@ -16,6 +16,7 @@ import torch
 
 from dataset_tools.shards import classes_of
 from pipelines import DataError, check_same_classes
+from pipelines.registry import engine_info
 
 from . import distributed as dist
 from .batching import BatchPlan, batch_plan, batch_plans
@@ -101,8 +102,8 @@ STAGE_TIMEOUT = timedelta(hours=12)  # data.stage_to: how long the other process
 
 def stage_data(cfg: Config) -> Config:
     """With data.stage_to, read the splits from node-local copies (dataset_tools.stage: the node's first process
-    copies, verifying checksums and skipping what is there, while the others wait; the ffcv engine, which reads one
-    file, gets a shard set merged into one .beton)."""
+    copies, verifying checksums and skipping what is there, while the others wait; an engine that reads one file
+    (the registry's reads_shard_sets, e.g. ffcv) gets a shard set merged into one .beton)."""
     if not cfg.data.stage_to:
         return cfg
     from dataset_tools.beton import BetonError
@@ -111,10 +112,10 @@ def stage_data(cfg: Config) -> Config:
     splits = {k: getattr(cfg.data, k) for k in ("train", "val") if getattr(cfg.data, k)}
     # A copy of ImageNet-21k takes longer than NCCL's 10-minute limit on a collective: the others wait on a group
     # of their own, made before the copy starts.
+    merge = not engine_info(cfg.data.engine).reads_shard_sets
     waiting, failed = dist.long_wait_group(STAGE_TIMEOUT), None
     try:
-        paths = stage_splits(splits, cfg.data.stage_to, merge_shards=cfg.data.engine == "ffcv",
-                             copy=dist.local_rank() == 0)
+        paths = stage_splits(splits, cfg.data.stage_to, merge_shards=merge, copy=dist.local_rank() == 0)
     except BetonError as e:
         failed = str(e)  # raised below, once every process knows (an exception kept in a local would hold this
         # frame, and with it the group and its threads, in a reference cycle until exit: an abort there)

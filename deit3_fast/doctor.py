@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from pipelines.registry import alternatives, engine_info, engine_names, one_of
+
 from .device import native_bf16
 
 OK, MISSING, BROKEN, SKIPPED, INFO = "ok", "missing", "broken", "skipped", "info"
@@ -66,11 +68,13 @@ def versions() -> list[Check]:
     else:
         driver = _driver_version()
         out.append(Check("CUDA", INFO, f"runtime {torch.version.cuda}, driver {driver or 'not found'}"))
-    optional = {"ffcv": ("the ffcv engine needs it; deit3-convert and the other engines do not",
-                         "pip install -e '.[ffcv]'"),
-                "nvidia.dali": ("the dali engine needs it", "pip install -e '.[dali]'"),
-                "submitit": ("deit3-fast submit and ablate --submit (Slurm) need it", "pip install submitit")}
-    for module in ("torchvision", "timm", "numpy", "numba", "ffcv", "nvidia.dali", "submitit"):
+    optional = {}
+    for info in map(engine_info, engine_names()):  # each engine's own package, from the registry
+        if info.package is not None:
+            optional[info.package] = (f"the {info.name} engine needs it; deit3-convert and the other engines do "
+                                      "not", info.install)
+    optional["submitit"] = ("deit3-fast submit and ablate --submit (Slurm) need it", "pip install submitit")
+    for module in ("torchvision", "timm", "numpy", "numba", *optional):
         v = _version(module)
         name = "DALI" if module == "nvidia.dali" else module
         if v is not None:
@@ -155,19 +159,22 @@ def nvjpeg(device: torch.device) -> Check:
                           device=device)[0].cpu()
     except Exception as e:
         return Check("nvJPEG decode", BROKEN, f"torchvision decode_jpeg on {device} failed: {_first_line(e)}",
-                     "use data.engine: ffcv or dali; check that torchvision matches torch (same CUDA build)")
+                     f"use data.engine: {one_of(alternatives('nvjpeg'))}; check that torchvision matches torch (same "
+                     "CUDA build)")
     diff = (gpu.float() - cpu.float()).abs().mean().item()
     if gpu.shape != cpu.shape or diff > 3:
         return Check("nvJPEG decode", BROKEN, f"GPU decode differs from the CPU's (mean |diff| {diff:.2f})",
-                     "use data.engine: ffcv or dali")
+                     f"use data.engine: {one_of(alternatives('nvjpeg'))}")
     hw = any(k in torch.cuda.get_device_name(device) for k in _HW_JPEG)
     return Check("nvJPEG decode", OK, f"torchvision decode_jpeg on the GPU matches the CPU's (mean |diff| "
                                       f"{diff:.2f}); hardware JPEG decoder: {'yes' if hw else 'no'} (by GPU model)")
 
 
 def dali(device: torch.device) -> Check:
-    if _version("nvidia.dali") is None:
-        return Check("DALI mixed decode", MISSING, "DALI is not installed", "pip install -e '.[dali]'")
+    info = engine_info("dali")
+    other = one_of(alternatives(info.name, gpu_decode=True))  # what decodes on the GPU without DALI
+    if _version(info.package) is None:
+        return Check("DALI mixed decode", MISSING, "DALI is not installed", info.install)
     if device.type != "cuda":
         return Check("DALI mixed decode", SKIPPED, "no GPU: DALI runs its CPU operators")
     import numpy as np
@@ -189,11 +196,11 @@ def dali(device: torch.device) -> Check:
     except Exception as e:
         return Check("DALI mixed decode", BROKEN, f"failed: {_first_line(e)}",
                      "install the DALI wheel for this CUDA major version (nvidia-dali-cuda120 or -cuda130), or use "
-                     "data.engine: nvjpeg")
+                     f"data.engine: {other}")
     diff = (img.float() - cpu.float()).abs().mean().item()
     status = OK if img.shape == cpu.shape and diff <= 3 else BROKEN
     return Check("DALI mixed decode", status, f"decodes on the GPU (mean |diff| vs CPU {diff:.2f})",
-                 None if status == OK else "use data.engine: nvjpeg")
+                 None if status == OK else f"use data.engine: {other}")
 
 
 def _all_reduce_worker(rank: int, world: int, init: str, result: str) -> None:
@@ -249,7 +256,7 @@ def throughput(device: torch.device, data_train: str | None, engine: str | None,
     from .config import load_config
     from .profile import profile
 
-    engine = engine or ("ffcv" if _version("ffcv") is not None else "nvjpeg")
+    engine = engine or _default_engine()
     with tempfile.TemporaryDirectory(prefix="deit3_doctor_") as tmp:
         if data_train is None:
             data_train = _generated_beton(Path(tmp))
@@ -275,6 +282,17 @@ def throughput(device: torch.device, data_train: str | None, engine: str | None,
             detail += f", {this:.1f} cores per GPU keep this model fed"
     return Check("loader vs model", OK if r["verdict"] == "compute-bound" else INFO, detail,
                  None if r["verdict"] == "compute-bound" else r["advice"])
+
+
+def _default_engine() -> str:
+    """The engine a run uses by default, where its package imports here; else the first that needs no optional
+    package, which works on every install."""
+    from pipelines.config import DataConfig
+
+    default = engine_info(DataConfig().engine)
+    if default.package is None or _version(default.package) is not None:
+        return default.name
+    return engine_names(package=None)[0]
 
 
 def _generated_beton(tmp: Path) -> str:

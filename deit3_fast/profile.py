@@ -23,6 +23,8 @@ from dataclasses import replace
 
 import torch
 
+from pipelines.registry import engine_info, engine_names
+
 from . import trainer
 from .config import Config
 from .device import AMP_DTYPES, autocast, device_name
@@ -192,10 +194,11 @@ def profile(cfg: Config, device: torch.device, steps: int = 20) -> dict:
         peak_note = f"the model ran faster than the matmul probe ({achieved:.3g} vs {peak:.3g} TFLOP/s)"
         peak = achieved
     nominal = nominal_tflops(device, run.amp)
-    # The CPU stage (decode + crop on CPU threads: ffcv, or any engine run on a CPU): img/s per busy core, and how
-    # many such cores a GPU needs, this one (measured) or the reference ones (nominal rate at REFERENCE_MFU).
-    per_core = engine_rate / engine_cores if (cfg.data.engine == "ffcv" or device.type == "cpu") and \
-        engine_cores > 0.05 else None
+    # The CPU stage (decode + crop on CPU threads: an engine that decodes on the CPU, or any engine run on a CPU):
+    # img/s per busy core, and how many such cores a GPU needs, this one (measured) or the reference ones (nominal
+    # rate at REFERENCE_MFU).
+    on_cpu = engine_info(cfg.data.engine).decodes_on_cpu(device.type)
+    per_core = engine_rate / engine_cores if on_cpu and engine_cores > 0.05 else None
     cores = None
     if per_core:
         cores = {f"{name} {dt} @ {REFERENCE_MFU:.0%} MFU": cores_per_gpu(flops / 1e9, per_core, tf)[1]
@@ -227,14 +230,14 @@ def verdict(r: dict, cfg: Config) -> dict:
     if stages[slowest] >= r["model_img_per_s"]:
         advice = ("each input stage alone is faster than the model, but together they are not: the stages share "
                   "the same cores or device; give the loader its own cores (data.workers), or use a GPU engine")
-    elif slowest == "engine" and cfg.data.engine == "ffcv":
+    elif slowest == "engine" and not engine_info(cfg.data.engine).gpu_decode:
         advice = (f"JPEG decode + crop on {cfg.data.workers} CPU workers gives {stages[slowest]:.0f} img/s for a "
                   f"model that takes {r['model_img_per_s']:.0f}: raise data.workers (this machine has "
                   f"{os.cpu_count()} cores), convert with a lower deit3-convert --max-resolution, or decode on "
-                  "the GPU with --engine dali")
+                  f"the GPU with --engine {engine_names(gpu_decode=True)[0]}")
     elif slowest == "engine":
         advice = (f"the {cfg.data.engine} engine decodes {stages[slowest]:.0f} img/s: on a GPU machine run it with "
-                  "--device cuda; otherwise raise data.workers or use --engine ffcv")
+                  f"--device cuda; otherwise raise data.workers or use --engine {engine_names(gpu_decode=False)[0]}")
     else:
         advice = (f"the batch augmentation runs at {stages[slowest]:.0f} img/s: set train.compile: true "
                   "(fuses its elementwise passes) or run on a GPU")

@@ -1,40 +1,39 @@
 """`deit3-fast profile --tune`: the loader settings that feed the model fastest on this machine and this data.
 
-Tries, cheapest first, each installed engine with several `data.workers` counts (and `data.os_cache` both ways for
-FFCV), then `train.compile` on the best of them; each is a short `profile` of the real run. The winner is the
-fastest end-to-end setting that is compute-bound (the input keeps up), else the fastest; it is written as an
-override YAML (`--overrides FILE` on any command). A candidate is started only if the time spent plus the slowest
-one so far still fits `budget_s`, so tuning ends within the budget.
+Tries each installed engine, in the registry's order, with several `data.workers` counts, cheapest first, where the
+engine uses them on this device (and `data.os_cache` both ways where the engine takes it), then `train.compile` on
+the best of them; each is a short `profile` of the real run. The winner is the fastest end-to-end setting that is
+compute-bound (the input keeps up), else the fastest; it is written as an override YAML (`--overrides FILE` on any
+command). A candidate is started only if the time spent plus the slowest one so far still fits `budget_s`, so
+tuning ends within the budget.
 """
 from __future__ import annotations
 
 import os
 import time
 from dataclasses import replace
-from importlib.util import find_spec
 
 import yaml
+
+from pipelines.registry import engine_info, engine_names
 
 from .config import Config
 from .profile import COMPUTE_BOUND_RATIO, profile
 
 
-def _engines() -> list[str]:
-    found = ["nvjpeg"]
-    if find_spec("ffcv") is not None:
-        found.insert(0, "ffcv")
-    if find_spec("nvidia") is not None and find_spec("nvidia.dali") is not None:
-        found.append("dali")
-    return found
-
-
-def candidates(cfg: Config) -> list[dict]:
+def candidates(cfg: Config, device_type: str) -> list[dict]:
+    """The settings to try on a `device_type` device. A knob an engine ignores there keeps the config's value: two
+    candidates that differ only in it would be the same run, measured twice (nvjpeg's workers on a GPU)."""
     cores = len(os.sched_getaffinity(0))
-    workers = sorted({max(1, cores // 4), max(1, cores // 2), cores})
     out = []
-    for engine in _engines():
+    for engine in engine_names():
+        info = engine_info(engine)
+        if not info.installed:
+            continue
+        workers = (sorted({max(1, cores // 4), max(1, cores // 2), cores}) if info.uses_workers(device_type)
+                   else [cfg.data.workers])
         for w in workers:
-            for os_cache in ((True, False) if engine == "ffcv" else (cfg.data.os_cache,)):
+            for os_cache in ((True, False) if info.os_cache else (cfg.data.os_cache,)):
                 out.append({"data.engine": engine, "data.workers": w, "data.os_cache": os_cache})
     return out
 
@@ -65,7 +64,7 @@ def tune(cfg: Config, device, budget_s: float = 300.0, steps: int = 5, log=print
         log(_line(row))
         return True
 
-    for setting in candidates(cfg):
+    for setting in candidates(cfg, device.type):
         if not attempt(setting):
             break
     ok = [r for r in tried if "error" not in r]

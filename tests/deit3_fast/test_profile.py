@@ -53,6 +53,29 @@ def test_profile_table_and_bad_input(data, tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "missing.beton" in r.stderr
 
 
+def test_tune_tries_only_settings_that_change_the_run(monkeypatch):
+    """A knob an engine ignores on the device keeps the config's value: on a GPU nvjpeg decodes a batch in one
+    nvJPEG call and has no CPU threads, so three worker counts would be one run measured three times; os_cache is
+    tried both ways only where the engine takes it. What each engine does is the registry's, as --tune reads it."""
+    from deit3_fast.tune import candidates
+    from pipelines.registry import engine_info
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    cfg = load_config("quickstart", ["data.workers=5"])
+    for device in ("cuda", "cpu"):
+        tried = candidates(cfg, device)
+        assert len({tuple(sorted(t.items())) for t in tried}) == len(tried)
+        for engine in {t["data.engine"] for t in tried}:
+            info, mine = engine_info(engine), [t for t in tried if t["data.engine"] == engine]
+            workers = {t["data.workers"] for t in mine}
+            assert workers == ({4, 8, 16} if info.uses_workers(device) else {5})
+            assert {t["data.os_cache"] for t in mine} == ({True, False} if info.os_cache else {cfg.data.os_cache})
+            assert len(mine) == len(workers) * (2 if info.os_cache else 1)
+    on_gpu = [t for t in candidates(cfg, "cuda") if t["data.engine"] == "nvjpeg"]
+    assert [t["data.workers"] for t in on_gpu] == [5]
+    assert len([t for t in candidates(cfg, "cpu") if t["data.engine"] == "nvjpeg"]) == 3
+
+
 def _result(**rates):
     base = {"engine_img_per_s": 1000.0, "device_stage_img_per_s": 1000.0, "model_img_per_s": 500.0,
             "end_to_end_img_per_s": 490.0}

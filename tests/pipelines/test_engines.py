@@ -1,5 +1,6 @@
 """The engines over one .beton: the same samples in the same order with the same keyed crops, pixel-close; and the
 registry that names them (a new engine is its own class and one entry)."""
+import ast
 import subprocess
 import sys
 
@@ -289,3 +290,28 @@ def test_a_new_engine_is_its_class_and_one_registry_entry(betons, grey_engines):
     with pytest.raises(DataError, match=r"shards is a shard set; the grey engine reads one file: set data.stage_to "
                                         r".* or use data.engine: dali, nvjpeg or grey_cached \(they read shard"):
         build_loader(cfg_for(betons / "shards", "grey"), "train")
+
+
+def _names_an_engine(node) -> bool:
+    name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else ""
+    return "engine" in name.lower()
+
+
+def _is_text(node) -> bool:
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return bool(node.elts) and all(map(_is_text, node.elts))
+    return isinstance(node, ast.Constant) and isinstance(node.value, str)
+
+
+def test_no_module_of_the_trainer_compares_an_engine_name():
+    """Outside pipelines/, what differs per engine is asked of the registry's capabilities (`engine_info(name)`):
+    each comparison with a name (`cfg.data.engine == "ffcv"`, `engine in ("dali", "nvjpeg")`) is a place a new
+    engine would have to be found and added. Read from the source, without importing deit3_fast."""
+    found = []
+    for path in sorted((REPO / "deit3_fast").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Compare):
+                sides = [node.left, *node.comparators]
+                if any(map(_names_an_engine, sides)) and any(map(_is_text, sides)):
+                    found.append(f"{path.relative_to(REPO)}:{node.lineno}: {ast.unparse(node)}")
+    assert not found, "\n".join(found)
