@@ -105,7 +105,8 @@ def _found(package: str) -> bool:
 register(EngineInfo("ffcv", "pipelines.ffcv_engine:FFCVEngine", reads_shard_sets=False, gpu_decode=False,
                     workers_on_gpu=True, os_cache=True, package="ffcv", install="pip install -e '.[ffcv]'",
                     title="FFCV's loader"))
-# DALI's mixed decoder parses and Huffman-decodes on its CPU threads, so data.workers still matters on a GPU.
+# DALI's "mixed" decoder does part of each decode on its CPU threads (parsing; Huffman decoding where the hardware
+# decoder does not take the image), so data.workers still matters on a GPU.
 register(EngineInfo("dali", "pipelines.dali_engine:DaliEngine", reads_shard_sets=True, gpu_decode=True,
                     workers_on_gpu=True, os_cache=False, package="nvidia.dali", install="pip install -e '.[dali]'"))
 # nvJPEG decodes a whole batch in one call on the GPU: its CPU thread pool exists only on a CPU.
