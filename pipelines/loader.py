@@ -49,8 +49,8 @@ class Loader:
 
     def raw_batches(self, epoch: int, start: int = 0):
         """The engine's own batches of `epoch` from batch `start` on: (uint8 images (B, H, W, 3), labels) on the
-        device, before the device stage and mixing (what `profile` times as the engine alone). Close the generator,
-        or run it out, before the next pass: an engine runs one pass at a time."""
+        device, before the batch augmentation and mixing (what `profile` times as the engine alone). Close the
+        generator, or run it out, before the next pass: an engine runs one pass at a time."""
         return self.engine.batches(epoch, start)
 
     def set_resolution(self, size: int, batch_size: int | None = None) -> None:
