@@ -105,7 +105,7 @@ class AtomicOutput:
     def sweep_stale(self) -> list[str]:
         return sweep_stale(self.final)
 
-    def __enter__(self) -> "AtomicOutput":
+    def __enter__(self) -> AtomicOutput:
         self.sweep_stale()
         try:
             self._fd = os.open(self.folder, os.O_TMPFILE | os.O_RDWR, 0o644)

@@ -70,7 +70,7 @@ def read_manifest(path: str | os.PathLike) -> dict:
     try:
         manifest = json.loads(m.read_text())
     except (OSError, ValueError) as e:
-        raise BetonError(f"{m}: unreadable ({e}); convert again or rerun one --shard-index task to rewrite it")
+        raise BetonError(f"{m}: unreadable ({e}); convert again or rerun one --shard-index task to rewrite it") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not manifest.get("shards"):
         raise BetonError(f"{m}: not a deit3-convert shard manifest")
     return manifest

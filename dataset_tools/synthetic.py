@@ -81,7 +81,7 @@ def add_bad_inputs(root: str | os.PathLike, good_jpeg: str | os.PathLike) -> dic
         ("png_named.JPEG", Image.fromarray(rgb), "PNG", "RGB"),
         ("palette.png", Image.fromarray(rgb).convert("P"), "PNG", "P"),
         ("rgba.png", Image.fromarray(rgb).convert("RGBA"), "PNG", "RGBA"),
-        ("grey16.png", Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)), "PNG", "I;16"),
+        ("grey16.png", Image.fromarray(rgb[..., 0].astype(np.uint16) * 257), "PNG", "I;16"),
     ]:
         path = os.path.join(d, name)
         img.save(path, format=fmt)

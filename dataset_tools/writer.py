@@ -22,7 +22,7 @@ import traceback
 from dataclasses import dataclass
 from itertools import zip_longest
 from multiprocessing import Queue
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

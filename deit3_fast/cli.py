@@ -15,7 +15,6 @@ from dataset_tools.errors import UserError
 from . import ablate
 from . import distributed as dist
 from .archs import resolve_name
-from .checkpoint import CheckpointError
 from .batching import batch_plan, batch_plans
 from .config import ConfigError, load_config, resolve_num_classes, to_dict
 from .parser import build_parser

@@ -133,7 +133,7 @@ def matmul(device: torch.device) -> Check:
     return Check("matmul", OK, detail)
 
 
-def _test_jpeg() -> tuple[bytes, "torch.Tensor"]:
+def _test_jpeg() -> tuple[bytes, torch.Tensor]:
     """A small baseline JPEG of a smooth image, and its pixels as libjpeg-turbo decodes them on the CPU."""
     import numpy as np
     from PIL import Image

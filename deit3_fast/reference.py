@@ -13,14 +13,14 @@ matter. `train.reference: auto` finds the recipe, a recipe name forces one, `non
 from __future__ import annotations
 
 import csv
-from functools import lru_cache
+from functools import cache
 
 from .config import CONFIG_DIR, Config, ConfigError, load_config, to_dict
 
 CURVES_CSV = CONFIG_DIR / "reference" / "official-curves.csv"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _curves() -> dict[str, dict[int, float]]:
     out: dict[str, dict[int, float]] = {}
     with open(CURVES_CSV) as f:

@@ -36,8 +36,8 @@ class BetonBatches:
         ek = keys.epoch_key(self.seed, self.rank, epoch)
         order = self.epoch_order.indices(epoch)
         stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
-        for start in range(start * self.batch_size, stop, self.batch_size):
-            idx = order[start:start + self.batch_size]
+        for first in range(start * self.batch_size, stop, self.batch_size):
+            idx = order[first:first + self.batch_size]
             yield idx, [np.uint64(keys.sample_key(ek, int(i), slot)) for slot, i in enumerate(idx)]
 
     def gpu_refusal(self, i: int, data: np.ndarray | None = None) -> str | None:

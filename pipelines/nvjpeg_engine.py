@@ -115,7 +115,7 @@ class NvjpegEngine(BetonBatches):
                 yield self._gpu_batch_on_own_stream(idx, keys), labels
                 continue
             out = np.empty((len(idx), size, size, 3), np.uint8)
-            list(self.pool.map(lambda a: self._cpu_sample(out, *a), zip(range(len(idx)), idx, keys)))
+            list(self.pool.map(lambda a, out=out: self._cpu_sample(out, *a), zip(range(len(idx)), idx, keys)))
             yield torch.from_numpy(out), labels
 
 

@@ -2,8 +2,8 @@
 text, missing data paths, and a `--cfg` that does not exist. Each is one line `deit3-fast: error: ...` and exit 2,
 before anything is built or written.
 
-Covered elsewhere (not repeated here): tests/deit3_fast/test_train.py::test_cli_dry_run_and_one_line_errors runs four of these
-(`optim.lrr`, `data.batch_size=big`, an unknown recipe, an absent .beton) as separate processes.
+Covered elsewhere (not repeated here): tests/deit3_fast/test_train.py::test_cli_dry_run_and_one_line_errors runs
+four of these (`optim.lrr`, `data.batch_size=big`, an unknown recipe, an absent .beton) as separate processes.
 """
 import pytest
 

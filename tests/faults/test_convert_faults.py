@@ -4,11 +4,16 @@ on the temp-file fallback path. Every outcome is either a written .beton whose r
 or one line on stderr with exit 2 and nothing left behind; a re-run then succeeds.
 
 Covered elsewhere with the same real injection (not repeated here):
-  tests/dataset_tools/test_interrupts.py::test_interrupt_leaves_nothing_and_rerun_succeeds   Ctrl-C, SIGTERM, SIGKILL mid-write
-  tests/dataset_tools/test_interrupts.py::test_existing_output_survives_a_failed_run         an older OUT is kept when a run fails
-  tests/dataset_tools/test_convert.py::test_every_bad_input_is_skipped_or_converted_and_reported  pixels of CMYK/16-bit/palette...
-  tests/dataset_tools/test_convert.py::test_strict_stops_on_first_bad_file_and_leaves_nothing     --strict on a bad file
-  tests/dataset_tools/test_convert.py::test_fatal_input_is_one_line_and_exit_2               missing/empty source, bad output path
+  tests/dataset_tools/test_interrupts.py::test_interrupt_leaves_nothing_and_rerun_succeeds
+      Ctrl-C, SIGTERM, SIGKILL mid-write
+  tests/dataset_tools/test_interrupts.py::test_existing_output_survives_a_failed_run
+      an older OUT is kept when a run fails
+  tests/dataset_tools/test_convert.py::test_every_bad_input_is_skipped_or_converted_and_reported
+      pixels of CMYK/16-bit/palette...
+  tests/dataset_tools/test_convert.py::test_strict_stops_on_first_bad_file_and_leaves_nothing
+      --strict on a bad file
+  tests/dataset_tools/test_convert.py::test_fatal_input_is_one_line_and_exit_2
+      missing/empty source, bad output path
 """
 import json
 import os

@@ -3,10 +3,13 @@
 line `deit3-fast: error: ...`, exit 2, before training starts: no checkpoint or metrics are written.
 
 Covered elsewhere with the same real files (not repeated here):
-  tests/dataset_tools/test_beton.py::test_broken_files_are_one_clear_error      the reader (`Beton`) on each broken layout
-  tests/dataset_tools/test_beton.py::test_inspect_broken_files_exit_2_without_traceback, test_inspect_catches_corrupt_image_data
-                                                                    `deit3-convert --inspect` on them
-  tests/pipelines/test_loader.py::test_bad_data_is_one_clear_error           labels beyond model.num_classes, missing file
+  tests/dataset_tools/test_beton.py::test_broken_files_are_one_clear_error
+      the reader (`Beton`) on each broken layout
+  tests/dataset_tools/test_beton.py::test_inspect_broken_files_exit_2_without_traceback,
+  tests/dataset_tools/test_beton.py::test_inspect_catches_corrupt_image_data
+      `deit3-convert --inspect` on them
+  tests/pipelines/test_loader.py::test_bad_data_is_one_clear_error
+      labels beyond model.num_classes, missing file
 """
 import json
 import subprocess

@@ -4,10 +4,12 @@ a batch larger than the training set. Each ends in a documented state: the last 
 `--resume auto` continues, and the message is one line.
 
 Covered elsewhere (not repeated here):
-  tests/deit3_fast/test_train.py::test_sigterm_mid_epoch_checkpoints_and_resumes_exactly   SIGTERM at an exact step, resumed
-                                                                                 bit-identical (in-process)
-  tests/deit3_fast/test_train.py::test_nan_loss_stops_and_keeps_last_good_checkpoint       NaN multiplied into the loss
-  tests/deit3_fast/test_train.py::test_resume_with_changed_config_is_refused_unless_forced the API's ConfigMismatch
+  tests/deit3_fast/test_train.py::test_sigterm_mid_epoch_checkpoints_and_resumes_exactly
+      SIGTERM at an exact step, resumed bit-identical (in-process)
+  tests/deit3_fast/test_train.py::test_nan_loss_stops_and_keeps_last_good_checkpoint
+      NaN multiplied into the loss
+  tests/deit3_fast/test_train.py::test_resume_with_changed_config_is_refused_unless_forced
+      the API's ConfigMismatch
 """
 import json
 import resource

@@ -32,7 +32,8 @@ def ks_uniform(x, lo, hi) -> float:
 def ks_two_sample(a, b) -> float:
     a, b = np.sort(a), np.sort(b)
     grid = np.concatenate([a, b])
-    return float(np.max(np.abs(np.searchsorted(a, grid, "right") / len(a) - np.searchsorted(b, grid, "right") / len(b))))
+    cdf_a, cdf_b = np.searchsorted(a, grid, "right") / len(a), np.searchsorted(b, grid, "right") / len(b)
+    return float(np.max(np.abs(cdf_a - cdf_b)))
 
 
 def rate_ok(observed: float, p: float, n: int) -> bool:
