@@ -141,6 +141,7 @@ class AtomicOutput:
     def commit(self) -> None:
         assert self._named is not None or self._fd is not None, "nothing to commit"
         self.stage()
+        assert self._named is not None  # stage() gave the data a name
         os.replace(self._named, self.final)
         self._named = None
         self.committed = True

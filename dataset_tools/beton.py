@@ -97,7 +97,8 @@ class Beton:
         if desc_end > self.file_size:
             raise self._fail("field descriptors run past the end of the file")
         desc = np.frombuffer(self._mm[HEADER.itemsize:desc_end].tobytes(), dtype=FIELD_DESC)
-        fields, row = [], []
+        fields: list[Field] = []
+        row: list = []
         for d in desc:
             tid = int(d["type_id"])
             try:

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+from typing import Any
 from contextlib import ExitStack
 
 from rich.console import Console
@@ -162,7 +163,8 @@ def convert(src: str, out: str, *, max_resolution: int | None = None, short_side
             # Every file is flushed and named before any replaces a previous one, and the sidecars (the report, each
             # sample's source file) replace theirs before their .beton: a failed write leaves a previous output
             # whole, and a .beton never appears without its report.
-            sidecars, name = {}, out  # each target's report and source list
+            sidecars: dict = {}  # each target's report and source list
+            name = out
             try:
                 for t, k, r in zip(targets, todo, results):
                     sidecars[t] = []
@@ -198,7 +200,9 @@ def _finish_manifest(src, out, scan, paths, prints, has_holdout, options, starte
     """Write OUT/manifest.json if every part is complete (this run's, or an earlier one's of the same plan);
     otherwise return what is done so far."""
     # Another task's parts are taken at their report's word (size and plan): each task verified its own bytes.
-    reports = {k: fresh[k] if k in fresh else _same_plan(path, prints[k]) for k, path in enumerate(paths)}
+    # Any: a part's report, or None while it is missing (returned before any is read).
+    reports: dict[int, Any] = {k: fresh[k] if k in fresh else _same_plan(path, prints[k])
+                               for k, path in enumerate(paths)}
     missing = [k for k, r in reports.items() if r is None]
     elapsed = time.perf_counter() - started
     if missing:

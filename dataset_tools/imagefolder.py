@@ -59,8 +59,8 @@ def _walk_files(top: str, problems: list[tuple[str, str]]) -> list[str]:
         d = stack.pop()
         try:
             st = os.stat(d)
-        except OSError as e:
-            problems.append((d, f"unreadable folder: {e.strerror}"))
+        except OSError as err:  # not `e`: the loop below names each entry e
+            problems.append((d, f"unreadable folder: {err.strerror}"))
             continue
         key = (st.st_dev, st.st_ino)
         if key in seen:
@@ -69,8 +69,8 @@ def _walk_files(top: str, problems: list[tuple[str, str]]) -> list[str]:
         seen.add(key)
         try:
             entries = sorted(os.scandir(d), key=lambda e: e.name)
-        except OSError as e:
-            problems.append((d, f"unreadable folder: {e.strerror}"))
+        except OSError as err:
+            problems.append((d, f"unreadable folder: {err.strerror}"))
             continue
         for e in entries:
             if e.name.startswith("."):

@@ -31,7 +31,7 @@ def inspect_beton(path: str, samples: int = 64, seed: int = 0) -> dict:
         first = b.shard(0)
         fields, page_size = {f.name: f.kind for f in first.fields}, first.page_size
         file_bytes = sum(e["bytes"] for e in b.manifest["shards"])
-        sidecar = {"classes": b.classes, "num_written": b.manifest["num_samples"]}
+        sidecar: dict | None = {"classes": b.classes, "num_written": b.manifest["num_samples"]}
         return _summary(path, b, meta, labels, sidecar, fields, page_size, file_bytes, samples, seed,
                         shards=len(b.files))
     image, label = b.field("rgb_image"), b.field("int")
@@ -60,7 +60,7 @@ def _summary(path, b, meta, labels, sidecar, fields, page_size, file_bytes, samp
     counts = np.bincount(labels, minlength=num_classes) if len(labels) else np.zeros(0, np.int64)
 
     rng = np.random.default_rng(seed)
-    picks = np.sort(rng.choice(len(b), size=min(samples, len(b)), replace=False)) if len(b) else []
+    picks: np.ndarray | list = np.sort(rng.choice(len(b), size=min(samples, len(b)), replace=False)) if len(b) else []
     failures = []
     for i in picks:
         try:

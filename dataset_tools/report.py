@@ -59,7 +59,7 @@ def part_report(src: str, out: str, scan, part: list[int], result, options: dict
     }
 
 
-def _merge_stats(stats: list[dict]) -> dict:
+def _merge_stats(stats: list[tuple[dict, int]]) -> dict:
     """min, count-weighted mean and max of per-shard statistics (medians do not merge: not reported)."""
     stats = [(s, n) for s, n in stats if s]
     if not stats:

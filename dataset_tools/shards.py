@@ -105,8 +105,8 @@ def classes_of(path: str | os.PathLike) -> list[str] | None:
 def source_names(path: str | os.PathLike) -> list[str] | None:
     """Each sample's source file (relative to the converted folder), in sample order, of a .beton or a shard set
     (global order); None when the files were written without the list."""
-    if is_shard_set(path):
-        files = [manifest_path(path).parent / e["file"] for e in read_manifest(path)["shards"]]
+    if (m := manifest_path(path)) is not None:  # a shard set
+        files = [m.parent / e["file"] for e in read_manifest(path)["shards"]]
     else:
         files = [Path(path)]
     names = []
@@ -123,7 +123,9 @@ class ShardSet:
 
     def __init__(self, path: str | os.PathLike):
         self.manifest = read_manifest(path)
-        self.folder = manifest_path(path).parent
+        m = manifest_path(path)
+        assert m is not None  # read_manifest refused a path that names no manifest
+        self.folder = m.parent
         self.path = str(self.folder)
         entries = self.manifest["shards"]
         self.files = [self.folder / e["file"] for e in entries]

@@ -31,17 +31,17 @@ _CHUNK = 16 << 20
 def _files(src: Path) -> tuple[Path, list[tuple[str, str | None]], str | None]:
     """(source folder, [(file name, expected sha256 or None)], manifest name or None) of a shard set or a .beton."""
     m = manifest_path(src)
-    if is_shard_set(src):
+    if m is not None:  # a shard set
         manifest = read_manifest(src)
         entries = manifest["shards"] + ([manifest["holdout"]] if manifest.get("holdout") else [])
-        names = [(e["file"], e["sha256"]) for e in entries]
+        names: list[tuple[str, str | None]] = [(e["file"], e["sha256"]) for e in entries]
         names += [(e["file"] + side, None) for e in entries for side in (".json", SOURCES)
                   if (m.parent / (e["file"] + side)).exists()]
         return m.parent, names, m.name
     if not src.is_file():
         raise BetonError(f"{src}: not a .beton, shard folder or manifest")
-    names = [(src.name, None)] + [(src.name + side, None) for side in (".json", SOURCES)
-                                  if Path(str(src) + side).exists()]
+    names = [(src.name, None)]
+    names += [(src.name + side, None) for side in (".json", SOURCES) if Path(str(src) + side).exists()]
     return src.parent, names, None
 
 

@@ -19,6 +19,7 @@ import os
 import queue
 import signal
 import traceback
+from typing import Any
 from dataclasses import dataclass
 from itertools import zip_longest
 from multiprocessing import Queue
@@ -103,7 +104,7 @@ def _worker(work: Queue, results: Queue, samples: list[tuple[str, int]], enc: En
     try:
         while (item := work.get()) is not None:
             part, chunk_no, indices = item
-            rows = []
+            rows: list[tuple[int, Any]] = []  # (sample, error message or encoded row)
             for i in indices:
                 path, label = samples[i]
                 try:
@@ -129,8 +130,8 @@ class _Output:
     def __init__(self, part: Part, page_size: int, chunksize: int):
         self.writer = BetonWriter(part.path, max(1, len(part.samples)), page_size)
         self.num_chunks = -(-len(part.samples) // chunksize)
-        self.next_chunk, self.waiting = 0, {}
-        self.skipped, self.info, self.hw, self.nbytes = [], [], [], []
+        self.next_chunk, self.waiting = 0, {}  # type: tuple[int, dict]
+        self.skipped, self.info, self.hw, self.nbytes = [], [], [], []  # type: tuple[list, list, list, list]
 
     def receive(self, chunk_no: int, rows) -> int:
         """Park `rows` until its predecessors are in; returns how many chunks were appended now."""

@@ -6,6 +6,8 @@ knows the trainer's config tree, its loss or its precision policy.
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from .augment import BatchAugment
@@ -90,6 +92,7 @@ def build_loader(data: DataConfig, aug: AugConfig, split: str, *, num_classes: i
     path = data.train if train else data.val
     n = _check_beton(path, split, num_classes)
     info = engine_info(data.engine)
+    assert path is not None  # _check_beton refused a missing path
     from dataset_tools.shards import is_shard_set
     if not info.reads_shard_sets and is_shard_set(path):
         readers = engine_names(reads_shard_sets=True)
@@ -106,7 +109,8 @@ def build_loader(data: DataConfig, aug: AugConfig, split: str, *, num_classes: i
     batch = data.batch_size if train else (data.eval_batch_size or int(1.5 * data.batch_size))
     from .crops import CropSpec
 
-    crop = (CropSpec(aug.crop, aug.img_size, tuple(aug.rrc_scale), tuple(aug.rrc_ratio), aug.src_pad) if train
+    scale, ratio = cast("tuple[float, float]", tuple(aug.rrc_scale)), cast("tuple[float, float]", tuple(aug.rrc_ratio))
+    crop = (CropSpec(aug.crop, aug.img_size, scale, ratio, aug.src_pad) if train
             else CropSpec("center", aug.img_size, center_ratio=aug.eval_crop_ratio))
 
     cls = info.load()

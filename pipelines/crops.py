@@ -138,5 +138,6 @@ def crop_plan(spec: CropSpec, height: int, width: int, key) -> BoxPlan | SrcPlan
                              np.log(spec.ratio[1]), key)
         return BoxPlan(float(i), float(j), float(i + h), float(j + w), False)
     if spec.kind == "center":
-        return BoxPlan(*center_box(height, width, spec.size, spec.center_ratio), True)
+        y0, x0, y1, x1 = center_box(height, width, spec.size, spec.center_ratio)  # (mypy cannot count *njit(...))
+        return BoxPlan(y0, x0, y1, x1, True)
     return SrcPlan(*src_box(height, width, spec.size, spec.pad, key))

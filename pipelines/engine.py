@@ -10,7 +10,7 @@ constructor, which the user sees as one line.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import Protocol
 
 import torch
@@ -27,7 +27,7 @@ class Engine(Protocol):
     def __len__(self) -> int:
         """Batches per epoch."""
 
-    def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, epoch: int, start: int = 0) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
         """Epoch `epoch` from batch `start` on: (uint8 images (B, H, W, 3), int64 labels (B,)) on the engine's
         device. The samples, their order and every crop box depend only on (seed, rank, epoch, sample, slot), so
         all engines yield the same batches and an epoch can start part-way."""

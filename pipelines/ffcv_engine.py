@@ -63,7 +63,7 @@ class KeyCell:
         self.array = np.zeros(1, dtype=np.uint64)
         self.address = self.array.ctypes.data
 
-    def set(self, key: int) -> None:
+    def set(self, key: int | np.uint64) -> None:
         self.array[0] = np.uint64(key)
 
 

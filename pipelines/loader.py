@@ -26,7 +26,8 @@ class Loader:
     def __init__(self, engine: Engine, augment, mixing, *, device: torch.device, seed: int, rank: int,
                  dtype: torch.dtype | None = None, make_engine=None):
         self.engine, self.augment, self.mixing = engine, augment, mixing
-        self._make_engine, self._engines = make_engine, {}
+        self._make_engine = make_engine
+        self._engines: dict = {}
         self.device, self.seed, self.rank = device, seed, rank
         self.dtype = dtype or augment.dtype
         self.epoch = 0

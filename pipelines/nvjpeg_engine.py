@@ -100,6 +100,7 @@ class NvjpegEngine(BetonBatches):
     def _gpu_batch_on_own_stream(self, idx: np.ndarray, keys) -> torch.Tensor:
         """The batch decoded and cropped on the engine's stream, ready for the caller's stream (module docstring)."""
         caller = torch.cuda.current_stream(self.device)
+        assert self.stream is not None  # the GPU path: a CUDA device has a stream
         self.stream.synchronize()  # nothing of ours still pending on memory the allocator may hand nvJPEG
         with torch.cuda.stream(self.stream):
             out = self._gpu_batch(idx, keys)

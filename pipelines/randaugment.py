@@ -22,6 +22,7 @@ where it does nothing, so the composition is each sample's own op. No shape depe
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -77,7 +78,8 @@ class RandAugment(AugOp):
         except (AssertionError, ValueError, KeyError) as e:
             raise RandAugmentError(f"aug.auto_augment {policy!r} is not a policy timm parses ({e or 'bad section'}); "
                                    "e.g. rand-m9-mstd0.5-inc1") from None
-        self.policy, self.fill, self.translate_const = policy, tuple(float(v) for v in fill), translate_const
+        self.policy, self.translate_const = policy, translate_const
+        self.fill: tuple[float, float, float] = (float(fill[0]), float(fill[1]), float(fill[2]))
         self.names = [op.name for op in t.ops]
         unknown = sorted(set(self.names) - set(SUPPORTED))
         if unknown:
@@ -96,7 +98,8 @@ class RandAugment(AugOp):
         # torch.compile: on a GPU the whole pass (no data-dependent shapes); on a CPU, which takes each op's samples
         # only (their count varies), the warp alone, with dynamic shapes: about 10x faster than eager there.
         self.compile = compile
-        self._whole = self._warp = None
+        self._whole: Callable | None = None
+        self._warp: Callable | None = None
 
     def draw(self, batch: int, g: torch.Generator) -> RandAugParams:
         dev, shape = g.device, (self.layers, batch)
@@ -117,6 +120,7 @@ class RandAugment(AugOp):
     def _log_weights(self, device: torch.device) -> torch.Tensor:
         """The weighted choice's log-weights on `device`, copied once (a copy per batch would wait for the device)."""
         if device not in self._weights_on:
+            assert self.weights is not None  # only the weighted choice asks
             self._weights_on[device] = self.weights.log().float().to(device)
         return self._weights_on[device]
 
@@ -201,8 +205,10 @@ class RandAugment(AugOp):
         hist = _histogram(x) if names & {"AutoContrast", "Equalize"} else None
         for name, mask in tables:
             if name == "AutoContrast":
+                assert hist is not None  # computed above whenever a table op is in `tables`
                 t = _autocontrast_table(hist)
             elif name == "Equalize":
+                assert hist is not None
                 t = _equalize_table(hist)
             elif name == "Invert":
                 t = (255 - ramp).expand(b, 3, 256)
