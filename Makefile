@@ -4,13 +4,24 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: quickstart test install bench clean
+.PHONY: quickstart test test-fast lint install bench clean
 
 quickstart: install
 	$(PY) -m deit3_fast quickstart
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The inner loop: the unit tests (no `slow`, no `cli` subprocess tests), a few minutes on 2 cores. CI runs `make test`.
+test-fast: install
+	$(PY) -m pytest -m "not slow and not cli" $(PYTEST_ARGS)
+
+# What CI runs before the tests (.ci/run), and the pre-commit hooks run on each commit. Each step names its fix.
+lint: install
+	@$(VENV)/bin/ruff check . || { echo "lint: ruff check failed (above); many fix themselves: $(VENV)/bin/ruff check --fix ." >&2; exit 1; }
+	@$(VENV)/bin/ruff format --check . || { echo "lint: files not formatted as ruff formats them (above); run: $(VENV)/bin/ruff format ." >&2; exit 1; }
+	@$(VENV)/bin/mypy || { echo "lint: mypy found type errors (above); settings in pyproject.toml [tool.mypy]" >&2; exit 1; }
+	@echo "lint: ruff check, ruff format --check and mypy passed"
 
 install:
 	@bash scripts/bootstrap.sh

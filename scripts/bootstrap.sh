@@ -2,7 +2,7 @@
 # Sets up everything deit3-fast needs on a Debian/Ubuntu machine, from nothing, idempotently:
 #   1. system packages (compilers and headers that ffcv builds against),
 #   2. a virtual environment in .venv,
-#   3. `pip install -e .[all]` (torch, timm, ffcv, DALI, test tools).
+#   3. `pip install -e .[all]` (torch, timm, ffcv, DALI, test and lint tools).
 # Each step checks first and says whether it is skipping. Re-run after editing setup.cfg: the stamp notices.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -69,7 +69,7 @@ else
 import importlib, sys
 names = ["torch", "torchvision", "timm", "numba", "rich", "submitit"]
 if sys.argv[1] == "all":
-    names += ["ffcv", "nvidia.dali", "pytest", "tensorboard"]
+    names += ["ffcv", "nvidia.dali", "pytest", "tensorboard", "mypy"]
 for name in names:
     importlib.import_module(name)
 print("[bootstrap] imports ok:", ", ".join(names))
