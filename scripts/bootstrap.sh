@@ -22,9 +22,16 @@ if ! command -v pkg-config >/dev/null 2>&1 || ! pkg-config --exists libturbojpeg
 if ! command -v pkg-config >/dev/null 2>&1 || ! { pkg-config --exists opencv4 || pkg-config --exists opencv; }; then
   missing+=(libopencv-dev)
 fi
-# opencv-python (required by ffcv) loads libGL and glib at import time.
-ldconfig -p 2>/dev/null | grep -q 'libGL.so.1' || missing+=(libgl1)
-ldconfig -p 2>/dev/null | grep -q 'libgthread-2.0.so.0' || missing+=(libglib2.0-0)
+# opencv-python (required by ffcv) loads libGL and glib at import time. A library is there when the loader's cache
+# lists it or, where that cache is stale or ldconfig is not on a user's PATH (containers that unpack packages without
+# running ldconfig: CI once found libgthread installed but unlisted and went to reinstall it), when a file of that
+# name is in the system's library folders.
+have_lib() {
+  { ldconfig -p 2>/dev/null || /sbin/ldconfig -p 2>/dev/null; } | grep -q "$1" && return 0
+  [ -n "$(find /lib /lib64 /usr/lib /usr/lib64 /usr/local/lib -maxdepth 3 -name "$1*" -print -quit 2>/dev/null)" ]
+}
+have_lib 'libGL.so.1' || missing+=(libgl1)
+have_lib 'libgthread-2.0.so.0' || missing+=(libglib2.0-0)
 if ! command -v python3 >/dev/null 2>&1; then
   missing+=(python3 python3-venv python3-dev)
 else
