@@ -212,6 +212,7 @@ def profile(cfg: Config, device: torch.device, steps: int = 20) -> dict:
         "device_stage_img_per_s": stage_rate, "loader_img_per_s": loader_rate,
         "model_img_per_s": model_rate, "end_to_end_img_per_s": end_to_end,
         "micro_batch_ms": micro_model * 1e3, "optimizer_step_ms": opt_step * 1e3,
+        "end_to_end_micro_batch_ms": micro_e2e * 1e3,
         "ratio": end_to_end / model_rate, "gflop_per_image": flops / 1e9, "achieved_tflops": achieved,
         "peak_tflops": peak, "mfu": achieved / peak, "peak_note": peak_note,
         "nominal_tflops": nominal, "mfu_nominal": achieved / nominal if nominal else None, "steps": steps,

@@ -5,7 +5,8 @@ engine uses them on this device (and `data.os_cache` both ways where the engine 
 the best of them; each is a short `profile` of the real run. The winner is the fastest end-to-end setting that is
 compute-bound (the input keeps up), else the fastest; it is written as an override YAML (`--overrides FILE` on any
 command). A candidate is started only if the time spent plus the slowest one so far still fits `budget_s`, so
-tuning ends within the budget.
+tuning ends within the budget unless a try runs longer than every earlier one. Each row records what that decision
+saw (`started_s`, `slowest_before_s`), and `refused` the last try it turned down.
 """
 from __future__ import annotations
 
@@ -44,21 +45,25 @@ def _apply(cfg: Config, setting: dict) -> Config:
     return replace(cfg, data=data, train=replace(cfg.train, compile=setting.get("train.compile", cfg.train.compile)))
 
 
-def tune(cfg: Config, device, budget_s: float = 300.0, steps: int = 5, log=print) -> dict:
-    started, slowest, tried = time.perf_counter(), 0.0, []
+def tune(cfg: Config, device, budget_s: float = 300.0, steps: int = 5, log=print, clock=time.perf_counter) -> dict:
+    # `clock` (seconds): injectable, so a test checks the budget's decisions without depending on this machine's speed.
+    started, slowest, tried = clock(), 0.0, []
+    refused = None
 
     def attempt(setting: dict) -> bool:
-        nonlocal slowest
-        if tried and time.perf_counter() - started + slowest > budget_s:
+        nonlocal slowest, refused
+        t = clock()
+        if tried and t - started + slowest > budget_s:
+            refused = {**setting, "at_s": t - started, "slowest_s": slowest}
             return False
-        t = time.perf_counter()
         try:
             r = profile(_apply(cfg, setting), device, steps=steps)
             row = {**setting, "end_to_end_img_per_s": r["end_to_end_img_per_s"],
                    "loader_img_per_s": r["loader_img_per_s"], "ratio": r["ratio"], "verdict": r["verdict"]}
         except Exception as e:  # noqa: BLE001 - a setting that cannot run here is a result, not a crash
             row = {**setting, "error": (str(e).strip() or type(e).__name__).splitlines()[0][:200]}
-        row["seconds"] = time.perf_counter() - t
+        row["seconds"] = clock() - t
+        row["started_s"], row["slowest_before_s"] = t - started, slowest
         slowest = max(slowest, row["seconds"])
         tried.append(row)
         log(_line(row))
@@ -80,7 +85,7 @@ def tune(cfg: Config, device, budget_s: float = 300.0, steps: int = 5, log=print
                           "os_cache": best["data.os_cache"]},
                  "train": {"compile": bool(best.get("train.compile", cfg.train.compile))}}
     return {"tried": tried, "best": best, "compute_bound": bool(bound), "overrides": overrides,
-            "seconds": time.perf_counter() - started, "budget_s": budget_s}
+            "seconds": clock() - started, "budget_s": budget_s, "refused": refused}
 
 
 def _line(r: dict) -> str:

@@ -12,19 +12,30 @@ from deit3_fast.profile import matmul_peak_tflops, verdict
 from ..conftest import REPO
 
 
-def test_profile_json_on_cpu(data):
-    r = subprocess.run([sys.executable, "-m", "deit3_fast", "profile", "--cfg", "quickstart", "--device", "cpu",
-                        "--data-train", str(data / "train.beton"), "--set", "model.num_classes=4", "--steps", "3",
-                        "--json"], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    result = json.loads(r.stdout.strip().splitlines()[-1])
+def _profile_cli(capsys, *args) -> dict:
+    """`deit3-fast profile ... --json` through the CLI's main in this process (the command, its JSON and exit code
+    are what is tested; a fresh process would only add a torch import), the JSON line it printed."""
+    from deit3_fast.cli import main
+
+    code = main(["profile", *map(str, args), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_profile_json_on_cpu(data, capsys):
+    result = _profile_cli(capsys, "--cfg", "quickstart", "--device", "cpu", "--data-train", data / "train.beton",
+                          "--set", "model.num_classes=4", "--steps", "3")
     for key in ("loader_img_per_s", "model_img_per_s", "end_to_end_img_per_s", "engine_img_per_s",
                 "device_stage_img_per_s", "mfu", "achieved_tflops", "peak_tflops"):
         assert result[key] > 0, key
     # deit3_nano at 32 px: 2 blocks of dim 64 over 65 tokens; forward + backward is about 3x the forward's
     # 2 * params * tokens multiply-adds, plus attention: between 20 and 100 MFLOP per image.
     assert 0.02 < result["gflop_per_image"] < 0.1
-    assert 0 < result["mfu"] < 1
+    # MFU is never above 100%. When the model outran the matmul probe (two timings, so a shared machine's load can
+    # do that), the probe's rate is raised to the model's and the report says so: 100% exactly, with the note.
+    assert 0 < result["mfu"] <= 1 and result["peak_tflops"] >= result["achieved_tflops"]
+    assert (result["peak_note"] is not None) == (result["mfu"] == 1), result
     assert result["verdict"] in ("input-bound", "compute-bound")
     assert result["ratio"] == pytest.approx(result["end_to_end_img_per_s"] / result["model_img_per_s"], rel=1e-2)
     # The CPU stage per busy core, and the cores a GPU needs at its nominal rate (40% MFU) for this model's FLOPs.
@@ -46,11 +57,13 @@ def test_cores_per_gpu_is_the_gpus_rate_over_the_per_core_rate():
     assert cores_per_gpu(27.6, 2000.0, 989.0, 0.4)[1] == pytest.approx(cores / 10)
 
 
-def test_profile_table_and_bad_input(data, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "deit3_fast", "profile", "--cfg", "quickstart", "--device", "cpu",
-                        "--data-train", str(tmp_path / "missing.beton"), "--steps", "2"], cwd=REPO,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "missing.beton" in r.stderr
+def test_profile_table_and_bad_input(data, tmp_path, capsys):
+    from deit3_fast.cli import main  # in this process: the message and the exit code are what is tested
+
+    code = main(["profile", "--cfg", "quickstart", "--device", "cpu", "--data-train", str(tmp_path / "missing.beton"),
+                 "--steps", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "missing.beton" in err
 
 
 def test_tune_tries_only_settings_that_change_the_run(monkeypatch):
@@ -103,22 +116,42 @@ def test_matmul_peak_is_measured():
     assert 1e-4 < peak < 100  # a CPU does between 0.1 GFLOP/s and 100 TFLOP/s
 
 
-def test_profile_numbers_are_possible_with_accumulation_and_one_step(data):
+def test_profile_numbers_are_possible_with_accumulation_and_one_step(data, capsys):
     """The report that gave "mfu": 3.08 and end-to-end 0.06x model-alone: one timed step, accumulation over 4
     micro-batches. Windows hold one kind of call after warm-up, so a window cannot catch a one-time cost or the
     optimiser step's share; MFU is against this dtype's matmul rate at the model's GEMM and never above 100%."""
-    r = subprocess.run([sys.executable, "-m", "deit3_fast", "profile", "--cfg", "quickstart", "--device", "cpu",
-                        "--data-train", str(data / "train.beton"), "--set", "model.num_classes=4", "--set",
-                        "data.batch_size=4", "--set", "train.global_batch=16", "--set", "train.amp=bf16",
-                        "--steps", "1", "--json"], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(r.stdout.strip().splitlines()[-1])
+    res = _profile_cli(capsys, "--cfg", "quickstart", "--device", "cpu", "--data-train", data / "train.beton",
+                       "--set", "model.num_classes=4", "--set", "data.batch_size=4", "--set", "train.global_batch=16",
+                       "--set", "train.amp=bf16", "--steps", "1")
     assert res["accum"] == 4 and res["amp"] == "bf16"
     assert 0 < res["mfu"] <= 1 and res["peak_tflops"] >= res["achieved_tflops"]
-    # The faulty windows gave 0.06: one-time costs and a different share of optimiser steps in each.
-    assert res["ratio"] > 0.2, res
+    # The faulty windows gave 0.06: one-time costs and a different share of optimiser steps in each. Both rates are
+    # now whole optimiser steps (4 micro-batches + 1 step) of their own window's micro-batch time, and the ratio is
+    # theirs. (Not asserted as a number: two timings on a loaded 2-core machine gave 0.10 with correct windows;
+    # test_timed_windows_leave_warm_up_out checks the window itself.)
     expected = 16 / (4 * res["micro_batch_ms"] + res["optimizer_step_ms"]) * 1e3
     assert res["model_img_per_s"] == pytest.approx(expected, rel=1e-3)
+    e2e = 16 / (4 * res["end_to_end_micro_batch_ms"] + res["optimizer_step_ms"]) * 1e3
+    assert res["end_to_end_img_per_s"] == pytest.approx(e2e, rel=1e-3)
+    assert res["ratio"] == pytest.approx(res["end_to_end_img_per_s"] / res["model_img_per_s"], rel=1e-3)
+
+
+def test_timed_windows_leave_warm_up_out(monkeypatch):
+    """The window of every profile rate starts after the warm-up calls, so a first call's one-time cost
+    (compilation, allocation, the optimiser's state) is never in it; checked on a scripted clock, not this machine's."""
+    import torch
+
+    import deit3_fast.profile as prof
+
+    now = [0.0]
+    monkeypatch.setattr(prof.time, "perf_counter", lambda: now[0])
+    costs = iter([100.0, 1.0, 1.0, 1.0, 1.0])  # the first call pays a one-time cost of 100 s
+
+    def call():
+        now[0] += next(costs)
+
+    assert prof._seconds_per_call(call, 2, torch.device("cpu"), warmup=3) == 1.0
+    assert next(costs, None) is None  # 3 warm-up + 2 timed calls, no more
 
 
 def test_model_gemm_and_peak_use_the_models_shape_and_dtype():
@@ -135,35 +168,77 @@ def test_model_gemm_and_peak_use_the_models_shape_and_dtype():
     assert nominal_tflops(torch.device("cpu"), "bf16") is None
 
 
-def test_tune_tries_settings_within_its_budget_and_writes_usable_overrides(data, tmp_path):
-    """profile --tune on the quickstart: each installed engine and worker count (and compile on the best), a table
-    line each, the winner as an override YAML that --overrides applies; it ends within its budget."""
-    import json
-    import subprocess
-    import sys
+def test_tune_starts_a_try_only_while_the_slowest_so_far_still_fits(monkeypatch):
+    """The budget's decisions on a scripted clock: the first try always runs; each next one only if the time spent
+    plus the slowest try so far fits; a try slower than every earlier one may end past the budget (by design); the
+    first refusal ends the candidates, and compile on the best is asked for (and refused) the same way."""
+    import deit3_fast.tune as tune_mod
 
+    cfg = load_config("quickstart")
+    settings = [{"data.engine": "nvjpeg", "data.workers": w, "data.os_cache": False} for w in (1, 2, 3, 4)]
+    seconds = {(1, False): 3.0, (2, False): 2.0, (3, False): 6.0, (4, False): 1.0, (3, True): 5.0, (4, True): 5.0}
+    now = [0.0]
+
+    def fake_profile(c, device, steps):
+        now[0] += seconds[c.data.workers, c.train.compile]
+        rate = 100.0 * c.data.workers
+        return {"end_to_end_img_per_s": rate, "loader_img_per_s": rate, "ratio": 1.0, "verdict": "compute-bound"}
+
+    monkeypatch.setattr(tune_mod, "candidates", lambda c: settings)
+    monkeypatch.setattr(tune_mod, "profile", fake_profile)
+    r = tune_mod.tune(cfg, "cpu", budget_s=10, log=lambda line: None, clock=lambda: now[0])
+    # 0 (first) -> 3; 3 + 3 <= 10 -> 5; 5 + 3 <= 10 -> 11 (6 s, longer than any before); 11 + 6 > 10: refused.
+    assert [t["data.workers"] for t in r["tried"]] == [1, 2, 3]
+    assert [(t["started_s"], t["slowest_before_s"]) for t in r["tried"]] == [(0, 0), (3, 3), (5, 3)]
+    assert r["refused"] == {"data.engine": "nvjpeg", "data.workers": 3, "data.os_cache": False,  # compile on the best
+                            "train.compile": True, "at_s": 11, "slowest_s": 6}
+    assert r["seconds"] == 11 and r["best"]["data.workers"] == 3
+    # With room for all: every candidate, then compile on the fastest (4 workers), nothing refused.
+    now[0] = 0.0
+    r = tune_mod.tune(cfg, "cpu", budget_s=100, log=lambda line: None, clock=lambda: now[0])
+    assert [(t["data.workers"], t.get("train.compile", False)) for t in r["tried"]] == \
+        [(1, False), (2, False), (3, False), (4, False), (4, True)]
+    assert r["refused"] is None and r["seconds"] == 17
+
+
+def test_tune_tries_settings_within_its_budget_and_writes_usable_overrides(data, tmp_path, capsys):
+    """profile --tune on the quickstart: installed engines and worker counts (and compile on the best), a table
+    line each, the winner as an override YAML that --overrides applies; every try started within its budget."""
     import yaml
-
-    from ..conftest import REPO
 
     out = tmp_path / "tuned.yaml"
     common = ["--cfg", "quickstart", "--data-train", str(data / "train.beton"), "--set", "model.num_classes=4",
               "--set", "data.batch_size=8", "--set", "train.global_batch=8", "--set", "data.repeats=1",
               "--device", "cpu"]
-    r = subprocess.run([sys.executable, "-m", "deit3_fast", "profile", *common, "--tune", "--budget-s", "40",
+    # A whole process: tuning compiles (train.compile on the best), which stays out of the test process. 20 s: the
+    # decisions are checked on what was measured, and the decision rule on a scripted clock (test above).
+    r = subprocess.run([sys.executable, "-m", "deit3_fast", "profile", *common, "--tune", "--budget-s", "20",
                         "--steps", "1", "--tune-out", str(out), "--json"], cwd=REPO, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(result["tried"]) >= 2 and result["seconds"] <= 40 * 1.5
+    # The budget as the code applied it to the times it measured (which the machine's load sets; the decision rule
+    # itself is test_tune_starts_a_try_only_while_the_slowest_so_far_still_fits): each try after the first started
+    # while the time spent plus the slowest so far fitted, and a refusal was a try that would not have.
+    tried = result["tried"]
+    assert tried and result["budget_s"] == 20
+    for i, t in enumerate(tried):
+        assert t["slowest_before_s"] == pytest.approx(max([u["seconds"] for u in tried[:i]], default=0.0))
+        assert i == 0 or t["started_s"] + t["slowest_before_s"] <= 20, t
+    if result["refused"] is not None:
+        assert result["refused"]["at_s"] + result["refused"]["slowest_s"] > 20
+        assert result["refused"]["slowest_s"] == pytest.approx(max(t["seconds"] for t in tried))
+    else:  # everything fitted: the last try is compile on the best of the others
+        assert tried[-1].get("train.compile") is True
     best, ran = result["best"], [t for t in result["tried"] if "error" not in t]
     bound = [t for t in ran if t["ratio"] >= 0.95]
     assert result["compute_bound"] == bool(bound)
     assert best == max(bound or ran, key=lambda t: t["end_to_end_img_per_s"])  # the fastest that keeps up
     written = yaml.safe_load(out.read_text())
     assert written == result["overrides"] and written["data"]["engine"] == best["data.engine"]
-    dry = subprocess.run([sys.executable, "-m", "deit3_fast", "train", *common, "--overrides", str(out),
-                          "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    cfg = json.loads(dry.stdout)
+    from deit3_fast.cli import main  # --overrides applied by train, in this process
+
+    assert main(["train", *common, "--overrides", str(out), "--dry-run"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
     assert (cfg["data"]["engine"], cfg["data"]["workers"], cfg["train"]["compile"]) == \
         (written["data"]["engine"], written["data"]["workers"], written["train"]["compile"])
