@@ -2,8 +2,6 @@
 name, ImageNet-A/-R logit masks, several sets in one eval and during training, and the model-zoo counts."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -167,15 +165,17 @@ def test_eval_several_sets_real_and_saved_predictions(val_named, data, tmp_path,
     model = create_model(cfg.model.name, num_classes=4, img_size=cfg.aug.img_size)
     torch.save({"model": model.state_dict()}, tmp_path / "ck.pt")
     preds = tmp_path / "p.jsonl"
-    eval_ = [sys.executable, "-m", "deit3_fast", "eval", "--cfg", "quickstart", "--set", "model.num_classes=4",
-             "--set", "data.workers=1", "--device", "cpu", "--checkpoint", tmp_path / "ck.pt"]
-    r = subprocess.run([*eval_,
-                        "--val", f"in1k={val_named / 'val.beton'}", "--val", f"v2={data / 'val.beton'}",
-                        "--real", val_named / "real.json", "--save-predictions", preds],
-                       cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])["sets"]
-    assert "ReaL labels" in r.stderr and "in1k" in r.stderr  # the table
+    # The eval command's main, in this process: its output, table and exit codes are what is tested.
+    from deit3_fast import cli
+
+    eval_ = ["eval", "--cfg", "quickstart", "--set", "model.num_classes=4", "--set", "data.workers=1", "--device",
+             "cpu", "--checkpoint", str(tmp_path / "ck.pt")]
+    code = cli.main([*eval_, "--val", f"in1k={val_named / 'val.beton'}", "--val", f"v2={data / 'val.beton'}",
+                     "--real", str(val_named / "real.json"), "--save-predictions", str(preds)])
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr[-3000:]
+    out = json.loads(stdout.strip().splitlines()[-1])["sets"]
+    assert "ReaL labels" in stderr and "in1k" in stderr  # the table
     rows = [json.loads(line) for line in preds.read_text().splitlines()]
     real = json.loads((val_named / "real.json").read_text())
     mine = [x for x in rows if x["set"] == "in1k"]
@@ -187,11 +187,10 @@ def test_eval_several_sets_real_and_saved_predictions(val_named, data, tmp_path,
         these = [x for x in rows if x["set"] == name]
         assert out[name]["acc1"] == pytest.approx(100 * np.mean([x["top5"][0] == x["label"] for x in these]))
     # ReaL on a set whose files are not ImageNet validation files is one clear error.
-    r = subprocess.run([*eval_, "--val", f"in1k={data / 'val.beton'}", "--real", val_named / "real.json"],
-                       cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 2 and "ReaL labels are indexed by ImageNet validation file names" in r.stderr
+    assert cli.main([*eval_, "--val", f"in1k={data / 'val.beton'}", "--real",
+                     str(val_named / "real.json")]) == 2
+    assert "ReaL labels are indexed by ImageNet validation file names" in capsys.readouterr().err
     # ReaL without the IN-1k validation set named is refused before a model is built.
-    from deit3_fast import cli
 
     assert cli.main(["eval", "--cfg", "quickstart", "--checkpoint", str(tmp_path / "missing.pt"), "--val",
                      f"v2={data / 'val.beton'}", "--real", str(val_named / "real.json")]) == 2
@@ -235,29 +234,27 @@ def test_zoo_counts_equal_the_official_table():
             assert abs(params - float(r["params_M"])) < 0.1, r
 
 
-def test_zoo_command_times_on_this_device_and_says_so():
+def test_zoo_command_times_on_this_device_and_says_so(capsys):
     """Every row of the table (the official 8 and the recipes' 4 resolutions) is counted; timing all of them takes
-    minutes on a CPU, so two models' rows are timed (--models), and a model name that is not one is one line."""
-    r = subprocess.run([sys.executable, "-m", "deit3_fast", "zoo", "--json", "--no-timing"], cwd=REPO,
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-2000:]
-    rows = json.loads(r.stdout)["rows"]
+    minutes on a CPU, so two models' rows are timed (--models), and a model name that is not one is one line.
+    The command's main in this process: its output and exit codes are what is tested (a fresh process each would
+    add three torch imports)."""
+    from deit3_fast.cli import main
+
+    assert main(["zoo", "--json", "--no-timing"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
     assert len(rows) == 12 and all("img_s" not in row for row in rows)
     measured = {(row["model"], row["resolution"]) for row in rows}
     assert {("deit3_base", 192), ("deit3_large", 192), ("deit3_huge", 160), ("deit3_huge", 128)} <= measured
-    r = subprocess.run([sys.executable, "-m", "deit3_fast", "zoo", "--json", "--device", "cpu", "--batch", "1",
-                        "--models", "deit3_small", "deit3_medium"], cwd=REPO, capture_output=True, text=True,
-                       timeout=900)
-    assert r.returncode == 0, r.stderr[-2000:]
-    result = json.loads(r.stdout)
+    assert main(["zoo", "--json", "--device", "cpu", "--batch", "1", "--models", "deit3_small", "deit3_medium"]) == 0
+    result = json.loads(capsys.readouterr().out)
     assert result["timing_device"] == "cpu"
     assert [(row["model"], row["resolution"]) for row in result["rows"]] == [
         (row["model"], row["resolution"]) for row in rows if row["model"] in ("deit3_small", "deit3_medium")]
     assert all(row["img_s"] > 0 and row["official_img_s_v100"] != row["img_s"] for row in result["rows"]
                if row["official_img_s_v100"])
-    bad = subprocess.run([sys.executable, "-m", "deit3_fast", "zoo", "--models", "deit3_tiny"], cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "zoo --models: unknown deit3_tiny; choose from deit3_small" in bad.stderr
+    assert main(["zoo", "--models", "deit3_tiny"]) == 2
+    assert "zoo --models: unknown deit3_tiny; choose from deit3_small" in capsys.readouterr().err
 
 
 def test_the_shared_real_json_loads_as_reals_labels():

@@ -167,18 +167,23 @@ def cli(*args, timeout=600, cwd=REPO):
 
 
 @pytest.mark.parametrize("layer_scale", ["1e-4", "null"], ids=["layerscale", "no-layerscale"])
-def test_cli_train_then_eval(data, tmp_path, layer_scale):
-    """eval rebuilds the model the config describes: also without LayerScale (the ablation's variant)."""
+def test_cli_train_then_eval(data, tmp_path, layer_scale, capsys):
+    """eval rebuilds the model the config describes: also without LayerScale (the ablation's variant). Both commands
+    through the CLI's main in this process (test_cli_dry_run_and_one_line_errors starts a whole one)."""
+    from deit3_fast.cli import main
+
     common = ["--cfg", "quickstart", "--data-val", data / "val.beton", "--set", "model.num_classes=4",
               "--set", "data.workers=1", "--set", f"model.layer_scale_init={layer_scale}"]
-    r = cli("train", *common, "--data-train", data / "train.beton", "--out", tmp_path, "--epochs", "2", "--quiet",
-            "--set", "data.batch_size=8", "--set", "train.global_batch=8")
-    assert r.returncode == 0, r.stderr
-    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    code = main(list(map(str, ["train", *common, "--data-train", data / "train.beton", "--out", tmp_path, "--epochs",
+                               "2", "--quiet", "--set", "data.batch_size=8", "--set", "train.global_batch=8"])))
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
     assert summary["epochs_run"] == 2
-    r = cli("eval", *common, "--checkpoint", tmp_path / "checkpoint-last.pt")
-    assert r.returncode == 0, r.stderr
-    result = json.loads(r.stdout.strip().splitlines()[-1])
+    code = main(list(map(str, ["eval", *common, "--checkpoint", tmp_path / "checkpoint-last.pt"])))
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
     assert result["n"] == 16 and result["acc1"] == pytest.approx(summary["val_acc1"])
     assert set(result) == {"acc1", "acc5", "n"}
 
@@ -297,16 +302,20 @@ def test_in1k_recipes_are_exact(name, model, size, lr, drop_path, batch):
     assert c.model.layer_scale_init == 1e-4
 
 
-def test_ema_weights_are_kept_and_evaluable(data, tmp_path):
+def test_ema_weights_are_kept_and_evaluable(data, tmp_path, capsys):
     train(tiny_cfg(data, **{"train.ema_decay": 0.9, "schedule.epochs": 1}), tmp_path, torch.device("cpu"),
           quiet=True)
     ck = load(tmp_path / "checkpoint-last.pt")
     assert ck["ema"] is not None
     assert any(not torch.equal(ck["ema"][k], ck["model"][k]) for k in ck["model"])
-    r = cli("eval", "--cfg", "quickstart", "--data-val", data / "val.beton", "--set", "model.num_classes=4",
-            "--set", "data.workers=1", "--checkpoint", tmp_path / "checkpoint-last.pt", "--ema")
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout.strip().splitlines()[-1])["n"] == 16
+    from deit3_fast.cli import main  # eval --ema in this process: the command, not a start-up, is tested
+
+    capsys.readouterr()
+    code = main(["eval", "--cfg", "quickstart", "--data-val", str(data / "val.beton"), "--set", "model.num_classes=4",
+                 "--set", "data.workers=1", "--checkpoint", str(tmp_path / "checkpoint-last.pt"), "--ema"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["n"] == 16
 
 
 @pytest.mark.slow
