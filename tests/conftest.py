@@ -20,10 +20,30 @@ SHARED_DATA = Path(os.environ.get("DEIT3_SHARED_DATA", REPO.parent / "shared" / 
 GPU_CHECK_DATA = os.environ.get("DEIT3_GPU_CHECK_DATA")
 
 
+# What starts another Python (the CLIs, torchrun, conversions killed mid-write): each pays a fresh torch import,
+# seconds apiece. Such a test is marked `cli` (make test-fast leaves them out; make test and CI run them).
+_STARTS_A_PROCESS = ("subprocess.", "run_cli(", "start_convert(", "Popen(", "sys.executable")
+
+
+def _mark_cli(items) -> None:
+    import inspect
+
+    for item in items:
+        fn = getattr(item, "function", None)
+        try:
+            source = inspect.getsource(fn) if fn is not None else ""
+        except (OSError, TypeError):
+            continue
+        if any(s in source for s in _STARTS_A_PROCESS):
+            item.add_marker(pytest.mark.cli)
+
+
 def pytest_collection_modifyitems(config, items):
-    """`cuda` tests run where a CUDA device is visible and are skipped, saying so, everywhere else."""
+    """`cli` on the tests that start another process; `cuda` tests run where a CUDA device is visible and are
+    skipped, saying so, everywhere else."""
     import torch
 
+    _mark_cli(items)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (scripts/gpu-check.sh runs these on a GPU machine)")
