@@ -25,7 +25,7 @@ def run_quickstart(args) -> int:
         if not os.path.isdir(folder):
             console.print(f"[bold]generating[/] {folder}: {args.classes} classes x {per_class} images")
             make_imagefolder(folder, args.classes, per_class, seed=seed)
-    outputs = {}
+    outputs: dict = {}
     for split in ("train", "val"):
         out = os.path.join(args.out, f"{split}.beton")
         console.rule(f"deit3-convert {split}")

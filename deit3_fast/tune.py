@@ -47,7 +47,8 @@ def _apply(cfg: Config, setting: dict) -> Config:
 
 def tune(cfg: Config, device, budget_s: float = 300.0, steps: int = 5, log=print, clock=time.perf_counter) -> dict:
     # `clock` (seconds): injectable, so a test checks the budget's decisions without depending on this machine's speed.
-    started, slowest, tried = clock(), 0.0, []
+    started, slowest = clock(), 0.0
+    tried: list[dict] = []
     refused = None
 
     def attempt(setting: dict) -> bool:
