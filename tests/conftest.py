@@ -25,16 +25,26 @@ GPU_CHECK_DATA = os.environ.get("DEIT3_GPU_CHECK_DATA")
 _STARTS_A_PROCESS = ("subprocess.", "run_cli(", "start_convert(", "Popen(", "sys.executable")
 
 
-def _mark_cli(items) -> None:
+def _starts_a_process(fn, module, depth: int = 1) -> bool:
+    """Whether fn's source starts a process, or calls a function of its module (`cli(...)`, `_export(...)`) that
+    does (`depth` levels down)."""
     import inspect
 
+    try:
+        source = inspect.getsource(fn)
+    except (OSError, TypeError):
+        return False
+    if any(s in source for s in _STARTS_A_PROCESS):
+        return True
+    return depth > 0 and any(
+        inspect.isfunction(f) and f is not fn and f.__module__ == module.__name__ and f"{name}(" in source
+        and _starts_a_process(f, module, depth - 1) for name, f in vars(module).items())
+
+
+def _mark_cli(items) -> None:
     for item in items:
-        fn = getattr(item, "function", None)
-        try:
-            source = inspect.getsource(fn) if fn is not None else ""
-        except (OSError, TypeError):
-            continue
-        if any(s in source for s in _STARTS_A_PROCESS):
+        fn, module = getattr(item, "function", None), getattr(item, "module", None)
+        if fn is not None and module is not None and _starts_a_process(fn, module):
             item.add_marker(pytest.mark.cli)
 
 
