@@ -12,7 +12,7 @@ quickstart: install
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The inner loop: the unit tests (no `slow`, no `cli` subprocess tests), a few minutes on 2 cores. CI runs `make test`.
+# The inner loop: no `slow` tests and no `cli` ones (those that start another process). CI runs `make test`.
 test-fast: install
 	$(PY) -m pytest -m "not slow and not cli" $(PYTEST_ARGS)
 
