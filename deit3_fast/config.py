@@ -89,7 +89,7 @@ class EvalSet:
 def parse_sets(specs: list[str]) -> list[EvalSet]:
     """NAME=PATH strings (the command line's --val, the config's train.extra_val) as sets; names are unique. Here,
     with the train section, so that a typo fails at load, not after the first epoch; evalsets.py scores them."""
-    sets = []
+    sets: list = []
     for spec in specs:
         name, sep, path = str(spec).partition("=")
         name = name.strip().lower()

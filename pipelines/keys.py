@@ -8,7 +8,7 @@ per-micro-batch drop-path seed. numba-compiled (FFCV's decoder calls them from i
 """
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from numba import njit
@@ -57,7 +57,7 @@ def seed_of(key) -> int:
     return int(key) & 0x7FFF_FFFF_FFFF_FFFF
 
 
-@lru_cache(maxsize=None)
+@cache
 def name_key(name: str) -> np.uint64:
     """A stable 64-bit key of a name: its UTF-8 bytes folded with `combine` (Python's hash() of a str is salted per
     process, so it would differ between the processes of one run)."""

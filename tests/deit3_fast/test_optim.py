@@ -1,5 +1,5 @@
-"""`deit3_fast.lamb` and `deit3_fast.optim`: `Lamb` against a float64 per-parameter reference of apex `FusedLAMB`, the DeiT III weight-decay
-split, and `build_optimizer`.
+"""`deit3_fast.lamb` and `deit3_fast.optim`: `Lamb` against a float64 per-parameter reference of apex `FusedLAMB`,
+the DeiT III weight-decay split, and `build_optimizer`.
 
 The reference is written out from apex's csrc/multi_tensor_lamb.cu (adam_w_mode=1, grad_averaging=1,
 use_nvlamb=False) as a plain loop, so it shares no code with the foreach implementation under test.

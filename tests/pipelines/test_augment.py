@@ -11,7 +11,7 @@ from PIL import Image, ImageFilter, ImageOps
 
 from dataset_tools.synthetic import class_image
 from pipelines import keys
-from pipelines.augment import (BRANCHES, BatchAugment, ColorJitter, Flip, FlipParams, ThreeAugment, ThreeAugmentParams,
+from pipelines.augment import (BRANCHES, BatchAugment, Flip, FlipParams, ThreeAugment, ThreeAugmentParams,
                                augment, color_jitter, normalize, to_float, train_ops)
 from pipelines.config import AugConfig
 from pipelines.ops import AugOp, AugParams, OpParams, op_generator
