@@ -28,10 +28,11 @@ def test_the_hint_follows_the_message_and_the_exit_code_is_the_classes():
 
 def test_the_cli_reports_any_user_error_as_one_line(monkeypatch, capsys):
     from deit3_fast import cli
+    from deit3_fast.commands import doctor
 
     def fail(args):
         raise DataError("train.beton: cannot open", "run deit3-convert first")
 
-    monkeypatch.setattr(cli, "_doctor", fail)
+    monkeypatch.setattr(doctor, "run", fail)
     assert cli.main(["doctor"]) == 2
     assert capsys.readouterr().err == "deit3-fast: error: train.beton: cannot open: run deit3-convert first\n"

@@ -182,7 +182,7 @@ def _submit_all(grid: Grid, out: Path, args) -> int:
 
 
 def run_grid(args) -> int:
-    """`deit3-fast ablate` (its options: cli.py)."""
+    """`deit3-fast ablate` (its options: commands/ablate.py)."""
     if (args.local or args.resubmit) and not args.submit:
         raise _error("--local and --resubmit go with --submit")
     grid = load_grid(args.grid, args.set)
