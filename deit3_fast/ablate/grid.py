@@ -68,7 +68,8 @@ def _key(assignment: str) -> str:
     return assignment.split("=", 1)[0].strip()
 
 
-def _shown(assignment: str) -> str:
+def format_assignment(assignment: str) -> str:
+    """`key=value` as tables show it: the value as YAML reads it, a string unquoted."""
     key, raw = assignment.split("=", 1)
     value = yaml.safe_load(raw)
     return f"{key.strip()}={value if isinstance(value, str) else json.dumps(value)}"
@@ -194,6 +195,6 @@ def load_grid(name_or_path: str, extra_sets: list[str] | tuple = ()) -> Grid:
             config = load_config(cfg, common + own + derived)
         except ConfigError as e:
             raise ConfigError(f"{where}: variant '{name}': {e}") from None
-        shown = [_shown(s) for s in own] + [f"{_shown(s)} (scaled)" for s in derived]
+        shown = [format_assignment(s) for s in own] + [f"{format_assignment(s)} (scaled)" for s in derived]
         variants.append(Variant(name, cfg, common + own + derived, shown, config))
     return Grid(path.stem, path, base, common, variants)

@@ -10,7 +10,7 @@ from pathlib import Path
 from dataset_tools.atomic import write_text_atomic
 
 from .. import rundir
-from .grid import Grid, Variant, _shown
+from .grid import Grid, Variant, format_assignment
 
 DONE, FAILED, ATTEMPTS, JOB = "done.json", "failed.json", "ablate-attempts.jsonl", "ablate-job.json"
 
@@ -64,11 +64,13 @@ def result_row(v: Variant, run_dir: Path) -> dict:
             "gpu_hours": gpu_s / 3600 if attempts else None}
 
 
-def _fmt(value, digits: int = 1) -> str:
+def format_value(value, digits: int = 1) -> str:
+    """A table cell or progress-line figure: a float to `digits` places, – for none."""
     return "–" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def _duration(seconds: float | None) -> str:
+def format_duration(seconds: float | None) -> str:
+    """Wall time as 45s, 3m05s or 2h07m; – for none."""
     if seconds is None:
         return "–"
     s = int(round(seconds))
@@ -84,17 +86,17 @@ def write_results(grid: Grid, out: Path) -> list[dict]:
     w.writeheader()
     w.writerows(rows)
     write_text_atomic(out / "results.csv", table.getvalue())
-    common = ", ".join(f"`{_shown(s)}`" for s in grid.common) or "none"
+    common = ", ".join(f"`{format_assignment(s)}`" for s in grid.common) or "none"
     lines = [f"# Ablation `{grid.name}`", "",
              f"Grid `{grid.path}`; overrides of every variant: {common}. "
              f"Written {datetime.now(timezone.utc).isoformat(timespec='seconds')}.", "",
              "| variant | status | config | overrides | epochs | final top-1 | final top-5 | best top-1 | gap "
              "| img/s | wall | GPU-hours (0 on CPU) |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        cells = [r["variant"], r["status"], r["config"], r["overrides"] or "–", r["epochs"], _fmt(r["final_top1"]),
-                 _fmt(r["final_top5"]), _fmt(r["best_top1"]), _fmt(r["gap"], 2), _fmt(r["img_per_s"], 0),
-                 _duration(r["wall_s"]),
-                 _fmt(r["gpu_hours"], 2)]
+        cells = [r["variant"], r["status"], r["config"], r["overrides"] or "–", r["epochs"],
+                 format_value(r["final_top1"]), format_value(r["final_top5"]), format_value(r["best_top1"]),
+                 format_value(r["gap"], 2), format_value(r["img_per_s"], 0), format_duration(r["wall_s"]),
+                 format_value(r["gpu_hours"], 2)]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     lines += ["", "Top-1/top-5: validation accuracy (%) after the last epoch run and the best epoch. gap: top-1 minus "
               "the official curve's at the last official epoch reached (– where a variant follows no recipe; "

@@ -16,9 +16,9 @@ from .. import rundir
 from ..batching import batch_plan, batch_plans
 from ..config import NO_EFFECT_KEYS, Config, ConfigError, differences, load_config, to_dict, with_defaults
 from ..submit import TrainJob, describe, describe_job, slurm_executor, slurm_options, submitit
-from .grid import Grid, Variant, _error, load_grid
-from .results import (ATTEMPTS, DONE, FAILED, JOB, _duration, _fmt, epochs_done, print_results, read_json, status,
-                      write_results)
+from .grid import Grid, Variant, load_grid
+from .results import (ATTEMPTS, DONE, FAILED, JOB, epochs_done, format_duration, format_value, print_results,
+                      read_json, status, write_results)
 
 
 def check_run_dir(v: Variant, run_dir: Path) -> None:
@@ -31,8 +31,8 @@ def check_run_dir(v: Variant, run_dir: Path) -> None:
     diff = ([k for k in differences(with_defaults(old), to_dict(v.config)) if k not in NO_EFFECT_KEYS]
             if old is not None else ["config.yaml"])
     if diff:
-        raise _error(f"variant '{v.name}': {run_dir} holds a run of a different config ({', '.join(diff[:5])}); "
-                     "use another --out or remove that folder")
+        raise ConfigError(f"variant '{v.name}': {run_dir} holds a run of a different config "
+                          f"({', '.join(diff[:5])}); use another --out or remove that folder")
 
 
 def run_variant(run_dir: Path, cfg: Config, launch, *, main: bool = True, world: int = 1, gpus: int = 0) -> None:
@@ -97,11 +97,11 @@ def _check_runnable(grid: Grid, out: Path, world: int, local_data: bool) -> None
         for split in ("train", "val"):
             path = getattr(v.config.data, split)
             if not path:
-                raise _error(f"variant '{v.name}': data.{split} is not set (an ablation compares "
-                             "validation accuracy)")
+                raise ConfigError(f"variant '{v.name}': data.{split} is not set (an ablation compares "
+                                  "validation accuracy)")
             if local_data and not Path(path).exists():
-                raise _error(f"variant '{v.name}': data.{split} {path} does not exist (convert it with "
-                             f"deit3-convert, or --set data.{split}=PATH)")
+                raise ConfigError(f"variant '{v.name}': data.{split} {path} does not exist (convert it with "
+                                  f"deit3-convert, or --set data.{split}=PATH)")
 
 
 def _run_here(grid: Grid, out: Path, args) -> int:
@@ -130,8 +130,8 @@ def _run_here(grid: Grid, out: Path, args) -> int:
             print(f"deit3-fast: error: variant '{v.name}' failed: {type(e).__name__}: {e} (traceback in "
                   f"{run_dir / FAILED})", file=sys.stderr, flush=True)
         r = write_results(grid, out)[i - 1]
-        print(f"[ablate] {v.name}: {r['status']}, final top-1 {_fmt(r['final_top1'])}%, best "
-              f"{_fmt(r['best_top1'])}%, {_duration(r['wall_s'])}", flush=True)
+        print(f"[ablate] {v.name}: {r['status']}, final top-1 {format_value(r['final_top1'])}%, best "
+              f"{format_value(r['best_top1'])}%, {format_duration(r['wall_s'])}", flush=True)
     write_results(grid, out)
     print_results(out)
     return 1 if failed else 0
@@ -184,7 +184,7 @@ def _submit_all(grid: Grid, out: Path, args) -> int:
 def run_grid(args) -> int:
     """`deit3-fast ablate` (its options: commands/ablate.py)."""
     if (args.local or args.resubmit) and not args.submit:
-        raise _error("--local and --resubmit go with --submit")
+        raise ConfigError("--local and --resubmit go with --submit")
     grid = load_grid(args.grid, args.set)
     out = Path(args.out or Path("runs") / "ablate" / grid.name)
     for v in grid.variants:
