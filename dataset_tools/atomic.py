@@ -1,7 +1,7 @@
 """An output file that appears complete or not at all, even if the writer is killed with SIGKILL.
 
 On Linux the data goes into an unnamed file (O_TMPFILE) in the destination folder: if the process dies, the
-kernel frees it and nothing is left to clean up. Only `stage()` gives it a hidden name (linkat) and `commit()`
+kernel frees it and nothing is left to clean up. Only `prepare()` gives it a hidden name (linkat) and `commit()`
 renames it over the destination. Where O_TMPFILE is unsupported (NFS, Lustre, non-Linux) a hidden
 `.NAME.partial-PID` file is used from the start; it is removed on any exception, Ctrl-C or SIGTERM, and stale ones
 of dead processes are swept on the next run.
@@ -124,24 +124,24 @@ class AtomicOutput:
         with open(self.path, "w", encoding="utf-8") as f:
             f.write(text)
 
-    def stage(self) -> None:
+    def prepare(self) -> None:
         """Flush the file and give it its hidden `.NAME.partial-PID` name, closing it: everything that can fail on a
         full disk (delayed allocation, a new directory entry) fails here, before anything replaces a previous file,
-        and a file staged among many holds no descriptor."""
+        and a file prepared among many holds no descriptor."""
         if self._fd is None:
             return
         os.fsync(self._fd)
         if self._named is None:
-            staging = self._partial_name()
-            _linkat_follow(f"/proc/self/fd/{self._fd}", staging)
-            self._named = staging
+            hidden = self._partial_name()
+            _linkat_follow(f"/proc/self/fd/{self._fd}", hidden)
+            self._named = hidden
         os.close(self._fd)
         self._fd = None
 
     def commit(self) -> None:
         assert self._named is not None or self._fd is not None, "nothing to commit"
-        self.stage()
-        assert self._named is not None  # stage() gave the data a name
+        self.prepare()
+        assert self._named is not None  # prepare() gave the data a name
         os.replace(self._named, self.final)
         self._named = None
         self.committed = True

@@ -173,15 +173,15 @@ def convert(src: str, out: str, *, max_resolution: int | None = None, short_side
                                                                    for i in r.source_info[:, 0]))):
                         sidecars[t].append(stack.enter_context(AtomicOutput(name)))
                         sidecars[t][-1].write_text(text)
-                        sidecars[t][-1].stage()
+                        sidecars[t][-1].prepare()
                 for t, k in zip(targets, todo):
                     name = paths[k]
-                    t.stage()
+                    t.prepare()
                 for f in [*(f for own in sidecars.values() for f in own), *targets]:
                     name = f.final
                     f.commit()
             except BaseException as e:
-                # Only a rename can fail once all is staged: a report without its .beton would describe another file
+                # Only a rename can fail once all is prepared: a report without its .beton would describe another file
                 for t, own in sidecars.items():
                     for f in own:
                         if f.committed and not t.committed:

@@ -96,10 +96,10 @@ def export(checkpoint: str, out_dir: str | Path, model: str | None = None, ema: 
             with open(weights.path, "wb") as f:
                 f.write(save(tensors, metadata={"format": "pt"}))
             described.write_text(json.dumps(config, indent=1) + "\n")
-            # Both written and staged before either replaces an earlier export's file: a failure (a full disk) leaves
+            # Both written and prepared before either replaces an earlier export's file: a failure (a full disk) leaves
             # that export whole, and never weights beside a config.json that describes other ones.
-            weights.stage()
-            described.stage()
+            weights.prepare()
+            described.prepare()
             weights.commit()
             described.commit()
     except OSError as e:

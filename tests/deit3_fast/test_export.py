@@ -99,21 +99,21 @@ def test_a_failed_export_replaces_nothing(tmp_path, monkeypatch, failing, earlie
     else:
         out.mkdir()
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    real_stage = atomic.AtomicOutput.stage
+    real_prepare = atomic.AtomicOutput.prepare
 
-    def stage(self):
+    def prepare(self):
         if os.path.basename(self.final) == failing:
             raise OSError(28, "No space left on device")
-        real_stage(self)
+        real_prepare(self)
 
-    monkeypatch.setattr(atomic.AtomicOutput, "stage", stage)
+    monkeypatch.setattr(atomic.AtomicOutput, "prepare", prepare)
     with pytest.raises(CheckpointError, match=f"writing the export into {out} failed: No space left on device; no "
                                               "file there was replaced"):
         export(str(tmp_path / "1.pth"), out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     if failing == "config.json" and earlier:  # failing between the two renames: the message says what happened
         real_commit = atomic.AtomicOutput.commit
-        monkeypatch.setattr(atomic.AtomicOutput, "stage", real_stage)
-        monkeypatch.setattr(atomic.AtomicOutput, "commit", lambda self: (stage(self), real_commit(self)))
+        monkeypatch.setattr(atomic.AtomicOutput, "prepare", real_prepare)
+        monkeypatch.setattr(atomic.AtomicOutput, "commit", lambda self: (prepare(self), real_commit(self)))
         with pytest.raises(CheckpointError, match="; model.safetensors was replaced, config.json was not"):
             export(str(tmp_path / "1.pth"), out)
