@@ -411,6 +411,178 @@ def test_nvjpeg_gpu_path_resamples_like_the_cpu_path(path, split, crop, request)
         assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
 
 
+def _assert_resampling_parity(gpu_path, cpu_path):
+    """Equal but for float summation order: the batched products sum the taps in another order than the CPU
+    resampler, which flips a rounding to 8 bits now and then (a grey level, on well under 0.1% of the values)."""
+    assert len(gpu_path) == len(cpu_path) > 0
+    for a, b in zip(gpu_path, cpu_path):
+        assert a.shape == b.shape and a.dtype == b.dtype == torch.uint8
+        diff = (a.int() - b.int()).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3, (diff.max(), (diff > 0).float().mean())
+
+
+@pytest.fixture(scope="module")
+def real_raw_beton(imagenet_sample, tmp_path_factory):
+    """24 real photos stored as raw pixels (max side 160): the GPU path's host-decoded, interleaved images."""
+    d = tmp_path_factory.mktemp("real_raw")
+    classes = sorted(p.name for p in imagenet_sample.iterdir() if p.is_dir())[:24]
+    for c in classes:
+        (d / "src" / c).mkdir(parents=True)
+        for f in (imagenet_sample / c).iterdir():
+            (d / "src" / c / f.name).symlink_to(f)
+    convert(str(d / "src"), str(d / "raw.beton"), workers=2, write_mode="raw", max_resolution=160,
+            show_progress=False)
+    return str(d / "raw.beton")
+
+
+@pytest.mark.parametrize("split, crop", [("train", "rrc"), ("train", "src"), ("val", "rrc")])
+@pytest.mark.parametrize("path, classes", [("real_beton", 48), ("real_raw_beton", 24)])
+def test_nvjpeg_batched_crop_resamples_real_photos_like_the_cpu_path(path, classes, split, crop, request):
+    """The batched crop (RandomResizedCrop, Simple Random Crop with its padding, the eval centre crop) on real
+    photos, JPEG and raw, at the recipe's size: the CPU resampler's pixels (which are Pillow's) but for float
+    summation order."""
+    beton = request.getfixturevalue(path)
+    sets = {"data.engine": "nvjpeg", "aug.crop": crop, "model.num_classes": classes, "data.batch_size": 12,
+            "aug.img_size": 224 if path == "real_beton" else 128}
+    engine = build_loader(cfg_for(beton, **sets), split, "cpu").engine
+    gpu_path = [engine._gpu_batch(idx, keys) for idx, keys in engine.index_batches(0)]
+    _assert_resampling_parity(gpu_path, [imgs.clone() for imgs, _ in engine.batches(0)])
+
+
+def test_nvjpeg_batched_crop_mixes_planar_and_interleaved_images(small_beton, monkeypatch):
+    """On a GPU nvJPEG's outputs are planar and the CPU's (refused JPEGs, raw pixels) interleaved: one batch holds
+    both, gathered separately and put back in slot order. Here every other decoded image is made planar."""
+    import pipelines.nvjpeg_engine as nv
+
+    real = nv.decode_jpeg
+
+    def some_planar(data, *a, **kw):
+        out = real(data, *a, **kw)
+        return [t.contiguous() if k % 2 else t for k, t in enumerate(out)] if isinstance(data, list) else out
+
+    monkeypatch.setattr(nv, "decode_jpeg", some_planar)
+    for split, crop in [("train", "rrc"), ("train", "src"), ("val", "rrc")]:
+        engine = build_loader(cfg_for(small_beton, **{"data.engine": "nvjpeg", "aug.crop": crop}), split,
+                              "cpu").engine
+        gpu_path = [engine._gpu_batch(idx, keys) for idx, keys in engine.index_batches(0)]
+        _assert_resampling_parity(gpu_path, [imgs.clone() for imgs, _ in engine.batches(0)])
+
+
+class _CountOps:
+    """torch ops dispatched in the block but views (no kernel behind them) and torchvision's decoder (one batched
+    call on a GPU, one per image on the CPU)."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if not func.is_view and func.namespace != "image":
+                    counter.ops.append(str(func.overloadpacket))
+                return func(*args, **(kwargs or {}))
+
+        self.ops, self._mode = [], Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+
+
+@pytest.mark.parametrize("split, crop", [("train", "rrc"), ("train", "src"), ("val", "rrc")])
+def test_nvjpeg_gpu_path_launches_as_many_ops_for_4_images_as_for_32(small_beton, split, crop):
+    """The GPU path's crop is batched: the ops it dispatches (each at least one kernel launch on a GPU) do not
+    grow with the batch; the per-image path launched ~27 per image."""
+    counts = {}
+    for batch in (4, 32):
+        sets = {"data.engine": "nvjpeg", "aug.crop": crop, "data.batch_size": batch}
+        engine = build_loader(cfg_for(small_beton, **sets), split, "cpu").engine
+        idx, keys = next(engine.index_batches(0))
+        with _CountOps() as c:
+            engine._gpu_batch_and_labels(idx, keys)
+        counts[batch] = c.ops
+    assert len(counts[4]) == len(counts[32]) < 120, counts
+
+
+def _decode_threads():
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "nvjpeg-decode"]
+
+
+def _gpu_path_engine(path, batch=4, **sets):
+    return build_loader(cfg_for(path, **{"data.engine": "nvjpeg", "data.batch_size": batch, **sets}), "train",
+                        "cpu").engine
+
+
+def test_nvjpeg_decode_thread_gives_the_batches_in_order_and_ends_with_the_epoch(small_beton):
+    """The GPU path's decode-ahead thread (run here with the CPU as its device): exactly the batches and labels of
+    the same path run inline, in order, and no thread left once the epoch is read."""
+    engine = _gpu_path_engine(small_beton)
+    inline = [(engine._gpu_batch(idx, keys), engine.labels_of(idx)) for idx, keys in engine.index_batches(2)]
+    ahead = list(engine._gpu_batches(2))
+    assert len(ahead) == len(inline) == 30
+    for (xa, ya), (xb, yb) in zip(ahead, inline):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb) and ya.dtype == torch.int64
+    assert [torch.equal(x, y) for (x, _), (y, _) in zip(list(engine._gpu_batches(2, 7)), inline[7:])] == [True] * 23
+    assert not _decode_threads()
+
+
+def test_nvjpeg_decode_thread_stays_ahead_by_at_most_its_queue_and_stops_when_closed(small_beton, monkeypatch):
+    """A consumer that stops mid-epoch (a break, an error in its step) closes the generator: the thread, which
+    decodes at most AHEAD batches past the one being consumed (plus the one it holds), is joined at once."""
+    import time
+
+    import pipelines.nvjpeg_engine as nv
+
+    engine = _gpu_path_engine(small_beton)
+    made = []
+    real = engine._gpu_batch_and_labels
+    monkeypatch.setattr(engine, "_gpu_batch_and_labels", lambda idx, keys: made.append(1) or real(idx, keys))
+    it = engine._gpu_batches(0)
+    next(it)
+    time.sleep(1.0)  # time to run ahead as far as it may
+    assert len(made) <= 1 + nv.AHEAD + 1 < 30
+    assert len(_decode_threads()) == 1
+    it.close()
+    assert not _decode_threads()
+
+
+def test_nvjpeg_decode_thread_error_is_raised_in_the_consumer(small_beton, monkeypatch):
+    """An error in decode (a corrupt file, nvJPEG failing) is the consumer's, after the batches decoded before
+    it, with a note saying where it came from; the thread is gone."""
+    engine = _gpu_path_engine(small_beton)
+    real, calls = engine._decode_on_gpu, []
+
+    def failing(idx, data):
+        calls.append(1)
+        if len(calls) == 3:
+            raise ValueError("corrupt JPEG in batch 2")
+        return real(idx, data)
+
+    monkeypatch.setattr(engine, "_decode_on_gpu", failing)
+    got = []
+    with pytest.raises(ValueError, match="corrupt JPEG in batch 2") as e:
+        for x, _ in engine._gpu_batches(0):
+            got.append(x)
+    assert len(got) == 2 and any("nvjpeg engine's decode thread" in n for n in e.value.__notes__)
+    assert not _decode_threads()
+
+
+@pytest.mark.parametrize("capability, kind", [((7, 0), "hybrid"), ((7, 5), "hybrid"), ((8, 0), "hardware"),
+                                              ((8, 6), "hybrid"), ((9, 0), "hardware"), ((10, 0), "hardware")])
+def test_nvjpeg_gpu_decoder_kind_by_compute_capability(monkeypatch, capability, kind):
+    """V100 (sm_70), T4 (sm_75), A10/RTX 30 (sm_86) have no hardware JPEG engine; A100 (sm_80), H100 (sm_90) and
+    B200 (sm_100) have."""
+    from pipelines.nvjpeg_engine import gpu_decoder_kind
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert kind in gpu_decoder_kind(torch.device("cuda", 0))
+    assert gpu_decoder_kind(torch.device("cpu")).startswith("CPU")
+
+
 def test_a_training_batch_is_exactly_engine_then_augment_then_mixing(small_beton):
     """Not only in range: batch b of an epoch is the engine's uint8 batch b through BatchAugment and mixing,
     with the streams keyed by (seed, rank, epoch, b), cast once to the AMP dtype: the pre-training recipe's
