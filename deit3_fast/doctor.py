@@ -25,8 +25,6 @@ from pipelines.registry import alternatives, engine_info, engine_names, one_of
 from .device import native_bf16
 
 OK, MISSING, BROKEN, SKIPPED, INFO = "ok", "missing", "broken", "skipped", "info"
-# GPUs with NVJPG hardware JPEG engines (nvJPEG's hardware backend); torch cannot ask the driver, so by model.
-_HW_JPEG = ("A100", "A800", "A30", "H100", "H200", "H800", "GH200", "B200", "B100", "GB200")
 
 
 @dataclass
@@ -165,9 +163,10 @@ def nvjpeg(device: torch.device) -> Check:
     if gpu.shape != cpu.shape or diff > 3:
         return Check("nvJPEG decode", BROKEN, f"GPU decode differs from the CPU's (mean |diff| {diff:.2f})",
                      f"use data.engine: {one_of(alternatives('nvjpeg'))}")
-    hw = any(k in torch.cuda.get_device_name(device) for k in _HW_JPEG)
+    from pipelines.nvjpeg_engine import gpu_decoder_kind
+
     return Check("nvJPEG decode", OK, f"torchvision decode_jpeg on the GPU matches the CPU's (mean |diff| "
-                                      f"{diff:.2f}); hardware JPEG decoder: {'yes' if hw else 'no'} (by GPU model)")
+                                      f"{diff:.2f}); decoder: {gpu_decoder_kind(device)} (by compute capability)")
 
 
 def dali(device: torch.device) -> Check:
@@ -314,7 +313,10 @@ def run_doctor(data_train: str | None = None, engine: str | None = None, steps: 
         checks.append(Check("loader vs model", SKIPPED, "--no-throughput"))
     else:
         checks.append(throughput(device, data_train, engine, steps))
-    return {"device": str(device), "gpu": device.type == "cuda", "checks": [asdict(c) for c in checks],
+    from pipelines.nvjpeg_engine import gpu_decoder_kind
+
+    return {"device": str(device), "gpu": device.type == "cuda", "jpeg_decoder": gpu_decoder_kind(device),
+            "checks": [asdict(c) for c in checks],
             "broken": [c.name for c in checks if c.status == BROKEN]}
 
 

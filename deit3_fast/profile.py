@@ -23,6 +23,7 @@ from dataclasses import replace
 
 import torch
 
+from pipelines.nvjpeg_engine import gpu_decoder_kind
 from pipelines.registry import engine_info, engine_names
 
 from . import trainer
@@ -208,7 +209,8 @@ def profile(cfg: Config, device: torch.device, steps: int = 20) -> dict:
     result = {
         "model": cfg.model.name, "img_size": cfg.aug.img_size, "batch_size": b, "accum": accum, "amp": run.amp,
         "engine": cfg.data.engine, "workers": cfg.data.workers, "compile": cfg.train.compile,
-        "device": device_name(device), "engine_img_per_s": engine_rate, "engine_cpu_cores": engine_cores,
+        "device": device_name(device), "jpeg_decoder": gpu_decoder_kind(device),
+        "engine_img_per_s": engine_rate, "engine_cpu_cores": engine_cores,
         "device_stage_img_per_s": stage_rate, "loader_img_per_s": loader_rate,
         "model_img_per_s": model_rate, "end_to_end_img_per_s": end_to_end,
         "micro_batch_ms": micro_model * 1e3, "optimizer_step_ms": opt_step * 1e3,
@@ -262,7 +264,8 @@ def render(r: dict) -> None:
         table.add_row(name, f"{r[key]:,.0f}", f"{r[key] / m:.2f}x")
     console = Console()
     console.print(table)
-    console.print(f"engine: {r['engine_cpu_cores']:.1f} CPU cores busy while decoding; optimiser step "
+    console.print(f"engine: {r['engine_cpu_cores']:.1f} CPU cores busy while decoding ({r['jpeg_decoder']} for "
+                  f"the nvjpeg engine); optimiser step "
                   f"{r['optimizer_step_ms']:.1f} ms once per {r['accum']} micro-batch(es) of "
                   f"{r['micro_batch_ms']:.1f} ms")
     console.print(f"model: {r['gflop_per_image']:.2f} GFLOP/image (fwd+bwd), {r['achieved_tflops']:.2f} TFLOP/s "

@@ -200,6 +200,9 @@ def test_profile_on_cuda(data):
                 "end_to_end_img_per_s"):
         assert r[key] > 0, key
     assert r["device"] == torch.cuda.get_device_name(CUDA)
+    from pipelines.nvjpeg_engine import gpu_decoder_kind
+
+    assert r["jpeg_decoder"] == gpu_decoder_kind(CUDA)
 
 
 def test_peak_memory_is_per_run(data, tmp_path):

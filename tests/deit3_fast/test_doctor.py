@@ -25,7 +25,7 @@ def test_doctor_json_without_a_gpu(beton):
     checks = {c["name"]: c for c in report["checks"]}
     for name in ("python", "torch", "torchvision", "timm", "numpy", "CPU cores", "matmul", "loader vs model"):
         assert name in checks, name
-    assert report["gpu"] is False and report["broken"] == []
+    assert report["gpu"] is False and report["broken"] == [] and report["jpeg_decoder"] == "CPU (libjpeg-turbo)"
     assert checks["GPU"]["status"] == "missing" and "CUDA_VISIBLE_DEVICES" in checks["GPU"]["fix"]
     assert checks["nvJPEG decode"]["status"] == "skipped" and checks["all-reduce"]["status"] == "skipped"
     assert "TFLOP/s bf16" in checks["matmul"]["detail"]

@@ -37,6 +37,7 @@ def test_profile_json_on_cpu(data, capsys):
     assert 0 < result["mfu"] <= 1 and result["peak_tflops"] >= result["achieved_tflops"]
     assert (result["peak_note"] is not None) == (result["mfu"] == 1), result
     assert result["verdict"] in ("input-bound", "compute-bound")
+    assert result["jpeg_decoder"] == "CPU (libjpeg-turbo)"  # which decoder the nvjpeg engine gets on this device
     assert result["ratio"] == pytest.approx(result["end_to_end_img_per_s"] / result["model_img_per_s"], rel=1e-2)
     # The CPU stage per busy core, and the cores a GPU needs at its nominal rate (40% MFU) for this model's FLOPs.
     per_core = result["cpu_stage_img_per_s_per_core"]
