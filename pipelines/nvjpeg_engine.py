@@ -38,6 +38,7 @@ image at a time with the Huffman stage on the CPU (`gpu_decoder_kind` says which
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -184,7 +185,8 @@ class NvjpegEngine(BetonBatches):
                             done = None
                     put((images, labels, done))
             except BaseException as e:  # noqa: BLE001  handed to the consumer, who re-raises it
-                e.add_note(f"(raised in the nvjpeg engine's decode thread, epoch {epoch})")
+                if sys.version_info >= (3, 11):  # where the re-raise in the caller's thread came from
+                    e.add_note(f"(raised in the nvjpeg engine's decode thread, epoch {epoch})")
                 put(e)
             else:
                 put(_DONE)

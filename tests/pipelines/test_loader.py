@@ -567,7 +567,9 @@ def test_nvjpeg_decode_thread_error_is_raised_in_the_consumer(small_beton, monke
     with pytest.raises(ValueError, match="corrupt JPEG in batch 2") as e:
         for x, _ in engine._gpu_batches(0):
             got.append(x)
-    assert len(got) == 2 and any("nvjpeg engine's decode thread" in n for n in e.value.__notes__)
+    assert len(got) == 2
+    if sys.version_info >= (3, 11):  # exception notes
+        assert any("nvjpeg engine's decode thread" in n for n in e.value.__notes__)
     assert not _decode_threads()
 
 
