@@ -56,7 +56,7 @@ def main() -> None:
     from dataset_tools.convert import convert
     from deit3_fast.config import load_config
     from official_pipeline import official_train_loader
-    from deit3_fast.components import make_loader
+    from deit3_fast.loaders import make_loader
     from pipelines.augment import BatchAugment
 
     torch.set_num_threads(args.workers)

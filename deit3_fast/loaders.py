@@ -1,5 +1,5 @@
 """A config's data loaders: its `data` and `aug` sections and the plain values the data path takes (class count,
-AMP dtype, device). components.build (the run's loaders), evalsets (the eval command's sets) and preview use it."""
+AMP dtype, device). builder.build (the run's loaders), evalsets (the eval command's sets) and preview use it."""
 from __future__ import annotations
 
 from dataclasses import replace

@@ -1,6 +1,6 @@
 """`deit3-fast profile`: is a recipe input-bound or compute-bound on this machine, and what would change that.
 
-Measurements on the real components of a training run (the same `components.build` as `train`):
+Measurements on the real components of a training run (the same `builder.build` as `train`):
   1. the engine alone: JPEG decode + primary crop (FFCV: CPU threads; DALI/nvjpeg: the GPU), uint8 batches, and
      how many CPU cores it kept busy meanwhile (process CPU time / wall time);
   2. the batch augmentation alone on one real batch: 3-Augment, jitter, flip, mixup/cutmix, normalisation;

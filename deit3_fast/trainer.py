@@ -1,4 +1,4 @@
-"""Training and evaluation: config -> components (`build`, components.py) -> loop (`train`), around one `Run`.
+"""Training and evaluation: config -> components (`build`, builder.py) -> loop (`train`), around one `Run`.
 
 One optimiser step = `accum` micro-batches of the per-process batch; global batch = per-process batch x world x
 accum = `train.global_batch` (`batching.batch_plan`); under DDP only the last micro-batch of a step all-reduces
@@ -31,7 +31,7 @@ from . import checkpoint as ckpt
 from . import distributed as dist
 from . import reference, rundir
 from .batching import batch_plan
-from .components import Run, StopFlag, build, run_facts, stage_data
+from .builder import Run, StopFlag, build, run_facts, stage_data
 from .config import NO_EFFECT_KEYS, Config, differences, resolve_num_classes, to_dict, with_defaults
 from .device import autocast, is_out_of_memory, max_mem_mb, reset_peak_memory
 from .eval_loop import evaluate

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from deit3_fast import components, trainer
+from deit3_fast import trainer
+from deit3_fast.loaders import make_loader
 from deit3_fast.checkpoint import load
 from deit3_fast.config import load_config
 from pipelines.augment import BatchAugment, augment, normalize, to_float
@@ -27,7 +28,7 @@ def cfg_for(data, engine_name="nvjpeg", **sets):
 
 
 def build_loader(cfg, split, device):
-    return components.make_loader(cfg, split, torch.device(device))
+    return make_loader(cfg, split, torch.device(device))
 
 
 def engine_batches(cfg, split, device, epoch=0):

@@ -24,7 +24,7 @@ def add_arguments(v) -> None:
 def run(args) -> int:
     from pipelines.preview import make_preview
 
-    from ..components import make_loader
+    from ..loaders import make_loader
 
     _image_out(args.out)
     sets = [*args.set, f"data.batch_size={args.n}", "data.repeats=1", f"data.seed={args.seed}", "train.amp=fp32"]

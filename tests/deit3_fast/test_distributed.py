@@ -211,7 +211,7 @@ import torch.distributed as tdist
 
 tdist.init_process_group("gloo", timeout=timedelta(seconds=2))  # stands in for NCCL's 10-minute limit
 import dataset_tools.stage as stage
-from deit3_fast import components
+from deit3_fast import builder
 from deit3_fast.config import load_config
 from pipelines import DataError
 
@@ -238,7 +238,7 @@ def gloo_threads():
 
 before = gloo_threads()
 try:
-    result = components.stage_data(cfg).data.train
+    result = builder.stage_data(cfg).data.train
 except DataError as e:
     result = f"DataError: {e}"
 left = gloo_threads() - before  # the long wait's group is gone, and its threads with it

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from deit3_fast.config import load_config
 from deit3_fast.profile import matmul_peak_tflops, verdict
@@ -185,9 +186,9 @@ def test_tune_starts_a_try_only_while_the_slowest_so_far_still_fits(monkeypatch)
         rate = 100.0 * c.data.workers
         return {"end_to_end_img_per_s": rate, "loader_img_per_s": rate, "ratio": 1.0, "verdict": "compute-bound"}
 
-    monkeypatch.setattr(tune_mod, "candidates", lambda c: settings)
+    monkeypatch.setattr(tune_mod, "candidates", lambda c, device_type: settings)
     monkeypatch.setattr(tune_mod, "profile", fake_profile)
-    r = tune_mod.tune(cfg, "cpu", budget_s=10, log=lambda line: None, clock=lambda: now[0])
+    r = tune_mod.tune(cfg, torch.device("cpu"), budget_s=10, log=lambda line: None, clock=lambda: now[0])
     # 0 (first) -> 3; 3 + 3 <= 10 -> 5; 5 + 3 <= 10 -> 11 (6 s, longer than any before); 11 + 6 > 10: refused.
     assert [t["data.workers"] for t in r["tried"]] == [1, 2, 3]
     assert [(t["started_s"], t["slowest_before_s"]) for t in r["tried"]] == [(0, 0), (3, 3), (5, 3)]
@@ -196,7 +197,7 @@ def test_tune_starts_a_try_only_while_the_slowest_so_far_still_fits(monkeypatch)
     assert r["seconds"] == 11 and r["best"]["data.workers"] == 3
     # With room for all: every candidate, then compile on the fastest (4 workers), nothing refused.
     now[0] = 0.0
-    r = tune_mod.tune(cfg, "cpu", budget_s=100, log=lambda line: None, clock=lambda: now[0])
+    r = tune_mod.tune(cfg, torch.device("cpu"), budget_s=100, log=lambda line: None, clock=lambda: now[0])
     assert [(t["data.workers"], t.get("train.compile", False)) for t in r["tried"]] == \
         [(1, False), (2, False), (3, False), (4, False), (4, True)]
     assert r["refused"] is None and r["seconds"] == 17

@@ -149,7 +149,7 @@ def test_a_batch_per_size_resumes_exactly_mid_epoch(data, tmp_path, monkeypatch)
 
 def test_the_loader_keeps_its_crops_and_changes_only_their_size(data):
     """The same samples, in the same order, with the same boxes at every size: only the resampling changes."""
-    from deit3_fast.components import make_loader
+    from deit3_fast.loaders import make_loader
 
     cfg = tiny_cfg(data, **{"aug.mixup": 0, "aug.cutmix": 0, "aug.three_augment": False, "aug.color_jitter": 0,
                             "aug.hflip": 0})

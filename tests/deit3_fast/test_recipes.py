@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deit3_fast import components, trainer
+from deit3_fast import builder, trainer
 from deit3_fast.archs import ARCHS, resolve_name
 from deit3_fast.config import CONFIG_DIR, load_config
 from deit3_fast.device import AMP_DTYPES
@@ -69,7 +69,7 @@ def test_recipe_model_at_its_resolution_and_its_optimiser(name):
             assert dp.drop_prob == cfg.model.drop_path if cfg.model.drop_path else isinstance(dp, torch.nn.Identity)
         assert hasattr(block.ls1, "gamma") == (cfg.model.layer_scale_init is not None)
     o = cfg.optim
-    opt = o.build(model)  # the section's own build, as components.build makes the run's optimiser
+    opt = o.build(model)  # the section's own build, as builder.build makes the run's optimiser
     assert isinstance(opt, Lamb) == (o.name == "lamb")
     assert (opt.defaults["betas"], opt.defaults["eps"]) == (tuple(o.betas), o.eps)
     decay, no_decay = opt.param_groups
@@ -86,8 +86,8 @@ def test_recipe_model_at_its_resolution_and_its_optimiser(name):
 def test_recipe_starts_and_takes_a_step(name, small, monkeypatch):
     """trainer.build on the recipe as shipped (data, checkpoint and batch arithmetic aside) with a one-block stand-in
     of its model, then one optimiser step from its real loader: augmentation, mixing, loss, optimiser, AMP."""
-    real_create = components.create_model
-    monkeypatch.setattr(components, "create_model",
+    real_create = builder.create_model
+    monkeypatch.setattr(builder, "create_model",
                         lambda *a, **kw: real_create(*a, **kw, depth=1, embed_dim=32, num_heads=2))
     cfg = load_config(name, [f"data.train={small}", "data.val=null", "model.checkpoint=null", "data.workers=1",
                              "data.batch_size=8", "train.global_batch=16"])
@@ -155,8 +155,8 @@ def test_recipe_runs_with_the_official_values(name, small, monkeypatch):
     """Built through trainer.build (the run's own components, a one-block stand-in model), every value the run uses
     is the official command line's: a value dropped on its way from the config to the component fails here."""
     e = EXPECTED[name]
-    real_create = components.create_model
-    monkeypatch.setattr(components, "create_model",
+    real_create = builder.create_model
+    monkeypatch.setattr(builder, "create_model",
                         lambda *a, **kw: real_create(*a, **kw, depth=1, embed_dim=32, num_heads=2))
     cfg = load_config(name, [f"data.train={small}", f"data.val={small}", "model.checkpoint=null", "data.workers=1",
                              "data.batch_size=8", "train.global_batch=16"])

@@ -1,5 +1,5 @@
-"""The components of a run, built from a config (`build`): model, optimiser, schedule, loss, loaders, and the
-batch arithmetic, held in one `Run`; the loop that uses them is trainer.py.
+"""The run's builder: the components of a run, built from a config (`build`): model, optimiser, schedule, loss,
+loaders, and the batch arithmetic, held in one `Run`; the loop that uses them is trainer.py.
 
 `build` is config -> each section's own `build` (optim.OptimConfig, schedule.ScheduleConfig and its resolution) and
 plain values for the factories of the rest (models.create_model, losses.RecipeLoss, loaders.make_loader), the same
