@@ -1,6 +1,6 @@
 """Issue 7's table: per model @ resolution, model-alone img/s and MFU, end-to-end img/s per engine, and the ratio;
 plus the official-stack baseline for ViT-S@224 on the same machine (timm Lamb + fp16 + the torchvision/PIL
-3-Augment loader with all CPU cores), whose end-to-end img/s is the README's headline comparison.
+3-Augment loader with all CPU cores), whose end-to-end img/s is BENCHMARKS.md's headline comparison.
 
 Each of our rows is `deit3_fast.profile.profile` (the numbers `deit3-fast profile` prints) on a .beton converted from
 the shared ImageNet sample replicated by hard links (max side 256, q90); the official loader decodes the original

@@ -8,7 +8,7 @@ HELP = "run a grid of recipe variants on short schedules and tabulate them"
 DESCRIPTION = ("Runs every variant of a grid file (a base config, override sets and/or a product over config keys) "
                "one after another, or each as a submitit job with --submit; skips finished variants and resumes an "
                "interrupted one; writes results.csv, results.md and curves.png to --out. The grid format is in "
-               "deit3_fast/ablate/__init__.py and the README.")
+               "deit3_fast/ablate/__init__.py and docs/training.md#grid-files.")
 
 
 def add_arguments(a) -> None:
