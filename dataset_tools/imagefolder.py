@@ -137,6 +137,14 @@ def _folders_by_label(src: str, found: list[str], classes: list[str] | None,
     return classes, by_label
 
 
+def is_image_folder(path: str | os.PathLike | None) -> bool:
+    """A folder that is neither a shard set nor a shard set being written (no manifest.json, no shard-*.beton): an
+    ImageFolder tree, which only the reference engine reads as it is."""
+    if not path or not os.path.isdir(path):
+        return False
+    return not any(n == "manifest.json" or (n.startswith("shard-") and n.endswith(".beton")) for n in os.listdir(path))
+
+
 def scan_imagefolder(src: str | os.PathLike, classes: list[str] | None = None, *,
                      max_per_class: int | None = None, fraction: float | None = None,
                      seed: int = 0, folder_labels: str = "names") -> Scan:

@@ -29,7 +29,8 @@ def candidates(cfg: Config, device_type: str) -> list[dict]:
     out = []
     for engine in engine_names():
         info = engine_info(engine)
-        if not info.installed:
+        # The reference engine (host_augment) is the per-sample yardstick, never the fastest setting: not a candidate.
+        if not info.installed or info.host_augment:
             continue
         workers = (sorted({max(1, cores // 4), max(1, cores // 2), cores}) if info.uses_workers(device_type)
                    else [cfg.data.workers])

@@ -1,4 +1,5 @@
-"""`build_loader`: a `.beton` split -> engine -> batch augmentation -> mixing, as one `Loader`, from plain values.
+"""`build_loader`: a `.beton` split -> engine -> batch augmentation -> mixing, as one `Loader`, from plain values (the
+reference engine: a `.beton` or an ImageFolder -> the official per-sample pipeline -> mixing).
 
 The caller (the trainer, a benchmark, a test) passes the data path's own config sections (`DataConfig`, `AugConfig`)
 and plain values: the class count, the dtype batches are cast to, the device, the rank and world size. Nothing here
@@ -19,14 +20,40 @@ from .registry import engine_info, engine_names, one_of
 from .sampler import EpochOrder, dist_rank_world
 
 
-def _check_beton(path: str | None, split: str, num_classes: int) -> int:
+def _check_beton(path: str | None, split: str, num_classes: int, engine: str = "ffcv") -> int:
     """Validate before any worker starts; returns the sample count. A shard set is checked from its manifest (every
-    shard there, of the recorded size, and its class count); each shard's own layout when it is first read."""
-    from dataset_tools.beton import BetonError
-    from dataset_tools.shards import ShardSet, open_samples
+    shard there, of the recorded size, and its class count); each shard's own layout when it is first read. An
+    ImageFolder tree is data for the reference engine only (the others read what deit3-convert wrote)."""
+    from dataset_tools.errors import UserError
+    from dataset_tools.imagefolder import is_image_folder, scan_imagefolder
 
     if not path:
         raise DataError(f"no {split} data: set data.{split} (a .beton or shard folder written by deit3-convert)")
+    if is_image_folder(path):
+        if not engine_info(engine).reads_image_folders:
+            raise DataError(f"data.{split}: {path} is a folder of images, which data.engine {engine} does not read: "
+                            f"convert it first with deit3-convert {path} OUT.beton (or train on it as it is with "
+                            f"data.engine: {one_of(engine_names(reads_image_folders=True))})")
+        try:
+            scan = scan_imagefolder(path)
+        except UserError as e:
+            raise DataError(str(e)) from None
+        b, what, top, low = scan.samples, f"{len(scan.classes)} class folders", len(scan.classes) - 1, 0
+    else:
+        b, what, top, low = _open_beton(path)
+    if len(b) == 0:
+        raise DataError(f"{path} has no samples")
+    if top >= num_classes or low < 0:
+        raise DataError(f"{path} has {what} but model.num_classes is {num_classes} (model.num_classes: auto takes "
+                        "the count from the data)")
+    return len(b)
+
+
+def _open_beton(path: str):
+    """(samples, what its labels are, top label, lowest label) of a .beton or shard set."""
+    from dataset_tools.beton import BetonError
+    from dataset_tools.shards import ShardSet, open_samples
+
     try:
         b = open_samples(path)
         if isinstance(b, ShardSet):
@@ -39,12 +66,7 @@ def _check_beton(path: str | None, split: str, num_classes: int) -> int:
             what = f"labels up to {top}"
     except BetonError as e:
         raise DataError(str(e)) from None
-    if len(b) == 0:
-        raise DataError(f"{path} has no samples")
-    if top >= num_classes or low < 0:
-        raise DataError(f"{path} has {what} but model.num_classes is {num_classes} (model.num_classes: auto takes "
-                        "the count from the data)")
-    return len(b)
+    return b, what, top, low
 
 
 def check_same_classes(train: str, val: str) -> None:
@@ -90,7 +112,7 @@ def build_loader(data: DataConfig, aug: AugConfig, split: str, *, num_classes: i
     train = split == "train"
     device = torch.device(device)
     path = data.train if train else data.val
-    n = _check_beton(path, split, num_classes)
+    n = _check_beton(path, split, num_classes, data.engine)
     info = engine_info(data.engine)
     assert path is not None  # _check_beton refused a missing path
     from dataset_tools.shards import is_shard_set
@@ -117,6 +139,8 @@ def build_loader(data: DataConfig, aug: AugConfig, split: str, *, num_classes: i
     options = {"workers": data.workers, "drop_last": train, "seed": data.seed, "rank": rank}
     if info.os_cache:
         options["os_cache"] = data.os_cache
+    if info.host_augment:
+        options["aug"] = aug
 
     def make_engine(crop: CropSpec, batch_size: int = batch):
         return cls(path, order, batch_size, crop, device, **options)
@@ -127,7 +151,8 @@ def build_loader(data: DataConfig, aug: AugConfig, split: str, *, num_classes: i
     # stay fp32 up to autocast): blending bf16 pixels would round each of the two images first.
     compile = compile or (auto_compile and train and device.type == "cpu" and compile_augment_on_cpu(len(order),
                                                                                                   aug.img_size))
-    augment = BatchAugment(aug, train=train, dtype=torch.float32 if mixing is not None and mixing.active else dtype,
-                           compile=compile)
+    # An engine that augments on the host has no use for batch augmentation (nor its compilation).
+    augment = None if info.host_augment else BatchAugment(
+        aug, train=train, dtype=torch.float32 if mixing is not None and mixing.active else dtype, compile=compile)
     return Loader(engine, augment, mixing, device=device, seed=data.seed, rank=rank, dtype=dtype,
                   make_engine=make_engine)

@@ -12,13 +12,13 @@ CROPS = ("rrc", "src")
 
 @dataclass
 class DataConfig:
-    train: str | None = None          # a .beton or shard folder written by deit3-convert
+    train: str | None = None          # a .beton or shard folder written by deit3-convert (reference: or an ImageFolder)
     val: str | None = None
     stage_to: str | None = None       # node-local folder: copy train/val there at job start (once per node)
     engine: str = "ffcv"              # an engine's name in registry.py (ENGINES)
     batch_size: int = 256             # per process; global = batch_size x world x accumulation
     eval_batch_size: int | None = None  # default: 1.5 x batch_size, as upstream
-    workers: int = 8                  # CPU decode threads per process
+    workers: int = 8                  # CPU decode threads per process (reference: DataLoader processes, 0 = in-process)
     os_cache: bool = True             # FFCV: memory-map the file (page cache) rather than a process cache
     repeats: int = 3                  # repeated augmentation (RASampler); 1 = off
     shuffle: bool = True

@@ -1,4 +1,5 @@
-"""`Loader`: an engine's uint8 batches through the batch augmentation and mixing. The training loop sees only this."""
+"""`Loader`: an engine's uint8 batches through the batch augmentation and mixing (an engine that augments on the host,
+`host_augment` in registry.py, skips it). The training loop sees only this."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -19,6 +20,8 @@ class Loader:
     On CUDA the next batch's augmentation is queued on a side stream while the caller computes on the current one.
 
     `dtype` is what the batch is cast to last (`augment` may work in float32 so that mixing blends in float32).
+    An engine registered with `host_augment` yields augmented, normalised float batches: `augment` is then None,
+    and they are only mixed, cast and put in channels-last memory as the augmentation's output is.
     `set_resolution` changes the primary crop's size (and the batch size) between epochs (progressive resolution),
     given `make_engine` (a (CropSpec, batch size) -> Engine factory).
     """
@@ -29,7 +32,7 @@ class Loader:
         self._make_engine = make_engine
         self._engines: dict = {}
         self.device, self.seed, self.rank = device, seed, rank
-        self.dtype = dtype or augment.dtype
+        self.dtype = dtype or (augment.dtype if augment is not None else torch.float32)
         self.epoch = 0
         self._side = None  # the CUDA side stream of _prefetched, made once
 
@@ -78,7 +81,10 @@ class Loader:
     def prepare(self, b: int, images, labels):
         """Batch `b` of the current epoch from the engine's uint8 images: augmented, mixed, model-ready."""
         key, rng = self._keys(b)
-        x, params = self.augment(images, key)
+        if self.augment is None:
+            x, params = images.float().contiguous(memory_format=torch.channels_last), None
+        else:
+            x, params = self.augment(images, key)
         y = labels
         if self.mixing is not None:
             x, y = self.mixing(x, labels, rng)

@@ -29,6 +29,9 @@ class EngineInfo:
     package: str | None = None  # the optional package it imports (None: only what the project always installs)
     install: str | None = None  # the command that installs `package`
     title: str | None = None    # how messages name it, where not "the NAME engine"
+    # Augments, normalises and yields float batches itself (takes `aug`): the loader gets no batch augmentation.
+    host_augment: bool = False
+    reads_image_folders: bool = False  # reads an ImageFolder tree as it is (the others refuse it: convert first)
 
     @property
     def what(self) -> str:
@@ -112,3 +115,8 @@ register(EngineInfo("dali", "pipelines.dali_engine:DaliEngine", reads_shard_sets
 # nvJPEG decodes a whole batch in one call on the GPU: its CPU thread pool exists only on a CPU.
 register(EngineInfo("nvjpeg", "pipelines.nvjpeg_engine:NvjpegEngine", reads_shard_sets=True, gpu_decode=True,
                     workers_on_gpu=False, os_cache=False))
+# The official per-sample PIL/torchvision/timm pipeline on the host: the yardstick parity compares against, and
+# training on an ImageFolder before converting it.
+register(EngineInfo("reference", "pipelines.reference_engine:ReferenceEngine", reads_shard_sets=True,
+                    gpu_decode=False, workers_on_gpu=True, os_cache=False, host_augment=True,
+                    reads_image_folders=True, title="the reference engine"))
