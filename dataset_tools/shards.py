@@ -90,8 +90,13 @@ def write_manifest(folder: str | os.PathLike, classes: list[str], shards: list[d
 
 
 def classes_of(path: str | os.PathLike) -> list[str] | None:
-    """The class list (label order) of a .beton (from its report) or a shard set (from its manifest); None if
-    there is no report."""
+    """The class list (label order) of a .beton (from its report), a shard set (from its manifest) or an ImageFolder
+    tree (its class folders, sorted: the labels deit3-convert and the reference engine give them); None if there is
+    no report."""
+    from .imagefolder import is_image_folder
+
+    if is_image_folder(path):
+        return sorted(e.name for e in os.scandir(path) if not e.name.startswith(".") and e.is_dir())
     if is_shard_set(path):
         return list(read_manifest(path)["classes"])
     report = Path(str(path) + ".json")

@@ -118,8 +118,13 @@ class FolderSource:
         return len(self.files)
 
     def image(self, i: int) -> Image.Image:
-        with open(self.files[i], "rb") as f:  # torchvision's pil_loader
-            return Image.open(f).convert("RGB")
+        # deit3-convert skips (and reports) files that do not decode; here one stops the epoch, saying which.
+        try:
+            with open(self.files[i], "rb") as f:  # torchvision's pil_loader
+                return Image.open(f).convert("RGB")
+        except OSError as e:
+            raise DataError(f"{self.files[i]}: PIL cannot read it as an image ({e}); remove it, or convert the folder "
+                            "with deit3-convert, which skips and reports such files") from None
 
 
 class BetonSource:

@@ -65,9 +65,24 @@ def test_a_folder_is_refused_by_the_other_engines_with_the_conversion_to_run(tre
         plain_loader("train", **{"data.train": tree, "data.engine": "ffcv", "model.num_classes": 4})
 
 
+def test_a_folder_names_its_classes_for_num_classes_auto(tree):
+    from dataset_tools.shards import classes_of
+
+    assert classes_of(tree) == datasets.ImageFolder(str(tree)).classes == [f"class_{k:02d}" for k in range(4)]
+
+
 def test_a_folder_with_more_classes_than_the_model_is_refused(tree):
     with pytest.raises(DataError, match="4 class folders but model.num_classes is 3"):
         _loader("train", tree, **{"model.num_classes": 3})
+
+
+def test_a_file_pil_cannot_read_stops_the_epoch_naming_it(bad_tree):
+    root, _ = bad_tree
+    loader = plain_loader("val", **{"data.val": root, "data.engine": "reference", "data.workers": 0,
+                                    "model.num_classes": 4, "aug.img_size": 16})  # 3 classes and an empty one
+    with pytest.raises(DataError, match=r"class_00/\S+: PIL cannot read it as an image"):
+        for _ in loader:
+            pass
 
 
 # ---- training draws ---------------------------------------------------------------------------------------------
@@ -225,7 +240,7 @@ def test_a_quickstart_run_on_a_folder_trains(tree, tmp_path):
     from deit3_fast.trainer import train
 
     cfg = load_config("quickstart", [f"data.train={tree}", f"data.val={tree}", "data.engine=reference",
-                                     "data.workers=0", "model.num_classes=4", "data.batch_size=8",
+                                     "data.workers=0", "model.num_classes=auto", "data.batch_size=8",
                                      "train.global_batch=8", "schedule.epochs=2", "schedule.warmup_epochs=0",
                                      "aug.img_size=16", "train.log_every=100"])
     rows = train(cfg, tmp_path / "run", torch.device("cpu"), quiet=True)
