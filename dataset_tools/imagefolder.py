@@ -138,11 +138,15 @@ def _folders_by_label(src: str, found: list[str], classes: list[str] | None,
 
 
 def is_image_folder(path: str | os.PathLike | None) -> bool:
-    """A folder that is neither a shard set nor a shard set being written (no manifest.json, no shard-*.beton): an
-    ImageFolder tree, which only the reference engine reads as it is."""
+    """A folder with class folders in it that is neither a shard set nor one being written (no manifest.json, no
+    shard-*.beton): an ImageFolder tree, which only the reference engine reads as it is. (An empty folder is none of
+    these, and is reported as a folder that is not a shard set.)"""
     if not path or not os.path.isdir(path):
         return False
-    return not any(n == "manifest.json" or (n.startswith("shard-") and n.endswith(".beton")) for n in os.listdir(path))
+    entries = list(os.scandir(path))
+    if any(e.name == "manifest.json" or (e.name.startswith("shard-") and e.name.endswith(".beton")) for e in entries):
+        return False
+    return any(not e.name.startswith(".") and e.is_dir() for e in entries)
 
 
 def scan_imagefolder(src: str | os.PathLike, classes: list[str] | None = None, *,

@@ -31,9 +31,9 @@ def _check_beton(path: str | None, split: str, num_classes: int, engine: str = "
         raise DataError(f"no {split} data: set data.{split} (a .beton or shard folder written by deit3-convert)")
     if is_image_folder(path):
         if not engine_info(engine).reads_image_folders:
-            raise DataError(f"data.{split}: {path} is a folder of images, which data.engine {engine} does not read: "
-                            f"convert it first with deit3-convert {path} OUT.beton (or train on it as it is with "
-                            f"data.engine: {one_of(engine_names(reads_image_folders=True))})")
+            raise DataError(f"{path}: a folder without manifest.json, so not a .beton or a shard set, which data.engine "
+                            f"{engine} reads: convert it first with deit3-convert {path} OUT.beton (or read the images "
+                            f"as they are, more slowly, with data.engine: {one_of(engine_names(reads_image_folders=True))})")
         try:
             scan = scan_imagefolder(path)
         except UserError as e:
