@@ -248,3 +248,17 @@ def test_a_quickstart_run_on_a_folder_trains(tree, tmp_path):
     assert all(math.isfinite(r["train_loss"]) for r in rows)
     assert rows[1]["train_loss"] < rows[0]["train_loss"]
     assert (tmp_path / "run" / "checkpoint-last.pt").is_file()
+
+
+@pytest.mark.cuda
+def test_on_cuda_the_batches_are_the_cpu_ones_pinned_and_moved(tree):
+    """The CUDA path (pinned DataLoader batches, the Loader's side-stream prefetch without a device stage) gives the
+    host's batches: the pipeline runs on the host either way, and the mixing blend is the same fp32 arithmetic."""
+    sets = {"data.workers": 1}
+    cpu = list(_loader("train", tree, **sets))
+    gpu = list(_loader("train", tree, device="cuda", **sets))
+    assert len(cpu) == len(gpu) == 4
+    for (x, y), (xg, yg) in zip(cpu, gpu):
+        assert xg.is_cuda and xg.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(xg.cpu(), x, rtol=0, atol=1e-6)
+        torch.testing.assert_close(yg.cpu(), y, rtol=0, atol=1e-6)
