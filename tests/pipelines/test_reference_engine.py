@@ -186,6 +186,39 @@ def test_every_batch_is_mixed_half_by_cutmix(draws):
     assert rate_ok(sum(kinds) / len(kinds), 0.5, len(kinds))
 
 
+def test_simple_random_crop_offsets_cover_the_reflect_padding(tree, monkeypatch):
+    """aug.crop src: Resize(size) then RandomCrop(size, padding 4, reflect): along the shorter side, which Resize made
+    exactly `size`, the offset into the padded image takes each of 0..8."""
+    seen = []
+    get_params = T.RandomCrop.get_params
+
+    def params(img, output_size):
+        i, j, h, w = get_params(img, output_size)
+        width, height = TF.get_image_size(img)
+        seen.append(i if height < width else j)
+        assert (min(width, height), h, w) == (16 + 8, 16, 16)
+        return i, j, h, w
+    monkeypatch.setattr(T.RandomCrop, "get_params", staticmethod(params))
+    loader = _loader("train", tree, **{"aug.crop": "src", **NO_MIX})
+    for epoch in range(10):
+        loader.set_epoch(epoch)
+        for x, _ in loader:
+            assert x.shape == (8, 3, 16, 16)
+    assert len(seen) == 320 and set(seen) == set(range(9))
+
+
+def test_fine_tuning_runs_timms_randaugment_transform(tree):
+    """aug.auto_augment with 3-Augment off: timm's create_transform, as the official fine-tuning builds it."""
+    from timm.data.auto_augment import RandAugment
+
+    loader = _loader("train", tree, **{"aug.auto_augment": "rand-m9-mstd0.5-inc1", "aug.three_augment": False})
+    ops = loader.engine.dataset.transform.transforms
+    assert any(isinstance(t, RandAugment) for t in ops)
+    assert not any(isinstance(t, (T.ColorJitter, T.RandomChoice)) for t in ops)  # timm: no jitter with RandAugment
+    x, y = next(iter(loader))
+    assert x.shape == (8, 3, 16, 16) and torch.isfinite(x).all() and y.shape == (8, 4)
+
+
 # ---- order, resume, sources -------------------------------------------------------------------------------------
 
 def test_same_samples_in_the_same_order_as_the_ffcv_engine(data):
