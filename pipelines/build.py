@@ -24,20 +24,19 @@ def _check_beton(path: str | None, split: str, num_classes: int, engine: str = "
     """Validate before any worker starts; returns the sample count. A shard set is checked from its manifest (every
     shard there, of the recorded size, and its class count); each shard's own layout when it is first read. An
     ImageFolder tree is data for the reference engine only (the others read what deit3-convert wrote)."""
-    from dataset_tools.errors import UserError
-    from dataset_tools.imagefolder import is_image_folder, scan_imagefolder
+    from dataset_tools.imagefolder import is_image_folder
 
     if not path:
         raise DataError(f"no {split} data: set data.{split} (a .beton or shard folder written by deit3-convert)")
     if is_image_folder(path):
         if not engine_info(engine).reads_image_folders:
-            raise DataError(f"{path}: a folder without manifest.json, so not a .beton or a shard set, which data.engine "
-                            f"{engine} reads: convert it first with deit3-convert {path} OUT.beton (or read the images "
-                            f"as they are, more slowly, with data.engine: {one_of(engine_names(reads_image_folders=True))})")
-        try:
-            scan = scan_imagefolder(path)
-        except UserError as e:
-            raise DataError(str(e)) from None
+            readers = one_of(engine_names(reads_image_folders=True))
+            raise DataError(f"{path}: a folder without manifest.json, so not a .beton or a shard set, which "
+                            f"data.engine {engine} reads: convert it first with deit3-convert {path} OUT.beton (or "
+                            f"read the images as they are, more slowly, with data.engine: {readers})")
+        from .reference_engine import scan_folder
+
+        scan = scan_folder(str(path))
         b, what, top, low = scan.samples, f"{len(scan.classes)} class folders", len(scan.classes) - 1, 0
     else:
         b, what, top, low = _open_beton(path)

@@ -23,6 +23,7 @@ so the draws do not depend on which worker made the sample and a resumed epoch g
 """
 from __future__ import annotations
 
+import functools
 import io
 import random
 from contextlib import contextmanager
@@ -99,17 +100,24 @@ def eval_transform(aug, crop: CropSpec):
 
 # ---- sources ----------------------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=4)
+def scan_folder(path: str):
+    """`scan_imagefolder` of `path`, once per process: the builder's checks and each engine it makes (one per
+    resolution) would otherwise walk an ImageNet-sized tree again."""
+    from dataset_tools.errors import UserError
+    from dataset_tools.imagefolder import scan_imagefolder
+
+    try:
+        return scan_imagefolder(path)
+    except UserError as e:
+        raise DataError(str(e)) from None
+
+
 class FolderSource:
     """An ImageFolder tree, listed as deit3-convert lists it (so sample i is the .beton's sample i)."""
 
     def __init__(self, path: str):
-        from dataset_tools.errors import UserError
-        from dataset_tools.imagefolder import scan_imagefolder
-
-        try:
-            scan = scan_imagefolder(path)
-        except UserError as e:
-            raise DataError(str(e)) from None
+        scan = scan_folder(str(path))
         self.classes = scan.classes
         self.files = [f for f, _ in scan.samples]
         self.labels = np.array([label for _, label in scan.samples], np.int64)
