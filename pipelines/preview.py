@@ -45,7 +45,8 @@ def grid(images: np.ndarray, texts: list[str], columns: int = 8, caption_h: int 
 
 def make_preview(loader, mean, std, out_path: str, columns: int = 8) -> dict:
     x, y, params = next(iter(loader.iter_with_params()))
-    ops = loader.augment.ops
+    # The reference engine augments on the host and records nothing per sample: its grid has no captions of ops.
+    ops = loader.augment.ops if loader.augment is not None else ()
     grid(denormalize(x, mean, std), captions(params, y, ops), columns).save(out_path)
     # "branches" always (empty without 3-Augment), then each op's own counts under its tally_key.
     info = {"path": out_path, "samples": len(x), "branches": {}}

@@ -60,6 +60,14 @@ def test_eval_batches_are_torchvisions_official_eval_transform_of_the_files(tree
     assert x.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_preview_draws_the_reference_engines_batch(tree, tmp_path):
+    from pipelines.preview import make_preview
+
+    loader = _loader("train", tree)
+    info = make_preview(loader, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), str(tmp_path / "p.png"))
+    assert info["samples"] == 8 and (tmp_path / "p.png").stat().st_size > 0
+
+
 def test_a_folder_is_refused_by_the_other_engines_with_the_conversion_to_run(tree):
     with pytest.raises(DataError, match="convert it first with deit3-convert"):
         plain_loader("train", **{"data.train": tree, "data.engine": "ffcv", "model.num_classes": 4})
