@@ -143,7 +143,7 @@ def is_image_folder(path: str | os.PathLike | None) -> bool:
     these, and is reported as a folder that is not a shard set.)"""
     if not path or not os.path.isdir(path):
         return False
-    entries = list(os.scandir(path))
+    entries = list(os.scandir(os.fspath(path)))
     if any(e.name == "manifest.json" or (e.name.startswith("shard-") and e.name.endswith(".beton")) for e in entries):
         return False
     return any(not e.name.startswith(".") and e.is_dir() for e in entries)

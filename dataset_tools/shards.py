@@ -96,7 +96,7 @@ def classes_of(path: str | os.PathLike) -> list[str] | None:
     from .imagefolder import is_image_folder
 
     if is_image_folder(path):
-        return sorted(e.name for e in os.scandir(path) if not e.name.startswith(".") and e.is_dir())
+        return sorted(e.name for e in os.scandir(os.fspath(path)) if not e.name.startswith(".") and e.is_dir())
     if is_shard_set(path):
         return list(read_manifest(path)["classes"])
     report = Path(str(path) + ".json")

@@ -135,7 +135,7 @@ def build_loader(data: DataConfig, aug: AugConfig, split: str, *, num_classes: i
             else CropSpec("center", aug.img_size, center_ratio=aug.eval_crop_ratio))
 
     cls = info.load()
-    options = {"workers": data.workers, "drop_last": train, "seed": data.seed, "rank": rank}
+    options: dict[str, object] = {"workers": data.workers, "drop_last": train, "seed": data.seed, "rank": rank}
     if info.os_cache:
         options["os_cache"] = data.os_cache
     if info.host_augment:

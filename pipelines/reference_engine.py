@@ -27,6 +27,7 @@ import functools
 import io
 import random
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -38,6 +39,10 @@ from . import keys
 from .beton_source import upload
 from .crops import CropSpec
 from .errors import DataError
+
+if TYPE_CHECKING:
+    from dataset_tools.beton import Beton
+    from dataset_tools.shards import ShardSet
 
 BICUBIC = InterpolationMode.BICUBIC
 
@@ -145,7 +150,7 @@ class BetonSource:
         self.path = path
         samples = open_samples(path)
         self.labels = samples.labels_at(np.arange(len(samples)))
-        self._samples = None
+        self._samples: Beton | ShardSet | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -159,8 +164,9 @@ class BetonSource:
 
         if self._samples is None:
             self._samples = open_samples(self.path)
-        row = self._samples.image_row(i)
-        data = np.asarray(self._samples.image_bytes(i))
+        samples = self._samples
+        row = samples.image_row(i)
+        data = np.asarray(samples.image_bytes(i))
         if row["mode"] == IMAGE_MODE_RAW:
             return Image.fromarray(data.reshape(int(row["height"]), int(row["width"]), 3).copy(), "RGB")
         return Image.open(io.BytesIO(data.tobytes())).convert("RGB")
