@@ -116,7 +116,8 @@ def build_loader(data: DataConfig, aug: AugConfig, split: str, *, num_classes: i
     assert path is not None  # _check_beton refused a missing path
     from dataset_tools.shards import is_shard_set
     if not info.reads_shard_sets and is_shard_set(path):
-        readers = engine_names(reads_shard_sets=True)
+        # The fast engines that read shard sets: the reference engine does too, but is the slow yardstick.
+        readers = engine_names(reads_shard_sets=True, host_augment=False)
         raise DataError(f"{path} is a shard set; {info.what} reads one file: set data.stage_to (a node-local "
                         f"folder: the shards are merged there at job start), or use data.engine: {one_of(readers)} "
                         "(they read shard sets as they are)")
