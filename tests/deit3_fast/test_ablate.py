@@ -375,7 +375,8 @@ def cifar10_subset(dest, train_per_class: int, test_per_class: int):
 
 @pytest.fixture(scope="module")
 def cifar10(tmp_path_factory):
-    """1,000 train images per class (10,000) and 100 test images per class, converted as docs/training.md (Ablations) says."""
+    """1,000 train images per class (10,000) and 100 test images per class, converted as docs/training.md
+    (Ablations) says."""
     from dataset_tools.convert import convert
 
     root = tmp_path_factory.mktemp("cifar10")
