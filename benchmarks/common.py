@@ -1,4 +1,5 @@
 """What the benchmark scripts share: the real image sample, unpacked and replicated by hard links."""
+
 from __future__ import annotations
 
 import os

@@ -12,6 +12,7 @@ JPEGs. Model-alone is measured on synthetic batches already on the device; end-t
     python benchmarks/compute_bound.py --data-train .gpu-check/data/imagenet.beton --engines nvjpeg --no-official \
         --json rows.json                                    # a GPU machine without ffcv (scripts/gpu-check.sh)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import replicate, unpack_imagenet_sample  # noqa: E402
 
 DEFAULT_ROWS = "deit3_small@224,deit3_base@192,deit3_large@192,deit3_huge@160"
-RECIPE = {"deit3_small": "vit_s_in1k", "deit3_base": "vit_b_in1k", "deit3_large": "vit_l_in1k",
-          "deit3_huge": "vit_h_in1k"}
+RECIPE = {
+    "deit3_small": "vit_s_in1k",
+    "deit3_base": "vit_b_in1k",
+    "deit3_large": "vit_l_in1k",
+    "deit3_huge": "vit_h_in1k",
+}
 
 
 def official_end_to_end(root: Path, device: torch.device, batch: int, workers: int, steps: int) -> float:
@@ -43,8 +48,15 @@ def official_end_to_end(root: Path, device: torch.device, batch: int, workers: i
     from deit3_fast.models import create_model
 
     data = datasets.ImageFolder(str(root), transform=official_train_transform(224))
-    loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True, num_workers=workers,
-                                         pin_memory=device.type == "cuda", drop_last=True, persistent_workers=True)
+    loader = torch.utils.data.DataLoader(
+        data,
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+        persistent_workers=True,
+    )
     model = create_model("deit3_small", drop_path=0.05).to(device)
     opt = Lamb(model.parameters(), lr=4e-3, weight_decay=0.05, max_grad_norm=1.0)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
@@ -87,8 +99,11 @@ def main() -> None:
     p.add_argument("--copies", type=int, default=20, help="hard-linked copies of the 1000-image sample")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--no-official", action="store_true")
-    p.add_argument("--data-train", help="an existing .beton instead of converting the ImageNet sample (no ffcv "
-                                        "needed; the official baseline needs the sample's originals: --no-official)")
+    p.add_argument(
+        "--data-train",
+        help="an existing .beton instead of converting the ImageNet sample (no ffcv "
+        "needed; the official baseline needs the sample's originals: --no-official)",
+    )
     p.add_argument("--json", help="also write every row's full profile as JSON here")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -110,16 +125,31 @@ def main() -> None:
 
             n = replicate(unpack_imagenet_sample(tmp / "x"), tmp / "src", args.copies)
             train = tmp / "train.beton"
-            convert(str(tmp / "src"), str(train), max_resolution=256, jpeg_quality=90, workers=args.workers,
-                    show_progress=False)
+            convert(
+                str(tmp / "src"),
+                str(train),
+                max_resolution=256,
+                jpeg_quality=90,
+                workers=args.workers,
+                show_progress=False,
+            )
         for spec in args.rows.split(","):
             name, res = spec.split("@")
             row = {"model": name, "res": int(res), "engines": {}}
             for eng in engines:
-                sets = [f"data.train={train}", "data.val=null", f"data.engine={eng}", f"data.workers={args.workers}",
-                        f"data.batch_size={args.batch}", f"train.global_batch={args.batch}", "data.repeats=1",
-                        f"model.name={name}", f"aug.img_size={res}", "train.amp=bf16",
-                        f"train.compile={'false' if args.no_compile or device.type == 'cpu' else 'true'}"]
+                sets = [
+                    f"data.train={train}",
+                    "data.val=null",
+                    f"data.engine={eng}",
+                    f"data.workers={args.workers}",
+                    f"data.batch_size={args.batch}",
+                    f"train.global_batch={args.batch}",
+                    "data.repeats=1",
+                    f"model.name={name}",
+                    f"aug.img_size={res}",
+                    "train.amp=bf16",
+                    f"train.compile={'false' if args.no_compile or device.type == 'cpu' else 'true'}",
+                ]
                 if name not in RECIPE:
                     sets.append("model.num_classes=1000")
                 r = profile(load_config(RECIPE.get(name, "vit_s_in1k"), sets), device, steps=args.steps)
@@ -140,20 +170,34 @@ def main() -> None:
     for r in rows:
         per = ", ".join(f"{e} {v:,.0f}" for e, v in r["engines"].items())
         best = max(r["engines"].values())
-        print(f"| {r['model']} @ {r['res']} | {r['model_img_per_s']:,.0f} | {r['mfu']:.1%} | {per} | "
-              f"{best / r['model_img_per_s']:.2f} |")
+        print(
+            f"| {r['model']} @ {r['res']} | {r['model_img_per_s']:,.0f} | {r['mfu']:.1%} | {per} | "
+            f"{best / r['model_img_per_s']:.2f} |"
+        )
     print("\n| model @ res | engine alone img/s (CPU cores busy) |")
     print("|---|---|")
     for r in rows:
-        print(f"| {r['model']} @ {r['res']} | " + ", ".join(f"{e} {v:,.0f} ({c:.1f})" for e, (v, c) in
-                                                         r["engine_alone"].items()) + " |")
+        print(
+            f"| {r['model']} @ {r['res']} | "
+            + ", ".join(f"{e} {v:,.0f} ({c:.1f})" for e, (v, c) in r["engine_alone"].items())
+            + " |"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "profiles": profiles, "official": official,
-                                               "images": n, "device": str(device), "torch": torch.__version__},
-                                              indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "rows": rows,
+                    "profiles": profiles,
+                    "official": official,
+                    "images": n,
+                    "device": str(device),
+                    "torch": torch.__version__,
+                },
+                indent=1,
+            )
+        )
     if official is not None:
-        ours = next((max(r["engines"].values()) for r in rows if r["model"] == "deit3_small" and r["res"] == 224),
-                    None)
+        ours = next((max(r["engines"].values()) for r in rows if r["model"] == "deit3_small" and r["res"] == 224), None)
         line = f"official stack, ViT-S@224: {official:,.0f} img/s end to end"
         if ours:
             line += f"; deit3-fast {ours:,.0f} img/s = {ours / official:.2f}x"

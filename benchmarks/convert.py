@@ -10,6 +10,7 @@ Runs alternate (ours, FFCV, ours, ...) so background load hits both alike; the m
 
 Both writers are FFCV-format; ours needs no FFCV (dataset_tools/writer.py), FFCV's baseline needs it installed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,15 @@ def run_ours(src: Path, out: Path, args, workers: int | None = None, shards: int
     if out.is_dir():
         shutil.rmtree(out)  # a shard folder from the last repeat would be verified and skipped, not rewritten
     t = time.perf_counter()
-    convert(str(src), str(out), max_resolution=args.max_resolution, jpeg_quality=args.jpeg_quality,
-            workers=workers or args.workers, shards=shards, show_progress=False)
+    convert(
+        str(src),
+        str(out),
+        max_resolution=args.max_resolution,
+        jpeg_quality=args.jpeg_quality,
+        workers=workers or args.workers,
+        shards=shards,
+        show_progress=False,
+    )
     return time.perf_counter() - t
 
 
@@ -47,10 +55,17 @@ def scaling(src: Path, tmp: Path, n: int, args) -> dict:
     rows = []
     for workers in counts:
         for shards in (None, 4):
-            secs = statistics.median(run_ours(src, tmp / ("s" if shards else "s.beton"), args, workers, shards)
-                                     for _ in range(args.repeats))
-            rows.append({"workers": workers, "shards": shards or 1, "images_per_s": round(n / secs, 1),
-                         "per_worker": round(n / secs / workers, 1)})
+            secs = statistics.median(
+                run_ours(src, tmp / ("s" if shards else "s.beton"), args, workers, shards) for _ in range(args.repeats)
+            )
+            rows.append(
+                {
+                    "workers": workers,
+                    "shards": shards or 1,
+                    "images_per_s": round(n / secs, 1),
+                    "per_worker": round(n / secs / workers, 1),
+                }
+            )
             print(rows[-1], flush=True)
     return {"images": n, "cores": cores, "rows": rows}
 
@@ -62,9 +77,16 @@ def run_ffcv(src: Path, out: Path, args) -> float:
 
     t = time.perf_counter()
     ds = ImageFolder(str(src))
-    writer = DatasetWriter(str(out), {
-        "image": RGBImageField(write_mode="jpg", max_resolution=args.max_resolution, jpeg_quality=args.jpeg_quality),
-        "label": IntField()}, num_workers=args.workers)
+    writer = DatasetWriter(
+        str(out),
+        {
+            "image": RGBImageField(
+                write_mode="jpg", max_resolution=args.max_resolution, jpeg_quality=args.jpeg_quality
+            ),
+            "label": IntField(),
+        },
+        num_workers=args.workers,
+    )
     writer.from_indexed_dataset(ds, chunksize=100)
     return time.perf_counter() - t
 
@@ -98,14 +120,21 @@ def main() -> None:
         for r in range(args.repeats):
             times["deit3-convert"].append(run_ours(tmp / "src", tmp / "ours.beton", args))
             times["ffcv DatasetWriter"].append(run_ffcv(tmp / "src", tmp / "ffcv.beton", args))
-            print(f"repeat {r}: ours {times['deit3-convert'][-1]:.2f} s, ffcv {times['ffcv DatasetWriter'][-1]:.2f} s",
-                  flush=True)
+            print(
+                f"repeat {r}: ours {times['deit3-convert'][-1]:.2f} s, ffcv {times['ffcv DatasetWriter'][-1]:.2f} s",
+                flush=True,
+            )
         rate = {k: n / statistics.median(v) for k, v in times.items()}
-        size = {k: os.path.getsize(tmp / f) for k, f in (("deit3-convert", "ours.beton"),
-                                                          ("ffcv DatasetWriter", "ffcv.beton"))}
+        size = {
+            k: os.path.getsize(tmp / f)
+            for k, f in (("deit3-convert", "ours.beton"), ("ffcv DatasetWriter", "ffcv.beton"))
+        }
     result = {
-        "images": n, "workers": args.workers, "max_resolution": args.max_resolution,
-        "jpeg_quality": args.jpeg_quality, "cpu": platform.processor() or platform.machine(),
+        "images": n,
+        "workers": args.workers,
+        "max_resolution": args.max_resolution,
+        "jpeg_quality": args.jpeg_quality,
+        "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "images_per_s": {k: round(v, 1) for k, v in rate.items()},
         "ratio_ours_over_ffcv": round(rate["deit3-convert"] / rate["ffcv DatasetWriter"], 3),

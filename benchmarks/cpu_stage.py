@@ -15,6 +15,7 @@ model at 40% of their datasheet rate (FLOPs: 3 x the forward's, counted by `deit
 
     python benchmarks/cpu_stage.py [--settings max256,max512,short448] [--repeats 3] [--threads 2] [--json OUT]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import replicate, unpack_imagenet_sample  # noqa: E402
 
-SETTINGS = {"max256": {"max_resolution": 256}, "max320": {"max_resolution": 320},
-            "short256": {"short_side": 256, "max_resolution": None}, "max512": {"max_resolution": 512},
-            "short448": {"short_side": 448, "max_resolution": None}}
+SETTINGS = {
+    "max256": {"max_resolution": 256},
+    "max320": {"max_resolution": 320},
+    "short256": {"short_side": 256, "max_resolution": None},
+    "max512": {"max_resolution": 512},
+    "short448": {"short_side": 448, "max_resolution": None},
+}
 
 
 MODELS = (("deit3_small", 224), ("deit3_base", 192), ("deit3_large", 192), ("deit3_huge", 160))
@@ -52,9 +57,22 @@ def _kernels():
     @njit(nogil=True)
     def decode_all(data, ptrs, sizes, heights, widths, buf, denom):
         for i in range(len(ptrs)):
-            src = data[ptrs[i]:ptrs[i] + sizes[i]]
-            ctypes_imdecode(src.ctypes.data, sizes[i], heights[i], widths[i], buf.ctypes.data, heights[i],
-                            widths[i], 0, 0, 1, denom, False, False)
+            src = data[ptrs[i] : ptrs[i] + sizes[i]]
+            ctypes_imdecode(
+                src.ctypes.data,
+                sizes[i],
+                heights[i],
+                widths[i],
+                buf.ctypes.data,
+                heights[i],
+                widths[i],
+                0,
+                0,
+                1,
+                denom,
+                False,
+                False,
+            )
 
     @njit(nogil=True)
     def boxes_all(heights, widths, out_boxes):
@@ -66,9 +84,9 @@ def _kernels():
     @njit(nogil=True)
     def resize_all(images, offsets, heights, widths, boxes, out):
         for i in range(len(offsets)):
-            img = images[offsets[i]:offsets[i] + heights[i] * widths[i] * 3].reshape(heights[i], widths[i], 3)
+            img = images[offsets[i] : offsets[i] + heights[i] * widths[i] * 3].reshape(heights[i], widths[i], 3)
             top, left, h, w = boxes[i, 0], boxes[i, 1], boxes[i, 2], boxes[i, 3]
-            resize_box(img[top:top + h, left:left + w], 0.0, 0.0, float(h), float(w), out)
+            resize_box(img[top : top + h, left : left + w], 0.0, 0.0, float(h), float(w), out)
 
     return decode_all, boxes_all, resize_all
 
@@ -106,10 +124,17 @@ def breakdown(path: str, repeats: int, size: int = 224, limit: int = 1000) -> di
     out = np.empty((size, size, 3), np.uint8)
     resize_s = _best(lambda: resize_all(images, offsets, heights, widths, boxes, out), repeats)
     us = 1e6 / n
-    return {"images": n, "mean_stored_px": float((heights * widths).mean()),
-            "mean_box_px": float((boxes[:, 2] * boxes[:, 3]).mean()),
-            "decode_us": full * us, "entropy_us": eighth * us, "idct_colour_us": (full - eighth) * us,
-            "box_us": box_s * us, "resize_us": resize_s * us, "parts_us": (full + box_s + resize_s) * us}
+    return {
+        "images": n,
+        "mean_stored_px": float((heights * widths).mean()),
+        "mean_box_px": float((boxes[:, 2] * boxes[:, 3]).mean()),
+        "decode_us": full * us,
+        "entropy_us": eighth * us,
+        "idct_colour_us": (full - eighth) * us,
+        "box_us": box_s * us,
+        "resize_us": resize_s * us,
+        "parts_us": (full + box_s + resize_s) * us,
+    }
 
 
 def engine_rate(path: str, workers: int, size: int = 224, batch: int = 128, passes: int = 3) -> float:
@@ -123,8 +148,16 @@ def engine_rate(path: str, workers: int, size: int = 224, batch: int = 128, pass
     from dataset_tools.beton import Beton
 
     n = len(Beton(path))
-    engine = FFCVEngine(path, EpochOrder(n, train=True, shuffle=True, repeats=1, rank=0, world=1, seed=0), batch,
-                        CropSpec("rrc", size), torch.device("cpu"), workers=workers, os_cache=True, drop_last=True)
+    engine = FFCVEngine(
+        path,
+        EpochOrder(n, train=True, shuffle=True, repeats=1, rank=0, world=1, seed=0),
+        batch,
+        CropSpec("rrc", size),
+        torch.device("cpu"),
+        workers=workers,
+        os_cache=True,
+        drop_last=True,
+    )
     best = 0.0
     for epoch in range(passes + 1):
         t0, count = time.perf_counter(), 0
@@ -165,8 +198,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--no-official", action="store_true")
-    ap.add_argument("--copies", type=int, default=5, help="the sample replicated (hard links) for the engine runs, so "
-                    "an epoch's start-up and drain are spread over more batches (5)")
+    ap.add_argument(
+        "--copies",
+        type=int,
+        default=5,
+        help="the sample replicated (hard links) for the engine runs, so "
+        "an epoch's start-up and drain are spread over more batches (5)",
+    )
     ap.add_argument("--json")
     a = ap.parse_args()
     from dataset_tools.convert import convert
@@ -179,8 +217,10 @@ def main() -> None:
         replicate(src, many, a.copies)
         if not a.no_official:
             per_core["official"] = {s: official_rate(src, s, a.threads) / a.threads for s in sizes}
-            print("official  " + "  ".join(f"{s}px {v:,.0f} img/s/core" for s, v in per_core["official"].items()),
-                  flush=True)
+            print(
+                "official  " + "  ".join(f"{s}px {v:,.0f} img/s/core" for s, v in per_core["official"].items()),
+                flush=True,
+            )
         for name in a.settings.split(","):
             path = str(Path(tmp) / f"{name}.beton")
             convert(str(many), path, jpeg_quality=90, show_progress=False, **SETTINGS[name])
@@ -194,12 +234,13 @@ def main() -> None:
                 r[f"engine_{a.threads}_threads_{size}px_img_per_s"] = rate
                 per_core[name][size] = rate / a.threads
             results[name] = r
-            print(f"{name:9s} " + "  ".join(f"{k} {v:,.1f}" for k, v in r.items() if isinstance(v, float)),
-                  flush=True)
+            print(f"{name:9s} " + "  ".join(f"{k} {v:,.1f}" for k, v in r.items() if isinstance(v, float)), flush=True)
     table = cores_table(per_core)
     for row in table:
-        print(f"{row['model']:18s} {row['gpu']:10s} {row['gpu_img_per_s']:8,.0f} img/s  " +
-              "  ".join(f"{k.removeprefix('cores_')} {v:5.1f}" for k, v in row.items() if k.startswith("cores_")))
+        print(
+            f"{row['model']:18s} {row['gpu']:10s} {row['gpu_img_per_s']:8,.0f} img/s  "
+            + "  ".join(f"{k.removeprefix('cores_')} {v:5.1f}" for k, v in row.items() if k.startswith("cores_"))
+        )
     if a.json:
         Path(a.json).write_text(json.dumps({"breakdown": results, "per_core": per_core, "cores": table}, indent=1))
 

@@ -14,6 +14,7 @@ The stored image is exactly what deit3-convert writes (`images.load_rgb` with th
     python benchmarks/fidelity.py                 # 1000 images, 2 RRC boxes each
     python benchmarks/fidelity.py --n 200 --json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -120,20 +121,29 @@ def main() -> None:
             for data in stored:
                 cv2.imdecode(data, cv2.IMREAD_COLOR)
             decode = len(stored) / (time.perf_counter() - t)
-            rows.append({"setting": name, "max_side": max_side, "short_side": short, "jpeg_quality": quality,
-                         "eval_psnr_mean": round(float(np.mean(ev)), 2),
-                         "eval_psnr_p5": round(float(np.percentile(ev, 5)), 2),
-                         "train_psnr_mean": round(float(np.mean(tr)), 2),
-                         "train_psnr_p5": round(float(np.percentile(tr, 5)), 2),
-                         "kib_per_image": round(float(np.mean(nbytes)) / 1024, 1),
-                         "in1k_train_gib": round(float(np.mean(nbytes)) * 1_281_167 / 2**30, 1),
-                         "decode_img_per_s_1_thread": round(decode, 0)})
+            rows.append(
+                {
+                    "setting": name,
+                    "max_side": max_side,
+                    "short_side": short,
+                    "jpeg_quality": quality,
+                    "eval_psnr_mean": round(float(np.mean(ev)), 2),
+                    "eval_psnr_p5": round(float(np.percentile(ev, 5)), 2),
+                    "train_psnr_mean": round(float(np.mean(tr)), 2),
+                    "train_psnr_p5": round(float(np.percentile(tr, 5)), 2),
+                    "kib_per_image": round(float(np.mean(nbytes)) / 1024, 1),
+                    "in1k_train_gib": round(float(np.mean(nbytes)) * 1_281_167 / 2**30, 1),
+                    "decode_img_per_s_1_thread": round(decode, 0),
+                }
+            )
             if not args.json:
                 r = rows[-1]
-                print(f"{name:<52} eval {r['eval_psnr_mean']:5.1f} dB (p5 {r['eval_psnr_p5']:5.1f})  train "
-                      f"{r['train_psnr_mean']:5.1f} dB (p5 {r['train_psnr_p5']:5.1f})  {r['kib_per_image']:6.1f} KiB "
-                      f"(IN-1k {r['in1k_train_gib']:6.1f} GiB)  decode {r['decode_img_per_s_1_thread']:6.0f} img/s",
-                      flush=True)
+                print(
+                    f"{name:<52} eval {r['eval_psnr_mean']:5.1f} dB (p5 {r['eval_psnr_p5']:5.1f})  train "
+                    f"{r['train_psnr_mean']:5.1f} dB (p5 {r['train_psnr_p5']:5.1f})  {r['kib_per_image']:6.1f} KiB "
+                    f"(IN-1k {r['in1k_train_gib']:6.1f} GiB)  decode {r['decode_img_per_s_1_thread']:6.0f} img/s",
+                    flush=True,
+                )
     if args.json:
         print(json.dumps({"images": len(files), "boxes_per_image": args.boxes, "rows": rows}, indent=1))
 

@@ -8,6 +8,7 @@ Goals (issue 7): >= 2x timm on CPU, >= 5x on GPU.
     python benchmarks/lamb.py                  # CUDA if available, else CPU
     python benchmarks/lamb.py --device cpu --steps 5
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,14 +73,19 @@ def main() -> None:
         print(f"{name:16s} {step_s[name] * 1e3:9.2f} ms/step   (first two steps {first_s[name]} s)", flush=True)
         del opt
     base = step_s["timm Lamb"]
-    result = {"model": args.model, "params_M": round(sum(q.numel() for q in model.parameters()) / 1e6, 1),
-              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-              f"{platform.processor() or platform.machine()} x{len(os.sched_getaffinity(0))} threads "
-              f"{torch.get_num_threads()}",
-              "steps": steps, "ms_per_step": {k: round(v * 1e3, 2) for k, v in step_s.items()},
-              "first_two_steps_s": first_s,
-              "speedup_vs_timm": {k: round(base / v, 2) for k, v in step_s.items() if k != "timm Lamb"},
-              "torch": torch.__version__}
+    result = {
+        "model": args.model,
+        "params_M": round(sum(q.numel() for q in model.parameters()) / 1e6, 1),
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()} x{len(os.sched_getaffinity(0))} threads "
+        f"{torch.get_num_threads()}",
+        "steps": steps,
+        "ms_per_step": {k: round(v * 1e3, 2) for k, v in step_s.items()},
+        "first_two_steps_s": first_s,
+        "speedup_vs_timm": {k: round(base / v, 2) for k, v in step_s.items() if k != "timm Lamb"},
+        "torch": torch.__version__,
+    }
     print(json.dumps(result))
 
 

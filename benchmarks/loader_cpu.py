@@ -13,6 +13,7 @@ full-size JPEGs, as it does in practice. Per stage:
 
     python benchmarks/loader_cpu.py [--copies 10] [--batch-size 128] [--workers 2] [--images 5120]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,16 +64,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
         tmp = Path(tmp)
         n = replicate(unpack_imagenet_sample(tmp / "x"), tmp / "src", args.copies)
-        convert(str(tmp / "src"), str(tmp / "train.beton"), max_resolution=256, jpeg_quality=90,
-                show_progress=False)
+        convert(str(tmp / "src"), str(tmp / "train.beton"), max_resolution=256, jpeg_quality=90, show_progress=False)
         result = {"images_in_set": n, "batch_size": args.batch_size, "workers": args.workers, "size": args.size}
 
         official = official_train_loader(str(tmp / "src"), args.size, args.batch_size, args.workers)
         result["official_img_per_s"] = rate(lambda: official, args.images)
         official = None  # ends its worker processes before ours start
 
-        sets = [f"data.train={tmp / 'train.beton'}", f"data.batch_size={args.batch_size}",
-                f"data.workers={args.workers}", "data.repeats=1", "train.amp=fp32", f"aug.img_size={args.size}"]
+        sets = [
+            f"data.train={tmp / 'train.beton'}",
+            f"data.batch_size={args.batch_size}",
+            f"data.workers={args.workers}",
+            "data.repeats=1",
+            "train.amp=fp32",
+            f"aug.img_size={args.size}",
+        ]
         cfg = load_config("vit_s_in1k", sets)
         loader = make_loader(cfg, "train", torch.device("cpu"))
         result["cpu_stage_img_per_s"] = rate(lambda: loader.raw_batches(0), args.images)

@@ -6,6 +6,7 @@ Real photos: the shared ImageNet sample converted at max side 256 (the recipe's 
 
     python benchmarks/nvjpeg_crop.py [--batch-sizes 32 256] [--crop rrc] [--repeats 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,13 +53,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         beton = args.beton or f"{tmp}/s.beton"
         if not Path(beton).exists():
-            convert(str(unpack_imagenet_sample(Path(tmp))), beton, workers=2, max_resolution=256,
-                    show_progress=False)
+            convert(str(unpack_imagenet_sample(Path(tmp))), beton, workers=2, max_resolution=256, show_progress=False)
         out = {}
         for b in args.batch_sizes:
             order = EpochOrder(1000, train=True)
-            engine = NvjpegEngine(beton, order, b, CropSpec(args.crop, 224), torch.device("cpu"),
-                                  workers=1, drop_last=True)
+            engine = NvjpegEngine(
+                beton, order, b, CropSpec(args.crop, 224), torch.device("cpu"), workers=1, drop_last=True
+            )
             idx, keys = next(engine.index_batches(0))
             engine._gpu_batch(idx, keys)  # warm-up (numba, allocator)
             with CountOps() as c:
@@ -72,8 +73,14 @@ def main() -> None:
                 engine._decode_on_gpu(idx, [engine._bytes(i) for i in idx])
                 whole.append(t1 - t0)
                 dec.append(time.perf_counter() - t1)
-            out[b] = {"ops": sum(c.ops.values()) - decode, "decode_ops": decode, "batch_ms": 1e3 * min(whole),
-                      "decode_ms": 1e3 * min(dec), "crop_ms": 1e3 * (min(whole) - min(dec)), "ops_by_name": dict(c.ops)}
+            out[b] = {
+                "ops": sum(c.ops.values()) - decode,
+                "decode_ops": decode,
+                "batch_ms": 1e3 * min(whole),
+                "decode_ms": 1e3 * min(dec),
+                "crop_ms": 1e3 * (min(whole) - min(dec)),
+                "ops_by_name": dict(c.ops),
+            }
             print(b, json.dumps(out[b]), flush=True)
 
 

@@ -14,6 +14,7 @@ Deliberate differences from upstream, all about the machine rather than the imag
 
     python benchmarks/official_pipeline.py /path/to/imagenet/train --batch-size 64 --workers 2 --images 640
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,12 +84,18 @@ def official_train_transform(img_size: int = 224, src: bool = False) -> transfor
     return transforms.Compose(primary + secondary + final)
 
 
-def official_train_loader(root: str, img_size: int = 224, batch_size: int = 256,
-                          workers: int = 2) -> torch.utils.data.DataLoader:
+def official_train_loader(
+    root: str, img_size: int = 224, batch_size: int = 256, workers: int = 2
+) -> torch.utils.data.DataLoader:
     dataset = datasets.ImageFolder(root, transform=official_train_transform(img_size))
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
-        pin_memory=False, drop_last=True, persistent_workers=workers > 0,
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=False,
+        drop_last=True,
+        persistent_workers=workers > 0,
     )
 
 

@@ -9,6 +9,7 @@ in DataLoader-style worker processes (`--workers`, as the official loader runs i
 
 --beton takes the images from a .beton instead (the GPU machine, where shared/data is not, has the GPU check's).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,13 +38,16 @@ def load_crops(size: int, count: int, beton: str | None = None) -> np.ndarray:
         from dataset_tools.beton import Beton
 
         b = Beton(beton)
-        return np.stack([np.asarray(Image.fromarray(b.decode(i)).resize((size, size), Image.BICUBIC))
-                         for i in range(min(count, len(b)))])
+        return np.stack(
+            [
+                np.asarray(Image.fromarray(b.decode(i)).resize((size, size), Image.BICUBIC))
+                for i in range(min(count, len(b)))
+            ]
+        )
     with tempfile.TemporaryDirectory() as tmp:
         root = unpack_imagenet_sample(Path(tmp))
         files = sorted(root.glob("*/*.JPEG"))[:count]
-        return np.stack([np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.BICUBIC))
-                         for f in files])
+        return np.stack([np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.BICUBIC)) for f in files])
 
 
 _TIMM = None
@@ -62,8 +66,9 @@ def _timm_chunk(args) -> int:
     if _TIMM is None:
         from timm.data.auto_augment import rand_augment_transform
 
-        _TIMM = rand_augment_transform(POLICY, {"translate_const": int(size * 0.45), "img_mean": FILL,
-                                                "interpolation": Image.BICUBIC})
+        _TIMM = rand_augment_transform(
+            POLICY, {"translate_const": int(size * 0.45), "img_mean": FILL, "interpolation": Image.BICUBIC}
+        )
         for op in _TIMM.ops:  # Pillow 13 refuses 0 bits (magnitude 10); older Pillow, and ours, give black
             if op.name.startswith("Posterize"):
                 op.aug_fn = _posterize
@@ -81,8 +86,10 @@ def timm_rate(images: np.ndarray, batches: int, workers: int) -> float:
     with ProcessPoolExecutor(workers) as pool:
         list(pool.map(_timm_chunk, [(c, images.shape[1], i) for i, c in enumerate(chunks)]))  # warm-up
         t0 = time.perf_counter()
-        n = sum(sum(pool.map(_timm_chunk, [(c, images.shape[1], b * workers + i) for i, c in enumerate(chunks)]))
-                for b in range(batches))
+        n = sum(
+            sum(pool.map(_timm_chunk, [(c, images.shape[1], b * workers + i) for i, c in enumerate(chunks)]))
+            for b in range(batches)
+        )
         return n / (time.perf_counter() - t0)
 
 
@@ -96,7 +103,7 @@ def ours_rate(images: np.ndarray, batches: int, device: torch.device, compile: b
 
     def one_batch():
         for s in range(0, len(u8), step):
-            x = u8[s:s + step].float()
+            x = u8[s : s + step].float()
             ra(x, ra.draw(len(x), g))
 
     for _ in range(3):  # warm-up (and compilation)
@@ -123,10 +130,15 @@ def main() -> None:
     crops = load_crops(a.size, 200, a.beton)
     images = np.stack([crops[i % len(crops)] for i in range(a.batch)])
     torch.set_num_threads(a.workers)
-    res = {"policy": POLICY, "size": a.size, "batch": a.batch, "cores": a.workers,
-           "timm_pil_img_per_s": timm_rate(images, a.batches, a.workers),
-           "ours_cpu_eager_img_per_s": ours_rate(images, a.batches, torch.device("cpu"), False),
-           "ours_cpu_compiled_img_per_s": ours_rate(images, a.batches, torch.device("cpu"), True)}
+    res = {
+        "policy": POLICY,
+        "size": a.size,
+        "batch": a.batch,
+        "cores": a.workers,
+        "timm_pil_img_per_s": timm_rate(images, a.batches, a.workers),
+        "ours_cpu_eager_img_per_s": ours_rate(images, a.batches, torch.device("cpu"), False),
+        "ours_cpu_compiled_img_per_s": ours_rate(images, a.batches, torch.device("cpu"), True),
+    }
     if torch.cuda.is_available():
         res["gpu"] = torch.cuda.get_device_name()
         res["ours_gpu_eager_img_per_s"] = ours_rate(images, a.batches * 4, torch.device("cuda"), False)

@@ -6,6 +6,7 @@ renames it over the destination. Where O_TMPFILE is unsupported (NFS, Lustre, no
 `.NAME.partial-PID` file is used from the start; it is removed on any exception, Ctrl-C or SIGTERM, and stale ones
 of dead processes are swept on the next run.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -112,8 +113,13 @@ class AtomicOutput:
             # By pid, not /proc/self: worker processes open this path too and must reach the same file.
             self.path = f"/proc/{os.getpid()}/fd/{self._fd}"
         except (AttributeError, OSError) as e:
-            if isinstance(e, OSError) and e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL,
-                                                          errno.ENOENT, errno.ENOTSUP):
+            if isinstance(e, OSError) and e.errno not in (
+                errno.EOPNOTSUPP,
+                errno.EISDIR,
+                errno.EINVAL,
+                errno.ENOENT,
+                errno.ENOTSUP,
+            ):
                 raise
             self._named = self._partial_name()
             self._fd = os.open(self._named, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)

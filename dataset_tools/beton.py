@@ -19,6 +19,7 @@ Format (FFCV version 2, little-endian), in file order:
                 are absolute file offsets. This writer stores samples in order, so the table is sorted by both
                 sample id and pointer; FFCV's writer (parallel pages) leaves it in page-completion order.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,16 @@ from .errors import UserError
 
 FORMAT_VERSION = 2
 
-HEADER = np.dtype([("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"),
-                   ("num_samples", "<u8"), ("alloc_table_ptr", "<u8")], align=True)
+HEADER = np.dtype(
+    [
+        ("version", "<u2"),
+        ("num_fields", "<u2"),
+        ("page_size", "<u4"),
+        ("num_samples", "<u8"),
+        ("alloc_table_ptr", "<u8"),
+    ],
+    align=True,
+)
 FIELD_DESC = np.dtype([("type_id", "<u1"), ("name", ("<u1", 16)), ("arguments", ("<u1", (1024,)))], align=True)
 ALLOC_ENTRY = np.dtype([("sample_id", "<u8"), ("ptr", "<u8"), ("size", "<u8")])
 
@@ -77,13 +86,15 @@ class Beton:
         self._parse()
 
     def _fail(self, what: str) -> BetonError:
-        return BetonError(f"{self.path}: {what} — not a valid .beton (truncated or not written by "
-                          "deit3-convert/FFCV); convert the source folder again")
+        return BetonError(
+            f"{self.path}: {what} — not a valid .beton (truncated or not written by "
+            "deit3-convert/FFCV); convert the source folder again"
+        )
 
     def _parse(self) -> None:
         if self.file_size < HEADER.itemsize:
             raise self._fail(f"file is {self.file_size} bytes, shorter than the {HEADER.itemsize}-byte header")
-        h = np.frombuffer(self._mm[:HEADER.itemsize].tobytes(), dtype=HEADER)[0]
+        h = np.frombuffer(self._mm[: HEADER.itemsize].tobytes(), dtype=HEADER)[0]
         if int(h["version"]) != FORMAT_VERSION:
             raise self._fail(f"format version {int(h['version'])}, expected {FORMAT_VERSION}")
         page = int(h["page_size"])
@@ -96,7 +107,7 @@ class Beton:
         desc_end = HEADER.itemsize + nf * FIELD_DESC.itemsize
         if desc_end > self.file_size:
             raise self._fail("field descriptors run past the end of the file")
-        desc = np.frombuffer(self._mm[HEADER.itemsize:desc_end].tobytes(), dtype=FIELD_DESC)
+        desc = np.frombuffer(self._mm[HEADER.itemsize : desc_end].tobytes(), dtype=FIELD_DESC)
         fields: list[Field] = []
         row: list = []
         for d in desc:
@@ -119,18 +130,28 @@ class Beton:
         if meta_end > self.file_size:
             raise self._fail(f"metadata for {self.num_samples} samples runs past the end of the file")
         if not meta_end <= table_at <= self.file_size:
-            raise self._fail(f"allocation table offset {table_at} is outside the file ({self.file_size} bytes); "
-                             "the file is probably truncated")
+            raise self._fail(
+                f"allocation table offset {table_at} is outside the file ({self.file_size} bytes); "
+                "the file is probably truncated"
+            )
         if (self.file_size - table_at) % ALLOC_ENTRY.itemsize:
             raise self._fail("allocation table size is not a whole number of entries; the file is truncated")
         self.metadata = np.frombuffer(self._mm, dtype=self.row_dtype, count=self.num_samples, offset=desc_end)
-        table = (np.frombuffer(self._mm, dtype=ALLOC_ENTRY, offset=table_at) if table_at < self.file_size
-                 else np.zeros(0, ALLOC_ENTRY))
+        table = (
+            np.frombuffer(self._mm, dtype=ALLOC_ENTRY, offset=table_at)
+            if table_at < self.file_size
+            else np.zeros(0, ALLOC_ENTRY)
+        )
         if len(table):
             ptr, size = table["ptr"], table["size"]
             # Compared one by one first: ptr + size could wrap around uint64 and pass as a small end.
-            if ptr.min() < meta_end or ptr.max() > table_at or size.max() > table_at or \
-                    (ptr + size).max() > table_at or table["sample_id"].max() >= self.num_samples:
+            if (
+                ptr.min() < meta_end
+                or ptr.max() > table_at
+                or size.max() > table_at
+                or (ptr + size).max() > table_at
+                or table["sample_id"].max() >= self.num_samples
+            ):
                 raise self._fail("allocation table points outside the data region")
         self.alloc_table, self.alloc_table_ptr = table, table_at
         for f in self.fields:
@@ -188,7 +209,7 @@ class Beton:
         ptr = self.metadata[field or self.image_field][i]["data_ptr"]
         ptrs, sizes = self._size_by_ptr
         size = int(sizes[np.searchsorted(ptrs, ptr)])
-        return self._mm[int(ptr):int(ptr) + size]
+        return self._mm[int(ptr) : int(ptr) + size]
 
     def decode(self, i: int, field: str | None = None) -> np.ndarray:
         """Sample i's image as RGB uint8 (H, W, 3), on the CPU."""
@@ -231,7 +252,7 @@ class BetonWriter:
         self.desc = np.zeros(2, FIELD_DESC)
         for d, (name, tid) in zip(self.desc, ((image, TYPE_RGB_IMAGE), (label, TYPE_INT))):
             d["type_id"] = tid
-            d["name"][:len(name)] = np.frombuffer(name.encode("ascii"), np.uint8)
+            d["name"][: len(name)] = np.frombuffer(name.encode("ascii"), np.uint8)
         self.meta_start = HEADER.itemsize + self.desc.nbytes
         self.data_start = -(-(self.meta_start + self.meta.nbytes) // page_size) * page_size
         self.table = np.zeros(capacity, ALLOC_ENTRY)
@@ -246,14 +267,16 @@ class BetonWriter:
         """One sample: `data` is the JPEG stream (mode 0) or the raw RGB pixels (mode 1)."""
         size = data.nbytes
         if size > self.page_size:
-            raise BetonError(f"an image of {size} bytes does not fit in a {self.page_size >> 20} MiB page; store "
-                             "smaller images (--max-resolution / --short-side) or JPEG")
+            raise BetonError(
+                f"an image of {size} bytes does not fit in a {self.page_size >> 20} MiB page; store "
+                "smaller images (--max-resolution / --short-side) or JPEG"
+            )
         if self.n >= self.capacity:
             raise BetonError(f"more than the {self.capacity} samples reserved")
         if self.used + size > self.page_size:
             self._flush_page()
         ptr = self.data_start + self.page_no * self.page_size + self.used
-        self.page[self.used:self.used + size] = data.reshape(-1).view(np.uint8)
+        self.page[self.used : self.used + size] = data.reshape(-1).view(np.uint8)
         self.used += size
         self.meta[self.n] = ((mode, width, height, ptr), label)
         self.table[self.n] = (self.n, ptr, size)
@@ -264,7 +287,7 @@ class BetonWriter:
             return
         self.fp.seek(self.data_start + self.page_no * self.page_size)
         self.fp.write(self.page.data)  # whole pages, zero-padded, as FFCV writes them
-        self.page[:self.used] = 0
+        self.page[: self.used] = 0
         self.page_no, self.used = self.page_no + 1, 0
 
     def close(self) -> int:
@@ -273,10 +296,10 @@ class BetonWriter:
         table_at = self.data_start + self.page_no * self.page_size
         self.fp.truncate(table_at)  # also extends a file with no page yet: the table always starts at a page
         self.fp.seek(table_at)
-        self.fp.write(self.table[:self.n].tobytes())
+        self.fp.write(self.table[: self.n].tobytes())
         self.fp.seek(HEADER.itemsize)
         self.fp.write(self.desc.tobytes())
-        self.fp.write(self.meta[:self.n].tobytes())
+        self.fp.write(self.meta[: self.n].tobytes())
         header = np.zeros(1, HEADER)
         header[0] = (FORMAT_VERSION, 2, self.page_size, self.n, table_at)
         self.fp.seek(0)

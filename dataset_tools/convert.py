@@ -4,6 +4,7 @@ JSON report beside it (`OUT.beton.json`). `deit3-convert --inspect OUT.beton` ch
 Exit codes: 0 written; 2 nothing written (bad arguments, no images, unwritable output, --strict hit a bad file,
 disk full); 130 interrupted. OUT appears complete or not at all (see atomic.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,15 @@ from typing import Any
 from contextlib import ExitStack
 
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.text import Text
 
 from .atomic import AtomicOutput, check_folder_output, check_writable
@@ -45,8 +53,18 @@ class _Rate(ProgressColumn):
 
 def _fingerprint(options: dict, samples: list[tuple[str, int]], part: list[int], src: str) -> str:
     """What a part's bytes depend on: the options that change stored pixels and its (file, label) list."""
-    content = {k: options[k] for k in ("max_resolution", "short_side", "jpeg_quality", "write_mode",
-                                       "compress_probability", "seed", "page_size")}
+    content = {
+        k: options[k]
+        for k in (
+            "max_resolution",
+            "short_side",
+            "jpeg_quality",
+            "write_mode",
+            "compress_probability",
+            "seed",
+            "page_size",
+        )
+    }
     listing = [(os.path.relpath(samples[i][0], src), samples[i][1]) for i in part]
     return hashlib.sha256(json.dumps([content, listing]).encode()).hexdigest()
 
@@ -75,7 +93,7 @@ def _plan(scan, out: str, shards: int | None, holdout: int, seed: int) -> tuple[
     if shards is None:
         paths, parts = [out], [kept]
         if holdout:
-            stem = out[:-len(".beton")] if out.endswith(".beton") else out
+            stem = out[: -len(".beton")] if out.endswith(".beton") else out
             paths.append(stem + "-holdout.beton")
     else:
         paths = [os.path.join(out, shard_name(s, shards)) for s in range(shards)]
@@ -87,13 +105,29 @@ def _plan(scan, out: str, shards: int | None, holdout: int, seed: int) -> tuple[
     return paths, parts, bool(holdout)
 
 
-def convert(src: str, out: str, *, max_resolution: int | None = None, short_side: int | None = None,
-            jpeg_quality: int = 90, write_mode: str = "jpg", compress_probability: float = 0.5,
-            workers: int | None = None, max_per_class: int | None = None, fraction: float | None = None,
-            seed: int = 0, classes_file: str | None = None, strict: bool = False, shards: int | None = None,
-            shard_index: int | None = None, holdout: int = 0, folder_labels: str = "names",
-            console: Console | None = None,
-            show_progress: bool = True, page_size: int = 8 << 20) -> dict:
+def convert(
+    src: str,
+    out: str,
+    *,
+    max_resolution: int | None = None,
+    short_side: int | None = None,
+    jpeg_quality: int = 90,
+    write_mode: str = "jpg",
+    compress_probability: float = 0.5,
+    workers: int | None = None,
+    max_per_class: int | None = None,
+    fraction: float | None = None,
+    seed: int = 0,
+    classes_file: str | None = None,
+    strict: bool = False,
+    shards: int | None = None,
+    shard_index: int | None = None,
+    holdout: int = 0,
+    folder_labels: str = "names",
+    console: Console | None = None,
+    show_progress: bool = True,
+    page_size: int = 8 << 20,
+) -> dict:
     """Convert and return the report (also written to OUT.json), or with `shards` the manifest (OUT/manifest.json,
     written once every shard is complete). Raises SourceError/ConversionError.
 
@@ -113,53 +147,85 @@ def convert(src: str, out: str, *, max_resolution: int | None = None, short_side
     if problem:
         raise SourceError(f"cannot write {out}: {problem}")
     classes = read_class_list(classes_file) if classes_file else None
-    scan = scan_imagefolder(src, classes, max_per_class=max_per_class, fraction=fraction, seed=seed,
-                            folder_labels=folder_labels)
+    scan = scan_imagefolder(
+        src, classes, max_per_class=max_per_class, fraction=fraction, seed=seed, folder_labels=folder_labels
+    )
     if not scan.samples:
         raise SourceError(f"no image files in {src} ({len(scan.classes)} class folder(s), all empty)")
-    options = {"max_resolution": max_resolution, "short_side": short_side, "jpeg_quality": jpeg_quality,
-               "write_mode": write_mode, "compress_probability": compress_probability, "workers": workers,
-               "max_per_class": max_per_class, "fraction": fraction, "seed": seed, "classes_file": classes_file,
-               "folder_labels": folder_labels,
-               "strict": strict, "shards": shards, "holdout": holdout, "page_size": page_size}
+    options = {
+        "max_resolution": max_resolution,
+        "short_side": short_side,
+        "jpeg_quality": jpeg_quality,
+        "write_mode": write_mode,
+        "compress_probability": compress_probability,
+        "workers": workers,
+        "max_per_class": max_per_class,
+        "fraction": fraction,
+        "seed": seed,
+        "classes_file": classes_file,
+        "folder_labels": folder_labels,
+        "strict": strict,
+        "shards": shards,
+        "holdout": holdout,
+        "page_size": page_size,
+    }
     paths, parts, has_holdout = _plan(scan, out, shards, holdout, seed)
     prints = [_fingerprint(options, scan.samples, p, src) for p in parts]
     todo = list(range(len(parts)))
     if shard_index is not None:
         if not 0 <= shard_index < len(parts):
-            raise SourceError(f"--shard-index {shard_index}: there are {len(parts)} tasks (0..{len(parts) - 1}"
-                              + (f"; {len(parts) - 1} writes the held-out split)" if has_holdout else ")"))
+            raise SourceError(
+                f"--shard-index {shard_index}: there are {len(parts)} tasks (0..{len(parts) - 1}"
+                + (f"; {len(parts) - 1} writes the held-out split)" if has_holdout else ")")
+            )
         todo = [shard_index]
     if shards is not None:  # a re-run (a requeued array task, a second node) skips what is done and verifies
         todo = [k for k in todo if _complete(paths[k], prints[k]) is None]
     reports = {}
     if todo:
         workers = max(1, min(workers or default_workers(), sum(len(parts[k]) for k in todo)))
-        progress = Progress(TextColumn("[bold]writing[/]"), BarColumn(), MofNCompleteColumn(), _Rate(),
-                            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
-                            disable=not show_progress, speed_estimate_period=10, transient=True)
+        progress = Progress(
+            TextColumn("[bold]writing[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            _Rate(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not show_progress,
+            speed_estimate_period=10,
+            transient=True,
+        )
         with ExitStack() as stack:
             targets = [stack.enter_context(AtomicOutput(paths[k])) for k in todo]
             stack.enter_context(progress)
             task = progress.add_task("write", total=sum(len(parts[k]) for k in todo))
             try:
-                results = write_parts(scan.samples, [Part(t.path, parts[k]) for t, k in zip(targets, todo)],
-                                      Encoding(max_resolution, short_side, write_mode, jpeg_quality,
-                                               compress_probability, seed),
-                                      workers=workers, strict=strict, page_size=page_size,
-                                      progress=lambda done: progress.update(task, completed=done))
+                results = write_parts(
+                    scan.samples,
+                    [Part(t.path, parts[k]) for t, k in zip(targets, todo)],
+                    Encoding(max_resolution, short_side, write_mode, jpeg_quality, compress_probability, seed),
+                    workers=workers,
+                    strict=strict,
+                    page_size=page_size,
+                    progress=lambda done: progress.update(task, completed=done),
+                )
             except OSError as e:
                 raise ConversionError(f"writing failed: {e.strerror or e}") from None
             main_k = 0 if shards is None else None
             if main_k == 0 and results[0].num_written == 0:
                 first, why = results[0].skipped[0]
-                raise SourceError(f"no readable images in {src}: all {len(parts[0])} files were skipped "
-                                  f"(first: {os.path.relpath(scan.samples[first][0], src)}: {why})")
+                raise SourceError(
+                    f"no readable images in {src}: all {len(parts[0])} files were skipped "
+                    f"(first: {os.path.relpath(scan.samples[first][0], src)}: {why})"
+                )
             elapsed = time.perf_counter() - started
             for t, k, r in zip(targets, todo, results):
                 r.sha256 = sha256_of(t.path)
-                reports[k] = part_report(src, paths[k], scan, parts[k], r, options, prints[k], elapsed,
-                                          main=k == main_k)
+                reports[k] = part_report(
+                    src, paths[k], scan, parts[k], r, options, prints[k], elapsed, main=k == main_k
+                )
             # Every file is flushed and named before any replaces a previous one, and the sidecars (the report, each
             # sample's source file) replace theirs before their .beton: a failed write leaves a previous output
             # whole, and a .beton never appears without its report.
@@ -168,9 +234,13 @@ def convert(src: str, out: str, *, max_resolution: int | None = None, short_side
             try:
                 for t, k, r in zip(targets, todo, results):
                     sidecars[t] = []
-                    for name, text in ((paths[k] + ".json", json.dumps(reports[k], indent=1) + "\n"),
-                                       (paths[k] + SOURCES, "".join(os.path.relpath(scan.samples[i][0], src) + "\n"
-                                                                   for i in r.source_info[:, 0]))):
+                    for name, text in (
+                        (paths[k] + ".json", json.dumps(reports[k], indent=1) + "\n"),
+                        (
+                            paths[k] + SOURCES,
+                            "".join(os.path.relpath(scan.samples[i][0], src) + "\n" for i in r.source_info[:, 0]),
+                        ),
+                    ):
                         sidecars[t].append(stack.enter_context(AtomicOutput(name)))
                         sidecars[t][-1].write_text(text)
                         sidecars[t][-1].prepare()
@@ -188,8 +258,10 @@ def convert(src: str, out: str, *, max_resolution: int | None = None, short_side
                             os.remove(f.final)
                 if isinstance(e, OSError):
                     done = [t.final for t in targets if t.committed]
-                    raise ConversionError(f"writing {name} failed: {e.strerror or e}; " + (
-                        f"complete: {', '.join(done)}" if done else "nothing was written")) from None
+                    raise ConversionError(
+                        f"writing {name} failed: {e.strerror or e}; "
+                        + (f"complete: {', '.join(done)}" if done else "nothing was written")
+                    ) from None
                 raise
     if shards is None:
         return reports[0]
@@ -201,70 +273,134 @@ def _finish_manifest(src, out, scan, paths, prints, has_holdout, options, starte
     otherwise return what is done so far."""
     # Another task's parts are taken at their report's word (size and plan): each task verified its own bytes.
     # Any: a part's report, or None while it is missing (returned before any is read).
-    reports: dict[int, Any] = {k: fresh[k] if k in fresh else _same_plan(path, prints[k])
-                               for k, path in enumerate(paths)}
+    reports: dict[int, Any] = {
+        k: fresh[k] if k in fresh else _same_plan(path, prints[k]) for k, path in enumerate(paths)
+    }
     missing = [k for k, r in reports.items() if r is None]
     elapsed = time.perf_counter() - started
     if missing:
-        return {"complete": False, "missing": missing, "written": sorted(fresh), "output": os.path.abspath(out),
-                "tasks": len(paths), "elapsed_s": round(elapsed, 3)}
+        return {
+            "complete": False,
+            "missing": missing,
+            "written": sorted(fresh),
+            "output": os.path.abspath(out),
+            "tasks": len(paths),
+            "elapsed_s": round(elapsed, 3),
+        }
     if not sum(r["num_written"] for r in reports.values()):
         raise SourceError(f"no readable images in {src}: every file was skipped (see the shard reports in {out})")
     shard_reports = [reports[k] for k in range(len(paths) - (1 if has_holdout else 0))]
-    merged = merged_report(src, out, scan, shard_reports, options, elapsed,
-                           sum(fresh[k]["num_written"] for k in fresh))
-    entry = lambda k: {"file": os.path.basename(paths[k]), "num_samples": reports[k]["num_written"],  # noqa: E731
-                       "bytes": reports[k]["output_bytes"], "sha256": reports[k]["sha256"]}
-    return write_manifest(out, scan.classes, [entry(k) for k in range(len(shard_reports))],
-                          entry(len(paths) - 1) if has_holdout else None, options, merged)
+    merged = merged_report(src, out, scan, shard_reports, options, elapsed, sum(fresh[k]["num_written"] for k in fresh))
+    entry = lambda k: {
+        "file": os.path.basename(paths[k]),
+        "num_samples": reports[k]["num_written"],  # noqa: E731
+        "bytes": reports[k]["output_bytes"],
+        "sha256": reports[k]["sha256"],
+    }
+    return write_manifest(
+        out,
+        scan.classes,
+        [entry(k) for k in range(len(shard_reports))],
+        entry(len(paths) - 1) if has_holdout else None,
+        options,
+        merged,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=PROG, description="Convert an ImageFolder tree (SRC/<class>/<image>) into an FFCV .beton with fields "
+        prog=PROG,
+        description="Convert an ImageFolder tree (SRC/<class>/<image>) into an FFCV .beton with fields "
         "'image' and 'label' (label = index of the class folder in sorted order), plus OUT.json, a report.",
         epilog="Examples:\n  deit3-convert /data/imagenet/train train_256.beton\n"
-               "  deit3-convert /data/imagenet/val val_256.beton --classes train_256.beton.json\n"
-               "  deit3-convert /data/imagenet/train train_10pc.beton --fraction 0.1 --seed 0\n"
-               "  deit3-convert --inspect train_256.beton",
+        "  deit3-convert /data/imagenet/val val_256.beton --classes train_256.beton.json\n"
+        "  deit3-convert /data/imagenet/train train_10pc.beton --fraction 0.1 --seed 0\n"
+        "  deit3-convert --inspect train_256.beton",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False)  # --submit's tasks rebuild the command line from the full option names
+        allow_abbrev=False,
+    )  # --submit's tasks rebuild the command line from the full option names
     p.add_argument("src", nargs="?", metavar="SRC_DIR", help="ImageFolder root (one folder per class)")
     p.add_argument("out", nargs="?", metavar="OUT.beton", help="output file (written atomically)")
-    p.add_argument("--max-resolution", type=int, default=None,
-                   help="longer side is resized down to this (256 unless --short-side is given)")
-    p.add_argument("--short-side", type=int, default=None, metavar="N",
-                   help="shorter side is resized down to N, aspect kept (256 keeps eval inputs faithful: "
-                        "BENCHMARKS.md, fidelity)")
+    p.add_argument(
+        "--max-resolution",
+        type=int,
+        default=None,
+        help="longer side is resized down to this (256 unless --short-side is given)",
+    )
+    p.add_argument(
+        "--short-side",
+        type=int,
+        default=None,
+        metavar="N",
+        help="shorter side is resized down to N, aspect kept (256 keeps eval inputs faithful: BENCHMARKS.md, fidelity)",
+    )
     p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality 1-100 (90)")
-    p.add_argument("--write-mode", choices=["jpg", "proportion", "raw"], default="jpg",
-                   help="jpg: all JPEG; raw: all raw pixels; proportion: JPEG with --compress-probability")
-    p.add_argument("--compress-probability", type=float, default=0.5,
-                   help="fraction stored as JPEG in proportion mode (0.5)")
+    p.add_argument(
+        "--write-mode",
+        choices=["jpg", "proportion", "raw"],
+        default="jpg",
+        help="jpg: all JPEG; raw: all raw pixels; proportion: JPEG with --compress-probability",
+    )
+    p.add_argument(
+        "--compress-probability", type=float, default=0.5, help="fraction stored as JPEG in proportion mode (0.5)"
+    )
     p.add_argument("--workers", type=int, default=None, help="writer processes (all cores)")
     p.add_argument("--max-per-class", type=int, default=None, metavar="K", help="at most K images per class")
-    p.add_argument("--fraction", type=float, default=None, metavar="F",
-                   help="keep fraction F of each class (deterministic with --seed)")
+    p.add_argument(
+        "--fraction",
+        type=float,
+        default=None,
+        metavar="F",
+        help="keep fraction F of each class (deterministic with --seed)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for subsets and proportion mode (0)")
-    p.add_argument("--classes", default=None, metavar="FILE",
-                   help="class list to use for labels: another split's OUT.beton.json, or one name per line")
-    p.add_argument("--folder-labels", choices=["names", "index"], default="names",
-                   help="names: a folder's label is its place among the sorted names (or in --classes); index: the "
-                        "folder name is the label (ImageNet-V2's 0 ... 999)")
+    p.add_argument(
+        "--classes",
+        default=None,
+        metavar="FILE",
+        help="class list to use for labels: another split's OUT.beton.json, or one name per line",
+    )
+    p.add_argument(
+        "--folder-labels",
+        choices=["names", "index"],
+        default="names",
+        help="names: a folder's label is its place among the sorted names (or in --classes); index: the "
+        "folder name is the label (ImageNet-V2's 0 ... 999)",
+    )
     p.add_argument("--strict", action="store_true", help="stop at the first bad file instead of skipping it")
-    p.add_argument("--shards", type=int, default=None, metavar="N",
-                   help="write N shard files and manifest.json into the folder OUT (each holds every class in "
-                        "proportion)")
-    p.add_argument("--shard-index", type=int, default=None, metavar="I",
-                   help="with --shards: write only shard I (index N: the --holdout split); complete shards are "
-                        "verified and skipped, the manifest is written when all are there")
-    p.add_argument("--holdout", type=int, default=0, metavar="K",
-                   help="hold out K images per class (by --seed) into OUT-holdout.beton (OUT/holdout.beton with "
-                        "--shards), excluded from the training output")
-    p.add_argument("--submit", action="store_true",
-                   help="with --shards: send the shards to Slurm as a submitit job array (one task each)")
-    p.add_argument("--local", action="store_true",
-                   help="with --shards: run the shard tasks through submitit's local executor, one after another")
+    p.add_argument(
+        "--shards",
+        type=int,
+        default=None,
+        metavar="N",
+        help="write N shard files and manifest.json into the folder OUT (each holds every class in proportion)",
+    )
+    p.add_argument(
+        "--shard-index",
+        type=int,
+        default=None,
+        metavar="I",
+        help="with --shards: write only shard I (index N: the --holdout split); complete shards are "
+        "verified and skipped, the manifest is written when all are there",
+    )
+    p.add_argument(
+        "--holdout",
+        type=int,
+        default=0,
+        metavar="K",
+        help="hold out K images per class (by --seed) into OUT-holdout.beton (OUT/holdout.beton with "
+        "--shards), excluded from the training output",
+    )
+    p.add_argument(
+        "--submit",
+        action="store_true",
+        help="with --shards: send the shards to Slurm as a submitit job array (one task each)",
+    )
+    p.add_argument(
+        "--local",
+        action="store_true",
+        help="with --shards: run the shard tasks through submitit's local executor, one after another",
+    )
     p.add_argument("--partition", help="--submit: Slurm partition")
     p.add_argument("--account", help="--submit: Slurm account")
     p.add_argument("--timeout-min", type=int, default=720, help="--submit: time limit per shard task (720)")
@@ -337,21 +473,36 @@ def main(argv: list[str] | None = None) -> int:
         previous = signal.signal(signal.SIGTERM, _terminate)
         if args.submit or args.local:
             return submit_shards(main, args, argv if argv is not None else sys.argv[1:], out_console)
-        report = convert(args.src, args.out, max_resolution=args.max_resolution, short_side=args.short_side,
-                         jpeg_quality=args.jpeg_quality, write_mode=args.write_mode,
-                         compress_probability=args.compress_probability, workers=args.workers,
-                         max_per_class=args.max_per_class, fraction=args.fraction, seed=args.seed,
-                         classes_file=args.classes, strict=args.strict, shards=args.shards,
-                         shard_index=args.shard_index, holdout=args.holdout, folder_labels=args.folder_labels,
-                         console=err_console,
-                         show_progress=not args.quiet)
+        report = convert(
+            args.src,
+            args.out,
+            max_resolution=args.max_resolution,
+            short_side=args.short_side,
+            jpeg_quality=args.jpeg_quality,
+            write_mode=args.write_mode,
+            compress_probability=args.compress_probability,
+            workers=args.workers,
+            max_per_class=args.max_per_class,
+            fraction=args.fraction,
+            seed=args.seed,
+            classes_file=args.classes,
+            strict=args.strict,
+            shards=args.shards,
+            shard_index=args.shard_index,
+            holdout=args.holdout,
+            folder_labels=args.folder_labels,
+            console=err_console,
+            show_progress=not args.quiet,
+        )
         if not args.quiet:
             if report.get("format") == FORMAT:
                 print_summary(report["report"], out_console, shards=len(report["shards"]))
             elif report.get("complete") is False:
-                out_console.print(f"wrote {len(report['written'])} of {report['tasks']} shard task(s) into "
-                                  f"{report['output']}; still missing: {report['missing']} (the manifest is "
-                                  "written when all are there)")
+                out_console.print(
+                    f"wrote {len(report['written'])} of {report['tasks']} shard task(s) into "
+                    f"{report['output']}; still missing: {report['missing']} (the manifest is "
+                    "written when all are there)"
+                )
             else:
                 print_summary(report, out_console)
         return 0

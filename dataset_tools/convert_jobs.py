@@ -3,6 +3,7 @@ submitit job array. Each task is the same command with `--shard-index I`, so a r
 its shard once complete; whichever task finishes last writes the manifest. `--local` runs the tasks through
 submitit's local executor (one at a time, each using all cores) and waits; `--submit` returns once Slurm has them.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,9 @@ class ShardTask:
     def __call__(self, index: int) -> int:
         code = self.main([*self.argv, "--shard-index", str(index), "--quiet"])
         if code != 0:
-            raise RuntimeError(f"deit3-convert --shard-index {index} exited with {code} (its stderr is in the "
-                               "task's log)")
+            raise RuntimeError(
+                f"deit3-convert --shard-index {index} exited with {code} (its stderr is in the task's log)"
+            )
         return code
 
     def checkpoint(self, index: int):
@@ -67,8 +69,14 @@ def submit_shards(main, args, argv: list[str], console) -> int:
     if args.local:
         executor.update_parameters(timeout_min=args.timeout_min, name="deit3-convert")
     else:
-        params = {"name": "deit3-convert", "timeout_min": args.timeout_min, "cpus_per_task": args.cpus_per_task,
-                  "nodes": 1, "tasks_per_node": 1, "slurm_array_parallelism": args.array_parallelism}
+        params = {
+            "name": "deit3-convert",
+            "timeout_min": args.timeout_min,
+            "cpus_per_task": args.cpus_per_task,
+            "nodes": 1,
+            "tasks_per_node": 1,
+            "slurm_array_parallelism": args.array_parallelism,
+        }
         for key, value in (("slurm_partition", args.partition), ("slurm_account", args.account)):
             if value:
                 params[key] = value
@@ -86,6 +94,8 @@ def submit_shards(main, args, argv: list[str], console) -> int:
     if args.local:
         console.print(f"{tasks} shard task(s) done locally (logs: {folder}); manifest: {args.out}/manifest.json")
     else:
-        console.print(f"submitted {tasks} shard task(s) as a job array ({ids}); logs: {folder}. The last task to "
-                      f"finish writes {args.out}/manifest.json; rerun the same command to resubmit missing shards.")
+        console.print(
+            f"submitted {tasks} shard task(s) as a job array ({ids}); logs: {folder}. The last task to "
+            f"finish writes {args.out}/manifest.json; rerun the same command to resubmit missing shards."
+        )
     return 0

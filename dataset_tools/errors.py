@@ -5,6 +5,7 @@ each package's own errors (`BetonError`, `DataError`, `ConfigError`, ...) derive
 each command line reports them all with one `except UserError`: one line on stderr, the class's exit code. Kept
 free of heavy imports: the CLIs report them without loading FFCV or torch.
 """
+
 from __future__ import annotations
 
 

@@ -4,6 +4,7 @@ Labels follow torchvision's ImageFolder: the index of the class folder in sorted
 non-hidden file under a class folder is a candidate (its content decides whether it is an image, not its name);
 sub-folders are walked, symbolic links followed, and a link that loops back is reported instead of followed.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,11 +19,11 @@ from .errors import SourceError
 
 @dataclass
 class Scan:
-    classes: list[str]                                  # label order
-    samples: list[tuple[str, int]]                      # (path, label), sorted by label then path
-    candidates_per_class: list[int]                     # files found per class, before subsetting
-    problems: list[tuple[str, str]] = field(default_factory=list)   # (path, reason): skipped while walking
-    outside_classes: list[str] = field(default_factory=list)        # files directly in SRC, ignored
+    classes: list[str]  # label order
+    samples: list[tuple[str, int]]  # (path, label), sorted by label then path
+    candidates_per_class: list[int]  # files found per class, before subsetting
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): skipped while walking
+    outside_classes: list[str] = field(default_factory=list)  # files directly in SRC, ignored
 
 
 def read_class_list(path: str | os.PathLike) -> list[str]:
@@ -36,8 +37,9 @@ def read_class_list(path: str | os.PathLike) -> list[str]:
     except OSError as e:
         raise SourceError(f"--classes {p}: cannot read ({e.strerror or e})") from None
     except UnicodeDecodeError:
-        raise SourceError(f"--classes {p}: not text; give a class list (one name per line), a .beton's .json "
-                          "report or a shard folder") from None
+        raise SourceError(
+            f"--classes {p}: not text; give a class list (one name per line), a .beton's .json report or a shard folder"
+        ) from None
     if p.suffix == ".json":
         try:
             classes = json.loads(text)["classes"]
@@ -89,8 +91,7 @@ def _walk_files(top: str, problems: list[tuple[str, str]]) -> list[str]:
     return sorted(out)
 
 
-def _subset(files: list[str], label: int, max_per_class: int | None, fraction: float | None,
-            seed: int) -> list[str]:
+def _subset(files: list[str], label: int, max_per_class: int | None, fraction: float | None, seed: int) -> list[str]:
     """A per-class subset that depends only on (seed, class, file list): stable across machines and runs."""
     if max_per_class is None and fraction is None:
         return files
@@ -104,8 +105,9 @@ def _subset(files: list[str], label: int, max_per_class: int | None, fraction: f
     return sorted(order[:k])
 
 
-def _folders_by_label(src: str, found: list[str], classes: list[str] | None,
-                      folder_labels: str) -> tuple[list[str], dict[int, str]]:
+def _folders_by_label(
+    src: str, found: list[str], classes: list[str] | None, folder_labels: str
+) -> tuple[list[str], dict[int, str]]:
     """(class list, {label: folder name}). `names`: a folder's label is its name's place in the class list (sorted
     names unless given). `index`: the folder's name is its label (ImageNet-V2's `0` ... `999`), so the class names
     come from the given list or are the indices themselves."""
@@ -122,15 +124,20 @@ def _folders_by_label(src: str, found: list[str], classes: list[str] | None,
     by_label: dict[int, str] = {}
     for name in found:
         if not (name.isascii() and name.isdigit()):
-            raise SourceError(f"--folder-labels index: folder {name!r} in {src} is not a class index (folders must "
-                              "be named 0, 1, 2, ... as ImageNet-V2's are)")
+            raise SourceError(
+                f"--folder-labels index: folder {name!r} in {src} is not a class index (folders must "
+                "be named 0, 1, 2, ... as ImageNet-V2's are)"
+            )
         label = int(name)
         if label in by_label:
-            raise SourceError(f"--folder-labels index: folders {by_label[label]!r} and {name!r} in {src} are both "
-                              f"class {label}")
+            raise SourceError(
+                f"--folder-labels index: folders {by_label[label]!r} and {name!r} in {src} are both class {label}"
+            )
         if classes is not None and label >= len(classes):
-            raise SourceError(f"--folder-labels index: folder {name!r} in {src} is class {label}, but the --classes "
-                              f"list has {len(classes)} classes (0..{len(classes) - 1})")
+            raise SourceError(
+                f"--folder-labels index: folder {name!r} in {src} is class {label}, but the --classes "
+                f"list has {len(classes)} classes (0..{len(classes) - 1})"
+            )
         by_label[label] = name
     if classes is None:
         classes = [str(i) for i in range(max(by_label) + 1)] if by_label else []
@@ -149,9 +156,15 @@ def is_image_folder(path: str | os.PathLike | None) -> bool:
     return any(not e.name.startswith(".") and e.is_dir() for e in entries)
 
 
-def scan_imagefolder(src: str | os.PathLike, classes: list[str] | None = None, *,
-                     max_per_class: int | None = None, fraction: float | None = None,
-                     seed: int = 0, folder_labels: str = "names") -> Scan:
+def scan_imagefolder(
+    src: str | os.PathLike,
+    classes: list[str] | None = None,
+    *,
+    max_per_class: int | None = None,
+    fraction: float | None = None,
+    seed: int = 0,
+    folder_labels: str = "names",
+) -> Scan:
     src = os.fspath(src)
     if not os.path.isdir(src):
         what = "does not exist" if not os.path.exists(src) else "is not a folder"
@@ -187,5 +200,5 @@ def split_holdout(samples: list[tuple[str, int]], k: int, seed: int) -> tuple[li
     for label, ix in by_class.items():
         order = list(ix)
         random.Random(f"holdout:{seed}:{label}").shuffle(order)
-        held.update(order[:min(k, len(order) - 1)])
+        held.update(order[: min(k, len(order) - 1)])
     return [i for i in range(len(samples)) if i not in held], sorted(held)

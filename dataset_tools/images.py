@@ -3,6 +3,7 @@
 Source images are decoded by content, never by extension (ImageNet has a PNG named .JPEG and CMYK JPEGs).
 Anything that cannot become a sane RGB image raises `BadImage` with a one-line reason for the report.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,10 +23,10 @@ class BadImage(Exception):
 
 @dataclass(frozen=True)
 class SourceInfo:
-    width: int        # of the source file, before any resizing
+    width: int  # of the source file, before any resizing
     height: int
-    mode: str         # PIL mode as stored ("RGB", "L", "CMYK", "I;16", ...)
-    format: str       # detected by content ("JPEG", "PNG", ...)
+    mode: str  # PIL mode as stored ("RGB", "L", "CMYK", "I;16", ...)
+    format: str  # detected by content ("JPEG", "PNG", ...)
 
 
 def _to_rgb_array(img: Image.Image) -> np.ndarray:
@@ -46,8 +47,9 @@ def _to_rgb_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
-def stored_size(width: int, height: int, max_resolution: int | None = None,
-                short_side: int | None = None) -> tuple[int, int]:
+def stored_size(
+    width: int, height: int, max_resolution: int | None = None, short_side: int | None = None
+) -> tuple[int, int]:
     """(width, height) an image is stored at: never enlarged; the longer side at most `max_resolution` (FFCV's
     resizer: floor of ratio x size) and the shorter side at most `short_side` (exactly `short_side` when it binds,
     so a 256 short side is what the official eval transform's Resize(256) makes of the original)."""
@@ -64,8 +66,9 @@ def stored_size(width: int, height: int, max_resolution: int | None = None,
     return max(1, int(w)), max(1, int(h))
 
 
-def load_rgb(path: str | os.PathLike, max_resolution: int | None = None,
-             short_side: int | None = None) -> tuple[np.ndarray, SourceInfo]:
+def load_rgb(
+    path: str | os.PathLike, max_resolution: int | None = None, short_side: int | None = None
+) -> tuple[np.ndarray, SourceInfo]:
     """Decode `path` to RGB uint8 (H, W, 3), resized (area interpolation) to `stored_size`.
 
     JPEGs of 4x the stored size or more are decoded at a reduced DCT scale (libjpeg's 1/2, 1/4, 1/8) that leaves at
@@ -92,8 +95,10 @@ def load_rgb(path: str | os.PathLike, max_resolution: int | None = None,
                 # to ~8 dB PSNR on high-frequency ImageNet images, at 2x it stays within JPEG q90's own error.
                 scale = 2 * max(target[0] / info.width, target[1] / info.height)
                 if scale <= 0.5:
-                    img.draft(img.mode if img.mode in ("L", "CMYK") else "RGB",
-                              (int(np.ceil(info.width * scale)), int(np.ceil(info.height * scale))))
+                    img.draft(
+                        img.mode if img.mode in ("L", "CMYK") else "RGB",
+                        (int(np.ceil(info.width * scale)), int(np.ceil(info.height * scale))),
+                    )
             img.load()
             rgb = _to_rgb_array(img)
     except BadImage:

@@ -15,6 +15,7 @@ lazily, on first read, and only their header and tables are mapped; labels are r
 `open_samples(path)` takes a .beton, a shard folder or its manifest.json, and returns an object with the same
 reading methods either way (`Beton` or `ShardSet`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -62,11 +63,15 @@ def read_manifest(path: str | os.PathLike) -> dict:
     if not m.exists():
         shards = sorted(m.parent.glob("shard-*.beton")) if m.parent.is_dir() else []
         if shards:
-            raise BetonError(f"{path}: no {MANIFEST} yet: {len(shards)} shard file(s) are there, and the manifest is "
-                             "written when all are complete; run the missing --shard-index tasks (or the same "
-                             "command without it)")
-        raise BetonError(f"{path}: a folder without {MANIFEST}, so not a .beton or a shard set; convert with "
-                         "deit3-convert SRC OUT.beton (or SRC OUT_DIR --shards N)")
+            raise BetonError(
+                f"{path}: no {MANIFEST} yet: {len(shards)} shard file(s) are there, and the manifest is "
+                "written when all are complete; run the missing --shard-index tasks (or the same "
+                "command without it)"
+            )
+        raise BetonError(
+            f"{path}: a folder without {MANIFEST}, so not a .beton or a shard set; convert with "
+            "deit3-convert SRC OUT.beton (or SRC OUT_DIR --shards N)"
+        )
     try:
         manifest = json.loads(m.read_text())
     except (OSError, ValueError) as e:
@@ -76,15 +81,24 @@ def read_manifest(path: str | os.PathLike) -> dict:
     return manifest
 
 
-def write_manifest(folder: str | os.PathLike, classes: list[str], shards: list[dict], holdout: dict | None,
-                   options: dict, report: dict) -> dict:
+def write_manifest(
+    folder: str | os.PathLike, classes: list[str], shards: list[dict], holdout: dict | None, options: dict, report: dict
+) -> dict:
     """Write FOLDER/manifest.json (atomically); `shards` and `holdout` are {"file", "num_samples", "bytes",
     "sha256"} entries. Returns the manifest."""
     from .atomic import write_text_atomic
 
-    manifest = {"format": FORMAT, "version": 1, "classes": classes, "num_classes": len(classes),
-                "num_samples": sum(e["num_samples"] for e in shards), "shards": shards, "holdout": holdout,
-                "options": options, "report": report}
+    manifest = {
+        "format": FORMAT,
+        "version": 1,
+        "classes": classes,
+        "num_classes": len(classes),
+        "num_samples": sum(e["num_samples"] for e in shards),
+        "shards": shards,
+        "holdout": holdout,
+        "options": options,
+        "report": report,
+    }
     write_text_atomic(Path(folder) / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return manifest
 
@@ -138,8 +152,10 @@ class ShardSet:
             if not f.exists():
                 raise BetonError(f"{f}: listed in {self.folder / MANIFEST} but missing; copy or convert it again")
             if f.stat().st_size != e["bytes"]:
-                raise BetonError(f"{f}: {f.stat().st_size} bytes, the manifest says {e['bytes']}: an incomplete "
-                                 "copy? run deit3-fast stage again, or convert this shard again")
+                raise BetonError(
+                    f"{f}: {f.stat().st_size} bytes, the manifest says {e['bytes']}: an incomplete "
+                    "copy? run deit3-fast stage again, or convert this shard again"
+                )
         counts = np.array([e["num_samples"] for e in entries], np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(counts)])
         self.num_samples = int(self.offsets[-1])
@@ -154,8 +170,10 @@ class ShardSet:
         if s not in self._open:
             b = Beton(self.files[s])
             if len(b) != self.offsets[s + 1] - self.offsets[s]:
-                raise BetonError(f"{self.files[s]}: {len(b)} samples, the manifest says "
-                                 f"{self.offsets[s + 1] - self.offsets[s]}; convert this shard again")
+                raise BetonError(
+                    f"{self.files[s]}: {len(b)} samples, the manifest says "
+                    f"{self.offsets[s + 1] - self.offsets[s]}; convert this shard again"
+                )
             self._open[s] = b
         return self._open[s]
 
@@ -200,5 +218,16 @@ def open_samples(path: str | os.PathLike) -> Beton | ShardSet:
     return ShardSet(path) if is_shard_set(path) else Beton(path)
 
 
-__all__ = ["IMAGE_MODE_RAW", "MANIFEST", "ShardSet", "classes_of", "is_shard_set", "open_samples", "read_manifest",
-           "shard_name", "sha256_of", "source_names", "write_manifest"]
+__all__ = [
+    "IMAGE_MODE_RAW",
+    "MANIFEST",
+    "ShardSet",
+    "classes_of",
+    "is_shard_set",
+    "open_samples",
+    "read_manifest",
+    "shard_name",
+    "sha256_of",
+    "source_names",
+    "write_manifest",
+]

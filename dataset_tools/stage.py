@@ -9,6 +9,7 @@ Reading from network file systems during training is the other common slowdown o
 With `merge`, a shard set is instead written into one .beton, DEST/merged.beton, in global order (the FFCV engine
 reads one file; the others read shard sets as they are).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,8 +36,12 @@ def _files(src: Path) -> tuple[Path, list[tuple[str, str | None]], str | None]:
         manifest = read_manifest(src)
         entries = manifest["shards"] + ([manifest["holdout"]] if manifest.get("holdout") else [])
         names: list[tuple[str, str | None]] = [(e["file"], e["sha256"]) for e in entries]
-        names += [(e["file"] + side, None) for e in entries for side in (".json", SOURCES)
-                  if (m.parent / (e["file"] + side)).exists()]
+        names += [
+            (e["file"] + side, None)
+            for e in entries
+            for side in (".json", SOURCES)
+            if (m.parent / (e["file"] + side)).exists()
+        ]
         return m.parent, names, m.name
     if not src.is_file():
         raise BetonError(f"{src}: not a .beton, shard folder or manifest")
@@ -56,8 +61,10 @@ def _copy_verified(src: Path, dst: Path, expected: str | None, progress: Callabl
                 f.write(chunk)
                 progress(len(chunk))
         if expected is not None and digest.hexdigest() != expected:
-            raise BetonError(f"{src}: its sha256 differs from the manifest's (a corrupt or changed shard); "
-                             "convert this shard again (deit3-convert ... --shard-index I)")
+            raise BetonError(
+                f"{src}: its sha256 differs from the manifest's (a corrupt or changed shard); "
+                "convert this shard again (deit3-convert ... --shard-index I)"
+            )
 
     write_atomic(dst, write)
     return digest.hexdigest()
@@ -97,8 +104,14 @@ def merge(src: str | os.PathLike, dest: str | os.PathLike, progress: Callable[[i
         finally:
             if not w.fp.closed:
                 w.fp.close()
-        report = {**shards.manifest["report"], "output": str(out), "output_bytes": size, "merged_from": of,
-                  "num_written": len(shards), "classes": shards.classes}
+        report = {
+            **shards.manifest["report"],
+            "output": str(out),
+            "output_bytes": size,
+            "merged_from": of,
+            "num_written": len(shards),
+            "classes": shards.classes,
+        }
         names = source_names(src)
         if names is not None:
             write_text_atomic(str(out) + SOURCES, "".join(n + "\n" for n in names))
@@ -107,8 +120,12 @@ def merge(src: str | os.PathLike, dest: str | os.PathLike, progress: Callable[[i
     return out
 
 
-def stage(src: str | os.PathLike, dest: str | os.PathLike, progress: Callable[[int], None] | None = None,
-          merge_shards: bool = False) -> Path:
+def stage(
+    src: str | os.PathLike,
+    dest: str | os.PathLike,
+    progress: Callable[[int], None] | None = None,
+    merge_shards: bool = False,
+) -> Path:
     """Stage SRC into the folder DEST; returns the path to read from (DEST for a shard set, DEST/NAME for a .beton,
     DEST/merged.beton with `merge_shards`). Raises BetonError (a bad source, a checksum mismatch) or OSError (a full
     or unwritable disk)."""
@@ -124,8 +141,7 @@ def stage(src: str | os.PathLike, dest: str | os.PathLike, progress: Callable[[i
     except (OSError, ValueError):
         record = {}
     need = sum((folder / n).stat().st_size for n, _ in names)
-    free = shutil.disk_usage(dest).free + sum(
-        (dest / n).stat().st_size for n, _ in names if (dest / n).exists())
+    free = shutil.disk_usage(dest).free + sum((dest / n).stat().st_size for n, _ in names if (dest / n).exists())
     if need > free:
         raise OSError(28, f"{dest} has {free / 2**30:.1f} GiB free, staging needs {need / 2**30:.1f} GiB")
     for name, expected in names:
@@ -134,14 +150,23 @@ def stage(src: str | os.PathLike, dest: str | os.PathLike, progress: Callable[[i
         known = record.get(name)
         # Skipped only when neither side changed since the copy: a re-converted source of the same size (page-padded
         # .beton sizes often are) has another mtime, and is copied again.
-        if d.exists() and known and known["size"] == st.st_size == d.stat().st_size and \
-                known["mtime_ns"] == d.stat().st_mtime_ns and known.get("src_mtime_ns") == st.st_mtime_ns and \
-                (expected is None or known["sha256"] == expected):
+        if (
+            d.exists()
+            and known
+            and known["size"] == st.st_size == d.stat().st_size
+            and known["mtime_ns"] == d.stat().st_mtime_ns
+            and known.get("src_mtime_ns") == st.st_mtime_ns
+            and (expected is None or known["sha256"] == expected)
+        ):
             progress(st.st_size)
             continue
         digest = _copy_verified(s, d, expected, progress)
-        record[name] = {"size": st.st_size, "mtime_ns": d.stat().st_mtime_ns, "src_mtime_ns": st.st_mtime_ns,
-                        "sha256": digest}
+        record[name] = {
+            "size": st.st_size,
+            "mtime_ns": d.stat().st_mtime_ns,
+            "src_mtime_ns": st.st_mtime_ns,
+            "sha256": digest,
+        }
         write_text_atomic(record_path, json.dumps(record, indent=1) + "\n")
     if manifest is not None:
         write_text_atomic(dest / MANIFEST, (folder / manifest).read_text())
@@ -164,8 +189,9 @@ def stage_splits(splits: dict[str, str], stage_to: str | os.PathLike, *, merge_s
     for split, src in splits.items():
         dest = Path(stage_to) / split
         try:
-            out[split] = str(stage(src, dest, merge_shards=merge_shards) if copy
-                             else staged_location(src, dest, merge_shards))
+            out[split] = str(
+                stage(src, dest, merge_shards=merge_shards) if copy else staged_location(src, dest, merge_shards)
+            )
         except (BetonError, OSError) as e:
             why = e.strerror if isinstance(e, OSError) and e.strerror else e
             raise BetonError(f"data.stage_to: staging data.{split} into {dest} failed: {why}") from None

@@ -3,6 +3,7 @@
 Each class is recognisable by colour and shape, so a small ViT can learn it in a few CPU minutes; sizes and
 aspect ratios vary like photographs do, so crop and resize code paths are exercised.
 """
+
 from __future__ import annotations
 
 import colorsys
@@ -36,8 +37,16 @@ def class_image(label: int, num_classes: int, rng: np.random.Generator, size: tu
     return img
 
 
-def make_imagefolder(root: str | os.PathLike, num_classes: int = 10, per_class: int = 20, *, seed: int = 0,
-                     min_side: int = 48, max_side: int = 160, quality: int = 92) -> list[str]:
+def make_imagefolder(
+    root: str | os.PathLike,
+    num_classes: int = 10,
+    per_class: int = 20,
+    *,
+    seed: int = 0,
+    min_side: int = 48,
+    max_side: int = 160,
+    quality: int = 92,
+) -> list[str]:
     """Write `root/class_XX/img_YYYY.JPEG` and return the class names (sorted = label order)."""
     rng = np.random.default_rng(seed)
     classes = [f"class_{k:02d}" for k in range(num_classes)]

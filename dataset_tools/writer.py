@@ -10,6 +10,7 @@ Why this shape (FFCV's `DatasetWriter` has workers write pages themselves):
 Memory stays bounded: at most `4 x workers` chunks are in flight, and finished chunks wait only for their
 predecessors in the same output.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -37,9 +38,10 @@ MODES = ("RGB", "L", "CMYK", "P", "RGBA", "LA", "PA", "I;16", "I", "F", "1", "YC
 @dataclass(frozen=True)
 class Encoding:
     """How images are stored: the size caps of `images.stored_size`, JPEG or raw pixels, the JPEG quality."""
+
     max_resolution: int | None = 256
     short_side: int | None = None
-    write_mode: str = "jpg"             # jpg | raw | proportion (JPEG with compress_probability)
+    write_mode: str = "jpg"  # jpg | raw | proportion (JPEG with compress_probability)
     jpeg_quality: int = 90
     compress_probability: float = 0.5
     seed: int = 0
@@ -56,8 +58,9 @@ class Encoding:
             return np.ascontiguousarray(rgb).reshape(-1), IMAGE_MODE_RAW
         import cv2
 
-        ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
-                               [int(cv2.IMWRITE_JPEG_QUALITY), self.jpeg_quality])
+        ok, jpg = cv2.imencode(
+            ".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [int(cv2.IMWRITE_JPEG_QUALITY), self.jpeg_quality]
+        )
         if not ok:
             raise ConversionError("OpenCV could not encode a JPEG")
         return jpg.reshape(-1), IMAGE_MODE_JPG
@@ -66,6 +69,7 @@ class Encoding:
 @dataclass
 class Part:
     """One output file: `samples` are indices into the source list, in the order they are stored."""
+
     path: str
     samples: list[int]
 
@@ -73,12 +77,12 @@ class Part:
 @dataclass
 class WriteResult:
     num_written: int
-    skipped: list[tuple[int, str]]     # (index into the source list, reason)
-    source_info: np.ndarray            # (num_written, 4): source index, width, height, mode code
-    stored_hw: np.ndarray              # (num_written, 2): stored height, width
-    stored_bytes: np.ndarray           # (num_written,): bytes of each stored image
+    skipped: list[tuple[int, str]]  # (index into the source list, reason)
+    source_info: np.ndarray  # (num_written, 4): source index, width, height, mode code
+    stored_hw: np.ndarray  # (num_written, 2): stored height, width
+    stored_bytes: np.ndarray  # (num_written,): bytes of each stored image
     file_bytes: int
-    sha256: str = ""                   # of the finished file (set by the caller, which knows its final path)
+    sha256: str = ""  # of the finished file (set by the caller, which knows its final path)
 
 
 def _die_with_parent(parent: int) -> None:
@@ -93,8 +97,9 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _worker(work: Queue, results: Queue, samples: list[tuple[str, int]], enc: Encoding, strict: bool,
-            parent: int) -> None:
+def _worker(
+    work: Queue, results: Queue, samples: list[tuple[str, int]], enc: Encoding, strict: bool, parent: int
+) -> None:
     """Chunks of (part, chunk number, source indices) in, one ('chunk', ...) message per chunk out; a problem is one
     ('error', text) message and the end of this worker."""
     _die_with_parent(parent)
@@ -156,27 +161,45 @@ class _Output:
 
     def close(self) -> WriteResult:
         size = self.writer.close()
-        return WriteResult(len(self.info), self.skipped, np.array(self.info, np.int64).reshape(-1, 4),
-                           np.array(self.hw, np.int64).reshape(-1, 2), np.array(self.nbytes, np.int64), size)
+        return WriteResult(
+            len(self.info),
+            self.skipped,
+            np.array(self.info, np.int64).reshape(-1, 4),
+            np.array(self.hw, np.int64).reshape(-1, 2),
+            np.array(self.nbytes, np.int64),
+            size,
+        )
 
 
-def write_parts(samples: list[tuple[str, int]], parts: list[Part], enc: Encoding, *, workers: int, strict: bool,
-                progress: Callable[[int], None] | None = None, page_size: int = 8 << 20,
-                chunksize: int = 32) -> list[WriteResult]:
+def write_parts(
+    samples: list[tuple[str, int]],
+    parts: list[Part],
+    enc: Encoding,
+    *,
+    workers: int,
+    strict: bool,
+    progress: Callable[[int], None] | None = None,
+    page_size: int = 8 << 20,
+    chunksize: int = 32,
+) -> list[WriteResult]:
     """Write every part (all at once, from one pool of `workers` processes); returns their results in order.
     Raises ConversionError (with the worker's message) or OSError (from writing an output)."""
     progress = progress or (lambda done: None)
     outputs = [_Output(p, page_size, chunksize) for p in parts]
     # Round-robin over the parts, so shards grow together and finish together.
-    per_part = [[(k, c, p.samples[c * chunksize:(c + 1) * chunksize]) for c in range(o.num_chunks)]
-                for k, (p, o) in enumerate(zip(parts, outputs))]
+    per_part = [
+        [(k, c, p.samples[c * chunksize : (c + 1) * chunksize]) for c in range(o.num_chunks)]
+        for k, (p, o) in enumerate(zip(parts, outputs))
+    ]
     feed = iter([item for group in zip_longest(*per_part) for item in group if item is not None])
     # fork, whatever the platform default (forkserver from Python 3.14): workers inherit the sample list, and
     # _die_with_parent's parent check assumes the converter is their parent.
     ctx = multiprocessing.get_context("fork")
     work, results = ctx.Queue(), ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(work, results, samples, enc, strict, os.getpid()), daemon=True)
-             for _ in range(workers)]
+    procs = [
+        ctx.Process(target=_worker, args=(work, results, samples, enc, strict, os.getpid()), daemon=True)
+        for _ in range(workers)
+    ]
     # Chunks fed and not yet appended (outstanding or parked behind a slower predecessor): bounded, so a slow or
     # lost chunk cannot make the parent hold the rest of the output in memory.
     in_flight, fed_all, done = 0, False, 0
@@ -204,8 +227,9 @@ def write_parts(samples: list[tuple[str, int]], parts: list[Part], enc: Encoding
             # every pass: with messages arriving all the time a timeout would never come.
             dead = [p for p in procs if p.exitcode not in (None, 0)]
             if dead:
-                raise ConversionError(f"a writer process died (exit code {dead[0].exitcode}; out of memory? try "
-                                      "fewer --workers)")
+                raise ConversionError(
+                    f"a writer process died (exit code {dead[0].exitcode}; out of memory? try fewer --workers)"
+                )
             try:
                 msg = results.get(timeout=0.1)
             except queue.Empty:

@@ -4,6 +4,7 @@ with it without importing torch).
 Our names are the architectures; timm's (`deit3_base_patch16_384`: the resolution suffix is the default img_size;
 a pretrained tag such as `.fb_in22k_ft_in1k` is ignored) and the official `models_v2.py` names map onto them.
 """
+
 from __future__ import annotations
 
 # name -> (patch, dim, depth, heads). The first five are the paper's; the others are not in the paper: deit3_cifar is
@@ -19,9 +20,12 @@ ARCHS = {
     "deit3_micro": (8, 192, 6, 3),
     "deit3_nano": (4, 64, 2, 2),
 }
-TIMM_NAMES = {f"deit3_{size}_patch16_{res}": (f"deit3_{size}", res)
-              for size in ("small", "medium", "base", "large") for res in (224, 384)
-              if (size, res) != ("medium", 384)}
+TIMM_NAMES = {
+    f"deit3_{size}_patch16_{res}": (f"deit3_{size}", res)
+    for size in ("small", "medium", "base", "large")
+    for res in (224, 384)
+    if (size, res) != ("medium", 384)
+}
 TIMM_NAMES["deit3_huge_patch14_224"] = ("deit3_huge", 224)
 OFFICIAL_NAMES = {f"deit_{size}_patch16_LS": (f"deit3_{size}", None) for size in ("small", "medium", "base", "large")}
 OFFICIAL_NAMES["deit_huge_patch14_LS"] = ("deit3_huge", None)

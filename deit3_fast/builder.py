@@ -6,6 +6,7 @@ plain values for the factories of the rest (models.create_model, losses.RecipeLo
 for `train`, `profile` and the tests. With `schedule.resolution` the model takes any patch grid and each epoch's
 size (and, with `batch_sizes`, its batch plan) comes from `Run.train_size` / `Run.batch_at`.
 """
+
 from __future__ import annotations
 
 import time
@@ -33,6 +34,7 @@ from .schedule import WarmupCosine
 class StopFlag:
     """`requested`: set by this process's SIGTERM handler. `agreed`: some rank's request, as every rank learnt it at
     the same log point; with several processes only that one may end the run, or the ranks would part ways."""
+
     requested = False
     agreed = False
 
@@ -43,9 +45,10 @@ class StopFlag:
 @dataclass
 class Run:
     """Everything a run computes with; `state_dict` is what a checkpoint saves of it."""
-    cfg: Config                     # the config as given (what the run dir records and a resume compares)
-    model: torch.nn.Module          # what runs forward: compiled when train.compile, DDP-wrapped with several ranks
-    raw_model: torch.nn.Module      # its parameters and state dict (no '_orig_mod.' / 'module.' prefixes)
+
+    cfg: Config  # the config as given (what the run dir records and a resume compares)
+    model: torch.nn.Module  # what runs forward: compiled when train.compile, DDP-wrapped with several ranks
+    raw_model: torch.nn.Module  # its parameters and state dict (no '_orig_mod.' / 'module.' prefixes)
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     scheduler: WarmupCosine
@@ -53,12 +56,12 @@ class Run:
     train_loader: object
     val_loader: object
     device: torch.device
-    amp: str                        # the AMP dtype in use (train.amp: auto resolved for this device)
-    batch: BatchPlan                # per-process batch and accumulation steps (at aug.img_size)
+    amp: str  # the AMP dtype in use (train.amp: auto resolved for this device)
+    batch: BatchPlan  # per-process batch and accumulation steps (at aug.img_size)
     ema: object | None = None
     ddp: torch.nn.parallel.DistributedDataParallel | None = None
     stop: StopFlag = field(default_factory=StopFlag)  # train() hands in the one its SIGTERM handler sets
-    extra_val: list = field(default_factory=list)     # (name, loader, class mask) of train.extra_val
+    extra_val: list = field(default_factory=list)  # (name, loader, class mask) of train.extra_val
     resolutions: list[int] | None = None  # schedule.resolution: each epoch's training crop size (None: img_size)
     batches: dict[int, BatchPlan] = field(default_factory=dict)  # schedule.resolution.batch_sizes, by size
 
@@ -83,8 +86,12 @@ class Run:
 
     def state_dict(self) -> dict:
         """The run state a checkpoint saves, in checkpoint.py's layout."""
-        return RunState(self.raw_model.state_dict(), self.optimizer.state_dict(), self.scaler.state_dict(),
-                        self.ema.module.state_dict() if self.ema is not None else None).to_dict()
+        return RunState(
+            self.raw_model.state_dict(),
+            self.optimizer.state_dict(),
+            self.scaler.state_dict(),
+            self.ema.module.state_dict() if self.ema is not None else None,
+        ).to_dict()
 
     def load_state_dict(self, state: dict) -> None:
         """`state_dict`'s dict, or a whole checkpoint payload (which holds it)."""
@@ -134,16 +141,23 @@ def build(cfg: Config, device: torch.device) -> Run:
     sizes = cfg.schedule.resolution.build(cfg.aug.img_size, cfg.schedule.epochs)
     # Progressive resolution: timm's dynamic image size resamples pos_embed (bicubic) for each epoch's patch grid;
     # at aug.img_size it is used as it is, so evaluation and checkpoints are those of a fixed-size model.
-    model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, img_size=cfg.aug.img_size,
-                         drop_path=cfg.model.drop_path, layer_scale_init=cfg.model.layer_scale_init,
-                         checkpoint=cfg.model.checkpoint, **({"dynamic_img_size": True} if sizes else {})).to(device)
+    model = create_model(
+        cfg.model.name,
+        num_classes=cfg.model.num_classes,
+        img_size=cfg.aug.img_size,
+        drop_path=cfg.model.drop_path,
+        layer_scale_init=cfg.model.layer_scale_init,
+        checkpoint=cfg.model.checkpoint,
+        **({"dynamic_img_size": True} if sizes else {}),
+    ).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = cfg.optim.build(model, compile=cfg.train.compile)
     forward = ddp = None
     if dist.world() > 1:
         forward = ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     forward = forward or model
     if cfg.train.compile and sizes:
         # One static graph per size (a few: sizes are multiples of schedule.resolution.step), each compiled once,
@@ -156,9 +170,11 @@ def build(cfg: Config, device: torch.device) -> Run:
     samples = train_loader.samples  # this rank's, per epoch (training drops the rest)
     for p in [plan, *batches.values()]:
         if samples // p.per_process < p.accum:
-            raise DataError(f"{cfg.data.train}: an epoch has {samples // p.per_process} batch(es) of {p.per_process} "
-                            f"per process, fewer than one optimiser step ({p.accum} micro-batches); lower "
-                            "data.batch_size (or schedule.resolution.batch_sizes) or train.global_batch")
+            raise DataError(
+                f"{cfg.data.train}: an epoch has {samples // p.per_process} batch(es) of {p.per_process} "
+                f"per process, fewer than one optimiser step ({p.accum} micro-batches); lower "
+                "data.batch_size (or schedule.resolution.batch_sizes) or train.global_batch"
+            )
     if cfg.data.val:
         check_same_classes(cfg.data.train, cfg.data.val)
     val_loader = make_loader(cfg, "val", device, amp=amp, batch_size=plan.per_process) if cfg.data.val else None
@@ -169,9 +185,25 @@ def build(cfg: Config, device: torch.device) -> Run:
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(model, decay=cfg.train.ema_decay)
-    return Run(cfg, forward, model, optimizer, scaler, scheduler, RecipeLoss(cfg.loss, cfg.aug.label_smoothing),
-               train_loader, val_loader, device, amp, plan, ema, ddp,
-               extra_val=_extra_val_loaders(cfg, device, amp, plan.per_process), resolutions=sizes, batches=batches)
+    return Run(
+        cfg,
+        forward,
+        model,
+        optimizer,
+        scaler,
+        scheduler,
+        RecipeLoss(cfg.loss, cfg.aug.label_smoothing),
+        train_loader,
+        val_loader,
+        device,
+        amp,
+        plan,
+        ema,
+        ddp,
+        extra_val=_extra_val_loaders(cfg, device, amp, plan.per_process),
+        resolutions=sizes,
+        batches=batches,
+    )
 
 
 def _extra_val_loaders(cfg: Config, device: torch.device, amp: str, batch: int) -> list:
@@ -179,8 +211,7 @@ def _extra_val_loaders(cfg: Config, device: torch.device, amp: str, batch: int) 
     out = []
     for s in parse_sets(cfg.train.extra_val):
         check_same_classes(cfg.data.train, s.path)
-        loader = make_loader(replace(cfg, data=replace(cfg.data, val=s.path)), "val", device, amp=amp,
-                             batch_size=batch)
+        loader = make_loader(replace(cfg, data=replace(cfg.data, val=s.path)), "val", device, amp=amp, batch_size=batch)
         out.append((s.name, loader, class_mask(s.name, classes_of(s.path), cfg.model.num_classes)))
     return out
 
@@ -188,11 +219,21 @@ def _extra_val_loaders(cfg: Config, device: torch.device, amp: str, batch: int) 
 def run_facts(run: Run) -> dict:
     """What this process actually runs with, beyond the config: written to the run dir as run.json."""
     cfg, device = run.cfg, run.device
-    return {"amp": run.amp, "amp_config": cfg.train.amp, "device": device_name(device), "world_size": dist.world(),
-            "per_process_batch": run.batch.per_process, "accumulation_steps": run.accum,
-            "global_batch": cfg.train.global_batch, "batch_note": run.batch.note,
-            "batch_by_size": {size: {"per_process_batch": p.per_process, "accumulation_steps": p.accum,
-                                     "batch_note": p.note} for size, p in run.batches.items()} or None,
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda if device.type == "cuda" else None,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return {
+        "amp": run.amp,
+        "amp_config": cfg.train.amp,
+        "device": device_name(device),
+        "world_size": dist.world(),
+        "per_process_batch": run.batch.per_process,
+        "accumulation_steps": run.accum,
+        "global_batch": cfg.train.global_batch,
+        "batch_note": run.batch.note,
+        "batch_by_size": {
+            size: {"per_process_batch": p.per_process, "accumulation_steps": p.accum, "batch_note": p.note}
+            for size, p in run.batches.items()
+        }
+        or None,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }

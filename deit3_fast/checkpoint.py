@@ -19,6 +19,7 @@ Everything else asks through this API and never subscripts a payload:
   RunState                                   the layout of the run state, for Run.state_dict / load_state_dict
   load(path) -> dict                         ours as stored, for tests that compare two checkpoints whole
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,6 +57,7 @@ class CheckpointError(UserError):
 class Position:
     """Where a checkpoint stands: the last completed epoch (-1: none), the position inside the next epoch after a
     mid-epoch stop (step and the partial sums of its statistics), and the best accuracy so far."""
+
     epoch: int = -1
     best: float = -1.0
     resume_at: dict | None = None
@@ -65,6 +67,7 @@ class Position:
 class RunState:
     """What a checkpoint saves of a run's components: each one's state dict (`ema` None without train.ema_decay;
     `scaler` empty where the grad scaler is off, bf16)."""
+
     model: dict
     optimizer: dict
     scaler: dict
@@ -82,6 +85,7 @@ class RunState:
 @dataclass
 class RunCheckpoint:
     """One of our checkpoints, read to resume: `state` is what `Run.load_state_dict` takes."""
+
     path: Path
     state: dict
     position: Position
@@ -94,6 +98,7 @@ class Weights:
     """A model's state dict (DDP 'module.' and torch.compile '_orig_mod.' prefixes removed) and what the file says
     about the model it belongs to: its name and training image size (ours: the config; official: its args), or
     None where it does not say."""
+
     state: dict
     model: str | None = None
     img_size: int | None = None
@@ -101,9 +106,15 @@ class Weights:
 
 def save_run(path: Path, state: dict, position: Position, config: dict) -> None:
     """Write our checkpoint of `state` (`Run.state_dict()`) at `position`, atomically."""
-    payload = {"format": FORMAT, "version": VERSION, **RunState.from_dict(state).to_dict(),
-               "epoch": position.epoch, "best_acc1": position.best, "resume_at": position.resume_at,
-               "config": config}
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        **RunState.from_dict(state).to_dict(),
+        "epoch": position.epoch,
+        "best_acc1": position.best,
+        "resume_at": position.resume_at,
+        "config": config,
+    }
     with _signals_deferred():
         write_atomic(path, lambda f: torch.save(payload, f))
 
@@ -123,8 +134,11 @@ def _signals_deferred():
         return
     arrived = []
     # A handler installed outside Python (getsignal: None) could not be put back: such a signal is left alone.
-    previous = {s: signal.signal(s, lambda signum, frame: arrived.append(signum)) for s in _DEFERRED
-                if signal.getsignal(s) is not None}
+    previous = {
+        s: signal.signal(s, lambda signum, frame: arrived.append(signum))
+        for s in _DEFERRED
+        if signal.getsignal(s) is not None
+    }
     try:
         yield
     finally:
@@ -140,13 +154,17 @@ def load(path: Path) -> dict:
     try:
         payload = _read(path)
     except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a damaged file
-        raise CheckpointError(f"{path} is not a readable checkpoint ({_first_line(e)}); it may have been cut short: "
-                              "pass --resume with an earlier checkpoint, or move it away to start over") from None
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({_first_line(e)}); it may have been cut short: "
+            "pass --resume with an earlier checkpoint, or move it away to start over"
+        ) from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path} holds a {type(payload).__name__}, not a checkpoint (a dict of state)")
     if _version(path, payload) is None:
-        raise CheckpointError(f"{path} is not a checkpoint of a deit3-fast run (no config and position to resume "
-                              f"from); to start from its weights, use --set model.checkpoint={path}")
+        raise CheckpointError(
+            f"{path} is not a checkpoint of a deit3-fast run (no config and position to resume "
+            f"from); to start from its weights, use --set model.checkpoint={path}"
+        )
     return payload
 
 
@@ -154,8 +172,9 @@ def load_run(path: Path) -> RunCheckpoint:
     """Our checkpoint at `path`, to resume from."""
     payload = load(path)
     position = Position(payload["epoch"], payload["best_acc1"], payload.get("resume_at"))
-    return RunCheckpoint(Path(path), RunState.from_dict(payload).to_dict(), position, payload["config"],
-                         _version(path, payload))
+    return RunCheckpoint(
+        Path(path), RunState.from_dict(payload).to_dict(), position, payload["config"], _version(path, payload)
+    )
 
 
 def read_weights(path: str | Path, ema: bool = False) -> Weights:
@@ -251,10 +270,14 @@ def _version(path: str | Path, payload: dict) -> int | None:
     if isinstance(version, int) and not isinstance(version, bool) and version > max(READS):
         fix = "a newer deit3-fast wrote it: upgrade deit3-fast (pip install -U deit3-fast) to read it"
     else:
-        fix = ("no deit3-fast writes that version: the file was changed by another tool or is damaged; use a "
-               "checkpoint written by deit3-fast")
-    raise CheckpointError(f"{path} is a deit3-fast checkpoint of format version {version!r}, and deit3-fast "
-                          f"{__version__} reads version {reads}; {fix}")
+        fix = (
+            "no deit3-fast writes that version: the file was changed by another tool or is damaged; use a "
+            "checkpoint written by deit3-fast"
+        )
+    raise CheckpointError(
+        f"{path} is a deit3-fast checkpoint of format version {version!r}, and deit3-fast "
+        f"{__version__} reads version {reads}; {fix}"
+    )
 
 
 def _first_line(e: Exception) -> str:

@@ -5,6 +5,7 @@ code (2 for input errors).
 Start-up: parsing imports only the chosen command's module, and a command module imports torch, timm and the data
 engines only when it runs, so `--help`, a command's `--help` and a mistyped command answer without them.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -5,6 +5,7 @@ and a plot. Ablation variants are run dirs too.
 
 Epochs are counted as completed epochs (a run's metrics.jsonl row k is epoch k + 1), as the official curves are.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -59,8 +60,7 @@ def render(result: dict) -> None:
     from rich.table import Table
 
     names = list(result["runs"])
-    title = "val top-1 (%) by epochs completed" + (f"; official: {result['reference']}" if result["reference"]
-                                                    else "")
+    title = "val top-1 (%) by epochs completed" + (f"; official: {result['reference']}" if result["reference"] else "")
     t = Table(title=title, title_justify="left")
     t.add_column("epoch", justify="right")
     for n in names:
@@ -81,6 +81,10 @@ def plot(result: dict, png: str | Path) -> bool:
     runs = {n: rundir.read_metrics(Path(p)) for n, p in result["runs"].items()}
     curve = ref.official_curve(result["reference"]) if result["reference"] else None
     last = max((r["epoch"] + 1 for rows in runs.values() for r in rows), default=0)
-    return rundir.plot_curves(runs, Path(png), title="compare", overlay=len(runs) > 1,
-                              reference=(f"official {result['reference']}",
-                                         {e: v for e, v in curve.items() if e <= last}) if curve else None)
+    return rundir.plot_curves(
+        runs,
+        Path(png),
+        title="compare",
+        overlay=len(runs) > 1,
+        reference=(f"official {result['reference']}", {e: v for e, v in curve.items() if e <= last}) if curve else None,
+    )

@@ -8,6 +8,7 @@ of range, and a combination that cannot run (an image smaller than one patch) is
 closest valid key or value); recipes in `configs/` are found by name from any directory. No torch here, nor in the
 sections' modules at import: every command can load and check a config at once.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,8 +33,21 @@ from .schema import ConfigError, at_least_one, check_value, checked, closest, on
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 # Also what the other modules and the tests import from here: ConfigError (schema.py) and the composed sections.
-__all__ = ["CONFIG_DIR", "Config", "ConfigError", "ModelConfig", "DataConfig", "AugConfig", "OptimConfig",
-           "ScheduleConfig", "ResolutionConfig", "TrainConfig", "EvalSet", "parse_sets", "load_config"]
+__all__ = [
+    "CONFIG_DIR",
+    "Config",
+    "ConfigError",
+    "ModelConfig",
+    "DataConfig",
+    "AugConfig",
+    "OptimConfig",
+    "ScheduleConfig",
+    "ResolutionConfig",
+    "TrainConfig",
+    "EvalSet",
+    "parse_sets",
+    "load_config",
+]
 
 
 def _count_or_auto(value, where: str) -> None:
@@ -47,9 +61,9 @@ class ModelConfig:
     name: str = one_of("deit3_small", MODEL_NAMES)
     # or auto: the class count of data.train's manifest or conversion report
     num_classes: int | str = checked(1000, _count_or_auto, positive=True)
-    drop_path: float = 0.05         # the same rate in every block (official), not timm's linear ramp
+    drop_path: float = 0.05  # the same rate in every block (official), not timm's linear ramp
     layer_scale_init: float | None = 1e-4  # null: no LayerScale (plain pre-norm residual blocks)
-    checkpoint: str | None = None   # weights to start from (fine-tuning)
+    checkpoint: str | None = None  # weights to start from (fine-tuning)
 
 
 @dataclass
@@ -62,10 +76,10 @@ class TrainConfig:
     seed: int = 0
     log_every: int = at_least_one(50)
     extra_val: list[str] = field(default_factory=list)  # NAME=PATH sets also evaluated (v2, a, r, ...)
-    extra_val_every: int = 0        # epochs between their evaluations; 0: the last epoch only
-    reference: str = "auto"         # official curve to compare with: auto (the recipe this run follows) | NAME | none
+    extra_val_every: int = 0  # epochs between their evaluations; 0: the last epoch only
+    reference: str = "auto"  # official curve to compare with: auto (the recipe this run follows) | NAME | none
     reference_tolerance: float = 2.0  # warn once when this many points behind at two official epochs in a row
-    tensorboard: bool = False       # TensorBoard event files in RUN_DIR/tensorboard (needs the tensorboard package)
+    tensorboard: bool = False  # TensorBoard event files in RUN_DIR/tensorboard (needs the tensorboard package)
     wandb_project: str | None = None  # log to Weights & Biases under this project (needs wandb)
 
 
@@ -94,8 +108,10 @@ def parse_sets(specs: list[str]) -> list[EvalSet]:
         name, sep, path = str(spec).partition("=")
         name = name.strip().lower()
         if not sep or not name or not path or not re.fullmatch(r"[a-z0-9_-]+", name):
-            raise ConfigError(f"validation set {spec!r}: expected NAME=PATH with NAME of letters, digits, - or _ "
-                              "(in1k, v2, a, r, ...)")
+            raise ConfigError(
+                f"validation set {spec!r}: expected NAME=PATH with NAME of letters, digits, - or _ "
+                "(in1k, v2, a, r, ...)"
+            )
         if name in (s.name for s in sets):
             raise ConfigError(f"validation set {name!r} is given twice")
         sets.append(EvalSet(name, path.strip()))
@@ -127,10 +143,13 @@ def _coerce(value, tp, where: str):
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+
         def key(k):  # JSON (an ablation grid's axis) and dotted --set keys arrive as text: "96" is 96
             return int(k) if args[0] is int and isinstance(k, str) and k.strip().isdigit() else k
-        return {_coerce(key(k), args[0], f"{where} key"): _coerce(v, args[1], f"{where}[{k}]")
-                for k, v in value.items()}
+
+        return {
+            _coerce(key(k), args[0], f"{where} key"): _coerce(v, args[1], f"{where}[{k}]") for k, v in value.items()
+        }
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{where}: expected a list of {len(args)} numbers, got {value!r}")
@@ -194,19 +213,23 @@ def resolve_num_classes(cfg: Config) -> Config:
     except BetonError as e:
         raise ConfigError(f"model.num_classes: auto: {e}") from None
     if not classes:
-        raise ConfigError(f"model.num_classes: auto: {path} has no conversion report ({path}.json) or manifest "
-                          "naming its classes; set model.num_classes to a number")
+        raise ConfigError(
+            f"model.num_classes: auto: {path} has no conversion report ({path}.json) or manifest "
+            "naming its classes; set model.num_classes to a number"
+        )
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=len(classes)))
 
 
 def to_dict(cfg) -> dict:
     """Plain dict (tuples as lists): what goes to config.yaml and --dry-run's JSON."""
+
     def plain(v):
         if isinstance(v, dict):
             return {k: plain(x) for k, x in v.items()}
         if isinstance(v, (list, tuple)):
             return [plain(x) for x in v]
         return v
+
     return plain(dataclasses.asdict(cfg))
 
 
@@ -244,19 +267,34 @@ def apply_override(tree: dict, assignment: str) -> None:
 
 # Keys that may differ between a run dir's config and the current one without changing what is computed: where the
 # data lives, how many decode threads, how often the loss is logged.
-NO_EFFECT_KEYS = frozenset({"data.train", "data.val", "data.stage_to", "data.workers", "data.os_cache",
-                            "train.log_every", "train.extra_val", "train.extra_val_every", "train.reference",
-                            "train.reference_tolerance", "train.tensorboard", "train.wandb_project"})
+NO_EFFECT_KEYS = frozenset(
+    {
+        "data.train",
+        "data.val",
+        "data.stage_to",
+        "data.workers",
+        "data.os_cache",
+        "train.log_every",
+        "train.extra_val",
+        "train.extra_val_every",
+        "train.reference",
+        "train.reference_tolerance",
+        "train.tensorboard",
+        "train.wandb_project",
+    }
+)
 
 
 def with_defaults(tree: dict) -> dict:
     """A config dict as an earlier version wrote it (a checkpoint's, a run dir's config.yaml), with the keys added
     since filled in at their defaults. A new key's default is the behaviour from before it existed, so a run started
     then still compares equal to the same config now, and resumes without --force."""
+
     def fill(default, given):
         if not isinstance(default, dict) or not isinstance(given, dict) or not default:
             return given
         return {**default, **{k: fill(default.get(k), v) for k, v in given.items()}}
+
     return fill(to_dict(Config()), tree)
 
 
@@ -302,8 +340,9 @@ def check(cfg: Config) -> None:
     if cfg.aug.img_size < patch:
         raise ConfigError(f"aug.img_size {cfg.aug.img_size} is smaller than {cfg.model.name}'s patch size {patch}")
     if cfg.train.extra_val_every < 0:
-        raise ConfigError(f"train.extra_val_every: must be >= 0 (0: the last epoch only), got "
-                          f"{cfg.train.extra_val_every}")
+        raise ConfigError(
+            f"train.extra_val_every: must be >= 0 (0: the last epoch only), got {cfg.train.extra_val_every}"
+        )
     _check_randaugment(cfg.aug.auto_augment)
     cfg.schedule.resolution.check(cfg.aug.img_size, patch, cfg.model.name, cfg.schedule.epochs)
     parse_sets(cfg.train.extra_val)  # NAME=PATH, names unique: a typo fails at load, not after the first epoch
@@ -318,10 +357,16 @@ def _check_randaugment(policy: str | None) -> None:
     if not policy:
         return
     sections = policy.split("-")
-    bad = [c for c in sections[1:] if not c.startswith("t")
-           and not any(c.startswith(k) and c[len(k):].replace(".", "", 1).isdigit() for k in _RA_SECTIONS)]
+    bad = [
+        c
+        for c in sections[1:]
+        if not c.startswith("t")
+        and not any(c.startswith(k) and c[len(k) :].replace(".", "", 1).isdigit() for k in _RA_SECTIONS)
+    ]
     if sections[0] != "rand" or bad:
         what = f"unknown section {bad[0]!r}" if sections[0] == "rand" else "not a RandAugment policy"
-        raise ConfigError(f"aug.auto_augment {policy!r}: {what}; timm's RandAugment policies are written like "
-                          "rand-m9-mstd0.5-inc1 (m magnitude, n ops per image, p probability, mstd magnitude noise, "
-                          "mmax magnitude cap, inc increasing ops)")
+        raise ConfigError(
+            f"aug.auto_augment {policy!r}: {what}; timm's RandAugment policies are written like "
+            "rand-m9-mstd0.5-inc1 (m magnitude, n ops per image, p probability, mstd magnitude noise, "
+            "mmax magnitude cap, inc increasing ops)"
+        )

@@ -4,6 +4,7 @@
 H100; and CPUs), else fp16 with a GradScaler (V100, T4). An explicit bf16 on a device that only emulates it works,
 several times slower: one warning.
 """
+
 from __future__ import annotations
 
 import os
@@ -48,8 +49,11 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     if amp == "auto":
         return "bf16" if native_bf16(device) else "fp16"
     if amp == "bf16" and not native_bf16(device):
-        warnings.warn(f"train.amp: bf16 on {torch.cuda.get_device_name(device)}, which has no native bf16 (it is "
-                      "emulated, several times slower): use train.amp: auto or fp16", stacklevel=2)
+        warnings.warn(
+            f"train.amp: bf16 on {torch.cuda.get_device_name(device)}, which has no native bf16 (it is "
+            "emulated, several times slower): use train.amp: auto or fp16",
+            stacklevel=2,
+        )
     return amp
 
 
@@ -80,5 +84,7 @@ def max_mem_mb(device: torch.device) -> float:
 def is_out_of_memory(e: BaseException) -> bool:
     """torch's CUDA OOM, a CPU allocation failure (torch's RuntimeError, numpy's MemoryError in FFCV's buffers)."""
     text = str(e)
-    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (isinstance(e, RuntimeError) and (
-        "not enough memory" in text or "can't allocate memory" in text or "out of memory" in text.lower()))
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(e, RuntimeError)
+        and ("not enough memory" in text or "can't allocate memory" in text or "out of memory" in text.lower())
+    )

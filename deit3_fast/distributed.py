@@ -4,6 +4,7 @@
 process's device; everything else asks `rank()`, `world()`, `is_main()`; `shutdown()` leaves the group before exit.
 Only the main process logs and writes.
 """
+
 from __future__ import annotations
 
 import os

@@ -6,6 +6,7 @@ the measured matmul rate in the AMP dtype a run would use, nvJPEG and DALI GPU d
 local GPUs, CPU cores, and a short loader-vs-model measurement (`profile`) on a generated or given .beton.
 Exit status: 1 when something is broken, or with `--require-gpu` when no GPU is usable; else 0.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -37,7 +38,7 @@ class Check:
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
-    return (text.splitlines()[0][:160] if text else type(e).__name__)
+    return text.splitlines()[0][:160] if text else type(e).__name__
 
 
 def _version(module: str) -> str | None:
@@ -58,19 +59,29 @@ def _version(module: str) -> str | None:
 
 
 def versions() -> list[Check]:
-    out = [Check("python", INFO, f"{platform.python_version()} ({sys.executable})"),
-           Check("torch", INFO, torch.__version__)]
+    out = [
+        Check("python", INFO, f"{platform.python_version()} ({sys.executable})"),
+        Check("torch", INFO, torch.__version__),
+    ]
     if torch.version.cuda is None:
-        out.append(Check("CUDA build", MISSING, "this torch has no CUDA support",
-                         "pip install torch (the default PyPI wheel is the CUDA build; never the +cpu one)"))
+        out.append(
+            Check(
+                "CUDA build",
+                MISSING,
+                "this torch has no CUDA support",
+                "pip install torch (the default PyPI wheel is the CUDA build; never the +cpu one)",
+            )
+        )
     else:
         driver = _driver_version()
         out.append(Check("CUDA", INFO, f"runtime {torch.version.cuda}, driver {driver or 'not found'}"))
     optional = {}
     for info in map(engine_info, engine_names()):  # each engine's own package, from the registry
         if info.package is not None:
-            optional[info.package] = (f"the {info.name} engine needs it; deit3-convert and the other engines do "
-                                      "not", info.install)
+            optional[info.package] = (
+                f"the {info.name} engine needs it; deit3-convert and the other engines do not",
+                info.install,
+            )
     optional["submitit"] = ("deit3-fast submit and ablate --submit (Slurm) need it", "pip install submitit")
     for module in ("torchvision", "timm", "numpy", "numba", *optional):
         v = _version(module)
@@ -91,8 +102,12 @@ def _driver_version() -> str | None:
     if shutil.which("nvidia-smi") is None:
         return None
     try:
-        r = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                           capture_output=True, text=True, timeout=20)
+        r = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else None
@@ -101,15 +116,27 @@ def _driver_version() -> str | None:
 def devices() -> list[Check]:
     if not torch.cuda.is_available():
         why = "torch has no CUDA support" if torch.version.cuda is None else "no CUDA device is visible"
-        return [Check("GPU", MISSING, why, "check nvidia-smi, the driver and CUDA_VISIBLE_DEVICES; training runs on "
-                                          "the CPU meanwhile")]
+        return [
+            Check(
+                "GPU",
+                MISSING,
+                why,
+                "check nvidia-smi, the driver and CUDA_VISIBLE_DEVICES; training runs on the CPU meanwhile",
+            )
+        ]
     out = []
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)
         bf16 = native_bf16(torch.device("cuda", i))
-        out.append(Check(f"cuda:{i}", OK, f"{p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}, "
-                                          f"{p.multi_processor_count} SMs, native bf16: {'yes' if bf16 else 'no'}",
-                         None if bf16 else "train.amp: auto runs fp16 with a GradScaler here (no native bf16)"))
+        out.append(
+            Check(
+                f"cuda:{i}",
+                OK,
+                f"{p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}, "
+                f"{p.multi_processor_count} SMs, native bf16: {'yes' if bf16 else 'no'}",
+                None if bf16 else "train.amp: auto runs fp16 with a GradScaler here (no native bf16)",
+            )
+        )
     return out
 
 
@@ -123,11 +150,16 @@ def matmul(device: torch.device) -> Check:
         size = 8192 if device.type == "cuda" else 1024
         rate = matmul_peak_tflops(device, dtype, size, size, size)
     except Exception as e:  # a broken CUDA install fails here first
-        return Check("matmul", BROKEN, f"{amp} {size}x{size} matmul failed: {_first_line(e)}",
-                     "check the driver/CUDA versions against torch's build (versions above)")
+        return Check(
+            "matmul",
+            BROKEN,
+            f"{amp} {size}x{size} matmul failed: {_first_line(e)}",
+            "check the driver/CUDA versions against torch's build (versions above)",
+        )
     nominal = nominal_tflops(device, amp)
-    detail = f"{rate:.1f} TFLOP/s {amp} ({size}^3)" + (f", {rate / nominal:.0%} of the datasheet's {nominal:.0f}"
-                                                         if nominal else "")
+    detail = f"{rate:.1f} TFLOP/s {amp} ({size}^3)" + (
+        f", {rate / nominal:.0%} of the datasheet's {nominal:.0f}" if nominal else ""
+    )
     return Check("matmul", OK, detail)
 
 
@@ -153,20 +185,33 @@ def nvjpeg(device: torch.device) -> Check:
 
     data, cpu = _test_jpeg()
     try:
-        gpu = decode_jpeg([torch.frombuffer(bytearray(data), dtype=torch.uint8)], mode=ImageReadMode.RGB,
-                          device=device)[0].cpu()
+        gpu = decode_jpeg(
+            [torch.frombuffer(bytearray(data), dtype=torch.uint8)], mode=ImageReadMode.RGB, device=device
+        )[0].cpu()
     except Exception as e:
-        return Check("nvJPEG decode", BROKEN, f"torchvision decode_jpeg on {device} failed: {_first_line(e)}",
-                     f"use data.engine: {one_of(alternatives('nvjpeg'))}; check that torchvision matches torch (same "
-                     "CUDA build)")
+        return Check(
+            "nvJPEG decode",
+            BROKEN,
+            f"torchvision decode_jpeg on {device} failed: {_first_line(e)}",
+            f"use data.engine: {one_of(alternatives('nvjpeg'))}; check that torchvision matches torch (same "
+            "CUDA build)",
+        )
     diff = (gpu.float() - cpu.float()).abs().mean().item()
     if gpu.shape != cpu.shape or diff > 3:
-        return Check("nvJPEG decode", BROKEN, f"GPU decode differs from the CPU's (mean |diff| {diff:.2f})",
-                     f"use data.engine: {one_of(alternatives('nvjpeg'))}")
+        return Check(
+            "nvJPEG decode",
+            BROKEN,
+            f"GPU decode differs from the CPU's (mean |diff| {diff:.2f})",
+            f"use data.engine: {one_of(alternatives('nvjpeg'))}",
+        )
     from pipelines.nvjpeg_engine import gpu_decoder_kind
 
-    return Check("nvJPEG decode", OK, f"torchvision decode_jpeg on the GPU matches the CPU's (mean |diff| "
-                                      f"{diff:.2f}); decoder: {gpu_decoder_kind(device)} (by compute capability)")
+    return Check(
+        "nvJPEG decode",
+        OK,
+        f"torchvision decode_jpeg on the GPU matches the CPU's (mean |diff| "
+        f"{diff:.2f}); decoder: {gpu_decoder_kind(device)} (by compute capability)",
+    )
 
 
 def dali(device: torch.device) -> Check:
@@ -193,21 +238,28 @@ def dali(device: torch.device) -> Check:
         (out,) = p.run()
         img = torch.from_numpy(out.as_cpu().as_array()[0]).permute(2, 0, 1)
     except Exception as e:
-        return Check("DALI mixed decode", BROKEN, f"failed: {_first_line(e)}",
-                     "install the DALI wheel for this CUDA major version (nvidia-dali-cuda120 or -cuda130), or use "
-                     f"data.engine: {other}")
+        return Check(
+            "DALI mixed decode",
+            BROKEN,
+            f"failed: {_first_line(e)}",
+            "install the DALI wheel for this CUDA major version (nvidia-dali-cuda120 or -cuda130), or use "
+            f"data.engine: {other}",
+        )
     diff = (img.float() - cpu.float()).abs().mean().item()
     status = OK if img.shape == cpu.shape and diff <= 3 else BROKEN
-    return Check("DALI mixed decode", status, f"decodes on the GPU (mean |diff| vs CPU {diff:.2f})",
-                 None if status == OK else f"use data.engine: {other}")
+    return Check(
+        "DALI mixed decode",
+        status,
+        f"decodes on the GPU (mean |diff| vs CPU {diff:.2f})",
+        None if status == OK else f"use data.engine: {other}",
+    )
 
 
 def _all_reduce_worker(rank: int, world: int, init: str, result: str) -> None:
     import torch.distributed as dist
 
     torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=init, rank=rank, world_size=world,
-                            device_id=torch.device("cuda", rank))
+    dist.init_process_group("nccl", init_method=init, rank=rank, world_size=world, device_id=torch.device("cuda", rank))
     t = torch.full((1 << 20,), float(rank + 1), device="cuda")
     dist.all_reduce(t)
     torch.cuda.synchronize()
@@ -233,13 +285,21 @@ def all_reduce() -> Check:
             mp.spawn(_all_reduce_worker, args=(n, f"file://{tmp}/store", result), nprocs=n, join=True)
             value, seconds = map(float, Path(result).read_text().split())
         except Exception as e:
-            return Check("all-reduce", BROKEN, f"NCCL all-reduce over {n} GPUs failed: {_first_line(e)}",
-                         "check NCCL (NCCL_DEBUG=INFO), the GPU topology (nvidia-smi topo -m) and NCCL_P2P_DISABLE")
+            return Check(
+                "all-reduce",
+                BROKEN,
+                f"NCCL all-reduce over {n} GPUs failed: {_first_line(e)}",
+                "check NCCL (NCCL_DEBUG=INFO), the GPU topology (nvidia-smi topo -m) and NCCL_P2P_DISABLE",
+            )
     # After the first reduce every element is sum(1..n); each of the 5 timed reduces multiplies it by n.
-    expected = n * (n + 1) / 2 * n ** 5
+    expected = n * (n + 1) / 2 * n**5
     if abs(value - expected) > 1e-3 * expected:
-        return Check("all-reduce", BROKEN, f"NCCL all-reduce over {n} GPUs gave {value}, expected {expected}",
-                     "check NCCL (NCCL_DEBUG=INFO)")
+        return Check(
+            "all-reduce",
+            BROKEN,
+            f"NCCL all-reduce over {n} GPUs gave {value}, expected {expected}",
+            "check NCCL (NCCL_DEBUG=INFO)",
+        )
     gbps = 2 * (n - 1) / n * 4 * (1 << 20) / seconds / 1e9
     return Check("all-reduce", OK, f"NCCL over {n} GPUs: correct, {gbps:.0f} GB/s bus bandwidth on 4 MiB")
 
@@ -264,23 +324,38 @@ def throughput(device: torch.device, data_train: str | None, engine: str | None,
             recipe, sets = "vit_s_in1k", ["data.batch_size=128", "train.global_batch=128"]
         else:
             recipe, sets = "quickstart", ["data.batch_size=16", "train.global_batch=16", "model.num_classes=1000"]
-        sets += [f"data.train={data_train}", "data.val=null", f"data.engine={engine}", f"data.workers={workers}",
-                 "data.repeats=1"]
+        sets += [
+            f"data.train={data_train}",
+            "data.val=null",
+            f"data.engine={engine}",
+            f"data.workers={workers}",
+            "data.repeats=1",
+        ]
         try:
             r = profile(load_config(recipe, sets), device, steps=steps)
         except Exception as e:
-            return Check("loader vs model", BROKEN, f"{recipe} on {engine}: {_first_line(e)}",
-                         "run deit3-fast profile with the same settings for the full error")
-    detail = (f"{r['model']}@{r['img_size']} batch {r['batch_size']} {r['amp']}, {engine} engine, {workers} "
-              f"workers: loader {r['loader_img_per_s']:,.0f} img/s, model alone {r['model_img_per_s']:,.0f}, end "
-              f"to end {r['end_to_end_img_per_s']:,.0f} ({r['ratio']:.0%}), MFU {r['mfu']:.0%}: {r['verdict']}")
+            return Check(
+                "loader vs model",
+                BROKEN,
+                f"{recipe} on {engine}: {_first_line(e)}",
+                "run deit3-fast profile with the same settings for the full error",
+            )
+    detail = (
+        f"{r['model']}@{r['img_size']} batch {r['batch_size']} {r['amp']}, {engine} engine, {workers} "
+        f"workers: loader {r['loader_img_per_s']:,.0f} img/s, model alone {r['model_img_per_s']:,.0f}, end "
+        f"to end {r['end_to_end_img_per_s']:,.0f} ({r['ratio']:.0%}), MFU {r['mfu']:.0%}: {r['verdict']}"
+    )
     if r.get("cpu_stage_img_per_s_per_core"):
         detail += f"; CPU stage {r['cpu_stage_img_per_s_per_core']:,.0f} img/s per core at {r['img_size']} px"
         this = next((v for k, v in (r.get("cores_per_gpu") or {}).items() if k.startswith("this GPU")), None)
         if this is not None:
             detail += f", {this:.1f} cores per GPU keep this model fed"
-    return Check("loader vs model", OK if r["verdict"] == "compute-bound" else INFO, detail,
-                 None if r["verdict"] == "compute-bound" else r["advice"])
+    return Check(
+        "loader vs model",
+        OK if r["verdict"] == "compute-bound" else INFO,
+        detail,
+        None if r["verdict"] == "compute-bound" else r["advice"],
+    )
 
 
 def _default_engine() -> str:
@@ -303,8 +378,9 @@ def _generated_beton(tmp: Path) -> str:
     return str(tmp / "train.beton")
 
 
-def run_doctor(data_train: str | None = None, engine: str | None = None, steps: int = 10,
-               skip_throughput: bool = False) -> dict:
+def run_doctor(
+    data_train: str | None = None, engine: str | None = None, steps: int = 10, skip_throughput: bool = False
+) -> dict:
     from .device import default_device
 
     device = default_device()
@@ -315,9 +391,13 @@ def run_doctor(data_train: str | None = None, engine: str | None = None, steps: 
         checks.append(throughput(device, data_train, engine, steps))
     from pipelines.nvjpeg_engine import gpu_decoder_kind
 
-    return {"device": str(device), "gpu": device.type == "cuda", "jpeg_decoder": gpu_decoder_kind(device),
-            "checks": [asdict(c) for c in checks],
-            "broken": [c.name for c in checks if c.status == BROKEN]}
+    return {
+        "device": str(device),
+        "gpu": device.type == "cuda",
+        "jpeg_decoder": gpu_decoder_kind(device),
+        "checks": [asdict(c) for c in checks],
+        "broken": [c.name for c in checks if c.status == BROKEN],
+    }
 
 
 def render(report: dict) -> None:

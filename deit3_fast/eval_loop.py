@@ -2,6 +2,7 @@
 trainer's per-epoch evaluation and the `eval` command (evalsets.py, which says how each named set is scored) both
 run it.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,8 +14,14 @@ from .device import autocast
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, amp: str, progress: Progress | None = None,
-             mask: torch.Tensor | None = None, keep: bool = False) -> dict:
+def evaluate(
+    model: torch.nn.Module,
+    loader,
+    amp: str,
+    progress: Progress | None = None,
+    mask: torch.Tensor | None = None,
+    keep: bool = False,
+) -> dict:
     """Top-1/top-5 (%) over every sample of `loader`'s set, counted once across ranks. `mask` (bool, one per class)
     scores over those classes only (ImageNet-A/-R); `keep` also returns each sample's index, label and top-5, in
     sample order, gathered from every rank."""
@@ -42,14 +49,15 @@ def evaluate(model: torch.nn.Module, loader, amp: str, progress: Progress | None
     if progress:
         progress.remove_task(task)
     # Each rank saw its own unpadded shard: summing the counts gives every sample exactly once.
-    sums = dist.all_reduce_sum(torch.tensor([float(correct1), float(correct5), float(n)], dtype=torch.float64,
-                                            device=device))
+    sums = dist.all_reduce_sum(
+        torch.tensor([float(correct1), float(correct5), float(n)], dtype=torch.float64, device=device)
+    )
     c1, c5, n = sums.tolist()
     result = {"acc1": 100.0 * c1 / max(n, 1), "acc5": 100.0 * c5 / max(n, 1), "n": int(n)}
     if keep:
         labels = torch.cat([k[0] for k in kept]).numpy() if kept else np.zeros(0, np.int64)
         top5 = torch.cat([k[1] for k in kept]).numpy() if kept else np.zeros((0, 5), np.int64)
-        index = loader.sample_indices(0)[:len(labels)]
+        index = loader.sample_indices(0)[: len(labels)]
         parts = dist.all_gather_object((index, labels, top5))
         index, labels, top5 = (np.concatenate([p[i] for p in parts]) for i in range(3))
         order = np.argsort(index, kind="stable")

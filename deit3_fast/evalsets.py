@@ -12,6 +12,7 @@ A set is given as NAME=PATH (a .beton or shard folder converted with the trainin
 `parse_sets` reads the lists, so a typo fails at load). The loop that scores a loader is eval_loop.py, which the
 trainer's evaluation runs too.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,11 +37,24 @@ from .loaders import make_loader
 from .models import create_model, load_checkpoint
 
 # EvalSet and parse_sets are the config's (it checks train.extra_val at load); the eval command takes them from here.
-__all__ = ["EvalSet", "parse_sets", "class_mask", "real_set", "evaluate_checkpoint", "real_top1", "load_real",
-           "save_predictions", "render"]
+__all__ = [
+    "EvalSet",
+    "parse_sets",
+    "class_mask",
+    "real_set",
+    "evaluate_checkpoint",
+    "real_top1",
+    "load_real",
+    "save_predictions",
+    "render",
+]
 
-SUBSETS = {"a": "imagenet_a_wnids.txt", "imagenet-a": "imagenet_a_wnids.txt",
-           "r": "imagenet_r_wnids.txt", "imagenet-r": "imagenet_r_wnids.txt"}
+SUBSETS = {
+    "a": "imagenet_a_wnids.txt",
+    "imagenet-a": "imagenet_a_wnids.txt",
+    "r": "imagenet_r_wnids.txt",
+    "imagenet-r": "imagenet_r_wnids.txt",
+}
 _VAL_NAME = re.compile(r"ILSVRC2012_val_(\d{8})\.JPEG$")
 
 
@@ -50,17 +64,23 @@ def class_mask(name: str, classes: list[str] | None, num_classes: int):
         return None
     wnids = (CONFIG_DIR / "reference" / SUBSETS[name]).read_text().split()
     if not classes:
-        raise ConfigError(f"validation set {name!r}: masking to its {len(wnids)} classes needs the class list it "
-                          "was converted with (its .beton.json report or manifest)")
+        raise ConfigError(
+            f"validation set {name!r}: masking to its {len(wnids)} classes needs the class list it "
+            "was converted with (its .beton.json report or manifest)"
+        )
     if len(classes) != num_classes:  # converted with its own 200 classes: labels are not the model's outputs
-        raise ConfigError(f"validation set {name!r} was converted with {len(classes)} classes, the model has "
-                          f"{num_classes}: convert it with --classes TRAIN.beton.json, so its labels are the "
-                          "model's class indices")
+        raise ConfigError(
+            f"validation set {name!r} was converted with {len(classes)} classes, the model has "
+            f"{num_classes}: convert it with --classes TRAIN.beton.json, so its labels are the "
+            "model's class indices"
+        )
     index = {c: i for i, c in enumerate(classes)}
     missing = [w for w in wnids if w not in index]
     if missing:
-        raise ConfigError(f"validation set {name!r}: {len(missing)} of its classes (e.g. {missing[0]}) are not in "
-                          "the class list it was converted with: convert it with --classes TRAIN.beton.json")
+        raise ConfigError(
+            f"validation set {name!r}: {len(missing)} of its classes (e.g. {missing[0]}) are not in "
+            "the class list it was converted with: convert it with --classes TRAIN.beton.json"
+        )
     mask = torch.zeros(num_classes, dtype=torch.bool)
     mask[[index[w] for w in wnids]] = True
     return mask
@@ -72,19 +92,32 @@ def real_set(sets: list[EvalSet], real) -> EvalSet | None:
         return None
     found = next((s for s in sets if s.name in ("in1k", "val")), None)
     if found is None:
-        raise ConfigError("--real scores the ImageNet-1k validation set: name it in1k (--val in1k=PATH) or give "
-                          "--data-val")
+        raise ConfigError(
+            "--real scores the ImageNet-1k validation set: name it in1k (--val in1k=PATH) or give --data-val"
+        )
     return found
 
 
-def evaluate_checkpoint(cfg: Config, checkpoint: str, sets: list[EvalSet], device, *, ema: bool = False,
-                        real: list[list[int]] | None = None, keep: bool = False) -> tuple[dict, list[dict]]:
+def evaluate_checkpoint(
+    cfg: Config,
+    checkpoint: str,
+    sets: list[EvalSet],
+    device,
+    *,
+    ema: bool = False,
+    real: list[list[int]] | None = None,
+    keep: bool = False,
+) -> tuple[dict, list[dict]]:
     """Score `checkpoint` (its EMA weights with `ema`) on each set as that set must be scored: {set name: {acc1,
     acc5, n[, classes]}}, plus "real" when ReaL labels are given (scored on the set named in1k or val), and with
     `keep` one prediction row per image (set, index, source file, label, top-5)."""
     scored_by_real = real_set(sets, real)
-    model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, img_size=cfg.aug.img_size,
-                         layer_scale_init=cfg.model.layer_scale_init)
+    model = create_model(
+        cfg.model.name,
+        num_classes=cfg.model.num_classes,
+        img_size=cfg.aug.img_size,
+        layer_scale_init=cfg.model.layer_scale_init,
+    )
     if ema:
         model.load_state_dict(load_weights(checkpoint, ema=True))  # a run's own EMA: its layout, as it is
     else:
@@ -100,20 +133,34 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, sets: list[EvalSet], devic
         except BetonError as e:  # e.g. a folder given where a .beton or a shard set belongs
             raise DataError(f"--val {s.name}: {e}") from None
         if sources is None and s is scored_by_real:
-            raise ConfigError(f"--real: {s.path} was converted without its list of source files (the .sources.txt "
-                              "beside it, which ReaL's labels are looked up by): convert it again")
+            raise ConfigError(
+                f"--real: {s.path} was converted without its list of source files (the .sources.txt "
+                "beside it, which ReaL's labels are looked up by): convert it again"
+            )
         mask = class_mask(s.name, classes, cfg.model.num_classes)
-        ev = evaluate(model, make_loader(replace(cfg, data=replace(cfg.data, val=s.path)), "val", device, amp=amp),
-                      amp, mask=mask, keep=keep)
+        ev = evaluate(
+            model,
+            make_loader(replace(cfg, data=replace(cfg.data, val=s.path)), "val", device, amp=amp),
+            amp,
+            mask=mask,
+            keep=keep,
+        )
         results[s.name] = {"acc1": ev["acc1"], "acc5": ev["acc5"], "n": ev["n"]}
         if mask is not None:
             results[s.name]["classes"] = int(mask.sum())
         if s is scored_by_real:
             results["real"] = real_top1(ev["top5"][:, 0], [sources[i] for i in ev["index"]], real)
         if keep:
-            predictions += [{"set": s.name, "index": int(i), "source": sources[i] if sources else None,
-                             "label": int(y), "top5": [int(c) for c in t]}
-                            for i, y, t in zip(ev["index"], ev["label"], ev["top5"])]
+            predictions += [
+                {
+                    "set": s.name,
+                    "index": int(i),
+                    "source": sources[i] if sources else None,
+                    "label": int(y),
+                    "top5": [int(c) for c in t],
+                }
+                for i, y, t in zip(ev["index"], ev["label"], ev["top5"])
+            ]
     return results, predictions
 
 
@@ -123,9 +170,11 @@ def real_top1(top1, sources: list[str], real: list[list[int]]) -> dict:
     for pred, src in zip(top1, sources):
         m = _VAL_NAME.search(src)
         if m is None or not 1 <= int(m.group(1)) <= len(real):
-            raise ConfigError(f"ReaL labels are indexed by ImageNet validation file names "
-                              f"(ILSVRC2012_val_00000001.JPEG ... {len(real)}), and this set has {src!r}: use "
-                              "--real with the ImageNet-1k validation set")
+            raise ConfigError(
+                f"ReaL labels are indexed by ImageNet validation file names "
+                f"(ILSVRC2012_val_00000001.JPEG ... {len(real)}), and this set has {src!r}: use "
+                "--real with the ImageNet-1k validation set"
+            )
         labels = real[int(m.group(1)) - 1]
         if labels:
             counted += 1
@@ -137,8 +186,9 @@ def load_real(path: str | Path) -> list[list[int]]:
     try:
         real = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
-        raise ConfigError(f"--real {path}: unreadable ({e}); the file is ReaL's real.json (a list of 50,000 "
-                          "lists of labels)") from None
+        raise ConfigError(
+            f"--real {path}: unreadable ({e}); the file is ReaL's real.json (a list of 50,000 lists of labels)"
+        ) from None
     if not isinstance(real, list) or not all(isinstance(x, list) for x in real):
         raise ConfigError(f"--real {path}: not ReaL's real.json (a list of lists of label indices)")
     return real
@@ -155,7 +205,10 @@ def render(results: dict) -> None:
     for col in ("set", "images", "top-1", "top-5", "scored over"):
         t.add_column(col, justify="left" if col in ("set", "scored over") else "right")
     for name, r in results.items():
-        over = "ReaL labels (images with none left out)" if name == "real" else (
-            f"{r['classes']} classes" if "classes" in r else "all classes")
+        over = (
+            "ReaL labels (images with none left out)"
+            if name == "real"
+            else (f"{r['classes']} classes" if "classes" in r else "all classes")
+        )
         t.add_row(name, f"{r['n']:,}", f"{r['acc1']:.2f}", f"{r['acc5']:.2f}" if "acc5" in r else "—", over)
     Console(stderr=True).print(t)

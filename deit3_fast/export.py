@@ -8,6 +8,7 @@ checkpoint-*.pt, its EMA with `--ema`, an official DeiT III .pth, a timm file, a
 
 gives the same logits (`num_classes` only where it is not 1000: timm drops a head of another size).
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,9 @@ def timm_architecture(arch: str, img_size: int) -> tuple[str, dict]:
         return exact, {}
     base = f"deit3_{size}_patch{patch}_224"
     if base not in TIMM_NAMES:
-        raise CheckpointError(f"timm has no DeiT III model for {arch}: export supports small, medium, base, large "
-                              "and huge")
+        raise CheckpointError(
+            f"timm has no DeiT III model for {arch}: export supports small, medium, base, large and huge"
+        )
     return base, {"img_size": img_size}
 
 
@@ -44,8 +46,7 @@ def _read(path: str, given: str | None, ema: bool) -> tuple[str, dict, int | Non
     weights = read_weights(path, ema=ema)
     name = given or weights.model
     if not name:
-        raise CheckpointError(f"{path} does not say which model it holds: give --model (e.g. "
-                              "deit3_small_patch16_224)")
+        raise CheckpointError(f"{path} does not say which model it holds: give --model (e.g. deit3_small_patch16_224)")
     return name, weights.state, weights.img_size
 
 
@@ -81,13 +82,28 @@ def export(checkpoint: str, out_dir: str | Path, model: str | None = None, ema: 
     except OSError as e:
         raise CheckpointError(f"cannot create {out}: {e.strerror or e}") from None
     tensors = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-    config = {"architecture": timm_name, "num_classes": num_classes, "num_features": ARCHS[arch][1],
-              "global_pool": "token", "model_args": model_args,
-              "pretrained_cfg": {"tag": "deit3_fast", "custom_load": False, "input_size": [3, img_size, img_size],
-                                 "fixed_input_size": True, "interpolation": "bicubic", "crop_pct": 1.0,
-                                 "crop_mode": "center", "mean": list(MEAN), "std": list(STD),
-                                 "num_classes": num_classes, "pool_size": None, "first_conv": "patch_embed.proj",
-                                 "classifier": "head"}}
+    config = {
+        "architecture": timm_name,
+        "num_classes": num_classes,
+        "num_features": ARCHS[arch][1],
+        "global_pool": "token",
+        "model_args": model_args,
+        "pretrained_cfg": {
+            "tag": "deit3_fast",
+            "custom_load": False,
+            "input_size": [3, img_size, img_size],
+            "fixed_input_size": True,
+            "interpolation": "bicubic",
+            "crop_pct": 1.0,
+            "crop_mode": "center",
+            "mean": list(MEAN),
+            "std": list(STD),
+            "num_classes": num_classes,
+            "pool_size": None,
+            "first_conv": "patch_embed.proj",
+            "classifier": "head",
+        },
+    }
     weights = None
     try:
         with ExitStack() as stack:
@@ -103,11 +119,24 @@ def export(checkpoint: str, out_dir: str | Path, model: str | None = None, ema: 
             weights.commit()
             described.commit()
     except OSError as e:
-        replaced = "model.safetensors was replaced, config.json was not" if weights and weights.committed else \
-            "no file there was replaced"
+        replaced = (
+            "model.safetensors was replaced, config.json was not"
+            if weights and weights.committed
+            else "no file there was replaced"
+        )
         raise CheckpointError(f"writing the export into {out} failed: {e.strerror or e}; {replaced}") from None
-    return {"out": str(out), "architecture": timm_name, "num_classes": num_classes, "img_size": img_size,
-            "weights": "ema" if ema else "model", "load_with": (
-                f"timm.create_model({timm_name!r}, pretrained=True, pretrained_cfg_overlay=dict(file="
-                f"{str(out / 'model.safetensors')!r}" + (f", num_classes={num_classes}" if num_classes != 1000 else "")
-                + ")" + "".join(f", {k}={v!r}" for k, v in model_args.items()) + ")")}
+    return {
+        "out": str(out),
+        "architecture": timm_name,
+        "num_classes": num_classes,
+        "img_size": img_size,
+        "weights": "ema" if ema else "model",
+        "load_with": (
+            f"timm.create_model({timm_name!r}, pretrained=True, pretrained_cfg_overlay=dict(file="
+            f"{str(out / 'model.safetensors')!r}"
+            + (f", num_classes={num_classes}" if num_classes != 1000 else "")
+            + ")"
+            + "".join(f", {k}={v!r}" for k, v in model_args.items())
+            + ")"
+        ),
+    }

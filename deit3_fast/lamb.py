@@ -14,6 +14,7 @@ apex's CUDA extension:
 Everything runs as `torch._foreach_*` ops over whole tensor lists, and the clip factor and trust ratios stay on the
 device, so a step never waits for the GPU.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -40,9 +41,17 @@ class Lamb(torch.optim.Optimizer):
     same maths through torch.compile.
     """
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, max_grad_norm: float = 1.0,
-                 bias_correction: bool = True, compile: bool = False):
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        max_grad_norm: float = 1.0,
+        bias_correction: bool = True,
+        compile: bool = False,
+    ):
         if lr < 0.0:
             raise ValueError(f"invalid learning rate: {lr}")
         if eps < 0.0:
@@ -53,8 +62,14 @@ class Lamb(torch.optim.Optimizer):
             raise ValueError(f"invalid weight_decay: {weight_decay}")
         if max_grad_norm < 0.0:
             raise ValueError(f"invalid max_grad_norm: {max_grad_norm}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-                        bias_correction=bias_correction)
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm,
+            bias_correction=bias_correction,
+        )
         super().__init__(params, defaults)
         # torch.compile fuses the ~15 passes over every tensor list into a few loops (CPU) or kernels (GPU): the
         # step is memory-bound, so that is most of its time (benchmarks/lamb.py). Compiling costs seconds once.
@@ -107,8 +122,8 @@ class Lamb(torch.optim.Optimizer):
             group["step"] = group.get("step", 0) + 1
             t = group["step"]
             beta1, beta2 = group["betas"]
-            bc1 = 1.0 - beta1 ** t if group["bias_correction"] else 1.0
-            bc2 = 1.0 - beta2 ** t if group["bias_correction"] else 1.0
+            bc1 = 1.0 - beta1**t if group["bias_correction"] else 1.0
+            bc2 = 1.0 - beta2**t if group["bias_correction"] else 1.0
             for params, grads, exp_avgs, exp_avg_sqs in group_buckets.values():
                 dev, dtype = params[0].device, params[0].dtype
                 factor = clip.to(dev, dtype) if clip is not None else torch.ones((), device=dev, dtype=dtype)
@@ -118,17 +133,40 @@ class Lamb(torch.optim.Optimizer):
                     # the device: torch.tensor(v, device=cuda) would be a blocking copy, three per bucket per step.
                     scalars = tuple(torch.full((), v, device=dev, dtype=dtype) for v in scalars)
                 update = self._compiled or _lamb_update
-                update(params, grads, exp_avgs, exp_avg_sqs, factor, *scalars, beta1=beta1, beta2=beta2,
-                       eps=group["eps"], weight_decay=group["weight_decay"])
+                update(
+                    params,
+                    grads,
+                    exp_avgs,
+                    exp_avg_sqs,
+                    factor,
+                    *scalars,
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                )
         return loss
 
 
-def _lamb_update(params, grads, exp_avgs, exp_avg_sqs, clip, lr, bc1, bc2, *, beta1: float, beta2: float,
-                 eps: float, weight_decay: float) -> None:
+def _lamb_update(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    clip,
+    lr,
+    bc1,
+    bc2,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
     """One LAMB step for same-device, same-dtype tensor lists. `clip` divides the gradients (a clipped copy, not
     in-place: the caller may still read .grad); lr, bc1, bc2 are numbers or 0-d tensors."""
     scaled = torch._foreach_div(grads, clip)
-    torch._foreach_lerp_(exp_avgs, scaled, 1.0 - beta1)     # m = beta1 m + (1 - beta1) g
+    torch._foreach_lerp_(exp_avgs, scaled, 1.0 - beta1)  # m = beta1 m + (1 - beta1) g
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, scaled, scaled, value=1.0 - beta2)
     del scaled

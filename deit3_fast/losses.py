@@ -9,6 +9,7 @@ else label-smoothing cross-entropy on class indices (plain cross-entropy when sm
 No torch at import: the config schema checks `loss` against `LOSSES`, and every command loads its config before torch
 starts. torch and timm are imported when a loss is built (and `one_hot` when targets are class indices).
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING

@@ -10,6 +10,7 @@ Checkpoints: official DeiT III `.pth` files (key `model`, `gamma_1/2`), timm che
 patch grid for another resolution (as the official fine-tuning code does, without antialiasing) and a head of the
 wrong size is dropped (fine-tuning).
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -47,9 +48,15 @@ def _floor_to_patches(module: nn.Module, args: tuple) -> tuple:
     return (x[..., : x.shape[-2] // ph * ph, : x.shape[-1] // pw * pw], *args[1:])
 
 
-def create_model(name: str, num_classes: int = 1000, img_size: int | None = None, drop_path: float = 0.0,
-                 layer_scale_init: float | None = 1e-4, checkpoint: str | None = None,
-                 **overrides) -> VisionTransformer:
+def create_model(
+    name: str,
+    num_classes: int = 1000,
+    img_size: int | None = None,
+    drop_path: float = 0.0,
+    layer_scale_init: float | None = 1e-4,
+    checkpoint: str | None = None,
+    **overrides,
+) -> VisionTransformer:
     """A DeiT III ViT with the official from-scratch init, optionally loading `checkpoint` on top.
 
     `name`: one of MODEL_NAMES (ours, timm's or the official ones); `img_size` defaults to the resolution a timm name
@@ -61,9 +68,21 @@ def create_model(name: str, num_classes: int = 1000, img_size: int | None = None
     patch, dim, depth, heads = ARCHS[arch]
     if img_size < patch:
         raise ValueError(f"img_size {img_size} is smaller than {name}'s patch size {patch}")
-    kwargs = dict(img_size=img_size, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=4.0,
-                  qkv_bias=True, num_classes=num_classes, no_embed_class=True, class_token=True,
-                  global_pool="token", init_values=layer_scale_init, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+    kwargs = dict(
+        img_size=img_size,
+        patch_size=patch,
+        embed_dim=dim,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        num_classes=num_classes,
+        no_embed_class=True,
+        class_token=True,
+        global_pool="token",
+        init_values=layer_scale_init,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+    )
     kwargs.update(overrides)
     model = VisionTransformer(**kwargs)
     if kwargs.get("dynamic_img_size"):
@@ -90,13 +109,18 @@ def load_state(model: VisionTransformer, state: dict, path: str) -> list[str]:
     dropped = [k for k in ("head.weight", "head.bias") if k in state and state[k].shape != own[k].shape]
     for k in dropped:
         del state[k]
-    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-             if k in own and v.shape != own[k].shape]
+    wrong = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
     if wrong:
         raise CheckpointError(f"checkpoint {path} does not fit {type(model).__name__}: {'; '.join(wrong[:3])}")
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("head.")]
     if missing or unexpected:
-        raise CheckpointError(f"checkpoint {path} does not match the model: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]} (is it the right model name?)")
+        raise CheckpointError(
+            f"checkpoint {path} does not match the model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]} (is it the right model name?)"
+        )
     return dropped

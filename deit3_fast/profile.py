@@ -15,6 +15,7 @@ only one kind of call, so a window can never catch a one-time cost or a differen
 CUDA windows are bracketed by synchronisation. Verdict: `input-bound` when end-to-end < 95% of model-alone,
 naming the slowest input stage and what to change.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,10 +34,21 @@ from .device import AMP_DTYPES, autocast, device_name
 COMPUTE_BOUND_RATIO = 0.95
 WARMUP = 3
 # Dense bf16/fp16 tensor-core TFLOP/s from the datasheets (no sparsity), by a substring of the device name.
-NOMINAL_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("GH200", 989.0), ("B200", 2250.0),
-                  ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0), ("A10G", 125.0),
-                  ("L4", 121.0),
-                  ("V100", 125.0), ("T4", 65.0))
+NOMINAL_TFLOPS = (
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("GH200", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("L40", 181.0),
+    ("A10G", 125.0),
+    ("L4", 121.0),
+    ("V100", 125.0),
+    ("T4", 65.0),
+)
 
 
 # The GPUs of the cores-per-GPU estimate when the GPU is not here: datasheet dense tensor-core TFLOP/s in the AMP dtype
@@ -46,8 +58,9 @@ REFERENCE_GPUS = (("V100", "fp16", 125.0), ("A100", "bf16", 312.0), ("H100", "bf
 REFERENCE_MFU = 0.4
 
 
-def cores_per_gpu(gflop_per_image: float, cpu_img_per_s_per_core: float, tflops: float,
-                  mfu: float = REFERENCE_MFU) -> tuple[float, float]:
+def cores_per_gpu(
+    gflop_per_image: float, cpu_img_per_s_per_core: float, tflops: float, mfu: float = REFERENCE_MFU
+) -> tuple[float, float]:
     """(img/s one GPU trains at `mfu` of `tflops`, CPU cores whose CPU stage keeps up with it)."""
     gpu = tflops * 1e12 * mfu / (gflop_per_image * 1e9)
     return gpu, gpu / cpu_img_per_s_per_core
@@ -89,8 +102,7 @@ def _loader_batches(loader):
         yield from loader  # each pass moves on to the next epoch
 
 
-def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, m: int = 4096, k: int = 1024,
-                       n: int = 4096) -> float:
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, m: int = 4096, k: int = 1024, n: int = 4096) -> float:
     """The rate of an (m, k) @ (k, n) matmul in `dtype` on `device`: the best of a few timed repetitions after a
     warm-up. Called with the model's own GEMM shape and AMP dtype, it is what the model's matmuls can reach."""
     a = torch.randn(m, k, device=device).to(dtype)
@@ -202,23 +214,43 @@ def profile(cfg: Config, device: torch.device, steps: int = 20) -> dict:
     per_core = engine_rate / engine_cores if on_cpu and engine_cores > 0.05 else None
     cores = None
     if per_core:
-        cores = {f"{name} {dt} @ {REFERENCE_MFU:.0%} MFU": cores_per_gpu(flops / 1e9, per_core, tf)[1]
-                 for name, dt, tf in REFERENCE_GPUS}
+        cores = {
+            f"{name} {dt} @ {REFERENCE_MFU:.0%} MFU": cores_per_gpu(flops / 1e9, per_core, tf)[1]
+            for name, dt, tf in REFERENCE_GPUS
+        }
         if device.type == "cuda":
             cores = {f"this GPU (model alone, {model_rate:,.0f} img/s)": model_rate / per_core, **cores}
     result = {
-        "model": cfg.model.name, "img_size": cfg.aug.img_size, "batch_size": b, "accum": accum, "amp": run.amp,
-        "engine": cfg.data.engine, "workers": cfg.data.workers, "compile": cfg.train.compile,
-        "device": device_name(device), "jpeg_decoder": gpu_decoder_kind(device),
-        "engine_img_per_s": engine_rate, "engine_cpu_cores": engine_cores,
-        "device_stage_img_per_s": stage_rate, "loader_img_per_s": loader_rate,
-        "model_img_per_s": model_rate, "end_to_end_img_per_s": end_to_end,
-        "micro_batch_ms": micro_model * 1e3, "optimizer_step_ms": opt_step * 1e3,
+        "model": cfg.model.name,
+        "img_size": cfg.aug.img_size,
+        "batch_size": b,
+        "accum": accum,
+        "amp": run.amp,
+        "engine": cfg.data.engine,
+        "workers": cfg.data.workers,
+        "compile": cfg.train.compile,
+        "device": device_name(device),
+        "jpeg_decoder": gpu_decoder_kind(device),
+        "engine_img_per_s": engine_rate,
+        "engine_cpu_cores": engine_cores,
+        "device_stage_img_per_s": stage_rate,
+        "loader_img_per_s": loader_rate,
+        "model_img_per_s": model_rate,
+        "end_to_end_img_per_s": end_to_end,
+        "micro_batch_ms": micro_model * 1e3,
+        "optimizer_step_ms": opt_step * 1e3,
         "end_to_end_micro_batch_ms": micro_e2e * 1e3,
-        "ratio": end_to_end / model_rate, "gflop_per_image": flops / 1e9, "achieved_tflops": achieved,
-        "peak_tflops": peak, "mfu": achieved / peak, "peak_note": peak_note,
-        "nominal_tflops": nominal, "mfu_nominal": achieved / nominal if nominal else None, "steps": steps,
-        "cpu_stage_img_per_s_per_core": per_core, "cores_per_gpu": cores,
+        "ratio": end_to_end / model_rate,
+        "gflop_per_image": flops / 1e9,
+        "achieved_tflops": achieved,
+        "peak_tflops": peak,
+        "mfu": achieved / peak,
+        "peak_note": peak_note,
+        "nominal_tflops": nominal,
+        "mfu_nominal": achieved / nominal if nominal else None,
+        "steps": steps,
+        "cpu_stage_img_per_s_per_core": per_core,
+        "cores_per_gpu": cores,
     }
     result.update(verdict(result, cfg))
     return result
@@ -226,24 +258,35 @@ def profile(cfg: Config, device: torch.device, steps: int = 20) -> dict:
 
 def verdict(r: dict, cfg: Config) -> dict:
     if r["ratio"] >= COMPUTE_BOUND_RATIO:
-        return {"verdict": "compute-bound", "slowest_stage": "model",
-                "advice": f"end-to-end is {r['ratio']:.0%} of the model alone: the input keeps up"}
+        return {
+            "verdict": "compute-bound",
+            "slowest_stage": "model",
+            "advice": f"end-to-end is {r['ratio']:.0%} of the model alone: the input keeps up",
+        }
     stages = {"engine": r["engine_img_per_s"], "device_stage": r["device_stage_img_per_s"]}
     slowest = min(stages, key=stages.get)
     if stages[slowest] >= r["model_img_per_s"]:
-        advice = ("each input stage alone is faster than the model, but together they are not: the stages share "
-                  "the same cores or device; give the loader its own cores (data.workers), or use a GPU engine")
+        advice = (
+            "each input stage alone is faster than the model, but together they are not: the stages share "
+            "the same cores or device; give the loader its own cores (data.workers), or use a GPU engine"
+        )
     elif slowest == "engine" and not engine_info(cfg.data.engine).gpu_decode:
-        advice = (f"JPEG decode + crop on {cfg.data.workers} CPU workers gives {stages[slowest]:.0f} img/s for a "
-                  f"model that takes {r['model_img_per_s']:.0f}: raise data.workers (this machine has "
-                  f"{os.cpu_count()} cores), convert with a lower deit3-convert --max-resolution, or decode on "
-                  f"the GPU with --engine {engine_names(gpu_decode=True)[0]}")
+        advice = (
+            f"JPEG decode + crop on {cfg.data.workers} CPU workers gives {stages[slowest]:.0f} img/s for a "
+            f"model that takes {r['model_img_per_s']:.0f}: raise data.workers (this machine has "
+            f"{os.cpu_count()} cores), convert with a lower deit3-convert --max-resolution, or decode on "
+            f"the GPU with --engine {engine_names(gpu_decode=True)[0]}"
+        )
     elif slowest == "engine":
-        advice = (f"the {cfg.data.engine} engine decodes {stages[slowest]:.0f} img/s: on a GPU machine run it with "
-                  f"--device cuda; otherwise raise data.workers or use --engine {engine_names(gpu_decode=False)[0]}")
+        advice = (
+            f"the {cfg.data.engine} engine decodes {stages[slowest]:.0f} img/s: on a GPU machine run it with "
+            f"--device cuda; otherwise raise data.workers or use --engine {engine_names(gpu_decode=False)[0]}"
+        )
     else:
-        advice = (f"the batch augmentation runs at {stages[slowest]:.0f} img/s: set train.compile: true "
-                  "(fuses its elementwise passes) or run on a GPU")
+        advice = (
+            f"the batch augmentation runs at {stages[slowest]:.0f} img/s: set train.compile: true "
+            "(fuses its elementwise passes) or run on a GPU"
+        )
     return {"verdict": "input-bound", "slowest_stage": slowest, "advice": advice}
 
 
@@ -251,32 +294,45 @@ def render(r: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{r['model']} @ {r['img_size']}, batch {r['batch_size']}, {r['amp']}, {r['engine']} "
-                        f"engine, {r['device']}")
+    table = Table(
+        title=f"{r['model']} @ {r['img_size']}, batch {r['batch_size']}, {r['amp']}, {r['engine']} "
+        f"engine, {r['device']}"
+    )
     table.add_column("stage")
     table.add_column("img/s", justify="right")
     table.add_column("vs model", justify="right")
     m = r["model_img_per_s"]
-    for name, key in (("decode + crop (engine)", "engine_img_per_s"),
-                      ("augmentation (BatchAugment)", "device_stage_img_per_s"),
-                      ("loader (both)", "loader_img_per_s"), ("model step alone", "model_img_per_s"),
-                      ("end to end", "end_to_end_img_per_s")):
+    for name, key in (
+        ("decode + crop (engine)", "engine_img_per_s"),
+        ("augmentation (BatchAugment)", "device_stage_img_per_s"),
+        ("loader (both)", "loader_img_per_s"),
+        ("model step alone", "model_img_per_s"),
+        ("end to end", "end_to_end_img_per_s"),
+    ):
         table.add_row(name, f"{r[key]:,.0f}", f"{r[key] / m:.2f}x")
     console = Console()
     console.print(table)
-    console.print(f"engine: {r['engine_cpu_cores']:.1f} CPU cores busy while decoding ({r['jpeg_decoder']} for "
-                  f"the nvjpeg engine); optimiser step "
-                  f"{r['optimizer_step_ms']:.1f} ms once per {r['accum']} micro-batch(es) of "
-                  f"{r['micro_batch_ms']:.1f} ms")
-    console.print(f"model: {r['gflop_per_image']:.2f} GFLOP/image (fwd+bwd), {r['achieved_tflops']:.2f} TFLOP/s "
-                  f"of a measured {r['peak_tflops']:.2f} TFLOP/s {r['amp']} matmul peak at its GEMM size: "
-                  f"MFU {r['mfu']:.1%}" + (f" ({r['mfu_nominal']:.1%} of the datasheet's {r['nominal_tflops']:.0f})"
-                                           if r.get("mfu_nominal") else ""))
+    console.print(
+        f"engine: {r['engine_cpu_cores']:.1f} CPU cores busy while decoding ({r['jpeg_decoder']} for "
+        f"the nvjpeg engine); optimiser step "
+        f"{r['optimizer_step_ms']:.1f} ms once per {r['accum']} micro-batch(es) of "
+        f"{r['micro_batch_ms']:.1f} ms"
+    )
+    console.print(
+        f"model: {r['gflop_per_image']:.2f} GFLOP/image (fwd+bwd), {r['achieved_tflops']:.2f} TFLOP/s "
+        f"of a measured {r['peak_tflops']:.2f} TFLOP/s {r['amp']} matmul peak at its GEMM size: "
+        f"MFU {r['mfu']:.1%}"
+        + (f" ({r['mfu_nominal']:.1%} of the datasheet's {r['nominal_tflops']:.0f})" if r.get("mfu_nominal") else "")
+    )
     if r.get("peak_note"):
         console.print(f"note: {r['peak_note']}")
     if r.get("cores_per_gpu"):
         need = ", ".join(f"{k}: {v:.1f}" for k, v in r["cores_per_gpu"].items())
-        console.print(f"CPU stage: {r['cpu_stage_img_per_s_per_core']:,.0f} img/s per core; cores per GPU to stay "
-                      f"compute-bound on {r['model']}@{r['img_size']}: {need}")
-    console.print(f"[bold]{r['verdict']}[/bold] (end to end = {r['ratio']:.0%} of model alone; slowest: "
-                  f"{r['slowest_stage']}): {r['advice']}")
+        console.print(
+            f"CPU stage: {r['cpu_stage_img_per_s_per_core']:,.0f} img/s per core; cores per GPU to stay "
+            f"compute-bound on {r['model']}@{r['img_size']}: {need}"
+        )
+    console.print(
+        f"[bold]{r['verdict']}[/bold] (end to end = {r['ratio']:.0%} of model alone; slowest: "
+        f"{r['slowest_stage']}): {r['advice']}"
+    )

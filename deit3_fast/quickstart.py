@@ -3,6 +3,7 @@
 generate a 10-class ImageFolder -> deit3-convert train/val -> inspect -> train a tiny DeiT III ViT with the recipe
 (configs/quickstart.yaml) -> evaluate the best checkpoint. A few minutes on 2 cores.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,14 @@ def run_quickstart(args) -> int:
     for split in ("train", "val"):
         out = os.path.join(args.out, f"{split}.beton")
         console.rule(f"deit3-convert {split}")
-        report = convert(os.path.join(data, split), out, max_resolution=128, workers=args.workers,
-                         classes_file=outputs.get("train", {}).get("report"), console=console)
+        report = convert(
+            os.path.join(data, split),
+            out,
+            max_resolution=128,
+            workers=args.workers,
+            classes_file=outputs.get("train", {}).get("report"),
+            console=console,
+        )
         print_summary(report, console)
         outputs[split] = {"beton": out, "report": out + ".json"}
     console.rule("deit3-convert --inspect")
@@ -45,15 +52,20 @@ def run_quickstart(args) -> int:
     from .config import load_config
     from .trainer import train
 
-    sets = [f"data.train={outputs['train']['beton']}", f"data.val={outputs['val']['beton']}",
-            f"model.num_classes={args.classes}"]
+    sets = [
+        f"data.train={outputs['train']['beton']}",
+        f"data.val={outputs['val']['beton']}",
+        f"model.num_classes={args.classes}",
+    ]
     if args.epochs:
         sets.append(f"schedule.epochs={args.epochs}")
     cfg = load_config("quickstart", sets)
     run_dir = os.path.join(args.out, "run")
     history = train(cfg, run_dir, torch.device("cpu"))
     best = max(h["val_acc1"] for h in history)
-    console.print(f"[green]quickstart done[/] in {time.perf_counter() - started:.0f} s: {len(history)} epochs, "
-                  f"val top-1 {history[-1]['val_acc1']:.1f}% (best {best:.1f}%, chance {100 / args.classes:.0f}%); "
-                  f"run dir {run_dir} (metrics.jsonl, curves.png, checkpoints)")
+    console.print(
+        f"[green]quickstart done[/] in {time.perf_counter() - started:.0f} s: {len(history)} epochs, "
+        f"val top-1 {history[-1]['val_acc1']:.1f}% (best {best:.1f}%, chance {100 / args.classes:.0f}%); "
+        f"run dir {run_dir} (metrics.jsonl, curves.png, checkpoints)"
+    )
     return 0

@@ -10,6 +10,7 @@ checkpoint and class count), the augmentation, the optimiser, the schedule, the 
 repeated augmentation. Where the data lives, the engine, the per-GPU split of the batch and the logging do not
 matter. `train.reference: auto` finds the recipe, a recipe name forces one, `none` turns the comparison off.
 """
+
 from __future__ import annotations
 
 import csv
@@ -43,8 +44,15 @@ def official_curve(name: str) -> dict[int, float]:
 
 def _defining(cfg: dict) -> dict:
     model = {k: v for k, v in cfg["model"].items() if k not in ("checkpoint", "num_classes")}
-    return {"model": model, "aug": cfg["aug"], "optim": cfg["optim"], "schedule": cfg["schedule"],
-            "loss": cfg["loss"], "global_batch": cfg["train"]["global_batch"], "repeats": cfg["data"]["repeats"]}
+    return {
+        "model": model,
+        "aug": cfg["aug"],
+        "optim": cfg["optim"],
+        "schedule": cfg["schedule"],
+        "loss": cfg["loss"],
+        "global_batch": cfg["train"]["global_batch"],
+        "repeats": cfg["data"]["repeats"],
+    }
 
 
 def follows(cfg: Config) -> str | None:
@@ -90,8 +98,10 @@ class Gap:
             return None
         row["official_acc1"], row["gap"] = official, row["val_acc1"] - official
         if self._count(row["gap"]):
-            return (f"warning: {row['gap']:+.1f} points behind the official {self.name} curve at two official "
-                    f"epochs in a row (tolerance {self.tolerance}; now {row['val_acc1']:.2f} vs {official:.2f} at "
-                    f"epoch {row['epoch'] + 1}). Check the data (deit3-fast preview), the batch arithmetic and the "
-                    f"config against the recipe before spending the remaining epochs.")
+            return (
+                f"warning: {row['gap']:+.1f} points behind the official {self.name} curve at two official "
+                f"epochs in a row (tolerance {self.tolerance}; now {row['val_acc1']:.2f} vs {official:.2f} at "
+                f"epoch {row['epoch'] + 1}). Check the data (deit3-fast preview), the batch arithmetic and the "
+                f"config against the recipe before spending the remaining epochs."
+            )
         return None

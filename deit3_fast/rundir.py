@@ -9,6 +9,7 @@
 
 `ablate` reads variants' run dirs through the same functions and draws its overlay with the same plot.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,8 +58,10 @@ def write_facts(out: Path, facts: dict) -> None:
 def describe_facts(f: dict) -> str:
     """run.json as the one line the console shows at the start of a run."""
     amp = f["amp"] if f["amp_config"] == f["amp"] else f"{f['amp_config']} -> {f['amp']}"
-    line = (f"{f['device']} x {f['world_size']}, amp {amp}, global batch {f['global_batch']} = "
-            f"{f['per_process_batch']} per process x {f['world_size']} x {f['accumulation_steps']} accumulation")
+    line = (
+        f"{f['device']} x {f['world_size']}, amp {amp}, global batch {f['global_batch']} = "
+        f"{f['per_process_batch']} per process x {f['world_size']} x {f['accumulation_steps']} accumulation"
+    )
     by_size = f.get("batch_by_size") or {}  # schedule.resolution.batch_sizes
     for size, b in by_size.items():
         line += f"; at {size} px {b['per_process_batch']} x {f['world_size']} x {b['accumulation_steps']}"
@@ -75,12 +78,23 @@ def epoch_line(row: dict, epochs: int, eta_s: float) -> str:
         parts.append(f"val {row['val_acc1']:.2f}/{row['val_acc5']:.2f}")
     if row.get("gap") is not None:
         parts.append(f"gap {row['gap']:+.2f} (official {row['official_acc1']:.2f})")
-    parts += [f"{row['img_per_s']:,.0f} img/s", f"data wait {100 * row['data_wait_frac']:.0f}%",
-              f"mem {row['max_mem_mb']:,.0f} MB"]
+    parts += [
+        f"{row['img_per_s']:,.0f} img/s",
+        f"data wait {100 * row['data_wait_frac']:.0f}%",
+        f"mem {row['max_mem_mb']:,.0f} MB",
+    ]
     if eta_s > 0:
         d, rest = divmod(int(eta_s), 86400)
-        parts.append("ETA " + (f"{d}d {rest // 3600}h" if d else f"{rest // 3600}h {rest % 3600 // 60:02d}m"
-                               if rest >= 3600 else f"{rest // 60}m {rest % 60:02d}s"))
+        parts.append(
+            "ETA "
+            + (
+                f"{d}d {rest // 3600}h"
+                if d
+                else f"{rest // 3600}h {rest % 3600 // 60:02d}m"
+                if rest >= 3600
+                else f"{rest // 60}m {rest % 60:02d}s"
+            )
+        )
     return "  ".join(parts)
 
 
@@ -122,8 +136,13 @@ def start_metrics(out: Path, resumed_after_epoch: int | None) -> None:
         write_text_atomic(str(p), "".join(json.dumps(r) + "\n" for r in kept))
 
 
-def plot_curves(runs: dict[str, list[dict]], png: Path, title: str | None = None, overlay: bool = False,
-                reference: tuple[str, dict[int, float]] | None = None) -> bool:
+def plot_curves(
+    runs: dict[str, list[dict]],
+    png: Path,
+    title: str | None = None,
+    overlay: bool = False,
+    reference: tuple[str, dict[int, float]] | None = None,
+) -> bool:
     """One run: validation top-1 and top-5, train loss and the learning rate against epoch. Several runs overlaid
     (`overlay`, as `ablate` draws its variants): top-1 and train loss relative to each run's first epoch, so BCE
     (~0.5) and cross-entropy (~2) curves share one readable axis. `reference` (name, {epoch: top-1}) is drawn dashed
@@ -143,10 +162,9 @@ def plot_curves(runs: dict[str, list[dict]], png: Path, title: str | None = None
     for name, rows in runs.items():
         epochs = [r["epoch"] + 1 for r in rows]
         first = 1.0 if single else (rows[0]["train_loss"] or 1.0)
-        line, = loss.plot(epochs, [r["train_loss"] / first for r in rows], label=name)
+        (line,) = loss.plot(epochs, [r["train_loss"] / first for r in rows], label=name)
         if rows[0].get("val_acc1") is not None:
-            acc.plot(epochs, [r["val_acc1"] for r in rows], label="top-1" if single else name,
-                     color=line.get_color())
+            acc.plot(epochs, [r["val_acc1"] for r in rows], label="top-1" if single else name, color=line.get_color())
             if single:
                 acc.plot(epochs, [r["val_acc5"] for r in rows], label="top-5")
     if single:

@@ -7,6 +7,7 @@ loader that hangs), `checked(default, fn)` (any other rule: `fn(value, where)` r
 (config._build) applies them to each key given, as it reads it. No torch here, nor in a section's module at import:
 every command loads and checks its config before torch starts.
 """
+
 from __future__ import annotations
 
 import difflib

@@ -3,6 +3,7 @@ the job folder, and preemption-safe: on the time-limit or preemption signal subm
 which requeues the same job; the requeued job resumes from the run dir's last checkpoint (written atomically at
 every epoch end), so at most the interrupted epoch is recomputed, with the same data and the same result.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,10 @@ def submitit():
     except ImportError as e:
         from .config import ConfigError
 
-        raise ConfigError(f"Slurm jobs need submitit ({e}): pip install submitit (a dependency of deit3-fast: "
-                          "pip install -e . installs it)") from None
+        raise ConfigError(
+            f"Slurm jobs need submitit ({e}): pip install submitit (a dependency of deit3-fast: "
+            "pip install -e . installs it)"
+        ) from None
     return submitit
 
 
@@ -48,12 +51,26 @@ class TrainJob:
         return submitit().helpers.DelayedSubmission(TrainJob(self.cfg, self.sets, self.out, self.device))
 
 
-def slurm_parameters(nodes: int, gpus_per_node: int, timeout_min: int, partition: str | None,
-                     account: str | None, constraint: str | None, name: str, cpus_per_task: int) -> dict:
-    params = {"name": name, "nodes": nodes, "tasks_per_node": gpus_per_node, "gpus_per_node": gpus_per_node,
-              "cpus_per_task": cpus_per_task, "timeout_min": timeout_min, "slurm_signal_delay_s": 120}
-    for key, value in (("slurm_partition", partition), ("slurm_account", account),
-                       ("slurm_constraint", constraint)):
+def slurm_parameters(
+    nodes: int,
+    gpus_per_node: int,
+    timeout_min: int,
+    partition: str | None,
+    account: str | None,
+    constraint: str | None,
+    name: str,
+    cpus_per_task: int,
+) -> dict:
+    params = {
+        "name": name,
+        "nodes": nodes,
+        "tasks_per_node": gpus_per_node,
+        "gpus_per_node": gpus_per_node,
+        "cpus_per_task": cpus_per_task,
+        "timeout_min": timeout_min,
+        "slurm_signal_delay_s": 120,
+    }
+    for key, value in (("slurm_partition", partition), ("slurm_account", account), ("slurm_constraint", constraint)):
         if value:
             params[key] = value
     return params
@@ -84,30 +101,61 @@ def add_slurm_args(p) -> None:
 
 def slurm_options(args) -> dict:
     """`describe_job`'s options from the parsed `add_slurm_args` arguments (and `--local`)."""
-    return {"nodes": args.nodes, "gpus_per_node": args.gpus_per_node, "timeout_min": args.timeout_min,
-            "partition": args.partition, "account": args.account, "constraint": args.constraint,
-            "cpus_per_task": args.cpus_per_task, "local": args.local}
+    return {
+        "nodes": args.nodes,
+        "gpus_per_node": args.gpus_per_node,
+        "timeout_min": args.timeout_min,
+        "partition": args.partition,
+        "account": args.account,
+        "constraint": args.constraint,
+        "cpus_per_task": args.cpus_per_task,
+        "local": args.local,
+    }
 
 
-def describe_job(cfg: str, sets: list[str], out: str, *, nodes: int = 1, gpus_per_node: int = 8,
-                 timeout_min: int = 2800, partition: str | None = None, account: str | None = None,
-                 constraint: str | None = None, cpus_per_task: int = 10, local: bool = False) -> dict:
+def describe_job(
+    cfg: str,
+    sets: list[str],
+    out: str,
+    *,
+    nodes: int = 1,
+    gpus_per_node: int = 8,
+    timeout_min: int = 2800,
+    partition: str | None = None,
+    account: str | None = None,
+    constraint: str | None = None,
+    cpus_per_task: int = 10,
+    local: bool = False,
+) -> dict:
     """What a training job is: its executor, job folder, sbatch parameters, the equivalent command, world size."""
     name = f"deit3-{Path(cfg).stem}"
-    params = slurm_parameters(nodes, gpus_per_node, timeout_min, partition, account, constraint, name,
-                              cpus_per_task)
+    params = slurm_parameters(nodes, gpus_per_node, timeout_min, partition, account, constraint, name, cpus_per_task)
     if local:  # submitit's local executor: one task on this host, same checkpoint/requeue protocol
         params = {"name": name, "timeout_min": timeout_min, "tasks_per_node": 1, "nodes": 1}
-    return {"executor": "local" if local else "slurm", "folder": str(Path(out) / "submitit"), "parameters": params,
-            "command": ["deit3-fast", "train", "--cfg", cfg, "--out", str(out), "--resume", "auto",
-                        *[x for s in sets for x in ("--set", s)]],
-            "world_size": 1 if local else nodes * gpus_per_node}
+    return {
+        "executor": "local" if local else "slurm",
+        "folder": str(Path(out) / "submitit"),
+        "parameters": params,
+        "command": [
+            "deit3-fast",
+            "train",
+            "--cfg",
+            cfg,
+            "--out",
+            str(out),
+            "--resume",
+            "auto",
+            *[x for s in sets for x in ("--set", s)],
+        ],
+        "world_size": 1 if local else nodes * gpus_per_node,
+    }
 
 
 def slurm_executor(description: dict):
     """The submitit executor a job description asks for (Slurm, or the local one), with its parameters set."""
-    executor = submitit().AutoExecutor(folder=description["folder"],
-                                       cluster="local" if description["executor"] == "local" else None)
+    executor = submitit().AutoExecutor(
+        folder=description["folder"], cluster="local" if description["executor"] == "local" else None
+    )
     executor.update_parameters(**description["parameters"])
     return executor
 

@@ -9,6 +9,7 @@ Checkpoints (checkpoint.py) are written at every epoch end, and on SIGTERM at th
 such a checkpoint records its position in the epoch, and a resume continues from exactly there (the loader can start
 an epoch part-way with the same batches, see pipelines/loader.py). The run dir's other files: rundir.py.
 """
+
 from __future__ import annotations
 
 import math
@@ -56,13 +57,16 @@ class Preempted(Exception):
     """SIGTERM: the run stopped at a step boundary and `checkpoint` holds that exact position."""
 
     def __init__(self, checkpoint: Path, epoch: int, step: int, steps: int):
-        super().__init__(f"SIGTERM: stopped at epoch {epoch}, step {step}/{steps}; checkpoint written to "
-                         f"{checkpoint}; continue with --resume auto")
+        super().__init__(
+            f"SIGTERM: stopped at epoch {epoch}, step {step}/{steps}; checkpoint written to "
+            f"{checkpoint}; continue with --resume auto"
+        )
         self.checkpoint, self.epoch, self.step = checkpoint, epoch, step
 
 
-def train_micro_batch(run: Run, x: torch.Tensor, y: torch.Tensor, step: int, last_micro: bool,
-                      accum: int) -> torch.Tensor:
+def train_micro_batch(
+    run: Run, x: torch.Tensor, y: torch.Tensor, step: int, last_micro: bool, accum: int
+) -> torch.Tensor:
     """Forward and backward of one of a step's `accum` micro-batches; on its last also the optimiser step (at the
     scheduled learning rate) and the EMA update. Returns the loss as a device tensor (nothing is read back)."""
     # Micro-batches before a step's last one keep their gradients local: one all-reduce per optimiser step.
@@ -84,13 +88,15 @@ def train_micro_batch(run: Run, x: torch.Tensor, y: torch.Tensor, step: int, las
 class EpochResult:
     """A finished epoch's training statistics (`row`), or where a stop request ended it (`resume_at`: the step and
     the partial sums a resume continues from)."""
+
     steps: int
     row: dict | None = None
     resume_at: dict | None = None
 
 
-def train_one_epoch(run: Run, epoch: int, progress: Progress | None = None,
-                    resume_at: dict | None = None) -> EpochResult:
+def train_one_epoch(
+    run: Run, epoch: int, progress: Progress | None = None, resume_at: dict | None = None
+) -> EpochResult:
     """One epoch, or its remainder from `resume_at` (a mid-epoch checkpoint's position)."""
     loader = run.train_loader
     run.model.train()
@@ -100,8 +106,9 @@ def train_one_epoch(run: Run, epoch: int, progress: Progress | None = None,
     accum, steps = plan.accum, run.steps_per_epoch
     first = resume_at["step"] if resume_at else 0
     micro_total = steps * accum
-    task = progress.add_task(f"epoch {epoch}", total=micro_total, completed=first * accum, info="") \
-        if progress else None
+    task = (
+        progress.add_task(f"epoch {epoch}", total=micro_total, completed=first * accum, info="") if progress else None
+    )
     done = resume_at or {"loss_sum": 0.0, "images": 0, "seconds": 0.0}
     loss_sum = torch.full((), float(done["loss_sum"]), device=run.device)
     ek = keys.epoch_key(run.cfg.train.seed, dist.rank(), epoch)
@@ -132,8 +139,10 @@ def train_one_epoch(run: Run, epoch: int, progress: Progress | None = None,
                 mean = total / ((micro + 1) * dist.world())
                 run.stop.agreed |= stops > 0
                 if not math.isfinite(mean):
-                    raise TrainingDiverged(f"loss is {mean} at epoch {epoch}, step {step}; stopping. The last good "
-                                           f"checkpoint is kept; lower optim.lr or use train.amp: bf16")
+                    raise TrainingDiverged(
+                        f"loss is {mean} at epoch {epoch}, step {step}; stopping. The last good "
+                        f"checkpoint is kept; lower optim.lr or use train.amp: bf16"
+                    )
                 if progress:
                     progress.update(task, completed=micro + 1, info=f"loss {mean:.4f} lr {lr:.2e}")
             if last_micro and micro + 1 < micro_total and run.stop.should_stop():
@@ -149,13 +158,19 @@ def train_one_epoch(run: Run, epoch: int, progress: Progress | None = None,
         # The checkpoint holds one rank's share of the partial sums (rank 0 writes it, every rank resumes from it):
         # the mean over ranks, so the epoch's loss comes out right on any number of processes.
         mean_sum = dist.all_reduce_sum(loss_sum.clone()).item() / dist.world()
-        return EpochResult(steps, resume_at={"step": stopped_at, "loss_sum": mean_sum, "images": images,
-                                             "seconds": elapsed})
+        return EpochResult(
+            steps, resume_at={"step": stopped_at, "loss_sum": mean_sum, "images": images, "seconds": elapsed}
+        )
     report = loader.epoch_report()  # JPEGs the GPU decoder refused on this rank (reasons: this rank's)
     counts = torch.tensor([float(images), float(report.get("cpu_decoded", 0))]).to(loss_sum.device)
     total = dist.all_reduce_sum(torch.cat([loss_sum[None], counts])).tolist()
-    row = {"train_loss": total[0] / (micro_total * dist.world()), "lr": lr, "img_per_s": total[1] / elapsed,
-           "data_wait_frac": wait / elapsed, "train_seconds": elapsed}
+    row = {
+        "train_loss": total[0] / (micro_total * dist.world()),
+        "lr": lr,
+        "img_per_s": total[1] / elapsed,
+        "data_wait_frac": wait / elapsed,
+        "train_seconds": elapsed,
+    }
     if run.resolutions is not None:
         row["train_img_size"] = run.train_size(epoch)
     if run.batches:
@@ -177,15 +192,24 @@ def _resume(run: Run, resume: str | None, out: Path, force: bool) -> ckpt.Positi
     saved = ckpt.load_run(path)
     changed = [k for k in differences(with_defaults(saved.config), to_dict(run.cfg)) if k not in _RESUMABLE]
     if changed and not force:
-        raise ConfigMismatch(f"{path} was written with a different config ({', '.join(changed)}); resume with the "
-                             "same config, or pass --force")
+        raise ConfigMismatch(
+            f"{path} was written with a different config ({', '.join(changed)}); resume with the "
+            "same config, or pass --force"
+        )
     run.load_state_dict(saved.state)
     return saved.position
 
 
-def train(cfg: Config, out_dir: str | Path, device: torch.device, resume: str | None = None,
-          force: bool = False, quiet: bool = False, stop_after_epoch: int | None = None,
-          handle_sigterm: bool = False) -> list[dict]:
+def train(
+    cfg: Config,
+    out_dir: str | Path,
+    device: torch.device,
+    resume: str | None = None,
+    force: bool = False,
+    quiet: bool = False,
+    stop_after_epoch: int | None = None,
+    handle_sigterm: bool = False,
+) -> list[dict]:
     """Train from scratch or `resume`; `stop_after_epoch` ends this process's share of the run early (the
     schedule still spans schedule.epochs), as a time limit or preemption would. With `handle_sigterm`, SIGTERM
     stops at the next step boundary, writes a checkpoint of that position and raises `Preempted`."""
@@ -193,8 +217,10 @@ def train(cfg: Config, out_dir: str | Path, device: torch.device, resume: str | 
     cfg = resolve_num_classes(stage_data(cfg))  # config.yaml records the class count, not "auto"
     try:
         if handle_sigterm and threading.current_thread() is threading.main_thread():
+
             def on_sigterm(signum, frame):
                 stop.requested = True
+
             previous = signal.signal(signal.SIGTERM, on_sigterm)
         return _train(cfg, Path(out_dir), device, resume, force, quiet, stop_after_epoch, stop)
     except (RuntimeError, MemoryError) as e:  # numpy (FFCV's buffers) raises MemoryError, torch a RuntimeError
@@ -206,8 +232,16 @@ def train(cfg: Config, out_dir: str | Path, device: torch.device, resume: str | 
             signal.signal(signal.SIGTERM, previous)
 
 
-def _train(cfg: Config, out: Path, device: torch.device, resume: str | None, force: bool, quiet: bool,
-           stop_after_epoch: int | None, stop: StopFlag) -> list[dict]:
+def _train(
+    cfg: Config,
+    out: Path,
+    device: torch.device,
+    resume: str | None,
+    force: bool,
+    quiet: bool,
+    stop_after_epoch: int | None,
+    stop: StopFlag,
+) -> list[dict]:
     reset_peak_memory(device)
     run = build(cfg, device)
     run.stop = stop
@@ -274,10 +308,16 @@ def _train(cfg: Config, out: Path, device: torch.device, resume: str | None, for
                 dist.barrier()
                 raise Preempted(out / ckpt.LAST, epoch + 1, 0, run.steps_per_epoch)
     if main:
-        official = {e: v for e, v in reference.official_curve(followed).items() if e <= cfg.schedule.epochs} \
-            if followed else None
-        rundir.plot_curves({out.name: rundir.read_metrics(out)}, out / rundir.CURVES,
-                           reference=(f"official {followed}", official) if official else None)
+        official = (
+            {e: v for e, v in reference.official_curve(followed).items() if e <= cfg.schedule.epochs}
+            if followed
+            else None
+        )
+        rundir.plot_curves(
+            {out.name: rundir.read_metrics(out)},
+            out / rundir.CURVES,
+            reference=(f"official {followed}", official) if official else None,
+        )
     dist.barrier()  # nobody leaves before the last checkpoint is on disk
     return history
 
@@ -287,21 +327,38 @@ def _report(row: dict, quiet: bool, main: bool, epochs: int, eta_s: float) -> No
         print(rundir.epoch_line(row, epochs, eta_s), flush=True)
     if main and row.get("cpu_decoded"):
         reasons = ", ".join(f"{n} {why}" for why, n in row["cpu_decoded_reasons"].items())
-        print(f"epoch {row['epoch']}: {row['cpu_decoded']} JPEGs the GPU decoder refuses were decoded on the CPU "
-              f"({reasons})", file=sys.stderr, flush=True)
+        print(
+            f"epoch {row['epoch']}: {row['cpu_decoded']} JPEGs the GPU decoder refuses were decoded on the CPU "
+            f"({reasons})",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), transient=True)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        transient=True,
+    )
 
 
 def _oom_message(cfg: Config, device: torch.device, error: Exception) -> str:
     plan = batch_plan(cfg, dist.world())
     b, accum = plan.per_process, plan.accum
     detail = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
-    hint = (f"--set data.batch_size={b // 2} keeps train.global_batch {cfg.train.global_batch} with {2 * accum} "
-            "accumulation steps instead of " + str(accum)) if b > 1 else "use a smaller model or aug.img_size"
+    hint = (
+        (
+            f"--set data.batch_size={b // 2} keeps train.global_batch {cfg.train.global_batch} with {2 * accum} "
+            "accumulation steps instead of " + str(accum)
+        )
+        if b > 1
+        else "use a smaller model or aug.img_size"
+    )
     if cfg.schedule.resolution.batch_sizes:
         hint += "; schedule.resolution.batch_sizes sets the batch at the sizes it names"
     return f"out of memory on {device} with data.batch_size {b} per process ({detail}); {hint}"

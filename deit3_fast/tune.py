@@ -8,6 +8,7 @@ command). A candidate is started only if the time spent plus the slowest one so 
 tuning ends within the budget unless a try runs longer than every earlier one. Each row records what that decision
 saw (`started_s`, `slowest_before_s`), and `refused` the last try it turned down.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,17 +33,21 @@ def candidates(cfg: Config, device_type: str) -> list[dict]:
         # The reference engine (host_augment) is the per-sample yardstick, never the fastest setting: not a candidate.
         if not info.installed or info.host_augment:
             continue
-        workers = (sorted({max(1, cores // 4), max(1, cores // 2), cores}) if info.uses_workers(device_type)
-                   else [cfg.data.workers])
+        workers = (
+            sorted({max(1, cores // 4), max(1, cores // 2), cores})
+            if info.uses_workers(device_type)
+            else [cfg.data.workers]
+        )
         for w in workers:
-            for os_cache in ((True, False) if info.os_cache else (cfg.data.os_cache,)):
+            for os_cache in (True, False) if info.os_cache else (cfg.data.os_cache,):
                 out.append({"data.engine": engine, "data.workers": w, "data.os_cache": os_cache})
     return out
 
 
 def _apply(cfg: Config, setting: dict) -> Config:
-    data = replace(cfg.data, engine=setting["data.engine"], workers=setting["data.workers"],
-                   os_cache=setting["data.os_cache"])
+    data = replace(
+        cfg.data, engine=setting["data.engine"], workers=setting["data.workers"], os_cache=setting["data.os_cache"]
+    )
     return replace(cfg, data=data, train=replace(cfg.train, compile=setting.get("train.compile", cfg.train.compile)))
 
 
@@ -60,8 +65,13 @@ def tune(cfg: Config, device, budget_s: float = 300.0, steps: int = 5, log=print
             return False
         try:
             r = profile(_apply(cfg, setting), device, steps=steps)
-            row = {**setting, "end_to_end_img_per_s": r["end_to_end_img_per_s"],
-                   "loader_img_per_s": r["loader_img_per_s"], "ratio": r["ratio"], "verdict": r["verdict"]}
+            row = {
+                **setting,
+                "end_to_end_img_per_s": r["end_to_end_img_per_s"],
+                "loader_img_per_s": r["loader_img_per_s"],
+                "ratio": r["ratio"],
+                "verdict": r["verdict"],
+            }
         except Exception as e:  # noqa: BLE001 - a setting that cannot run here is a result, not a crash
             row = {**setting, "error": (str(e).strip() or type(e).__name__).splitlines()[0][:200]}
         row["seconds"] = clock() - t
@@ -83,20 +93,32 @@ def tune(cfg: Config, device, budget_s: float = 300.0, steps: int = 5, log=print
         raise RuntimeError("no setting could run: " + "; ".join(r["error"] for r in tried))
     bound = [r for r in ok if r["ratio"] >= COMPUTE_BOUND_RATIO]
     best = max(bound or ok, key=lambda r: r["end_to_end_img_per_s"])
-    overrides = {"data": {"engine": best["data.engine"], "workers": best["data.workers"],
-                          "os_cache": best["data.os_cache"]},
-                 "train": {"compile": bool(best.get("train.compile", cfg.train.compile))}}
-    return {"tried": tried, "best": best, "compute_bound": bool(bound), "overrides": overrides,
-            "seconds": clock() - started, "budget_s": budget_s, "refused": refused}
+    overrides = {
+        "data": {"engine": best["data.engine"], "workers": best["data.workers"], "os_cache": best["data.os_cache"]},
+        "train": {"compile": bool(best.get("train.compile", cfg.train.compile))},
+    }
+    return {
+        "tried": tried,
+        "best": best,
+        "compute_bound": bool(bound),
+        "overrides": overrides,
+        "seconds": clock() - started,
+        "budget_s": budget_s,
+        "refused": refused,
+    }
 
 
 def _line(r: dict) -> str:
-    what = (f"{r['data.engine']:<6} workers {r['data.workers']:<3} os_cache {str(r['data.os_cache']):<5} "
-            f"compile {str(r.get('train.compile', False)):<5}")
+    what = (
+        f"{r['data.engine']:<6} workers {r['data.workers']:<3} os_cache {str(r['data.os_cache']):<5} "
+        f"compile {str(r.get('train.compile', False)):<5}"
+    )
     if "error" in r:
         return f"{what}  failed: {r['error']}"
-    return (f"{what}  end-to-end {r['end_to_end_img_per_s']:,.0f} img/s ({r['ratio']:.0%} of the model alone, "
-            f"{r['verdict']})  [{r['seconds']:.0f} s]")
+    return (
+        f"{what}  end-to-end {r['end_to_end_img_per_s']:,.0f} img/s ({r['ratio']:.0%} of the model alone, "
+        f"{r['verdict']})  [{r['seconds']:.0f} s]"
+    )
 
 
 def write_overrides(result: dict, path: str) -> None:
@@ -104,6 +126,8 @@ def write_overrides(result: dict, path: str) -> None:
 
     b = result["best"]
     kind = "compute-bound" if result["compute_bound"] else "the fastest; not compute-bound"
-    head = (f"# deit3-fast profile --tune: {b['end_to_end_img_per_s']:,.0f} img/s end to end, {b['ratio']:.0%} of "
-            f"the model alone ({kind}). Use: --overrides {path}\n")
+    head = (
+        f"# deit3-fast profile --tune: {b['end_to_end_img_per_s']:,.0f} img/s end to end, {b['ratio']:.0%} of "
+        f"the model alone ({kind}). Use: --overrides {path}\n"
+    )
     write_text_atomic(path, head + yaml.safe_dump(result["overrides"], sort_keys=True))

@@ -8,6 +8,7 @@ layers, the patch embedding, and the two attention products) plus 5 per LayerNor
 figures are that count truncated to one decimal (all eight rows); the parameter counts are rounded, and the ViT-S
 row at 384 repeats the 224 count (it lacks the larger position embedding: +0.146 M).
 """
+
 from __future__ import annotations
 
 import csv
@@ -19,8 +20,13 @@ import torch
 from .config import CONFIG_DIR, ConfigError
 
 ZOO_CSV = CONFIG_DIR / "reference" / "model-zoo.csv"
-MODELS = {"vit_s": "deit3_small", "vit_m": "deit3_medium", "vit_b": "deit3_base", "vit_l": "deit3_large",
-          "vit_h": "deit3_huge"}
+MODELS = {
+    "vit_s": "deit3_small",
+    "vit_m": "deit3_medium",
+    "vit_b": "deit3_base",
+    "vit_l": "deit3_large",
+    "vit_h": "deit3_huge",
+}
 
 
 def official_rows(path: Path = ZOO_CSV) -> list[dict]:
@@ -56,8 +62,11 @@ def count(name: str, img_size: int) -> tuple[float, float]:
         model = create_model(name, num_classes=1000, img_size=img_size).eval()
     params = sum(p.numel() for p in model.parameters()) / 1e6
     norm_elems = []
-    hooks = [m.register_forward_hook(lambda m, i, o: norm_elems.append(i[0].numel()))
-             for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: norm_elems.append(i[0].numel()))
+        for m in model.modules()
+        if isinstance(m, torch.nn.LayerNorm)
+    ]
     with FlopCounterMode(display=False) as flops, torch.no_grad():
         model(torch.empty(1, 3, img_size, img_size, device="meta"))
     for h in hooks:
@@ -90,8 +99,13 @@ def timing(name: str, img_size: int, batch: int, device: torch.device, amp: str,
     return batch * steps / secs, peak
 
 
-def zoo(device: torch.device | None = None, timings: bool = True, batch: int | None = None,
-        steps: int = 10, models: list[str] | None = None) -> dict:
+def zoo(
+    device: torch.device | None = None,
+    timings: bool = True,
+    batch: int | None = None,
+    steps: int = 10,
+    models: list[str] | None = None,
+) -> dict:
     """The table's rows; `models` (our names, e.g. deit3_base) keeps those models' rows only."""
     from .device import default_device, device_name, resolve_amp
 
@@ -110,17 +124,29 @@ def zoo(device: torch.device | None = None, timings: bool = True, batch: int | N
     for name, res in wanted:
         r = official.get((name, res), {})
         params, gflops = count(name, res)
-        row = {"model": name, "resolution": res, "params_M": round(params, 2), "gflops": round(gflops, 2),
-               "official_params_M": _float(r.get("params_M")), "official_gflops": _float(r.get("gflops")),
-               "official_img_s_v100": _float(r.get("throughput_img_s")),
-               "official_peak_mb_v100": _float(r.get("peak_mem_mb")),
-               "official_acc1_in1k": _float(r.get("acc1_in1k")), "official_acc1_v2": _float(r.get("acc1_v2"))}
+        row = {
+            "model": name,
+            "resolution": res,
+            "params_M": round(params, 2),
+            "gflops": round(gflops, 2),
+            "official_params_M": _float(r.get("params_M")),
+            "official_gflops": _float(r.get("gflops")),
+            "official_img_s_v100": _float(r.get("throughput_img_s")),
+            "official_peak_mb_v100": _float(r.get("peak_mem_mb")),
+            "official_acc1_in1k": _float(r.get("acc1_in1k")),
+            "official_acc1_v2": _float(r.get("acc1_v2")),
+        }
         if timings:
             img_s, peak = timing(name, res, batch, device, amp, steps if device.type == "cuda" else 1)
             row.update({"img_s": round(img_s, 1), "peak_mb": round(peak) if peak is not None else None})
         rows.append(row)
-    return {"device": device_name(device), "timing_device": device.type if timings else None, "batch": batch,
-            "amp": amp, "rows": rows}
+    return {
+        "device": device_name(device),
+        "timing_device": device.type if timings else None,
+        "batch": batch,
+        "amp": amp,
+        "rows": rows,
+    }
 
 
 def render(result: dict) -> None:
@@ -128,19 +154,31 @@ def render(result: dict) -> None:
     from rich.table import Table
 
     timed = result["timing_device"] is not None
-    where = ("CPU timings, not comparable with the V100 figures" if result["timing_device"] == "cpu"
-             else result["device"])
-    t = Table(title="DeiT III model zoo: counted here" + (f"; timed on {where}, batch {result['batch']}, "
-                                                            f"{result['amp']}" if timed else ""),
-              title_justify="left")
-    for col in ["model", "res", "params M (official)", "GFLOPs (official)"] + (
-            ["img/s here", "peak MB here"] if timed else []) + ["img/s V100", "peak MB V100", "IN-1k", "V2"]:
+    where = (
+        "CPU timings, not comparable with the V100 figures" if result["timing_device"] == "cpu" else result["device"]
+    )
+    t = Table(
+        title="DeiT III model zoo: counted here"
+        + (f"; timed on {where}, batch {result['batch']}, {result['amp']}" if timed else ""),
+        title_justify="left",
+    )
+    for col in (
+        ["model", "res", "params M (official)", "GFLOPs (official)"]
+        + (["img/s here", "peak MB here"] if timed else [])
+        + ["img/s V100", "peak MB V100", "IN-1k", "V2"]
+    ):
         t.add_column(col, justify="left" if col == "model" else "right")
     fmt = lambda v, f="{:g}": "—" if v is None else f.format(v)  # noqa: E731
     for r in result["rows"]:
-        t.add_row(r["model"], str(r["resolution"]), f"{r['params_M']:.2f} ({fmt(r['official_params_M'])})",
-                  f"{r['gflops']:.2f} ({fmt(r['official_gflops'])})",
-                  *([fmt(r["img_s"], "{:,.0f}"), fmt(r["peak_mb"], "{:,}")] if timed else []),
-                  fmt(r["official_img_s_v100"], "{:,.0f}"), fmt(r["official_peak_mb_v100"], "{:,.0f}"),
-                  fmt(r["official_acc1_in1k"]), fmt(r["official_acc1_v2"]))
+        t.add_row(
+            r["model"],
+            str(r["resolution"]),
+            f"{r['params_M']:.2f} ({fmt(r['official_params_M'])})",
+            f"{r['gflops']:.2f} ({fmt(r['official_gflops'])})",
+            *([fmt(r["img_s"], "{:,.0f}"), fmt(r["peak_mb"], "{:,}")] if timed else []),
+            fmt(r["official_img_s_v100"], "{:,.0f}"),
+            fmt(r["official_peak_mb_v100"], "{:,.0f}"),
+            fmt(r["official_acc1_in1k"]),
+            fmt(r["official_acc1_v2"]),
+        )
     Console().print(t)

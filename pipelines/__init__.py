@@ -4,12 +4,21 @@
 `pipelines` or `pipelines.config` does not import torch: the names below load their modules on first use, so the
 trainer's config schema can import the data path's config sections cheaply.
 """
+
 from __future__ import annotations
 
 import importlib
 
-_LAZY = {"build_loader": "build", "DataError": "errors", "check_same_classes": "build", "Loader": "loader",
-         "BatchAugment": "augment", "EpochOrder": "sampler", "DataConfig": "config", "AugConfig": "config"}
+_LAZY = {
+    "build_loader": "build",
+    "DataError": "errors",
+    "check_same_classes": "build",
+    "Loader": "loader",
+    "BatchAugment": "augment",
+    "EpochOrder": "sampler",
+    "DataConfig": "config",
+    "AugConfig": "config",
+}
 
 
 def __getattr__(name: str):

@@ -15,6 +15,7 @@ per op. Each op draws its parameters for a batch from its own generator, keyed b
 ops each sample took. The pixel maths itself is in pixels.py; values stay on the 0..255 scale until normalisation,
 so thresholds and the integer grayscale formula are PIL's exactly.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,9 +33,10 @@ JITTER_OPS = ("brightness", "contrast", "saturation")
 
 # ---- the ops -------------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class FlipParams(OpParams):
-    flip: torch.Tensor          # (B,) bool
+    flip: torch.Tensor  # (B,) bool
 
 
 class Flip(AugOp):
@@ -55,13 +57,14 @@ class Flip(AugOp):
 
 @dataclass
 class ThreeAugmentParams(OpParams):
-    branch: torch.Tensor        # (B,) long: index into BRANCHES
-    sigma: torch.Tensor         # (B,) blur sigma (used where branch == blur)
+    branch: torch.Tensor  # (B,) long: index into BRANCHES
+    sigma: torch.Tensor  # (B,) blur sigma (used where branch == blur)
 
 
 class ThreeAugment(AugOp):
     """Exactly one of grayscale | solarize | blur per sample. The blur is the eager part: it runs before the flip, a
     symmetric kernel with symmetric edge padding commuting with it, and the branches exclude each other."""
+
     name = "three_augment"
     tally_key = "branches"
 
@@ -93,8 +96,8 @@ class ThreeAugment(AugOp):
 
 @dataclass
 class ColorJitterParams(OpParams):
-    factors: torch.Tensor       # (B, 3) brightness, contrast, saturation factors
-    order: torch.Tensor         # (B, 3) permutation of JITTER_OPS per sample
+    factors: torch.Tensor  # (B, 3) brightness, contrast, saturation factors
+    order: torch.Tensor  # (B, 3) permutation of JITTER_OPS per sample
 
 
 def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -105,7 +108,7 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) ->
     not every op on every sample."""
     for pos in range(3):
         op = order[:, pos].view(-1, 1, 1, 1)
-        f = factors.gather(1, order[:, pos:pos + 1]).to(x.dtype).view(-1, 1, 1, 1)
+        f = factors.gather(1, order[:, pos : pos + 1]).to(x.dtype).view(-1, 1, 1, 1)
         grey = weighted_grey(x, TV_GREY).unsqueeze(-1)
         other = torch.where(op == 1, grey.mean(dim=(1, 2), keepdim=True), grey) * (op != 0)
         x = tv_blend(x, other, f)
@@ -114,6 +117,7 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) ->
 
 class ColorJitter(AugOp):
     """Brightness, contrast and saturation factors ~ U(1 - s, 1 + s), in a random order per sample."""
+
     name = "color_jitter"
 
     def __init__(self, strength: float):
@@ -155,6 +159,7 @@ def augment(x: torch.Tensor, ops, p: AugParams) -> torch.Tensor:
 
 # ---- conversions ---------------------------------------------------------------------------------------------------
 
+
 def to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> float32 (B, H, W, 3), the layout every operation works in."""
     return images.float()
@@ -174,24 +179,32 @@ def scale_shift(mean, std, device: torch.device) -> tuple[torch.Tensor, torch.Te
     return pair[0], pair[1]
 
 
-def normalize(x: torch.Tensor, dtype: torch.dtype, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-              consts: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+def normalize(
+    x: torch.Tensor,
+    dtype: torch.dtype,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    consts: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     scale, shift = consts if consts is not None else scale_shift(mean, std, x.device)
     return to_model_layout((x * scale - shift).to(dtype))
 
 
 # ---- the composition -----------------------------------------------------------------------------------------------
 
+
 def fuse(ops):
     """One function applying the pointwise parts of `ops` in order, then normalising: what torch.compile fuses into a
     few passes over memory (each op's part is a closure over its settings; its parameters are arguments)."""
     ops = tuple(ops)
 
-    def pointwise_normalized(x: torch.Tensor, params: list, scale: torch.Tensor, shift: torch.Tensor,
-                             dtype: torch.dtype) -> torch.Tensor:
+    def pointwise_normalized(
+        x: torch.Tensor, params: list, scale: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
         for op, p in zip(ops, params):
             x = op.pointwise(x, p)
         return (x * scale - shift).to(dtype)
+
     return pointwise_normalized
 
 
@@ -249,10 +262,10 @@ class BatchAugment:
         out = torch.empty(images.shape, dtype=self.dtype, device=images.device)
         for s in range(0, len(images), step):
             q = p.slice(slice(s, s + step))
-            x = to_float(images[s:s + step])
+            x = to_float(images[s : s + step])
             for op in self._head:  # before a barrier (RandAugment after the flip, as timm orders them)
                 x = op.pointwise(op.eager(x, q[op.name]), q[op.name])
             for op in self._tail:
                 x = op.eager(x, q[op.name])
-            out[s:s + step] = self._fused(x, [q[op.name] for op in self._tail], scale, shift, self.dtype)
+            out[s : s + step] = self._fused(x, [q[op.name] for op in self._tail], scale, shift, self.dtype)
         return to_model_layout(out), p

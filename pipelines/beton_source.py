@@ -2,6 +2,7 @@
 `dataset_tools.shards.open_samples`, read over the same global index), the epoch's batches of sample indices with
 their crop keys (the same as the FFCV engine's), which JPEGs a GPU decoder refuses (counted per epoch), and the
 reflect padding of Simple Random Crop."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -17,13 +18,23 @@ from .jpeg_header import gpu_refusal
 
 
 class BetonBatches:
-    def __init__(self, path: str, epoch_order, batch_size: int, crop, device: torch.device, *, drop_last: bool,
-                 seed: int = 0, rank: int = 0):
+    def __init__(
+        self,
+        path: str,
+        epoch_order,
+        batch_size: int,
+        crop,
+        device: torch.device,
+        *,
+        drop_last: bool,
+        seed: int = 0,
+        rank: int = 0,
+    ):
         self.samples = open_samples(path)  # shards open lazily; labels are read per batch
         self.epoch_order, self.batch_size, self.crop, self.device = epoch_order, batch_size, crop, device
         self.drop_last, self.seed, self.rank = drop_last, seed, rank
         self._refusals: dict[int, str | None] = {}  # sample -> why the GPU decoder refuses it (header, read once)
-        self.cpu_decoded: Counter = Counter()        # this epoch's GPU refusals by reason
+        self.cpu_decoded: Counter = Counter()  # this epoch's GPU refusals by reason
 
     def __len__(self) -> int:
         n = len(self.epoch_order.indices(0))
@@ -37,7 +48,7 @@ class BetonBatches:
         order = self.epoch_order.indices(epoch)
         stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
         for first in range(start * self.batch_size, stop, self.batch_size):
-            idx = order[first:first + self.batch_size]
+            idx = order[first : first + self.batch_size]
             yield idx, [np.uint64(keys.sample_key(ek, int(i), slot)) for slot, i in enumerate(idx)]
 
     def gpu_refusal(self, i: int, data: np.ndarray | None = None) -> str | None:
@@ -82,6 +93,6 @@ def reflect_pad(img: torch.Tensor, oi: int, oj: int, oh: int, ow: int) -> None:
         crops.reflect_fill(img.numpy(), oi, oj, oh, ow)
         return
     size_h, size_w = img.shape[0], img.shape[1]
-    block = img[oi:oi + oh, oj:oj + ow].permute(2, 0, 1)[None].float()
+    block = img[oi : oi + oh, oj : oj + ow].permute(2, 0, 1)[None].float()
     padded = torch.nn.functional.pad(block, (oj, size_w - oj - ow, oi, size_h - oi - oh), mode="reflect")
     img.copy_(padded[0].permute(1, 2, 0).to(torch.uint8))

@@ -5,6 +5,7 @@ The caller (the trainer, a benchmark, a test) passes the data path's own config 
 and plain values: the class count, the dtype batches are cast to, the device, the rank and world size. Nothing here
 knows the trainer's config tree, its loss or its precision policy.
 """
+
 from __future__ import annotations
 
 from typing import cast
@@ -31,9 +32,11 @@ def _check_beton(path: str | None, split: str, num_classes: int, engine: str = "
     if is_image_folder(path):
         if not engine_info(engine).reads_image_folders:
             readers = one_of(engine_names(reads_image_folders=True))
-            raise DataError(f"{path}: a folder without manifest.json, so not a .beton or a shard set, which "
-                            f"data.engine {engine} reads: convert it first with deit3-convert {path} OUT.beton (or "
-                            f"read the images as they are, more slowly, with data.engine: {readers})")
+            raise DataError(
+                f"{path}: a folder without manifest.json, so not a .beton or a shard set, which "
+                f"data.engine {engine} reads: convert it first with deit3-convert {path} OUT.beton (or "
+                f"read the images as they are, more slowly, with data.engine: {readers})"
+            )
         from .reference_engine import scan_folder
 
         scan = scan_folder(str(path))
@@ -43,8 +46,10 @@ def _check_beton(path: str | None, split: str, num_classes: int, engine: str = "
     if len(b) == 0:
         raise DataError(f"{path} has no samples")
     if top >= num_classes or low < 0:
-        raise DataError(f"{path} has {what} but model.num_classes is {num_classes} (model.num_classes: auto takes "
-                        "the count from the data)")
+        raise DataError(
+            f"{path} has {what} but model.num_classes is {num_classes} (model.num_classes: auto takes "
+            "the count from the data)"
+        )
     return len(b)
 
 
@@ -80,11 +85,13 @@ def check_same_classes(train: str, val: str) -> None:
     except BetonError:
         return  # reported by the loader's own checks
     # Labels agree when val's class list is train's or its beginning (a val set with fewer classes).
-    if a is not None and b is not None and list(a[:len(b)]) != list(b):
+    if a is not None and b is not None and list(a[: len(b)]) != list(b):
         where = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         listing = train if is_shard_set(train) else f"{train}.json"
-        raise DataError(f"{val} was converted with other classes than {train} ({len(b)} vs {len(a)}, first "
-                        f"difference at label {where}): convert the val split with --classes {listing}")
+        raise DataError(
+            f"{val} was converted with other classes than {train} ({len(b)} vs {len(a)}, first "
+            f"difference at label {where}): convert the val split with --classes {listing}"
+        )
 
 
 # On a CPU the batch augmentation compiled (inductor fuses its ~20 passes) is ~2.4x faster than eager at 224 px, which
@@ -98,9 +105,19 @@ def compile_augment_on_cpu(samples: int, img_size: int) -> bool:
     return samples * img_size * img_size >= CPU_COMPILE_PIXELS
 
 
-def build_loader(data: DataConfig, aug: AugConfig, split: str, *, num_classes: int, device: torch.device | str,
-                 dtype: torch.dtype = torch.float32, rank: int | None = None, world: int | None = None,
-                 compile: bool = False, auto_compile: bool = True) -> Loader:
+def build_loader(
+    data: DataConfig,
+    aug: AugConfig,
+    split: str,
+    *,
+    num_classes: int,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+    rank: int | None = None,
+    world: int | None = None,
+    compile: bool = False,
+    auto_compile: bool = True,
+) -> Loader:
     """The `split` ("train" | "val") loader of `data` with `aug`'s augmentation. Batches are `dtype`, channels-last,
     on `device`; targets are timm's soft mixed targets (class indices where nothing is mixed). `rank` and `world`
     default to torch.distributed's when a process group is initialised. `compile` compiles the batch augmentation;
@@ -115,25 +132,38 @@ def build_loader(data: DataConfig, aug: AugConfig, split: str, *, num_classes: i
     info = engine_info(data.engine)
     assert path is not None  # _check_beton refused a missing path
     from dataset_tools.shards import is_shard_set
+
     if not info.reads_shard_sets and is_shard_set(path):
         # The fast engines that read shard sets: the reference engine does too, but is the slow yardstick.
         readers = engine_names(reads_shard_sets=True, host_augment=False)
-        raise DataError(f"{path} is a shard set; {info.what} reads one file: set data.stage_to (a node-local "
-                        f"folder: the shards are merged there at job start), or use data.engine: {one_of(readers)} "
-                        "(they read shard sets as they are)")
+        raise DataError(
+            f"{path} is a shard set; {info.what} reads one file: set data.stage_to (a node-local "
+            f"folder: the shards are merged there at job start), or use data.engine: {one_of(readers)} "
+            "(they read shard sets as they are)"
+        )
     if rank is None or world is None:
         rank, world = dist_rank_world()
     try:
-        order = EpochOrder(n, train=train, shuffle=data.shuffle, repeats=data.repeats if train else 1, rank=rank,
-                           world=world, seed=data.seed)
+        order = EpochOrder(
+            n,
+            train=train,
+            shuffle=data.shuffle,
+            repeats=data.repeats if train else 1,
+            rank=rank,
+            world=world,
+            seed=data.seed,
+        )
     except ValueError as e:
         raise DataError(f"{path}: {e}") from None
     batch = data.batch_size if train else (data.eval_batch_size or int(1.5 * data.batch_size))
     from .crops import CropSpec
 
     scale, ratio = cast("tuple[float, float]", tuple(aug.rrc_scale)), cast("tuple[float, float]", tuple(aug.rrc_ratio))
-    crop = (CropSpec(aug.crop, aug.img_size, scale, ratio, aug.src_pad) if train
-            else CropSpec("center", aug.img_size, center_ratio=aug.eval_crop_ratio))
+    crop = (
+        CropSpec(aug.crop, aug.img_size, scale, ratio, aug.src_pad)
+        if train
+        else CropSpec("center", aug.img_size, center_ratio=aug.eval_crop_ratio)
+    )
 
     cls = info.load()
     options: dict[str, object] = {"workers": data.workers, "drop_last": train, "seed": data.seed, "rank": rank}
@@ -149,10 +179,17 @@ def build_loader(data: DataConfig, aug: AugConfig, split: str, *, num_classes: i
     mixing = Mixing(aug, num_classes) if train else None
     # Mixup blends in float32 and the batch is cast to `dtype` once, after it (as the official code, whose images
     # stay fp32 up to autocast): blending bf16 pixels would round each of the two images first.
-    compile = compile or (auto_compile and train and device.type == "cpu" and compile_augment_on_cpu(len(order),
-                                                                                                  aug.img_size))
+    compile = compile or (
+        auto_compile and train and device.type == "cpu" and compile_augment_on_cpu(len(order), aug.img_size)
+    )
     # An engine that augments on the host has no use for batch augmentation (nor its compilation).
-    augment = None if info.host_augment else BatchAugment(
-        aug, train=train, dtype=torch.float32 if mixing is not None and mixing.active else dtype, compile=compile)
-    return Loader(engine, augment, mixing, device=device, seed=data.seed, rank=rank, dtype=dtype,
-                  make_engine=make_engine)
+    augment = (
+        None
+        if info.host_augment
+        else BatchAugment(
+            aug, train=train, dtype=torch.float32 if mixing is not None and mixing.active else dtype, compile=compile
+        )
+    )
+    return Loader(
+        engine, augment, mixing, device=device, seed=data.seed, rank=rank, dtype=dtype, make_engine=make_engine
+    )

@@ -11,6 +11,7 @@ RandomResizedCrop gives an integer box (top, left, height, width) that is croppe
 Simple Random Crop give fractional source boxes (y0, x0, y1, x1), the exact preimage of torchvision's
 resize-then-crop, which `resample.resize_box` maps onto the output in one step.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,7 +27,8 @@ from .keys import uniform
 @dataclass(frozen=True)
 class CropSpec:
     """Which primary crop an engine takes, and its parameters (from the `aug` config)."""
-    kind: str                       # "rrc" | "src" | "center"
+
+    kind: str  # "rrc" | "src" | "center"
     size: int
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -111,6 +113,7 @@ def reflect_fill(out, out_top, out_left, out_h, out_w):
 class BoxPlan(NamedTuple):
     """Resample the source box [y0, y1) x [x0, x1) onto the whole output. `whole`: the filter may read outside the
     box (resize-then-crop: eval); else only the box's own pixels (crop-then-resize: RandomResizedCrop)."""
+
     y0: float
     x0: float
     y1: float
@@ -121,6 +124,7 @@ class BoxPlan(NamedTuple):
 class SrcPlan(NamedTuple):
     """Simple Random Crop: resample [y0, y1) x [x0, x1) of the whole image onto the out_h x out_w block at
     (out_top, out_left) of the output, and fill the rest by reflection."""
+
     y0: float
     x0: float
     y1: float
@@ -134,8 +138,9 @@ class SrcPlan(NamedTuple):
 def crop_plan(spec: CropSpec, height: int, width: int, key) -> BoxPlan | SrcPlan:
     """What to take from an image of this size for a sample with this key."""
     if spec.kind == "rrc":
-        i, j, h, w = rrc_box(height, width, spec.scale[0], spec.scale[1], np.log(spec.ratio[0]),
-                             np.log(spec.ratio[1]), key)
+        i, j, h, w = rrc_box(
+            height, width, spec.scale[0], spec.scale[1], np.log(spec.ratio[0]), np.log(spec.ratio[1]), key
+        )
         return BoxPlan(float(i), float(j), float(i + h), float(j + w), False)
     if spec.kind == "center":
         y0, x0, y1, x1 = center_box(height, width, spec.size, spec.center_ratio)  # (mypy cannot count *njit(...))

@@ -9,6 +9,7 @@ Without a GPU, DALI runs its CPU operators (`device_id=None`), which is what CI 
 refuses (progressive, CMYK, odd subsampling) are decoded by DALI's own CPU fallback; the engine counts them per
 epoch from their headers (`epoch_report`), as the nvjpeg engine does.
 """
+
 from __future__ import annotations
 
 import gc
@@ -35,42 +36,80 @@ try:
     from nvidia.dali.plugin.pytorch import feed_ndarray
     from nvidia.dali.tensors import TensorListGPU
 except ImportError as e:  # pragma: no cover - exercised by the missing-dependency test in a subprocess
-    raise ImportError(f"the dali engine needs NVIDIA DALI ({e}); install it with: pip install -e '.[dali]' "
-                      "(nvidia-dali-cuda120; nvidia-dali-cuda130 for CUDA 13 drivers), or use data.engine: "
-                      "nvjpeg, which needs only torch") from None
+    raise ImportError(
+        f"the dali engine needs NVIDIA DALI ({e}); install it with: pip install -e '.[dali]' "
+        "(nvidia-dali-cuda120; nvidia-dali-cuda130 for CUDA 13 drivers), or use data.engine: "
+        "nvjpeg, which needs only torch"
+    ) from None
 finally:
     if _gc_was_enabled:
         gc.enable()
 
 
 class DaliEngine(BetonBatches):
-    def __init__(self, path: str, epoch_order, batch_size: int, crop, device: torch.device, *, workers: int,
-                 drop_last: bool, seed: int = 0, rank: int = 0):
+    def __init__(
+        self,
+        path: str,
+        epoch_order,
+        batch_size: int,
+        crop,
+        device: torch.device,
+        *,
+        workers: int,
+        drop_last: bool,
+        seed: int = 0,
+        rank: int = 0,
+    ):
         super().__init__(path, epoch_order, batch_size, crop, device, drop_last=drop_last, seed=seed, rank=rank)
         if self.samples.has_raw_images():
-            raise DataError(f"{path} stores raw pixels; the dali engine reads JPEG files (convert with "
-                             "--write-mode jpg, or use data.engine: ffcv or nvjpeg)")
+            raise DataError(
+                f"{path} stores raw pixels; the dali engine reads JPEG files (convert with "
+                "--write-mode jpg, or use data.engine: ffcv or nvjpeg)"
+            )
         gpu = device.type == "cuda" and backend.GetCUDADeviceCount() > 0
         self.gpu = gpu
         self._feed = _Feed()
-        self.pipe = self._pipeline(batch_size=batch_size, num_threads=max(1, workers),
-                                   device_id=device.index or 0 if gpu else None, prefetch_queue_depth=1,
-                                   exec_dynamic=True, gpu=gpu)
+        self.pipe = self._pipeline(
+            batch_size=batch_size,
+            num_threads=max(1, workers),
+            device_id=device.index or 0 if gpu else None,
+            prefetch_queue_depth=1,
+            exec_dynamic=True,
+            gpu=gpu,
+        )
         self.pipe.build()
 
     @pipeline_def
     def _pipeline(self, gpu: bool):
         size, src = self.crop.size, self.crop.kind == "src"
         enc, roi0, roi1, out_hw, *anchor = fn.external_source(
-            source=self._feed, num_outputs=5 if src else 4, batch=True,
-            dtype=[types.UINT8] + [types.FLOAT] * (4 if src else 3))
+            source=self._feed,
+            num_outputs=5 if src else 4,
+            batch=True,
+            dtype=[types.UINT8] + [types.FLOAT] * (4 if src else 3),
+        )
         img = fn.decoders.image(enc, device="mixed" if gpu else "cpu", output_type=types.RGB)
-        img = fn.resize(img, size=out_hw, roi_start=roi0, roi_end=roi1, roi_relative=False,
-                        interp_type=types.INTERP_CUBIC, antialias=True, dtype=types.UINT8)
+        img = fn.resize(
+            img,
+            size=out_hw,
+            roi_start=roi0,
+            roi_end=roi1,
+            roi_relative=False,
+            interp_type=types.INTERP_CUBIC,
+            antialias=True,
+            dtype=types.UINT8,
+        )
         if src:
-            img = fn.slice(img, anchor[0], fn.constant(fdata=[float(size), float(size)]), axis_names="HW",
-                           normalized_anchor=False, normalized_shape=False, out_of_bounds_policy="pad",
-                           fill_values=0)
+            img = fn.slice(
+                img,
+                anchor[0],
+                fn.constant(fdata=[float(size), float(size)]),
+                axis_names="HW",
+                normalized_anchor=False,
+                normalized_shape=False,
+                out_of_bounds_policy="pad",
+                fill_values=0,
+            )
         return img
 
     def _inputs(self, idx: np.ndarray, keys) -> tuple[tuple, list]:

@@ -10,6 +10,7 @@ way: `cls(path, epoch_order, batch_size, crop, device, *, workers, drop_last, se
 engine registered as taking it (and `aug` for one registered with `host_augment`). Data it cannot read (a file
 format it does not support) is a `DataError` from the constructor, which the user sees as one line.
 """
+
 from __future__ import annotations
 
 from collections.abc import Generator

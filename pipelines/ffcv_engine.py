@@ -8,6 +8,7 @@ which turns upscaled small crops blocky; and a third crop kind, Simple Random Cr
 epoch's part of the key is read at run time from `KeyCell`: FFCV compiles the decoder once, so a Python value
 captured at compile time could not change per epoch.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,8 +32,10 @@ try:
     from ffcv.transforms import Squeeze, ToDevice, ToTensor
     from ffcv.traversal_order.base import TraversalOrder
 except ImportError as e:  # pragma: no cover - exercised by the missing-dependency test in a subprocess
-    raise ImportError(f"the ffcv engine needs FFCV ({e}); install it with: pip install -e '.[ffcv]' "
-                      "(needs pkg-config, g++, libturbojpeg0-dev, libopencv-dev; `make install` does all)") from None
+    raise ImportError(
+        f"the ffcv engine needs FFCV ({e}); install it with: pip install -e '.[ffcv]' "
+        "(needs pkg-config, g++, libturbojpeg0-dev, libopencv-dev; `make install` does all)"
+    ) from None
 
 
 def _compile_os_cache_reader(self):
@@ -48,7 +51,7 @@ def _compile_os_cache_reader(self):
 
     def read(address, mem_state):
         size = mem_state[2][np.searchsorted(mem_state[1], address)]
-        return mem_state[0][address:address + size]
+        return mem_state[0][address : address + size]
 
     return Compiler.compile(read, data(types.uint64, types.Tuple([data, index, index])))
 
@@ -117,26 +120,27 @@ class DeiTCropDecoder(ResizedCropRGBImageDecoder):
                 if field["mode"] == jpg:
                     image = temp_storage[dst_ix]
                     imdecode_c(image_data, image, height, width, height, width, 0, 0, 1, 1, False, False)
-                    image = image.reshape(-1)[:3 * height * width].reshape(height, width, 3)
+                    image = image.reshape(-1)[: 3 * height * width].reshape(height, width, 3)
                 else:
                     image = image_data.reshape(height, width, 3)
                 h_, w_ = int(height), int(width)
                 out = destination[dst_ix]
                 if kind == 0:  # crop, then resize the crop (taps stay inside it, as PIL's crop + resize)
-                    i, j, h, w = rrc_box(h_, w_, scale_lo, scale_hi, log_lo, log_hi,
-                                         sample_key(epoch_key, source_ix, dst_ix))
-                    resize_box(image[i:i + h, j:j + w], 0.0, 0.0, float(h), float(w), out)
+                    i, j, h, w = rrc_box(
+                        h_, w_, scale_lo, scale_hi, log_lo, log_hi, sample_key(epoch_key, source_ix, dst_ix)
+                    )
+                    resize_box(image[i : i + h, j : j + w], 0.0, 0.0, float(h), float(w), out)
                 elif kind == 2:  # resize the whole image, then crop: a fractional box of the whole image
                     y0, x0, y1, x1 = center_box(h_, w_, size, center_ratio)
                     resize_box(image, y0, x0, y1, x1, out)
                 else:
                     key = sample_key(epoch_key, source_ix, dst_ix)
                     y0, x0, y1, x1, oi, oj, oh, ow = src_box(h_, w_, size, pad, key)
-                    block = staging[dst_ix].reshape(-1)[:oh * ow * 3].reshape(oh, ow, 3)
+                    block = staging[dst_ix].reshape(-1)[: oh * ow * 3].reshape(oh, ow, 3)
                     resize_box(image, y0, x0, y1, x1, block)
-                    out[oi:oi + oh, oj:oj + ow] = block
+                    out[oi : oi + oh, oj : oj + ow] = block
                     reflect_fill(out, oi, oj, oh, ow)
-            return destination[:len(batch_indices)]
+            return destination[: len(batch_indices)]
 
         decode.is_parallel = True
         return decode
@@ -160,8 +164,20 @@ class _Order(TraversalOrder):
 class FFCVEngine:
     """The `Engine` (engine.py) of FFCV's loader: CPU decode threads, batches moved to `device` early."""
 
-    def __init__(self, path: str, epoch_order, batch_size: int, crop: CropSpec, device: torch.device, *,
-                 workers: int, os_cache: bool, drop_last: bool, seed: int = 0, rank: int = 0):
+    def __init__(
+        self,
+        path: str,
+        epoch_order,
+        batch_size: int,
+        crop: CropSpec,
+        device: torch.device,
+        *,
+        workers: int,
+        os_cache: bool,
+        drop_last: bool,
+        seed: int = 0,
+        rank: int = 0,
+    ):
         self.key_cell, self.seed, self.rank, self.crop = KeyCell(), seed, rank, crop
         self.epoch_order = epoch_order
         import numba
@@ -171,10 +187,18 @@ class FFCVEngine:
         to_device = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
         self.order, self.batch_size = _Order(epoch_order), batch_size
         self.loader = FFCVLoader(
-            path, batch_size=batch_size, num_workers=workers, os_cache=os_cache, drop_last=drop_last,
-            order=self.order, batches_ahead=2,
-            pipelines={"image": [DeiTCropDecoder(crop, self.key_cell), ToTensor(), *to_device],
-                       "label": [IntDecoder(), ToTensor(), Squeeze(1), *to_device]})
+            path,
+            batch_size=batch_size,
+            num_workers=workers,
+            os_cache=os_cache,
+            drop_last=drop_last,
+            order=self.order,
+            batches_ahead=2,
+            pipelines={
+                "image": [DeiTCropDecoder(crop, self.key_cell), ToTensor(), *to_device],
+                "label": [IntDecoder(), ToTensor(), Squeeze(1), *to_device],
+            },
+        )
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -210,8 +234,10 @@ def _wait_for_a_batch(thread) -> None:
     with queue.not_empty:  # the queue's own lock: qsize() would take it again
         while not queue._qsize():
             if not thread.is_alive():
-                raise DataError("FFCV's decode thread stopped with an error (its traceback is printed above); the "
-                                "epoch cannot go on")
+                raise DataError(
+                    "FFCV's decode thread stopped with an error (its traceback is printed above); the "
+                    "epoch cannot go on"
+                )
             queue.not_empty.wait(1.0)
 
 

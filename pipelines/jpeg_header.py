@@ -4,6 +4,7 @@ nvJPEG (torchvision's `decode_jpeg(device='cuda')`, DALI's "mixed" decoder) hand
 or three components and the usual chroma subsampling (4:4:4, 4:2:2, 4:4:0, 4:2:0). ImageNet and IN-21k also hold
 progressive and CMYK files and odd subsamplings (4:1:1, chroma sampled finer than luma); those go to the CPU.
 """
+
 from __future__ import annotations
 
 _BASELINE = (0xC0, 0xC1)  # SOF0 baseline, SOF1 extended sequential (Huffman)

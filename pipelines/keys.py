@@ -6,6 +6,7 @@ an uninterrupted one would, and every engine computes the same numbers. Users: t
 per-batch keys (each batch augmentation op draws from its own `named` child stream; mixing) and the trainer's
 per-micro-batch drop-path seed. numba-compiled (FFCV's decoder calls them from its threads) and callable from Python.
 """
+
 from __future__ import annotations
 
 from functools import cache

@@ -1,5 +1,6 @@
 """`Loader`: an engine's uint8 batches through the batch augmentation and mixing (an engine that augments on the host,
 `host_augment` in registry.py, skips it). The training loop sees only this."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -26,8 +27,18 @@ class Loader:
     given `make_engine` (a (CropSpec, batch size) -> Engine factory).
     """
 
-    def __init__(self, engine: Engine, augment, mixing, *, device: torch.device, seed: int, rank: int,
-                 dtype: torch.dtype | None = None, make_engine=None):
+    def __init__(
+        self,
+        engine: Engine,
+        augment,
+        mixing,
+        *,
+        device: torch.device,
+        seed: int,
+        rank: int,
+        dtype: torch.dtype | None = None,
+        make_engine=None,
+    ):
         self.engine, self.augment, self.mixing = engine, augment, mixing
         self._make_engine = make_engine
         self._engines: dict = {}

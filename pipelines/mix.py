@@ -3,6 +3,7 @@ targets (label smoothing inside). What a loss does with them (BCE binarises them
 timm draws from numpy's global RNG: each batch gets its own seed from the loader's generator, so mixing is
 reproducible and the caller's numpy state is left as it was.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,9 +15,15 @@ class Mixing:
     def __init__(self, aug, num_classes: int):
         self.mixup = None
         if aug.mix_prob > 0 and (aug.mixup > 0 or aug.cutmix > 0):
-            self.mixup = Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, prob=aug.mix_prob,
-                               switch_prob=aug.mix_switch_prob, mode="batch", label_smoothing=aug.label_smoothing,
-                               num_classes=num_classes)
+            self.mixup = Mixup(
+                mixup_alpha=aug.mixup,
+                cutmix_alpha=aug.cutmix,
+                prob=aug.mix_prob,
+                switch_prob=aug.mix_switch_prob,
+                mode="batch",
+                label_smoothing=aug.label_smoothing,
+                num_classes=num_classes,
+            )
 
     @property
     def active(self) -> bool:

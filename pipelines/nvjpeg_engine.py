@@ -35,6 +35,7 @@ Decoder hardware. A100 and H100-class GPUs have a hardware JPEG engine, which to
 decoding; on other GPUs (V100, consumer cards) torchvision falls back to nvJPEG's hybrid backend and decodes one
 image at a time with the Huffman stage on the CPU (`gpu_decoder_kind` says which, for doctor and profile).
 """
+
 from __future__ import annotations
 
 import queue
@@ -56,8 +57,9 @@ from .resample import resize_box
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec (warning once per call); they still work and
 # need no extra dependency. Moving to torchcodec.decoders is the follow-up once it decodes JPEG on the GPU in batches.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                        category=DeprecationWarning)
+warnings.filterwarnings(
+    "ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning
+)
 
 
 AHEAD = 2  # finished batches that may wait for the caller: one being trained on, one ready, one being decoded
@@ -65,8 +67,19 @@ _DONE = object()  # the decode thread's end-of-epoch mark in the queue
 
 
 class NvjpegEngine(BetonBatches):
-    def __init__(self, path: str, epoch_order, batch_size: int, crop, device: torch.device, *, workers: int,
-                 drop_last: bool, seed: int = 0, rank: int = 0):
+    def __init__(
+        self,
+        path: str,
+        epoch_order,
+        batch_size: int,
+        crop,
+        device: torch.device,
+        *,
+        workers: int,
+        drop_last: bool,
+        seed: int = 0,
+        rank: int = 0,
+    ):
         super().__init__(path, epoch_order, batch_size, crop, device, drop_last=drop_last, seed=seed, rank=rank)
         self.pool = ThreadPoolExecutor(max(1, workers)) if device.type == "cpu" else None
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -85,18 +98,25 @@ class NvjpegEngine(BetonBatches):
 
     def _cpu_sample(self, out: np.ndarray, slot: int, i: int, key) -> None:
         img = self._pixels(i, self._bytes(i))
-        take_crop(img, crop_plan(self.crop, img.shape[0], img.shape[1], key), self.crop.size, _resize_on_cpu,
-                  torch.from_numpy(out[slot]))
+        take_crop(
+            img,
+            crop_plan(self.crop, img.shape[0], img.shape[1], key),
+            self.crop.size,
+            _resize_on_cpu,
+            torch.from_numpy(out[slot]),
+        )
 
     def _decode_on_gpu(self, idx: np.ndarray, data: list[torch.Tensor]) -> dict[int, torch.Tensor]:
         """{slot: (3, H, W) uint8 on the device} for the batch's JPEGs that nvJPEG takes; the rest are left out."""
-        slots = [k for k, i in enumerate(idx)
-                 if self.image_row(i)["mode"] != IMAGE_MODE_RAW and self.gpu_refusal(i, data[k].numpy()) is None]
+        slots = [
+            k
+            for k, i in enumerate(idx)
+            if self.image_row(i)["mode"] != IMAGE_MODE_RAW and self.gpu_refusal(i, data[k].numpy()) is None
+        ]
         if not slots:  # decode_jpeg([]) raises: a batch of raw pixels or refused JPEGs has nothing for nvJPEG
             return {}
         try:
-            return dict(zip(slots, decode_jpeg([data[k] for k in slots], mode=ImageReadMode.RGB,
-                                               device=self.device)))
+            return dict(zip(slots, decode_jpeg([data[k] for k in slots], mode=ImageReadMode.RGB, device=self.device)))
         except RuntimeError:
             # One file the header check let through and nvJPEG still refused fails the batched call: retry one by
             # one and leave the refusals to the CPU. A failed call skips torchvision's own synchronisation, and
@@ -125,8 +145,9 @@ class NvjpegEngine(BetonBatches):
         # image: each goes in as the flat view of its own memory.
         planar = [k for k in sorted(decoded) if decoded[k].is_contiguous()]
         interleaved = [k for k in sorted(decoded) if k not in planar]
-        pieces = [decoded[k].reshape(-1) for k in planar] + \
-            [decoded[k].permute(1, 2, 0).reshape(-1) for k in interleaved]
+        pieces = [decoded[k].reshape(-1) for k in planar] + [
+            decoded[k].permute(1, 2, 0).reshape(-1) for k in interleaved
+        ]
         shapes, offsets, host, end = {}, {}, [], 0
         for k, piece in zip(planar + interleaved, pieces):
             shapes[k], offsets[k], end = tuple(decoded[k].shape[1:]), end, end + piece.numel()
@@ -138,16 +159,22 @@ class NvjpegEngine(BetonBatches):
                 end += img.size
                 interleaved.append(k)
         order = planar + interleaved  # the plan's rows: planar samples first
-        plan = plan_batch(self.crop, [shapes[k] for k in order], [offsets[k] for k in order],
-                          [keys[k] for k in order], slots=order, planar=len(planar))
+        plan = plan_batch(
+            self.crop,
+            [shapes[k] for k in order],
+            [offsets[k] for k in order],
+            [keys[k] for k in order],
+            slots=order,
+            planar=len(planar),
+        )
         labels = self.samples.labels_at(idx)
         head = np.concatenate([labels.view(np.uint8), plan.params.reshape(-1).view(np.uint8)])
         # [labels int64 | params float64 | host pixels | zeros the last window row may read past the end]
         tail = np.zeros(3 * plan.wwin, np.uint8)
         buf = upload(torch.from_numpy(np.concatenate([head, *host, tail])), self.device)
-        labels_t = buf[:labels.nbytes].view(torch.int64)
-        params = buf[labels.nbytes:head.size].view(torch.float64).view(plan.params.shape)
-        flat = torch.cat([*pieces, buf[head.size:]]) if pieces else buf[head.size:]
+        labels_t = buf[: labels.nbytes].view(torch.int64)
+        params = buf[labels.nbytes : head.size].view(torch.float64).view(plan.params.shape)
+        flat = torch.cat([*pieces, buf[head.size :]]) if pieces else buf[head.size :]
         return batched_crop(flat, params, plan), labels_t
 
     def _gpu_batches(self, epoch: int, start: int = 0):
@@ -237,6 +264,7 @@ class BatchPlan(NamedTuple):
     then the sample's offset in the flat buffer, height, width, and its slot in the batch), the window sizes every
     sample fits in, the most filter taps any output pixel has, and how many rows (the first) are planar images;
     the rest are interleaved. `in_order`: the rows are the slots in order."""
+
     params: np.ndarray
     size: int
     hwin: int
@@ -282,8 +310,9 @@ def plan_batch(spec, shapes, offsets, keys, slots=None, planar=None) -> BatchPla
     p[:, 6], p[:, 13] = (shift + first).T
     span = (last - first).max(axis=0)
     taps = int(np.ceil(support).max()) * 2 + 1
-    return BatchPlan(p, size, int(span[0]), int(span[1]), taps, len(shapes) if planar is None else planar,
-                     slots == sorted(slots))
+    return BatchPlan(
+        p, size, int(span[0]), int(span[1]), taps, len(shapes) if planar is None else planar, slots == sorted(slots)
+    )
 
 
 def _bicubic(x: torch.Tensor) -> torch.Tensor:
@@ -323,7 +352,7 @@ def batch_weights(params: torch.Tensor, plan: BatchPlan) -> tuple[torch.Tensor, 
     # taps past a pixel's count weigh 0: clamped into the window they add nothing where they land
     col = (x + (shift - lo)[..., None]).clamp_(0, width - 1).long()
     m = torch.zeros(w.shape[:-1] + (width,), device=dev).scatter_add_(-1, col, w)
-    return m[:, 0, :, :plan.hwin], m[:, 1, :, :plan.wwin]
+    return m[:, 0, :, : plan.hwin], m[:, 1, :, : plan.wwin]
 
 
 def batched_crop(flat: torch.Tensor, params: torch.Tensor, plan: BatchPlan) -> torch.Tensor:
@@ -345,11 +374,12 @@ def batched_crop(flat: torch.Tensor, params: torch.Tensor, plan: BatchPlan) -> t
     pixel = rows * w + params[:, 13, None]  # the first window pixel of each row, within its image
     windows = []
     if plan.planar:  # channel c's row at off + c * H * W + pixel
-        starts = (off + pixel)[:plan.planar, None] + \
-            torch.arange(3, device=dev, dtype=f64)[:, None] * (h * w)[:plan.planar, None]
+        starts = (off + pixel)[: plan.planar, None] + torch.arange(3, device=dev, dtype=f64)[:, None] * (h * w)[
+            : plan.planar, None
+        ]
         windows.append(flat.unfold(0, wwin, 1)[starts.long()])
     if plan.planar < b:  # all three channels' row at off + 3 * pixel
-        starts = (off + 3 * pixel)[plan.planar:]
+        starts = (off + 3 * pixel)[plan.planar :]
         rgb = flat.unfold(0, 3 * wwin, 1)[starts.long()].view(b - plan.planar, hwin, wwin, 3)
         windows.append(rgb.permute(0, 3, 1, 2))
     window = (windows[0] if len(windows) == 1 else torch.cat(windows)).float()  # (B, 3, hwin, wwin)
@@ -372,11 +402,11 @@ def take_crop(img, plan: BoxPlan | SrcPlan, size: int, resize, out: torch.Tensor
         if plan.whole:  # resize-then-crop: the filter may read around the fractional box
             out[:] = resize(img, plan.y0, plan.x0, plan.y1, plan.x1, size, size)
         else:  # crop-then-resize: only the box's own pixels
-            box = img[int(plan.y0):int(plan.y1), int(plan.x0):int(plan.x1)]
+            box = img[int(plan.y0) : int(plan.y1), int(plan.x0) : int(plan.x1)]
             out[:] = resize(box, 0.0, 0.0, plan.y1 - plan.y0, plan.x1 - plan.x0, size, size)
         return
     top, left, h, w = plan.out_top, plan.out_left, plan.out_h, plan.out_w
-    out[top:top + h, left:left + w] = resize(img, plan.y0, plan.x0, plan.y1, plan.x1, h, w)
+    out[top : top + h, left : left + w] = resize(img, plan.y0, plan.x0, plan.y1, plan.x1, h, w)
     reflect_pad(out, top, left, h, w)
 
 

@@ -20,6 +20,7 @@ bit unchanged (tests/pipelines/test_augment.py checks it with a fake op added). 
 the run's random stream: renaming an op changes its draws (which resumes, and reproduces old runs, rely on), and two
 ops of one BatchAugment may not share a name.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
@@ -35,6 +36,7 @@ from . import keys
 class OpParams:
     """One op's draws for a batch: tensor fields, the batch along dimension BATCH_DIM of each (a subclass with
     per-layer draws sets 1). Slicing, listing and moving are generic, so an op declares its fields and nothing else."""
+
     BATCH_DIM: ClassVar[int] = 0
 
     def tensors(self) -> list[torch.Tensor]:
@@ -63,7 +65,8 @@ class AugParams(dict):
 
 class AugOp:
     """Base of the ops: both parts default to doing nothing, so an op overrides the ones it has."""
-    name: ClassVar[str]          # keys the op's random stream and its entry in AugParams: see the module docstring
+
+    name: ClassVar[str]  # keys the op's random stream and its entry in AugParams: see the module docstring
     barrier: ClassVar[bool] = False
     tally_key: ClassVar[str | None] = None  # the key under which previews report `tally`
 

@@ -5,6 +5,7 @@ channels are adjacent, so a grey value is three multiply-adds), and reproduces t
 named after, with PIL's own rounding where PIL rounds. Nothing here draws random numbers or knows an op's parameters:
 the ops pass per-sample values in.
 """
+
 from __future__ import annotations
 
 import math

@@ -1,5 +1,6 @@
 """A PNG grid of augmented training samples, captioned with what each augmentation op did to each (the 3-Augment
 branch, the flip, the RandAugment ops); the ops describe and count their own parameters (ops.AugOp)."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -19,6 +19,7 @@ is not a table op), a blend (factor 1 where not a blend op) and a warp (identity
 where it does nothing, so the composition is each sample's own op. No shape depends on the data (no host sync,
 `torch.compile`-able); on a CPU, where a gather costs no sync, the blend and the warp run on their samples only.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,9 +35,21 @@ from .ops import AugOp, OpParams
 from .pixels import device_const, exact_div, grayscale, per_sample, pil_blend, pil_grey, pil_smooth
 
 # The ops timm's RandAugment sets use (_RAND_TRANSFORMS, _RAND_INCREASING_TRANSFORMS and the weighted '0' set).
-TABLE_OPS = ("AutoContrast", "Equalize", "Invert", "Posterize", "PosterizeIncreasing", "PosterizeOriginal", "Solarize",
-             "SolarizeIncreasing", "SolarizeAdd", "Contrast", "ContrastIncreasing", "Brightness",
-             "BrightnessIncreasing")
+TABLE_OPS = (
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Posterize",
+    "PosterizeIncreasing",
+    "PosterizeOriginal",
+    "Solarize",
+    "SolarizeIncreasing",
+    "SolarizeAdd",
+    "Contrast",
+    "ContrastIncreasing",
+    "Brightness",
+    "BrightnessIncreasing",
+)
 BLEND_OPS = ("Color", "ColorIncreasing", "Sharpness", "SharpnessIncreasing")
 WARP_OPS = ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "TranslateXRel", "TranslateYRel")
 SUPPORTED = TABLE_OPS + BLEND_OPS + WARP_OPS
@@ -47,6 +60,7 @@ SIGNED = WARP_OPS + ("ColorIncreasing", "ContrastIncreasing", "BrightnessIncreas
 class RandAugParams(OpParams):
     """Per layer and sample (each (layers, B), so the batch is dimension 1): which op of the policy, whether it
     applies, its magnitude after noise and clipping, and whether a signed op's argument is negated."""
+
     BATCH_DIM: ClassVar[int] = 1
     op: torch.Tensor
     apply: torch.Tensor
@@ -63,6 +77,7 @@ class RandAugment(AugOp):
 
     As an op of the batch augmentation (ops.py) it is all eager part, and a barrier: timm flips before it, and its
     warps do not commute with the flip."""
+
     name = "randaugment"
     barrier = True
     tally_key = "randaug"
@@ -71,25 +86,32 @@ class RandAugment(AugOp):
         from timm.data.auto_augment import rand_augment_transform
 
         if not policy.startswith("rand"):
-            raise RandAugmentError(f"aug.auto_augment {policy!r}: only timm's RandAugment policies (rand-...) run on "
-                                   "the device, e.g. rand-m9-mstd0.5-inc1")
+            raise RandAugmentError(
+                f"aug.auto_augment {policy!r}: only timm's RandAugment policies (rand-...) run on "
+                "the device, e.g. rand-m9-mstd0.5-inc1"
+            )
         try:
             t = rand_augment_transform(policy, {"translate_const": translate_const, "img_mean": tuple(fill)})
         except (AssertionError, ValueError, KeyError) as e:
-            raise RandAugmentError(f"aug.auto_augment {policy!r} is not a policy timm parses ({e or 'bad section'}); "
-                                   "e.g. rand-m9-mstd0.5-inc1") from None
+            raise RandAugmentError(
+                f"aug.auto_augment {policy!r} is not a policy timm parses ({e or 'bad section'}); "
+                "e.g. rand-m9-mstd0.5-inc1"
+            ) from None
         self.policy, self.translate_const = policy, translate_const
         self.fill: tuple[float, float, float] = (float(fill[0]), float(fill[1]), float(fill[2]))
         self.names = [op.name for op in t.ops]
         unknown = sorted(set(self.names) - set(SUPPORTED))
         if unknown:
-            raise RandAugmentError(f"aug.auto_augment {policy!r} uses ops the batch augmentation does not implement: "
-                                   f"{', '.join(unknown)}")
+            raise RandAugmentError(
+                f"aug.auto_augment {policy!r} uses ops the batch augmentation does not implement: {', '.join(unknown)}"
+            )
         first = t.ops[0]
         if t.choice_weights is not None and t.num_layers > len(self.names):
-            raise RandAugmentError(f"aug.auto_augment {policy!r}: {t.num_layers} ops per image from a weighted set of "
-                                   f"{len(self.names)}, which timm draws without replacement: use n{len(self.names)} "
-                                   "or fewer")
+            raise RandAugmentError(
+                f"aug.auto_augment {policy!r}: {t.num_layers} ops per image from a weighted set of "
+                f"{len(self.names)}, which timm draws without replacement: use n{len(self.names)} "
+                "or fewer"
+            )
         self.layers, self.prob, self.mean = t.num_layers, first.prob, float(first.magnitude)
         self.std, self.top = first.magnitude_std, float(first.magnitude_max or 10)
         self.weights = None if t.choice_weights is None else torch.tensor(t.choice_weights, dtype=torch.float64)
@@ -185,8 +207,9 @@ class RandAugment(AugOp):
                 factor = torch.where(mask, _level(name, m, neg, self), factor)
                 if name.startswith("Sharpness"):
                     sharp = sharp | mask
-            x = per_sample(x, blend_on, subset,
-                           lambda v, i: _blend_color_or_sharpness(v, factor[i].float(), sharp[i], subset))
+            x = per_sample(
+                x, blend_on, subset, lambda v, i: _blend_color_or_sharpness(v, factor[i].float(), sharp[i], subset)
+            )
         warp_on, warps = self._kind(op, apply, WARP_OPS)
         if warps:
             matrix = device_const((1.0, 0, 0, 0, 1, 0), x.device, torch.float64).expand(len(x), 6)
@@ -239,6 +262,7 @@ class RandAugment(AugOp):
 
 # ---- level -> argument (timm's LEVEL_TO_ARG, in float64 as Python computes it) ------------------------------------
 
+
 def _level(name: str, m: torch.Tensor, neg: torch.Tensor, ra: RandAugment) -> torch.Tensor:
     def signed(v):
         return torch.where(neg, -v, v)
@@ -273,13 +297,18 @@ def _level(name: str, m: torch.Tensor, neg: torch.Tensor, ra: RandAugment) -> to
 
 # ---- tables -------------------------------------------------------------------------------------------------------
 
+
 def _histogram(x: torch.Tensor) -> torch.Tensor:
     """(B, 3, 256) pixel counts per sample and channel."""
     b = len(x)
     idx = x.long().view(b, -1, 3) + torch.arange(0, 768, 256, device=x.device)
-    return torch.zeros(b, 768, device=x.device, dtype=torch.float64).scatter_add_(
-        1, idx.view(b, -1), torch.ones(idx.numel() // b, device=x.device, dtype=torch.float64).expand(b, -1)
-    ).view(b, 3, 256)
+    return (
+        torch.zeros(b, 768, device=x.device, dtype=torch.float64)
+        .scatter_add_(
+            1, idx.view(b, -1), torch.ones(idx.numel() // b, device=x.device, dtype=torch.float64).expand(b, -1)
+        )
+        .view(b, 3, 256)
+    )
 
 
 def _apply_table(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
@@ -314,6 +343,7 @@ def _equalize_table(hist: torch.Tensor) -> torch.Tensor:
 
 # ---- blends -------------------------------------------------------------------------------------------------------
 
+
 def _blend_color_or_sharpness(x: torch.Tensor, factor: torch.Tensor, sharp: torch.Tensor, look: bool) -> torch.Tensor:
     """ImageEnhance.Color (against the grey image) or .Sharpness (against SMOOTH), per sample."""
     grey = grayscale(x)
@@ -324,6 +354,7 @@ def _blend_color_or_sharpness(x: torch.Tensor, factor: torch.Tensor, sharp: torc
 
 
 # ---- warps --------------------------------------------------------------------------------------------------------
+
 
 def _affine(name: str, v: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """PIL's AFFINE data (a, b, c, d, e, f), per sample: output pixel centre (x, y) reads input (ax+by+c, dx+ey+f)."""

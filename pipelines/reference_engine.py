@@ -21,6 +21,7 @@ moves them. The samples and their order are `EpochOrder`'s, as for every engine;
 torch's, Python's and numpy's generators seeded, inside `__getitem__`, from its key (seed, rank, epoch, sample, slot),
 so the draws do not depend on which worker made the sample and a resumed epoch gives an uninterrupted one's batches.
 """
+
 from __future__ import annotations
 
 import functools
@@ -48,6 +49,7 @@ BICUBIC = InterpolationMode.BICUBIC
 
 
 # ---- the official 3-Augment choices (augment.py's gray_scale, Solarization, GaussianBlur with p=1) ----------------
+
 
 class Grayscale3:
     """ITU-R 601-2 luma (PIL's "L"), copied to three channels so that ColorJitter and Normalize still see RGB."""
@@ -81,13 +83,21 @@ def train_transform(aug, crop: CropSpec):
     if aug.auto_augment and not aug.three_augment:
         from timm.data import create_transform
 
-        return create_transform(size, is_training=True, scale=tuple(crop.scale), ratio=tuple(crop.ratio),
-                                hflip=aug.hflip, color_jitter=aug.color_jitter or None,
-                                auto_augment=aug.auto_augment, interpolation="bicubic", mean=tuple(aug.mean),
-                                std=tuple(aug.std), re_prob=0.0)
+        return create_transform(
+            size,
+            is_training=True,
+            scale=tuple(crop.scale),
+            ratio=tuple(crop.ratio),
+            hflip=aug.hflip,
+            color_jitter=aug.color_jitter or None,
+            auto_augment=aug.auto_augment,
+            interpolation="bicubic",
+            mean=tuple(aug.mean),
+            std=tuple(aug.std),
+            re_prob=0.0,
+        )
     if crop.kind == "src":
-        primary = [T.Resize(size, interpolation=BICUBIC),
-                   T.RandomCrop(size, padding=crop.pad, padding_mode="reflect")]
+        primary = [T.Resize(size, interpolation=BICUBIC), T.RandomCrop(size, padding=crop.pad, padding_mode="reflect")]
     else:
         primary = [T.RandomResizedCrop(size, scale=tuple(crop.scale), ratio=tuple(crop.ratio), interpolation=BICUBIC)]
     ops = [*primary, T.RandomHorizontalFlip(aug.hflip)]
@@ -99,11 +109,18 @@ def train_transform(aug, crop: CropSpec):
 
 
 def eval_transform(aug, crop: CropSpec):
-    return T.Compose([T.Resize(int(crop.size / crop.center_ratio), interpolation=BICUBIC), T.CenterCrop(crop.size),
-                      T.ToTensor(), T.Normalize(aug.mean, aug.std)])
+    return T.Compose(
+        [
+            T.Resize(int(crop.size / crop.center_ratio), interpolation=BICUBIC),
+            T.CenterCrop(crop.size),
+            T.ToTensor(),
+            T.Normalize(aug.mean, aug.std),
+        ]
+    )
 
 
 # ---- sources ----------------------------------------------------------------------------------------------------
+
 
 @functools.lru_cache(maxsize=4)
 def scan_folder(path: str):
@@ -136,8 +153,10 @@ class FolderSource:
             with open(self.files[i], "rb") as f:  # torchvision's pil_loader
                 return Image.open(f).convert("RGB")
         except OSError as e:
-            raise DataError(f"{self.files[i]}: PIL cannot read it as an image ({e}); remove it, or convert the folder "
-                            "with deit3-convert, which skips and reports such files") from None
+            raise DataError(
+                f"{self.files[i]}: PIL cannot read it as an image ({e}); remove it, or convert the folder "
+                "with deit3-convert, which skips and reports such files"
+            ) from None
 
 
 class BetonSource:
@@ -222,8 +241,20 @@ class _Plan(torch.utils.data.Sampler):
 class ReferenceEngine:
     """The `Engine` (engine.py) of the official per-sample pipeline: a torch DataLoader with `workers` processes."""
 
-    def __init__(self, path: str, epoch_order, batch_size: int, crop: CropSpec, device: torch.device, *, aug,
-                 workers: int, drop_last: bool, seed: int = 0, rank: int = 0):
+    def __init__(
+        self,
+        path: str,
+        epoch_order,
+        batch_size: int,
+        crop: CropSpec,
+        device: torch.device,
+        *,
+        aug,
+        workers: int,
+        drop_last: bool,
+        seed: int = 0,
+        rank: int = 0,
+    ):
         self.epoch_order, self.batch_size, self.crop, self.device = epoch_order, batch_size, crop, device
         self.drop_last, self.seed, self.rank = drop_last, seed, rank
         from dataset_tools.imagefolder import is_image_folder
@@ -234,8 +265,13 @@ class ReferenceEngine:
         transform = eval_transform(aug, crop) if crop.kind == "center" else train_transform(aug, crop)
         self.dataset = _Samples(self.source, transform)
         self._plan = _Plan()
-        self.loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self._plan, num_workers=workers,
-                                                  pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=self._plan,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0,
+        )
 
     def __len__(self) -> int:
         n = len(self.epoch_order.indices(0))
@@ -246,9 +282,10 @@ class ReferenceEngine:
         ek = keys.epoch_key(self.seed, self.rank, epoch)
         order = self.epoch_order.indices(epoch)
         stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
-        self._plan.batches = [[(int(i), int(keys.sample_key(ek, int(i), slot)))
-                               for slot, i in enumerate(order[b:b + self.batch_size])]
-                              for b in range(start * self.batch_size, stop, self.batch_size)]
+        self._plan.batches = [
+            [(int(i), int(keys.sample_key(ek, int(i), slot))) for slot, i in enumerate(order[b : b + self.batch_size])]
+            for b in range(start * self.batch_size, stop, self.batch_size)
+        ]
         for x, y in self.loader:
             yield upload(x, self.device), upload(y.to(torch.int64), self.device)
 

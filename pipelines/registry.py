@@ -9,6 +9,7 @@ No torch here, and no engine is imported until one is built (`EngineInfo.load`):
 validates `data.engine` against this module, and --tune and doctor ask what is installed without importing FFCV
 or DALI.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,15 +21,15 @@ from .errors import DataError
 
 @dataclass(frozen=True)
 class EngineInfo:
-    name: str                  # data.engine's value
-    target: str                # "module:Class", imported when the first loader with this engine is built
-    reads_shard_sets: bool     # reads a shard set as one data set; else one .beton (data.stage_to merges shards)
-    gpu_decode: bool           # decodes on the GPU when given one (else on CPU threads, whatever the device)
-    workers_on_gpu: bool       # data.workers sizes its CPU threads on a GPU too (on a CPU every engine uses them)
-    os_cache: bool             # takes data.os_cache (the page cache vs a process cache of the file)
+    name: str  # data.engine's value
+    target: str  # "module:Class", imported when the first loader with this engine is built
+    reads_shard_sets: bool  # reads a shard set as one data set; else one .beton (data.stage_to merges shards)
+    gpu_decode: bool  # decodes on the GPU when given one (else on CPU threads, whatever the device)
+    workers_on_gpu: bool  # data.workers sizes its CPU threads on a GPU too (on a CPU every engine uses them)
+    os_cache: bool  # takes data.os_cache (the page cache vs a process cache of the file)
     package: str | None = None  # the optional package it imports (None: only what the project always installs)
     install: str | None = None  # the command that installs `package`
-    title: str | None = None    # how messages name it, where not "the NAME engine"
+    title: str | None = None  # how messages name it, where not "the NAME engine"
     # Augments, normalises and yields float batches itself (takes `aug`): the loader gets no batch augmentation.
     host_augment: bool = False
     reads_image_folders: bool = False  # reads an ImageFolder tree as it is (the others refuse it: convert first)
@@ -105,18 +106,56 @@ def _found(package: str) -> bool:
 
 
 # Registration order is the order of preference: the one a message suggests first.
-register(EngineInfo("ffcv", "pipelines.ffcv_engine:FFCVEngine", reads_shard_sets=False, gpu_decode=False,
-                    workers_on_gpu=True, os_cache=True, package="ffcv", install="pip install -e '.[ffcv]'",
-                    title="FFCV's loader"))
+register(
+    EngineInfo(
+        "ffcv",
+        "pipelines.ffcv_engine:FFCVEngine",
+        reads_shard_sets=False,
+        gpu_decode=False,
+        workers_on_gpu=True,
+        os_cache=True,
+        package="ffcv",
+        install="pip install -e '.[ffcv]'",
+        title="FFCV's loader",
+    )
+)
 # DALI's "mixed" decoder does part of each decode on its CPU threads (parsing; Huffman decoding where the hardware
 # decoder does not take the image), so data.workers still matters on a GPU.
-register(EngineInfo("dali", "pipelines.dali_engine:DaliEngine", reads_shard_sets=True, gpu_decode=True,
-                    workers_on_gpu=True, os_cache=False, package="nvidia.dali", install="pip install -e '.[dali]'"))
+register(
+    EngineInfo(
+        "dali",
+        "pipelines.dali_engine:DaliEngine",
+        reads_shard_sets=True,
+        gpu_decode=True,
+        workers_on_gpu=True,
+        os_cache=False,
+        package="nvidia.dali",
+        install="pip install -e '.[dali]'",
+    )
+)
 # nvJPEG decodes a whole batch in one call on the GPU: its CPU thread pool exists only on a CPU.
-register(EngineInfo("nvjpeg", "pipelines.nvjpeg_engine:NvjpegEngine", reads_shard_sets=True, gpu_decode=True,
-                    workers_on_gpu=False, os_cache=False))
+register(
+    EngineInfo(
+        "nvjpeg",
+        "pipelines.nvjpeg_engine:NvjpegEngine",
+        reads_shard_sets=True,
+        gpu_decode=True,
+        workers_on_gpu=False,
+        os_cache=False,
+    )
+)
 # The official per-sample PIL/torchvision/timm pipeline on the host: the yardstick parity compares against, and
 # training on an ImageFolder before converting it.
-register(EngineInfo("reference", "pipelines.reference_engine:ReferenceEngine", reads_shard_sets=True,
-                    gpu_decode=False, workers_on_gpu=True, os_cache=False, host_augment=True,
-                    reads_image_folders=True, title="the reference engine"))
+register(
+    EngineInfo(
+        "reference",
+        "pipelines.reference_engine:ReferenceEngine",
+        reads_shard_sets=True,
+        gpu_decode=False,
+        workers_on_gpu=True,
+        os_cache=False,
+        host_augment=True,
+        reads_image_folders=True,
+        title="the reference engine",
+    )
+)

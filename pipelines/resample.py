@@ -7,6 +7,7 @@ it (pass the whole image). Filter weights follow Pillow's `precompute_coeffs` (b
 the shrink factor), with Pillow's rounding and clipping to 8 bits after each pass; Pillow's fixed-point weights
 leave differences of at most a grey level.
 """
+
 from __future__ import annotations
 
 import math

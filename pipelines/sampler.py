@@ -9,6 +9,7 @@
 Permutations come from `torch.randperm` with generator seed `seed + epoch`, as upstream does, so with seed 0 the
 orders equal the reference code's.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,8 +42,10 @@ class EpochOrder:
         if self.repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {self.repeats}")
         if self.train and self.repeats > 1 and self.num_samples // 256 * 256 < self.world:
-            raise ValueError(f"repeated augmentation truncates an epoch to len // 256 * 256 samples, and this data "
-                             f"set has only {self.num_samples}: set data.repeats to 1")
+            raise ValueError(
+                f"repeated augmentation truncates an epoch to len // 256 * 256 samples, and this data "
+                f"set has only {self.num_samples}: set data.repeats to 1"
+            )
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
@@ -61,10 +64,10 @@ class EpochOrder:
             order = np.repeat(order, self.repeats)
             total = math.ceil(n * self.repeats / world) * world
             order = np.concatenate([order, order[: total - len(order)]])
-            return order[self.rank:total:world][: (n // 256 * 256) // world]
+            return order[self.rank : total : world][: (n // 256 * 256) // world]
         total = math.ceil(n / world) * world
         order = np.concatenate([order, order[: total - n]])
-        return order[self.rank:total:world]
+        return order[self.rank : total : world]
 
     def __len__(self) -> int:
         return len(self.indices(0))

@@ -37,8 +37,13 @@ def _starts_a_process(fn, module, depth: int = 1) -> bool:
     if any(s in source for s in _STARTS_A_PROCESS):
         return True
     return depth > 0 and any(
-        inspect.isfunction(f) and f is not fn and f.__module__ == module.__name__ and f"{name}(" in source
-        and _starts_a_process(f, module, depth - 1) for name, f in vars(module).items())
+        inspect.isfunction(f)
+        and f is not fn
+        and f.__module__ == module.__name__
+        and f"{name}(" in source
+        and _starts_a_process(f, module, depth - 1)
+        for name, f in vars(module).items()
+    )
 
 
 def _mark_cli(items) -> None:
@@ -73,7 +78,8 @@ def env_without(folder: Path, *packages: str) -> dict:
         "    def find_spec(self, name, path=None, target=None):\n"
         "        if any(name == p or name.startswith(p + '.') for p in BLOCKED):\n"
         "            raise ImportError(f'{name} is not installed here')\n"
-        "sys.meta_path.insert(0, Block())\n")
+        "sys.meta_path.insert(0, Block())\n"
+    )
     return {**os.environ, "PYTHONPATH": f"{folder}:{REPO}"}
 
 
@@ -92,8 +98,14 @@ def collector_off():
 
 def run_cli(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
     """A console script run the way a user runs it: a fresh process, captured output."""
-    return subprocess.run([sys.executable, "-m", "dataset_tools.convert", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, cwd=kw.pop("cwd", REPO), **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "dataset_tools.convert", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=kw.pop("cwd", REPO),
+        **kw,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -142,8 +154,14 @@ def make_tiny_data(root: Path, page_size: int = 8 << 20) -> Path:
     make_imagefolder(root / "src" / "raw", num_classes=3, per_class=4, seed=5, min_side=24, max_side=48)
     from dataset_tools.convert import convert
 
-    convert(str(root / "src" / "raw"), str(root / "raw.beton"), workers=1, write_mode="raw", show_progress=False,
-            page_size=page_size)
+    convert(
+        str(root / "src" / "raw"),
+        str(root / "raw.beton"),
+        workers=1,
+        write_mode="raw",
+        show_progress=False,
+        page_size=page_size,
+    )
     return root
 
 
@@ -178,15 +196,20 @@ def plain_loader(split: str, device="cpu", rank=None, world=None, **sets):
     return build_loader(DataConfig(**data), AugConfig(**aug), split, device=device, rank=rank, world=world, **kw)
 
 
-def make_splits(root: Path, splits: dict, page_size: int = 8 << 20, write_mode: str = "jpg",
-                **imagefolder_kw) -> Path:
+def make_splits(root: Path, splits: dict, page_size: int = 8 << 20, write_mode: str = "jpg", **imagefolder_kw) -> Path:
     """root/<split>.beton for each split: {name: (num_classes, per_class, seed)}, generated and converted."""
     from dataset_tools.convert import convert
 
     for split, (num_classes, per_class, seed) in splits.items():
         make_imagefolder(root / split, num_classes=num_classes, per_class=per_class, seed=seed, **imagefolder_kw)
-        convert(str(root / split), str(root / f"{split}.beton"), workers=1, show_progress=False,
-                page_size=page_size, write_mode=write_mode)
+        convert(
+            str(root / split),
+            str(root / f"{split}.beton"),
+            workers=1,
+            show_progress=False,
+            page_size=page_size,
+            write_mode=write_mode,
+        )
     return root
 
 

@@ -1,5 +1,6 @@
 """What only a GPU can show: every CUDA-only line of the product, run. Skipped without a CUDA device (conftest);
 `scripts/gpu-check.sh` runs them on a GPU machine, with the .beton files it brings along (DEIT3_GPU_CHECK_DATA)."""
+
 import json
 import os
 
@@ -19,10 +20,21 @@ CUDA = torch.device("cuda", 0)
 
 
 def cfg_for(data, engine_name="nvjpeg", **sets):
-    base = {"data.train": data / "train.beton", "data.val": data / "val.beton", "model.num_classes": 4,
-            "data.batch_size": 8, "train.global_batch": 16, "schedule.epochs": 1, "schedule.warmup_epochs": 1,
-            "model.drop_path": 0.1, "train.log_every": 2, "data.workers": 2, "data.engine": engine_name,
-            "data.repeats": 1, "aug.img_size": 48}
+    base = {
+        "data.train": data / "train.beton",
+        "data.val": data / "val.beton",
+        "model.num_classes": 4,
+        "data.batch_size": 8,
+        "train.global_batch": 16,
+        "schedule.epochs": 1,
+        "schedule.warmup_epochs": 1,
+        "model.drop_path": 0.1,
+        "train.log_every": 2,
+        "data.workers": 2,
+        "data.engine": engine_name,
+        "data.repeats": 1,
+        "aug.img_size": 48,
+    }
     base.update(sets)
     return load_config("quickstart", [f"{k}={v}" for k, v in base.items()])
 
@@ -178,8 +190,7 @@ def test_a_training_step_never_waits_for_the_device(data, compiled):
     raw = [(i.clone(), y.clone()) for i, y in run.train_loader.engine.batches(0)]
     x, y, _ = run.train_loader.prepare(0, *raw[0])
     for i in range(2 * run.accum):  # warm-up: compilation, optimiser state, cached constants
-        trainer.train_micro_batch(run, x, y, step=i // run.accum, last_micro=(i + 1) % run.accum == 0,
-                                  accum=run.accum)
+        trainer.train_micro_batch(run, x, y, step=i // run.accum, last_micro=(i + 1) % run.accum == 0, accum=run.accum)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -197,8 +208,13 @@ def test_profile_on_cuda(data):
 
     r = profile(cfg_for(data, **{"train.amp": "auto"}), CUDA, steps=3)
     assert 0 < r["mfu"] <= 1 and r["peak_tflops"] >= r["achieved_tflops"] > 0
-    for key in ("engine_img_per_s", "device_stage_img_per_s", "loader_img_per_s", "model_img_per_s",
-                "end_to_end_img_per_s"):
+    for key in (
+        "engine_img_per_s",
+        "device_stage_img_per_s",
+        "loader_img_per_s",
+        "model_img_per_s",
+        "end_to_end_img_per_s",
+    ):
         assert r[key] > 0, key
     assert r["device"] == torch.cuda.get_device_name(CUDA)
     from pipelines.nvjpeg_engine import gpu_decoder_kind
@@ -208,8 +224,9 @@ def test_profile_on_cuda(data):
 
 def test_peak_memory_is_per_run(data, tmp_path):
     """Two runs in one process (as ablate does): the second, a smaller model, reports its own smaller peak."""
-    big = trainer.train(cfg_for(data, **{"model.name": "deit3_micro", "data.batch_size": 16}), tmp_path / "a",
-                       CUDA, quiet=True)
+    big = trainer.train(
+        cfg_for(data, **{"model.name": "deit3_micro", "data.batch_size": 16}), tmp_path / "a", CUDA, quiet=True
+    )
     small = trainer.train(cfg_for(data), tmp_path / "b", CUDA, quiet=True)
     assert small[0]["max_mem_mb"] < big[0]["max_mem_mb"]
 
@@ -260,9 +277,20 @@ def test_a_ramped_finetuning_run_on_cuda(data, tmp_path):
     its batch, evaluates at the final one."""
     torch._dynamo.reset()
     ramp = "{start: 24, start_epoch: 0, end_epoch: 2, step: 8, batch_sizes: {24: 16, 32: 4}}"
-    rows = trainer.train(cfg_for(data, **{"schedule.epochs": 3, "train.compile": "true",
-                                          "aug.auto_augment": "rand-m9-mstd0.5-inc1", "schedule.resolution": ramp}),
-                         tmp_path, CUDA, quiet=True)
+    rows = trainer.train(
+        cfg_for(
+            data,
+            **{
+                "schedule.epochs": 3,
+                "train.compile": "true",
+                "aug.auto_augment": "rand-m9-mstd0.5-inc1",
+                "schedule.resolution": ramp,
+            },
+        ),
+        tmp_path,
+        CUDA,
+        quiet=True,
+    )
     assert [(r["train_img_size"], r["per_process_batch"]) for r in rows] == [(24, 16), (32, 4), (48, 8)]
     assert all(np.isfinite(r["train_loss"]) for r in rows)
     assert rows[-1]["val_acc1"] is not None
@@ -275,8 +303,14 @@ def _nvjpeg_engine_for_speed(data, imagenet_sample_path, tmp_path):
         from dataset_tools.convert import convert
 
         beton = tmp_path / "imagenet.beton"
-        convert(str(imagenet_sample_path()), str(beton), max_resolution=256, jpeg_quality=90,
-                workers=os.cpu_count(), show_progress=False)
+        convert(
+            str(imagenet_sample_path()),
+            str(beton),
+            max_resolution=256,
+            jpeg_quality=90,
+            workers=os.cpu_count(),
+            show_progress=False,
+        )
     return beton
 
 
@@ -302,8 +336,9 @@ def test_nvjpeg_engine_alone_outruns_vit_s_at_224_on_an_h100(data, request, tmp_
         def indices(self, epoch):
             return np.random.default_rng(epoch).permutation(np.tile(np.arange(n), 4))
 
-    engine = NvjpegEngine(str(beton), EverySampleFourTimes(), batch, CropSpec("rrc", 224), CUDA, workers=4,
-                          drop_last=True)
+    engine = NvjpegEngine(
+        str(beton), EverySampleFourTimes(), batch, CropSpec("rrc", 224), CUDA, workers=4, drop_last=True
+    )
     assert len(engine) >= 10
 
     def timed(step, n: int) -> float:
@@ -342,8 +377,10 @@ def test_nvjpeg_engine_alone_outruns_vit_s_at_224_on_an_h100(data, request, tmp_
 
     timed(step, 5)  # warm-up: cuBLAS/cuDNN heuristics, the optimiser's state
     model_rates = [timed(step, 10) for _ in range(3)]
-    msg = (f"{torch.cuda.get_device_name(CUDA)} ({kind}): nvjpeg engine alone {max(engine_rates):,.0f} img/s "
-           f"(repeats {[round(r) for r in engine_rates]}), ViT-S@224 bf16 model alone {max(model_rates):,.0f} img/s "
-           f"(repeats {[round(r) for r in model_rates]}), batch {batch}")
+    msg = (
+        f"{torch.cuda.get_device_name(CUDA)} ({kind}): nvjpeg engine alone {max(engine_rates):,.0f} img/s "
+        f"(repeats {[round(r) for r in engine_rates]}), ViT-S@224 bf16 model alone {max(model_rates):,.0f} img/s "
+        f"(repeats {[round(r) for r in model_rates]}), batch {batch}"
+    )
     print(msg)  # in gpu-check's log even when it passes
     assert max(engine_rates) > max(model_rates), msg

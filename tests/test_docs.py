@@ -1,5 +1,6 @@
 """The user docs stay a front page plus docs/: the README is short, every relative link and anchor resolves, and no
 user doc narrates the project's history by issue number (history goes to CHANGELOG.md, if anywhere)."""
+
 import re
 import unicodedata
 from pathlib import Path
@@ -32,8 +33,8 @@ def _strip_code(text: str) -> str:
 def _slug(heading: str) -> str:
     """GitHub's anchor for a heading: lower case, punctuation dropped (word characters, spaces and hyphens kept),
     spaces to hyphens."""
-    text = re.sub(r"`([^`]*)`", r"\1", heading)                       # inline code keeps its text
-    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", text)              # a link keeps its text
+    text = re.sub(r"`([^`]*)`", r"\1", heading)  # inline code keeps its text
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", text)  # a link keeps its text
     text = unicodedata.normalize("NFC", text).strip().lower()
     text = "".join(c for c in text if c.isalnum() or c in "_- ")
     return text.replace(" ", "-")
@@ -55,7 +56,7 @@ def anchors(path: Path) -> set[str]:
 def broken_links(path: Path) -> list[str]:
     problems = []
     for target in LINK.findall(_strip_code(path.read_text(encoding="utf-8"))):
-        if re.match(r"^[a-z][a-z0-9+.-]*:", target):                  # http:, https:, mailto:
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto:
             continue
         file_part, _, fragment = target.partition("#")
         dest = (path.parent / file_part).resolve() if file_part else path
@@ -80,8 +81,11 @@ def test_relative_links_resolve(path):
 
 @pytest.mark.parametrize("path", USER_DOCS, ids=lambda p: str(p.relative_to(REPO)))
 def test_user_docs_do_not_cite_issue_numbers(path):
-    hits = [f"{i}: {line.strip()}" for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
-            if ISSUE.search(line)]
+    hits = [
+        f"{i}: {line.strip()}"
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if ISSUE.search(line)
+    ]
     assert hits == [], "say what the tool does, not which issue added it"
 
 
@@ -91,13 +95,16 @@ def test_every_doc_is_reachable_from_the_readme():
 
 
 def test_the_slug_rule():
-    assert _slug("Node-local copies: `deit3-fast stage` and `data.stage_to`") == \
-        "node-local-copies-deit3-fast-stage-and-datastage_to"
+    assert (
+        _slug("Node-local copies: `deit3-fast stage` and `data.stage_to`")
+        == "node-local-copies-deit3-fast-stage-and-datastage_to"
+    )
     assert _slug("Ablations: `deit3-fast ablate`") == "ablations-deit3-fast-ablate"
 
 
 def test_the_checker_finds_broken_links(tmp_path):
-    (tmp_path / "a.md").write_text("# A title\n\n[ok](#a-title) [ok](b.md#b) [bad](b.md#nope) [bad](c.md)\n"
-                                   "```\n[not a link](missing.md)\n```\n")
+    (tmp_path / "a.md").write_text(
+        "# A title\n\n[ok](#a-title) [ok](b.md#b) [bad](b.md#nope) [bad](c.md)\n```\n[not a link](missing.md)\n```\n"
+    )
     (tmp_path / "b.md").write_text("## B\n")
     assert [p.split(":")[0] for p in broken_links(tmp_path / "a.md")] == ["b.md#nope", "c.md"]

@@ -1,4 +1,5 @@
 """One base for what a user can fix: every command reports a `UserError` as one line with its exit code."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,16 +14,31 @@ from pipelines import DataError
 from pipelines.randaugment import RandAugmentError
 
 
-@pytest.mark.parametrize("cls", [BetonError, ConversionError, SourceError, UsageError, CheckpointError, ConfigError,
-                                 DeviceError, ConfigMismatch, OutOfMemory, TrainingDiverged, DataError,
-                                 RandAugmentError])
+@pytest.mark.parametrize(
+    "cls",
+    [
+        BetonError,
+        ConversionError,
+        SourceError,
+        UsageError,
+        CheckpointError,
+        ConfigError,
+        DeviceError,
+        ConfigMismatch,
+        OutOfMemory,
+        TrainingDiverged,
+        DataError,
+        RandAugmentError,
+    ],
+)
 def test_every_user_fixable_error_derives_the_one_base(cls):
     assert issubclass(cls, UserError)
 
 
 def test_the_hint_follows_the_message_and_the_exit_code_is_the_classes():
     assert str(UserError("no data at x.beton", "convert it with deit3-convert")) == (
-        "no data at x.beton: convert it with deit3-convert")
+        "no data at x.beton: convert it with deit3-convert"
+    )
     assert UserError("x").exit_code == 2 and TrainingDiverged("loss is nan").exit_code == 3
 
 

@@ -5,6 +5,7 @@ breaks as soon as someone hoists the import. Imports under `if TYPE_CHECKING:` a
 The graph is read with `ast` from the source files (nothing is imported): an edge for every `import a.b` and
 `from a import b` (to the module `a.b` where there is one, else to `a`), at any depth of the file.
 """
+
 from __future__ import annotations
 
 import ast
@@ -55,7 +56,7 @@ def import_graph(root: Path = REPO) -> dict[str, set[str]]:
                 base = node.module or ""
                 if node.level:
                     parts = package.split(".")
-                    base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+                    base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
                 targets = [f"{base}.{a.name}" for a in node.names]  # a submodule, else resolves to `base`
             else:
                 continue
@@ -121,7 +122,7 @@ def _path(edges: dict[str, set[str]], component: set[str]) -> str:
         fresh = [w for w in nxt if w not in seen]
         if not fresh:  # every way on goes back into the path: close it where it does
             w = nxt[0]
-            return " -> ".join(path[path.index(w):] + [w])
+            return " -> ".join(path[path.index(w) :] + [w])
         path.append(fresh[0])
         seen.add(fresh[0])
 
@@ -130,7 +131,8 @@ def test_the_packages_have_no_import_cycles():
     edges = import_graph()
     found = cycles(edges)
     assert not found, "import cycles (function-level imports included):\n" + "\n".join(
-        f"  {', '.join(sorted(c))}: {_path(edges, c)}" for c in found)
+        f"  {', '.join(sorted(c))}: {_path(edges, c)}" for c in found
+    )
 
 
 def test_the_walker_sees_function_level_and_relative_imports(tmp_path):

@@ -1,6 +1,7 @@
 """Private names stay private: no module of dataset_tools, pipelines or deit3_fast imports another module's
 underscore name (or reaches it as `module._name`). A name two modules share is public in one of them; a helper one
 module uses lives there. A private module (`commands/_common.py`) is shared within its own package only."""
+
 from __future__ import annotations
 
 import ast
@@ -55,8 +56,9 @@ def _crossings(file: Path) -> list[str]:
                 if alias.name.split(".")[0] in PACKAGES:
                     module_used(alias.name)
                     # `import a.b` binds `a`; `import a.b as m` binds `m` to a.b
-                    modules[alias.asname or alias.name.split(".")[0]] = alias.name if alias.asname else \
-                        alias.name.split(".")[0]
+                    modules[alias.asname or alias.name.split(".")[0]] = (
+                        alias.name if alias.asname else alias.name.split(".")[0]
+                    )
         elif isinstance(node, ast.ImportFrom):
             source = _absolute(node, package)
             if source.split(".")[0] not in PACKAGES:
@@ -70,15 +72,23 @@ def _crossings(file: Path) -> list[str]:
                 elif _private(alias.name):
                     found.append(target)
     for node in ast.walk(tree):  # after every import, wherever in the file: the names they bind
-        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules
-                and _private(node.attr)):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in modules
+            and _private(node.attr)
+        ):
             found.append(f"{modules[node.value.id]}.{node.attr}")
     return found
 
 
 def test_no_module_imports_another_modules_private_name():
-    crossings = {(str(f.relative_to(ROOT)), name) for pkg in PACKAGES for f in sorted((ROOT / pkg).rglob("*.py"))
-                 for name in _crossings(f)}
+    crossings = {
+        (str(f.relative_to(ROOT)), name)
+        for pkg in PACKAGES
+        for f in sorted((ROOT / pkg).rglob("*.py"))
+        for name in _crossings(f)
+    }
     assert sorted(crossings - KNOWN) == []
     assert sorted(KNOWN - crossings) == [], "fixed: delete these from KNOWN"
 
@@ -87,15 +97,21 @@ def test_the_scan_sees_each_form(tmp_path, monkeypatch):
     """The scan itself, on a made-up package: each way of reaching a private name is caught, the allowed ones are
     not."""
     monkeypatch.setattr(f"{__name__}.ROOT", tmp_path)
-    for rel in ("deit3_fast/__init__.py", "deit3_fast/a.py", "deit3_fast/sub/__init__.py", "deit3_fast/sub/_h.py",
-                "deit3_fast/sub/b.py"):
+    for rel in (
+        "deit3_fast/__init__.py",
+        "deit3_fast/a.py",
+        "deit3_fast/sub/__init__.py",
+        "deit3_fast/sub/_h.py",
+        "deit3_fast/sub/b.py",
+    ):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text("")
     user = tmp_path / "deit3_fast" / "sub" / "b.py"
-    user.write_text("from ..a import _x, y\nfrom .. import a\nimport deit3_fast.a as aa\nfrom ._h import z\n"
-                    "from . import _h\na._p\naa._q\n_h._r\nfrom os import _exit\n")
-    assert sorted(_crossings(user)) == ["deit3_fast.a._p", "deit3_fast.a._q", "deit3_fast.a._x",
-                                        "deit3_fast.sub._h._r"]
+    user.write_text(
+        "from ..a import _x, y\nfrom .. import a\nimport deit3_fast.a as aa\nfrom ._h import z\n"
+        "from . import _h\na._p\naa._q\n_h._r\nfrom os import _exit\n"
+    )
+    assert sorted(_crossings(user)) == ["deit3_fast.a._p", "deit3_fast.a._q", "deit3_fast.a._x", "deit3_fast.sub._h._r"]
     outsider = tmp_path / "deit3_fast" / "a.py"
     outsider.write_text("from .sub._h import z\nfrom .sub import _h\n")
     assert _crossings(outsider) == ["deit3_fast.sub._h", "deit3_fast.sub._h"]

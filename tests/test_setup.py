@@ -1,4 +1,5 @@
 """The README's promises about set-up: the bootstrap is idempotent, the console scripts exist, the quickstart runs."""
+
 import os
 import shutil
 import subprocess
@@ -17,8 +18,14 @@ def test_bootstrap_second_run_skips_everything():
         import pytest
 
         pytest.skip("tests are not running inside the bootstrap's virtual environment")
-    r = subprocess.run(["bash", "scripts/bootstrap.sh"], cwd=REPO, capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "VENV": str(venv)})
+    r = subprocess.run(
+        ["bash", "scripts/bootstrap.sh"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "VENV": str(venv)},
+    )
     assert r.returncode == 0, r.stderr
     assert "system packages: present" in r.stdout
     assert "exists" in r.stdout and "up to date" in r.stdout
@@ -35,8 +42,20 @@ def test_console_scripts_are_installed():
 
 
 def test_quickstart_converts_trains_and_evaluates(tmp_path):
-    args = [sys.executable, "-m", "deit3_fast", "quickstart", "--out", str(tmp_path), "--train-per-class", "12",
-            "--val-per-class", "4", "--epochs", "2"]
+    args = [
+        sys.executable,
+        "-m",
+        "deit3_fast",
+        "quickstart",
+        "--out",
+        str(tmp_path),
+        "--train-per-class",
+        "12",
+        "--val-per-class",
+        "4",
+        "--epochs",
+        "2",
+    ]
     r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr + r.stdout
     assert "quickstart done" in r.stdout and "val top-1" in r.stdout

@@ -42,11 +42,22 @@ submitted again unless `--resubmit`. The jobs write done.json and the attempt ti
 any later run of the command) writes the results from the run dirs. `--local` runs the jobs one after another
 through submitit's local executor and writes the results at the end.
 """
+
 from __future__ import annotations
 
 from .grid import ABLATIONS_DIR, Grid, Variant, load_grid
 from .results import DONE, FAILED, write_results
 from .run import AblateJob, run_grid, run_variant
 
-__all__ = ["ABLATIONS_DIR", "Grid", "Variant", "load_grid", "write_results", "run_grid", "run_variant", "AblateJob",
-           "DONE", "FAILED"]
+__all__ = [
+    "ABLATIONS_DIR",
+    "Grid",
+    "Variant",
+    "load_grid",
+    "write_results",
+    "run_grid",
+    "run_variant",
+    "AblateJob",
+    "DONE",
+    "FAILED",
+]

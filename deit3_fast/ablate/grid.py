@@ -1,5 +1,6 @@
 """The grid file: parse it, expand variants x axes, resolve and validate every variant's config before anything runs.
 The format and the naming rules: deit3_fast/ablate/__init__.py."""
+
 from __future__ import annotations
 
 import itertools
@@ -22,9 +23,9 @@ VARIANT_KEYS = ("name", "cfg", "sets")
 @dataclass
 class Variant:
     name: str
-    cfg: str                      # config name or path it starts from
-    sets: list[str]               # every override, in order, as `key=value` for load_config / the job
-    shown: list[str]              # what sets it apart besides its config (its own sets, axes, derived warm-up)
+    cfg: str  # config name or path it starts from
+    sets: list[str]  # every override, in order, as `key=value` for load_config / the job
+    shown: list[str]  # what sets it apart besides its config (its own sets, axes, derived warm-up)
     config: Config = field(repr=False)
 
 
@@ -97,8 +98,9 @@ def _scaled_warmup(cfg: str, sets: list[str]) -> list[str]:
         return []
     # The base's schedule, without the overrides' ramp: a ramp set with the budget may not fit the base's epochs, and
     # a ramp given is not scaled.
-    ref = load_config(cfg, [s for s in sets if _key(s) != "schedule.epochs"
-                            and not _key(s).startswith("schedule.resolution")]).schedule
+    ref = load_config(
+        cfg, [s for s in sets if _key(s) != "schedule.epochs" and not _key(s).startswith("schedule.resolution")]
+    ).schedule
     tree: dict = {}
     for s in sets:  # the budget asked for, read without validating the rest (a ramp may not fit it unscaled)
         if _key(s) == "schedule.epochs":
@@ -112,8 +114,11 @@ def _scaled_warmup(cfg: str, sets: list[str]) -> list[str]:
     if ref.warmup_epochs and "schedule.warmup_epochs" not in keys:
         out.append(f"schedule.warmup_epochs={max(1, _round_half_up(ref.warmup_epochs * epochs / ref.epochs))}")
     r = ref.resolution
-    if r.start is not None and not keys & {"schedule.resolution.start_epoch", "schedule.resolution.end_epoch",
-                                           "schedule.resolution"}:
+    if r.start is not None and not keys & {
+        "schedule.resolution.start_epoch",
+        "schedule.resolution.end_epoch",
+        "schedule.resolution",
+    }:
         # The ramp must end before the last epoch, or a short budget never trains at the final size.
         end = max(1, min(_round_half_up(r.end_epoch * epochs / ref.epochs), epochs - 1))
         start = min(_round_half_up(r.start_epoch * epochs / ref.epochs), end - 1)
@@ -132,8 +137,7 @@ def _variant_entries(raw, where: str) -> list[tuple[str, str | None, list[str]]]
             raise _error(f"{where}: variants[{i}] needs a 'name' (a string), got {entry!r:.80}")
         for k in entry:
             if k not in VARIANT_KEYS:
-                raise _error(f"{where}: variant '{entry['name']}': unknown key '{k}'"
-                             + closest(str(k), VARIANT_KEYS))
+                raise _error(f"{where}: variant '{entry['name']}': unknown key '{k}'" + closest(str(k), VARIANT_KEYS))
         cfg = entry.get("cfg")
         if cfg is not None and not isinstance(cfg, str):
             raise _error(f"{where}: variant '{entry['name']}': 'cfg' must be a config name or path")
@@ -177,12 +181,14 @@ def load_grid(name_or_path: str, extra_sets: list[str] | tuple = ()) -> Grid:
         raise _error(f"{where}: 'base' must be a config name or path, got {base!r:.80}")
     common = _sets(raw.get("sets"), f"{where}: sets") + list(extra_sets)
     variants, seen = [], set()
-    for (vname, vcfg, vsets), point in itertools.product(_variant_entries(raw.get("variants"), where),
-                                                         _axis_points(raw.get("axes"), where)):
+    for (vname, vcfg, vsets), point in itertools.product(
+        _variant_entries(raw.get("variants"), where), _axis_points(raw.get("axes"), where)
+    ):
         name = ",".join([vname] * bool(vname) + [f"{short}={_name_value(v)}" for _, short, v in point])
         if not re.fullmatch(r"[A-Za-z0-9_+=,.-]+", name) or name.startswith("."):
-            raise _error(f"{where}: variant name '{name}' is not usable as a folder name "
-                         "(letters, digits and _ + = , . - only)")
+            raise _error(
+                f"{where}: variant name '{name}' is not usable as a folder name (letters, digits and _ + = , . - only)"
+            )
         if name in seen:
             raise _error(f"{where}: two variants are called '{name}'")
         seen.add(name)

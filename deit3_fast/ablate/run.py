@@ -1,4 +1,5 @@
 """Running a grid: here, one variant after another, or as submitit jobs; every attempt timed, every end recorded."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,19 @@ from ..batching import batch_plan, batch_plans
 from ..config import NO_EFFECT_KEYS, Config, ConfigError, differences, load_config, to_dict, with_defaults
 from ..submit import TrainJob, describe, describe_job, slurm_executor, slurm_options, submitit
 from .grid import Grid, Variant, load_grid
-from .results import (ATTEMPTS, DONE, FAILED, JOB, epochs_done, format_duration, format_value, print_results,
-                      read_json, status, write_results)
+from .results import (
+    ATTEMPTS,
+    DONE,
+    FAILED,
+    JOB,
+    epochs_done,
+    format_duration,
+    format_value,
+    print_results,
+    read_json,
+    status,
+    write_results,
+)
 
 
 def check_run_dir(v: Variant, run_dir: Path) -> None:
@@ -28,11 +40,16 @@ def check_run_dir(v: Variant, run_dir: Path) -> None:
         return
     # Unlike a resume, schedule.epochs may not differ: a finished 30-epoch run is not the first 30 epochs of a
     # 100-epoch run.
-    diff = ([k for k in differences(with_defaults(old), to_dict(v.config)) if k not in NO_EFFECT_KEYS]
-            if old is not None else ["config.yaml"])
+    diff = (
+        [k for k in differences(with_defaults(old), to_dict(v.config)) if k not in NO_EFFECT_KEYS]
+        if old is not None
+        else ["config.yaml"]
+    )
     if diff:
-        raise ConfigError(f"variant '{v.name}': {run_dir} holds a run of a different config "
-                          f"({', '.join(diff[:5])}); use another --out or remove that folder")
+        raise ConfigError(
+            f"variant '{v.name}': {run_dir} holds a run of a different config "
+            f"({', '.join(diff[:5])}); use another --out or remove that folder"
+        )
 
 
 def run_variant(run_dir: Path, cfg: Config, launch, *, main: bool = True, world: int = 1, gpus: int = 0) -> None:
@@ -52,22 +69,38 @@ def run_variant(run_dir: Path, cfg: Config, launch, *, main: bool = True, world:
         raise
     except Exception as e:  # a crash: kept for the table (and the next attempt), then raised
         if main:
-            write_text_atomic(run_dir / FAILED, json.dumps({"error": f"{type(e).__name__}: {e}",
-                                                            "traceback": traceback.format_exc()}) + "\n")
+            write_text_atomic(
+                run_dir / FAILED,
+                json.dumps({"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}) + "\n",
+            )
         raise
     finally:
         if main:
-            row = {"started": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
-                   "seconds": round(time.perf_counter() - t0, 3), "world_size": world, "gpus": gpus,
-                   "epochs_before": before, "epochs_after": epochs_done(run_dir)}
+            row = {
+                "started": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
+                "seconds": round(time.perf_counter() - t0, 3),
+                "world_size": world,
+                "gpus": gpus,
+                "epochs_before": before,
+                "epochs_after": epochs_done(run_dir),
+            }
             with open(run_dir / ATTEMPTS, "a") as f:
                 f.write(json.dumps(row) + "\n")
     if outcome is None and epochs_done(run_dir) >= cfg.schedule.epochs:
         outcome = "done"
     if main and outcome:
-        write_text_atomic(run_dir / DONE, json.dumps({
-            "status": outcome, "epochs": cfg.schedule.epochs, "message": message,
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}) + "\n")
+        write_text_atomic(
+            run_dir / DONE,
+            json.dumps(
+                {
+                    "status": outcome,
+                    "epochs": cfg.schedule.epochs,
+                    "message": message,
+                    "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                }
+            )
+            + "\n",
+        )
 
 
 class AblateJob(TrainJob):
@@ -78,8 +111,14 @@ class AblateJob(TrainJob):
 
         env = submitit().JobEnvironment()
         cfg = load_config(self.cfg, self.sets)
-        run_variant(Path(self.out), cfg, super().__call__, main=env.global_rank == 0, world=env.num_tasks,
-                    gpus=env.num_tasks if torch.cuda.is_available() and self.device != "cpu" else 0)
+        run_variant(
+            Path(self.out),
+            cfg,
+            super().__call__,
+            main=env.global_rank == 0,
+            world=env.num_tasks,
+            gpus=env.num_tasks if torch.cuda.is_available() and self.device != "cpu" else 0,
+        )
 
     def checkpoint(self, *args, **kwargs):
         return submitit().helpers.DelayedSubmission(AblateJob(self.cfg, self.sets, self.out, self.device))
@@ -97,11 +136,14 @@ def _check_runnable(grid: Grid, out: Path, world: int, local_data: bool) -> None
         for split in ("train", "val"):
             path = getattr(v.config.data, split)
             if not path:
-                raise ConfigError(f"variant '{v.name}': data.{split} is not set (an ablation compares "
-                                  "validation accuracy)")
+                raise ConfigError(
+                    f"variant '{v.name}': data.{split} is not set (an ablation compares validation accuracy)"
+                )
             if local_data and not Path(path).exists():
-                raise ConfigError(f"variant '{v.name}': data.{split} {path} does not exist (convert it with "
-                                  f"deit3-convert, or --set data.{split}=PATH)")
+                raise ConfigError(
+                    f"variant '{v.name}': data.{split} {path} does not exist (convert it with "
+                    f"deit3-convert, or --set data.{split}=PATH)"
+                )
 
 
 def _run_here(grid: Grid, out: Path, args) -> int:
@@ -118,8 +160,12 @@ def _run_here(grid: Grid, out: Path, args) -> int:
             print(f"[ablate] {i}/{len(grid.variants)} {v.name}: {status(v, run_dir)}, skipped", flush=True)
             continue
         k = epochs_done(run_dir)
-        print(f"[ablate] {i}/{len(grid.variants)} {v.name}: " + (f"resuming after epoch {k}" if k else "training")
-              + f" ({v.config.schedule.epochs} epochs) -> {run_dir}", flush=True)
+        print(
+            f"[ablate] {i}/{len(grid.variants)} {v.name}: "
+            + (f"resuming after epoch {k}" if k else "training")
+            + f" ({v.config.schedule.epochs} epochs) -> {run_dir}",
+            flush=True,
+        )
         launch = partial(train, v.config, run_dir, device, resume="auto", quiet=args.quiet, handle_sigterm=True)
         try:
             run_variant(run_dir, v.config, launch, gpus=1 if device.type == "cuda" else 0)
@@ -127,11 +173,18 @@ def _run_here(grid: Grid, out: Path, args) -> int:
             raise
         except Exception as e:  # one variant's crash does not cost the others their run; the exit code says it
             failed.append(v.name)
-            print(f"deit3-fast: error: variant '{v.name}' failed: {type(e).__name__}: {e} (traceback in "
-                  f"{run_dir / FAILED})", file=sys.stderr, flush=True)
+            print(
+                f"deit3-fast: error: variant '{v.name}' failed: {type(e).__name__}: {e} (traceback in "
+                f"{run_dir / FAILED})",
+                file=sys.stderr,
+                flush=True,
+            )
         r = write_results(grid, out)[i - 1]
-        print(f"[ablate] {v.name}: {r['status']}, final top-1 {format_value(r['final_top1'])}%, best "
-              f"{format_value(r['best_top1'])}%, {format_duration(r['wall_s'])}", flush=True)
+        print(
+            f"[ablate] {v.name}: {r['status']}, final top-1 {format_value(r['final_top1'])}%, best "
+            f"{format_value(r['best_top1'])}%, {format_duration(r['wall_s'])}",
+            flush=True,
+        )
     write_results(grid, out)
     print_results(out)
     return 1 if failed else 0
@@ -156,18 +209,31 @@ def _submit_all(grid: Grid, out: Path, args) -> int:
             continue
         handle = slurm_executor(desc).submit(AblateJob(v.cfg, v.sets, str(run_dir), args.device))
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(run_dir / JOB, json.dumps({"job_id": handle.job_id, "executor": desc["executor"],
-                                                     "submitted": datetime.now(timezone.utc).isoformat(
-                                                         timespec="seconds")}) + "\n")
-        print(json.dumps({"variant": v.name, "job_id": handle.job_id, "out": str(run_dir),
-                          "logs": desc["folder"]}), flush=True)
+        write_text_atomic(
+            run_dir / JOB,
+            json.dumps(
+                {
+                    "job_id": handle.job_id,
+                    "executor": desc["executor"],
+                    "submitted": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                }
+            )
+            + "\n",
+        )
+        print(
+            json.dumps({"variant": v.name, "job_id": handle.job_id, "out": str(run_dir), "logs": desc["folder"]}),
+            flush=True,
+        )
         if args.local:  # the local executor would run every job at once on this host: one after another instead
             try:
                 handle.result()
             except FailedJobError as e:
                 failed.append(v.name)
-                print(f"deit3-fast: error: variant '{v.name}' failed: {str(e).strip().splitlines()[-1]} "
-                      f"(log: {desc['folder']})", file=sys.stderr)
+                print(
+                    f"deit3-fast: error: variant '{v.name}' failed: {str(e).strip().splitlines()[-1]} "
+                    f"(log: {desc['folder']})",
+                    file=sys.stderr,
+                )
             write_results(grid, out)
     if args.dry_run:
         return 0
@@ -175,8 +241,10 @@ def _submit_all(grid: Grid, out: Path, args) -> int:
     if args.local:
         print_results(out)
     else:
-        again = " ".join(shlex.quote(a) for a in ["--grid", args.grid, "--out", str(out),
-                                                  *[x for s in args.set for x in ("--set", s)]])
+        again = " ".join(
+            shlex.quote(a)
+            for a in ["--grid", args.grid, "--out", str(out), *[x for s in args.set for x in ("--set", s)]]
+        )
         print(f"[ablate] submitted; when the jobs are done: deit3-fast ablate {again} --collect", flush=True)
     return 1 if failed else 0
 

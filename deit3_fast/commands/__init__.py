@@ -6,6 +6,7 @@ A command module is imported to parse its options, also for `--help`, so at its 
 (argparse-level: no torch, timm or data engines); its `run` imports the rest. `_common` holds what several commands
 share.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -13,8 +14,20 @@ from types import ModuleType
 
 # Module names, which are the command names, in the order `deit3-fast --help` lists them. Names, not modules: main
 # imports only the module of the command it runs.
-COMMANDS = ("train", "eval", "submit", "quickstart", "profile", "doctor", "preview", "zoo", "compare", "export",
-            "stage", "ablate")
+COMMANDS = (
+    "train",
+    "eval",
+    "submit",
+    "quickstart",
+    "profile",
+    "doctor",
+    "preview",
+    "zoo",
+    "compare",
+    "export",
+    "stage",
+    "ablate",
+)
 
 
 def load(name: str) -> ModuleType:

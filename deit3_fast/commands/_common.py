@@ -3,6 +3,7 @@ config overrides, the process's device, and the check of an image path given to 
 
 Torch-free at import, as every command module must be (`--help` imports them all).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,10 +23,18 @@ def add_cfg_args(p: argparse.ArgumentParser, data_train: bool = True, cfg_requir
     p.add_argument("--data-val", help="validation .beton (overrides data.val)")
     p.add_argument("--engine", choices=ENGINES, help="loader engine (overrides data.engine)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    p.add_argument("--overrides", metavar="FILE",
-                   help="a YAML of config overrides (as profile --tune writes), applied before any --set")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, repeatable (e.g. --set optim.lr=1e-3)")
+    p.add_argument(
+        "--overrides",
+        metavar="FILE",
+        help="a YAML of config overrides (as profile --tune writes), applied before any --set",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, repeatable (e.g. --set optim.lr=1e-3)",
+    )
 
 
 def _flatten(tree: dict, prefix: str = "") -> list[str]:
@@ -62,8 +71,12 @@ def overrides(args) -> list[str]:
         if implied:
             sets.append(f"aug.img_size={implied}")
     sets += list(args.set)
-    for flag, key in (("data_train", "data.train"), ("data_val", "data.val"), ("engine", "data.engine"),
-                      ("epochs", "schedule.epochs")):
+    for flag, key in (
+        ("data_train", "data.train"),
+        ("data_val", "data.val"),
+        ("engine", "data.engine"),
+        ("epochs", "schedule.epochs"),
+    ):
         value = getattr(args, flag, None)
         if value is not None:
             sets.append(f"{key}={value}")

@@ -1,4 +1,5 @@
 """`deit3-fast compare`: runs against each other and the official curve (compare.py builds the table and plot)."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,10 @@ from ._common import check_image_out as _image_out
 
 NAME = "compare"
 HELP = "runs against each other and the official curve: table, JSON, plot"
-DESCRIPTION = ("An epoch-aligned table of validation top-1 for each run dir (ablation variants too) and the official "
-               "curve of the recipe they follow (or --reference NAME), with each run's gap; --out writes the plot.")
+DESCRIPTION = (
+    "An epoch-aligned table of validation top-1 for each run dir (ablation variants too) and the official "
+    "curve of the recipe they follow (or --reference NAME), with each run's gap; --out writes the plot."
+)
 
 
 def add_arguments(c) -> None:

@@ -1,4 +1,5 @@
 """`deit3-fast doctor`: is this machine ready, and how fast is it (doctor.py runs the checks)."""
+
 from __future__ import annotations
 
 import json
@@ -8,11 +9,13 @@ from pipelines.registry import ENGINES
 
 NAME = "doctor"
 HELP = "is this machine ready, and how fast is it? (versions, GPUs, decoders, throughput)"
-DESCRIPTION = ("Checks what a long run needs on this node and measures it: versions (python, torch, CUDA, driver, "
-               "torchvision, timm, numpy, ffcv, DALI), GPUs and native bf16, matmul TFLOP/s in the AMP dtype, nvJPEG "
-               "and DALI GPU decoding, an NCCL all-reduce across the local GPUs, CPU cores, and a short "
-               "loader-vs-model profile. Each item is ok, missing, broken, skipped or info, with a one-line fix. Exit "
-               "1 when something is broken.")
+DESCRIPTION = (
+    "Checks what a long run needs on this node and measures it: versions (python, torch, CUDA, driver, "
+    "torchvision, timm, numpy, ffcv, DALI), GPUs and native bf16, matmul TFLOP/s in the AMP dtype, nvJPEG "
+    "and DALI GPU decoding, an NCCL all-reduce across the local GPUs, CPU cores, and a short "
+    "loader-vs-model profile. Each item is ok, missing, broken, skipped or info, with a one-line fix. Exit "
+    "1 when something is broken."
+)
 
 
 def add_arguments(d) -> None:

@@ -1,4 +1,5 @@
 """`deit3-fast eval`: top-1/top-5 of a checkpoint on one or more validation sets (evalsets.py does the work)."""
+
 from __future__ import annotations
 
 import json
@@ -10,9 +11,11 @@ from ._common import process_device as _device
 
 NAME = "eval"
 HELP = "top-1/top-5 of a checkpoint on a validation .beton (prints JSON)"
-DESCRIPTION = ("Evaluate a checkpoint. Give a recipe (--cfg), a model name (--model: ours, timm's such as "
-               "deit3_base_patch16_384, whose suffix sets the resolution, or the official deit_base_patch16_LS), or "
-               "both (--model then overrides the recipe's model).")
+DESCRIPTION = (
+    "Evaluate a checkpoint. Give a recipe (--cfg), a model name (--model: ours, timm's such as "
+    "deit3_base_patch16_384, whose suffix sets the resolution, or the official deit_base_patch16_LS), or "
+    "both (--model then overrides the recipe's model)."
+)
 
 
 def add_arguments(e) -> None:
@@ -20,13 +23,24 @@ def add_arguments(e) -> None:
     e.add_argument("--model", help="model name (overrides model.name; a timm name's resolution sets aug.img_size)")
     e.add_argument("--checkpoint", required=True, help="checkpoint-*.pt of a run, an official .pth or a timm file")
     e.add_argument("--ema", action="store_true", help="evaluate the EMA weights of a run checkpoint")
-    e.add_argument("--val", action="append", default=[], metavar="NAME=PATH",
-                   help="a named validation set (repeatable): in1k, v2, a / imagenet-a and r / imagenet-r (scored over "
-                        "their 200 classes), or any name; prints a table and JSON")
-    e.add_argument("--real", metavar="REAL_JSON",
-                   help="also score the IN-1k validation set (in1k, or --data-val) with ReaL's labels (real.json)")
-    e.add_argument("--save-predictions", metavar="FILE",
-                   help="write one JSON line per sample: set, index, source file, label, top-5")
+    e.add_argument(
+        "--val",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a named validation set (repeatable): in1k, v2, a / imagenet-a and r / imagenet-r (scored over "
+        "their 200 classes), or any name; prints a table and JSON",
+    )
+    e.add_argument(
+        "--real",
+        metavar="REAL_JSON",
+        help="also score the IN-1k validation set (in1k, or --data-val) with ReaL's labels (real.json)",
+    )
+    e.add_argument(
+        "--save-predictions",
+        metavar="FILE",
+        help="write one JSON line per sample: set, index, source file, label, top-5",
+    )
 
 
 def run(args) -> int:
@@ -51,8 +65,15 @@ def run(args) -> int:
         if problem:
             raise ConfigError(f"--save-predictions: cannot write {args.save_predictions}: {problem}")
     real_set(sets, real)  # before a device or a model is set up
-    results, predictions = evaluate_checkpoint(cfg, args.checkpoint, sets, _device(args.device), ema=args.ema,
-                                               real=real, keep=bool(args.real or args.save_predictions))
+    results, predictions = evaluate_checkpoint(
+        cfg,
+        args.checkpoint,
+        sets,
+        _device(args.device),
+        ema=args.ema,
+        real=real,
+        keep=bool(args.real or args.save_predictions),
+    )
     if not dist.is_main():
         return 0
     if args.save_predictions:

@@ -1,13 +1,16 @@
 """`deit3-fast export`: weights that timm.create_model loads (export.py writes them)."""
+
 from __future__ import annotations
 
 import json
 
 NAME = "export"
 HELP = "write model.safetensors + config.json that timm.create_model loads"
-DESCRIPTION = ("From a run checkpoint (or its EMA), an official DeiT III .pth or a timm file, write "
-               "OUT_DIR/model.safetensors and OUT_DIR/config.json (timm's pretrained-config form); prints the "
-               "timm.create_model call that loads them.")
+DESCRIPTION = (
+    "From a run checkpoint (or its EMA), an official DeiT III .pth or a timm file, write "
+    "OUT_DIR/model.safetensors and OUT_DIR/config.json (timm's pretrained-config form); prints the "
+    "timm.create_model call that loads them."
+)
 
 
 def add_arguments(x) -> None:

@@ -1,4 +1,5 @@
 """`deit3-fast preview`: one training batch as the model sees it, saved as a captioned grid."""
+
 from __future__ import annotations
 
 from ..config import ConfigError, load_config
@@ -6,9 +7,11 @@ from ._common import check_image_out as _image_out
 
 NAME = "preview"
 HELP = "save a grid of augmented training samples as a PNG"
-DESCRIPTION = ("Runs the real training loader on --data-train and saves one batch as the model sees it (after crop, "
-               "flip, RandAugment, 3-Augment, colour jitter and, unless --no-mix, mixup/cutmix), each sample captioned "
-               "with its 3-Augment branch, its RandAugment ops and magnitudes, and its positive classes.")
+DESCRIPTION = (
+    "Runs the real training loader on --data-train and saves one batch as the model sees it (after crop, "
+    "flip, RandAugment, 3-Augment, colour jitter and, unless --no-mix, mixup/cutmix), each sample captioned "
+    "with its 3-Augment branch, its RandAugment ops and magnitudes, and its positive classes."
+)
 
 
 def add_arguments(v) -> None:
@@ -37,8 +40,7 @@ def run(args) -> int:
 
     loader = make_loader(cfg, "train", torch.device("cpu"), auto_compile=False)
     if len(loader) == 0:  # training batches are whole: n above the set's size makes none
-        raise ConfigError(f"--n {args.n}: more than the {loader.samples} samples of "
-                          f"{cfg.data.train}; ask for fewer")
+        raise ConfigError(f"--n {args.n}: more than the {loader.samples} samples of {cfg.data.train}; ask for fewer")
     info = make_preview(loader, cfg.aug.mean, cfg.aug.std, args.out)
     ops = f", RandAugment ops {info['randaug']}" if "randaug" in info else ""
     print(f"wrote {info['path']}: {info['samples']} samples, branches {info['branches']}{ops}")

@@ -1,4 +1,5 @@
 """`deit3-fast profile`: input- or compute-bound, and `--tune` (profile.py and tune.py do the work)."""
+
 from __future__ import annotations
 
 import json
@@ -9,19 +10,24 @@ from ._common import overrides as _overrides
 
 NAME = "profile"
 HELP = "input- or compute-bound? loader, model and end-to-end throughput, MFU"
-DESCRIPTION = ("Measures the loader alone (decode + crop, then the batch augmentation), the model step alone "
-               "on synthetic batches already on the device (img/s, TFLOP/s, MFU against this device's measured matmul "
-               "peak) and the real end-to-end step; prints a table and a verdict naming the slowest stage and what to "
-               "change.")
+DESCRIPTION = (
+    "Measures the loader alone (decode + crop, then the batch augmentation), the model step alone "
+    "on synthetic batches already on the device (img/s, TFLOP/s, MFU against this device's measured matmul "
+    "peak) and the real end-to-end step; prints a table and a verdict naming the slowest stage and what to "
+    "change."
+)
 
 
 def add_arguments(f) -> None:
     add_cfg_args(f)
     f.add_argument("--steps", type=int, default=20, help="timed batches per measurement (20)")
     f.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    f.add_argument("--tune", action="store_true",
-                   help="try engines, data.workers, data.os_cache and train.compile; write the fastest "
-                        "compute-bound setting (else the fastest) as an override YAML for --overrides")
+    f.add_argument(
+        "--tune",
+        action="store_true",
+        help="try engines, data.workers, data.os_cache and train.compile; write the fastest "
+        "compute-bound setting (else the fastest) as an override YAML for --overrides",
+    )
     f.add_argument("--budget-s", type=float, default=300.0, help="with --tune: time to spend (300 s)")
     f.add_argument("--tune-out", default="tuned.yaml", help="with --tune: the override file (tuned.yaml)")
 
@@ -44,8 +50,10 @@ def run(args) -> int:
         if args.json:
             print(json.dumps(tuned))
         else:
-            print(f"best: {tuned['overrides']} -> {args.tune_out} (use --overrides {args.tune_out}); "
-                  f"{len(tuned['tried'])} settings in {tuned['seconds']:.0f} s of {args.budget_s:.0f}")
+            print(
+                f"best: {tuned['overrides']} -> {args.tune_out} (use --overrides {args.tune_out}); "
+                f"{len(tuned['tried'])} settings in {tuned['seconds']:.0f} s of {args.budget_s:.0f}"
+            )
         return 0
     result = profile(cfg, pick_device(args.device), steps=args.steps)
     if args.json:

@@ -1,10 +1,13 @@
 """`deit3-fast quickstart`: the embedded default job (quickstart.py runs it)."""
+
 from __future__ import annotations
 
 NAME = "quickstart"
 HELP = "the embedded default job: convert, train and evaluate on CPU (minutes)"
-DESCRIPTION = ("Generates a small 10-class ImageFolder, converts train/val with deit3-convert, inspects both, trains a "
-               "tiny DeiT III ViT with the recipe (configs/quickstart.yaml) and evaluates it.")
+DESCRIPTION = (
+    "Generates a small 10-class ImageFolder, converts train/val with deit3-convert, inspects both, trains a "
+    "tiny DeiT III ViT with the recipe (configs/quickstart.yaml) and evaluates it."
+)
 
 
 def add_arguments(q) -> None:

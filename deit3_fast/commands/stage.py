@@ -1,20 +1,26 @@
 """`deit3-fast stage`: a shard set or .beton copied to node-local disk (dataset_tools/stage.py copies it)."""
+
 from __future__ import annotations
 
 import json
 
 NAME = "stage"
 HELP = "copy a shard set or .beton to node-local disk, verified and resumable"
-DESCRIPTION = ("Copies SRC (a shard folder, its manifest.json, or a .beton) into the folder DEST, each file "
-               "atomically and checked against the manifest's sha256 as it is copied; files already staged are "
-               "skipped, the manifest goes last. data.stage_to does the same at job start, once per node.")
+DESCRIPTION = (
+    "Copies SRC (a shard folder, its manifest.json, or a .beton) into the folder DEST, each file "
+    "atomically and checked against the manifest's sha256 as it is copied; files already staged are "
+    "skipped, the manifest goes last. data.stage_to does the same at job start, once per node."
+)
 
 
 def add_arguments(st) -> None:
     st.add_argument("src", metavar="SRC")
     st.add_argument("dest", metavar="DEST")
-    st.add_argument("--merge", action="store_true",
-                    help="write a shard set into one DEST/merged.beton (for the ffcv engine, which reads one file)")
+    st.add_argument(
+        "--merge",
+        action="store_true",
+        help="write a shard set into one DEST/merged.beton (for the ffcv engine, which reads one file)",
+    )
     st.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -25,8 +31,14 @@ def run(args) -> int:
     from dataset_tools.stage import stage
     from pipelines import DataError
 
-    with Progress(TextColumn("[bold]staging[/]"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  disable=args.quiet, transient=True) as progress:
+    with Progress(
+        TextColumn("[bold]staging[/]"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        disable=args.quiet,
+        transient=True,
+    ) as progress:
         task = progress.add_task("stage", total=None)
         try:
             where = stage(args.src, args.dest, progress=lambda n: progress.advance(task, n), merge_shards=args.merge)

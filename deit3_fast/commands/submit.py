@@ -1,4 +1,5 @@
 """`deit3-fast submit`: a training job on Slurm through submitit (submit.py describes and submits it)."""
+
 from __future__ import annotations
 
 import json
@@ -12,9 +13,11 @@ from ._common import overrides as _overrides
 
 NAME = "submit"
 HELP = "train on Slurm through submitit (checkpoint + requeue on preemption)"
-DESCRIPTION = ("Submit a training job to Slurm with submitit: one task per GPU, rendezvous from Slurm's environment, "
-               "the run dir as job folder. On the time limit or preemption the job requeues itself and resumes from "
-               "its last checkpoint. --local runs it through submitit's local executor on this host.")
+DESCRIPTION = (
+    "Submit a training job to Slurm with submitit: one task per GPU, rendezvous from Slurm's environment, "
+    "the run dir as job folder. On the time limit or preemption the job requeues itself and resumes from "
+    "its last checkpoint. --local runs it through submitit's local executor on this host."
+)
 
 
 def add_arguments(s) -> None:
@@ -36,8 +39,10 @@ def run(args) -> int:
     out = args.out or str(Path("runs") / Path(args.cfg).stem)
     desc = describe_job(args.cfg, sets, out, **slurm_options(args))
     if args.dry_run:
-        desc["global_batch"] = (f"{cfg.train.global_batch} = {plan.per_process} per process x {world} processes x "
-                                f"{plan.accum} accumulation steps")
+        desc["global_batch"] = (
+            f"{cfg.train.global_batch} = {plan.per_process} per process x {world} processes x "
+            f"{plan.accum} accumulation steps"
+        )
         for size, p in sorted(per_size.items()):
             desc[f"global_batch_at_{size}px"] = f"{p.per_process} per process x {world} x {p.accum}"
         print(describe(desc))

@@ -1,4 +1,5 @@
 """`deit3-fast train`: train (or resume) a recipe in one process, or one per GPU under torchrun."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,10 @@ from ._common import process_device as _device
 
 NAME = "train"
 HELP = "train (or resume) a recipe"
-DESCRIPTION = ("Train a recipe. The run dir gets config.yaml, metrics.jsonl, checkpoint-last.pt, checkpoint-best.pt "
-               "and curves.png.")
+DESCRIPTION = (
+    "Train a recipe. The run dir gets config.yaml, metrics.jsonl, checkpoint-last.pt, checkpoint-best.pt "
+    "and curves.png."
+)
 
 
 def add_arguments(t) -> None:
@@ -38,6 +41,15 @@ def run(args) -> int:
     history = train(cfg, out, device, resume=args.resume, force=args.force, quiet=args.quiet, handle_sigterm=True)
     last = history[-1] if history else {}
     if dist.is_main():
-        print(json.dumps({"out": out, "epochs_run": len(history), "val_acc1": last.get("val_acc1"),
-                          "val_acc5": last.get("val_acc5"), "world_size": dist.world()}))
+        print(
+            json.dumps(
+                {
+                    "out": out,
+                    "epochs_run": len(history),
+                    "val_acc1": last.get("val_acc1"),
+                    "val_acc5": last.get("val_acc5"),
+                    "world_size": dist.world(),
+                }
+            )
+        )
     return 0

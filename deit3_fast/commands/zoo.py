@@ -1,14 +1,17 @@
 """`deit3-fast zoo`: the model-zoo table on this machine (zoo.py measures it)."""
+
 from __future__ import annotations
 
 import json
 
 NAME = "zoo"
 HELP = "the model-zoo table on this machine: params, GFLOPs, img/s, peak memory"
-DESCRIPTION = ("For every DeiT III model at its resolutions: parameters and GFLOPs (multiply-adds, the paper's "
-               "convention), checked against the official table, then inference throughput and peak memory (batch "
-               "256 with AMP on a GPU) next to the official V100 figures. On a CPU the counts are exact and the "
-               "timings are CPU timings (batch 8).")
+DESCRIPTION = (
+    "For every DeiT III model at its resolutions: parameters and GFLOPs (multiply-adds, the paper's "
+    "convention), checked against the official table, then inference throughput and peak memory (batch "
+    "256 with AMP on a GPU) next to the official V100 figures. On a CPU the counts are exact and the "
+    "timings are CPU timings (batch 8)."
+)
 
 
 def add_arguments(z) -> None:
@@ -24,8 +27,13 @@ def run(args) -> int:
     from ..device import pick_device
     from ..zoo import render, zoo
 
-    result = zoo(pick_device(args.device), timings=not args.no_timing, batch=args.batch, steps=max(1, args.steps),
-                 models=args.models)
+    result = zoo(
+        pick_device(args.device),
+        timings=not args.no_timing,
+        batch=args.batch,
+        steps=max(1, args.steps),
+        models=args.models,
+    )
     if args.json:
         print(json.dumps(result))
     else:

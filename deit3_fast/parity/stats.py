@@ -15,6 +15,7 @@ The t quantile is computed here (scipy is not a dependency): the t distribution'
 beta function, evaluated by its continued fraction (Lentz's method), and inverted by safeguarded Newton steps. Checked
 against closed forms (1 and 2 degrees of freedom), the normal limit and tabulated critical values.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,9 @@ import numpy as np
 METHODS = ("welch", "bootstrap")
 DEFAULT_TOLERANCE = 0.5  # top-1 points: a difference below this is not worth a user's attention (see verdict())
 DEFAULT_HINT = "look at the storage (convert at --short-side 448) and the crop/interpolation settings"
-HIGHER_HINT = ("unexpected for the same recipe: check that both evaluate the same validation images with the same "
-               "eval crop")
+HIGHER_HINT = (
+    "unexpected for the same recipe: check that both evaluate the same validation images with the same eval crop"
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -36,8 +38,8 @@ HIGHER_HINT = ("unexpected for the same recipe: check that both evaluate the sam
 
 @dataclass(frozen=True)
 class Summary:
-    mean: float   # nan when n == 0
-    std: float    # sample standard deviation (ddof=1); nan when n < 2
+    mean: float  # nan when n == 0
+    std: float  # sample standard deviation (ddof=1); nan when n < 2
     n: int
 
 
@@ -47,8 +49,10 @@ def _values(values: Iterable[float], what: str = "values") -> list[float]:
         if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
             raise TypeError(f"{what}: {v!r} is not a number")
         if not math.isfinite(v):
-            raise ValueError(f"{what}: {v!r} is not finite (a diverged or unfinished run must be left out or counted "
-                             "by the caller, not averaged)")
+            raise ValueError(
+                f"{what}: {v!r} is not finite (a diverged or unfinished run must be left out or counted "
+                "by the caller, not averaged)"
+            )
         out.append(float(v))
     return out
 
@@ -125,8 +129,12 @@ def t_sf(t: float, df: float) -> float:
 
 
 def _t_pdf(t: float, df: float) -> float:
-    return math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-                    - (df + 1) / 2 * math.log1p(t * t / df))
+    return math.exp(
+        math.lgamma((df + 1) / 2)
+        - math.lgamma(df / 2)
+        - 0.5 * math.log(df * math.pi)
+        - (df + 1) / 2 * math.log1p(t * t / df)
+    )
 
 
 def norm_quantile(p: float) -> float:
@@ -138,7 +146,7 @@ def norm_quantile(p: float) -> float:
     q = 1.0 - p
     # Start: the first Abramowitz & Stegun 26.2.23 rational approximation (error < 4.5e-4), then Newton on the tail.
     s = math.sqrt(-2.0 * math.log(q))
-    z = s - (2.515517 + 0.802853 * s + 0.010328 * s * s) / (1 + 1.432788 * s + 0.189269 * s * s + 0.001308 * s ** 3)
+    z = s - (2.515517 + 0.802853 * s + 0.010328 * s * s) / (1 + 1.432788 * s + 0.189269 * s * s + 0.001308 * s**3)
     for _ in range(50):
         f = 0.5 * math.erfc(z / math.sqrt(2.0)) - q
         step = f / (math.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi))
@@ -157,7 +165,7 @@ def _t_quantile_series(p: float, df: float) -> float:
     g2 = ((5 * z2 + 16) * z2 + 3) * z / 96
     g3 = (((3 * z2 + 19) * z2 + 17) * z2 - 15) * z / 384
     g4 = ((((79 * z2 + 776) * z2 + 1482) * z2 - 1920) * z2 - 945) * z / 92160
-    return z + g1 / df + g2 / df ** 2 + g3 / df ** 3 + g4 / df ** 4
+    return z + g1 / df + g2 / df**2 + g3 / df**3 + g4 / df**4
 
 
 LARGE_DF = 1000.0
@@ -212,6 +220,7 @@ def _t_quantile_numeric(p: float, df: float) -> float:
 class Interval:
     """mean(a) - mean(b) and its confidence interval. low/high/df are None when either side has fewer than 2 values
     (no spread to estimate: no interval); df is None for the bootstrap and when neither side has any spread."""
+
     delta: float
     low: float | None
     high: float | None
@@ -220,7 +229,7 @@ class Interval:
     method: str = "welch"
     n_a: int = 0
     n_b: int = 0
-    spread: bool = True   # False: every value of a equal and every value of b equal (the interval is the point)
+    spread: bool = True  # False: every value of a equal and every value of b equal (the interval is the point)
 
     @property
     def half_width(self) -> float | None:
@@ -251,16 +260,17 @@ def welch_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95) 
     delta = sa.mean - sb.mean
     if sa.n < 2 or sb.n < 2:
         return Interval(delta, None, None, None, level, "welch", sa.n, sb.n)
-    va, vb = sa.std ** 2 / sa.n, sb.std ** 2 / sb.n
+    va, vb = sa.std**2 / sa.n, sb.std**2 / sb.n
     if va + vb == 0.0:
         return Interval(delta, delta, delta, None, level, "welch", sa.n, sb.n, spread=False)
-    df = (va + vb) ** 2 / (va ** 2 / (sa.n - 1) + vb ** 2 / (sb.n - 1))
+    df = (va + vb) ** 2 / (va**2 / (sa.n - 1) + vb**2 / (sb.n - 1))
     h = t_quantile(0.5 + level / 2.0, df) * math.sqrt(va + vb)
     return Interval(delta, delta - h, delta + h, df, level, "welch", sa.n, sb.n)
 
 
-def bootstrap_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95, resamples: int = 10000,
-                       seed: int = 0) -> Interval:
+def bootstrap_interval(
+    a: Sequence[float], b: Sequence[float], level: float = 0.95, resamples: int = 10000, seed: int = 0
+) -> Interval:
     """Percentile bootstrap of mean(a) - mean(b): each side resampled with replacement on its own, `resamples`
     times, from numpy's default generator seeded with `seed` (the same inputs and seed give the same interval).
     Too narrow for 3 seeds per side (module docstring); fewer than 2 values on a side: no interval."""
@@ -275,8 +285,9 @@ def bootstrap_interval(a: Sequence[float], b: Sequence[float], level: float = 0.
         return Interval(delta, delta, delta, None, level, "bootstrap", sa.n, sb.n, spread=False)
     rng = np.random.default_rng(seed)
     xa, xb = np.asarray(_values(a)), np.asarray(_values(b))
-    diffs = (xa[rng.integers(0, sa.n, size=(resamples, sa.n))].mean(axis=1)
-             - xb[rng.integers(0, sb.n, size=(resamples, sb.n))].mean(axis=1))
+    diffs = xa[rng.integers(0, sa.n, size=(resamples, sa.n))].mean(axis=1) - xb[
+        rng.integers(0, sb.n, size=(resamples, sb.n))
+    ].mean(axis=1)
     low, high = np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2])
     return Interval(delta, float(low), float(high), None, level, "bootstrap", sa.n, sb.n)
 
@@ -300,8 +311,13 @@ def _seeds(iv: Interval) -> str:
     return f"{iv.n_a} seed{'s' * (iv.n_a != 1)} vs {iv.n_b}"
 
 
-def verdict(interval: Interval, name: str, reference: str = "reference", tolerance: float | None = DEFAULT_TOLERANCE,
-            hint: str | None = None) -> str:
+def verdict(
+    interval: Interval,
+    name: str,
+    reference: str = "reference",
+    tolerance: float | None = DEFAULT_TOLERANCE,
+    hint: str | None = None,
+) -> str:
     """One line on `name` against `reference` from the interval of mean(name) - mean(reference), in top-1 points.
 
     - the interval contains 0: indistinguishable at this budget; when it also reaches beyond ±tolerance, the line
@@ -315,8 +331,10 @@ def verdict(interval: Interval, name: str, reference: str = "reference", toleran
     iv = interval
     ref = reference
     if iv.low is None:
-        return (f"{name}: {_seeds(iv)}: \u0394 {_num(iv.delta, 2)} points against {ref} "
-                "(no interval; run --seeds 3 for a verdict)")
+        return (
+            f"{name}: {_seeds(iv)}: \u0394 {_num(iv.delta, 2)} points against {ref} "
+            "(no interval; run --seeds 3 for a verdict)"
+        )
     h = iv.half_width
     # Two decimals unless the uncertainty is a point or more: a tenth must not hide where the tolerance lies.
     digits = 1 if h >= 1.0 else 2
@@ -325,18 +343,22 @@ def verdict(interval: Interval, name: str, reference: str = "reference", toleran
         detail = f"no spread over seeds on either side, {_seeds(iv)}: check that the seeds change the runs"
     else:
         method = "Welch" if iv.method == "welch" else "bootstrap"
-        detail = (f"{level} interval {_num(iv.low, digits)} to {_num(iv.high, digits)}, {method}, {_seeds(iv)}")
+        detail = f"{level} interval {_num(iv.low, digits)} to {_num(iv.high, digits)}, {method}, {_seeds(iv)}"
     within = tolerance is not None and -tolerance <= iv.low and iv.high <= tolerance
     if iv.contains(0.0):
-        line = (f"{name}: indistinguishable from {ref} at this budget: \u0394 {_num(iv.delta, digits)} "
-                f"\u00b1 {_num(h, digits, sign=False)} points ({detail})")
+        line = (
+            f"{name}: indistinguishable from {ref} at this budget: \u0394 {_num(iv.delta, digits)} "
+            f"\u00b1 {_num(h, digits, sign=False)} points ({detail})"
+        )
         if tolerance is not None and not within:
             reach = max(-iv.low, iv.high)
             line += f", but differences up to {_num(reach, digits, sign=False)} points are not ruled out: add seeds"
         return line
     word = "lower" if iv.delta < 0 else "higher"
-    line = (f"{name}: {word} by {_num(iv.delta, digits, sign=False)} \u00b1 {_num(h, digits, sign=False)} points "
-            f"than {ref} ({detail})")
+    line = (
+        f"{name}: {word} by {_num(iv.delta, digits, sign=False)} \u00b1 {_num(h, digits, sign=False)} points "
+        f"than {ref} ({detail})"
+    )
     if within:
         return line + f": a real difference, but within the {tolerance:g}-point tolerance"
     return line + ": " + ((hint or DEFAULT_HINT) if word == "lower" else HIGHER_HINT)
@@ -350,9 +372,16 @@ def _plain(x: float | None) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
 
-def compare_variants(results: Mapping[str, Sequence[float | None]], reference: str = "reference",
-                     method: str = "welch", level: float = 0.95, tolerance: float | None = DEFAULT_TOLERANCE,
-                     resamples: int = 10000, seed: int = 0, hints: Mapping[str, str] | None = None) -> list[dict]:
+def compare_variants(
+    results: Mapping[str, Sequence[float | None]],
+    reference: str = "reference",
+    method: str = "welch",
+    level: float = 0.95,
+    tolerance: float | None = DEFAULT_TOLERANCE,
+    resamples: int = 10000,
+    seed: int = 0,
+    hints: Mapping[str, str] | None = None,
+) -> list[dict]:
     """One row per variant other than `reference`, in the order of `results` ({variant: per-seed top-1}): its mean,
     std and n, the reference's, Δ = mean(variant) - mean(reference) with the interval (`method`: welch | bootstrap),
     and the verdict line. None entries (runs without a result) are left out and show in n. Every value is a plain
@@ -368,10 +397,23 @@ def compare_variants(results: Mapping[str, Sequence[float | None]], reference: s
         if name == reference:
             continue
         s = summarize(vals)
-        row = {"variant": name, "n": s.n, "mean": _plain(s.mean), "std": _plain(s.std),
-               "reference": reference, "reference_n": ref.n, "reference_mean": _plain(ref.mean),
-               "reference_std": _plain(ref.std), "delta": None, "low": None, "high": None, "half_width": None,
-               "df": None, "level": level, "method": method}
+        row = {
+            "variant": name,
+            "n": s.n,
+            "mean": _plain(s.mean),
+            "std": _plain(s.std),
+            "reference": reference,
+            "reference_n": ref.n,
+            "reference_mean": _plain(ref.mean),
+            "reference_std": _plain(ref.std),
+            "delta": None,
+            "low": None,
+            "high": None,
+            "half_width": None,
+            "df": None,
+            "level": level,
+            "method": method,
+        }
         if s.n == 0 or ref.n == 0:
             missing = name if s.n == 0 else reference
             row["verdict"] = f"{name}: no finished runs of {missing}: nothing to compare"
@@ -381,7 +423,13 @@ def compare_variants(results: Mapping[str, Sequence[float | None]], reference: s
             iv = welch_interval(vals, finished[reference], level)
         else:
             iv = bootstrap_interval(vals, finished[reference], level, resamples, seed)
-        row.update(delta=iv.delta, low=iv.low, high=iv.high, half_width=iv.half_width, df=iv.df,
-                   verdict=verdict(iv, name, reference, tolerance, (hints or {}).get(name)))
+        row.update(
+            delta=iv.delta,
+            low=iv.low,
+            high=iv.high,
+            half_width=iv.half_width,
+            df=iv.df,
+            verdict=verdict(iv, name, reference, tolerance, (hints or {}).get(name)),
+        )
         rows.append(row)
     return rows

@@ -1,4 +1,5 @@
 """The numpy .beton reader against FFCV's own reader and loader, and --inspect on good and broken files."""
+
 import json
 import shutil
 
@@ -38,8 +39,13 @@ def test_ffcv_loader_reads_compacted_file(beton_with_skips):
     from ffcv.loader import Loader, OrderOption
 
     b = Beton(beton_with_skips)
-    loader = Loader(str(beton_with_skips), batch_size=4, num_workers=1, order=OrderOption.SEQUENTIAL,
-                    pipelines={"image": [CenterCropRGBImageDecoder((24, 24), 1.0)], "label": [IntDecoder()]})
+    loader = Loader(
+        str(beton_with_skips),
+        batch_size=4,
+        num_workers=1,
+        order=OrderOption.SEQUENTIAL,
+        pipelines={"image": [CenterCropRGBImageDecoder((24, 24), 1.0)], "label": [IntDecoder()]},
+    )
     labels, images = [], []
     for x, y in loader:
         labels.append(np.asarray(y).ravel().copy())
@@ -71,7 +77,7 @@ def _broken_copies(src, tmp_path):
     }
     # An allocation-table entry pointing past the end of the data.
     corrupt = bytearray(data)
-    corrupt[table_at + 8:table_at + 16] = (len(data) + 10**6).to_bytes(8, "little")
+    corrupt[table_at + 8 : table_at + 16] = (len(data) + 10**6).to_bytes(8, "little")
     cases["bad_alloc_entry"] = bytes(corrupt)
     paths = {}
     for name, payload in cases.items():
@@ -118,7 +124,7 @@ def test_inspect_catches_corrupt_image_data(beton_with_skips, tmp_path):
     b = Beton(bad)
     data = bytearray(bad.read_bytes())
     for ptr, size in zip(b.alloc_table["ptr"], b.alloc_table["size"]):
-        data[int(ptr):int(ptr) + int(size)] = bytes(int(size))
+        data[int(ptr) : int(ptr) + int(size)] = bytes(int(size))
     del b
     bad.write_bytes(bytes(data))
     r = run_cli("--inspect", bad, "--json")

@@ -1,4 +1,5 @@
 """deit3-convert on synthetic trees: counts, labels, the report, bad inputs, subsets, class lists, exit codes."""
+
 import gc
 import json
 import os
@@ -81,8 +82,18 @@ def test_strict_stops_on_first_bad_file_and_leaves_nothing(bad_tree, tmp_path):
         convert(str(root), str(tmp_path / "s2.beton"), strict=True, workers=1, show_progress=False)
 
 
-@pytest.mark.parametrize("case", ["missing_src", "src_is_file", "no_class_folders", "all_classes_empty",
-                                  "all_files_bad", "out_folder_missing", "out_is_folder"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing_src",
+        "src_is_file",
+        "no_class_folders",
+        "all_classes_empty",
+        "all_files_bad",
+        "out_folder_missing",
+        "out_is_folder",
+    ],
+)
 def test_fatal_input_is_one_line_and_exit_2(case, tmp_path):
     src, out = tmp_path / "src", tmp_path / "o.beton"
     if case == "src_is_file":
@@ -110,11 +121,17 @@ def test_fatal_input_is_one_line_and_exit_2(case, tmp_path):
         assert no_leftovers(out.parent if out.parent.exists() else tmp_path, "o.beton") == []
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--jpeg-quality", "0"], "--jpeg-quality"), (["--fraction", "1.5"], "--fraction"),
-    (["--max-per-class", "0"], "--max-per-class"), (["--workers", "0"], "--workers"),
-    (["--max-resolution", "2"], "--max-resolution"), (["--compress-probability", "2"], "--compress-probability"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--jpeg-quality", "0"], "--jpeg-quality"),
+        (["--fraction", "1.5"], "--fraction"),
+        (["--max-per-class", "0"], "--max-per-class"),
+        (["--workers", "0"], "--workers"),
+        (["--max-resolution", "2"], "--max-resolution"),
+        (["--compress-probability", "2"], "--compress-probability"),
+    ],
+)
 def test_bad_option_values_name_the_option(good_tree, tmp_path, args, fragment):
     r = run_cli(good_tree, tmp_path / "o.beton", *args)
     assert r.returncode == 2 and fragment in r.stderr and len(r.stderr.strip().splitlines()) == 1
@@ -152,8 +169,9 @@ def test_classes_file_keeps_labels_of_another_split(good_tree, tmp_path):
     assert Beton(out).labels().tolist() == [1, 3]
     # The same list as plain text works too; an unknown class folder is refused.
     (tmp_path / "classes.txt").write_text("class_01\nclass_03\n")
-    assert convert(str(val), str(out), classes_file=str(tmp_path / "classes.txt"), workers=1,
-                   show_progress=False)["class_counts"] == [1, 1]
+    assert convert(str(val), str(out), classes_file=str(tmp_path / "classes.txt"), workers=1, show_progress=False)[
+        "class_counts"
+    ] == [1, 1]
     (val / "class_99").mkdir()
     with pytest.raises(SourceError, match="class_99"):
         convert(str(val), str(out), classes_file=str(tmp_path / "classes.txt"), workers=1, show_progress=False)
@@ -170,8 +188,10 @@ def test_symlinks_followed_loops_and_broken_links_reported(good_tree, tmp_path):
     rep = convert(str(src), str(tmp_path / "o.beton"), workers=1, show_progress=False)
     assert rep["num_written"] == 2
     reasons = {s["path"]: s["reason"] for s in rep["skipped"]}
-    assert reasons == {"a/broken.JPEG": "broken symbolic link",
-                       "a/sub/loop": "symbolic link loop: folder already visited"}
+    assert reasons == {
+        "a/broken.JPEG": "broken symbolic link",
+        "a/sub/loop": "symbolic link loop: folder already visited",
+    }
     assert rep["num_skipped"] == 2  # problems met while walking count as skipped files too
 
 
@@ -191,8 +211,15 @@ def test_write_modes(good_tree, tmp_path):
     assert raw["num_written"] == 40 and (Beton(tmp_path / "raw.beton").image_meta()["mode"] == 1).all()
     modes = []
     for name in ("p1.beton", "p2.beton"):
-        convert(str(good_tree), str(tmp_path / name), write_mode="proportion", compress_probability=0.5, seed=3,
-                workers=2, show_progress=False)
+        convert(
+            str(good_tree),
+            str(tmp_path / name),
+            write_mode="proportion",
+            compress_probability=0.5,
+            seed=3,
+            workers=2,
+            show_progress=False,
+        )
         modes.append(Beton(tmp_path / name).image_meta()["mode"].copy())
     np.testing.assert_array_equal(modes[0], modes[1])  # same seed, same per-sample choice, any worker count
     assert 0 < (modes[0] == 0).sum() < 40
@@ -236,8 +263,10 @@ def test_fraction_keeps_round_half_up_of_each_class_and_at_least_one(tmp_path):
         (tmp_path / f"c{n}").mkdir()
         for i in range(n):
             Image.new("RGB", (8, 8)).save(tmp_path / f"c{n}" / f"{i}.JPEG")
-    counts = lambda f: [sum(1 for _, label in scan_imagefolder(tmp_path, fraction=f).samples if label == k)  # noqa: E731
-                        for k in range(5)]
+    counts = lambda f: [
+        sum(1 for _, label in scan_imagefolder(tmp_path, fraction=f).samples if label == k)  # noqa: E731
+        for k in range(5)
+    ]
     assert counts(0.3) == [1, 1, 2, 2, 3]
     assert counts(0.5) == [1, 2, 3, 4, 5]
     assert counts(1.0) == [1, 3, 5, 7, 9]

@@ -1,4 +1,5 @@
 """deit3-convert on 1000 real ImageNet JPEGs (one per class; 23 greyscale; up to 2400x1632)."""
+
 import json
 import os
 
@@ -117,8 +118,8 @@ def test_crop_resampler_is_pillows_bicubic_on_real_images(converted):
         top, left, bh, bw = rrc_box(h, w, 0.08, 1.0, np.log(3 / 4), np.log(4 / 3), np.uint64(i * 7919 + 1))
         size = (224, 224) if i % 2 else (int(rng.integers(16, 64)), int(rng.integers(16, 64)))  # also shrinks
         out = np.empty((*size, 3), np.uint8)
-        resize_box(img[top:top + bh, left:left + bw], 0.0, 0.0, float(bh), float(bw), out)
-        ref = np.asarray(Image.fromarray(img[top:top + bh, left:left + bw]).resize(size[::-1], Image.BICUBIC))
+        resize_box(img[top : top + bh, left : left + bw], 0.0, 0.0, float(bh), float(bw), out)
+        ref = np.asarray(Image.fromarray(img[top : top + bh, left : left + bw]).resize(size[::-1], Image.BICUBIC))
         y0, x0 = rng.uniform(0, h / 4), rng.uniform(0, w / 4)
         y1, x1 = rng.uniform(h / 2, h), rng.uniform(w / 2, w)
         frac = np.empty((48, 40, 3), np.uint8)

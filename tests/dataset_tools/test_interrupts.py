@@ -1,4 +1,5 @@
 """Ctrl-C, SIGTERM and SIGKILL in the middle of a conversion leave no output and no temporary file."""
+
 import os
 import signal
 import subprocess
@@ -36,10 +37,26 @@ def slow_tree(tmp_path_factory):
 
 
 def _start(src, out):
-    return subprocess.Popen([sys.executable, "-m", "dataset_tools.convert", str(src), str(out), "--workers", "2",
-                             "--max-resolution", "1600", "--jpeg-quality", "95"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dataset_tools.convert",
+            str(src),
+            str(out),
+            "--workers",
+            "2",
+            "--max-resolution",
+            "1600",
+            "--jpeg-quality",
+            "95",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _wait_for_writers(proc, n=2, timeout=60):
@@ -85,8 +102,24 @@ def test_interrupt_leaves_nothing_and_rerun_succeeds(slow_tree, tmp_path, how):
     assert _gone(workers), "writer processes outlived the converter"
     assert no_leftovers(tmp_path, "train.beton") == []
     # Nothing stale blocks the next run.
-    r = subprocess.run([sys.executable, "-m", "dataset_tools.convert", str(slow_tree), str(out), "--workers", "2",
-                        "--max-per-class", "5", "--quiet"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dataset_tools.convert",
+            str(slow_tree),
+            str(out),
+            "--workers",
+            "2",
+            "--max-per-class",
+            "5",
+            "--quiet",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert no_leftovers(tmp_path, "train.beton") == ["train.beton"]
 

@@ -1,5 +1,6 @@
 """Our own .beton writer (read by FFCV unchanged), shard sets with their manifest, --shard-index re-runs, --holdout,
 --short-side, and every reader taking a shard set as one data set over the global sample index."""
+
 import hashlib
 import json
 import os
@@ -60,7 +61,7 @@ def test_written_layout_is_ffcvs_and_ffcv_reads_it(tmp_path):
 
     src = tmp_path / "src"
     make_imagefolder(src, num_classes=3, per_class=5, seed=2, min_side=48, max_side=48)  # one size: FFCV's
-    out = tmp_path / "same.beton"                                                      # simple decoder needs it
+    out = tmp_path / "same.beton"  # simple decoder needs it
     convert(str(src), str(out), workers=2, show_progress=False, page_size=PAGE)
     b = Beton(out)
     t = b.alloc_table
@@ -73,8 +74,15 @@ def test_written_layout_is_ffcvs_and_ffcv_reads_it(tmp_path):
     assert theirs.num_samples == len(b) == 15 and theirs.field_names == ["image", "label"]
     np.testing.assert_array_equal(theirs.metadata["f1"], b.labels())
     for os_cache in (False, True):
-        loader = Loader(str(out), batch_size=4, num_workers=1, order=OrderOption.SEQUENTIAL, os_cache=os_cache,
-                        drop_last=False, pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()]})
+        loader = Loader(
+            str(out),
+            batch_size=4,
+            num_workers=1,
+            order=OrderOption.SEQUENTIAL,
+            os_cache=os_cache,
+            drop_last=False,
+            pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()]},
+        )
         images = np.concatenate([np.asarray(x).copy() for x, _ in loader])
         ours = np.stack([b.decode(i) for i in range(len(b))])
         mse = ((images.astype(np.float64) - ours) ** 2).mean()
@@ -119,8 +127,11 @@ def test_shard_index_tasks_then_the_manifest_then_reruns_skip_verified_shards(tr
     args = [tree, out, "--shards", "3", "--workers", "1", "--quiet"]
     r = run_cli(*args, "--shard-index", "1")
     assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in out.iterdir()) == [shard_name(1, 3), shard_name(1, 3) + ".json",
-                                                     shard_name(1, 3) + ".sources.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        shard_name(1, 3),
+        shard_name(1, 3) + ".json",
+        shard_name(1, 3) + ".sources.txt",
+    ]
     with pytest.raises(BetonError, match="no manifest.json yet: 1 shard file"):
         open_samples(out)
     for i in (0, 2):
@@ -165,9 +176,17 @@ def test_holdout_is_k_per_class_excluded_from_training_and_seeded(tree, tmp_path
     assert set(_digests(Beton(sh / "holdout.beton"))) == hold and len(ShardSet(sh)) == 16
 
 
-@pytest.mark.parametrize("w, h, max_res, short, expected", [
-    (500, 375, 256, None, (256, 192)), (500, 375, None, 256, (341, 256)), (375, 500, None, 256, (256, 341)),
-    (200, 150, None, 256, (200, 150)), (1000, 300, 512, 256, (512, 153)), (640, 480, 512, 256, (341, 256))])
+@pytest.mark.parametrize(
+    "w, h, max_res, short, expected",
+    [
+        (500, 375, 256, None, (256, 192)),
+        (500, 375, None, 256, (341, 256)),
+        (375, 500, None, 256, (256, 341)),
+        (200, 150, None, 256, (200, 150)),
+        (1000, 300, 512, 256, (512, 153)),
+        (640, 480, 512, 256, (341, 256)),
+    ],
+)
 def test_stored_size(w, h, max_res, short, expected):
     assert stored_size(w, h, max_res, short) == expected
 
@@ -206,8 +225,18 @@ def test_engines_read_a_shard_set_as_the_same_global_index(sharded, tmp_path, en
             m = b.image_meta()[j]
             w.add(np.array(b.image_bytes(j)), int(m["mode"]), int(m["height"]), int(m["width"]), int(b.labels()[j]))
     w.close()
-    common = {"data.engine": engine, "data.workers": 1, "data.batch_size": 4, "data.repeats": 1, "data.seed": 5,
-              "aug.img_size": 32, "aug.crop": "rrc", "aug.mixup": 0.0, "aug.cutmix": 0.0, "model.num_classes": 4}
+    common = {
+        "data.engine": engine,
+        "data.workers": 1,
+        "data.batch_size": 4,
+        "data.repeats": 1,
+        "data.seed": 5,
+        "aug.img_size": 32,
+        "aug.crop": "rrc",
+        "aug.mixup": 0.0,
+        "aug.cutmix": 0.0,
+        "model.num_classes": 4,
+    }
     for rank in (0, 1):
         a = plain_loader("train", **common, **{"data.train": sharded}, rank=rank, world=2)
         b = plain_loader("train", **common, **{"data.train": flat}, rank=rank, world=2)
@@ -234,11 +263,13 @@ def test_ffcv_engine_and_broken_shard_sets_are_one_clear_message(sharded, tmp_pa
     victim = copy / shard_name(1, 3)
     victim.write_bytes(victim.read_bytes()[:-100])  # an incomplete copy
     with pytest.raises(DataError, match=r"shard-00001-of-00003.beton: \d+ bytes, the manifest says"):
-        plain_loader("train", **{"data.train": copy, "data.engine": "nvjpeg", "data.repeats": 1,
-                                       "model.num_classes": 4})
+        plain_loader(
+            "train", **{"data.train": copy, "data.engine": "nvjpeg", "data.repeats": 1, "model.num_classes": 4}
+        )
     with pytest.raises(DataError, match="has 4 classes but model.num_classes is 3"):
-        plain_loader("train", **{"data.train": sharded, "data.engine": "nvjpeg", "data.repeats": 1,
-                                       "model.num_classes": 3})
+        plain_loader(
+            "train", **{"data.train": sharded, "data.engine": "nvjpeg", "data.repeats": 1, "model.num_classes": 3}
+        )
 
 
 def test_inspect_and_classes_take_a_shard_set(tree, sharded, tmp_path):
@@ -284,7 +315,8 @@ def test_conversion_and_the_nvjpeg_engine_need_no_ffcv(tree, tmp_path):
         "x, y = next(iter(loader))\n"
         "assert x.shape == (4, 3, 32, 32), x.shape\n"
         "assert not [m for m in sys.modules if m.split('.')[0] == 'ffcv']\n"
-        "print('ok')\n")
+        "print('ok')\n"
+    )
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
 
@@ -296,14 +328,16 @@ def test_local_executor_runs_one_task_per_shard_and_the_holdout(tree, tmp_path):
     from dataset_tools.convert_jobs import _task_argv
 
     out = tmp_path / "train"
-    r = run_cli(tree, out, "--shards", "2", "--holdout", "1", "--local", "--workers", "1", "--timeout-min", "10",
-                timeout=600)
+    r = run_cli(
+        tree, out, "--shards", "2", "--holdout", "1", "--local", "--workers", "1", "--timeout-min", "10", timeout=600
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
     assert [e["num_samples"] for e in manifest["shards"]] == [10, 10] and manifest["holdout"]["num_samples"] == 4
     assert len(list((out / "submitit").glob("*_log.out"))) == 3
-    assert _task_argv(["s", "o", "--shards", "2", "--submit", "--partition", "p", "--timeout-min=5",
-                       "--workers", "4"]) == ["s", "o", "--shards", "2", "--workers", "4"]
+    assert _task_argv(
+        ["s", "o", "--shards", "2", "--submit", "--partition", "p", "--timeout-min=5", "--workers", "4"]
+    ) == ["s", "o", "--shards", "2", "--workers", "4"]
     r = run_cli(tree, out, "--shards", "2", "--submit", "--local")
     assert r.returncode == 2 and "not both" in r.stderr
 
@@ -320,7 +354,8 @@ def test_stage_copies_verifies_and_resumes(sharded, tmp_path):
     stage(sharded, dest)  # only that file is copied again
     now = {p.name: p.stat().st_mtime_ns for p in dest.iterdir()}
     assert sorted(n for n in now if now[n] != stamps.get(n)) == sorted(
-        [shard_name(0, 3), ".staged.json", "manifest.json"])
+        [shard_name(0, 3), ".staged.json", "manifest.json"]
+    )
     # A source file re-written since (same size: .beton files are page-padded) is copied again.
     src_file = sharded / shard_name(2, 3)
     os.utime(src_file, ns=(src_file.stat().st_atime_ns, src_file.stat().st_mtime_ns + 10**9))
@@ -340,8 +375,13 @@ def test_stage_copies_verifies_and_resumes(sharded, tmp_path):
         stage(bad, tmp_path / "local_bad")
     assert not (tmp_path / "local_bad" / shard_name(1, 3)).exists()
     assert not (tmp_path / "local_bad" / "manifest.json").exists()
-    r = subprocess.run([sys.executable, "-m", "deit3_fast", "stage", str(bad), str(tmp_path / "x"), "--quiet"],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "deit3_fast", "stage", str(bad), str(tmp_path / "x"), "--quiet"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "sha256 differs" in r.stderr
 
 
@@ -356,11 +396,30 @@ def test_training_with_stage_to_reads_the_staged_copy(sharded, single, tmp_path,
     if engine == "ffcv":
         pytest.importorskip("ffcv")
     out, local = tmp_path / "run", tmp_path / "node_local"
-    sets = {"model.num_classes": "auto", "data.batch_size": 8, "train.global_batch": 8, "schedule.epochs": 1,
-            "schedule.warmup_epochs": 0, "data.workers": 1, "data.engine": engine, "data.repeats": 1,
-            "data.stage_to": str(local)}
-    args = ["train", "--cfg", "quickstart", "--data-train", str(sharded), "--data-val", str(single), "--out", str(out),
-            "--quiet", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
+    sets = {
+        "model.num_classes": "auto",
+        "data.batch_size": 8,
+        "train.global_batch": 8,
+        "schedule.epochs": 1,
+        "schedule.warmup_epochs": 0,
+        "data.workers": 1,
+        "data.engine": engine,
+        "data.repeats": 1,
+        "data.stage_to": str(local),
+    }
+    args = [
+        "train",
+        "--cfg",
+        "quickstart",
+        "--data-train",
+        str(sharded),
+        "--data-val",
+        str(single),
+        "--out",
+        str(out),
+        "--quiet",
+        *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")],
+    ]
     assert cli.main(args) == 0
     saved = yaml.safe_load((out / "config.yaml").read_text())
     train = local / "train" / ("merged.beton" if engine == "ffcv" else "")
@@ -368,8 +427,9 @@ def test_training_with_stage_to_reads_the_staged_copy(sharded, single, tmp_path,
     assert saved["model"]["num_classes"] == 4 and (local / "val" / "all.beton.json").exists()
     if engine == "ffcv":  # the merge is the shard set's samples in global order
         merged, shards = Beton(train), ShardSet(sharded)
-        assert [bytes(merged.image_bytes(i)) for i in range(len(merged))] == \
-            [bytes(shards.image_bytes(i)) for i in range(len(shards))]
+        assert [bytes(merged.image_bytes(i)) for i in range(len(merged))] == [
+            bytes(shards.image_bytes(i)) for i in range(len(shards))
+        ]
         assert merged.labels().tolist() == shards.labels_at(np.arange(len(shards))).tolist()
     else:
         assert (local / "train" / "manifest.json").exists()
@@ -394,8 +454,24 @@ def test_submit_sends_one_array_task_per_shard(tree, tmp_path, monkeypatch, caps
 
     monkeypatch.setattr(submitit, "AutoExecutor", local_instead_of_slurm)
     out = tmp_path / "train"
-    assert main([str(tree), str(out), "--shards", "3", "--submit", "--partition", "cpu", "--workers", "1",
-                 "--array-parallelism", "3"]) == 0
+    assert (
+        main(
+            [
+                str(tree),
+                str(out),
+                "--shards",
+                "3",
+                "--submit",
+                "--partition",
+                "cpu",
+                "--workers",
+                "1",
+                "--array-parallelism",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert "submitted 3 shard task(s) as a job array" in capsys.readouterr().out
     assert seen["cluster"] is None and seen["slurm_partition"] == "cpu" and seen["slurm_array_parallelism"] == 3
     deadline = time.time() + 300

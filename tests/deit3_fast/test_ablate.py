@@ -1,5 +1,6 @@
 """`deit3-fast ablate`: grid parsing, naming and validation; warm-up scaling; a tiny grid end to end (results, skip,
 resume, divergence, refusal of a foreign run dir, submitit's local executor); and learning on a real CIFAR-10 subset."""
+
 import csv
 import datetime
 import json
@@ -31,10 +32,18 @@ def write_grid(path, grid: dict):
 
 # --- the grid file (no training) -------------------------------------------------------------------------------
 
+
 def test_axes_product_gives_named_validated_variants(tmp_path):
-    g = load_grid(write_grid(tmp_path / "g.yaml", {
-        "base": "quickstart", "sets": {"data.workers": 1},
-        "axes": {"aug.three_augment": [True, False], "loss": ["bce", "ce"], "schedule.epochs": [30, 100]}}))
+    g = load_grid(
+        write_grid(
+            tmp_path / "g.yaml",
+            {
+                "base": "quickstart",
+                "sets": {"data.workers": 1},
+                "axes": {"aug.three_augment": [True, False], "loss": ["bce", "ce"], "schedule.epochs": [30, 100]},
+            },
+        )
+    )
     names = [v.name for v in g.variants]
     assert len(names) == 8 and len(set(names)) == 8
     assert names[0] == "three_augment=true,loss=bce,epochs=30"
@@ -46,21 +55,40 @@ def test_axes_product_gives_named_validated_variants(tmp_path):
 
 
 def test_named_variants_cross_axes_and_may_start_from_their_own_config(tmp_path):
-    g = load_grid(write_grid(tmp_path / "g.yaml", {
-        "base": "quickstart",
-        "variants": [{"name": "ref"}, {"name": "s", "cfg": "vit_s_in1k", "sets": ["aug.crop=src"]}],
-        "axes": {"optim.lr": [1e-3, 2e-3], "aug.rrc_scale": [[0.35, 1.0]]}}), ["train.seed=3"])
-    assert [v.name for v in g.variants] == ["ref,lr=0.001,rrc_scale=0.35-1", "ref,lr=0.002,rrc_scale=0.35-1",
-                                            "s,lr=0.001,rrc_scale=0.35-1", "s,lr=0.002,rrc_scale=0.35-1"]
+    g = load_grid(
+        write_grid(
+            tmp_path / "g.yaml",
+            {
+                "base": "quickstart",
+                "variants": [{"name": "ref"}, {"name": "s", "cfg": "vit_s_in1k", "sets": ["aug.crop=src"]}],
+                "axes": {"optim.lr": [1e-3, 2e-3], "aug.rrc_scale": [[0.35, 1.0]]},
+            },
+        ),
+        ["train.seed=3"],
+    )
+    assert [v.name for v in g.variants] == [
+        "ref,lr=0.001,rrc_scale=0.35-1",
+        "ref,lr=0.002,rrc_scale=0.35-1",
+        "s,lr=0.001,rrc_scale=0.35-1",
+        "s,lr=0.002,rrc_scale=0.35-1",
+    ]
     s = g.variants[3].config
-    assert (s.model.name, s.aug.crop, s.optim.lr, s.aug.rrc_scale, s.train.seed) == \
-        ("deit3_small", "src", 2e-3, (0.35, 1.0), 3)
+    assert (s.model.name, s.aug.crop, s.optim.lr, s.aug.rrc_scale, s.train.seed) == (
+        "deit3_small",
+        "src",
+        2e-3,
+        (0.35, 1.0),
+        3,
+    )
     assert g.variants[0].config.model.name == "deit3_nano"
 
 
 def test_axes_sharing_a_last_key_part_are_named_by_full_key(tmp_path):
-    g = load_grid(write_grid(tmp_path / "g.yaml", {"base": "quickstart",
-                                                   "axes": {"data.seed": [0], "train.seed": [1], "loss": ["ce"]}}))
+    g = load_grid(
+        write_grid(
+            tmp_path / "g.yaml", {"base": "quickstart", "axes": {"data.seed": [0], "train.seed": [1], "loss": ["ce"]}}
+        )
+    )
     assert [v.name for v in g.variants] == ["data.seed=0,train.seed=1,loss=ce"]
 
 
@@ -73,12 +101,23 @@ def test_warmup_scales_with_the_epoch_budget(tmp_path, epochs, warmup):
 
 
 def test_warmup_set_explicitly_or_zero_is_not_scaled(tmp_path):
-    g = load_grid(write_grid(tmp_path / "g.yaml", {
-        "base": "quickstart", "variants": [{"name": "a", "sets": {"schedule.warmup_epochs": 4}}, {"name": "b"}],
-        "axes": {"schedule.epochs": [10]}}))
+    g = load_grid(
+        write_grid(
+            tmp_path / "g.yaml",
+            {
+                "base": "quickstart",
+                "variants": [{"name": "a", "sets": {"schedule.warmup_epochs": 4}}, {"name": "b"}],
+                "axes": {"schedule.epochs": [10]},
+            },
+        )
+    )
     assert [v.config.schedule.warmup_epochs for v in g.variants] == [4, 1]
-    zero = load_grid(write_grid(tmp_path / "z.yaml", {"base": "quickstart", "sets": ["schedule.warmup_epochs=0"],
-                                                      "axes": {"schedule.epochs": [10]}}))
+    zero = load_grid(
+        write_grid(
+            tmp_path / "z.yaml",
+            {"base": "quickstart", "sets": ["schedule.warmup_epochs=0"], "axes": {"schedule.epochs": [10]}},
+        )
+    )
     assert zero.variants[0].config.schedule.warmup_epochs == 0
     # an epoch budget given on the command line for the whole grid scales too: the CIFAR recipes' 5 of 100
     cifar = load_grid("cifar10_grid", ["schedule.epochs=50"])
@@ -90,34 +129,53 @@ def test_warmup_set_explicitly_or_zero_is_not_scaled(tmp_path):
     r = {v.name: v.config for v in load_grid("cifar10_grid", ["schedule.epochs=3"]).variants}["progressive"]
     assert (r.schedule.resolution.start_epoch, r.schedule.resolution.end_epoch) == (1, 2)
     # a ramp given with the budget is taken as given, though it does not fit the base's 40 epochs
-    g = load_grid(write_grid(tmp_path / "r.yaml", {
-        "base": "quickstart", "axes": {"schedule.epochs": [50]},
-        "sets": {"schedule.resolution": {"start": 16, "step": 8, "start_epoch": 0, "end_epoch": 45}}}))
+    g = load_grid(
+        write_grid(
+            tmp_path / "r.yaml",
+            {
+                "base": "quickstart",
+                "axes": {"schedule.epochs": [50]},
+                "sets": {"schedule.resolution": {"start": 16, "step": 8, "start_epoch": 0, "end_epoch": 45}},
+            },
+        )
+    )
     s = g.variants[0].config.schedule
     assert (s.epochs, s.warmup_epochs, s.resolution.start_epoch, s.resolution.end_epoch) == (50, 3, 0, 45)
 
 
-@pytest.mark.parametrize("grid, message", [
-    ({"base": "quickstart", "axis": {"loss": ["ce"]}}, "unknown grid key 'axis' (did you mean 'axes'?)"),
-    ({"base": "quickstart", "axes": {"loss": "ce"}}, "axis 'loss' must be a non-empty list"),
-    ({"base": "quickstart", "axes": {"loss": []}}, "axis 'loss' must be a non-empty list"),
-    ({"base": "quickstart", "axes": {"aug.three_augmnt": [True]}},
-     "variant 'three_augmnt=true': unknown config key 'aug.three_augmnt' (did you mean 'three_augment'?)"),
-    ({"base": "quickstart", "axes": {"loss": ["mse"]}}, "variant 'loss=mse': loss: 'mse' is not one of bce, ce"),
-    ({"base": "no_such_recipe", "axes": {"loss": ["ce"]}}, "config 'no_such_recipe' not found"),
-    ({"base": "quickstart", "variants": [{"name": "a"}, {"name": "a"}]}, "two variants are called 'a'"),
-    ({"base": "quickstart", "variants": [{"sets": {"loss": "ce"}}]}, "variants[0] needs a 'name'"),
-    ({"base": "quickstart", "variants": [{"name": "a", "set": {"loss": "ce"}}]},
-     "variant 'a': unknown key 'set' (did you mean 'sets'?)"),
-    ({"base": "quickstart", "variants": [{"name": "a/b"}]}, "not usable as a folder name"),
-    ({"variants": [{"name": "a"}]}, "variant 'a' has no config"),
-    ({"base": "quickstart"}, "a grid needs 'variants', 'axes' or both"),
-    ({"base": "quickstart", "sets": "loss=ce", "axes": {"loss": ["ce"]}}, "sets: expected a mapping"),
-    ({"base": "quickstart", "variants": [{"name": "a", "sets": {"train.seed": datetime.date(2024, 1, 1)}}]},
-     "variant 'a': sets: train.seed: datetime.date(2024, 1, 1) is not a config value; quote it"),
-    ({"base": "quickstart", "axes": {"train.seed": [datetime.date(2024, 1, 1)]}}, "axis: train.seed: datetime.date"),
-    ({"base": "quickstart", "axes": {"aug.hflip": [float("nan")]}}, "aug.hflip: nan is not a config value"),
-])
+@pytest.mark.parametrize(
+    "grid, message",
+    [
+        ({"base": "quickstart", "axis": {"loss": ["ce"]}}, "unknown grid key 'axis' (did you mean 'axes'?)"),
+        ({"base": "quickstart", "axes": {"loss": "ce"}}, "axis 'loss' must be a non-empty list"),
+        ({"base": "quickstart", "axes": {"loss": []}}, "axis 'loss' must be a non-empty list"),
+        (
+            {"base": "quickstart", "axes": {"aug.three_augmnt": [True]}},
+            "variant 'three_augmnt=true': unknown config key 'aug.three_augmnt' (did you mean 'three_augment'?)",
+        ),
+        ({"base": "quickstart", "axes": {"loss": ["mse"]}}, "variant 'loss=mse': loss: 'mse' is not one of bce, ce"),
+        ({"base": "no_such_recipe", "axes": {"loss": ["ce"]}}, "config 'no_such_recipe' not found"),
+        ({"base": "quickstart", "variants": [{"name": "a"}, {"name": "a"}]}, "two variants are called 'a'"),
+        ({"base": "quickstart", "variants": [{"sets": {"loss": "ce"}}]}, "variants[0] needs a 'name'"),
+        (
+            {"base": "quickstart", "variants": [{"name": "a", "set": {"loss": "ce"}}]},
+            "variant 'a': unknown key 'set' (did you mean 'sets'?)",
+        ),
+        ({"base": "quickstart", "variants": [{"name": "a/b"}]}, "not usable as a folder name"),
+        ({"variants": [{"name": "a"}]}, "variant 'a' has no config"),
+        ({"base": "quickstart"}, "a grid needs 'variants', 'axes' or both"),
+        ({"base": "quickstart", "sets": "loss=ce", "axes": {"loss": ["ce"]}}, "sets: expected a mapping"),
+        (
+            {"base": "quickstart", "variants": [{"name": "a", "sets": {"train.seed": datetime.date(2024, 1, 1)}}]},
+            "variant 'a': sets: train.seed: datetime.date(2024, 1, 1) is not a config value; quote it",
+        ),
+        (
+            {"base": "quickstart", "axes": {"train.seed": [datetime.date(2024, 1, 1)]}},
+            "axis: train.seed: datetime.date",
+        ),
+        ({"base": "quickstart", "axes": {"aug.hflip": [float("nan")]}}, "aug.hflip: nan is not a config value"),
+    ],
+)
 def test_grid_errors_are_one_line_config_errors(tmp_path, grid, message):
     with pytest.raises(ConfigError) as e:
         load_grid(write_grid(tmp_path / "g.yaml", grid))
@@ -132,8 +190,10 @@ def test_cli_reports_a_bad_grid_in_one_line_before_running(tmp_path, capsys):
     assert main(["ablate", "--grid", "cifar10_gird", "--out", str(tmp_path / "out")]) == 2
     assert "did you mean 'cifar10_grid'" in capsys.readouterr().err
     # a variant whose data is missing fails before the first variant starts, not after it
-    missing = write_grid(tmp_path / "m.yaml", {"base": "quickstart", "sets": {"data.train": str(tmp_path / "no.beton")},
-                                               "axes": {"loss": ["bce", "ce"]}})
+    missing = write_grid(
+        tmp_path / "m.yaml",
+        {"base": "quickstart", "sets": {"data.train": str(tmp_path / "no.beton")}, "axes": {"loss": ["bce", "ce"]}},
+    )
     assert main(["ablate", "--grid", missing, "--out", str(tmp_path / "out")]) == 2
     assert "no.beton does not exist" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -145,26 +205,50 @@ def test_shipped_cifar10_ablation_follows_its_recipes():
     assert list(by) == ["deit3", "deit_style", "no_3aug", "no_layerscale", "progressive"]
     d3 = by["deit3"]
     assert (d3.model.name, d3.aug.img_size, d3.model.num_classes) == ("deit3_cifar", 32, 10)
-    assert (d3.optim.name, d3.loss, d3.aug.three_augment, d3.aug.color_jitter, d3.aug.auto_augment) == \
-        ("lamb", "bce", True, 0.3, None)
-    assert (d3.model.layer_scale_init, d3.aug.mixup, d3.aug.cutmix, d3.aug.label_smoothing, d3.aug.crop) == \
-        (1e-4, 0.8, 1.0, 0.0, "rrc")
+    assert (d3.optim.name, d3.loss, d3.aug.three_augment, d3.aug.color_jitter, d3.aug.auto_augment) == (
+        "lamb",
+        "bce",
+        True,
+        0.3,
+        None,
+    )
+    assert (d3.model.layer_scale_init, d3.aug.mixup, d3.aug.cutmix, d3.aug.label_smoothing, d3.aug.crop) == (
+        1e-4,
+        0.8,
+        1.0,
+        0.0,
+        "rrc",
+    )
     st = by["deit_style"]
-    assert (st.optim.name, st.optim.lr, st.loss, st.aug.label_smoothing, st.aug.auto_augment, st.aug.three_augment,
-            st.aug.color_jitter) == ("adamw", 5e-4 * st.train.global_batch / 512, "ce", 0.1, "rand-m9-mstd0.5-inc1",
-                                     False, 0.0)
+    assert (
+        st.optim.name,
+        st.optim.lr,
+        st.loss,
+        st.aug.label_smoothing,
+        st.aug.auto_augment,
+        st.aug.three_augment,
+        st.aug.color_jitter,
+    ) == ("adamw", 5e-4 * st.train.global_batch / 512, "ce", 0.1, "rand-m9-mstd0.5-inc1", False, 0.0)
 
     def changed(a, b):
         return [k for k in a if a[k] != b[k]]
+
     flat = {name: _flat(to_dict(c)) for name, c in by.items()}
     assert changed(flat["no_3aug"], flat["deit3"]) == ["aug.three_augment"]
     assert changed(flat["no_layerscale"], flat["deit3"]) == ["model.layer_scale_init"]
     assert by["no_layerscale"].model.layer_scale_init is None
-    assert changed(flat["progressive"], flat["deit3"]) == [f"schedule.resolution.{k}" for k in
-                                                          ("start", "end", "start_epoch", "end_epoch", "step")]
+    assert changed(flat["progressive"], flat["deit3"]) == [
+        f"schedule.resolution.{k}" for k in ("start", "end", "start_epoch", "end_epoch", "step")
+    ]
     assert set(changed(flat["deit_style"], flat["deit3"])) == {
-        "aug.three_augment", "aug.color_jitter", "aug.auto_augment", "aug.label_smoothing", "optim.name", "optim.lr",
-        "loss"}
+        "aug.three_augment",
+        "aug.color_jitter",
+        "aug.auto_augment",
+        "aug.label_smoothing",
+        "optim.name",
+        "optim.lr",
+        "loss",
+    }
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -189,8 +273,28 @@ def test_submit_dry_run_describes_one_job_per_unfinished_variant(tmp_path, capsy
     out = tmp_path / "out"
     (out / "deit3").mkdir(parents=True)
     (out / "deit3" / DONE).write_text('{"status": "done"}')
-    assert main(["ablate", "--grid", "cifar10_grid", "--out", str(out), "--submit", "--dry-run", "--nodes", "1",
-                 "--gpus-per-node", "2", "--partition", "p1", "--set", "data.batch_size=256"]) == 0
+    assert (
+        main(
+            [
+                "ablate",
+                "--grid",
+                "cifar10_grid",
+                "--out",
+                str(out),
+                "--submit",
+                "--dry-run",
+                "--nodes",
+                "1",
+                "--gpus-per-node",
+                "2",
+                "--partition",
+                "p1",
+                "--set",
+                "data.batch_size=256",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "deit3: done, skipped" in text
     jobs = [json.loads("{" + chunk) for chunk in text.split("\n{")[1:]]
@@ -199,23 +303,42 @@ def test_submit_dry_run_describes_one_job_per_unfinished_variant(tmp_path, capsy
     assert jobs[0]["parameters"]["slurm_partition"] == "p1" and jobs[0]["world_size"] == 2
     assert jobs[0]["command"][3:6] == ["cifar10_deit_style", "--out", str(out / "deit_style")]
     # global batch 512 from 256 per process on 3 GPUs is impossible: refused before anything is submitted
-    assert main(["ablate", "--grid", "cifar10_grid", "--out", str(out), "--submit", "--dry-run",
-                 "--gpus-per-node", "3", "--set", "data.batch_size=256"]) == 2
+    assert (
+        main(
+            [
+                "ablate",
+                "--grid",
+                "cifar10_grid",
+                "--out",
+                str(out),
+                "--submit",
+                "--dry-run",
+                "--gpus-per-node",
+                "3",
+                "--set",
+                "data.batch_size=256",
+            ]
+        )
+        == 2
+    )
     assert "cannot be split over 3 processes" in capsys.readouterr().err
 
 
 # --- run_variant: what ends an attempt -------------------------------------------------------------------------
+
 
 def test_a_diverged_variant_is_a_result_and_an_interrupted_one_is_not_finished(tmp_path):
     cfg = load_config("quickstart", ["schedule.epochs=2"])
 
     def diverges():
         raise TrainingDiverged("loss is nan at epoch 0, step 1")
+
     run_variant(tmp_path / "a", cfg, diverges)
     assert json.loads((tmp_path / "a" / DONE).read_text())["status"] == "diverged"
 
     def interrupted():
         raise KeyboardInterrupt
+
     with pytest.raises(KeyboardInterrupt):
         run_variant(tmp_path / "b", cfg, interrupted)
     assert not (tmp_path / "b" / DONE).exists()
@@ -231,13 +354,22 @@ def test_a_requeued_job_is_again_an_ablate_job():
 
 # --- a tiny grid end to end ------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, data):
     """A 2-variant grid (loss bce | ce) over the tiny 4-class data, 2 epochs each, run once."""
     root = tmp_path_factory.mktemp("ablate")
-    sets = {"data.train": str(data / "train.beton"), "data.val": str(data / "val.beton"), "model.num_classes": 4,
-            "data.workers": 1, "data.batch_size": 8, "train.global_batch": 8, "schedule.epochs": 2,
-            "schedule.warmup_epochs": 1, "train.amp": "fp32"}
+    sets = {
+        "data.train": str(data / "train.beton"),
+        "data.val": str(data / "val.beton"),
+        "model.num_classes": 4,
+        "data.workers": 1,
+        "data.batch_size": 8,
+        "train.global_batch": 8,
+        "schedule.epochs": 2,
+        "schedule.warmup_epochs": 1,
+        "train.amp": "fp32",
+    }
     grid = write_grid(root / "tiny.yaml", {"base": "quickstart", "sets": sets, "axes": {"loss": ["bce", "ce"]}})
     out = root / "out"
     assert main(["ablate", "--grid", grid, "--out", str(out), "--device", "cpu", "--quiet"]) == 0
@@ -299,6 +431,7 @@ def test_a_diverging_or_crashing_variant_does_not_stop_the_grid(tiny, tmp_path, 
 
     def nan_for_bce(self, x, y):
         return real(self, x, y) * (math.nan if self.kind == "bce" else 1.0)
+
     monkeypatch.setattr(RecipeLoss, "__call__", nan_for_bce)
     assert main(["ablate", "--grid", grid, "--out", str(tmp_path / "a"), "--device", "cpu", "--quiet"]) == 0
     rows = {r["variant"]: r for r in csv.DictReader(open(tmp_path / "a" / "results.csv"))}
@@ -308,6 +441,7 @@ def test_a_diverging_or_crashing_variant_does_not_stop_the_grid(tiny, tmp_path, 
         if self.kind == "bce":
             raise ValueError("bits must be between or equal to 1 and 8")
         return real(self, x, y)
+
     monkeypatch.setattr(RecipeLoss, "__call__", crash_for_bce)
     capsys.readouterr()
     assert main(["ablate", "--grid", grid, "--out", str(tmp_path / "b"), "--device", "cpu", "--quiet"]) == 1
@@ -328,6 +462,7 @@ def test_sigterm_stops_the_grid_instead_of_skipping_to_the_next_variant(tiny, tm
 
     def preempted(self, x, y):
         raise trainer.Preempted(tmp_path / "checkpoint-last.pt", 0, 0, 6)
+
     monkeypatch.setattr(RecipeLoss, "__call__", preempted)
     assert main(["ablate", "--grid", grid, "--out", str(tmp_path), "--device", "cpu", "--quiet"]) == 0
     assert "SIGTERM" in capsys.readouterr().err
@@ -337,8 +472,10 @@ def test_sigterm_stops_the_grid_instead_of_skipping_to_the_next_variant(tiny, tm
 @pytest.mark.slow  # submitit starts a fresh Python process
 def test_submitted_local_job_marks_its_variant_done(tiny, tmp_path, capsys):
     _, _, sets = tiny
-    grid = write_grid(tmp_path / "one.yaml", {"base": "quickstart", "sets": {**sets, "schedule.epochs": 1},
-                                              "variants": [{"name": "job"}]})
+    grid = write_grid(
+        tmp_path / "one.yaml",
+        {"base": "quickstart", "sets": {**sets, "schedule.epochs": 1}, "variants": [{"name": "job"}]},
+    )
     args = ["ablate", "--grid", grid, "--out", str(tmp_path / "out"), "--device", "cpu", "--submit", "--local"]
     assert main(args) == 0
     run_dir = tmp_path / "out" / "job"
@@ -354,6 +491,7 @@ def test_submitted_local_job_marks_its_variant_done(tiny, tmp_path, capsys):
 
 
 # --- real data: CIFAR-10 --------------------------------------------------------------------------------------
+
 
 def cifar10_subset(dest, train_per_class: int, test_per_class: int):
     """The first N images of each class of each split, extracted from the shared tar, in ImageFolder layout."""
@@ -382,8 +520,14 @@ def cifar10(tmp_path_factory):
     root = tmp_path_factory.mktemp("cifar10")
     src = cifar10_subset(root / "src", 1000, 100)
     convert(str(src / "train"), str(root / "train.beton"), write_mode="raw", workers=2, show_progress=False)
-    convert(str(src / "test"), str(root / "test.beton"), write_mode="raw", workers=2, show_progress=False,
-            classes_file=str(root / "train.beton.json"))
+    convert(
+        str(src / "test"),
+        str(root / "test.beton"),
+        write_mode="raw",
+        workers=2,
+        show_progress=False,
+        classes_file=str(root / "train.beton.json"),
+    )
     return root
 
 
@@ -393,11 +537,32 @@ def test_cifar10_deit3_recipe_learns_on_a_subset(cifar10, tmp_path, capsys):
     # images at batch 32; warm-up scales from 5 of 100 epochs to 1 of 3. Measured on 2 cores: 22.6% top-1 on the
     # 1,000 test images (chance 10%; 18% is 8 standard errors above chance), ~40 s of training.
     grid = write_grid(tmp_path / "g.yaml", {"base": "cifar10_deit3", "variants": [{"name": "deit3"}]})
-    sets = [f"data.train={cifar10 / 'train.beton'}", f"data.val={cifar10 / 'test.beton'}", "data.workers=2",
-            "model.name=deit3_nano", "data.batch_size=32", "train.global_batch=32", "schedule.epochs=3",
-            "train.amp=fp32"]
-    assert main(["ablate", "--grid", grid, "--out", str(tmp_path / "out"), "--device", "cpu", "--quiet",
-                 *[x for s in sets for x in ("--set", s)]]) == 0
+    sets = [
+        f"data.train={cifar10 / 'train.beton'}",
+        f"data.val={cifar10 / 'test.beton'}",
+        "data.workers=2",
+        "model.name=deit3_nano",
+        "data.batch_size=32",
+        "train.global_batch=32",
+        "schedule.epochs=3",
+        "train.amp=fp32",
+    ]
+    assert (
+        main(
+            [
+                "ablate",
+                "--grid",
+                grid,
+                "--out",
+                str(tmp_path / "out"),
+                "--device",
+                "cpu",
+                "--quiet",
+                *[x for s in sets for x in ("--set", s)],
+            ]
+        )
+        == 0
+    )
     row = next(csv.DictReader(open(tmp_path / "out" / "results.csv")))
     assert row["status"] == "done" and "schedule.warmup_epochs=1 (scaled)" in row["overrides"]
     assert float(row["best_top1"]) > 18.0, row

@@ -1,6 +1,7 @@
 """Checkpoints: one module reads and writes them. Every kind of file loads through its one entry point, ours carries
 a format version (and ours from before the version existed still load), a version this build cannot read is one
 clear error, and no other module of deit3_fast knows the payload's keys."""
+
 import argparse
 import ast
 from pathlib import Path
@@ -31,8 +32,13 @@ def _same(a: dict, b: dict) -> bool:
 
 def _old_payload(state: dict, position: ckpt.Position, config: dict) -> dict:
     """A payload as deit3-fast wrote it before the format version existed (runs in flight have these)."""
-    return {**state, "epoch": position.epoch, "best_acc1": position.best, "resume_at": position.resume_at,
-            "config": config}
+    return {
+        **state,
+        "epoch": position.epoch,
+        "best_acc1": position.best,
+        "resume_at": position.resume_at,
+        "config": config,
+    }
 
 
 def test_a_run_checkpoint_round_trips_with_its_format_version(tmp_path):
@@ -66,11 +72,27 @@ def test_every_kind_of_weights_file_loads_through_one_entry_point(tmp_path):
     state = _state()
     weights = state["model"]
     ckpt.save_run(tmp_path / "ours.pt", state, ckpt.Position(0, 1.0), CONFIG)
-    torch.save({"model": weights, "args": argparse.Namespace(model="deit_small_patch16_LS", input_size=224),
-                "epoch": 799, "optimizer": {}, "scaler": {}}, tmp_path / "official.pth")
+    torch.save(
+        {
+            "model": weights,
+            "args": argparse.Namespace(model="deit_small_patch16_LS", input_size=224),
+            "epoch": 799,
+            "optimizer": {},
+            "scaler": {},
+        },
+        tmp_path / "official.pth",
+    )
     # timm's train.py: "state_dict" (DDP-prefixed here) and a "version" key of its own, which is not ours.
-    torch.save({"state_dict": {f"module.{k}": v for k, v in weights.items()}, "version": 2, "arch": "x",
-                "epoch": 3, "optimizer": {}}, tmp_path / "timm.pth.tar")
+    torch.save(
+        {
+            "state_dict": {f"module.{k}": v for k, v in weights.items()},
+            "version": 2,
+            "arch": "x",
+            "epoch": 3,
+            "optimizer": {},
+        },
+        tmp_path / "timm.pth.tar",
+    )
     torch.save({f"_orig_mod.{k}": v for k, v in weights.items()}, tmp_path / "bare.pt")
     save_file(weights, str(tmp_path / "model.safetensors"))
     read = {p.name: ckpt.read_weights(p) for p in sorted(tmp_path.iterdir())}
@@ -79,8 +101,9 @@ def test_every_kind_of_weights_file_loads_through_one_entry_point(tmp_path):
         assert _same(w.state, weights), name
     assert (read["ours.pt"].model, read["ours.pt"].img_size) == ("deit3_small_patch16_224", 192)
     assert (read["official.pth"].model, read["official.pth"].img_size) == ("deit_small_patch16_LS", 224)
-    assert all((read[n].model, read[n].img_size) == (None, None) for n in ("timm.pth.tar", "bare.pt",
-                                                                             "model.safetensors"))
+    assert all(
+        (read[n].model, read[n].img_size) == (None, None) for n in ("timm.pth.tar", "bare.pt", "model.safetensors")
+    )
     assert _same(ckpt.load_weights(tmp_path / "ours.pt", ema=True), state["ema"])
     assert _same(ckpt.load_weights(tmp_path / "model.safetensors"), weights)
 
@@ -88,8 +111,9 @@ def test_every_kind_of_weights_file_loads_through_one_entry_point(tmp_path):
 def test_files_that_are_not_what_is_asked_are_clear_errors(tmp_path):
     state = _state()
     torch.save({"model": state["model"]}, tmp_path / "bare.pt")
-    with pytest.raises(CheckpointError, match="bare.pt is not a checkpoint of a deit3-fast run .* use --set "
-                                              "model.checkpoint="):
+    with pytest.raises(
+        CheckpointError, match="bare.pt is not a checkpoint of a deit3-fast run .* use --set model.checkpoint="
+    ):
         ckpt.load_run(tmp_path / "bare.pt")
     with pytest.raises(CheckpointError, match=r"has no EMA weights \(only a run's checkpoint"):
         ckpt.load_weights(tmp_path / "bare.pt", ema=True)
@@ -111,8 +135,10 @@ def test_files_that_are_not_what_is_asked_are_clear_errors(tmp_path):
 
 
 NEWER = "a newer deit3-fast wrote it: upgrade deit3-fast (pip install -U deit3-fast) to read it"
-NONE_WROTE = ("no deit3-fast writes that version: the file was changed by another tool or is damaged; use a "
-              "checkpoint written by deit3-fast")
+NONE_WROTE = (
+    "no deit3-fast writes that version: the file was changed by another tool or is damaged; use a "
+    "checkpoint written by deit3-fast"
+)
 
 
 @pytest.mark.parametrize("version, fix", [(2, NEWER), (0, NONE_WROTE), (None, NONE_WROTE)])
@@ -129,8 +155,10 @@ def test_a_version_this_build_does_not_read_is_one_clear_error(tmp_path, capsys,
     else:
         payload["version"] = version
     torch.save(payload, path)
-    message = (f"{path} is a deit3-fast checkpoint of format version {version!r}, and deit3-fast {__version__} "
-               f"reads version 1; {fix}")
+    message = (
+        f"{path} is a deit3-fast checkpoint of format version {version!r}, and deit3-fast {__version__} "
+        f"reads version 1; {fix}"
+    )
     for read in (ckpt.load_run, ckpt.load_weights, ckpt.load, lambda p: ckpt.load_weights(p, ema=True)):
         with pytest.raises(CheckpointError) as e:
             read(path)
@@ -173,9 +201,12 @@ def _format_knowledge(tree: ast.AST) -> list[str]:
 
 
 def _offenders(root: Path) -> dict:
-    return {str(p.relative_to(root)): hits for p in sorted((root / "deit3_fast").rglob("*.py"))
-            if p.name != "checkpoint.py" or p.parent != root / "deit3_fast"
-            if (hits := _format_knowledge(ast.parse(p.read_text(), str(p))))}
+    return {
+        str(p.relative_to(root)): hits
+        for p in sorted((root / "deit3_fast").rglob("*.py"))
+        if p.name != "checkpoint.py" or p.parent != root / "deit3_fast"
+        if (hits := _format_knowledge(ast.parse(p.read_text(), str(p))))
+    }
 
 
 def test_no_module_but_checkpoint_py_knows_the_payload():
@@ -188,13 +219,21 @@ def test_the_scan_finds_what_it_looks_for(tmp_path):
     """The scan above, on code as it was before checkpoint.py owned the format: it names each place."""
     (tmp_path / "deit3_fast").mkdir()
     (tmp_path / "deit3_fast" / "old.py").write_text(
-        'import torch\n'
-        'def f(path, run):\n'
-        '    payload = torch.load(path)\n'
+        "import torch\n"
+        "def f(path, run):\n"
+        "    payload = torch.load(path)\n"
         '    best = payload["best_acc1"]\n'
         '    at = payload.get("resume_at")\n'
         '    if "ema" in payload:\n'
-        '        pass\n'
-        '    return {"optimizer": run.optimizer.state_dict(), "model": 1, "epoch": 2}\n')
-    assert _offenders(tmp_path) == {"deit3_fast/old.py": [
-        "line 3: torch.load()", "line 4: best_acc1", "line 5: resume_at", "line 6: ema", "line 8: optimizer"]}
+        "        pass\n"
+        '    return {"optimizer": run.optimizer.state_dict(), "model": 1, "epoch": 2}\n'
+    )
+    assert _offenders(tmp_path) == {
+        "deit3_fast/old.py": [
+            "line 3: torch.load()",
+            "line 4: best_acc1",
+            "line 5: resume_at",
+            "line 6: ema",
+            "line 8: optimizer",
+        ]
+    }

@@ -1,5 +1,6 @@
 """The command line's wiring: one module per command, all of them in the one list, and start-up that imports only
 what the chosen command needs (the commands' options, help texts and exit codes are asserted where each is tested)."""
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,14 @@ def _imports(tmp_path, *argvs: list[str]) -> dict:
     report = tmp_path / "report.json"
     script = f"REPORT = {str(report)!r}\nHEAVY = {HEAVY!r}\n" + _RUN
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, "-c", script, json.dumps(argvs)], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(argvs)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     return json.loads(report.read_text())
 
@@ -56,8 +63,7 @@ def test_help_and_a_mistyped_command_import_no_torch(tmp_path):
 
 def test_a_command_imports_only_its_own_module(tmp_path):
     seen = _imports(tmp_path, ["train", "--help"])
-    assert seen == {"codes": [0], "heavy": [],
-                    "commands": ["deit3_fast.commands._common", "deit3_fast.commands.train"]}
+    assert seen == {"codes": [0], "heavy": [], "commands": ["deit3_fast.commands._common", "deit3_fast.commands.train"]}
 
 
 def test_every_command_module_is_in_the_one_list():

@@ -1,4 +1,5 @@
 """torchrun with gloo on CPU: 2 processes x batch B train like 1 process x batch 2B; evaluation counts are exact."""
+
 import json
 import os
 import subprocess
@@ -15,31 +16,59 @@ pytestmark = pytest.mark.slow  # ~1.5 min: four multi-process runs
 
 # Augmentation off and square images with scale/ratio 1 crops: every sample is the same whatever rank or batch slot
 # it lands in, so only the batch split differs between the two runs.
-DETERMINISTIC = ["aug.three_augment=false", "aug.color_jitter=0", "aug.hflip=0", "aug.mixup=0", "aug.cutmix=0",
-                 "aug.rrc_scale=[1,1]", "aug.rrc_ratio=[1,1]", "model.drop_path=0", "model.num_classes=4",
-                 "data.workers=1", "schedule.epochs=2", "schedule.warmup_epochs=1", "train.global_batch=16",
-                 "train.log_every=1"]
+DETERMINISTIC = [
+    "aug.three_augment=false",
+    "aug.color_jitter=0",
+    "aug.hflip=0",
+    "aug.mixup=0",
+    "aug.cutmix=0",
+    "aug.rrc_scale=[1,1]",
+    "aug.rrc_ratio=[1,1]",
+    "model.drop_path=0",
+    "model.num_classes=4",
+    "data.workers=1",
+    "schedule.epochs=2",
+    "schedule.warmup_epochs=1",
+    "train.global_batch=16",
+    "train.log_every=1",
+]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     # val: 15 samples, not divisible by the world size
-    return make_splits(tmp_path_factory.mktemp("ddp"), {"train": (4, 12, 0), "val": (3, 5, 1)}, min_side=48,
-                       max_side=48)
+    return make_splits(
+        tmp_path_factory.mktemp("ddp"), {"train": (4, 12, 0), "val": (3, 5, 1)}, min_side=48, max_side=48
+    )
 
 
 def run(args, nproc):
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-                if nproc > 1 else [sys.executable])
-    r = subprocess.run([*launcher, "-m", "deit3_fast", *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                       timeout=600)
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        if nproc > 1
+        else [sys.executable]
+    )
+    r = subprocess.run(
+        [*launcher, "-m", "deit3_fast", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
 
 def train_args(data):
-    return ["train", "--cfg", "quickstart", "--data-train", data / "train.beton", "--data-val", data / "val.beton",
-            "--device", "cpu", "--quiet", *[x for s in DETERMINISTIC for x in ("--set", s)]]
+    return [
+        "train",
+        "--cfg",
+        "quickstart",
+        "--data-train",
+        data / "train.beton",
+        "--data-val",
+        data / "val.beton",
+        "--device",
+        "cpu",
+        "--quiet",
+        *[x for s in DETERMINISTIC for x in ("--set", s)],
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +89,9 @@ def test_two_processes_train_like_one_with_twice_the_batch(data, one_process, tm
     a, b = load(one_process / "checkpoint-last.pt"), load(tmp_path / "two" / "checkpoint-last.pt")
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5, msg=k)
-    rows = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
-            for d in (one_process, tmp_path / "two")]
+    rows = [
+        [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (one_process, tmp_path / "two")
+    ]
     for ra, rb in zip(*rows):
         assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-4)
         assert ra["val_acc1"] == pytest.approx(rb["val_acc1"])  # distributed eval: the same 15 samples, once each
@@ -70,12 +100,38 @@ def test_two_processes_train_like_one_with_twice_the_batch(data, one_process, tm
 
 def test_distributed_eval_counts_every_sample_once(data, one_process):
     sets = [x for s in DETERMINISTIC + ["data.batch_size=4"] for x in ("--set", s)]
-    r = run(["eval", "--cfg", "quickstart", "--data-val", data / "val.beton", "--device", "cpu",
-             "--checkpoint", one_process / "checkpoint-last.pt", *sets], nproc=2)
+    r = run(
+        [
+            "eval",
+            "--cfg",
+            "quickstart",
+            "--data-val",
+            data / "val.beton",
+            "--device",
+            "cpu",
+            "--checkpoint",
+            one_process / "checkpoint-last.pt",
+            *sets,
+        ],
+        nproc=2,
+    )
     results = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert len(results) == 1 and results[0]["n"] == 15
-    single = run(["eval", "--cfg", "quickstart", "--data-val", data / "val.beton", "--device", "cpu",
-                  "--checkpoint", one_process / "checkpoint-last.pt", *sets], nproc=1)
+    single = run(
+        [
+            "eval",
+            "--cfg",
+            "quickstart",
+            "--data-val",
+            data / "val.beton",
+            "--device",
+            "cpu",
+            "--checkpoint",
+            one_process / "checkpoint-last.pt",
+            *sets,
+        ],
+        nproc=1,
+    )
     assert json.loads(single.stdout.strip().splitlines()[-1]) == results[0]
 
 
@@ -85,8 +141,22 @@ def test_cli_leaves_the_process_group_on_every_exit(tmp_path):
     from deit3_fast.cli import main
 
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    assert main(["eval", "--cfg", "quickstart", "--data-val", str(tmp_path / "missing.beton"), "--device", "cpu",
-                 "--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--cfg",
+                "quickstart",
+                "--data-val",
+                str(tmp_path / "missing.beton"),
+                "--device",
+                "cpu",
+                "--checkpoint",
+                str(tmp_path / "missing.pt"),
+            ]
+        )
+        == 2
+    )
     assert not torch.distributed.is_initialized()
 
 
@@ -101,17 +171,39 @@ def test_nccl_rank_binds_its_device_before_the_group_exists(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
-    monkeypatch.setattr(torch.distributed, "init_process_group",
-                        lambda backend, **kw: calls.append(("init", backend, kw.get("device_id"))))
+    monkeypatch.setattr(
+        torch.distributed,
+        "init_process_group",
+        lambda backend, **kw: calls.append(("init", backend, kw.get("device_id"))),
+    )
     assert distributed.init_from_env() == torch.device("cuda", 3)
     assert calls == [("set_device", torch.device("cuda", 3)), ("init", "nccl", torch.device("cuda", 3))]
 
 
 def test_torchrun_splits_a_small_global_batch_over_the_processes(data, tmp_path):
     """The quickstart (batch 32, global 32) under torchrun with 2 processes: 16 per process, said in one line."""
-    r = run(["train", "--cfg", "quickstart", "--data-train", data / "train.beton", "--data-val", data / "val.beton",
-             "--device", "cpu", "--out", tmp_path, "--set", "model.num_classes=4", "--set", "schedule.epochs=1",
-             "--set", "data.workers=1"], nproc=2)
+    r = run(
+        [
+            "train",
+            "--cfg",
+            "quickstart",
+            "--data-train",
+            data / "train.beton",
+            "--data-val",
+            data / "val.beton",
+            "--device",
+            "cpu",
+            "--out",
+            tmp_path,
+            "--set",
+            "model.num_classes=4",
+            "--set",
+            "schedule.epochs=1",
+            "--set",
+            "data.workers=1",
+        ],
+        nproc=2,
+    )
     assert "train.global_batch 32 over 2 processes: data.batch_size 32 -> 16 per process" in r.stdout
     facts = json.loads((tmp_path / "run.json").read_text())
     assert (facts["per_process_batch"], facts["world_size"], facts["accumulation_steps"]) == (16, 2, 1)
@@ -119,8 +211,16 @@ def test_torchrun_splits_a_small_global_batch_over_the_processes(data, tmp_path)
 
 # ---- resume across ranks and world sizes (torch.multiprocessing + gloo, in-process training) ------------------
 
-RESUME_SETS = ["model.num_classes=4", "data.batch_size=4", "train.global_batch=16", "schedule.epochs=3",
-               "schedule.warmup_epochs=1", "model.drop_path=0.2", "train.log_every=2", "data.workers=1"]
+RESUME_SETS = [
+    "model.num_classes=4",
+    "data.batch_size=4",
+    "train.global_batch=16",
+    "schedule.epochs=3",
+    "schedule.warmup_epochs=1",
+    "model.drop_path=0.2",
+    "train.log_every=2",
+    "data.workers=1",
+]
 
 
 def _rank_main(rank, world, init, out, sets, resume, sigterm_at):
@@ -146,8 +246,14 @@ def _rank_main(rank, world, init, out, sets, resume, sigterm_at):
 
             RecipeLoss.__call__ = loss_that_signals
         try:
-            trainer.train(load_config("quickstart", sets), out, torch.device("cpu"), resume=resume, quiet=True,
-                         handle_sigterm=True)
+            trainer.train(
+                load_config("quickstart", sets),
+                out,
+                torch.device("cpu"),
+                resume=resume,
+                quiet=True,
+                handle_sigterm=True,
+            )
         except trainer.Preempted:
             pass
     finally:
@@ -255,9 +361,24 @@ def test_staging_outlasts_the_process_groups_time_limit(data, tmp_path, outcome)
     with an error at once (not at the long wait's end)."""
     script = tmp_path / "stage_two.py"
     script.write_text(STAGE_SCRIPT)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
-                        data / "train.beton", tmp_path / "node", outcome], cwd=REPO, capture_output=True, text=True,
-                       timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            script,
+            data / "train.beton",
+            tmp_path / "node",
+            outcome,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     seen = [(tmp_path / f"node-rank{i}.txt").read_text().splitlines() for i in (0, 1)]
     # No gloo threads are left behind: a group kept alive to the interpreter's exit aborted the process there.
@@ -267,4 +388,5 @@ def test_staging_outlasts_the_process_groups_time_limit(data, tmp_path, outcome)
     else:
         assert [s[0] for s in seen] == [
             "DataError: data.stage_to: staging data.train into /local failed: No space left on device",
-            "DataError: data.stage_to: the copy failed on a node (its first process's log says why)"]
+            "DataError: data.stage_to: the copy failed on a node (its first process's log says why)",
+        ]

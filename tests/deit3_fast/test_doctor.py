@@ -1,4 +1,5 @@
 """`deit3-fast doctor` on a machine without a GPU: it runs, says so for every GPU item, and measures what it can."""
+
 import json
 import subprocess
 import sys
@@ -9,8 +10,13 @@ from ..conftest import REPO, env_without
 
 
 def doctor(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "deit3_fast", "doctor", *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "deit3_fast", "doctor", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -60,15 +66,37 @@ def test_the_cli_works_on_a_bare_gpu_machine_without_ffcv_dali_or_submitit(tmp_p
     env = env_without(tmp_path / "block", "ffcv", "submitit", "nvidia.dali")
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "deit3_fast", *map(str, args)], cwd=REPO, capture_output=True,
-                              text=True, timeout=600, env=env)
+        return subprocess.run(
+            [sys.executable, "-m", "deit3_fast", *map(str, args)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+        )
 
     r = cli("doctor", "--json", "--data-train", beton, "--steps", "1")
     assert r.returncode == 0, r.stderr[-2000:]
     checks = {c["name"]: c["status"] for c in json.loads(r.stdout)["checks"]}
     assert checks["ffcv"] == checks["DALI"] == checks["submitit"] == "missing" and checks["loader vs model"] != "broken"
-    r = cli("train", "--cfg", "quickstart", "--data-train", beton, "--data-val", beton, "--engine", "nvjpeg",
-            "--set", "model.num_classes=4", "--set", "schedule.epochs=1", "--out", tmp_path / "run", "--quiet")
+    r = cli(
+        "train",
+        "--cfg",
+        "quickstart",
+        "--data-train",
+        beton,
+        "--data-val",
+        beton,
+        "--engine",
+        "nvjpeg",
+        "--set",
+        "model.num_classes=4",
+        "--set",
+        "schedule.epochs=1",
+        "--out",
+        tmp_path / "run",
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     r = cli("submit", "--cfg", "quickstart", "--local", "--out", tmp_path / "job")
     assert r.returncode == 2 and "pip install submitit" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -1,5 +1,6 @@
 """Evaluation as the paper reports it: ImageNet-V2's index-named folders, source names per sample, ReaL by file
 name, ImageNet-A/-R logit masks, several sets in one eval and during training, and the model-zoo counts."""
+
 import json
 import os
 
@@ -42,17 +43,28 @@ def test_folder_labels_index_labels_each_folder_by_its_number(v2_tree, tmp_path)
     # With a class list (the training split's), folder i gets class i's name and label.
     classes = tmp_path / "classes.txt"
     classes.write_text("".join(f"n{i:08d}\n" for i in range(15)))
-    convert(str(v2_tree), str(tmp_path / "named.beton"), workers=1, show_progress=False, classes_file=str(classes),
-            folder_labels="index")
+    convert(
+        str(v2_tree),
+        str(tmp_path / "named.beton"),
+        workers=1,
+        show_progress=False,
+        classes_file=str(classes),
+        folder_labels="index",
+    )
     report = json.loads(open(f"{tmp_path / 'named.beton'}.json").read())
     assert report["classes"][:12] == [f"n{i:08d}" for i in range(12)] and report["class_counts"][12:] == [0] * 3
     named = Beton(tmp_path / "named.beton").labels()
     assert [int(n.split("/")[0]) for n in source_names(tmp_path / "named.beton")] == named.tolist()
 
 
-@pytest.mark.parametrize("rename, fragment", [
-    ("x", "folder 'x' in"), ("12", "is class 12, but the --classes list has 12 classes"),
-    ("07", "folders '07' and '7'")])
+@pytest.mark.parametrize(
+    "rename, fragment",
+    [
+        ("x", "folder 'x' in"),
+        ("12", "is class 12, but the --classes list has 12 classes"),
+        ("07", "folders '07' and '7'"),
+    ],
+)
 def test_folder_labels_index_refuses_folders_that_are_not_class_indices(v2_tree, tmp_path, rename, fragment):
     import shutil
 
@@ -71,9 +83,13 @@ def test_folder_labels_index_refuses_folders_that_are_not_class_indices(v2_tree,
 
 def test_real_top1_by_file_name_skips_empty_entries_and_refuses_other_files():
     real = [[], [3], [1, 2], [0], [], [5]]
-    sources = ["n01/ILSVRC2012_val_00000002.JPEG", "n02/ILSVRC2012_val_00000003.JPEG",
-               "n03/ILSVRC2012_val_00000001.JPEG", "n04/ILSVRC2012_val_00000004.JPEG",
-               "n05/ILSVRC2012_val_00000006.JPEG"]
+    sources = [
+        "n01/ILSVRC2012_val_00000002.JPEG",
+        "n02/ILSVRC2012_val_00000003.JPEG",
+        "n03/ILSVRC2012_val_00000001.JPEG",
+        "n04/ILSVRC2012_val_00000004.JPEG",
+        "n05/ILSVRC2012_val_00000006.JPEG",
+    ]
     top1 = np.array([3, 2, 7, 1, 5])
     # Counted: entries 2 (3 in [3]: hit), 3 (2 in [1, 2]: hit), 4 (1 not in [0]), 6 (5 in [5]: hit); entry 1 is empty.
     assert real_top1(top1, sources, real) == {"acc1": 75.0, "n": 4}
@@ -89,16 +105,16 @@ def test_imagenet_a_and_r_masks_are_their_200_classes_in_the_label_order():
     wnids = ImageNetInfo().label_names()  # the sorted-wnid order of ImageNet-1k training labels
     for name in ("a", "imagenet-r"):
         mask = class_mask(name, wnids, 1000)
-        subset = (REPO / "configs" / "reference" /
-                  f"imagenet_{name[-1]}_wnids.txt").read_text().split()
+        subset = (REPO / "configs" / "reference" / f"imagenet_{name[-1]}_wnids.txt").read_text().split()
         assert mask.sum() == 200 and [wnids[i] for i in mask.nonzero().ravel()] == sorted(subset)
     # Our copies are timm's lists (timm ships them as package data, not API).
     import timm
 
     info = os.path.join(os.path.dirname(timm.__file__), "data", "_info")
     for s in ("a", "r"):
-        assert (REPO / "configs" / "reference" / f"imagenet_{s}_wnids.txt").read_text().split() == \
-            open(os.path.join(info, f"imagenet_{s}_synsets.txt")).read().split()
+        assert (REPO / "configs" / "reference" / f"imagenet_{s}_wnids.txt").read_text().split() == open(
+            os.path.join(info, f"imagenet_{s}_synsets.txt")
+        ).read().split()
     assert class_mask("v2", wnids, 1000) is None
     with pytest.raises(ConfigError, match="are not in the class list"):
         class_mask("a", wnids[:500], 500)
@@ -129,8 +145,10 @@ def test_a_masked_evaluation_never_predicts_a_class_outside_the_set():
 
 
 def test_parse_sets():
-    assert [(s.name, s.path) for s in parse_sets(["V2=/d/v2.beton", "a=/d/a"])] == [("v2", "/d/v2.beton"),
-                                                                                    ("a", "/d/a")]
+    assert [(s.name, s.path) for s in parse_sets(["V2=/d/v2.beton", "a=/d/a"])] == [
+        ("v2", "/d/v2.beton"),
+        ("a", "/d/a"),
+    ]
     for bad in (["v2"], ["=/x"], ["v 2=/x"], ["a=/x", "a=/y"]):
         with pytest.raises(ConfigError):
             parse_sets(bad)
@@ -168,10 +186,32 @@ def test_eval_several_sets_real_and_saved_predictions(val_named, data, tmp_path,
     # The eval command's main, in this process: its output, table and exit codes are what is tested.
     from deit3_fast import cli
 
-    eval_ = ["eval", "--cfg", "quickstart", "--set", "model.num_classes=4", "--set", "data.workers=1", "--device",
-             "cpu", "--checkpoint", str(tmp_path / "ck.pt")]
-    code = cli.main([*eval_, "--val", f"in1k={val_named / 'val.beton'}", "--val", f"v2={data / 'val.beton'}",
-                     "--real", str(val_named / "real.json"), "--save-predictions", str(preds)])
+    eval_ = [
+        "eval",
+        "--cfg",
+        "quickstart",
+        "--set",
+        "model.num_classes=4",
+        "--set",
+        "data.workers=1",
+        "--device",
+        "cpu",
+        "--checkpoint",
+        str(tmp_path / "ck.pt"),
+    ]
+    code = cli.main(
+        [
+            *eval_,
+            "--val",
+            f"in1k={val_named / 'val.beton'}",
+            "--val",
+            f"v2={data / 'val.beton'}",
+            "--real",
+            str(val_named / "real.json"),
+            "--save-predictions",
+            str(preds),
+        ]
+    )
     stdout, stderr = capsys.readouterr()
     assert code == 0, stderr[-3000:]
     out = json.loads(stdout.strip().splitlines()[-1])["sets"]
@@ -187,13 +227,26 @@ def test_eval_several_sets_real_and_saved_predictions(val_named, data, tmp_path,
         these = [x for x in rows if x["set"] == name]
         assert out[name]["acc1"] == pytest.approx(100 * np.mean([x["top5"][0] == x["label"] for x in these]))
     # ReaL on a set whose files are not ImageNet validation files is one clear error.
-    assert cli.main([*eval_, "--val", f"in1k={data / 'val.beton'}", "--real",
-                     str(val_named / "real.json")]) == 2
+    assert cli.main([*eval_, "--val", f"in1k={data / 'val.beton'}", "--real", str(val_named / "real.json")]) == 2
     assert "ReaL labels are indexed by ImageNet validation file names" in capsys.readouterr().err
     # ReaL without the IN-1k validation set named is refused before a model is built.
 
-    assert cli.main(["eval", "--cfg", "quickstart", "--checkpoint", str(tmp_path / "missing.pt"), "--val",
-                     f"v2={data / 'val.beton'}", "--real", str(val_named / "real.json")]) == 2
+    assert (
+        cli.main(
+            [
+                "eval",
+                "--cfg",
+                "quickstart",
+                "--checkpoint",
+                str(tmp_path / "missing.pt"),
+                "--val",
+                f"v2={data / 'val.beton'}",
+                "--real",
+                str(val_named / "real.json"),
+            ]
+        )
+        == 2
+    )
     assert "--real scores the ImageNet-1k validation set" in capsys.readouterr().err
 
 
@@ -201,9 +254,17 @@ def test_training_logs_extra_sets_at_the_chosen_epochs(data, tmp_path):
     from deit3_fast.config import load_config
     from deit3_fast.trainer import train
 
-    base = {"data.train": data / "train.beton", "data.val": data / "val.beton", "model.num_classes": 4,
-            "data.batch_size": 8, "train.global_batch": 16, "schedule.epochs": 3, "schedule.warmup_epochs": 1,
-            "data.workers": 1, "train.extra_val": f"[v2={data / 'val.beton'}]"}
+    base = {
+        "data.train": data / "train.beton",
+        "data.val": data / "val.beton",
+        "model.num_classes": 4,
+        "data.batch_size": 8,
+        "train.global_batch": 16,
+        "schedule.epochs": 3,
+        "schedule.warmup_epochs": 1,
+        "data.workers": 1,
+        "train.extra_val": f"[v2={data / 'val.beton'}]",
+    }
     for every, evaluated in ((0, [False, False, True]), (2, [False, True, True])):
         cfg = load_config("quickstart", [f"{k}={v}" for k, v in {**base, "train.extra_val_every": every}.items()])
         rows = train(cfg, tmp_path / f"every{every}", torch.device("cpu"), quiet=True)
@@ -250,9 +311,13 @@ def test_zoo_command_times_on_this_device_and_says_so(capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["timing_device"] == "cpu"
     assert [(row["model"], row["resolution"]) for row in result["rows"]] == [
-        (row["model"], row["resolution"]) for row in rows if row["model"] in ("deit3_small", "deit3_medium")]
-    assert all(row["img_s"] > 0 and row["official_img_s_v100"] != row["img_s"] for row in result["rows"]
-               if row["official_img_s_v100"])
+        (row["model"], row["resolution"]) for row in rows if row["model"] in ("deit3_small", "deit3_medium")
+    ]
+    assert all(
+        row["img_s"] > 0 and row["official_img_s_v100"] != row["img_s"]
+        for row in result["rows"]
+        if row["official_img_s_v100"]
+    )
     assert main(["zoo", "--models", "deit3_tiny"]) == 2
     assert "zoo --models: unknown deit3_tiny; choose from deit3_small" in capsys.readouterr().err
 

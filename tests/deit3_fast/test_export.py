@@ -1,4 +1,5 @@
 """`deit3-fast export`: what it writes loads in timm with pretrained=True and gives the same logits."""
+
 import json
 import os
 import subprocess
@@ -20,15 +21,25 @@ def _timm_logits(out, num_classes, x):
     overlay = {"file": str(out / "model.safetensors")}
     if num_classes != 1000:
         overlay["num_classes"] = num_classes
-    m = timm.create_model(cfg["architecture"], pretrained=True, num_classes=num_classes,
-                          pretrained_cfg_overlay=overlay, **cfg["model_args"]).eval()
+    m = timm.create_model(
+        cfg["architecture"],
+        pretrained=True,
+        num_classes=num_classes,
+        pretrained_cfg_overlay=overlay,
+        **cfg["model_args"],
+    ).eval()
     with torch.no_grad():
         return m(x)
 
 
 def _export(*args):
-    return subprocess.run([sys.executable, "-m", "deit3_fast", "export", *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "deit3_fast", "export", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_an_official_checkpoint_exports_to_timm_with_the_same_logits(tmp_path):
@@ -107,8 +118,10 @@ def test_a_failed_export_replaces_nothing(tmp_path, monkeypatch, failing, earlie
         real_prepare(self)
 
     monkeypatch.setattr(atomic.AtomicOutput, "prepare", prepare)
-    with pytest.raises(CheckpointError, match=f"writing the export into {out} failed: No space left on device; no "
-                                              "file there was replaced"):
+    with pytest.raises(
+        CheckpointError,
+        match=f"writing the export into {out} failed: No space left on device; no file there was replaced",
+    ):
         export(str(tmp_path / "1.pth"), out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     if failing == "config.json" and earlier:  # failing between the two renames: the message says what happened

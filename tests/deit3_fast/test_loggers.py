@@ -1,4 +1,5 @@
 """TensorBoard and W&B: the per-epoch numbers reach them; a missing package is one clear error before training."""
+
 import sys
 import types
 
@@ -11,9 +12,17 @@ from deit3_fast.trainer import train
 
 
 def _cfg(data, **extra):
-    sets = {"data.train": data / "train.beton", "data.val": data / "val.beton", "model.num_classes": 4,
-            "data.batch_size": 8, "train.global_batch": 16, "schedule.epochs": 2, "schedule.warmup_epochs": 1,
-            "data.workers": 1, **extra}
+    sets = {
+        "data.train": data / "train.beton",
+        "data.val": data / "val.beton",
+        "model.num_classes": 4,
+        "data.batch_size": 8,
+        "train.global_batch": 16,
+        "schedule.epochs": 2,
+        "schedule.warmup_epochs": 1,
+        "data.workers": 1,
+        **extra,
+    }
     return load_config("quickstart", [f"{k}={v}" for k, v in sets.items()])
 
 
@@ -37,12 +46,18 @@ def test_tensorboard_and_wandb_receive_every_epoch(data, tmp_path, monkeypatch):
 
     fake.init = init
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    rows = train(_cfg(data, **{"train.tensorboard": "true", "train.wandb_project": "deit3"}), tmp_path / "run",
-                 torch.device("cpu"), quiet=True)
+    rows = train(
+        _cfg(data, **{"train.tensorboard": "true", "train.wandb_project": "deit3"}),
+        tmp_path / "run",
+        torch.device("cpu"),
+        quiet=True,
+    )
     acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     acc.Reload()
-    assert [(e.step, e.value) for e in acc.Scalars("val_acc1")] == [(1, pytest.approx(rows[0]["val_acc1"])),
-                                                                    (2, pytest.approx(rows[1]["val_acc1"]))]
+    assert [(e.step, e.value) for e in acc.Scalars("val_acc1")] == [
+        (1, pytest.approx(rows[0]["val_acc1"])),
+        (2, pytest.approx(rows[1]["val_acc1"])),
+    ]
     assert {"train_loss", "lr", "img_per_s"} <= set(acc.Tags()["scalars"])
     init = calls[0][1]
     assert calls[0][0] == "init" and init["project"] == "deit3" and init["resume"] == "allow"
@@ -60,8 +75,9 @@ def test_a_preempted_run_closes_its_loggers(data, tmp_path, monkeypatch):
 
     calls = []
     fake = types.ModuleType("wandb")
-    fake.init = lambda **kw: types.SimpleNamespace(log=lambda scalars, step: calls.append(("log", step)),
-                                                  finish=lambda: calls.append(("finish",)))
+    fake.init = lambda **kw: types.SimpleNamespace(
+        log=lambda scalars, step: calls.append(("log", step)), finish=lambda: calls.append(("finish",))
+    )
     monkeypatch.setitem(sys.modules, "wandb", fake)
     real, losses = RecipeLoss.__call__, []
 
@@ -73,28 +89,35 @@ def test_a_preempted_run_closes_its_loggers(data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(RecipeLoss, "__call__", loss_that_signals)
     with pytest.raises(trainer.Preempted):
-        train(_cfg(data, **{"train.wandb_project": "deit3", "schedule.epochs": 3}), tmp_path / "run",
-              torch.device("cpu"), quiet=True, handle_sigterm=True)
+        train(
+            _cfg(data, **{"train.wandb_project": "deit3", "schedule.epochs": 3}),
+            tmp_path / "run",
+            torch.device("cpu"),
+            quiet=True,
+            handle_sigterm=True,
+        )
     assert calls == [("log", 1), ("finish",)]
 
 
 def test_the_wandb_run_is_continued_on_resume_and_new_for_a_fresh_run(data, tmp_path, monkeypatch):
     ids = []
     fake = types.ModuleType("wandb")
-    fake.init = lambda **kw: ids.append(kw["id"]) or types.SimpleNamespace(log=lambda *a, **k: None,
-                                                                          finish=lambda: None)
+    fake.init = lambda **kw: (
+        ids.append(kw["id"]) or types.SimpleNamespace(log=lambda *a, **k: None, finish=lambda: None)
+    )
     monkeypatch.setitem(sys.modules, "wandb", fake)
     cfg = _cfg(data, **{"train.wandb_project": "deit3", "schedule.epochs": 2})
     train(cfg, tmp_path / "run", torch.device("cpu"), quiet=True, stop_after_epoch=0)
-    train(cfg, tmp_path / "run", torch.device("cpu"), quiet=True, resume="auto")     # continues: same W&B run
-    train(cfg, tmp_path / "run", torch.device("cpu"), quiet=True)                    # starts again: a new one
+    train(cfg, tmp_path / "run", torch.device("cpu"), quiet=True, resume="auto")  # continues: same W&B run
+    train(cfg, tmp_path / "run", torch.device("cpu"), quiet=True)  # starts again: a new one
     assert ids[0] == ids[1] != ids[2] and len(ids[2]) == 16
 
 
-@pytest.mark.parametrize("key, value, package", [("train.tensorboard", "true", "torch.utils.tensorboard"),
-                                                 ("train.wandb_project", "p", "wandb")])
-def test_a_missing_logger_package_is_one_clear_error_before_training(data, tmp_path, monkeypatch, key, value,
-                                                                     package):
+@pytest.mark.parametrize(
+    "key, value, package",
+    [("train.tensorboard", "true", "torch.utils.tensorboard"), ("train.wandb_project", "p", "wandb")],
+)
+def test_a_missing_logger_package_is_one_clear_error_before_training(data, tmp_path, monkeypatch, key, value, package):
     """Refused before the run dir is touched: an earlier run's files in it stay as they were."""
     train(_cfg(data, **{"schedule.epochs": 1}), tmp_path / "run", torch.device("cpu"), quiet=True)
     before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}

@@ -1,4 +1,5 @@
 """The recipe's losses against their definitions; BCE binarises the soft mixed targets as the official code."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -37,5 +38,6 @@ def test_bce_targets_binarise_the_mixed_targets_as_the_official_engine():
     assert bce_targets(soft, 5).tolist() == [[0, 1, 0, 0, 0], [0, 0, 1, 0, 1], [1, 0, 0, 1, 0]]
     assert bce_targets(torch.tensor([4, 0]), 5).tolist() == [[0, 0, 0, 0, 1], [1, 0, 0, 0, 0]]
     logits = torch.randn(3, 5)
-    torch.testing.assert_close(RecipeLoss("bce")(logits, soft),
-                               F.binary_cross_entropy_with_logits(logits, bce_targets(soft, 5)))
+    torch.testing.assert_close(
+        RecipeLoss("bce")(logits, soft), F.binary_cross_entropy_with_logits(logits, bce_targets(soft, 5))
+    )

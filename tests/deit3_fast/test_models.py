@@ -1,4 +1,5 @@
 """Models: sizes of the paper's table, the official init, and loading official / timm / our checkpoints."""
+
 import argparse
 
 import pytest
@@ -9,8 +10,16 @@ from timm.layers import DropPath
 from deit3_fast.models import ARCHS, CheckpointError, create_model, load_checkpoint
 
 
-@pytest.mark.parametrize("name, millions", [("deit3_small", 22.0), ("deit3_medium", 38.8), ("deit3_base", 86.6),
-                                            ("deit3_large", 304.4), ("deit3_huge", 632.1)])
+@pytest.mark.parametrize(
+    "name, millions",
+    [
+        ("deit3_small", 22.0),
+        ("deit3_medium", 38.8),
+        ("deit3_base", 86.6),
+        ("deit3_large", 304.4),
+        ("deit3_huge", 632.1),
+    ],
+)
 def test_parameter_counts_match_the_paper(name, millions):
     with torch.device("meta"):  # no memory, no init cost: only the shapes matter here
         model = create_model(name)
@@ -115,12 +124,20 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
     assert set(ARCHS) >= {"deit3_small", "deit3_medium", "deit3_base", "deit3_large", "deit3_huge"}
 
 
-@pytest.mark.parametrize("name, arch, size", [
-    ("deit3_small_patch16_224", "deit3_small", 224), ("deit3_base_patch16_384", "deit3_base", 384),
-    ("deit3_medium_patch16_224", "deit3_medium", 224), ("deit3_large_patch16_384", "deit3_large", 384),
-    ("deit3_huge_patch14_224", "deit3_huge", 224), ("deit3_base_patch16_224.fb_in22k_ft_in1k", "deit3_base", 224),
-    ("deit_small_patch16_LS", "deit3_small", None), ("deit_huge_patch14_LS", "deit3_huge", None),
-    ("deit3_large", "deit3_large", None)])
+@pytest.mark.parametrize(
+    "name, arch, size",
+    [
+        ("deit3_small_patch16_224", "deit3_small", 224),
+        ("deit3_base_patch16_384", "deit3_base", 384),
+        ("deit3_medium_patch16_224", "deit3_medium", 224),
+        ("deit3_large_patch16_384", "deit3_large", 384),
+        ("deit3_huge_patch14_224", "deit3_huge", 224),
+        ("deit3_base_patch16_224.fb_in22k_ft_in1k", "deit3_base", 224),
+        ("deit_small_patch16_LS", "deit3_small", None),
+        ("deit_huge_patch14_LS", "deit3_huge", None),
+        ("deit3_large", "deit3_large", None),
+    ],
+)
 def test_timm_and_official_names_build_the_same_architecture(name, arch, size):
     """The names users type (timm's, whose suffix is the default resolution, and the official models_v2.py ones)
     build our architecture with the official init, the same parameters as timm's model of that name."""

@@ -4,6 +4,7 @@ the DeiT III weight-decay split, and `build_optimizer`.
 The reference is written out from apex's csrc/multi_tensor_lamb.cu (adam_w_mode=1, grad_averaging=1,
 use_nvlamb=False) as a plain loop, so it shares no code with the foreach implementation under test.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,7 +33,7 @@ class RefLamb:
         self.lr, self.betas, self.eps, self.max_grad_norm = lr, betas, eps, max_grad_norm
         self.bias_correction = bias_correction
         self.global_norms: list[float] = []
-        self.ratios: list[list[float]] = []   # trust ratios applied, per step, decay-group params only
+        self.ratios: list[list[float]] = []  # trust ratios applied, per step, decay-group params only
 
     def step(self, grads):
         b1, b2 = self.betas
@@ -41,10 +42,10 @@ class RefLamb:
         clip = g_norm / self.max_grad_norm if self.max_grad_norm > 0 and g_norm > self.max_grad_norm else 1.0
         ratios = []
         for gi, gs in enumerate(grads):
-            self.t[gi] += 1   # every group advances, with or without gradients
+            self.t[gi] += 1  # every group advances, with or without gradients
             t, wd = self.t[gi], self.wd[gi]
-            bc1 = 1 - b1 ** t if self.bias_correction else 1.0
-            bc2 = 1 - b2 ** t if self.bias_correction else 1.0
+            bc1 = 1 - b1**t if self.bias_correction else 1.0
+            bc2 = 1 - b2**t if self.bias_correction else 1.0
             for j, g in enumerate(gs):
                 if g is None:
                     continue
@@ -62,8 +63,8 @@ class RefLamb:
         self.ratios.append(ratios)
 
 
-SHAPES_DECAY = [(4, 5), (3, 3, 2), (16, 8), (6,)]   # index 3 starts all zeros
-SHAPES_NO_DECAY = [(5,), (2, 3), (1,)]              # index 2 sometimes has no grad
+SHAPES_DECAY = [(4, 5), (3, 3, 2), (16, 8), (6,)]  # index 3 starts all zeros
+SHAPES_NO_DECAY = [(5,), (2, 3), (1,)]  # index 2 sometimes has no grad
 
 
 def _init(seed=0):
@@ -83,9 +84,9 @@ def _grad_schedule(steps, seed=1):
         gd = [rng.standard_normal(s) * scale for s in SHAPES_DECAY]
         gn = [rng.standard_normal(s) * scale for s in SHAPES_NO_DECAY]
         if k == 0:
-            gd[3][:] = 0.0        # zero param + zero grad on step 1: both norms 0 -> ratio 1
+            gd[3][:] = 0.0  # zero param + zero grad on step 1: both norms 0 -> ratio 1
         if k % 7 == 5:
-            gn[2] = None          # skipped: no state update, not in the global norm
+            gn[2] = None  # skipped: no state update, not in the global norm
         if k == 20:
             gn = [None] * len(gn)  # a whole group without grads still advances its step (apex)
         out.append((gd, gn))
@@ -93,8 +94,10 @@ def _grad_schedule(steps, seed=1):
 
 
 def _torch_params(decay, no_decay, dtype=torch.float64, device="cpu"):
-    return ([torch.nn.Parameter(torch.tensor(x, dtype=dtype, device=device)) for x in decay],
-            [torch.nn.Parameter(torch.tensor(x, dtype=dtype, device=device)) for x in no_decay])
+    return (
+        [torch.nn.Parameter(torch.tensor(x, dtype=dtype, device=device)) for x in decay],
+        [torch.nn.Parameter(torch.tensor(x, dtype=dtype, device=device)) for x in no_decay],
+    )
 
 
 def _set_grads(params, grads, dtype=torch.float64, device="cpu"):
@@ -102,23 +105,38 @@ def _set_grads(params, grads, dtype=torch.float64, device="cpu"):
         p.grad = None if g is None else torch.tensor(g, dtype=dtype, device=device)
 
 
-def _run_both(steps=50, lr=0.01, wd=0.05, max_grad_norm=1.0, bias_correction=True, dtype=torch.float64,
-              rtol=RTOL, atol=ATOL, device="cpu", compile=False):
+def _run_both(
+    steps=50,
+    lr=0.01,
+    wd=0.05,
+    max_grad_norm=1.0,
+    bias_correction=True,
+    dtype=torch.float64,
+    rtol=RTOL,
+    atol=ATOL,
+    device="cpu",
+    compile=False,
+):
     """Our Lamb against the float64 reference of apex's maths, step by step (on `device`, optionally compiled)."""
     decay, no_decay = _init()
-    ref = RefLamb([(decay, wd), (no_decay, 0.0)], lr=lr, max_grad_norm=max_grad_norm,
-                  bias_correction=bias_correction)
+    ref = RefLamb([(decay, wd), (no_decay, 0.0)], lr=lr, max_grad_norm=max_grad_norm, bias_correction=bias_correction)
     pd, pn = _torch_params(decay, no_decay, dtype, device)
-    opt = Lamb([{"params": pd, "weight_decay": wd}, {"params": pn, "weight_decay": 0.0}], lr=lr,
-               max_grad_norm=max_grad_norm, bias_correction=bias_correction, compile=compile)
+    opt = Lamb(
+        [{"params": pd, "weight_decay": wd}, {"params": pn, "weight_decay": 0.0}],
+        lr=lr,
+        max_grad_norm=max_grad_norm,
+        bias_correction=bias_correction,
+        compile=compile,
+    )
     for k, (gd, gn) in enumerate(_grad_schedule(steps)):
         _set_grads(pd, gd, dtype, device)
         _set_grads(pn, gn, dtype, device)
         opt.step()
         ref.step([gd, gn])
         for got, want in zip(pd + pn, ref.p[0] + ref.p[1]):
-            np.testing.assert_allclose(got.detach().double().cpu().numpy(), want, rtol=rtol, atol=atol,
-                                       err_msg=f"step {k + 1}")
+            np.testing.assert_allclose(
+                got.detach().double().cpu().numpy(), want, rtol=rtol, atol=atol, err_msg=f"step {k + 1}"
+            )
     return ref, opt, pd, pn
 
 
@@ -126,8 +144,8 @@ def test_matches_apex_reference_float64():
     ref, opt, pd, pn = _run_both(steps=50)
     norms = np.array(ref.global_norms)
     assert (norms > 1.0).any() and ((norms < 1.0) & (norms > 0)).any() and (norms == 0).any()
-    assert ref.ratios[0][3] == 1.0                          # all-zero param on step 1
-    assert any(abs(r - 1.0) > 1e-3 for rs in ref.ratios for r in rs)   # trust ratio really active
+    assert ref.ratios[0][3] == 1.0  # all-zero param on step 1
+    assert any(abs(r - 1.0) > 1e-3 for rs in ref.ratios for r in rs)  # trust ratio really active
     assert [g["step"] for g in opt.param_groups] == [50, 50]
     np.testing.assert_allclose(opt.state[pd[0]]["exp_avg"].numpy(), ref.m[0][0], rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(opt.state[pn[1]]["exp_avg_sq"].numpy(), ref.v[1][1], rtol=RTOL, atol=1e-18)
@@ -139,7 +157,7 @@ def test_matches_reference_without_bias_correction():
 
 def test_clipping_disabled_with_zero_max_grad_norm():
     ref, *_ = _run_both(steps=20, max_grad_norm=0.0)
-    assert max(ref.global_norms) > 100      # huge grads went through unclipped
+    assert max(ref.global_norms) > 100  # huge grads went through unclipped
     # ... and the clipped run really is different (so the line above tests something).
     clipped, *_ = _run_both(steps=20, max_grad_norm=1.0)
     assert not np.allclose(ref.p[0][0], clipped.p[0][0])
@@ -155,8 +173,9 @@ def test_trust_ratio_only_with_weight_decay():
     p0, g = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64) * 0.1  # norm < clip
     lr, wd, eps = 0.01, 0.05, 1e-8
     a, b = torch.nn.Parameter(p0.clone()), torch.nn.Parameter(p0.clone())
-    opt = Lamb([{"params": [a], "weight_decay": wd}, {"params": [b], "weight_decay": 0.0}], lr=lr, eps=eps,
-               max_grad_norm=10.0)
+    opt = Lamb(
+        [{"params": [a], "weight_decay": wd}, {"params": [b], "weight_decay": 0.0}], lr=lr, eps=eps, max_grad_norm=10.0
+    )
     a.grad, b.grad = g.clone(), g.clone()
     opt.step()
     adam = g / (g.abs() + eps)
@@ -238,7 +257,7 @@ def test_state_dict_round_trip():
     run(params_b, opt_b, schedule[:13])
     saved_params = [p.detach().clone() for p in params_b]
     saved_state = opt_b.state_dict()
-    params_c, opt_c = make()   # fresh process stand-in: new params and optimiser, then load
+    params_c, opt_c = make()  # fresh process stand-in: new params and optimiser, then load
     with torch.no_grad():
         for p, s in zip(params_c, saved_params):
             p.copy_(s)
@@ -250,8 +269,16 @@ def test_state_dict_round_trip():
 
 
 def _tiny_deit3():
-    return timm.create_model("deit3_small_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64,
-                             depth=2, num_heads=2, num_classes=10)
+    return timm.create_model(
+        "deit3_small_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        embed_dim=64,
+        depth=2,
+        num_heads=2,
+        num_classes=10,
+    )
 
 
 def test_param_groups_weight_decay_deit3():
@@ -262,20 +289,36 @@ def test_param_groups_weight_decay_deit3():
     names = {"decay": set(), "no_decay": set()}
     for n, p in model.named_parameters():
         names["decay" if id(p) in ids[0] else "no_decay"].add(n)
-        assert (id(p) in ids[0]) != (id(p) in ids[1]), n   # each param in exactly one group
+        assert (id(p) in ids[0]) != (id(p) in ids[1]), n  # each param in exactly one group
 
     no_decay, decay = names["no_decay"], names["decay"]
-    for n in ("pos_embed", "cls_token", "patch_embed.proj.bias", "norm.weight", "norm.bias", "head.bias",
-              "blocks.0.ls1.gamma", "blocks.0.ls2.gamma", "blocks.1.norm1.weight", "blocks.1.attn.qkv.bias"):
+    for n in (
+        "pos_embed",
+        "cls_token",
+        "patch_embed.proj.bias",
+        "norm.weight",
+        "norm.bias",
+        "head.bias",
+        "blocks.0.ls1.gamma",
+        "blocks.0.ls2.gamma",
+        "blocks.1.norm1.weight",
+        "blocks.1.attn.qkv.bias",
+    ):
         assert n in no_decay, n
-    for n in ("patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight",
-              "blocks.1.mlp.fc1.weight", "blocks.1.mlp.fc2.weight", "head.weight"):
+    for n in (
+        "patch_embed.proj.weight",
+        "blocks.0.attn.qkv.weight",
+        "blocks.0.attn.proj.weight",
+        "blocks.1.mlp.fc1.weight",
+        "blocks.1.mlp.fc2.weight",
+        "head.weight",
+    ):
         assert n in decay, n
     assert all(model.get_parameter(n).ndim > 1 for n in decay)
 
 
 def test_param_groups_skip_frozen_and_wrapped():
-    model = torch.nn.Sequential(_tiny_deit3())              # names gain a "0." prefix
+    model = torch.nn.Sequential(_tiny_deit3())  # names gain a "0." prefix
     model[0].head.weight.requires_grad_(False)
     groups = param_groups_weight_decay(model, 0.1)
     all_ids = {id(p) for g in groups for p in g["params"]}
@@ -294,7 +337,7 @@ def test_build_optimizer():
     assert adamw.defaults["betas"] == (0.9, 0.98) and adamw.defaults["eps"] == 1e-6
 
     x = torch.randn(2, 3, 32, 32)
-    for opt in (lamb, adamw):   # one real step on the model runs
+    for opt in (lamb, adamw):  # one real step on the model runs
         model(x).sum().backward()
         opt.step()
         opt.zero_grad()
@@ -311,14 +354,17 @@ def test_the_optim_section_builds_with_every_value_it_holds(name):
     o = OptimConfig(name=name, lr=2e-3, weight_decay=0.2, betas=(0.8, 0.95), eps=1e-6, max_grad_norm=3.0)
     opt = o.build(_tiny_deit3())
     assert isinstance(opt, Lamb if name == "lamb" else torch.optim.AdamW)
-    assert [(g["lr"], g["weight_decay"], g["betas"], g["eps"]) for g in opt.param_groups] == \
-        [(2e-3, 0.2, (0.8, 0.95), 1e-6), (2e-3, 0.0, (0.8, 0.95), 1e-6)]
+    assert [(g["lr"], g["weight_decay"], g["betas"], g["eps"]) for g in opt.param_groups] == [
+        (2e-3, 0.2, (0.8, 0.95), 1e-6),
+        (2e-3, 0.0, (0.8, 0.95), 1e-6),
+    ]
     if name == "lamb":
         assert opt.defaults["max_grad_norm"] == 3.0
 
 
-@pytest.mark.parametrize("kw", [{"lr": -1.0}, {"betas": (1.0, 0.999)}, {"eps": -1.0}, {"weight_decay": -0.1},
-                                {"max_grad_norm": -1.0}])
+@pytest.mark.parametrize(
+    "kw", [{"lr": -1.0}, {"betas": (1.0, 0.999)}, {"eps": -1.0}, {"weight_decay": -0.1}, {"max_grad_norm": -1.0}]
+)
 def test_invalid_hyperparameters(kw):
     with pytest.raises(ValueError):
         Lamb([torch.nn.Parameter(torch.zeros(2))], **kw)
@@ -335,8 +381,12 @@ def test_compiled_step_matches_eager():
 
     def run(compile):
         params = [torch.nn.Parameter(x.clone()) for x in init]
-        opt = Lamb([{"params": params[::2], "weight_decay": 0.05}, {"params": params[1::2], "weight_decay": 0.0}],
-                   lr=0.01, max_grad_norm=1.0, compile=compile)
+        opt = Lamb(
+            [{"params": params[::2], "weight_decay": 0.05}, {"params": params[1::2], "weight_decay": 0.0}],
+            lr=0.01,
+            max_grad_norm=1.0,
+            compile=compile,
+        )
         for k, gs in enumerate(grads):
             for g in opt.param_groups:
                 g["lr"] = 0.01 * (k + 1)

@@ -1,5 +1,6 @@
 """configs/parity/: the two parity settings load (data paths are placeholders the parity command fills), follow the
 recipes they say they follow, and the ImageNet-100 class list is the fixed, valid list of 100 wnids."""
+
 import dataclasses
 import hashlib
 import re
@@ -41,8 +42,12 @@ def test_imagenet100_follows_the_vit_s_in1k_recipe_on_a_100_epoch_schedule():
     # The recipe's lr scaled linearly to the global batch, as the official code scales it without --unscale-lr.
     assert cfg.optim.lr == pytest.approx(recipe.optim.lr * cfg.train.global_batch / recipe.train.global_batch)
     s = cfg.schedule
-    assert (s.epochs, s.warmup_epochs, s.warmup_lr, s.min_lr) == (100, 5, recipe.schedule.warmup_lr,
-                                                                   recipe.schedule.min_lr)
+    assert (s.epochs, s.warmup_epochs, s.warmup_lr, s.min_lr) == (
+        100,
+        5,
+        recipe.schedule.warmup_lr,
+        recipe.schedule.min_lr,
+    )
     # One GPU or a node of 8: the same global batch, by accumulation.
     assert [(p.per_process, p.accum) for p in (batch_plan(cfg, 1), batch_plan(cfg, 8))] == [(128, 8), (128, 1)]
 
@@ -51,7 +56,11 @@ def test_cifar10_parity_is_the_cifar10_recipe_at_cpu_size():
     cfg, recipe = load_config("cifar10_vit_tiny", DATA), load_config("cifar10_deit3")
     assert to_dict(cfg.aug) == to_dict(recipe.aug)
     assert (cfg.loss, cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay) == (
-        recipe.loss, recipe.optim.name, recipe.optim.lr, recipe.optim.weight_decay)
+        recipe.loss,
+        recipe.optim.name,
+        recipe.optim.lr,
+        recipe.optim.weight_decay,
+    )
     assert dataclasses.replace(cfg.model, name="deit3_cifar") == recipe.model
     assert (cfg.model.name, cfg.aug.img_size, cfg.data.repeats) == ("deit3_nano", 32, 1)
     assert (cfg.schedule.epochs, cfg.schedule.warmup_epochs, cfg.train.global_batch) == (20, 1, 32)

@@ -1,6 +1,7 @@
 """deit3_fast.parity.stats on constructed inputs: the t quantile against closed forms and tabulated critical values,
 a known difference found, equal pairs called indistinguishable, the Welch interval's coverage by simulation, the
 degenerate cases (no spread, one seed), the bootstrap's determinism, and the rows the table and --json are made of."""
+
 import json
 import math
 import re
@@ -9,8 +10,18 @@ import numpy as np
 import pytest
 
 from deit3_fast.parity import stats
-from deit3_fast.parity.stats import (DEFAULT_HINT, Interval, betainc, bootstrap_interval, compare_variants,
-                                     summarize, t_quantile, t_sf, verdict, welch_interval)
+from deit3_fast.parity.stats import (
+    DEFAULT_HINT,
+    Interval,
+    betainc,
+    bootstrap_interval,
+    compare_variants,
+    summarize,
+    t_quantile,
+    t_sf,
+    verdict,
+    welch_interval,
+)
 
 # Two-sided 95% critical values t(0.975, df) as printed, to 3 decimals, in the NIST/SEMATECH e-Handbook of
 # Statistical Methods, section 1.3.6.7.2 "Critical Values of the Student's t Distribution" (column 0.025 upper tail);
@@ -37,8 +48,15 @@ def test_summarize_degenerate_inputs():
     assert same == stats.Summary(76.1, 0.0, 3)
 
 
-@pytest.mark.parametrize("bad, error", [([76.0, float("nan")], ValueError), ([float("inf")], ValueError),
-                                        ([76.0, None], TypeError), ([76.0, "76"], TypeError)])
+@pytest.mark.parametrize(
+    "bad, error",
+    [
+        ([76.0, float("nan")], ValueError),
+        ([float("inf")], ValueError),
+        ([76.0, None], TypeError),
+        ([76.0, "76"], TypeError),
+    ],
+)
 def test_summarize_rejects_what_is_not_a_result(bad, error):
     with pytest.raises(error):
         summarize(bad)
@@ -78,19 +96,28 @@ def test_t_quantile_inverts_the_tail(df, p):
 def test_t_quantile_series_and_numeric_inverse_agree_where_they_meet():
     for p in (0.9, 0.975, 0.9995):
         assert stats._t_quantile_series(p, stats.LARGE_DF) == pytest.approx(
-            stats._t_quantile_numeric(p, stats.LARGE_DF), abs=1e-9)
+            stats._t_quantile_numeric(p, stats.LARGE_DF), abs=1e-9
+        )
 
 
 def test_incomplete_beta_identities():
     for x in (0.01, 0.3, 0.5, 0.77, 0.999):
-        assert betainc(2.5, 1.0, x) == pytest.approx(x ** 2.5, rel=1e-12)
+        assert betainc(2.5, 1.0, x) == pytest.approx(x**2.5, rel=1e-12)
         assert betainc(1.0, 3.0, x) == pytest.approx(1 - (1 - x) ** 3, rel=1e-12)
         assert betainc(1.5, 0.5, x) == pytest.approx(1 - betainc(0.5, 1.5, 1 - x), abs=1e-14)
     assert (betainc(2, 3, 0.0), betainc(2, 3, 1.0)) == (0.0, 1.0)
 
 
-@pytest.mark.parametrize("call", [lambda: t_quantile(1.0, 3), lambda: t_quantile(0.0, 3), lambda: t_quantile(0.9, 0),
-                                  lambda: betainc(0, 1, 0.5), lambda: betainc(1, 1, 1.5)])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: t_quantile(1.0, 3),
+        lambda: t_quantile(0.0, 3),
+        lambda: t_quantile(0.9, 0),
+        lambda: betainc(0, 1, 0.5),
+        lambda: betainc(1, 1, 1.5),
+    ],
+)
 def test_t_functions_reject_impossible_arguments(call):
     with pytest.raises(ValueError):
         call()
@@ -131,10 +158,10 @@ def test_a_known_difference_is_found():
 # Per-seed top-1 sets with the same centre by construction (permuted, mirrored noise, a shift far below the
 # spread, unequal seed counts): each pair must be called indistinguishable.
 EQUAL_PAIRS = [
-    ([75.9, 76.3, 76.1], [76.1, 75.9, 76.3]),                   # the same values, another order
+    ([75.9, 76.3, 76.1], [76.1, 75.9, 76.3]),  # the same values, another order
     ([76.0 - 0.2, 76.0 + 0.05, 76.0 + 0.15], [76.0 + 0.2, 76.0 - 0.05, 76.0 - 0.15]),  # mirrored noise, mean 76
-    ([75.6, 76.4, 76.0], [75.8, 76.5, 75.9]),                   # Δ -0.07 against a spread of 0.4
-    ([76.2, 75.7, 76.1, 75.8, 76.2], [76.0, 75.9, 76.1]),       # 5 and 3 seeds
+    ([75.6, 76.4, 76.0], [75.8, 76.5, 75.9]),  # Δ -0.07 against a spread of 0.4
+    ([76.2, 75.7, 76.1, 75.8, 76.2], [76.0, 75.9, 76.1]),  # 5 and 3 seeds
 ]
 
 
@@ -203,8 +230,10 @@ def test_one_seed_gives_no_interval_and_says_so(method):
     assert (iv.low, iv.high, iv.half_width) == (None, None, None) and not iv.contains(0.0)
     assert iv.delta == pytest.approx(-0.3)
     line = verdict(iv, "ffcv")
-    assert line == "ffcv: one seed each: \u0394 \u22120.30 points against reference (no interval; run --seeds 3 " \
-                   "for a verdict)"
+    assert (
+        line == "ffcv: one seed each: \u0394 \u22120.30 points against reference (no interval; run --seeds 3 "
+        "for a verdict)"
+    )
     assert "1 seed vs 3" in verdict(method([75.7], [76.0, 76.2, 75.9]), "ffcv")
 
 
@@ -241,8 +270,9 @@ def test_bootstrap_is_too_narrow_for_three_seeds():
     difference far less often (~80%; each side has only 10 distinct resampled means)."""
     rng = np.random.default_rng(5)
     a, b = rng.normal(0.0, 1.0, (400, 3)), rng.normal(0.0, 1.0, (400, 3))
-    covered = np.mean([bootstrap_interval(x, y, resamples=1000, seed=i).contains(0.0)
-                       for i, (x, y) in enumerate(zip(a, b))])
+    covered = np.mean(
+        [bootstrap_interval(x, y, resamples=1000, seed=i).contains(0.0) for i, (x, y) in enumerate(zip(a, b))]
+    )
     assert covered < 0.9, covered
 
 
@@ -250,28 +280,53 @@ def test_bootstrap_is_too_narrow_for_three_seeds():
 
 
 def test_compare_variants_rows():
-    results = {"reference": [76.1, 75.9, 76.2], "ffcv": [74.0, 74.3, 73.9], "nvjpeg": [76.0, 76.3, 75.8],
-               "dali": [None, None, None]}
+    results = {
+        "reference": [76.1, 75.9, 76.2],
+        "ffcv": [74.0, 74.3, 73.9],
+        "nvjpeg": [76.0, 76.3, 75.8],
+        "dali": [None, None, None],
+    }
     rows = compare_variants(results)
     assert [r["variant"] for r in rows] == ["ffcv", "nvjpeg", "dali"]
     ffcv, nvjpeg, dali = rows
-    assert set(ffcv) == {"variant", "n", "mean", "std", "reference", "reference_n", "reference_mean",
-                         "reference_std", "delta", "low", "high", "half_width", "df", "level", "method", "verdict"}
+    assert set(ffcv) == {
+        "variant",
+        "n",
+        "mean",
+        "std",
+        "reference",
+        "reference_n",
+        "reference_mean",
+        "reference_std",
+        "delta",
+        "low",
+        "high",
+        "half_width",
+        "df",
+        "level",
+        "method",
+        "verdict",
+    }
     assert (ffcv["n"], ffcv["reference_n"], ffcv["method"], ffcv["level"]) == (3, 3, "welch", 0.95)
     assert ffcv["delta"] == pytest.approx(np.mean(results["ffcv"]) - np.mean(results["reference"]))
     assert ffcv["high"] < 0 and ffcv["verdict"].startswith("ffcv: lower by 2.0")
     assert nvjpeg["low"] < 0 < nvjpeg["high"] and "indistinguishable" in nvjpeg["verdict"]
-    assert dali["n"] == 0 and dali["delta"] is None and dali["verdict"] == ("dali: no finished runs of dali: "
-                                                                            "nothing to compare")
+    assert (
+        dali["n"] == 0
+        and dali["delta"] is None
+        and dali["verdict"] == ("dali: no finished runs of dali: nothing to compare")
+    )
     json.dumps(rows, allow_nan=False)  # --json: plain values, no NaN
 
 
 def test_compare_variants_options():
     results = {"ref": [76.1, 75.9, 76.2], "ffcv@max256": [74.0, 74.3, 73.9], "ffcv@short448": [75.9]}
-    rows = compare_variants(results, reference="ref", method="bootstrap", seed=3,
-                            hints={"ffcv@max256": "convert at --short-side 448"})
-    assert rows == compare_variants(results, reference="ref", method="bootstrap", seed=3,
-                                    hints={"ffcv@max256": "convert at --short-side 448"})
+    rows = compare_variants(
+        results, reference="ref", method="bootstrap", seed=3, hints={"ffcv@max256": "convert at --short-side 448"}
+    )
+    assert rows == compare_variants(
+        results, reference="ref", method="bootstrap", seed=3, hints={"ffcv@max256": "convert at --short-side 448"}
+    )
     assert rows[0]["method"] == "bootstrap" and rows[0]["df"] is None
     assert rows[0]["verdict"].startswith("ffcv@max256: lower by 2.0") and "than ref (" in rows[0]["verdict"]
     assert rows[0]["verdict"].endswith("bootstrap, 3 seeds each): convert at --short-side 448")
@@ -286,9 +341,14 @@ def test_compare_variants_options():
 
 
 def test_verdict_is_one_line_for_every_case():
-    cases = [welch_interval([76.0, 76.2, 75.9], [76.1, 76.0, 75.8]), welch_interval([74.0, 74.1], [76.0, 76.2]),
-             welch_interval([78.0, 78.1], [76.0, 76.2]), welch_interval([76.0], [76.0]),
-             welch_interval([76.0] * 2, [76.0] * 2), Interval(-0.004, -0.2, 0.19, 4.0, n_a=3, n_b=3)]
+    cases = [
+        welch_interval([76.0, 76.2, 75.9], [76.1, 76.0, 75.8]),
+        welch_interval([74.0, 74.1], [76.0, 76.2]),
+        welch_interval([78.0, 78.1], [76.0, 76.2]),
+        welch_interval([76.0], [76.0]),
+        welch_interval([76.0] * 2, [76.0] * 2),
+        Interval(-0.004, -0.2, 0.19, 4.0, n_a=3, n_b=3),
+    ]
     for iv in cases:
         line = verdict(iv, "ffcv")
         assert line.startswith("ffcv: ") and "\n" not in line and "\u2212\u0030.00 " not in line

@@ -1,4 +1,5 @@
 """`deit3-fast profile`: the measurements a user reads to tell input-bound from compute-bound, and the verdict."""
+
 import json
 import os
 import subprocess
@@ -25,10 +26,29 @@ def _profile_cli(capsys, *args) -> dict:
 
 
 def test_profile_json_on_cpu(data, capsys):
-    result = _profile_cli(capsys, "--cfg", "quickstart", "--device", "cpu", "--data-train", data / "train.beton",
-                          "--set", "model.num_classes=4", "--steps", "3")
-    for key in ("loader_img_per_s", "model_img_per_s", "end_to_end_img_per_s", "engine_img_per_s",
-                "device_stage_img_per_s", "mfu", "achieved_tflops", "peak_tflops"):
+    result = _profile_cli(
+        capsys,
+        "--cfg",
+        "quickstart",
+        "--device",
+        "cpu",
+        "--data-train",
+        data / "train.beton",
+        "--set",
+        "model.num_classes=4",
+        "--steps",
+        "3",
+    )
+    for key in (
+        "loader_img_per_s",
+        "model_img_per_s",
+        "end_to_end_img_per_s",
+        "engine_img_per_s",
+        "device_stage_img_per_s",
+        "mfu",
+        "achieved_tflops",
+        "peak_tflops",
+    ):
         assert result[key] > 0, key
     # deit3_nano at 32 px: 2 blocks of dim 64 over 65 tokens; forward + backward is about 3x the forward's
     # 2 * params * tokens multiply-adds, plus attention: between 20 and 100 MFLOP per image.
@@ -62,8 +82,19 @@ def test_cores_per_gpu_is_the_gpus_rate_over_the_per_core_rate():
 def test_profile_table_and_bad_input(data, tmp_path, capsys):
     from deit3_fast.cli import main  # in this process: the message and the exit code are what is tested
 
-    code = main(["profile", "--cfg", "quickstart", "--device", "cpu", "--data-train", str(tmp_path / "missing.beton"),
-                 "--steps", "2"])
+    code = main(
+        [
+            "profile",
+            "--cfg",
+            "quickstart",
+            "--device",
+            "cpu",
+            "--data-train",
+            str(tmp_path / "missing.beton"),
+            "--steps",
+            "2",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "missing.beton" in err
 
@@ -92,8 +123,12 @@ def test_tune_tries_only_settings_that_change_the_run(monkeypatch):
 
 
 def _result(**rates):
-    base = {"engine_img_per_s": 1000.0, "device_stage_img_per_s": 1000.0, "model_img_per_s": 500.0,
-            "end_to_end_img_per_s": 490.0}
+    base = {
+        "engine_img_per_s": 1000.0,
+        "device_stage_img_per_s": 1000.0,
+        "model_img_per_s": 500.0,
+        "end_to_end_img_per_s": 490.0,
+    }
     base.update(rates)
     base["ratio"] = base["end_to_end_img_per_s"] / base["model_img_per_s"]
     return base
@@ -122,9 +157,25 @@ def test_profile_numbers_are_possible_with_accumulation_and_one_step(data, capsy
     """The report that gave "mfu": 3.08 and end-to-end 0.06x model-alone: one timed step, accumulation over 4
     micro-batches. Windows hold one kind of call after warm-up, so a window cannot catch a one-time cost or the
     optimiser step's share; MFU is against this dtype's matmul rate at the model's GEMM and never above 100%."""
-    res = _profile_cli(capsys, "--cfg", "quickstart", "--device", "cpu", "--data-train", data / "train.beton",
-                       "--set", "model.num_classes=4", "--set", "data.batch_size=4", "--set", "train.global_batch=16",
-                       "--set", "train.amp=bf16", "--steps", "1")
+    res = _profile_cli(
+        capsys,
+        "--cfg",
+        "quickstart",
+        "--device",
+        "cpu",
+        "--data-train",
+        data / "train.beton",
+        "--set",
+        "model.num_classes=4",
+        "--set",
+        "data.batch_size=4",
+        "--set",
+        "train.global_batch=16",
+        "--set",
+        "train.amp=bf16",
+        "--steps",
+        "1",
+    )
     assert res["accum"] == 4 and res["amp"] == "bf16"
     assert 0 < res["mfu"] <= 1 and res["peak_tflops"] >= res["achieved_tflops"]
     # The faulty windows gave 0.06: one-time costs and a different share of optimiser steps in each. Both rates are
@@ -192,14 +243,25 @@ def test_tune_starts_a_try_only_while_the_slowest_so_far_still_fits(monkeypatch)
     # 0 (first) -> 3; 3 + 3 <= 10 -> 5; 5 + 3 <= 10 -> 11 (6 s, longer than any before); 11 + 6 > 10: refused.
     assert [t["data.workers"] for t in r["tried"]] == [1, 2, 3]
     assert [(t["started_s"], t["slowest_before_s"]) for t in r["tried"]] == [(0, 0), (3, 3), (5, 3)]
-    assert r["refused"] == {"data.engine": "nvjpeg", "data.workers": 3, "data.os_cache": False,  # compile on the best
-                            "train.compile": True, "at_s": 11, "slowest_s": 6}
+    assert r["refused"] == {
+        "data.engine": "nvjpeg",
+        "data.workers": 3,
+        "data.os_cache": False,  # compile on the best
+        "train.compile": True,
+        "at_s": 11,
+        "slowest_s": 6,
+    }
     assert r["seconds"] == 11 and r["best"]["data.workers"] == 3
     # With room for all: every candidate, then compile on the fastest (4 workers), nothing refused.
     now[0] = 0.0
     r = tune_mod.tune(cfg, torch.device("cpu"), budget_s=100, log=lambda line: None, clock=lambda: now[0])
-    assert [(t["data.workers"], t.get("train.compile", False)) for t in r["tried"]] == \
-        [(1, False), (2, False), (3, False), (4, False), (4, True)]
+    assert [(t["data.workers"], t.get("train.compile", False)) for t in r["tried"]] == [
+        (1, False),
+        (2, False),
+        (3, False),
+        (4, False),
+        (4, True),
+    ]
     assert r["refused"] is None and r["seconds"] == 17
 
 
@@ -209,14 +271,45 @@ def test_tune_tries_settings_within_its_budget_and_writes_usable_overrides(data,
     import yaml
 
     out = tmp_path / "tuned.yaml"
-    common = ["--cfg", "quickstart", "--data-train", str(data / "train.beton"), "--set", "model.num_classes=4",
-              "--set", "data.batch_size=8", "--set", "train.global_batch=8", "--set", "data.repeats=1",
-              "--device", "cpu"]
+    common = [
+        "--cfg",
+        "quickstart",
+        "--data-train",
+        str(data / "train.beton"),
+        "--set",
+        "model.num_classes=4",
+        "--set",
+        "data.batch_size=8",
+        "--set",
+        "train.global_batch=8",
+        "--set",
+        "data.repeats=1",
+        "--device",
+        "cpu",
+    ]
     # A whole process: tuning compiles (train.compile on the best), which stays out of the test process. 20 s: the
     # decisions are checked on what was measured, and the decision rule on a scripted clock (test above).
-    r = subprocess.run([sys.executable, "-m", "deit3_fast", "profile", *common, "--tune", "--budget-s", "20",
-                        "--steps", "1", "--tune-out", str(out), "--json"], cwd=REPO, capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deit3_fast",
+            "profile",
+            *common,
+            "--tune",
+            "--budget-s",
+            "20",
+            "--steps",
+            "1",
+            "--tune-out",
+            str(out),
+            "--json",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
     # The budget as the code applied it to the times it measured (which the machine's load sets; the decision rule
@@ -242,5 +335,8 @@ def test_tune_tries_settings_within_its_budget_and_writes_usable_overrides(data,
 
     assert main(["train", *common, "--overrides", str(out), "--dry-run"]) == 0
     cfg = json.loads(capsys.readouterr().out)
-    assert (cfg["data"]["engine"], cfg["data"]["workers"], cfg["train"]["compile"]) == \
-        (written["data"]["engine"], written["data"]["workers"], written["train"]["compile"])
+    assert (cfg["data"]["engine"], cfg["data"]["workers"], cfg["train"]["compile"]) == (
+        written["data"]["engine"],
+        written["data"]["workers"],
+        written["train"]["compile"],
+    )

@@ -1,5 +1,6 @@
 """Progressive resolution (schedule.resolution): the epoch's crop size, the ViT at each grid, eval at the final
 size, exact resume, the config's checks and the CIFAR ablation."""
+
 import pytest
 import torch
 
@@ -14,8 +15,9 @@ from .test_train import assert_same_as_uninterrupted, sigterm_at_loss, tiny_cfg
 RAMP = {"schedule.resolution": "{start: 16, start_epoch: 0, end_epoch: 2, step: 8}"}  # 16, 24, then 32 = img_size
 # The same ramp with 16 per process at 16 px (no accumulation) and 4 at 24 px (4 micro-batches a step); 32 px keeps
 # data.batch_size 8 (2 micro-batches): 16 images a step throughout.
-RAMP_BATCHES = {"schedule.resolution": "{start: 16, start_epoch: 0, end_epoch: 2, step: 8, "
-                                       "batch_sizes: {16: 16, 24: 4}}"}
+RAMP_BATCHES = {
+    "schedule.resolution": "{start: 16, start_epoch: 0, end_epoch: 2, step: 8, batch_sizes: {16: 16, 24: 4}}"
+}
 
 
 def test_resolution_is_linear_in_the_epoch_and_rounded_to_the_step():
@@ -88,21 +90,30 @@ def test_a_batch_per_size_keeps_the_global_batch_and_the_schedule(data, tmp_path
     fixed = train(tiny_cfg(data, **RAMP), tmp_path / "fixed", torch.device("cpu"), quiet=True)
     assert [r["lr"] for r in rows] == [r["lr"] for r in fixed]
     by_size = json.loads((tmp_path / "b" / "run.json").read_text())["batch_by_size"]
-    assert {k: (v["per_process_batch"], v["accumulation_steps"]) for k, v in by_size.items()} == {"16": (16, 1),
-                                                                                                 "24": (4, 4)}
+    assert {k: (v["per_process_batch"], v["accumulation_steps"]) for k, v in by_size.items()} == {
+        "16": (16, 1),
+        "24": (4, 4),
+    }
 
 
 def test_a_batch_per_size_must_split_the_global_batch():
     from deit3_fast.batching import batch_plans
 
-    cfg = load_config("quickstart", ["schedule.resolution={start: 16, start_epoch: 0, end_epoch: 2, step: 8, "
-                                     "batch_sizes: {16: 12, 24: 64}}"])  # global batch 32
+    cfg = load_config(
+        "quickstart",
+        ["schedule.resolution={start: 16, start_epoch: 0, end_epoch: 2, step: 8, batch_sizes: {16: 12, 24: 64}}"],
+    )  # global batch 32
     fix = r"batch_sizes.16 12 x world size 1: use --set schedule.resolution.batch_sizes.16=8 \(4 accumulation"
     with pytest.raises(ConfigError, match=fix):
         batch_plans(cfg, 1)
     # Dotted --set keys and JSON (an ablation grid's axes) give the size as text.
-    cfg = load_config("quickstart", ["schedule.resolution={start: 16, start_epoch: 0, end_epoch: 2, step: 8, "
-                                     "batch_sizes: {\"24\": 64}}", "schedule.resolution.batch_sizes.16=16"])
+    cfg = load_config(
+        "quickstart",
+        [
+            'schedule.resolution={start: 16, start_epoch: 0, end_epoch: 2, step: 8, batch_sizes: {"24": 64}}',
+            "schedule.resolution.batch_sizes.16=16",
+        ],
+    )
     assert cfg.schedule.resolution.batch_sizes == {16: 16, 24: 64}
     plans = batch_plans(cfg, 2)
     assert (plans[16].per_process, plans[16].accum) == (16, 1) and (plans[24].per_process, plans[24].accum) == (16, 1)
@@ -151,8 +162,9 @@ def test_the_loader_keeps_its_crops_and_changes_only_their_size(data):
     """The same samples, in the same order, with the same boxes at every size: only the resampling changes."""
     from deit3_fast.loaders import make_loader
 
-    cfg = tiny_cfg(data, **{"aug.mixup": 0, "aug.cutmix": 0, "aug.three_augment": False, "aug.color_jitter": 0,
-                            "aug.hflip": 0})
+    cfg = tiny_cfg(
+        data, **{"aug.mixup": 0, "aug.cutmix": 0, "aug.three_augment": False, "aug.color_jitter": 0, "aug.hflip": 0}
+    )
     loader = make_loader(cfg, "train", torch.device("cpu"))
     big = [(i.clone(), y.clone()) for i, y in loader.engine.batches(0)]
     loader.set_resolution(16)
@@ -174,20 +186,23 @@ def test_the_loader_keeps_its_crops_and_changes_only_their_size(data):
     assert loader.engine is engine16
 
 
-@pytest.mark.parametrize("value, fragment", [
-    ("{start: 20, start_epoch: 0, end_epoch: 5, step: 8}", "multiples of step 8"),
-    ("{start: 16, end: 36, start_epoch: 0, end_epoch: 5, step: 8}", "multiples of step 8"),
-    ("{start: 16, start_epoch: 0, end_epoch: 5, step: 0}", "step: must be at least 1, got 0"),
-    ("{start: 0, start_epoch: 0, end_epoch: 5, step: 8}", "patch size 4"),
-    ("{start: 48, start_epoch: 0, end_epoch: 5, step: 8}", "at most end 32"),
-    ("{start: 16, start_epoch: 5, end_epoch: 5, step: 8}", "start_epoch < end_epoch"),
-    ("{start: 16, end_epoch: 5, stpe: 8}", "did you mean 'step'"),
-    ("{start: 16, start_epoch: 0, end_epoch: 40, step: 8}", "end_epoch 40 must be below schedule.epochs 40"),
-    ("{start: 16, start_epoch: 0, end_epoch: 5, step: 8, batch_sizes: {20: 8}}", "never trains at 20 px"),
-    ("{start: 16, start_epoch: 0, end_epoch: 5, step: 8, batch_sizes: {16: 0}}", r"batch_sizes\[16\]: must be at"),
-    ("{batch_sizes: {16: 8}}", "needs a ramp"),
-    ("{start: 16, start_epoch: 0, end_epoch: 5, step: 8, batch_sizes: [8]}", "batch_sizes: expected a mapping"),
-])
+@pytest.mark.parametrize(
+    "value, fragment",
+    [
+        ("{start: 20, start_epoch: 0, end_epoch: 5, step: 8}", "multiples of step 8"),
+        ("{start: 16, end: 36, start_epoch: 0, end_epoch: 5, step: 8}", "multiples of step 8"),
+        ("{start: 16, start_epoch: 0, end_epoch: 5, step: 0}", "step: must be at least 1, got 0"),
+        ("{start: 0, start_epoch: 0, end_epoch: 5, step: 8}", "patch size 4"),
+        ("{start: 48, start_epoch: 0, end_epoch: 5, step: 8}", "at most end 32"),
+        ("{start: 16, start_epoch: 5, end_epoch: 5, step: 8}", "start_epoch < end_epoch"),
+        ("{start: 16, end_epoch: 5, stpe: 8}", "did you mean 'step'"),
+        ("{start: 16, start_epoch: 0, end_epoch: 40, step: 8}", "end_epoch 40 must be below schedule.epochs 40"),
+        ("{start: 16, start_epoch: 0, end_epoch: 5, step: 8, batch_sizes: {20: 8}}", "never trains at 20 px"),
+        ("{start: 16, start_epoch: 0, end_epoch: 5, step: 8, batch_sizes: {16: 0}}", r"batch_sizes\[16\]: must be at"),
+        ("{batch_sizes: {16: 8}}", "needs a ramp"),
+        ("{start: 16, start_epoch: 0, end_epoch: 5, step: 8, batch_sizes: [8]}", "batch_sizes: expected a mapping"),
+    ],
+)
 def test_bad_ramps_are_refused_at_load(value, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")):
         load_config("quickstart", [f"schedule.resolution={value}"])
@@ -226,6 +241,7 @@ def test_a_ramp_floors_the_patch_grid_like_the_fixed_size_model():
     with torch.no_grad():
         assert torch.equal(ramped(x), fixed(x))
         assert ramped(torch.randn(2, 3, 20, 20)).shape == (2, 5)  # 2 x 2 patches, 4 px ignored
-    cfg = load_config("vit_h_in1k", ["schedule.resolution={start: 128, end: 160, start_epoch: 0, end_epoch: 5, "
-                                     "step: 32}"])
+    cfg = load_config(
+        "vit_h_in1k", ["schedule.resolution={start: 128, end: 160, start_epoch: 0, end_epoch: 5, step: 32}"]
+    )
     assert resolution_schedule(cfg.schedule.resolution, 160, 8)[:6] == [128, 128, 128, 160, 160, 160]

@@ -2,6 +2,7 @@
 machine), its optimiser groups, its loader with the recipe's augmentation on a small .beton, and one optimiser step
 with a tiny stand-in of its model (same name, patch and resolution; one narrow block). A recipe that cannot start
 fails here, not on a cluster."""
+
 import math
 from pathlib import Path
 
@@ -23,11 +24,23 @@ ABLATIONS = sorted(str(p) for p in (CONFIG_DIR / "ablations").glob("cifar10_*.ya
 PARAMS_M = {"deit3_small": 22.0, "deit3_base": 86.6, "deit3_large": 304.4, "deit3_huge": 632.1}
 # Per-GPU batch and node count (8 GPUs each) of the official command lines (README_revenge.md).
 OFFICIAL_BATCH = {
-    "vit_s_in1k": (256, 1), "vit_b_in1k": (256, 1), "vit_l_in1k": (64, 4), "vit_h_in1k": (64, 4),
-    "vit_b_in1k_ft224": (64, 1), "vit_l_in1k_ft224": (64, 1), "vit_h_in1k_ft224": (32, 2),
-    "vit_s_in1k_ft384": (64, 1), "vit_b_in1k_ft384": (32, 2), "vit_l_in1k_ft384": (16, 4),
-    "vit_s_in21k": (128, 2), "vit_b_in21k": (64, 4), "vit_l_in21k": (64, 4), "vit_h_in21k": (64, 4),
-    "vit_s_in21k_ft_in1k": (128, 2), "vit_b_in21k_ft_in1k": (64, 4), "vit_l_in21k_ft_in1k": (64, 4),
+    "vit_s_in1k": (256, 1),
+    "vit_b_in1k": (256, 1),
+    "vit_l_in1k": (64, 4),
+    "vit_h_in1k": (64, 4),
+    "vit_b_in1k_ft224": (64, 1),
+    "vit_l_in1k_ft224": (64, 1),
+    "vit_h_in1k_ft224": (32, 2),
+    "vit_s_in1k_ft384": (64, 1),
+    "vit_b_in1k_ft384": (32, 2),
+    "vit_l_in1k_ft384": (16, 4),
+    "vit_s_in21k": (128, 2),
+    "vit_b_in21k": (64, 4),
+    "vit_l_in21k": (64, 4),
+    "vit_h_in21k": (64, 4),
+    "vit_s_in21k_ft_in1k": (128, 2),
+    "vit_b_in21k_ft_in1k": (64, 4),
+    "vit_l_in21k_ft_in1k": (64, 4),
     "vit_h_in21k_ft_in1k": (64, 4),
 }
 
@@ -40,8 +53,12 @@ def test_every_recipe_is_covered():
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     """256 samples: one repeated-augmentation epoch (RASampler keeps len // 256 * 256 samples)."""
-    return make_splits(tmp_path_factory.mktemp("recipes"), {"train": (8, 32, 0)}, min_side=32, max_side=72,
-                       page_size=2 << 20) / "train.beton"
+    return (
+        make_splits(
+            tmp_path_factory.mktemp("recipes"), {"train": (8, 32, 0)}, min_side=32, max_side=72, page_size=2 << 20
+        )
+        / "train.beton"
+    )
 
 
 @pytest.mark.parametrize("name", [r for r in RECIPES if r != "quickstart"])
@@ -53,8 +70,13 @@ def test_recipe_model_at_its_resolution_and_its_optimiser(name):
     patch = ARCHS[arch][0]
     classes = 21841 if cfg.model.num_classes == "auto" else cfg.model.num_classes  # auto: fall11's count here
     with torch.device("meta"):
-        model = create_model(cfg.model.name, num_classes=classes, img_size=cfg.aug.img_size,
-                             drop_path=cfg.model.drop_path, layer_scale_init=cfg.model.layer_scale_init)
+        model = create_model(
+            cfg.model.name,
+            num_classes=classes,
+            img_size=cfg.aug.img_size,
+            drop_path=cfg.model.drop_path,
+            layer_scale_init=cfg.model.layer_scale_init,
+        )
     side = cfg.aug.img_size // patch
     assert model.patch_embed.grid_size == (side, side) and model.pos_embed.shape[1] == side * side
     with torch.device("meta"):
@@ -87,10 +109,20 @@ def test_recipe_starts_and_takes_a_step(name, small, monkeypatch):
     """trainer.build on the recipe as shipped (data, checkpoint and batch arithmetic aside) with a one-block stand-in
     of its model, then one optimiser step from its real loader: augmentation, mixing, loss, optimiser, AMP."""
     real_create = builder.create_model
-    monkeypatch.setattr(builder, "create_model",
-                        lambda *a, **kw: real_create(*a, **kw, depth=1, embed_dim=32, num_heads=2))
-    cfg = load_config(name, [f"data.train={small}", "data.val=null", "model.checkpoint=null", "data.workers=1",
-                             "data.batch_size=8", "train.global_batch=16"])
+    monkeypatch.setattr(
+        builder, "create_model", lambda *a, **kw: real_create(*a, **kw, depth=1, embed_dim=32, num_heads=2)
+    )
+    cfg = load_config(
+        name,
+        [
+            f"data.train={small}",
+            "data.val=null",
+            "model.checkpoint=null",
+            "data.workers=1",
+            "data.batch_size=8",
+            "train.global_batch=16",
+        ],
+    )
     run = trainer.build(cfg, torch.device("cpu"))
     assert run.raw_model.patch_embed.grid_size[0] == cfg.aug.img_size // run.raw_model.patch_embed.patch_size[0]
     before = [p.detach().clone() for p in run.raw_model.parameters()]
@@ -98,8 +130,7 @@ def test_recipe_starts_and_takes_a_step(name, small, monkeypatch):
     for micro in range(run.accum):
         x, y = next(it)
         assert x.shape == (8, 3, cfg.aug.img_size, cfg.aug.img_size) and x.dtype == AMP_DTYPES[run.amp]
-        loss = trainer.train_micro_batch(run, x, y, step=0, last_micro=micro == run.accum - 1,
-                                          accum=run.accum)
+        loss = trainer.train_micro_batch(run, x, y, step=0, last_micro=micro == run.accum - 1, accum=run.accum)
         assert torch.isfinite(loss)
     it.close()
     assert any(not torch.equal(a, b) for a, b in zip(before, run.raw_model.parameters()))
@@ -119,15 +150,70 @@ def test_per_gpu_batch_is_the_official_command_lines(name):
 
 # ---- what each recipe's run really uses, against the official command lines (README_revenge.md, main.py) --------
 
-PRETRAIN_1K = dict(opt="lamb", wd=0.05, epochs=800, loss="bce", smoothing=0.0, mixup=0.8, cutmix=1.0, crop="rrc",
-                   three_aug=True, jitter=0.3, auto_augment=None, repeats=3, global_batch=2048)
-FT_1K = dict(opt="adamw", lr=1e-5, wd=0.1, epochs=20, loss="ce", smoothing=0.1, mixup=0.8, cutmix=1.0, crop="rrc",
-             three_aug=False, jitter=0.0, auto_augment="rand-m9-mstd0.5-inc1", repeats=1, global_batch=512)
-PRETRAIN_21K = dict(opt="lamb", lr=1e-3, wd=0.02, epochs=240, loss="ce", smoothing=0.1, mixup=0.0, cutmix=1.0,
-                    crop="src", three_aug=True, jitter=0.3, auto_augment=None, repeats=1, global_batch=2048,
-                    classes="auto")
-FT_21K_1K = dict(opt="lamb", lr=3e-4, wd=0.02, epochs=50, loss="ce", smoothing=0.1, mixup=0.0, cutmix=1.0, crop="src",
-                 three_aug=True, jitter=0.3, auto_augment=None, repeats=1, global_batch=2048)
+PRETRAIN_1K = dict(
+    opt="lamb",
+    wd=0.05,
+    epochs=800,
+    loss="bce",
+    smoothing=0.0,
+    mixup=0.8,
+    cutmix=1.0,
+    crop="rrc",
+    three_aug=True,
+    jitter=0.3,
+    auto_augment=None,
+    repeats=3,
+    global_batch=2048,
+)
+FT_1K = dict(
+    opt="adamw",
+    lr=1e-5,
+    wd=0.1,
+    epochs=20,
+    loss="ce",
+    smoothing=0.1,
+    mixup=0.8,
+    cutmix=1.0,
+    crop="rrc",
+    three_aug=False,
+    jitter=0.0,
+    auto_augment="rand-m9-mstd0.5-inc1",
+    repeats=1,
+    global_batch=512,
+)
+PRETRAIN_21K = dict(
+    opt="lamb",
+    lr=1e-3,
+    wd=0.02,
+    epochs=240,
+    loss="ce",
+    smoothing=0.1,
+    mixup=0.0,
+    cutmix=1.0,
+    crop="src",
+    three_aug=True,
+    jitter=0.3,
+    auto_augment=None,
+    repeats=1,
+    global_batch=2048,
+    classes="auto",
+)
+FT_21K_1K = dict(
+    opt="lamb",
+    lr=3e-4,
+    wd=0.02,
+    epochs=50,
+    loss="ce",
+    smoothing=0.1,
+    mixup=0.0,
+    cutmix=1.0,
+    crop="src",
+    three_aug=True,
+    jitter=0.3,
+    auto_augment=None,
+    repeats=1,
+    global_batch=2048,
+)
 EXPECTED = {
     "vit_s_in1k": dict(PRETRAIN_1K, model="deit3_small", res=224, lr=4e-3, drop_path=0.05),
     "vit_b_in1k": dict(PRETRAIN_1K, model="deit3_base", res=192, lr=3e-3, drop_path=0.2),
@@ -156,10 +242,20 @@ def test_recipe_runs_with_the_official_values(name, small, monkeypatch):
     is the official command line's: a value dropped on its way from the config to the component fails here."""
     e = EXPECTED[name]
     real_create = builder.create_model
-    monkeypatch.setattr(builder, "create_model",
-                        lambda *a, **kw: real_create(*a, **kw, depth=1, embed_dim=32, num_heads=2))
-    cfg = load_config(name, [f"data.train={small}", f"data.val={small}", "model.checkpoint=null", "data.workers=1",
-                             "data.batch_size=8", "train.global_batch=16"])
+    monkeypatch.setattr(
+        builder, "create_model", lambda *a, **kw: real_create(*a, **kw, depth=1, embed_dim=32, num_heads=2)
+    )
+    cfg = load_config(
+        name,
+        [
+            f"data.train={small}",
+            f"data.val={small}",
+            "model.checkpoint=null",
+            "data.workers=1",
+            "data.batch_size=8",
+            "train.global_batch=16",
+        ],
+    )
     run = trainer.build(cfg, torch.device("cpu"))
     model = run.raw_model
     # Model: name, resolution, classes, drop-path in every block, LayerScale at 1e-4.
@@ -191,15 +287,26 @@ def test_recipe_runs_with_the_official_values(name, small, monkeypatch):
     if e["smoothing"]:
         assert run.loss.hard.smoothing == e["smoothing"]
     mix = run.train_loader.mixing.mixup
-    assert (mix.mixup_alpha, mix.cutmix_alpha, mix.mix_prob, mix.switch_prob, mix.label_smoothing, mix.mode) == \
-           (e["mixup"], e["cutmix"], 1.0, 0.5, e["smoothing"], "batch")
+    assert (mix.mixup_alpha, mix.cutmix_alpha, mix.mix_prob, mix.switch_prob, mix.label_smoothing, mix.mode) == (
+        e["mixup"],
+        e["cutmix"],
+        1.0,
+        0.5,
+        e["smoothing"],
+        "batch",
+    )
     # Augmentation: the primary crop, BatchAugment (with RandAugment when fine-tuning), the eval crop, repeats.
     engine_ = run.train_loader.engine
     assert engine_.crop.kind == e["crop"] and engine_.crop.size == e["res"]
     assert (engine_.crop.scale, engine_.crop.ratio, engine_.crop.pad) == ((0.08, 1.0), (3 / 4, 4 / 3), 4)
     a = run.train_loader.augment.aug
-    assert (a.hflip, a.three_augment, a.color_jitter, a.solarize_threshold, tuple(a.blur_sigma)) == \
-           (0.5, e["three_aug"], e["jitter"], 128, (0.1, 2.0))
+    assert (a.hflip, a.three_augment, a.color_jitter, a.solarize_threshold, tuple(a.blur_sigma)) == (
+        0.5,
+        e["three_aug"],
+        e["jitter"],
+        128,
+        (0.1, 2.0),
+    )
     ra = run.train_loader.augment.op("randaugment")
     assert (ra is not None) == (e["auto_augment"] is not None)
     if ra is not None:
@@ -221,20 +328,43 @@ def test_defaults_are_the_official_values():
     from pipelines.config import AugConfig
 
     a = AugConfig()
-    assert (a.img_size, a.crop, a.rrc_scale, a.rrc_ratio, a.src_pad, a.eval_crop_ratio) == \
-           (224, "rrc", (0.08, 1.0), (3 / 4, 4 / 3), 4, 1.0)
-    assert (a.hflip, a.three_augment, a.blur_sigma, a.solarize_threshold, a.color_jitter, a.auto_augment) == \
-           (0.5, True, (0.1, 2.0), 128, 0.3, None)
+    assert (a.img_size, a.crop, a.rrc_scale, a.rrc_ratio, a.src_pad, a.eval_crop_ratio) == (
+        224,
+        "rrc",
+        (0.08, 1.0),
+        (3 / 4, 4 / 3),
+        4,
+        1.0,
+    )
+    assert (a.hflip, a.three_augment, a.blur_sigma, a.solarize_threshold, a.color_jitter, a.auto_augment) == (
+        0.5,
+        True,
+        (0.1, 2.0),
+        128,
+        0.3,
+        None,
+    )
     assert (a.mixup, a.cutmix, a.mix_prob, a.mix_switch_prob, a.label_smoothing) == (0.8, 1.0, 1.0, 0.5, 0.0)
     assert (a.mean, a.std) == (IMAGENET_MEAN, IMAGENET_STD) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     o = OptimConfig()
-    assert (o.name, o.lr, o.weight_decay, o.betas, o.eps, o.max_grad_norm) == ("lamb", 4e-3, 0.05, (0.9, 0.999),
-                                                                              1e-8, 1.0)
+    assert (o.name, o.lr, o.weight_decay, o.betas, o.eps, o.max_grad_norm) == (
+        "lamb",
+        4e-3,
+        0.05,
+        (0.9, 0.999),
+        1e-8,
+        1.0,
+    )
     s = ScheduleConfig()
     assert (s.epochs, s.warmup_epochs, s.warmup_lr, s.min_lr) == (800, 5, 1e-6, 1e-5)
     m = ModelConfig()
-    assert (m.name, m.num_classes, m.drop_path, m.layer_scale_init, m.checkpoint) == \
-           ("deit3_small", 1000, 0.05, 1e-4, None)
+    assert (m.name, m.num_classes, m.drop_path, m.layer_scale_init, m.checkpoint) == (
+        "deit3_small",
+        1000,
+        0.05,
+        1e-4,
+        None,
+    )
     t = TrainConfig()
     assert (t.global_batch, t.amp, t.seed, t.ema_decay) == (2048, "auto", 0, None)
     d = DataConfig()

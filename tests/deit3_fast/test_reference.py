@@ -1,5 +1,6 @@
 """Runs that check themselves against the official curves: which recipe a run follows, the gap and its one warning,
 the readable epoch line, and the official curve in the run dir."""
+
 import json
 import shutil
 
@@ -27,13 +28,32 @@ def test_the_shipped_curves_are_the_official_logs_of_all_18_recipes():
 @pytest.mark.parametrize("name", sorted(reference.recipes()))
 def test_a_recipe_follows_itself_wherever_its_data_lives(name):
     assert follows(load_config(name)) == name
-    moved = load_config(name, ["data.train=/elsewhere/t.beton", "data.val=/elsewhere/v", "data.engine=nvjpeg",
-                               "data.workers=3", "train.log_every=7", "model.checkpoint=null"])
+    moved = load_config(
+        name,
+        [
+            "data.train=/elsewhere/t.beton",
+            "data.val=/elsewhere/v",
+            "data.engine=nvjpeg",
+            "data.workers=3",
+            "train.log_every=7",
+            "model.checkpoint=null",
+        ],
+    )
     assert follows(moved) == name
 
 
-@pytest.mark.parametrize("change", ["optim.lr=1e-3", "schedule.epochs=300", "aug.img_size=160", "loss=ce",
-                                    "train.global_batch=1024", "data.repeats=1", "aug.three_augment=false"])
+@pytest.mark.parametrize(
+    "change",
+    [
+        "optim.lr=1e-3",
+        "schedule.epochs=300",
+        "aug.img_size=160",
+        "loss=ce",
+        "train.global_batch=1024",
+        "data.repeats=1",
+        "aug.three_augment=false",
+    ],
+)
 def test_a_changed_defining_key_is_no_longer_the_recipe(change):
     assert follows(load_config("vit_b_in1k", [change])) is None
 
@@ -55,19 +75,39 @@ def test_gap_warns_once_after_two_consecutive_official_points_behind():
 
 
 def test_epoch_line_is_readable():
-    row = {"epoch": 11, "train_loss": 0.41234, "lr": 0.0031, "val_acc1": 45.123, "val_acc5": 70.0, "gap": -1.25,
-           "official_acc1": 46.373, "img_per_s": 1234.5, "data_wait_frac": 0.031, "max_mem_mb": 12345.6}
+    row = {
+        "epoch": 11,
+        "train_loss": 0.41234,
+        "lr": 0.0031,
+        "val_acc1": 45.123,
+        "val_acc5": 70.0,
+        "gap": -1.25,
+        "official_acc1": 46.373,
+        "img_per_s": 1234.5,
+        "data_wait_frac": 0.031,
+        "max_mem_mb": 12345.6,
+    }
     line = epoch_line(row, 800, 3 * 86400 + 4 * 3600 + 60)
-    assert line == ("epoch 12/800  loss 0.4123  lr 3.10e-03  val 45.12/70.00  gap -1.25 (official 46.37)  "
-                    "1,234 img/s  data wait 3%  mem 12,346 MB  ETA 3d 4h")
+    assert line == (
+        "epoch 12/800  loss 0.4123  lr 3.10e-03  val 45.12/70.00  gap -1.25 (official 46.37)  "
+        "1,234 img/s  data wait 3%  mem 12,346 MB  ETA 3d 4h"
+    )
     assert epoch_line({**row, "val_acc1": None, "gap": None}, 800, 125).endswith("MB  ETA 2m 05s")
 
 
 def test_training_against_a_reference_logs_the_gap_warns_once_and_plots_it(data, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(reference, "official_curve", lambda name: {0: 0.1, 1: 99.0, 2: 99.0, 3: 99.0})
-    sets = {"data.train": data / "train.beton", "data.val": data / "val.beton", "model.num_classes": 4,
-            "data.batch_size": 8, "train.global_batch": 16, "schedule.epochs": 3, "schedule.warmup_epochs": 1,
-            "data.workers": 1, "train.reference": "vit_s_in1k"}
+    sets = {
+        "data.train": data / "train.beton",
+        "data.val": data / "val.beton",
+        "model.num_classes": 4,
+        "data.batch_size": 8,
+        "train.global_batch": 16,
+        "schedule.epochs": 3,
+        "schedule.warmup_epochs": 1,
+        "data.workers": 1,
+        "train.reference": "vit_s_in1k",
+    }
     cfg = load_config("quickstart", [f"{k}={v}" for k, v in sets.items()])
     rows = train(cfg, tmp_path / "run", torch.device("cpu"))
     out, err = capsys.readouterr()
@@ -80,8 +120,9 @@ def test_training_against_a_reference_logs_the_gap_warns_once_and_plots_it(data,
     assert json.loads((tmp_path / "run" / "run.json").read_text())["reference"] == "vit_s_in1k"
     assert (tmp_path / "run" / "curves.png").stat().st_size > 0
     # The quickstart follows no recipe: nothing is compared, nothing is added.
-    cfg = load_config("quickstart", [f"{k}={v}" for k, v in {**sets, "train.reference": "auto",
-                                                              "schedule.epochs": 1}.items()])
+    cfg = load_config(
+        "quickstart", [f"{k}={v}" for k, v in {**sets, "train.reference": "auto", "schedule.epochs": 1}.items()]
+    )
     rows = train(cfg, tmp_path / "plain", torch.device("cpu"), quiet=True)
     assert "gap" not in rows[0] and json.loads((tmp_path / "plain" / "run.json").read_text())["reference"] is None
 
@@ -97,19 +138,23 @@ def test_compare_aligns_runs_and_the_reference_by_epochs_completed(tmp_path, cap
         d.mkdir()
         (d / "run.json").write_text(json.dumps({"reference": "vit_b_in1k_ft224"}))
         curve = official_curve("vit_b_in1k_ft224")
-        rows = [{"epoch": k, "val_acc1": curve.get(k + 1, 80.0) + offset, "train_loss": 1.0, "img_per_s": 9.0}
-                for k in range(12)]
+        rows = [
+            {"epoch": k, "val_acc1": curve.get(k + 1, 80.0) + offset, "train_loss": 1.0, "img_per_s": 9.0}
+            for k in range(12)
+        ]
         for r in rows:
             g = curve.get(r["epoch"] + 1)
             if g is not None:
                 r["gap"] = r["val_acc1"] - g
         (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert cli.main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--json", "--out",
-                     str(tmp_path / "c.png")]) == 0
+    assert (
+        cli.main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--json", "--out", str(tmp_path / "c.png")]) == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert result["reference"] == "vit_b_in1k_ft224" and [r["epoch"] for r in result["rows"]] == [5, 10]
-    assert result["rows"][1]["acc1"]["b"] == pytest.approx(83.788 - 3.0) and result["rows"][1]["gaps"]["b"] == \
-        pytest.approx(-3.0)
+    assert result["rows"][1]["acc1"]["b"] == pytest.approx(83.788 - 3.0) and result["rows"][1]["gaps"][
+        "b"
+    ] == pytest.approx(-3.0)
     assert (tmp_path / "c.png").stat().st_size > 0
     # A run dir named like a column keeps its numbers apart from the epoch and the official curve.
     shutil.copytree(tmp_path / "b", tmp_path / "official")

@@ -1,4 +1,5 @@
 """The schedule against timm's CosineLRScheduler at epoch boundaries."""
+
 import math
 
 import pytest
@@ -11,8 +12,9 @@ from deit3_fast.schedule import ResolutionConfig, ScheduleConfig, WarmupCosine, 
 @pytest.mark.parametrize("epochs, warmup", [(800, 5), (30, 5), (20, 5), (3, 1)])
 def test_per_step_schedule_equals_timm_at_epoch_boundaries(epochs, warmup):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-3)
-    ref = CosineLRScheduler(opt, t_initial=epochs, lr_min=1e-5, warmup_lr_init=1e-6, warmup_t=warmup,
-                            cycle_limit=1, t_in_epochs=True)
+    ref = CosineLRScheduler(
+        opt, t_initial=epochs, lr_min=1e-5, warmup_lr_init=1e-6, warmup_t=warmup, cycle_limit=1, t_in_epochs=True
+    )
     for e in range(epochs):
         ours = lr_at(e, lr=3e-3, epochs=epochs, warmup_epochs=warmup, warmup_lr=1e-6, min_lr=1e-5)
         assert math.isclose(ours, ref._get_lr(e)[0], rel_tol=1e-12), e
@@ -27,9 +29,9 @@ def test_scheduler_sets_every_group_and_is_smooth():
     assert values[0] == 1e-6 and all(g["lr"] == values[-1] for g in opt.param_groups)
     # timm's cosine is not shifted by the warm-up (warmup_prefix=False): after warm-up it resumes at
     # cos(pi * 5 / 20), a visible step down on a 20-epoch budget, negligible on 800 epochs (cos(pi * 5 / 800)).
-    assert values.index(max(values)) == 49 and values[50] == pytest.approx(lr_at(5, lr=4e-3, epochs=20,
-                                                                                   warmup_epochs=5, warmup_lr=1e-6,
-                                                                                   min_lr=1e-5))
+    assert values.index(max(values)) == 49 and values[50] == pytest.approx(
+        lr_at(5, lr=4e-3, epochs=20, warmup_epochs=5, warmup_lr=1e-6, min_lr=1e-5)
+    )
     steps = [abs(b - a) for a, b in zip(values, values[1:])]
     del steps[49]
     assert max(steps) < 1e-4  # per-step values, no epoch-long stairs

@@ -1,5 +1,6 @@
 """Slurm via submitit, exercised through submitit's local executor: a job completes; a preempted job checkpoints,
 requeues itself and resumes to the same final state as an uninterrupted run."""
+
 import json
 import signal
 import subprocess
@@ -22,21 +23,46 @@ pytestmark = pytest.mark.slow  # ~1.5 min: submitit jobs start fresh Python proc
 
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory):
-    d = make_splits(tmp_path_factory.mktemp("submit_data"), {"train": (4, 24, 0), "val": (4, 4, 1)},
-                    min_side=32, max_side=64)
-    return [f"data.train={d / 'train.beton'}", f"data.val={d / 'val.beton'}", "model.num_classes=4",
-            "data.workers=1", "schedule.epochs=5", "schedule.warmup_epochs=1", "data.batch_size=16",
-            "train.global_batch=16"]
+    d = make_splits(
+        tmp_path_factory.mktemp("submit_data"), {"train": (4, 24, 0), "val": (4, 4, 1)}, min_side=32, max_side=64
+    )
+    return [
+        f"data.train={d / 'train.beton'}",
+        f"data.val={d / 'val.beton'}",
+        "model.num_classes=4",
+        "data.workers=1",
+        "schedule.epochs=5",
+        "schedule.warmup_epochs=1",
+        "data.batch_size=16",
+        "train.global_batch=16",
+    ]
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "deit3_fast", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "deit3_fast", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_dry_run_prints_sbatch_parameters_and_the_batch_arithmetic():
-    r = cli("submit", "--cfg", "vit_l_in1k", "--nodes", "4", "--gpus-per-node", "8", "--partition", "p1",
-            "--account", "a1", "--constraint", "volta32gb", "--timeout-min", "600", "--dry-run")
+    r = cli(
+        "submit",
+        "--cfg",
+        "vit_l_in1k",
+        "--nodes",
+        "4",
+        "--gpus-per-node",
+        "8",
+        "--partition",
+        "p1",
+        "--account",
+        "a1",
+        "--constraint",
+        "volta32gb",
+        "--timeout-min",
+        "600",
+        "--dry-run",
+    )
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     p = d["parameters"]
@@ -44,8 +70,18 @@ def test_dry_run_prints_sbatch_parameters_and_the_batch_arithmetic():
     assert (p["slurm_partition"], p["slurm_account"], p["slurm_constraint"]) == ("p1", "a1", "volta32gb")
     assert d["world_size"] == 32 and d["global_batch"].startswith("2048 = 64 per process x 32 processes x 1")
     assert d["command"][:4] == ["deit3-fast", "train", "--cfg", "vit_l_in1k"] and "auto" in d["command"]
-    ramp = cli("submit", "--cfg", "vit_l_in1k", "--nodes", "4", "--gpus-per-node", "8", "--dry-run", "--set",
-               "schedule.resolution={start: 128, start_epoch: 0, end_epoch: 10, step: 32, batch_sizes: {192: 32}}")
+    ramp = cli(
+        "submit",
+        "--cfg",
+        "vit_l_in1k",
+        "--nodes",
+        "4",
+        "--gpus-per-node",
+        "8",
+        "--dry-run",
+        "--set",
+        "schedule.resolution={start: 128, start_epoch: 0, end_epoch: 10, step: 32, batch_sizes: {192: 32}}",
+    )
     assert ramp.returncode == 0, ramp.stderr
     assert json.loads(ramp.stdout)["global_batch_at_192px"] == "32 per process x 32 x 2"
     bad = cli("submit", "--cfg", "vit_l_in1k", "--nodes", "3", "--gpus-per-node", "8", "--dry-run")
@@ -53,8 +89,17 @@ def test_dry_run_prints_sbatch_parameters_and_the_batch_arithmetic():
 
 
 def test_local_job_completes(sets, tmp_path):
-    r = cli("submit", "--cfg", "quickstart", "--local", "--out", tmp_path, *[x for s in sets for x in ("--set", s)],
-            "--set", "schedule.epochs=2")
+    r = cli(
+        "submit",
+        "--cfg",
+        "quickstart",
+        "--local",
+        "--out",
+        tmp_path,
+        *[x for s in sets for x in ("--set", s)],
+        "--set",
+        "schedule.epochs=2",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout.strip().splitlines()[-1])["job_id"]
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
@@ -111,4 +156,3 @@ def test_a_requeue_signal_during_a_checkpoint_write_is_handled_after_it(tmp_path
     finally:
         signal.signal(signal.SIGUSR2, previous)
     assert load(tmp_path / "c.pt")["epoch"] == 4
-

@@ -1,4 +1,5 @@
 """The trainer end to end on CPU: exact resume, divergence, config checks, run-dir contents, CLI train/eval."""
+
 import json
 import math
 import subprocess
@@ -17,9 +18,18 @@ from ..conftest import REPO
 
 
 def tiny_cfg(data, **sets):
-    base = {"data.train": data / "train.beton", "data.val": data / "val.beton", "model.num_classes": 4,
-            "data.batch_size": 8, "train.global_batch": 16, "schedule.epochs": 3, "schedule.warmup_epochs": 1,
-            "model.drop_path": 0.1, "train.log_every": 2, "data.workers": 1}
+    base = {
+        "data.train": data / "train.beton",
+        "data.val": data / "val.beton",
+        "model.num_classes": 4,
+        "data.batch_size": 8,
+        "train.global_batch": 16,
+        "schedule.epochs": 3,
+        "schedule.warmup_epochs": 1,
+        "model.drop_path": 0.1,
+        "train.log_every": 2,
+        "data.workers": 1,
+    }
     base.update(sets)
     return load_config("quickstart", [f"{k}={v}" for k, v in base.items()])
 
@@ -49,8 +59,9 @@ def assert_same_as_uninterrupted(full_dir, full_rows, split_dir):
         assert_same_state(load(full_dir / name), load(split_dir / name), name)
     strip = ("train_seconds", "img_per_s", "data_wait_frac", "max_mem_mb")
     rows = [json.loads(x) for x in (split_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [{k: v for k, v in r.items() if k not in strip} for r in rows] == \
-           [{k: v for k, v in r.items() if k not in strip} for r in full_rows]
+    assert [{k: v for k, v in r.items() if k not in strip} for r in rows] == [
+        {k: v for k, v in r.items() if k not in strip} for r in full_rows
+    ]
 
 
 @pytest.mark.parametrize("sets", [{}, {"train.ema_decay": 0.9, "train.amp": "fp16"}], ids=["plain", "ema-fp16"])
@@ -133,8 +144,15 @@ def test_resume_with_changed_config_is_refused_unless_forced(data, tmp_path):
     train(tiny_cfg(data), tmp_path, torch.device("cpu"), quiet=True, stop_after_epoch=0)
     with pytest.raises(ConfigMismatch, match="optim.lr"):
         train(tiny_cfg(data, **{"optim.lr": 1e-3}), tmp_path, torch.device("cpu"), quiet=True, resume="auto")
-    rows = train(tiny_cfg(data, **{"optim.lr": 1e-3}), tmp_path, torch.device("cpu"), quiet=True, resume="auto",
-                 force=True, stop_after_epoch=1)
+    rows = train(
+        tiny_cfg(data, **{"optim.lr": 1e-3}),
+        tmp_path,
+        torch.device("cpu"),
+        quiet=True,
+        resume="auto",
+        force=True,
+        stop_after_epoch=1,
+    )
     assert [r["epoch"] for r in rows] == [1]
 
 
@@ -162,8 +180,9 @@ def test_global_batch_must_divide(data, tmp_path):
 
 
 def cli(*args, timeout=600, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "deit3_fast", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "deit3_fast", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.mark.parametrize("layer_scale", ["1e-4", "null"], ids=["layerscale", "no-layerscale"])
@@ -172,10 +191,40 @@ def test_cli_train_then_eval(data, tmp_path, layer_scale, capsys):
     through the CLI's main in this process (test_cli_dry_run_and_one_line_errors starts a whole one)."""
     from deit3_fast.cli import main
 
-    common = ["--cfg", "quickstart", "--data-val", data / "val.beton", "--set", "model.num_classes=4",
-              "--set", "data.workers=1", "--set", f"model.layer_scale_init={layer_scale}"]
-    code = main(list(map(str, ["train", *common, "--data-train", data / "train.beton", "--out", tmp_path, "--epochs",
-                               "2", "--quiet", "--set", "data.batch_size=8", "--set", "train.global_batch=8"])))
+    common = [
+        "--cfg",
+        "quickstart",
+        "--data-val",
+        data / "val.beton",
+        "--set",
+        "model.num_classes=4",
+        "--set",
+        "data.workers=1",
+        "--set",
+        f"model.layer_scale_init={layer_scale}",
+    ]
+    code = main(
+        list(
+            map(
+                str,
+                [
+                    "train",
+                    *common,
+                    "--data-train",
+                    data / "train.beton",
+                    "--out",
+                    tmp_path,
+                    "--epochs",
+                    "2",
+                    "--quiet",
+                    "--set",
+                    "data.batch_size=8",
+                    "--set",
+                    "train.global_batch=8",
+                ],
+            )
+        )
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     summary = json.loads(out.strip().splitlines()[-1])
@@ -195,14 +244,17 @@ def test_cli_dry_run_and_one_line_errors(tmp_path, capsys):
     assert cfg["model"]["name"] == "deit3_huge" and cfg["schedule"]["epochs"] == 3 and cfg["aug"]["img_size"] == 160
     r = cli("train", "--cfg", "vit_s_in1k", "--set", "optim.lrr=1", "--out", tmp_path / "run")  # a whole process
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        "deit3-fast: error: unknown config key 'optim.lrr' (did you mean 'lr'?)"], r.stderr
+        "deit3-fast: error: unknown config key 'optim.lrr' (did you mean 'lr'?)"
+    ], r.stderr
     from deit3_fast.cli import (
         main,  # the rest in this process: the same main, without a second start-up
     )
 
-    for args, fragment in [(["--cfg", "vit_s_in1k", "--set", "data.batch_size=big"], "data.batch_size"),
-                           (["--cfg", "no_such_recipe"], "not found"),
-                           (["--cfg", "vit_s_in1k", "--data-train", tmp_path / "absent.beton"], "absent.beton")]:
+    for args, fragment in [
+        (["--cfg", "vit_s_in1k", "--set", "data.batch_size=big"], "data.batch_size"),
+        (["--cfg", "no_such_recipe"], "not found"),
+        (["--cfg", "vit_s_in1k", "--data-train", tmp_path / "absent.beton"], "absent.beton"),
+    ]:
         assert main(["train", *map(str, args), "--out", str(tmp_path / "run")]) == 2, args
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and fragment in err, err
@@ -213,8 +265,20 @@ def test_refused_inputs_are_one_line_and_leave_no_run_dir(data, tmp_path, capsys
     from deit3_fast import __version__
     from deit3_fast.cli import main
 
-    common = ["--cfg", "quickstart", "--data-train", str(data / "train.beton"), "--data-val", str(data / "val.beton"),
-              "--set", "model.num_classes=4", "--set", "data.workers=1", "--device", "cpu"]
+    common = [
+        "--cfg",
+        "quickstart",
+        "--data-train",
+        str(data / "train.beton"),
+        "--data-val",
+        str(data / "val.beton"),
+        "--set",
+        "model.num_classes=4",
+        "--set",
+        "data.workers=1",
+        "--device",
+        "cpu",
+    ]
     weights = tmp_path / "weights.pt"
     from deit3_fast.models import create_model
 
@@ -225,17 +289,39 @@ def test_refused_inputs_are_one_line_and_leave_no_run_dir(data, tmp_path, capsys
     torch.save({"format": "deit3-fast-checkpoint", "version": 2, "model": model.state_dict()}, newer)
     (tmp_path / "src").mkdir()
     for args, fragment in [
-            (["--set", "aug.auto_augment=rand-t3a"], "does not implement"),  # timm ops BatchAugment lacks
-            (["--set", "data.batch_size=15", "--set", "train.global_batch=15"], "15 images per process is odd"),
-            (["--resume", str(weights)], "not a checkpoint of a deit3-fast run"),
-            (["--resume", str(newer)], (f"{newer} is a deit3-fast checkpoint of format version 2, and deit3-fast "
-                                        f"{__version__} reads version 1; a newer deit3-fast wrote it: upgrade"))]:
+        (["--set", "aug.auto_augment=rand-t3a"], "does not implement"),  # timm ops BatchAugment lacks
+        (["--set", "data.batch_size=15", "--set", "train.global_batch=15"], "15 images per process is odd"),
+        (["--resume", str(weights)], "not a checkpoint of a deit3-fast run"),
+        (
+            ["--resume", str(newer)],
+            (
+                f"{newer} is a deit3-fast checkpoint of format version 2, and deit3-fast "
+                f"{__version__} reads version 1; a newer deit3-fast wrote it: upgrade"
+            ),
+        ),
+    ]:
         assert main(["train", *common, *args, "--out", str(tmp_path / "run")]) == 2, args
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and fragment in err, err
         assert not (tmp_path / "run").exists()
-    assert main(["eval", "--cfg", "quickstart", "--set", "model.num_classes=4", "--device", "cpu", "--checkpoint",
-                 str(weights), "--val", f"x={tmp_path / 'src'}"]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--cfg",
+                "quickstart",
+                "--set",
+                "model.num_classes=4",
+                "--device",
+                "cpu",
+                "--checkpoint",
+                str(weights),
+                "--val",
+                f"x={tmp_path / 'src'}",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "--val x: " in err and "not a .beton or a shard set" in err, err
     with pytest.raises(SystemExit) as stop:
@@ -251,10 +337,30 @@ def test_more_refused_inputs_are_one_line(data, tmp_path, capsys):
     binary = tmp_path / "train.beton"
     binary.write_bytes(bytes(range(256)) * 4)
     (tmp_path / "a_dir").mkdir()
-    train_ = ["train", "--cfg", "quickstart", "--data-train", str(data / "train.beton"), "--data-val",
-              str(data / "val.beton"), "--set", "model.num_classes=4", "--device", "cpu", "--out", str(tmp_path / "r")]
-    preview = ["preview", "--cfg", "quickstart", "--data-train", str(data / "train.beton"), "--set",
-               "model.num_classes=4"]
+    train_ = [
+        "train",
+        "--cfg",
+        "quickstart",
+        "--data-train",
+        str(data / "train.beton"),
+        "--data-val",
+        str(data / "val.beton"),
+        "--set",
+        "model.num_classes=4",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "r"),
+    ]
+    preview = [
+        "preview",
+        "--cfg",
+        "quickstart",
+        "--data-train",
+        str(data / "train.beton"),
+        "--set",
+        "model.num_classes=4",
+    ]
     cases = [
         (main, [*train_, "--set", "aug.auto_augment=rand-n20-tweights"], "use n"),  # crashed at the first batch
         (main, [*train_, "--overrides", str(binary)], "--overrides"),
@@ -264,9 +370,23 @@ def test_more_refused_inputs_are_one_line(data, tmp_path, capsys):
         (main, [*preview, "--n", "1000", "--out", str(tmp_path / "p.png")], "--n 1000: more than the"),
         (main, ["export", str(tmp_path / "missing.pt"), str(tmp_path / "e")], "no such checkpoint file"),
         (main, ["export", str(binary), str(binary)], "exists and is not a folder"),
-        (main, ["eval", "--cfg", "quickstart", "--data-val", str(data / "val.beton"), "--checkpoint", str(binary),
-                "--save-predictions", str(tmp_path / "a_dir")], "--save-predictions: cannot write"),
-        (convert_main, [str(tmp_path / "a_dir"), str(tmp_path / "o.beton"), "--classes", str(binary)], "not text")]
+        (
+            main,
+            [
+                "eval",
+                "--cfg",
+                "quickstart",
+                "--data-val",
+                str(data / "val.beton"),
+                "--checkpoint",
+                str(binary),
+                "--save-predictions",
+                str(tmp_path / "a_dir"),
+            ],
+            "--save-predictions: cannot write",
+        ),
+        (convert_main, [str(tmp_path / "a_dir"), str(tmp_path / "o.beton"), "--classes", str(binary)], "not text"),
+    ]
     for entry, args, fragment in cases:
         assert entry(args) == 2, args
         err = capsys.readouterr().err
@@ -287,15 +407,31 @@ def test_a_damaged_metrics_file_is_read_or_named(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and "metrics.jsonl: line 2 is not a metrics row" in err, err
 
 
-@pytest.mark.parametrize("name, model, size, lr, drop_path, batch", [
-    ("vit_s_in1k", "deit3_small", 224, 4e-3, 0.05, 256), ("vit_b_in1k", "deit3_base", 192, 3e-3, 0.2, 256),
-    ("vit_l_in1k", "deit3_large", 192, 3e-3, 0.45, 64), ("vit_h_in1k", "deit3_huge", 160, 3e-3, 0.6, 64)])
+@pytest.mark.parametrize(
+    "name, model, size, lr, drop_path, batch",
+    [
+        ("vit_s_in1k", "deit3_small", 224, 4e-3, 0.05, 256),
+        ("vit_b_in1k", "deit3_base", 192, 3e-3, 0.2, 256),
+        ("vit_l_in1k", "deit3_large", 192, 3e-3, 0.45, 64),
+        ("vit_h_in1k", "deit3_huge", 160, 3e-3, 0.6, 64),
+    ],
+)
 def test_in1k_recipes_are_exact(name, model, size, lr, drop_path, batch):
     c = load_config(name)
-    assert (c.model.name, c.aug.img_size, c.optim.lr, c.model.drop_path, c.data.batch_size) == \
-           (model, size, lr, drop_path, batch)
-    assert (c.optim.name, c.optim.weight_decay, c.loss, c.train.global_batch, c.schedule.epochs) == \
-           ("lamb", 0.05, "bce", 2048, 800)
+    assert (c.model.name, c.aug.img_size, c.optim.lr, c.model.drop_path, c.data.batch_size) == (
+        model,
+        size,
+        lr,
+        drop_path,
+        batch,
+    )
+    assert (c.optim.name, c.optim.weight_decay, c.loss, c.train.global_batch, c.schedule.epochs) == (
+        "lamb",
+        0.05,
+        "bce",
+        2048,
+        800,
+    )
     assert (c.schedule.warmup_epochs, c.schedule.warmup_lr, c.schedule.min_lr) == (5, 1e-6, 1e-5)
     assert (c.aug.mixup, c.aug.cutmix, c.aug.label_smoothing, c.aug.color_jitter) == (0.8, 1.0, 0.0, 0.3)
     assert c.aug.three_augment and c.aug.crop == "rrc" and c.aug.eval_crop_ratio == 1.0 and c.data.repeats == 3
@@ -303,16 +439,29 @@ def test_in1k_recipes_are_exact(name, model, size, lr, drop_path, batch):
 
 
 def test_ema_weights_are_kept_and_evaluable(data, tmp_path, capsys):
-    train(tiny_cfg(data, **{"train.ema_decay": 0.9, "schedule.epochs": 1}), tmp_path, torch.device("cpu"),
-          quiet=True)
+    train(tiny_cfg(data, **{"train.ema_decay": 0.9, "schedule.epochs": 1}), tmp_path, torch.device("cpu"), quiet=True)
     ck = load(tmp_path / "checkpoint-last.pt")
     assert ck["ema"] is not None
     assert any(not torch.equal(ck["ema"][k], ck["model"][k]) for k in ck["model"])
     from deit3_fast.cli import main  # eval --ema in this process: the command, not a start-up, is tested
 
     capsys.readouterr()
-    code = main(["eval", "--cfg", "quickstart", "--data-val", str(data / "val.beton"), "--set", "model.num_classes=4",
-                 "--set", "data.workers=1", "--checkpoint", str(tmp_path / "checkpoint-last.pt"), "--ema"])
+    code = main(
+        [
+            "eval",
+            "--cfg",
+            "quickstart",
+            "--data-val",
+            str(data / "val.beton"),
+            "--set",
+            "model.num_classes=4",
+            "--set",
+            "data.workers=1",
+            "--checkpoint",
+            str(tmp_path / "checkpoint-last.pt"),
+            "--ema",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     assert json.loads(out.strip().splitlines()[-1])["n"] == 16
@@ -320,32 +469,56 @@ def test_ema_weights_are_kept_and_evaluable(data, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_compiled_model_trains_and_saves_plain_keys(data, tmp_path):
-    rows = train(tiny_cfg(data, **{"train.compile": "true", "schedule.epochs": 1}), tmp_path, torch.device("cpu"),
-                 quiet=True)
+    rows = train(
+        tiny_cfg(data, **{"train.compile": "true", "schedule.epochs": 1}), tmp_path, torch.device("cpu"), quiet=True
+    )
     assert math.isfinite(rows[0]["train_loss"])
     assert not any(k.startswith("_orig_mod.") for k in load(tmp_path / "checkpoint-last.pt")["model"])
 
 
-@pytest.mark.parametrize("size, model, res, drop_path, epochs", [
-    ("s", "deit3_small", 224, 0.05, 240), ("b", "deit3_base", 224, 0.1, 240), ("l", "deit3_large", 224, 0.3, 240),
-    ("h", "deit3_huge", 128, 0.5, 90)])
+@pytest.mark.parametrize(
+    "size, model, res, drop_path, epochs",
+    [
+        ("s", "deit3_small", 224, 0.05, 240),
+        ("b", "deit3_base", 224, 0.1, 240),
+        ("l", "deit3_large", 224, 0.3, 240),
+        ("h", "deit3_huge", 128, 0.5, 90),
+    ],
+)
 def test_in21k_recipes_are_exact(size, model, res, drop_path, epochs):
     c = load_config(f"vit_{size}_in21k")
     assert (c.model.name, c.aug.img_size, c.model.drop_path, c.schedule.epochs) == (model, res, drop_path, epochs)
-    assert (c.optim.name, c.optim.lr, c.optim.weight_decay, c.loss, c.aug.label_smoothing) == \
-           ("lamb", 1e-3, 0.02, "ce", 0.1)
+    assert (c.optim.name, c.optim.lr, c.optim.weight_decay, c.loss, c.aug.label_smoothing) == (
+        "lamb",
+        1e-3,
+        0.02,
+        "ce",
+        0.1,
+    )
     assert (c.aug.mixup, c.aug.cutmix, c.aug.crop, c.aug.three_augment, c.data.repeats) == (0.0, 1.0, "src", True, 1)
     ft = load_config(f"vit_{size}_in21k_ft_in1k")
     assert ft.model.drop_path == {"s": 0.05, "b": 0.15, "l": 0.4, "h": 0.45}[size]
-    assert (ft.optim.name, ft.optim.lr, ft.optim.weight_decay, ft.schedule.epochs, ft.aug.img_size) == \
-           ("lamb", 3e-4, 0.02, 50, 224)
-    assert (ft.aug.mixup, ft.aug.cutmix, ft.aug.crop, ft.aug.label_smoothing, ft.data.repeats, ft.loss) == \
-           (0.0, 1.0, "src", 0.1, 1, "ce")
+    assert (ft.optim.name, ft.optim.lr, ft.optim.weight_decay, ft.schedule.epochs, ft.aug.img_size) == (
+        "lamb",
+        3e-4,
+        0.02,
+        50,
+        224,
+    )
+    assert (ft.aug.mixup, ft.aug.cutmix, ft.aug.crop, ft.aug.label_smoothing, ft.data.repeats, ft.loss) == (
+        0.0,
+        1.0,
+        "src",
+        0.1,
+        1,
+        "ce",
+    )
 
 
 def test_fp16_with_grad_scaler_trains(data, tmp_path):
-    rows = train(tiny_cfg(data, **{"train.amp": "fp16", "schedule.epochs": 1}), tmp_path, torch.device("cpu"),
-                 quiet=True)
+    rows = train(
+        tiny_cfg(data, **{"train.amp": "fp16", "schedule.epochs": 1}), tmp_path, torch.device("cpu"), quiet=True
+    )
     assert math.isfinite(rows[0]["train_loss"])
     assert load(tmp_path / "checkpoint-last.pt")["scaler"]  # the scaler's state is saved for resume
     # A bf16 run's checkpoint (an empty scaler state) resumes where train.amp auto means fp16 (a V100): the scaler
@@ -353,22 +526,39 @@ def test_fp16_with_grad_scaler_trains(data, tmp_path):
     bf16 = trainer.build(tiny_cfg(data, **{"train.amp": "bf16"}), torch.device("cpu")).state_dict()
     fp16 = trainer.build(tiny_cfg(data, **{"train.amp": "fp16"}), torch.device("cpu"))
     fp16.load_state_dict(bf16)
-    assert fp16.scaler.is_enabled() and fp16.scaler.get_scale() == 2.0 ** 16
+    assert fp16.scaler.is_enabled() and fp16.scaler.get_scale() == 2.0**16
     fp16.load_state_dict(load(tmp_path / "checkpoint-last.pt"))
     assert fp16.scaler.get_scale() == load(tmp_path / "checkpoint-last.pt")["scaler"]["scale"]
 
 
-@pytest.mark.parametrize("name, model, res, drop_path", [
-    ("vit_b_in1k_ft224", "deit3_base", 224, 0.2), ("vit_l_in1k_ft224", "deit3_large", 224, 0.45),
-    ("vit_h_in1k_ft224", "deit3_huge", 224, 0.55), ("vit_s_in1k_ft384", "deit3_small", 384, 0.0),
-    ("vit_b_in1k_ft384", "deit3_base", 384, 0.15), ("vit_l_in1k_ft384", "deit3_large", 384, 0.4)])
+@pytest.mark.parametrize(
+    "name, model, res, drop_path",
+    [
+        ("vit_b_in1k_ft224", "deit3_base", 224, 0.2),
+        ("vit_l_in1k_ft224", "deit3_large", 224, 0.45),
+        ("vit_h_in1k_ft224", "deit3_huge", 224, 0.55),
+        ("vit_s_in1k_ft384", "deit3_small", 384, 0.0),
+        ("vit_b_in1k_ft384", "deit3_base", 384, 0.15),
+        ("vit_l_in1k_ft384", "deit3_large", 384, 0.4),
+    ],
+)
 def test_in1k_finetuning_recipes_are_exact(name, model, res, drop_path):
     c = load_config(name)
     assert (c.model.name, c.aug.img_size, c.model.drop_path) == (model, res, drop_path)
-    assert (c.optim.name, c.optim.lr, c.optim.weight_decay, c.schedule.epochs, c.schedule.warmup_epochs) == \
-           ("adamw", 1e-5, 0.1, 20, 5)
-    assert (c.loss, c.aug.label_smoothing, c.aug.auto_augment, c.data.repeats, c.train.global_batch) == \
-           ("ce", 0.1, "rand-m9-mstd0.5-inc1", 1, 512)
+    assert (c.optim.name, c.optim.lr, c.optim.weight_decay, c.schedule.epochs, c.schedule.warmup_epochs) == (
+        "adamw",
+        1e-5,
+        0.1,
+        20,
+        5,
+    )
+    assert (c.loss, c.aug.label_smoothing, c.aug.auto_augment, c.data.repeats, c.train.global_batch) == (
+        "ce",
+        0.1,
+        "rand-m9-mstd0.5-inc1",
+        1,
+        512,
+    )
     assert not c.aug.three_augment and c.aug.color_jitter == 0.0 and c.model.checkpoint
 
 
@@ -393,8 +583,11 @@ def test_amp_auto_is_bf16_where_native_else_fp16_with_a_scaler(monkeypatch):
     cfg = load_config("vit_s_in1k")
     assert cfg.train.amp == "auto"
     assert resolve_amp(cfg.train.amp, torch.device("cpu")) == "bf16"
-    for capability, name, expected in (((7, 0), "Tesla V100-SXM2-32GB", "fp16"), ((8, 0), "NVIDIA A100", "bf16"),
-                                       ((9, 0), "NVIDIA H100 80GB HBM3", "bf16")):
+    for capability, name, expected in (
+        ((7, 0), "Tesla V100-SXM2-32GB", "fp16"),
+        ((8, 0), "NVIDIA A100", "bf16"),
+        ((9, 0), "NVIDIA H100 80GB HBM3", "bf16"),
+    ):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
         cuda = torch.device("cuda", 0)
@@ -409,8 +602,12 @@ def test_run_dir_records_what_the_run_really_uses(data, tmp_path, capsys):
     says the same in one line. config.yaml keeps the config as given (what a resume compares)."""
     train(tiny_cfg(data, **{"train.amp": "auto", "schedule.epochs": 1}), tmp_path, torch.device("cpu"))
     facts = json.loads((tmp_path / "run.json").read_text())
-    assert (facts["amp"], facts["amp_config"], facts["per_process_batch"], facts["accumulation_steps"]) == \
-           ("bf16", "auto", 8, 2)
+    assert (facts["amp"], facts["amp_config"], facts["per_process_batch"], facts["accumulation_steps"]) == (
+        "bf16",
+        "auto",
+        8,
+        2,
+    )
     assert facts["device"].startswith("cpu") and facts["world_size"] == 1
     assert "amp auto -> bf16, global batch 16 = 8 per process x 1 x 2 accumulation" in capsys.readouterr().out
     assert load_config(str(tmp_path / "config.yaml")).train.amp == "auto"

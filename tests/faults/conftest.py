@@ -1,5 +1,6 @@
 """Helpers for injecting real faults: a size-limited tmpfs, a process without root's permission bypass, a file-size
 limit, and finding (and freezing) the converter's writer processes so a fault lands mid-write, deterministically."""
+
 from __future__ import annotations
 
 import contextlib
@@ -31,11 +32,16 @@ def tmpfs(where: Path, size: str):
     """A tmpfs of `size` (e.g. "4m") mounted at `where`: a real, small disk that fills up. Skips where mounting is not
     permitted (not root, or a container without CAP_SYS_ADMIN)."""
     where.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0777", f"deit3-faults-{uuid.uuid4().hex[:8]}",
-                        str(where)], capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0777", f"deit3-faults-{uuid.uuid4().hex[:8]}", str(where)],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or 'mount failed'}); the RLIMIT_FSIZE test covers "
-                    "a full disk instead")
+        pytest.skip(
+            f"cannot mount a tmpfs here ({r.stderr.strip() or 'mount failed'}); the RLIMIT_FSIZE test covers "
+            "a full disk instead"
+        )
     try:
         yield where
     finally:
@@ -69,15 +75,24 @@ def permission_faults_possible() -> str | None:
 def file_size_limit(limit: int):
     """preexec_fn: every file the child (and its workers) writes is capped at `limit` bytes; writes past it fail with
     EFBIG ('File too large'), as on a full quota. SIGXFSZ is ignored (Python does that itself at start-up too)."""
+
     def apply():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     return apply
 
 
 def start_convert(src, out, *args, **kw) -> subprocess.Popen:
-    return subprocess.Popen([*CONVERT, str(src), str(out), *map(str, args)], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
+    return subprocess.Popen(
+        [*CONVERT, str(src), str(out), *map(str, args)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        **kw,
+    )
 
 
 def writer_processes(proc: subprocess.Popen, n: int, timeout: float = 120) -> list[psutil.Process]:

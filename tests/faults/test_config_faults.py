@@ -5,10 +5,10 @@ before anything is built or written.
 Covered elsewhere (not repeated here): tests/deit3_fast/test_train.py::test_cli_dry_run_and_one_line_errors runs
 four of these (`optim.lrr`, `data.batch_size=big`, an unknown recipe, an absent .beton) as separate processes.
 """
+
 import pytest
 
 from deit3_fast import cli
-
 
 
 FILES = {  # name: (file content, fragment of the message)
@@ -81,7 +81,7 @@ SETS = {  # --set value: fragment
     "aug.auto_augment=rand-m9-mstd0.5-inc": "aug.auto_augment 'rand-m9-mstd0.5-inc': unknown section 'inc'",
     "aug.auto_augment=autoaug-v0": "aug.auto_augment 'autoaug-v0': not a RandAugment policy",
     "train.global_batch=40": "train.global_batch 40 is not a multiple of data.batch_size 32 x world size 1: use "
-                             "--set data.batch_size=20 (2 accumulation steps)",
+    "--set data.batch_size=20 (2 accumulation steps)",
 }
 
 
@@ -92,13 +92,16 @@ def test_bad_set_override(assignment, tmp_path, capsys):
     assert not any((tmp_path / "run").glob("checkpoint*"))
 
 
-@pytest.mark.parametrize("cfg, fragment", [
-    ("no_such_recipe", "config 'no_such_recipe' not found"),
-    ("vit_s_in1kk", "did you mean 'vit_s_in1k'?"),
-    ("/nonexistent/dir/run.yaml", "config '/nonexistent/dir/run.yaml' not found"),
-    ("configs", "config 'configs' not found"),                     # a folder is not a config file
-    ("bad\0name", "not found"),
-])
+@pytest.mark.parametrize(
+    "cfg, fragment",
+    [
+        ("no_such_recipe", "config 'no_such_recipe' not found"),
+        ("vit_s_in1kk", "did you mean 'vit_s_in1k'?"),
+        ("/nonexistent/dir/run.yaml", "config '/nonexistent/dir/run.yaml' not found"),
+        ("configs", "config 'configs' not found"),  # a folder is not a config file
+        ("bad\0name", "not found"),
+    ],
+)
 def test_missing_cfg(cfg, fragment, tmp_path, capsys):
     assert fragment in _run(["train", "--cfg", cfg, "--out", str(tmp_path / "run")], capsys)
 
@@ -106,8 +109,15 @@ def test_missing_cfg(cfg, fragment, tmp_path, capsys):
 @pytest.mark.parametrize("what", ["train_unset", "train_missing", "val_missing", "train_is_folder"])
 def test_missing_data_path(what, data, tmp_path, capsys):
     """Data paths are checked before the first step: nothing is trained and no checkpoint is written."""
-    sets = {"model.num_classes": 4, "data.batch_size": 4, "train.global_batch": 4, "data.workers": 1,
-            "data.repeats": 1, "data.val": data / "val.beton", "data.train": data / "train.beton"}
+    sets = {
+        "model.num_classes": 4,
+        "data.batch_size": 4,
+        "train.global_batch": 4,
+        "data.workers": 1,
+        "data.repeats": 1,
+        "data.val": data / "val.beton",
+        "data.train": data / "train.beton",
+    }
     if what == "train_unset":
         sets["data.train"] = "null"
     elif what == "train_missing":
@@ -120,9 +130,11 @@ def test_missing_data_path(what, data, tmp_path, capsys):
     for k, v in sets.items():
         args += ["--set", f"{k}={v}"]
     line = _run(args, capsys)
-    fragment = {"train_unset": "no train data: set data.train",
-                "train_missing": f"{tmp_path / 'absent.beton'}: cannot open (No such file or directory)",
-                "val_missing": f"{tmp_path / 'absent_val.beton'}: cannot open (No such file or directory)",
-                "train_is_folder": f"{tmp_path}: a folder without manifest.json, so not a .beton or a shard set"}[what]
+    fragment = {
+        "train_unset": "no train data: set data.train",
+        "train_missing": f"{tmp_path / 'absent.beton'}: cannot open (No such file or directory)",
+        "val_missing": f"{tmp_path / 'absent_val.beton'}: cannot open (No such file or directory)",
+        "train_is_folder": f"{tmp_path}: a folder without manifest.json, so not a .beton or a shard set",
+    }[what]
     assert fragment in line
     assert not any((tmp_path / "run").glob("checkpoint*")) and not (tmp_path / "run" / "metrics.jsonl").exists()

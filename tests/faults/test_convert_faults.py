@@ -15,6 +15,7 @@ Covered elsewhere with the same real injection (not repeated here):
   tests/dataset_tools/test_convert.py::test_fatal_input_is_one_line_and_exit_2
       missing/empty source, bad output path
 """
+
 import json
 import os
 import re
@@ -30,8 +31,18 @@ from dataset_tools.convert import convert
 from dataset_tools.synthetic import add_bad_inputs, make_imagefolder
 
 from ..conftest import REPO, no_leftovers, run_cli
-from .conftest import (CONVERT, drop_root_file_access, file_size_limit, link_tree, permission_faults_possible,
-                       resize_tmpfs, start_convert, tmpfs, wait_gone, writer_processes)
+from .conftest import (
+    CONVERT,
+    drop_root_file_access,
+    file_size_limit,
+    link_tree,
+    permission_faults_possible,
+    resize_tmpfs,
+    start_convert,
+    tmpfs,
+    wait_gone,
+    writer_processes,
+)
 
 
 def _one_error_line(stderr: str) -> str:
@@ -52,10 +63,10 @@ def test_bad_files_and_link_loops_are_skipped_and_listed(tmp_path):
     make_imagefolder(src, num_classes=2, per_class=3, seed=3, max_side=64)
     expected = add_bad_inputs(src, src / "class_01" / "img_0000.JPEG")
     d = src / "class_01"
-    os.symlink("loop_b.JPEG", d / "loop_a.JPEG")      # a -> b -> a
+    os.symlink("loop_b.JPEG", d / "loop_a.JPEG")  # a -> b -> a
     os.symlink("loop_a.JPEG", d / "loop_b.JPEG")
-    os.symlink("self.JPEG", d / "self.JPEG")          # a link to itself
-    os.symlink(d, d / "again")                        # a folder link back to its own class folder
+    os.symlink("self.JPEG", d / "self.JPEG")  # a link to itself
+    os.symlink(d, d / "again")  # a folder link back to its own class folder
     os.symlink(tmp_path / "gone.JPEG", d / "broken.JPEG")
     out = tmp_path / "o.beton"
     r = run_cli(src, out, "--workers", "2")
@@ -63,11 +74,13 @@ def test_bad_files_and_link_loops_are_skipped_and_listed(tmp_path):
     reasons = {s["path"]: s["reason"] for s in _report(out)["skipped"]}
     for path, fragment in expected["skipped"].items():
         assert fragment in reasons.pop(path)
-    assert reasons == {"class_01/loop_a.JPEG": "unreadable: Too many levels of symbolic links",
-                       "class_01/loop_b.JPEG": "unreadable: Too many levels of symbolic links",
-                       "class_01/self.JPEG": "unreadable: Too many levels of symbolic links",
-                       "class_01/again": "symbolic link loop: folder already visited",
-                       "class_01/broken.JPEG": "broken symbolic link"}
+    assert reasons == {
+        "class_01/loop_a.JPEG": "unreadable: Too many levels of symbolic links",
+        "class_01/loop_b.JPEG": "unreadable: Too many levels of symbolic links",
+        "class_01/self.JPEG": "unreadable: Too many levels of symbolic links",
+        "class_01/again": "symbolic link loop: folder already visited",
+        "class_01/broken.JPEG": "broken symbolic link",
+    }
     rep = _report(out)
     assert rep["num_written"] == 6 + len(expected["converted"]) and rep["empty_classes"] == ["zz_empty_class"]
     assert set(rep["converted_to_rgb"]) == {"L", "CMYK", "P", "RGBA", "I;16"}
@@ -103,7 +116,8 @@ def test_unreadable_files_and_folders_are_skipped(tmp_path, as_user):
         assert {s["path"]: s["reason"] for s in rep["skipped"]} == {
             "class_00/secret.JPEG": "unreadable: Permission denied",
             "class_01/locked": "unreadable folder: Permission denied",
-            "class_02": "unreadable folder: Permission denied"}
+            "class_02": "unreadable folder: Permission denied",
+        }
         assert rep["class_counts"] == [2, 2, 0] and rep["empty_classes"] == ["class_02"]
 
         # Fatal: the source itself cannot be listed; the output folder cannot be written.
@@ -131,8 +145,9 @@ def test_class_folder_vanishes_mid_run(tmp_path, big_jpeg, strict):
     os.rename(tmp_path / "small" / "class_00", src / "class_1")
     os.rename(tmp_path / "small" / "class_01", src / "class_2")
     out = tmp_path / "o.beton"
-    proc = start_convert(src, out, "--workers", "1", "--max-resolution", "1600", "--quiet",
-                         *(["--strict"] if strict else []))
+    proc = start_convert(
+        src, out, "--workers", "1", "--max-resolution", "1600", "--quiet", *(["--strict"] if strict else [])
+    )
     (writer,) = writer_processes(proc, 1)
     writer.suspend()
     shutil.rmtree(src / "class_2")
@@ -196,14 +211,18 @@ def test_a_failed_reconversion_leaves_the_previous_output_whole(tmp_path, good_t
 
     monkeypatch.setattr(atomic.AtomicOutput, "write_text", lambda self, t: (full(self.final), real_write(self, t)))
     monkeypatch.setattr(atomic, "_linkat_follow", lambda src, dst: (full(dst), real_link(src, dst)))
-    with pytest.raises(ConversionError, match=rf"writing .*{re.escape(failing)} failed: No space left on device; "
-                                              "nothing was written"):
+    with pytest.raises(
+        ConversionError,
+        match=rf"writing .*{re.escape(failing)} failed: No space left on device; "
+        "nothing was written",
+    ):
         convert(str(good_tree), str(out), workers=1, show_progress=False, seed=1)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def test_many_shards_within_a_small_open_file_limit(tmp_path, good_tree):
     """40 shards under a limit of 100 open files: a staged report or source list holds no descriptor."""
+
     def limit():
         resource.setrlimit(resource.RLIMIT_NOFILE, (100, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 
@@ -247,9 +266,14 @@ def test_sigkill_on_the_temp_file_fallback_path(tmp_path, big_jpeg):
     src = link_tree(tmp_path / "src", big_jpeg, {"a": 100, "b": 100})
     out = tmp_path / "o.beton"
     no_tmpfile = "import os, sys; del os.O_TMPFILE; from dataset_tools.convert import main; sys.exit(main())"
-    proc = subprocess.Popen([sys.executable, "-c", no_tmpfile, str(src), str(out), "--workers", "2",
-                             "--max-resolution", "1600", "--quiet"], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", no_tmpfile, str(src), str(out), "--workers", "2", "--max-resolution", "1600", "--quiet"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     writers = writer_processes(proc, 2)
     os.killpg(proc.pid, signal.SIGSTOP)
     try:
@@ -260,8 +284,12 @@ def test_sigkill_on_the_temp_file_fallback_path(tmp_path, big_jpeg):
     proc.communicate(timeout=60)
     assert wait_gone(writers), "writer processes outlived the converter"
     assert no_leftovers(tmp_path, "o.beton") == [f".o.beton.partial-{proc.pid}"]  # never a half OUT
-    r = subprocess.run([*CONVERT, str(src), str(out), "--workers", "2", "--max-per-class", "2", "--quiet"],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [*CONVERT, str(src), str(out), "--workers", "2", "--max-per-class", "2", "--quiet"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert no_leftovers(tmp_path, "o.beton") == ["o.beton"]
-

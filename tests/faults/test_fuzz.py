@@ -3,6 +3,7 @@ documents, files and `--set` overrides. The only allowed outcomes are success or
 / `DataError` / `ConfigError`, which the command lines print as one line): never another exception, never a hang
 (each example runs under a 10 s alarm).
 """
+
 import contextlib
 import dataclasses
 import os
@@ -26,16 +27,22 @@ from ..conftest import make_splits
 # 150 examples per test, the same ones every run (CI stays deterministic). DEIT3_FUZZ_EXAMPLES=5000 explores more,
 # with fresh random examples each run.
 EXAMPLES = int(os.environ.get("DEIT3_FUZZ_EXAMPLES", "150"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
-                derandomize="DEIT3_FUZZ_EXAMPLES" not in os.environ,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    derandomize="DEIT3_FUZZ_EXAMPLES" not in os.environ,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 @contextlib.contextmanager
 def alarm(seconds: int = 10):
     """A hang is a failure: SIGALRM interrupts the example with a TimeoutError."""
+
     def on_alarm(signum, frame):
         raise TimeoutError(f"no result after {seconds} s")
+
     previous = signal.signal(signal.SIGALRM, on_alarm)
     pending = signal.alarm(seconds)  # an outer alarm (pytest-timeout's signal method) is re-armed afterwards
     started = time.monotonic()
@@ -50,6 +57,7 @@ def alarm(seconds: int = 10):
 
 # --- the .beton reader -----------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def real_beton(tmp_path_factory):
     """A real 2-class .beton (8 JPEG and raw images) and its regions: header, field descriptors, metadata rows, image
@@ -60,9 +68,13 @@ def real_beton(tmp_path_factory):
     b = Beton(path)
     desc_end = HEADER.itemsize + len(b.fields) * FIELD_DESC.itemsize
     payloads = [(int(p), int(p) + int(s)) for p, s in zip(b.alloc_table["ptr"], b.alloc_table["size"])]
-    regions = {"header": [(0, HEADER.itemsize)], "fields": [(HEADER.itemsize, desc_end)],
-               "metadata": [(desc_end, desc_end + len(b) * b.row_dtype.itemsize)], "payload": payloads,
-               "alloc_table": [(b.alloc_table_ptr, len(data))]}
+    regions = {
+        "header": [(0, HEADER.itemsize)],
+        "fields": [(HEADER.itemsize, desc_end)],
+        "metadata": [(desc_end, desc_end + len(b) * b.row_dtype.itemsize)],
+        "payload": payloads,
+        "alloc_table": [(b.alloc_table_ptr, len(data))],
+    }
     label_at = desc_end + b.row_dtype.fields["label"][1]  # sample 0's label
     del b
     return data, regions, label_at
@@ -103,8 +115,9 @@ def mutations(draw, regions):
         elif kind == "u16":
             new = draw(st.integers(0, 2**16 - 1)).to_bytes(2, "little")
         elif kind == "u64":
-            new = draw(st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([0, 1, 2**63, 2**64 - 1, 2**32])))\
-                .to_bytes(8, "little")
+            new = draw(st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([0, 1, 2**63, 2**64 - 1, 2**32]))).to_bytes(
+                8, "little"
+            )
         else:
             new = (b"\0" if kind == "zero" else b"\xff") * draw(st.integers(1, 64))
         edits.append((at, new))
@@ -117,7 +130,7 @@ def test_fuzz_beton_bytes(real_beton, tmp_path, data):
     original, regions, _ = real_beton
     mutated = bytearray(original)
     for at, new in data.draw(mutations(regions)):
-        mutated[at:at + len(new)] = new[:max(0, len(original) - at)]
+        mutated[at : at + len(new)] = new[: max(0, len(original) - at)]
     path = tmp_path / "fuzz.beton"
     path.write_bytes(bytes(mutated))
     with alarm():
@@ -129,8 +142,12 @@ def test_fuzz_beton_bytes(real_beton, tmp_path, data):
 def test_fuzz_beton_truncated(real_beton, tmp_path, data):
     original, regions, _ = real_beton
     bounds = sorted({x for spans in regions.values() for span in spans for x in span})
-    cut = data.draw(st.one_of(st.integers(0, len(original)),
-                              st.sampled_from(bounds).flatmap(lambda b: st.integers(max(0, b - 32), b + 32))))
+    cut = data.draw(
+        st.one_of(
+            st.integers(0, len(original)),
+            st.sampled_from(bounds).flatmap(lambda b: st.integers(max(0, b - 32), b + 32)),
+        )
+    )
     path = tmp_path / "fuzz.beton"
     path.write_bytes(original[:cut])
     with alarm():
@@ -147,18 +164,24 @@ def test_fuzz_found_cases(real_beton, tmp_path):
         # an image's allocation size of 0: an empty JPEG buffer (cv2.imdecode asserted: cv2.error)
         "empty_payload": ([(table_at + 16, (0).to_bytes(8, "little"))], "decode", "does not decode"),
         # pointer + size wrap around uint64 to a small end (the bounds check passed; reads ran to the file's end)
-        "wrapping_size": ([(table_at + 16, (2**64 - first_ptr + 8).to_bytes(8, "little"))], "open",
-                          "allocation table points outside"),
+        "wrapping_size": (
+            [(table_at + 16, (2**64 - first_ptr + 8).to_bytes(8, "little"))],
+            "open",
+            "allocation table points outside",
+        ),
         # the second field renamed to the first's name (numpy refused the duplicate: ValueError)
-        "duplicate_field": ([(HEADER.itemsize + FIELD_DESC.itemsize + 1, b"image\0")], "open",
-                            "two fields are named 'image'"),
+        "duplicate_field": (
+            [(HEADER.itemsize + FIELD_DESC.itemsize + 1, b"image\0")],
+            "open",
+            "two fields are named 'image'",
+        ),
         # a label of 2**32 and no report beside the file: --inspect sized a bincount by it (32 GiB)
         "huge_label": ([(label_at, (2**32).to_bytes(8, "little"))], "inspect", "not class indices"),
     }
     for name, (edits, step, fragment) in cases.items():
         mutated = bytearray(original)
         for at, new in edits:
-            mutated[at:at + len(new)] = new
+            mutated[at : at + len(new)] = new
         path = tmp_path / f"{name}.beton"
         path.write_bytes(bytes(mutated))
         with alarm(), pytest.raises(BetonError, match=fragment):
@@ -174,6 +197,7 @@ def test_fuzz_found_cases(real_beton, tmp_path):
 
 # --- the config loader -----------------------------------------------------------------------------------------------
 
+
 def _dotted_keys(cls=Config, prefix="") -> list[str]:
     out = []
     for f in dataclasses.fields(cls):
@@ -184,20 +208,32 @@ def _dotted_keys(cls=Config, prefix="") -> list[str]:
 
 KEYS = _dotted_keys()
 SECTIONS = sorted({k.split(".")[0] for k in KEYS})
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(), st.text(max_size=12),
-                    st.sampled_from(["bf16", "fp8", "lamb", "rrc", "ce", "1e-3", "nan", "-0", "8", ""]))
-values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                       st.dictionaries(st.text(max_size=8), inner, max_size=4)),
-                      max_leaves=12)
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(),
+    st.text(max_size=12),
+    st.sampled_from(["bf16", "fp8", "lamb", "rrc", "ce", "1e-3", "nan", "-0", "8", ""]),
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+    max_leaves=12,
+)
 leaf_names = sorted({k.split(".")[-1] for k in KEYS})
 documents = st.dictionaries(
     st.one_of(st.sampled_from(SECTIONS + ["loss"]), st.text(max_size=8), st.integers(), st.none()),
-    st.one_of(st.dictionaries(st.one_of(st.sampled_from(leaf_names), st.text(max_size=8)), values, max_size=6),
-              values),
-    max_size=6)
-overrides = st.lists(st.one_of(
-    st.builds(lambda k, v: f"{k}={v}", st.sampled_from(KEYS), st.one_of(scalars.map(str), st.text(max_size=16))),
-    st.text(max_size=24)), max_size=4)
+    st.one_of(st.dictionaries(st.one_of(st.sampled_from(leaf_names), st.text(max_size=8)), values, max_size=6), values),
+    max_size=6,
+)
+overrides = st.lists(
+    st.one_of(
+        st.builds(lambda k, v: f"{k}={v}", st.sampled_from(KEYS), st.one_of(scalars.map(str), st.text(max_size=16))),
+        st.text(max_size=24),
+    ),
+    max_size=4,
+)
 
 
 def _load(path, sets) -> None:
@@ -217,8 +253,11 @@ def test_fuzz_config_documents(tmp_path, doc, sets):
 
 
 @FUZZ
-@given(text=st.one_of(st.text(max_size=200), st.binary(max_size=200).map(lambda b: b.decode("latin-1"))),
-       raw=st.binary(max_size=64), sets=overrides)
+@given(
+    text=st.one_of(st.text(max_size=200), st.binary(max_size=200).map(lambda b: b.decode("latin-1"))),
+    raw=st.binary(max_size=64),
+    sets=overrides,
+)
 def test_fuzz_config_raw_files(tmp_path, text, raw, sets):
     """Arbitrary text (mostly not YAML) and arbitrary bytes (mostly not UTF-8) as a config file."""
     for name, payload in (("text.yaml", text.encode("utf-8", "surrogatepass")), ("raw.yaml", raw)):

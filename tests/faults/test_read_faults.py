@@ -11,6 +11,7 @@ Covered elsewhere with the same real files (not repeated here):
   tests/pipelines/test_loader.py::test_bad_data_is_one_clear_error
       labels beyond model.num_classes, missing file
 """
+
 import json
 import subprocess
 
@@ -27,10 +28,28 @@ from .conftest import TRAIN
 
 
 def tiny_args(train, val, out, *extra) -> list[str]:
-    sets = {"model.num_classes": 4, "data.batch_size": 8, "train.global_batch": 16, "schedule.epochs": 1,
-            "schedule.warmup_epochs": 0, "data.workers": 1}
-    return ["train", "--cfg", "quickstart", "--data-train", str(train), "--data-val", str(val), "--out", str(out),
-            "--quiet", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")], *extra]
+    sets = {
+        "model.num_classes": 4,
+        "data.batch_size": 8,
+        "train.global_batch": 16,
+        "schedule.epochs": 1,
+        "schedule.warmup_epochs": 0,
+        "data.workers": 1,
+    }
+    return [
+        "train",
+        "--cfg",
+        "quickstart",
+        "--data-train",
+        str(train),
+        "--data-val",
+        str(val),
+        "--out",
+        str(out),
+        "--quiet",
+        *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")],
+        *extra,
+    ]
 
 
 def _nothing_trained(run) -> None:
@@ -45,14 +64,14 @@ def _broken(src, folder) -> dict:
     table_at, n = b.alloc_table_ptr, len(b)
     del b
     entry = bytearray(data)
-    entry[table_at + 8:table_at + 16] = (len(data) + 2**20).to_bytes(8, "little")  # first image's pointer
+    entry[table_at + 8 : table_at + 16] = (len(data) + 2**20).to_bytes(8, "little")  # first image's pointer
     sizes = bytearray(data)
-    sizes[table_at + 16:table_at + 24] = (2**63).to_bytes(8, "little")              # first image's size
+    sizes[table_at + 16 : table_at + 24] = (2**63).to_bytes(8, "little")  # first image's size
     cases = {
         "zero_bytes": b"",
         "truncated_half": data[: len(data) // 2],
-        "truncated_table": data[:-8],                                          # allocation table cut mid-entry
-        "truncated_last_entry": data[:-24],                                    # one allocation entry missing
+        "truncated_table": data[:-8],  # allocation table cut mid-entry
+        "truncated_last_entry": data[:-24],  # one allocation entry missing
         "header_version": (3).to_bytes(2, "little") + data[2:],
         "header_num_fields": data[:2] + (0).to_bytes(2, "little") + data[4:],
         "header_page_size": data[:4] + (12345).to_bytes(4, "little") + data[8:],
@@ -78,9 +97,23 @@ def broken(data, tmp_path_factory):
     return _broken(data / "train.beton", tmp_path_factory.mktemp("broken"))
 
 
-CASES = ["zero_bytes", "truncated_half", "truncated_table", "truncated_last_entry", "header_version",
-         "header_num_fields", "header_page_size", "header_num_samples", "header_table_ptr", "field_type",
-         "table_entry_ptr", "table_entry_size", "random", "text", "folder"]
+CASES = [
+    "zero_bytes",
+    "truncated_half",
+    "truncated_table",
+    "truncated_last_entry",
+    "header_version",
+    "header_num_fields",
+    "header_page_size",
+    "header_num_samples",
+    "header_table_ptr",
+    "field_type",
+    "table_entry_ptr",
+    "table_entry_size",
+    "random",
+    "text",
+    "folder",
+]
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
@@ -98,8 +131,13 @@ def test_broken_beton_stops_before_training(data, broken, tmp_path, capsys, case
 
 def test_broken_beton_through_the_command_line(data, broken, tmp_path):
     """The same as a user sees it: a fresh process, no traceback, exit 2."""
-    r = subprocess.run([*TRAIN, *tiny_args(broken["truncated_half"], data / "val.beton", tmp_path / "run")[1:]],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [*TRAIN, *tiny_args(broken["truncated_half"], data / "val.beton", tmp_path / "run")[1:]],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"deit3-fast: error: {broken['truncated_half']}: "), r.stderr
@@ -118,15 +156,22 @@ def val_other_classes(data, tmp_path_factory):
         f.unlink()
     (root / "src" / "class_01").rmdir()
     convert(str(root / "src"), str(root / "own.beton"), workers=1, show_progress=False)
-    convert(str(root / "src"), str(root / "aligned.beton"), classes_file=str(data / "train.beton.json"), workers=1,
-            show_progress=False)
+    convert(
+        str(root / "src"),
+        str(root / "aligned.beton"),
+        classes_file=str(data / "train.beton.json"),
+        workers=1,
+        show_progress=False,
+    )
     return root
 
 
 def test_val_split_with_other_classes_is_refused(data, val_other_classes, tmp_path, capsys):
     own = val_other_classes / "own.beton"
-    assert json.loads((val_other_classes / "own.beton.json").read_text())["classes"] != \
-        json.loads((data / "train.beton.json").read_text())["classes"]
+    assert (
+        json.loads((val_other_classes / "own.beton.json").read_text())["classes"]
+        != json.loads((data / "train.beton.json").read_text())["classes"]
+    )
     assert cli.main(tiny_args(data / "train.beton", own, tmp_path / "run")) == 2
     err = capsys.readouterr().err
     lines = err.strip().splitlines()

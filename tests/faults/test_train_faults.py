@@ -11,6 +11,7 @@ Covered elsewhere (not repeated here):
   tests/deit3_fast/test_train.py::test_resume_with_changed_config_is_refused_unless_forced
       the API's ConfigMismatch
 """
+
 import json
 import resource
 import signal
@@ -28,16 +29,33 @@ from .conftest import TRAIN
 
 
 def tiny(data, out, *extra, epochs=3, batch=8, global_batch=16) -> list[str]:
-    sets = {"model.num_classes": 4, "data.batch_size": batch, "train.global_batch": global_batch,
-            "schedule.warmup_epochs": 1, "data.workers": 1, "train.log_every": 1}
-    return ["--cfg", "quickstart", "--data-train", str(data / "train.beton"), "--data-val", str(data / "val.beton"),
-            "--out", str(out), "--epochs", str(epochs), "--quiet",
-            *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")], *extra]
+    sets = {
+        "model.num_classes": 4,
+        "data.batch_size": batch,
+        "train.global_batch": global_batch,
+        "schedule.warmup_epochs": 1,
+        "data.workers": 1,
+        "train.log_every": 1,
+    }
+    return [
+        "--cfg",
+        "quickstart",
+        "--data-train",
+        str(data / "train.beton"),
+        "--data-val",
+        str(data / "val.beton"),
+        "--out",
+        str(out),
+        "--epochs",
+        str(epochs),
+        "--quiet",
+        *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")],
+        *extra,
+    ]
 
 
 def start_train(args, **kw) -> subprocess.Popen:
-    return subprocess.Popen([*TRAIN, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            **kw)
+    return subprocess.Popen([*TRAIN, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
 def run_train(args, timeout=300, **kw) -> subprocess.CompletedProcess:
@@ -80,19 +98,19 @@ def test_sigkill_during_checkpoint_write(data, tmp_path):
     proc = start_train(args)
     last = run / "checkpoint-last.pt"
     partial = run / f".checkpoint-last.pt.partial-{proc.pid}"
-    wait_for(last.exists, proc)                                   # epoch 0 is saved...
-    wait_for(lambda: partial.exists() and partial.stat().st_size > 0, proc)   # ...epoch 1's save is under way
+    wait_for(last.exists, proc)  # epoch 0 is saved...
+    wait_for(lambda: partial.exists() and partial.stat().st_size > 0, proc)  # ...epoch 1's save is under way
     proc.kill()
     proc.communicate(timeout=60)
-    state = load(last)                                            # the previous checkpoint, whole
+    state = load(last)  # the previous checkpoint, whole
     assert state["epoch"] == 0 and state.get("resume_at") is None
-    assert partials(run) == [partial.name]                        # SIGKILL cannot clean up; nothing reads it
+    assert partials(run) == [partial.name]  # SIGKILL cannot clean up; nothing reads it
     r = run_train([*args, "--resume", "auto"])
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1])["epochs_run"] == 2
     assert load(last)["epoch"] == 2
-    assert partials(run) == []                                    # swept by the resumed run's first save
-    assert epochs_logged(run) == [0, 1, 2]                        # epoch 1 was redone, and is logged once
+    assert partials(run) == []  # swept by the resumed run's first save
+    assert epochs_logged(run) == [0, 1, 2]  # epoch 1 was redone, and is logged once
 
 
 @pytest.mark.slow
@@ -100,7 +118,7 @@ def test_sigterm_checkpoints_then_exits_0_and_resume_finishes(data, tmp_path):
     """SIGTERM from outside (a scheduler, `kill`) once the first epoch is saved: one line naming the position and
     `--resume auto`, exit 0, a checkpoint of that position; the resumed run completes every epoch once."""
     run = tmp_path / "run"
-    args = tiny(data, run, epochs=8, global_batch=8)              # 6 steps per epoch
+    args = tiny(data, run, epochs=8, global_batch=8)  # 6 steps per epoch
     proc = start_train(args)
     wait_for((run / "checkpoint-last.pt").exists, proc)
     proc.send_signal(signal.SIGTERM)
@@ -109,7 +127,7 @@ def test_sigterm_checkpoints_then_exits_0_and_resume_finishes(data, tmp_path):
     line = one_line(err, "deit3-fast: SIGTERM")
     assert "epoch" in line and "step" in line and "--resume auto" in line
     state = load(run / "checkpoint-last.pt")
-    stopped_in = state["epoch"] + 1                               # the epoch the run was in when it stopped
+    stopped_in = state["epoch"] + 1  # the epoch the run was in when it stopped
     assert f"epoch {stopped_in}" in line
     assert partials(run) == []
     r = run_train([*args, "--resume", "auto"])
@@ -135,7 +153,7 @@ def test_changed_config_refused_then_divergence_keeps_last_good_checkpoint(data,
     assert cli.main(["train", *changed]) == 2
     line = one_line(capsys.readouterr().err, "deit3-fast: error: ")
     assert "different config (model.drop_path, optim.lr)" in line and "--force" in line
-    assert "schedule.epochs" not in line                          # changing the length of a run is allowed
+    assert "schedule.epochs" not in line  # changing the length of a run is allowed
     assert _bytes(run) == good and epochs_logged(run) == [0]
 
     assert cli.main(["train", *changed, "--force"]) == 3
@@ -149,12 +167,25 @@ def test_out_of_memory_at_start(data, tmp_path):
     """A batch of 48 ViT-S images of 16384 px (36 GiB of pixels, a million tokens each) under a 16 GiB address-space
     limit (as a container's memory limit): the first allocation fails; the message suggests a smaller
     data.batch_size with accumulation. Exit 2, no checkpoint."""
+
     def limit_memory():
         resource.setrlimit(resource.RLIMIT_AS, (16 << 30, 16 << 30))
 
     run = tmp_path / "run"
-    r = run_train(tiny(data, run, "--set", "model.name=deit3_small", "--set", "aug.img_size=16384", epochs=1,
-                       batch=48, global_batch=48), preexec_fn=limit_memory)
+    r = run_train(
+        tiny(
+            data,
+            run,
+            "--set",
+            "model.name=deit3_small",
+            "--set",
+            "aug.img_size=16384",
+            epochs=1,
+            batch=48,
+            global_batch=48,
+        ),
+        preexec_fn=limit_memory,
+    )
     assert r.returncode == 2, r.stderr
     line = one_line(r.stderr, "deit3-fast: error: out of memory")
     assert "data.batch_size" in line and "accumulation" in line and "train.global_batch" in line

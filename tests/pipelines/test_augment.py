@@ -1,5 +1,6 @@
 """BatchAugment: parity against PIL / torchvision on the same uint8 images, its random statistics, and the keying
 contract of its ops' draws (ops.py)."""
+
 import itertools
 from dataclasses import dataclass
 
@@ -11,8 +12,19 @@ from PIL import Image, ImageFilter, ImageOps
 
 from dataset_tools.synthetic import class_image
 from pipelines import keys
-from pipelines.augment import (BRANCHES, BatchAugment, Flip, FlipParams, ThreeAugment, ThreeAugmentParams,
-                               augment, color_jitter, normalize, to_float, train_ops)
+from pipelines.augment import (
+    BRANCHES,
+    BatchAugment,
+    Flip,
+    FlipParams,
+    ThreeAugment,
+    ThreeAugmentParams,
+    augment,
+    color_jitter,
+    normalize,
+    to_float,
+    train_ops,
+)
 from pipelines.config import AugConfig
 from pipelines.ops import AugOp, AugParams, OpParams, op_generator
 from pipelines.pixels import gaussian_blur, grayscale, solarize
@@ -122,8 +134,10 @@ def test_random_parameters_statistics():
 
 def test_augment_takes_exactly_the_drawn_branch(images):
     x = batch(images[:3])
-    p = AugParams(flip=FlipParams(torch.tensor([False, True, False])),
-                  three_augment=ThreeAugmentParams(branch=torch.tensor([0, 1, 2]), sigma=torch.tensor([1.0, 1.0, 1.5])))
+    p = AugParams(
+        flip=FlipParams(torch.tensor([False, True, False])),
+        three_augment=ThreeAugmentParams(branch=torch.tensor([0, 1, 2]), sigma=torch.tensor([1.0, 1.0, 1.5])),
+    )
     out = augment(x, [Flip(0.5), ThreeAugment((0.1, 2.0))], p)  # no jitter op: the branches alone
     torch.testing.assert_close(out[0], grayscale(x[:1])[0])
     torch.testing.assert_close(out[1], solarize(x[1:2].flip(2))[0])
@@ -169,8 +183,9 @@ def test_the_pointwise_ops_fuse_into_one_graph(images):
     p = augment.draw(len(images), 0, torch.device("cpu"))
     scale, shift = augment._scale_shift(torch.device("cpu"))
     torch._dynamo.reset()
-    explained = torch._dynamo.explain(augment._eager_fused)(batch(images), [p[op.name] for op in augment.ops],
-                                                            scale, shift, torch.float32)
+    explained = torch._dynamo.explain(augment._eager_fused)(
+        batch(images), [p[op.name] for op in augment.ops], scale, shift, torch.float32
+    )
     assert [op.name for op in augment._tail] == ["flip", "three_augment", "color_jitter"]
     assert explained.graph_break_count == 0 and explained.graph_count == 1
 
@@ -196,7 +211,7 @@ def test_training_batch_augment_equals_the_reference_composition(images, compile
         elif branch == "solarize":
             ref = chw01(torch.from_numpy(np.array(ImageOps.solarize(Image.fromarray(img), 128))).float())
         else:
-            ref = chw01(gaussian_blur(to_float(torch.from_numpy(img))[None], three.sigma[i:i + 1])[0])
+            ref = chw01(gaussian_blur(to_float(torch.from_numpy(img))[None], three.sigma[i : i + 1])[0])
         for op in jitter.order[i].tolist():
             ref = jitter_ops[op](ref, float(jitter.factors[i, op]))
         ref = TF.normalize(ref, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -216,6 +231,7 @@ class FakeParams(OpParams):
 class Fake(AugOp):
     """A new op, as a later change would add one: draws like the others (torch.rand on its generator), changes
     nothing, so the batch it leaves must be the batch without it."""
+
     name = "fake"
 
     def draw(self, batch, g):

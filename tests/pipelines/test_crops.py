@@ -1,4 +1,5 @@
 """Keyed crop boxes against torchvision's, the keys themselves, and the bicubic resampler against PIL."""
+
 import math
 
 import numpy as np
@@ -21,6 +22,7 @@ def test_rrc_scale_and_aspect_statistics():
     assert (boxes[:, 1] >= 0).all() and (boxes[:, 1] + boxes[:, 3] <= w).all()
     # Compare with torchvision's sampler on the same image size.
     from torchvision.transforms import RandomResizedCrop
+
     torch.manual_seed(0)
     img = torch.zeros(3, h, w)
     ref = np.array([RandomResizedCrop.get_params(img, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(20000)])
@@ -50,7 +52,7 @@ def test_src_box_covers_the_crop_and_pads_at_most_4():
 
 
 def test_center_box_is_torchvision_resize_then_centre_crop():
-    for (h, w, ratio) in [(375, 500, 1.0), (500, 375, 0.875), (256, 256, 0.875), (179, 256, 1.0)]:
+    for h, w, ratio in [(375, 500, 1.0), (500, 375, 0.875), (256, 256, 0.875), (179, 256, 1.0)]:
         y0, x0, y1, x1 = crops.center_box(h, w, 224, ratio)
         s = int(224 / ratio)
         rh, rw = (s, int(s * w / h)) if h <= w else (int(s * h / w), s)

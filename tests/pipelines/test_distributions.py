@@ -5,6 +5,7 @@ per-batch keys, `crops.py`) with fixed seeds, so a changed default, range or wir
 or a wrong distribution. Kolmogorov-Smirnov distances are compared with the 99.9% critical value
 1.95 / sqrt(n) (two-sample: 1.95 * sqrt(2 / n)); rates with at least 5 standard deviations of slack.
 """
+
 import math
 from types import SimpleNamespace
 
@@ -51,8 +52,13 @@ def stage_params():
 
 
 def _flat(p):
-    return SimpleNamespace(flip=p["flip"].flip, branch=p["three_augment"].branch, sigma=p["three_augment"].sigma,
-                           jitter=p["color_jitter"].factors, jitter_order=p["color_jitter"].order)
+    return SimpleNamespace(
+        flip=p["flip"].flip,
+        branch=p["three_augment"].branch,
+        sigma=p["three_augment"].sigma,
+        jitter=p["color_jitter"].factors,
+        jitter_order=p["color_jitter"].order,
+    )
 
 
 def test_flip_rate_is_one_half(stage_params):
@@ -104,6 +110,7 @@ def test_the_batches_of_an_epoch_draw_differently():
 
 
 # ---- mixup / cutmix ---------------------------------------------------------------------------------------------
+
 
 def _mixed_batches(n: int, aug: AugConfig):
     """(kind, lambda) of `n` batches mixed by `Mixing` with its per-batch numpy generators. Image 0 is all zeros
@@ -159,6 +166,7 @@ def test_mixed_targets_keep_label_smoothing():
 
 
 # ---- primary crops ------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("h, w", [(1000, 100), (100, 1000), (1000, 30), (375, 500)])
 def test_rrc_boxes_match_torchvision_on_extreme_aspect_ratios(h, w):

@@ -1,5 +1,6 @@
 """The engines over one .beton: the same samples in the same order with the same keyed crops, pixel-close; and the
 registry that names them (a new engine is its own class and one entry)."""
+
 import ast
 import subprocess
 import sys
@@ -29,8 +30,17 @@ def betons(tmp_path_factory):
 
 
 def cfg_for(path, engine, **sets) -> dict:
-    base = {"data.train": path, "data.val": path, "model.num_classes": 6, "data.batch_size": 12, "data.workers": 2,
-            "data.repeats": 1, "aug.img_size": 40, "train.amp": "fp32", "data.engine": engine}
+    base = {
+        "data.train": path,
+        "data.val": path,
+        "model.num_classes": 6,
+        "data.batch_size": 12,
+        "data.workers": 2,
+        "data.repeats": 1,
+        "aug.img_size": 40,
+        "train.amp": "fp32",
+        "data.engine": engine,
+    }
     base.update(sets)
     return base
 
@@ -139,11 +149,13 @@ def test_nvjpeg_epoch_is_exact_and_model_ready(betons):
 
 
 def test_nvjpeg_works_without_ffcv(betons):
-    code = ("import sys; sys.modules['ffcv'] = None\n"
-            "from pipelines import build_loader\nfrom pipelines.config import AugConfig, DataConfig\n"
-            f"data = DataConfig(val='{betons / 'jpg.beton'}', engine='nvjpeg')\n"
-            "loader = build_loader(data, AugConfig(img_size=32), 'val', num_classes=6, device='cpu')\n"
-            "print(sum(len(y) for _, y in loader))\n")
+    code = (
+        "import sys; sys.modules['ffcv'] = None\n"
+        "from pipelines import build_loader\nfrom pipelines.config import AugConfig, DataConfig\n"
+        f"data = DataConfig(val='{betons / 'jpg.beton'}', engine='nvjpeg')\n"
+        "loader = build_loader(data, AugConfig(img_size=32), 'val', num_classes=6, device='cpu')\n"
+        "print(sum(len(y) for _, y in loader))\n"
+    )
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "60"
@@ -178,12 +190,22 @@ gc.set_threshold(50)
 
 def test_dali_imports_whole_when_a_collection_would_parse_in_the_middle():
     pytest.importorskip("pipelines.dali_engine")
-    guarded = subprocess.run([sys.executable, "-c", _PARSING_FINALIZERS + "from pipelines import dali_engine\n"],
-                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    guarded = subprocess.run(
+        [sys.executable, "-c", _PARSING_FINALIZERS + "from pipelines import dali_engine\n"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert guarded.returncode == 0, guarded.stderr
     if sys.version_info[:2] == (3, 11):  # the hazard itself, shown on the Python CI runs: a bare import dies of it
-        bare = subprocess.run([sys.executable, "-c", _PARSING_FINALIZERS + "import nvidia.dali\n"],
-                              cwd=REPO, capture_output=True, text=True, timeout=300)
+        bare = subprocess.run(
+            [sys.executable, "-c", _PARSING_FINALIZERS + "import nvidia.dali\n"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert bare.returncode != 0 and "recursion depth mismatch" in bare.stderr
 
 
@@ -227,8 +249,9 @@ def test_ffcv_leaves_numbas_shared_types_as_they_were(betons):
 
     shared = numba.uint8[::1]
     assert shared.mutable
-    cached, paged = (engine_epoch(cfg_for(betons / "jpg.beton", "ffcv", **{"data.os_cache": c}), "val")
-                     for c in (True, False))
+    cached, paged = (
+        engine_epoch(cfg_for(betons / "jpg.beton", "ffcv", **{"data.os_cache": c}), "val") for c in (True, False)
+    )
     assert shared.mutable and numba.uint8[::1] is shared
     assert len(cached) == len(paged) == 4  # the reader still reads: the same batches either way
     assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(cached, paged))
@@ -246,8 +269,10 @@ class GreyEngine(BetonBatches):
     def batches(self, epoch, start=0):
         size = self.crop.size
         for idx, _ in self.index_batches(epoch, start):
-            yield (torch.full((len(idx), size, size, 3), 128, dtype=torch.uint8, device=self.device),
-                   self.labels_of(idx))
+            yield (
+                torch.full((len(idx), size, size, 3), 128, dtype=torch.uint8, device=self.device),
+                self.labels_of(idx),
+            )
 
 
 class CachedGreyEngine(GreyEngine):
@@ -258,12 +283,28 @@ class CachedGreyEngine(GreyEngine):
 
 @pytest.fixture
 def grey_engines():
-    added = [registry.register(registry.EngineInfo(
-                 "grey", f"{__name__}:GreyEngine", reads_shard_sets=False, gpu_decode=False, workers_on_gpu=True,
-                 os_cache=False)),
-             registry.register(registry.EngineInfo(
-                 "grey_cached", f"{__name__}:CachedGreyEngine", reads_shard_sets=True, gpu_decode=False,
-                 workers_on_gpu=True, os_cache=True))]
+    added = [
+        registry.register(
+            registry.EngineInfo(
+                "grey",
+                f"{__name__}:GreyEngine",
+                reads_shard_sets=False,
+                gpu_decode=False,
+                workers_on_gpu=True,
+                os_cache=False,
+            )
+        ),
+        registry.register(
+            registry.EngineInfo(
+                "grey_cached",
+                f"{__name__}:CachedGreyEngine",
+                reads_shard_sets=True,
+                gpu_decode=False,
+                workers_on_gpu=True,
+                os_cache=True,
+            )
+        ),
+    ]
     yield added
     for info in added:  # the registry is the process's: the tests after this one see the real engines only
         del registry._REGISTRY[info.name]
@@ -287,8 +328,11 @@ def test_a_new_engine_is_its_class_and_one_registry_entry(betons, grey_engines):
 
     cached = build_loader(cfg_for(betons / "shards", "grey_cached", **{"data.os_cache": False}), "train")
     assert cached.engine.os_cache is False and cached.engine.workers == 2
-    with pytest.raises(DataError, match=r"shards is a shard set; the grey engine reads one file: set data.stage_to "
-                                        r".* or use data.engine: dali, nvjpeg or grey_cached \(they read shard"):
+    with pytest.raises(
+        DataError,
+        match=r"shards is a shard set; the grey engine reads one file: set data.stage_to "
+        r".* or use data.engine: dali, nvjpeg or grey_cached \(they read shard",
+    ):
         build_loader(cfg_for(betons / "shards", "grey"), "train")
 
 

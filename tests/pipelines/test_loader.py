@@ -1,4 +1,5 @@
 """build_loader end to end on small .beton files: what the model receives, exact epochs, keyed crops, errors."""
+
 import subprocess
 import sys
 import weakref
@@ -37,8 +38,16 @@ def big_beton(tmp_path_factory):
 
 
 def cfg_for(path, **sets) -> dict:
-    base = {"data.train": path, "data.val": path, "model.num_classes": 10, "data.batch_size": 24,
-            "data.workers": 2, "data.repeats": 1, "aug.img_size": 48, "train.amp": "fp32"}
+    base = {
+        "data.train": path,
+        "data.val": path,
+        "model.num_classes": 10,
+        "data.batch_size": 24,
+        "data.workers": 2,
+        "data.repeats": 1,
+        "aug.img_size": 48,
+        "train.amp": "fp32",
+    }
     base.update(sets)
     return base
 
@@ -194,13 +203,17 @@ def real_beton(imagenet_sample, tmp_path_factory):
 @pytest.mark.parametrize("ratio, size", [(1.0, 224), (0.875, 224), (1.0, 160)])
 def test_eval_crop_equals_reference_on_real_photos(real_beton, ratio, size):
     """The same check on real photos at the recipe's sizes."""
-    cfg = cfg_for(real_beton, **{"aug.eval_crop_ratio": ratio, "aug.img_size": size, "model.num_classes": 48,
-                                 "data.batch_size": 32})
+    cfg = cfg_for(
+        real_beton,
+        **{"aug.eval_crop_ratio": ratio, "aug.img_size": size, "model.num_classes": 48, "data.batch_size": 32},
+    )
     imgs, _ = _engine_batches(build_loader(cfg, "val", "cpu"))[0]
     b = Beton(real_beton)
     tf = T.Compose([T.Resize(int(size / ratio), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)])
-    diffs = [np.abs(imgs[k].numpy().astype(int) - np.asarray(tf(Image.fromarray(ffcv_decode(b, k)))).astype(int))
-             for k in range(len(imgs))]
+    diffs = [
+        np.abs(imgs[k].numpy().astype(int) - np.asarray(tf(Image.fromarray(ffcv_decode(b, k)))).astype(int))
+        for k in range(len(imgs))
+    ]
     assert max(d.mean() for d in diffs) < 0.3 and max(d.max() for d in diffs) <= 2
 
 
@@ -218,8 +231,7 @@ def test_bad_data_is_one_clear_error(small_beton, tmp_path):
 
 
 def test_missing_ffcv_is_one_message():
-    code = ("import sys; sys.modules['ffcv'] = None\n"
-            "from pipelines import ffcv_engine\n")
+    code = "import sys; sys.modules['ffcv'] = None\nfrom pipelines import ffcv_engine\n"
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "pip install -e '.[ffcv]'" in r.stderr
 
@@ -240,8 +252,15 @@ def test_finetuning_randaugment_runs_in_the_batch_augmentation(small_beton):
     """Fine-tuning: the engine's uint8 batch goes straight to BatchAugment, which runs RandAugment after the flip
     from the batch's keyed stream, then mixing: exactly that composition, and the same batches when an epoch
     starts part-way (mid-epoch resume)."""
-    cfg = cfg_for(small_beton, **{"aug.auto_augment": "rand-m9-mstd0.5-inc1", "aug.three_augment": False,
-                                  "aug.color_jitter": 0.0, "aug.label_smoothing": 0.1})
+    cfg = cfg_for(
+        small_beton,
+        **{
+            "aug.auto_augment": "rand-m9-mstd0.5-inc1",
+            "aug.three_augment": False,
+            "aug.color_jitter": 0.0,
+            "aug.label_smoothing": 0.1,
+        },
+    )
     loader = build_loader(cfg, "train", "cpu")
     ra = loader.augment.op("randaugment")
     assert ra is not None and ra.translate_const == int(48 * 0.45)
@@ -259,15 +278,28 @@ def test_finetuning_randaugment_runs_in_the_batch_augmentation(small_beton):
     part = [(x.clone(), y.clone()) for x, y in loader.iter_from(3)]
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(full[3:], part))
     # The ops change the pixels: the same batch without RandAugment differs.
-    plain = build_loader(cfg_for(small_beton, **{"aug.three_augment": False, "aug.color_jitter": 0.0,
-                                                 "aug.label_smoothing": 0.1}), "train", "cpu")
+    plain = build_loader(
+        cfg_for(small_beton, **{"aug.three_augment": False, "aug.color_jitter": 0.0, "aug.label_smoothing": 0.1}),
+        "train",
+        "cpu",
+    )
     plain.set_epoch(1)
     assert not torch.equal(next(iter(plain))[0], full[0][0])
 
 
-@pytest.mark.parametrize("kind, reason", [("baseline", None), ("gray", None), ("444", None), ("422", None),
-                                          ("progressive", "progressive"), ("cmyk", "CMYK"),
-                                          ("411", "subsampling 4x1 1x1 1x1"), ("junk", "unreadable header")])
+@pytest.mark.parametrize(
+    "kind, reason",
+    [
+        ("baseline", None),
+        ("gray", None),
+        ("444", None),
+        ("422", None),
+        ("progressive", "progressive"),
+        ("cmyk", "CMYK"),
+        ("411", "subsampling 4x1 1x1 1x1"),
+        ("junk", "unreadable header"),
+    ],
+)
 def test_jpegs_a_gpu_decoder_refuses_are_told_by_their_header(kind, reason):
     import io
 
@@ -285,10 +317,14 @@ def test_jpegs_a_gpu_decoder_refuses_are_told_by_their_header(kind, reason):
     elif kind == "junk":
         data = b"\xff\xd8\xff\xda\x00\x02"
     else:
-        {"baseline": lambda: img.save(buf, "JPEG"), "gray": lambda: img.convert("L").save(buf, "JPEG"),
-         "444": lambda: img.save(buf, "JPEG", subsampling=0), "422": lambda: img.save(buf, "JPEG", subsampling=1),
-         "progressive": lambda: img.save(buf, "JPEG", progressive=True),
-         "cmyk": lambda: img.convert("CMYK").save(buf, "JPEG")}[kind]()
+        {
+            "baseline": lambda: img.save(buf, "JPEG"),
+            "gray": lambda: img.convert("L").save(buf, "JPEG"),
+            "444": lambda: img.save(buf, "JPEG", subsampling=0),
+            "422": lambda: img.save(buf, "JPEG", subsampling=1),
+            "progressive": lambda: img.save(buf, "JPEG", progressive=True),
+            "cmyk": lambda: img.convert("CMYK").save(buf, "JPEG"),
+        }[kind]()
         data = buf.getvalue()
     assert gpu_refusal(data) == reason
 
@@ -351,8 +387,9 @@ def test_nvjpeg_gpu_path_retries_one_by_one_when_the_batched_decode_fails(small_
 
     def picky(data, *a, **kw):
         items = data if isinstance(data, list) else [data]
-        if kw.get("device") is not None and any(len(t) == len(first) and bytes(t.numpy()) == bytes(first)
-                                                for t in items):
+        if kw.get("device") is not None and any(
+            len(t) == len(first) and bytes(t.numpy()) == bytes(first) for t in items
+        ):
             raise RuntimeError("nvjpegDecode failed: not supported")
         return real(data, *a, **kw)
 
@@ -399,8 +436,12 @@ def test_nvjpeg_gpu_path_resamples_like_the_cpu_path(path, split, crop, request)
     padding) run with the CPU as its device equals the CPU path but for float summation order (a grey level on
     about 1e-5 of the values): on a GPU only the JPEG decoder differs."""
     beton = request.getfixturevalue(path)
-    sets = {"data.engine": "nvjpeg", "aug.crop": crop, "model.num_classes": 10 if path == "small_beton" else 3,
-            "data.batch_size": 24 if path == "small_beton" else 4}
+    sets = {
+        "data.engine": "nvjpeg",
+        "aug.crop": crop,
+        "model.num_classes": 10 if path == "small_beton" else 3,
+        "data.batch_size": 24 if path == "small_beton" else 4,
+    }
     loader = build_loader(cfg_for(beton, **sets), split, "cpu")
     engine = loader.engine
     gpu_path = [engine._gpu_batch(idx, keys) for idx, keys in engine.index_batches(1)]
@@ -430,8 +471,7 @@ def real_raw_beton(imagenet_sample, tmp_path_factory):
         (d / "src" / c).mkdir(parents=True)
         for f in (imagenet_sample / c).iterdir():
             (d / "src" / c / f.name).symlink_to(f)
-    convert(str(d / "src"), str(d / "raw.beton"), workers=2, write_mode="raw", max_resolution=160,
-            show_progress=False)
+    convert(str(d / "src"), str(d / "raw.beton"), workers=2, write_mode="raw", max_resolution=160, show_progress=False)
     return str(d / "raw.beton")
 
 
@@ -442,8 +482,13 @@ def test_nvjpeg_batched_crop_resamples_real_photos_like_the_cpu_path(path, class
     photos, JPEG and raw, at the recipe's size: the CPU resampler's pixels (which are Pillow's) but for float
     summation order."""
     beton = request.getfixturevalue(path)
-    sets = {"data.engine": "nvjpeg", "aug.crop": crop, "model.num_classes": classes, "data.batch_size": 12,
-            "aug.img_size": 224 if path == "real_beton" else 128}
+    sets = {
+        "data.engine": "nvjpeg",
+        "aug.crop": crop,
+        "model.num_classes": classes,
+        "data.batch_size": 12,
+        "aug.img_size": 224 if path == "real_beton" else 128,
+    }
     engine = build_loader(cfg_for(beton, **sets), split, "cpu").engine
     gpu_path = [engine._gpu_batch(idx, keys) for idx, keys in engine.index_batches(0)]
     _assert_resampling_parity(gpu_path, [imgs.clone() for imgs, _ in engine.batches(0)])
@@ -462,8 +507,7 @@ def test_nvjpeg_batched_crop_mixes_planar_and_interleaved_images(small_beton, mo
 
     monkeypatch.setattr(nv, "decode_jpeg", some_planar)
     for split, crop in [("train", "rrc"), ("train", "src"), ("val", "rrc")]:
-        engine = build_loader(cfg_for(small_beton, **{"data.engine": "nvjpeg", "aug.crop": crop}), split,
-                              "cpu").engine
+        engine = build_loader(cfg_for(small_beton, **{"data.engine": "nvjpeg", "aug.crop": crop}), split, "cpu").engine
         gpu_path = [engine._gpu_batch(idx, keys) for idx, keys in engine.index_batches(0)]
         _assert_resampling_parity(gpu_path, [imgs.clone() for imgs, _ in engine.batches(0)])
 
@@ -513,8 +557,9 @@ def _decode_threads():
 
 
 def _gpu_path_engine(path, batch=4, **sets):
-    return build_loader(cfg_for(path, **{"data.engine": "nvjpeg", "data.batch_size": batch, **sets}), "train",
-                        "cpu").engine
+    return build_loader(
+        cfg_for(path, **{"data.engine": "nvjpeg", "data.batch_size": batch, **sets}), "train", "cpu"
+    ).engine
 
 
 def test_nvjpeg_decode_thread_gives_the_batches_in_order_and_ends_with_the_epoch(small_beton):
@@ -573,8 +618,17 @@ def test_nvjpeg_decode_thread_error_is_raised_in_the_consumer(small_beton, monke
     assert not _decode_threads()
 
 
-@pytest.mark.parametrize("capability, kind", [((7, 0), "hybrid"), ((7, 5), "hybrid"), ((8, 0), "hardware"),
-                                              ((8, 6), "hybrid"), ((9, 0), "hardware"), ((10, 0), "hardware")])
+@pytest.mark.parametrize(
+    "capability, kind",
+    [
+        ((7, 0), "hybrid"),
+        ((7, 5), "hybrid"),
+        ((8, 0), "hardware"),
+        ((8, 6), "hybrid"),
+        ((9, 0), "hardware"),
+        ((10, 0), "hardware"),
+    ],
+)
 def test_nvjpeg_gpu_decoder_kind_by_compute_capability(monkeypatch, capability, kind):
     """V100 (sm_70), T4 (sm_75), A10/RTX 30 (sm_86) have no hardware JPEG engine; A100 (sm_80), H100 (sm_90) and
     B200 (sm_100) have."""

@@ -1,4 +1,5 @@
 """Mixup / CutMix against timm's semantics: one lambda per batch, the reversed partner, soft targets."""
+
 import numpy as np
 import pytest
 import torch

@@ -4,6 +4,7 @@ Tolerances (stated once): the colour ops (lookup tables and blends) are PIL's in
 geometric ops (rotate, shear, translate: PIL's bicubic, a = -1) are at most one grey level off PIL, on a small
 fraction of pixels (float32 coordinates against PIL's doubles), PSNR >= 50 dB.
 """
+
 import random
 
 import numpy as np
@@ -32,8 +33,12 @@ def timm_op(name: str, magnitude: float, negate: bool, translate_const: int = 10
     """timm's op as the official fine-tuning builds it (bicubic, mean fill), at a fixed magnitude and sign."""
     from timm.data import auto_augment as A
 
-    op = A.AugmentOp(name, prob=1.0, magnitude=magnitude,
-                     hparams={"translate_const": translate_const, "img_mean": FILL, "interpolation": Image.BICUBIC})
+    op = A.AugmentOp(
+        name,
+        prob=1.0,
+        magnitude=magnitude,
+        hparams={"translate_const": translate_const, "img_mean": FILL, "interpolation": Image.BICUBIC},
+    )
 
     def run(img: np.ndarray) -> np.ndarray:
         state = random.random
@@ -44,6 +49,7 @@ def timm_op(name: str, magnitude: float, negate: bool, translate_const: int = 10
             return np.zeros_like(img)
         finally:
             random.random = state
+
     return run
 
 
@@ -51,14 +57,20 @@ def ours(name: str, x: torch.Tensor, magnitude: float, negate: bool, subset: boo
     ra = RandAugment(POLICY, FILL)
     ra.names = [name]  # a one-op policy: every sample draws `name`
     b = len(x)
-    out = ra.layer(x, torch.zeros(b, dtype=torch.long), torch.ones(b, dtype=torch.bool),
-                   torch.full((b,), float(magnitude)), torch.full((b,), negate), subset)
+    out = ra.layer(
+        x,
+        torch.zeros(b, dtype=torch.long),
+        torch.ones(b, dtype=torch.bool),
+        torch.full((b,), float(magnitude)),
+        torch.full((b,), negate),
+        subset,
+    )
     return out.numpy()
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean()
-    return float("inf") if mse == 0 else 10 * np.log10(255 ** 2 / mse)
+    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
 
 
 @pytest.mark.parametrize("name", sorted(SUPPORTED))
@@ -115,10 +127,10 @@ def test_op_magnitude_and_sign_frequencies():
     assert p.op.shape == (2, n)
     counts = torch.bincount(p.op.flatten(), minlength=15).double()
     expected = 2 * n / 15
-    assert ((counts - expected).abs() < 5 * expected ** 0.5).all()  # 5 sigma
+    assert ((counts - expected).abs() < 5 * expected**0.5).all()  # 5 sigma
     assert abs(p.apply.double().mean() - 0.5) < 0.01 and abs(p.negate.double().mean() - 0.5) < 0.01
     m = p.magnitude.double()
-    ref = np.clip(np.random.default_rng(0).normal(9, 0.5, 10 ** 6), 0, 10)
+    ref = np.clip(np.random.default_rng(0).normal(9, 0.5, 10**6), 0, 10)
     assert abs(m.mean() - ref.mean()) < 0.01 and abs(m.std() - ref.std()) < 0.01 and m.max() <= 10
     # mstd0 is the fixed magnitude; mstd101 (> 100) is timm's uniform [0, m].
     assert (RandAugment("rand-m7-mstd0", FILL).draw(100, torch.Generator()).magnitude == 7).all()
@@ -166,11 +178,16 @@ def test_batch_augment_runs_randaugment_after_the_flip(images):
     warped = (torch.isin(rp.op, torch.tensor(warps)) & rp.apply).any(0)
     assert (warped & flips).sum() >= 3  # where the order shows: a flipped sample's shear is not the flip's
     x = to_float(u8)
-    ref = torch.cat([ra(flip(x[s:s + 16], flips[s:s + 16]), rp.slice(slice(s, s + 16)))
-                     for s in range(0, len(x), 16)])
+    ref = torch.cat(
+        [ra(flip(x[s : s + 16], flips[s : s + 16]), rp.slice(slice(s, s + 16))) for s in range(0, len(x), 16)]
+    )
     torch.testing.assert_close(out, normalize(ref, torch.float32), atol=1e-6, rtol=0)
-    assert not torch.equal(ref, torch.cat([flip(ra(x[s:s + 16], rp.slice(slice(s, s + 16))),
-                                                 flips[s:s + 16]) for s in range(0, len(x), 16)]))
+    assert not torch.equal(
+        ref,
+        torch.cat(
+            [flip(ra(x[s : s + 16], rp.slice(slice(s, s + 16))), flips[s : s + 16]) for s in range(0, len(x), 16)]
+        ),
+    )
     # Without auto_augment the flip draws exactly what it drew with it (each op has its own stream).
     plain, q = BatchAugment(AugConfig(img_size=72), train=True)(u8, 4)
     assert "randaugment" not in q and torch.equal(q["flip"].flip, flips)
@@ -194,10 +211,12 @@ def test_preview_captions_name_each_samples_ops():
 
     ra = RandAugment(POLICY, FILL)
     names = ra.names
-    p = RandAugParams(op=torch.tensor([[names.index("Rotate"), 0], [names.index("Equalize"), 0]]),
-                      apply=torch.tensor([[True, False], [True, False]]),
-                      magnitude=torch.tensor([[9.3, 9.0], [8.0, 9.0]]), negate=torch.tensor([[True, False],
-                                                                                               [False, False]]))
+    p = RandAugParams(
+        op=torch.tensor([[names.index("Rotate"), 0], [names.index("Equalize"), 0]]),
+        apply=torch.tensor([[True, False], [True, False]]),
+        magnitude=torch.tensor([[9.3, 9.0], [8.0, 9.0]]),
+        negate=torch.tensor([[True, False], [False, False]]),
+    )
     from pipelines.augment import Flip, FlipParams
     from pipelines.ops import AugParams
 
@@ -215,9 +234,31 @@ def test_preview_of_a_finetuning_recipe_shows_the_ops(data, tmp_path):
     from ..conftest import REPO
 
     out = tmp_path / "p.png"
-    r = subprocess.run([sys.executable, "-m", "deit3_fast", "preview", "--cfg", "vit_b_in1k_ft224", "--data-train",
-                        str(data / "train.beton"), "--out", str(out), "--n", "8", "--set", "model.num_classes=4",
-                        "--set", "aug.img_size=64", "--set", "data.workers=1"],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deit3_fast",
+            "preview",
+            "--cfg",
+            "vit_b_in1k_ft224",
+            "--data-train",
+            str(data / "train.beton"),
+            "--out",
+            str(out),
+            "--n",
+            "8",
+            "--set",
+            "model.num_classes=4",
+            "--set",
+            "aug.img_size=64",
+            "--set",
+            "data.workers=1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "RandAugment ops {" in r.stdout and Image.open(out).size == (8 * 64, 64 + 26)

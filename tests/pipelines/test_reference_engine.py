@@ -6,6 +6,7 @@ test_distributions.py: rates with 5 standard deviations of slack, KS distances a
 1.95 / sqrt(n)); it visits the samples of every other engine in the same order; an epoch started part-way gives the
 tail of an uninterrupted one; a raw .beton reads as its source folder; and a run trains on it.
 """
+
 import math
 
 import numpy as np
@@ -41,16 +42,31 @@ def _convert(src, out, write_mode):
 
 
 def _loader(split, path, **sets):
-    data = {f"data.{split}": path, "data.engine": "reference", "data.workers": 0, "data.repeats": 1,
-            "model.num_classes": 4, "aug.img_size": 16, "data.batch_size": 8}
+    data = {
+        f"data.{split}": path,
+        "data.engine": "reference",
+        "data.workers": 0,
+        "data.repeats": 1,
+        "model.num_classes": 4,
+        "aug.img_size": 16,
+        "data.batch_size": 8,
+    }
     return plain_loader(split, **{**data, **sets})
 
 
 def test_eval_batches_are_torchvisions_official_eval_transform_of_the_files(tree):
     loader = _loader("val", tree, **{"aug.eval_crop_ratio": 0.875, "data.eval_batch_size": 12})
-    official = datasets.ImageFolder(str(tree), transform=T.Compose([
-        T.Resize(int(16 / 0.875), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(16), T.ToTensor(),
-        T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]))
+    official = datasets.ImageFolder(
+        str(tree),
+        transform=T.Compose(
+            [
+                T.Resize(int(16 / 0.875), interpolation=T.InterpolationMode.BICUBIC),
+                T.CenterCrop(16),
+                T.ToTensor(),
+                T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+            ]
+        ),
+    )
     xs, ys = zip(*loader)
     x, y = torch.cat(xs), torch.cat(ys)
     assert len(x) == len(official) == 32
@@ -86,8 +102,10 @@ def test_a_folder_with_more_classes_than_the_model_is_refused(tree):
 
 def test_a_file_pil_cannot_read_stops_the_epoch_naming_it(bad_tree):
     root, _ = bad_tree
-    loader = plain_loader("val", **{"data.val": root, "data.engine": "reference", "data.workers": 0,
-                                    "model.num_classes": 4, "aug.img_size": 16})  # 3 classes and an empty one
+    loader = plain_loader(
+        "val",
+        **{"data.val": root, "data.engine": "reference", "data.workers": 0, "model.num_classes": 4, "aug.img_size": 16},
+    )  # 3 classes and an empty one
     with pytest.raises(DataError, match=r"class_00/\S+: PIL cannot read it as an image"):
         for _ in loader:
             pass
@@ -111,6 +129,7 @@ def draws(tree):
         def wrapped(self, img):
             seen["branch"].append(name)
             return call(self, img)
+
         mp.setattr(cls, "__call__", wrapped)
 
     for name, cls in (("grayscale", ref.Grayscale3), ("solarize", ref.Solarize), ("blur", ref.GaussianBlur)):
@@ -120,12 +139,14 @@ def draws(tree):
         def __init__(self, radius):
             seen["sigma"].append(radius)
             super().__init__(radius)
+
     mp.setattr(ImageFilter, "GaussianBlur", Blur)
     hflip = TF.hflip
 
     def flip(img):
         seen["flip"] += 1
         return hflip(img)
+
     mp.setattr(TF, "hflip", flip)
     get_params = T.RandomResizedCrop.get_params
 
@@ -133,6 +154,7 @@ def draws(tree):
         i, j, h, w = get_params(img, scale, ratio)
         seen["area"].append((h * w / (img.size[0] * img.size[1]), img.size))
         return i, j, h, w
+
     mp.setattr(T.RandomResizedCrop, "get_params", staticmethod(params))
     from timm.data import Mixup
 
@@ -142,6 +164,7 @@ def draws(tree):
         lam, use_cutmix = choose(self)
         seen["cutmix"].append(use_cutmix)
         return lam, use_cutmix
+
     mp.setattr(Mixup, "_params_per_batch", mix_params)
     try:
         loader = _loader("train", tree, **{"aug.rrc_scale": [0.35, 1.0], "data.batch_size": 4})
@@ -206,6 +229,7 @@ def test_simple_random_crop_offsets_cover_the_reflect_padding(tree, monkeypatch)
         seen.append(i if height < width else j)
         assert (min(width, height), h, w) == (16 + 8, 16, 16)
         return i, j, h, w
+
     monkeypatch.setattr(T.RandomCrop, "get_params", staticmethod(params))
     loader = _loader("train", tree, **{"aug.crop": "src", **NO_MIX})
     for epoch in range(10):
@@ -229,10 +253,18 @@ def test_fine_tuning_runs_timms_randaugment_transform(tree):
 
 # ---- order, resume, sources -------------------------------------------------------------------------------------
 
+
 def test_same_samples_in_the_same_order_as_the_ffcv_engine(data):
     pytest.importorskip("ffcv")
-    sets = {"data.train": data / "train.beton", "data.batch_size": 8, "data.repeats": 1, "data.workers": 1,
-            "model.num_classes": 4, "aug.img_size": 16, **NO_MIX}
+    sets = {
+        "data.train": data / "train.beton",
+        "data.batch_size": 8,
+        "data.repeats": 1,
+        "data.workers": 1,
+        "model.num_classes": 4,
+        "aug.img_size": 16,
+        **NO_MIX,
+    }
     fast = plain_loader("train", **sets)
     slow = plain_loader("train", **{**sets, "data.engine": "reference", "data.workers": 0})
     assert len(fast) == len(slow) == 6
@@ -280,10 +312,22 @@ def test_a_quickstart_run_on_a_folder_trains(tree, tmp_path):
     from deit3_fast.config import load_config
     from deit3_fast.trainer import train
 
-    cfg = load_config("quickstart", [f"data.train={tree}", f"data.val={tree}", "data.engine=reference",
-                                     "data.workers=0", "model.num_classes=auto", "data.batch_size=8",
-                                     "train.global_batch=8", "schedule.epochs=2", "schedule.warmup_epochs=0",
-                                     "aug.img_size=16", "train.log_every=100"])
+    cfg = load_config(
+        "quickstart",
+        [
+            f"data.train={tree}",
+            f"data.val={tree}",
+            "data.engine=reference",
+            "data.workers=0",
+            "model.num_classes=auto",
+            "data.batch_size=8",
+            "train.global_batch=8",
+            "schedule.epochs=2",
+            "schedule.warmup_epochs=0",
+            "aug.img_size=16",
+            "train.log_every=100",
+        ],
+    )
     rows = train(cfg, tmp_path / "run", torch.device("cpu"), quiet=True)
     assert len(rows) == 2
     assert all(math.isfinite(r["train_loss"]) for r in rows)

@@ -1,4 +1,5 @@
 """The sampler against the official RASampler and torch's DistributedSampler."""
+
 import math
 
 import numpy as np
