@@ -7,6 +7,10 @@ a pretrained tag such as `.fb_in22k_ft_in1k` is ignored) and the official `model
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from .schema import ConfigError, checked, one_of
+
 # name -> (patch, dim, depth, heads). The first five are the paper's; the others are not in the paper: deit3_cifar is
 # DeiT's ViT-Ti width and depth (192, 12 blocks, 3 heads) with patch 4, so 32x32 CIFAR images give 8x8 = 64 tokens
 # (5.4M parameters); the last two are small enough for CPU tests and the quickstart.
@@ -51,3 +55,22 @@ def default_img_size(name: str) -> int:
 
 def patch_size(name: str) -> int:
     return ARCHS[resolve_name(name)[0]][0]
+
+
+def _count_or_auto(value, where: str) -> None:
+    if isinstance(value, str) and value != "auto":
+        raise ConfigError(f"{where}: a class count or auto, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    """The config's `model` section, beside the names it takes; `models.build_model(section, ...)` makes the model
+    (here no torch: the config schema imports this module)."""
+
+    # deit3_{small,...,huge}, timm's deit3_*_patch*_RES or official deit_*_LS names
+    name: str = one_of("deit3_small", MODEL_NAMES)
+    # or auto: the class count of data.train's manifest or conversion report
+    num_classes: int | str = checked(1000, _count_or_auto, positive=True)
+    drop_path: float = 0.05  # the same rate in every block (official), not timm's linear ramp
+    layer_scale_init: float | None = 1e-4  # null: no LayerScale (plain pre-norm residual blocks)
+    checkpoint: str | None = None  # weights to start from (fine-tuning)

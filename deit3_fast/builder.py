@@ -2,7 +2,7 @@
 loaders, and the batch arithmetic, held in one `Run`; the loop that uses them is trainer.py.
 
 `build` is config -> each section's own `build` (optim.OptimConfig, schedule.ScheduleConfig and its resolution) and
-plain values for the factories of the rest (models.create_model, losses.RecipeLoss, loaders.make_loader), the same
+the factories of the rest (models.build_model, losses.RecipeLoss, loaders.make_loader), the same
 for `train`, `profile` and the tests. With `schedule.resolution` the model takes any patch grid and each epoch's
 size (and, with `batch_sizes`, its batch plan) comes from `Run.train_size` / `Run.batch_at`.
 """
@@ -27,7 +27,7 @@ from .device import device_name, resolve_amp
 from .evalsets import class_mask
 from .loaders import make_loader
 from .losses import RecipeLoss
-from .models import create_model
+from .models import build_model
 from .schedule import WarmupCosine
 
 
@@ -141,15 +141,7 @@ def build(cfg: Config, device: torch.device) -> Run:
     sizes = cfg.schedule.resolution.build(cfg.aug.img_size, cfg.schedule.epochs)
     # Progressive resolution: timm's dynamic image size resamples pos_embed (bicubic) for each epoch's patch grid;
     # at aug.img_size it is used as it is, so evaluation and checkpoints are those of a fixed-size model.
-    model = create_model(
-        cfg.model.name,
-        num_classes=cfg.model.num_classes,
-        img_size=cfg.aug.img_size,
-        drop_path=cfg.model.drop_path,
-        layer_scale_init=cfg.model.layer_scale_init,
-        checkpoint=cfg.model.checkpoint,
-        **({"dynamic_img_size": True} if sizes else {}),
-    ).to(device)
+    model = build_model(cfg.model, cfg.aug.img_size, **({"dynamic_img_size": True} if sizes else {})).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = cfg.optim.build(model, compile=cfg.train.compile)

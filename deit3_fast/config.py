@@ -24,11 +24,11 @@ from pipelines.config import CROPS, AugConfig, DataConfig
 from pipelines.registry import ENGINES
 
 from .amp import AMP_CHOICES
-from .archs import MODEL_NAMES, default_img_size, patch_size
+from .archs import ModelConfig, default_img_size, patch_size
 from .losses import LOSSES
 from .optim import OptimConfig
 from .schedule import ResolutionConfig, ScheduleConfig
-from .schema import ConfigError, at_least_one, check_value, checked, closest, one_of
+from .schema import ConfigError, at_least_one, check_value, closest, one_of
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -48,22 +48,6 @@ __all__ = [
     "parse_sets",
     "load_config",
 ]
-
-
-def _count_or_auto(value, where: str) -> None:
-    if isinstance(value, str) and value != "auto":
-        raise ConfigError(f"{where}: a class count or auto, got {value!r}")
-
-
-@dataclass
-class ModelConfig:
-    # deit3_{small,...,huge}, timm's deit3_*_patch*_RES or official deit_*_LS names (archs.py)
-    name: str = one_of("deit3_small", MODEL_NAMES)
-    # or auto: the class count of data.train's manifest or conversion report
-    num_classes: int | str = checked(1000, _count_or_auto, positive=True)
-    drop_path: float = 0.05  # the same rate in every block (official), not timm's linear ramp
-    layer_scale_init: float | None = 1e-4  # null: no LayerScale (plain pre-norm residual blocks)
-    checkpoint: str | None = None  # weights to start from (fine-tuning)
 
 
 @dataclass

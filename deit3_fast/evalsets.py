@@ -34,7 +34,7 @@ from .config import CONFIG_DIR, Config, ConfigError, EvalSet, parse_sets
 from .device import resolve_amp
 from .eval_loop import evaluate
 from .loaders import make_loader
-from .models import create_model, load_checkpoint
+from .models import build_model, load_checkpoint
 
 # EvalSet and parse_sets are the config's (it checks train.extra_val at load); the eval command takes them from here.
 __all__ = [
@@ -112,12 +112,7 @@ def evaluate_checkpoint(
     acc5, n[, classes]}}, plus "real" when ReaL labels are given (scored on the set named in1k or val), and with
     `keep` one prediction row per image (set, index, source file, label, top-5)."""
     scored_by_real = real_set(sets, real)
-    model = create_model(
-        cfg.model.name,
-        num_classes=cfg.model.num_classes,
-        img_size=cfg.aug.img_size,
-        layer_scale_init=cfg.model.layer_scale_init,
-    )
+    model = build_model(cfg.model, cfg.aug.img_size, train=False)
     if ema:
         model.load_state_dict(load_weights(checkpoint, ema=True))  # a run's own EMA: its layout, as it is
     else:

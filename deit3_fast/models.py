@@ -19,7 +19,7 @@ import torch.nn as nn
 from timm.layers import DropPath, trunc_normal_
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from .archs import ARCHS, DEFAULT_IMG_SIZE, resolve_name
+from .archs import ARCHS, DEFAULT_IMG_SIZE, ModelConfig, resolve_name
 from .checkpoint import CheckpointError, load_weights
 
 __all__ = ["create_model", "load_checkpoint", "CheckpointError", "ARCHS"]
@@ -93,6 +93,23 @@ def create_model(
     if checkpoint:
         load_checkpoint(model, checkpoint)
     return model
+
+
+def build_model(section: ModelConfig, img_size: int, *, train: bool = True, **overrides) -> VisionTransformer:
+    """The config's `model` section made into its model at `img_size`: for training (`train`) with its drop-path
+    rate and its `checkpoint` loaded; for evaluation without either (drop-path is off in eval mode anyway, and the
+    weights to score are the caller's)."""
+    if not isinstance(section.num_classes, int):
+        raise ValueError("model.num_classes is still 'auto': resolve it from the data first (resolve_num_classes)")
+    return create_model(
+        section.name,
+        num_classes=section.num_classes,
+        img_size=img_size,
+        drop_path=section.drop_path if train else 0.0,
+        layer_scale_init=section.layer_scale_init,
+        checkpoint=section.checkpoint if train else None,
+        **overrides,
+    )
 
 
 def load_checkpoint(model: VisionTransformer, path: str) -> list[str]:

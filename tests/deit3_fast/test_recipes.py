@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deit3_fast import builder, trainer
+from deit3_fast import models, trainer
 from deit3_fast.archs import ARCHS, resolve_name
 from deit3_fast.config import CONFIG_DIR, load_config
 from deit3_fast.device import AMP_DTYPES
@@ -108,9 +108,9 @@ def test_recipe_model_at_its_resolution_and_its_optimiser(name):
 def test_recipe_starts_and_takes_a_step(name, small, monkeypatch):
     """trainer.build on the recipe as shipped (data, checkpoint and batch arithmetic aside) with a one-block stand-in
     of its model, then one optimiser step from its real loader: augmentation, mixing, loss, optimiser, AMP."""
-    real_create = builder.create_model
+    real_create = models.create_model
     monkeypatch.setattr(
-        builder, "create_model", lambda *a, **kw: real_create(*a, **kw, depth=1, embed_dim=32, num_heads=2)
+        models, "create_model", lambda *a, **kw: real_create(*a, **kw, depth=1, embed_dim=32, num_heads=2)
     )
     cfg = load_config(
         name,
@@ -241,9 +241,9 @@ def test_recipe_runs_with_the_official_values(name, small, monkeypatch):
     """Built through trainer.build (the run's own components, a one-block stand-in model), every value the run uses
     is the official command line's: a value dropped on its way from the config to the component fails here."""
     e = EXPECTED[name]
-    real_create = builder.create_model
+    real_create = models.create_model
     monkeypatch.setattr(
-        builder, "create_model", lambda *a, **kw: real_create(*a, **kw, depth=1, embed_dim=32, num_heads=2)
+        models, "create_model", lambda *a, **kw: real_create(*a, **kw, depth=1, embed_dim=32, num_heads=2)
     )
     cfg = load_config(
         name,
