@@ -110,9 +110,11 @@ def main() -> None:
     from dataset_tools.beton import Beton
     from deit3_fast.config import load_config
     from deit3_fast.profile import profile
-    from pipelines.registry import ENGINES
+    from pipelines.registry import engine_info, engine_names
 
-    engines = (args.engines or (",".join(ENGINES) if device.type == "cuda" else "ffcv")).split(",")
+    # Every installed fast engine on CUDA (the reference engine is the per-sample PIL yardstick, not a candidate).
+    fast = [n for n in engine_names(host_augment=False) if engine_info(n).installed]
+    engines = (args.engines or (",".join(fast) if device.type == "cuda" else "ffcv")).split(",")
 
     rows, official, profiles = [], None, []
     with tempfile.TemporaryDirectory(prefix="bench_compute_") as tmp:

@@ -193,7 +193,7 @@ def nvjpeg(device: torch.device) -> Check:
             "nvJPEG decode",
             BROKEN,
             f"torchvision decode_jpeg on {device} failed: {_first_line(e)}",
-            f"use data.engine: {one_of(alternatives('nvjpeg'))}; check that torchvision matches torch (same "
+            f"use data.engine: {one_of(alternatives('nvjpeg', host_augment=False))}; check that torchvision matches torch (same "
             "CUDA build)",
         )
     diff = (gpu.float() - cpu.float()).abs().mean().item()
@@ -202,7 +202,7 @@ def nvjpeg(device: torch.device) -> Check:
             "nvJPEG decode",
             BROKEN,
             f"GPU decode differs from the CPU's (mean |diff| {diff:.2f})",
-            f"use data.engine: {one_of(alternatives('nvjpeg'))}",
+            f"use data.engine: {one_of(alternatives('nvjpeg', host_augment=False))}",
         )
     from pipelines.nvjpeg_engine import gpu_decoder_kind
 

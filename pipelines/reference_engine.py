@@ -192,14 +192,17 @@ class BetonSource:
 
 
 @contextmanager
-def seeded(seed: int):
-    """torch's, Python's and numpy's global generators seeded with `seed` inside, as they were outside: torchvision
-    draws from torch's, RandomChoice and the blur from Python's, timm's RandAugment from Python's and numpy's."""
+def seeded(key):
+    """torch's, Python's and numpy's global generators seeded from `key` inside, as they were outside: torchvision
+    draws from torch's, RandomChoice and the blur from Python's, timm's RandAugment from Python's and numpy's. Each
+    gets a child key of its own: torch and numpy seed the same MT19937 from the same 32 bits, so one seed for both
+    would make torchvision's flip and jitter draws equal timm's RandAugment choices (the official DataLoader seeds
+    them apart too)."""
     py, npy = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        random.seed(seed)
-        np.random.seed(seed & 0xFFFF_FFFF)
+        torch.manual_seed(keys.seed_of(keys.named(key, "torch")))
+        random.seed(keys.seed_of(keys.named(key, "python")))
+        np.random.seed(int(keys.named(key, "numpy")) & 0xFFFF_FFFF)
         try:
             yield
         finally:
@@ -219,7 +222,7 @@ class _Samples(torch.utils.data.Dataset):
     def __getitem__(self, item):
         i, key = item
         img = self.source.image(int(i))
-        with seeded(keys.seed_of(key)):
+        with seeded(key):
             x = self.transform(img)
         return x, int(self.source.labels[i])
 

@@ -95,7 +95,7 @@ PY
   > "$OUT/machine.txt" 2>&1
 step doctor 100 bash -c "'$PYTHON' -m deit3_fast doctor --json --data-train '$DATA/imagenet.beton' --engine nvjpeg \
   --steps $DOCTOR_STEPS > '$OUT/doctor.json' 2> '$OUT/doctor.err'"
-step pytest_cuda 420 bash -c "DEIT3_GPU_CHECK_DATA='$DATA' '$PYTHON' -m pytest -m cuda tests/test_cuda.py -q \
+step pytest_cuda 420 bash -c "DEIT3_GPU_CHECK_DATA='$DATA' '$PYTHON' -m pytest -m cuda tests/test_cuda.py tests/pipelines/test_reference_engine.py -q \
   -p no:cacheprovider --durations=0 --junitxml '$OUT/pytest-cuda.xml' > '$OUT/pytest-cuda.log' 2>&1"
 step compute_bound 330 bash -c "'$PYTHON' benchmarks/compute_bound.py --device $DEVICE --data-train \
   '$DATA/imagenet.beton' --engines nvjpeg --no-official --no-compile --rows $ROWS --batch $BATCH --steps $STEPS \
