@@ -193,8 +193,8 @@ def nvjpeg(device: torch.device) -> Check:
             "nvJPEG decode",
             BROKEN,
             f"torchvision decode_jpeg on {device} failed: {_first_line(e)}",
-            f"use data.engine: {one_of(alternatives('nvjpeg', host_augment=False))}; check that torchvision matches torch (same "
-            "CUDA build)",
+            f"use data.engine: {one_of(alternatives('nvjpeg', host_augment=False))}; check that torchvision matches "
+            "torch (same CUDA build)",
         )
     diff = (gpu.float() - cpu.float()).abs().mean().item()
     if gpu.shape != cpu.shape or diff > 3:
