@@ -13,8 +13,9 @@ import torch
 from dataset_tools.beton import IMAGE_MODE_RAW
 from dataset_tools.shards import open_samples
 
-from . import crops, keys
+from . import crops
 from .jpeg_header import gpu_refusal
+from .sampler import batch_count, keyed_batches
 
 
 class BetonBatches:
@@ -37,19 +38,20 @@ class BetonBatches:
         self.cpu_decoded: Counter = Counter()  # this epoch's GPU refusals by reason
 
     def __len__(self) -> int:
-        n = len(self.epoch_order.indices(0))
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return batch_count(self.epoch_order, self.batch_size, self.drop_last)
 
     def index_batches(self, epoch: int, start: int = 0):
-        """(sample indices, crop keys) per batch of `epoch` from batch `start` on; a key is (seed, rank, epoch,
-        sample, slot in batch)."""
+        """(sample indices, crop keys) per batch of `epoch` from batch `start` on (sampler.keyed_batches)."""
         self.cpu_decoded = Counter()
-        ek = keys.epoch_key(self.seed, self.rank, epoch)
-        order = self.epoch_order.indices(epoch)
-        stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
-        for first in range(start * self.batch_size, stop, self.batch_size):
-            idx = order[first : first + self.batch_size]
-            yield idx, [np.uint64(keys.sample_key(ek, int(i), slot)) for slot, i in enumerate(idx)]
+        yield from keyed_batches(
+            self.epoch_order,
+            self.batch_size,
+            drop_last=self.drop_last,
+            seed=self.seed,
+            rank=self.rank,
+            epoch=epoch,
+            start=start,
+        )
 
     def gpu_refusal(self, i: int, data: np.ndarray | None = None) -> str | None:
         """Why the GPU decoder cannot take sample i (None: it can; raw pixels are never decoded), counted for this

@@ -40,6 +40,7 @@ from . import keys
 from .beton_source import upload
 from .crops import CropSpec
 from .errors import DataError
+from .sampler import batch_count, keyed_batches
 
 if TYPE_CHECKING:
     from dataset_tools.beton import Beton
@@ -277,18 +278,20 @@ class ReferenceEngine:
         )
 
     def __len__(self) -> int:
-        n = len(self.epoch_order.indices(0))
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return batch_count(self.epoch_order, self.batch_size, self.drop_last)
 
     def batches(self, epoch: int, start: int = 0):
         """(normalised float images (B, 3, H, W), int64 labels (B,)) on the engine's device."""
-        ek = keys.epoch_key(self.seed, self.rank, epoch)
-        order = self.epoch_order.indices(epoch)
-        stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
-        self._plan.batches = [
-            [(int(i), int(keys.sample_key(ek, int(i), slot))) for slot, i in enumerate(order[b : b + self.batch_size])]
-            for b in range(start * self.batch_size, stop, self.batch_size)
-        ]
+        plan = keyed_batches(
+            self.epoch_order,
+            self.batch_size,
+            drop_last=self.drop_last,
+            seed=self.seed,
+            rank=self.rank,
+            epoch=epoch,
+            start=start,
+        )
+        self._plan.batches = [[(int(i), int(k)) for i, k in zip(idx, batch_keys)] for idx, batch_keys in plan]
         for x, y in self.loader:
             yield upload(x, self.device), upload(y.to(torch.int64), self.device)
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import keys
+
 
 def dist_rank_world() -> tuple[int, int]:
     """(rank, world size) of the initialised torch.distributed group, else (0, 1)."""
@@ -71,3 +73,24 @@ class EpochOrder:
 
     def __len__(self) -> int:
         return len(self.indices(0))
+
+
+def batch_count(order: EpochOrder, batch_size: int, drop_last: bool) -> int:
+    """Batches per epoch of `order` on this rank: whole batches only with `drop_last` (training)."""
+    n = len(order.indices(0))
+    return n // batch_size if drop_last else -(-n // batch_size)
+
+
+def keyed_batches(
+    order: EpochOrder, batch_size: int, *, drop_last: bool, seed: int, rank: int, epoch: int, start: int = 0
+):
+    """(sample indices, per-sample keys) per batch of `epoch` from batch `start` on. A sample's key is (seed, rank,
+    epoch, sample, slot in batch): what every engine derives its crop (and the reference engine all its draws) from,
+    so all engines take the same samples in the same order with the same randomness, and an epoch can start
+    part-way."""
+    ek = keys.epoch_key(seed, rank, epoch)
+    idx_all = order.indices(epoch)
+    stop = len(idx_all) - len(idx_all) % batch_size if drop_last else len(idx_all)
+    for first in range(start * batch_size, stop, batch_size):
+        idx = idx_all[first : first + batch_size]
+        yield idx, [np.uint64(keys.sample_key(ek, int(i), slot)) for slot, i in enumerate(idx)]
