@@ -213,8 +213,6 @@ class Beton:
 
     def decode(self, i: int, field: str | None = None) -> np.ndarray:
         """Sample i's image as RGB uint8 (H, W, 3), on the CPU."""
-        import cv2
-
         field = field or self.image_field
         meta = self.metadata[field][i]
         data = self.image_bytes(i, field)
@@ -223,6 +221,8 @@ class Beton:
             if data.size != h * w * 3:
                 raise BetonError(f"{self.path}: sample {i} has {data.size} raw bytes, expected {h}x{w}x3")
             return np.asarray(data).reshape(h, w, 3).copy()
+        import cv2  # only JPEGs need OpenCV (an optional package: the ffcv extra brings it)
+
         try:
             bgr = cv2.imdecode(np.asarray(data), cv2.IMREAD_COLOR) if data.size else None
         except cv2.error:  # OpenCV asserts on some malformed streams instead of returning None

@@ -185,11 +185,10 @@ class BetonSource:
         if self._samples is None:
             self._samples = open_samples(self.path)
         samples = self._samples
-        row = samples.image_row(i)
-        data = np.asarray(samples.image_bytes(i))
-        if row["mode"] == IMAGE_MODE_RAW:
-            return Image.fromarray(data.reshape(int(row["height"]), int(row["width"]), 3).copy(), "RGB")
-        return Image.open(io.BytesIO(data.tobytes())).convert("RGB")
+        if samples.image_row(i)["mode"] == IMAGE_MODE_RAW:  # the reader's own raw path (it checks the byte count)
+            return Image.fromarray(samples.decode(i), "RGB")
+        # JPEG through PIL, as the official pipeline decodes (the reader's decode is OpenCV's)
+        return Image.open(io.BytesIO(np.asarray(samples.image_bytes(i)).tobytes())).convert("RGB")
 
 
 @contextmanager
