@@ -86,6 +86,38 @@ def _complete(path: str, fingerprint: str) -> dict | None:
     return report if report is not None and sha256_of(path) == report.get("sha256") else None
 
 
+def is_current(
+    src: str,
+    out: str,
+    *,
+    max_resolution: int | None = None,
+    short_side: int | None = None,
+    jpeg_quality: int = 90,
+    write_mode: str = "jpg",
+    classes_file: str | None = None,
+) -> bool:
+    """Whether the .beton OUT holds what `convert(src, out, ...)` with these options would write now: the same
+    files and labels of SRC, the same pixel options, and the size its report records. What a cache of conversions
+    (the parity command's) asks before it reuses a file instead of writing it again."""
+    if not os.path.isfile(out):
+        return False
+    if max_resolution is None and short_side is None:
+        max_resolution = 256
+    options = {
+        "max_resolution": max_resolution,
+        "short_side": short_side,
+        "jpeg_quality": jpeg_quality,
+        "write_mode": write_mode,
+        "compress_probability": 0.5,
+        "seed": 0,
+        "page_size": 8 << 20,
+    }
+    classes = read_class_list(classes_file) if classes_file else None
+    scan = scan_imagefolder(src, classes)
+    fingerprint = _fingerprint(options, scan.samples, list(range(len(scan.samples))), src)
+    return _same_plan(out, fingerprint) is not None
+
+
 def _plan(scan, out: str, shards: int | None, holdout: int, seed: int) -> tuple[list[str], list[list[int]], bool]:
     """(output paths, their samples, whether the last one is the held-out split). Shard s takes every N-th sample
     of the class-sorted list from s on, so each shard holds every class in proportion."""

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 from .grid import ABLATIONS_DIR, Grid, Variant, load_grid
 from .results import DONE, FAILED, write_results
-from .run import AblateJob, run_grid, run_variant
+from .run import AblateJob, execute, run_grid, run_variant
 
 __all__ = [
     "ABLATIONS_DIR",
@@ -56,6 +56,7 @@ __all__ = [
     "load_grid",
     "write_results",
     "run_grid",
+    "execute",
     "run_variant",
     "AblateJob",
     "DONE",

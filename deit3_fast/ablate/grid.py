@@ -185,9 +185,10 @@ def load_grid(name_or_path: str, extra_sets: list[str] | tuple = ()) -> Grid:
         _variant_entries(raw.get("variants"), where), _axis_points(raw.get("axes"), where)
     ):
         name = ",".join([vname] * bool(vname) + [f"{short}={_name_value(v)}" for _, short, v in point])
-        if not re.fullmatch(r"[A-Za-z0-9_+=,.-]+", name) or name.startswith("."):
+        if not re.fullmatch(r"[A-Za-z0-9_+=,.@-]+", name) or name.startswith("."):
             raise _error(
-                f"{where}: variant name '{name}' is not usable as a folder name (letters, digits and _ + = , . - only)"
+                f"{where}: variant name '{name}' is not usable as a folder name (letters, digits and _ + = , . @ - "
+                "only)"
             )
         if name in seen:
             raise _error(f"{where}: two variants are called '{name}'")

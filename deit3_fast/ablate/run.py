@@ -124,7 +124,7 @@ class AblateJob(TrainJob):
         return submitit().helpers.DelayedSubmission(AblateJob(self.cfg, self.sets, self.out, self.device))
 
 
-def _check_runnable(grid: Grid, out: Path, world: int, local_data: bool) -> None:
+def check_runnable(grid: Grid, out: Path, world: int, local_data: bool) -> None:
     """What would otherwise fail in the middle of the grid, hours in: batch arithmetic, missing data."""
     for v in grid.variants:
         if (out / v.name / DONE).exists():
@@ -146,7 +146,7 @@ def _check_runnable(grid: Grid, out: Path, world: int, local_data: bool) -> None
                 )
 
 
-def _run_here(grid: Grid, out: Path, args) -> int:
+def run_here(grid: Grid, out: Path, args) -> int:
     from ..device import pick_device
     from ..trainer import Preempted, train  # torch: imported when something runs, not for --help
 
@@ -190,7 +190,7 @@ def _run_here(grid: Grid, out: Path, args) -> int:
     return 1 if failed else 0
 
 
-def _submit_all(grid: Grid, out: Path, args) -> int:
+def submit_all(grid: Grid, out: Path, args, collect: str) -> int:
     submitit()  # one clear error where it is missing
     from submitit.core.utils import FailedJobError
 
@@ -241,11 +241,7 @@ def _submit_all(grid: Grid, out: Path, args) -> int:
     if args.local:
         print_results(out)
     else:
-        again = " ".join(
-            shlex.quote(a)
-            for a in ["--grid", args.grid, "--out", str(out), *[x for s in args.set for x in ("--set", s)]]
-        )
-        print(f"[ablate] submitted; when the jobs are done: deit3-fast ablate {again} --collect", flush=True)
+        print(f"[ablate] submitted; when the jobs are done: {collect}", flush=True)
     return 1 if failed else 0
 
 
@@ -265,6 +261,15 @@ def run_grid(args) -> int:
         for v in grid.variants:
             print(f"{v.name}: {status(v, out / v.name)}; {v.cfg}" + "".join(f"; {s}" for s in v.shown))
         return 0
+    again = " ".join(
+        shlex.quote(a) for a in ["--grid", args.grid, "--out", str(out), *[x for s in args.set for x in ("--set", s)]]
+    )
+    return execute(grid, out, args, f"deit3-fast ablate {again} --collect")
+
+
+def execute(grid: Grid, out: Path, args, collect: str) -> int:
+    """Run (or with args.submit, submit) a resolved grid's unfinished variants into OUT/<variant>; `collect` is the
+    command line that tabulates submitted jobs once they end. `ablate` and `parity` both run their grids here."""
     world = args.nodes * args.gpus_per_node if args.submit and not args.local else 1
-    _check_runnable(grid, out, world, local_data=not (args.submit and not args.local))
-    return _submit_all(grid, out, args) if args.submit else _run_here(grid, out, args)
+    check_runnable(grid, out, world, local_data=not (args.submit and not args.local))
+    return submit_all(grid, out, args, collect) if args.submit else run_here(grid, out, args)

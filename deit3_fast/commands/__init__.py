@@ -27,6 +27,7 @@ COMMANDS = (
     "export",
     "stage",
     "ablate",
+    "parity",
 )
 
 
