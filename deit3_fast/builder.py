@@ -133,12 +133,31 @@ def stage_data(cfg: Config) -> Config:
     return replace(cfg, data=replace(cfg.data, **paths))
 
 
+def fresh_compile_caches(sizes: list[int] | None) -> None:
+    """Start a run with torch.compile's caches empty and room in them for each size the run trains at.
+
+    Dynamo keeps compiled graphs on the compiled function's code, which every run in a process shares (each
+    BatchAugment's fused pass and RandAugment, each Lamb's update, each model's forward): a process that builds several
+    runs (ablate, profile --tune) would add each run's graphs to the last's, and past the recompile limit (8 a
+    function) dynamo runs the function eagerly, with one line in the log. Within a run, a function compiles one
+    static graph per size (sizes are a few multiples of schedule.resolution.step) rather than one dynamic-shape graph:
+    two on a CPU for the batch augmentation (its 16-image slices and the rest of the batch), and the model's
+    evaluation adds a few."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    if sizes:
+        limit = 2 * len(set(sizes)) + 4
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+
+
 def build(cfg: Config, device: torch.device) -> Run:
     cfg = resolve_num_classes(cfg)
     torch.manual_seed(cfg.train.seed)  # the same init on every rank (DDP also broadcasts rank 0's)
     plan, batches = batch_plan(cfg, dist.world()), batch_plans(cfg, dist.world())  # bad arithmetic fails first
     amp = resolve_amp(cfg.train.amp, device)
     sizes = cfg.schedule.resolution.build(cfg.aug.img_size, cfg.schedule.epochs)
+    fresh_compile_caches(sizes)
     # Progressive resolution: timm's dynamic image size resamples pos_embed (bicubic) for each epoch's patch grid;
     # at aug.img_size it is used as it is, so evaluation and checkpoints are those of a fixed-size model.
     model = build_model(cfg.model, cfg.aug.img_size, **({"dynamic_img_size": True} if sizes else {})).to(device)
@@ -151,12 +170,6 @@ def build(cfg: Config, device: torch.device) -> Run:
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     forward = forward or model
-    if cfg.train.compile and sizes:
-        # One static graph per size (a few: sizes are multiples of schedule.resolution.step), each compiled once,
-        # instead of one dynamic-shape graph; the default recompile limit (8) would fall back to eager past it.
-        import torch._dynamo.config as dynamo
-
-        dynamo.recompile_limit = max(dynamo.recompile_limit, 2 * len(set(sizes)) + 4)
     forward = torch.compile(forward, dynamic=False if sizes else None) if cfg.train.compile else forward
     train_loader = make_loader(cfg, "train", device, amp=amp, batch_size=plan.per_process)
     samples = train_loader.samples  # this rank's, per epoch (training drops the rest)

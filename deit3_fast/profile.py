@@ -33,12 +33,19 @@ from .device import AMP_DTYPES, autocast, device_name
 
 COMPUTE_BOUND_RATIO = 0.95
 WARMUP = 3
-# Dense bf16/fp16 tensor-core TFLOP/s from the datasheets (no sparsity), by a substring of the device name.
+# Dense bf16/fp16 tensor-core TFLOP/s from the datasheets (no sparsity), by a substring of the device name as torch
+# reports it ("NVIDIA H100 80GB HBM3", "NVIDIA H100 NVL"); the longest key found in the name wins, so "H100 NVL" is
+# not read as "H100", nor "H200" as "H20" (nominal_tflops).
 NOMINAL_TFLOPS = (
     ("H200", 989.0),
-    ("H100 PCIe", 756.0),
-    ("H100", 989.0),
+    ("H200 NVL", 835.0),
     ("GH200", 989.0),
+    ("H100", 989.0),
+    ("H100 NVL", 835.0),
+    ("H100 PCIe", 756.0),
+    ("H800", 989.0),  # the export H100 SXM: same tensor cores and clocks
+    ("H800 PCIe", 756.0),
+    ("H20", 148.0),
     ("B200", 2250.0),
     ("A100", 312.0),
     ("A800", 312.0),
@@ -137,7 +144,8 @@ def nominal_tflops(device: torch.device, amp: str) -> float | None:
     name = torch.cuda.get_device_name(device)
     if amp == "bf16" and "V100" in name or "T4" in name and amp == "bf16":
         return None
-    return next((peak for key, peak in NOMINAL_TFLOPS if key in name), None)
+    found = [(len(key), peak) for key, peak in NOMINAL_TFLOPS if key in name]
+    return max(found)[1] if found else None
 
 
 def train_flops_per_image(run: trainer.Run, x: torch.Tensor, y: torch.Tensor) -> float:

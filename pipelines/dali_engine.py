@@ -22,6 +22,10 @@ from . import crops
 from .beton_source import BetonBatches, reflect_pad, upload
 from .errors import DataError
 
+# Batches DALI schedules ahead of the one collected: with 2, batch b+1 is decoded while the consumer runs step b (with
+# 1 the decoder idled through every step). The source is still called once per batch, in the sampler's order.
+PREFETCH = 2
+
 # DALI's import parses every operator argument's default (thousands of ast.literal_eval). CPython 3.11 keeps one AST
 # depth counter per interpreter: a garbage collection inside one of those parses can run a finalizer that parses too
 # (or that hands the GIL to a thread that does), and the import dies with "SystemError: AST constructor recursion
@@ -69,11 +73,12 @@ class DaliEngine(BetonBatches):
         gpu = device.type == "cuda" and backend.GetCUDADeviceCount() > 0
         self.gpu = gpu
         self._feed = _Feed()
+        self._mid_epoch = False  # a pass began and was not run to its end: DALI may hold its batches decoded ahead
         self.pipe = self._pipeline(
             batch_size=batch_size,
             num_threads=max(1, workers),
-            device_id=device.index or 0 if gpu else None,
-            prefetch_queue_depth=1,
+            device_id=(device.index or 0) if gpu else None,
+            prefetch_queue_depth=PREFETCH,
             exec_dynamic=True,
             gpu=gpu,
         )
@@ -133,8 +138,10 @@ class DaliEngine(BetonBatches):
         return ((enc, r0, r1, hw, anchor) if pads else (enc, r0, r1, hw)), pads
 
     def batches(self, epoch: int, start: int = 0):
-        # DALI pulls a batch's inputs when it schedules it, possibly ahead of the one we collect; the queue keeps
+        # DALI pulls a batch's inputs when it schedules it, PREFETCH - 1 ahead of the one we collect; the queue keeps
         # each batch's labels and paddings in step, and only the batches in flight are held in memory.
+        if self._mid_epoch:
+            self._discard_pass()
         in_flight: deque = deque()
         plan = self.index_batches(epoch, start)
 
@@ -145,6 +152,7 @@ class DaliEngine(BetonBatches):
             return data
 
         self._feed.next = next_input
+        self._mid_epoch = True
         try:
             while True:
                 try:
@@ -159,9 +167,25 @@ class DaliEngine(BetonBatches):
                     reflect_pad(images[slot], *pad)
                 yield images, self.labels_of(idx)
             self.pipe.reset()
+            self._mid_epoch = False
         finally:  # also when the epoch is abandoned (next_input refers to the engine), unless a newer one is on
             if self._feed.next is next_input:
                 self._feed.next = _exhausted
+
+    def _discard_pass(self):
+        """End the pass left part-way: the batches DALI decoded ahead for it are collected and dropped (else the next
+        pass's first outputs would be the old pass's), and the pipeline is reset (after a pass whose source had
+        already ended, DALI would otherwise end the next one at once). Done here, when the next pass starts, not when
+        the old generator is closed: that can come from the collector, in a process forked meanwhile, where running
+        the parent's pipeline hangs."""
+        self._feed.next = _exhausted
+        try:
+            while True:
+                self.pipe.run()
+        except StopIteration:
+            pass
+        self.pipe.reset()
+        self._mid_epoch = False
 
 
 def _to_torch(out, device: torch.device) -> torch.Tensor:

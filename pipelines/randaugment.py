@@ -225,7 +225,8 @@ class RandAugment(AugOp):
         ramp = torch.arange(256, device=x.device, dtype=torch.float64)
         lut = ramp.expand(b, 3, 256)
         names = {n for n, _ in tables}
-        hist = _histogram(x) if names & {"AutoContrast", "Equalize"} else None
+        # The tables' maths is PIL's float64 (counts are exact in it).
+        hist = _histogram(x).double() if names & {"AutoContrast", "Equalize"} else None
         for name, mask in tables:
             if name == "AutoContrast":
                 assert hist is not None  # computed above whenever a table op is in `tables`
@@ -299,15 +300,14 @@ def _level(name: str, m: torch.Tensor, neg: torch.Tensor, ra: RandAugment) -> to
 
 
 def _histogram(x: torch.Tensor) -> torch.Tensor:
-    """(B, 3, 256) pixel counts per sample and channel."""
+    """(B, 3, 256) pixel counts per sample and channel, counted in int32: exact (to 2^31 pixels), and on a GPU the
+    scatter's atomic adds are 32-bit integer ones, half the width of float64's, on bins every thread of a flat image
+    hits."""
     b = len(x)
     idx = x.long().view(b, -1, 3) + torch.arange(0, 768, 256, device=x.device)
+    ones = torch.ones(1, device=x.device, dtype=torch.int32).expand(b, idx.numel() // b)
     return (
-        torch.zeros(b, 768, device=x.device, dtype=torch.float64)
-        .scatter_add_(
-            1, idx.view(b, -1), torch.ones(idx.numel() // b, device=x.device, dtype=torch.float64).expand(b, -1)
-        )
-        .view(b, 3, 256)
+        torch.zeros(b, 768, device=x.device, dtype=torch.int32).scatter_add_(1, idx.view(b, -1), ones).view(b, 3, 256)
     )
 
 

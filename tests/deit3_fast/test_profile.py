@@ -221,6 +221,32 @@ def test_model_gemm_and_peak_use_the_models_shape_and_dtype():
     assert nominal_tflops(torch.device("cpu"), "bf16") is None
 
 
+@pytest.mark.parametrize(
+    "name, tflops",
+    [
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H100 NVL", 835.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H800", 989.0),
+        ("NVIDIA H20", 148.0),
+        ("NVIDIA H200", 989.0),
+        ("NVIDIA H200 NVL", 835.0),
+        ("NVIDIA GH200 480GB", 989.0),
+        ("NVIDIA L40S", 362.0),
+        ("NVIDIA L4", 121.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA GeForce RTX 4090", None),
+    ],
+)
+def test_the_datasheet_peak_is_the_gpu_torch_names(monkeypatch, name, tflops):
+    """By the device name torch reports: a name holding another's key (H100 NVL holds H100, H200 holds H20) gets its
+    own row, not the first one found."""
+    from deit3_fast.profile import nominal_tflops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert nominal_tflops(torch.device("cuda", 0), "bf16") == tflops
+
+
 def test_tune_starts_a_try_only_while_the_slowest_so_far_still_fits(monkeypatch):
     """The budget's decisions on a scripted clock: the first try always runs; each next one only if the time spent
     plus the slowest try so far fits; a try slower than every earlier one may end past the budget (by design); the

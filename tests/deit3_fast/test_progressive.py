@@ -219,10 +219,13 @@ def test_compiled_ramped_run_compiles_each_size_once(data, tmp_path):
     rows = train(cfg, tmp_path, torch.device("cpu"), quiet=True, stop_after_epoch=2)
     after_ramp = dutils.counters["stats"]["unique_graphs"]
     assert [r["train_img_size"] for r in rows] == [16, 24, 32]
-    # Epochs at sizes already compiled compile nothing new, in any order (a resumed run in the same process too).
+    # Epochs at sizes already compiled compile nothing new, in any order. A run built again in the process (a
+    # resumed one) starts with empty caches (builder.fresh_compile_caches) and compiles each size once itself.
     run = trainer.build(cfg, torch.device("cpu"))
-    dutils.counters.clear()
     for epoch in (3, 0, 1, 2):
+        trainer.train_one_epoch(run, epoch)
+    dutils.counters.clear()
+    for epoch in (2, 0, 3, 1):
         trainer.train_one_epoch(run, epoch)
     assert after_ramp > 0 and dutils.counters["stats"]["unique_graphs"] == 0
 
@@ -245,3 +248,30 @@ def test_a_ramp_floors_the_patch_grid_like_the_fixed_size_model():
         "vit_h_in1k", ["schedule.resolution={start: 128, end: 160, start_epoch: 0, end_epoch: 5, step: 32}"]
     )
     assert resolution_schedule(cfg.schedule.resolution, 160, 8)[:6] == [128, 128, 128, 160, 160, 160]
+
+
+def test_a_ninth_size_still_runs_compiled_after_other_runs_in_the_process(data, monkeypatch):
+    """torch.compile's caches belong to the compiled functions' code, which every run a process builds shares (ablate,
+    profile --tune): each run starts them empty, with room for a graph per size (two for the CPU batch augmentation:
+    its 16-image slices and the rest of the batch), so neither earlier runs nor a ninth size send the batch
+    augmentation back to eager (dynamo's limit is 8 graphs a function). Here it compiles without train.compile, as a
+    CPU run with enough pixels an epoch does; dynamo's eager backend keeps the test to the caches, without codegen."""
+    import torch._dynamo
+
+    from pipelines import build as loader_build
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda f, **kw: real(f, **{**kw, "backend": "eager"}))
+    monkeypatch.setattr(loader_build, "CPU_COMPILE_PIXELS", 1)
+    batch = {"data.batch_size": 20, "train.global_batch": 20, "schedule.epochs": 12, "aug.img_size": 32}
+    ramp = "{start: 16, start_epoch: 0, end_epoch: 8, step: 2}"  # 16, 18, ..., 32
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for size in (20, 24, 28):  # the runs of an ablation over aug.img_size, before this one
+            loader = trainer.build(tiny_cfg(data, **{**batch, "aug.img_size": size}), torch.device("cpu")).train_loader
+            assert loader.augment.compiled and len(next(iter(loader))[0]) == 20
+        run = trainer.build(tiny_cfg(data, **batch, **{"schedule.resolution": ramp}), torch.device("cpu"))
+        sizes = sorted(set(run.resolutions))
+        assert sizes == list(range(16, 33, 2)) and run.train_loader.augment.compiled
+        for size in sizes:
+            run.train_loader.set_resolution(size)
+            assert next(iter(run.train_loader))[0].shape[-1] == size

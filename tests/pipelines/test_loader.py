@@ -705,3 +705,43 @@ def test_a_dali_epoch_left_behind_and_closed_later_does_not_end_the_next_one(sma
     labels += [y.clone() for _, y in current]
     assert len(whole) > 2 and len(labels) == len(whole)
     assert all(torch.equal(a, b) for a, b in zip(labels, whole))
+
+
+def test_dali_decodes_the_next_batch_while_one_is_in_use(small_beton, monkeypatch):
+    """DALI is handed batch b+1 before batch b is collected (its own prefetching), so it decodes while the training
+    step runs; the batches still come in the sampler's order, as a pass with nothing ahead gives them."""
+    dali_engine = pytest.importorskip("pipelines.dali_engine")  # DALI, imported as the engine does
+    engine = build_loader(cfg_for(small_beton, **{"data.engine": "dali"}), "val", "cpu").engine
+    fed = []
+    real = engine._inputs
+    monkeypatch.setattr(engine, "_inputs", lambda idx, keys: (fed.append(idx.copy()), real(idx, keys))[1])
+    batches = engine.batches(1)
+    first = next(batches)
+    assert len(fed) == dali_engine.PREFETCH >= 2
+    got = [first] + list(batches)
+    plan = [idx for idx, _ in engine.index_batches(1)]
+    assert len(got) == len(fed) == len(plan) > 2
+    for (_, labels), idx, want in zip(got, fed, plan):
+        np.testing.assert_array_equal(idx, want)
+        assert torch.equal(labels, engine.labels_of(want))
+
+
+@pytest.mark.parametrize("taken", ["one", "all"])
+def test_a_dali_pass_left_part_way_leaves_the_next_one_whole(small_beton, taken):
+    """Batches DALI decoded ahead for a pass that was closed are not handed to the next pass (its images would be
+    the old pass's, under the new pass's labels), and a pass closed after its last batch, before asking for more,
+    does not end the next one at once. The next pass, from its start or part-way (a resume), is a fresh engine's."""
+    pytest.importorskip("pipelines.dali_engine")  # DALI, imported as the engine does
+    cfg = cfg_for(small_beton, **{"data.engine": "dali"})
+    fresh = build_loader(cfg, "val", "cpu").engine
+    want = [(x.clone(), y.clone()) for x, y in fresh.batches(2)]
+    engine = build_loader(cfg, "val", "cpu").engine
+    for start in (0, 2):
+        left = engine.batches(1)
+        for _ in range(1 if taken == "one" else len(want)):
+            next(left)
+        left.close()
+        got = [(x.clone(), y.clone()) for x, y in engine.batches(2, start)]
+        assert len(got) == len(want) - start
+        for (xa, ya), (xb, yb) in zip(got, want[start:]):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)

@@ -97,6 +97,34 @@ def test_the_cpu_subset_path_is_the_whole_batch_path(images):
     assert torch.equal(ra.apply(x, p, subset=True), ra.apply(x, p, subset=False))
 
 
+@pytest.mark.parametrize("name", ["AutoContrast", "Equalize"])
+def test_the_histogram_ops_count_pixels_in_integers(images, name):
+    """The per-sample histogram behind AutoContrast and Equalize is counted in integers (narrower atomic adds on a GPU
+    than float64's), every accumulating op of the pass on an integer tensor; the tables are still PIL's exactly."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Accumulations(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            op = func.overloadpacket.__name__
+            if "scatter_add" in op or "index_add" in op or "scatter_reduce" in op or "histc" in op:
+                self.dtypes.append(args[0].dtype)
+            elif op.startswith("index_put") and (kwargs.get("accumulate") or (len(args) > 3 and args[3])):
+                self.dtypes.append(args[0].dtype)
+            return func(*args, **kwargs)
+
+    x = to_float(torch.from_numpy(images))
+    spy = Accumulations()
+    with spy:
+        got = ours(name, x, 9.0, False)
+    assert spy.dtypes and not any(d.is_floating_point for d in spy.dtypes), spy.dtypes
+    assert np.array_equal(got, np.stack([timm_op(name, 9.0, False)(img) for img in images]))
+
+
 def test_a_batch_is_each_samples_own_timm_ops_in_order(images):
     """Two layers, each sample with its own ops, magnitudes, signs and skips: sample by sample, timm's ops applied
     in that order give the same image (exactly where no warp is involved)."""
