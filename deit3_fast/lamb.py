@@ -11,8 +11,13 @@ apex's CUDA extension:
 3. the trust ratio `||p|| / ||update||` only in groups whose weight decay is non-zero, and only when both norms are
    non-zero (else 1), then `p -= lr * ratio * update`.
 
-Everything runs as `torch._foreach_*` ops over whole tensor lists, and the clip factor and trust ratios stay on the
-device, so a step never waits for the GPU.
+Everything runs as `torch._foreach_*` ops over whole tensor lists, and the clip factor, trust ratios and step counts
+stay on the device, so a step never waits for the GPU.
+
+With fp16 autocast, torch.amp.GradScaler hands the step its scale and inf/NaN flag as device tensors
+(`_step_supports_amp_scaling`, as for torch's fused Adam) instead of unscaling the gradients itself and reading the
+flag back on the host before every step: the scale is folded into the clip divisor (no extra pass), and a step with
+non-finite gradients leaves parameters, moments and step counts exactly as they were, selected on the device.
 """
 
 from __future__ import annotations
@@ -38,8 +43,12 @@ class Lamb(torch.optim.Optimizer):
     `max_grad_norm` is global (like apex, which reads it from the defaults, not per group); 0 disables clipping
     (apex has no such switch: there `norm / 0` would zero every gradient).
     Unlike apex, which overwrites `.grad` with the update, gradients are left untouched. `compile=True` runs the
-    same maths through torch.compile.
+    same maths through torch.compile. Each group's step count is a 0-d float32 tensor on its parameters' device.
     """
+
+    # torch.amp.GradScaler.step then sets `grad_scale` and `found_inf` on the optimiser for the call and leaves the
+    # skipping to it, instead of its fallback, which reads found_inf on the host (a wait for the backward pass).
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -94,57 +103,100 @@ class Lamb(torch.optim.Optimizer):
             vs.append(state["exp_avg_sq"])
         return out
 
-    def _clip_factor(self, buckets: list[dict]) -> torch.Tensor | None:
-        """`global_norm / max_grad_norm` where the global norm exceeds it, else 1, as a device tensor (no sync)."""
+    def _divisor(self, buckets: list[dict], grad_scale: torch.Tensor | None) -> torch.Tensor | None:
+        """What every gradient is divided by, as a device tensor (no sync): the GradScaler's scale (None: unscaled
+        gradients) times the clip factor, `global_norm / max_grad_norm` where the unscaled global norm exceeds it,
+        else 1. None where there is nothing to divide by."""
         max_norm = self.defaults["max_grad_norm"]
-        if max_norm <= 0.0:
-            return None
-        per_bucket = [_norms(gs) for b in buckets for _, gs, _, _ in b.values()]
+        per_bucket = [_norms(gs) for b in buckets for _, gs, _, _ in b.values()] if max_norm > 0.0 else []
         if not per_bucket:
-            return None
+            return grad_scale
         dev = per_bucket[0].device
         acc = torch.float64 if any(n.dtype == torch.float64 for n in per_bucket) else torch.float32
         global_norm = torch.linalg.vector_norm(torch.cat([n.to(dev, acc) for n in per_bucket]))
-        return torch.where(global_norm > max_norm, global_norm / max_norm, torch.ones_like(global_norm))
+        if grad_scale is None:
+            return torch.where(global_norm > max_norm, global_norm / max_norm, torch.ones_like(global_norm))
+        # GradScaler's scales are powers of two, so `/ scale` and `* scale` are exact: the divisor is the unscaled
+        # step's clip factor times the scale, and the step computes what it would on unscaled gradients.
+        scale = grad_scale.to(dev, acc)
+        norm = global_norm / scale
+        return torch.where(norm > max_norm, norm / max_norm, torch.ones_like(norm)) * scale
+
+    def _step_count(self, group: dict) -> torch.Tensor:
+        """The group's step count as a 0-d tensor on its parameters' device, which a skipped step leaves unchanged
+        without the host knowing. Converted once: an int from a checkpoint written before counts were tensors, or
+        a tensor that a checkpoint loaded onto the CPU."""
+        dev = group["params"][0].device
+        t = group.get("step", 0)
+        if not isinstance(t, torch.Tensor):
+            t = torch.full((), float(t), dtype=torch.float32, device=dev)
+        elif t.device != dev or t.dtype != torch.float32:
+            t = t.to(dev, torch.float32)
+        group["step"] = t
+        return t
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, *, grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None):
+        """One step. `grad_scale`: the scale the gradients carry (None: unscaled); `found_inf`: non-zero where they
+        hold an inf or NaN, and then nothing changes (parameters, moments, step counts). Both are device tensors,
+        never read on the host; torch.amp.GradScaler.step passes them as the attributes of the same names."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grad_scale = getattr(self, "grad_scale", None) if grad_scale is None else grad_scale
+        found_inf = getattr(self, "found_inf", None) if found_inf is None else found_inf
 
         buckets = [self._buckets(group) for group in self.param_groups]
-        clip = self._clip_factor(buckets)
+        if grad_scale is not None and any(dtype == torch.float16 for b in buckets for _, dtype in b):
+            # The scale (2^16 at first) is past fp16's range, so it cannot be folded into an fp16 divisor; torch's
+            # GradScaler refuses to unscale fp16 gradients too (autocast keeps fp32 parameters).
+            raise ValueError("Lamb with a grad scaler needs fp32 or bf16 parameters, not fp16")
+        divisor = self._divisor(buckets, grad_scale)
+        skip = None if found_inf is None else found_inf != 0
 
         for group, group_buckets in zip(self.param_groups, buckets):
+            if not group["params"]:
+                continue
             # apex counts steps per group and advances every group, even one without gradients this step.
-            group["step"] = group.get("step", 0) + 1
-            t = group["step"]
+            count = self._step_count(group)
+            group_skip = None if skip is None else skip.to(count.device)
             beta1, beta2 = group["betas"]
-            bc1 = 1.0 - beta1**t if group["bias_correction"] else 1.0
-            bc2 = 1.0 - beta2**t if group["bias_correction"] else 1.0
+            bc1: float | torch.Tensor = 1.0
+            bc2: float | torch.Tensor = 1.0
+            if group["bias_correction"]:
+                # From the count this step would reach, skipped or not (a skipped first step must not divide by
+                # 1 - beta^0 = 0); in float64 like apex's host-side pow, then rounded to the parameters' dtype.
+                t = count.to(torch.float64) + 1
+                bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
             for params, grads, exp_avgs, exp_avg_sqs in group_buckets.values():
                 dev, dtype = params[0].device, params[0].dtype
-                factor = clip.to(dev, dtype) if clip is not None else torch.ones((), device=dev, dtype=dtype)
-                scalars = (group["lr"], bc1, bc2)
-                if self._compiled is not None:
-                    # As tensors, so a new learning rate or step count is new data, not a recompilation. Filled on
-                    # the device: torch.tensor(v, device=cuda) would be a blocking copy, three per bucket per step.
-                    scalars = tuple(torch.full((), v, device=dev, dtype=dtype) for v in scalars)
+                div = divisor.to(dev, dtype) if divisor is not None else torch.ones((), device=dev, dtype=dtype)
+                scalars = tuple(
+                    v.to(dev, dtype)
+                    if isinstance(v, torch.Tensor)
+                    # As tensors when compiled, so a new learning rate is new data, not a recompilation. Filled on
+                    # the device: torch.tensor(v, device=cuda) would be a blocking copy, one per bucket per step.
+                    else torch.full((), v, device=dev, dtype=dtype)
+                    if self._compiled is not None
+                    else v
+                    for v in (group["lr"], bc1, bc2)
+                )
                 update = self._compiled or _lamb_update
                 update(
                     params,
                     grads,
                     exp_avgs,
                     exp_avg_sqs,
-                    factor,
+                    div,
                     *scalars,
+                    None if group_skip is None else group_skip.to(dev),
                     beta1=beta1,
                     beta2=beta2,
                     eps=group["eps"],
                     weight_decay=group["weight_decay"],
                 )
+            count.add_(1 if group_skip is None else (~group_skip).to(count.dtype))
         return loss
 
 
@@ -153,21 +205,35 @@ def _lamb_update(
     grads,
     exp_avgs,
     exp_avg_sqs,
-    clip,
+    divisor,
     lr,
     bc1,
     bc2,
+    skip,
     *,
     beta1: float,
     beta2: float,
     eps: float,
     weight_decay: float,
 ) -> None:
-    """One LAMB step for same-device, same-dtype tensor lists. `clip` divides the gradients (a clipped copy, not
-    in-place: the caller may still read .grad); lr, bc1, bc2 are numbers or 0-d tensors."""
-    scaled = torch._foreach_div(grads, clip)
-    torch._foreach_lerp_(exp_avgs, scaled, 1.0 - beta1)  # m = beta1 m + (1 - beta1) g
-    torch._foreach_mul_(exp_avg_sqs, beta2)
+    """One LAMB step for same-device, same-dtype tensor lists. `divisor` divides the gradients (into a copy, not
+    in-place: the caller may still read .grad); lr, bc1, bc2 are numbers or 0-d tensors; `skip` (a 0-d bool
+    tensor, or None) set leaves every tensor as it was."""
+    scaled = torch._foreach_div(grads, divisor)
+    if skip is None:
+        torch._foreach_lerp_(exp_avgs, scaled, 1.0 - beta1)  # m = beta1 m + (1 - beta1) g
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+    else:
+        # A skipped step's gradients hold inf/NaN, which no arithmetic mask removes (0 * inf = NaN): zero them with
+        # a select (one pass over our copy), then decay by 1 instead of beta, so m and v stay bit-identical, and
+        # apply the update at lr 0 (the update itself is finite: it comes from the unchanged moments).
+        for g in scaled:
+            g.masked_fill_(skip, 0.0)
+        one = torch.ones((), device=skip.device, dtype=params[0].dtype)
+        torch._foreach_mul_(exp_avgs, torch.where(skip, one, beta1))
+        torch._foreach_add_(exp_avgs, scaled, alpha=1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, torch.where(skip, one, beta2))
+        lr = torch.where(skip, torch.zeros_like(one), lr)
     torch._foreach_addcmul_(exp_avg_sqs, scaled, scaled, value=1.0 - beta2)
     del scaled
     # apex adds eps after the bias-corrected sqrt: sqrt(v / bc2) + eps.

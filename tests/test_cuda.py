@@ -165,25 +165,30 @@ def test_amp_auto_on_this_gpu(data):
 
 
 def test_lamb_on_cuda_matches_the_float64_reference():
-    """Eager in float64 and float32, and torch.compile'd in float32 (the training dtype; one compilation per
-    gradient-list length the reference's schedule produces)."""
+    """Eager in float64 and float32, also with GradScaler-scaled gradients (fp16's path: the scale folded into the
+    clip divisor), and torch.compile'd in float32 (the training dtype; one compilation per gradient-list length
+    the reference's schedule produces)."""
     from .deit3_fast.test_optim import _run_both
 
     _run_both(steps=20, dtype=torch.float64, device=CUDA, rtol=1e-9, atol=1e-11)
     _run_both(steps=20, dtype=torch.float32, device=CUDA, rtol=1e-4, atol=1e-5)
+    _run_both(steps=20, dtype=torch.float32, device=CUDA, rtol=1e-4, atol=1e-5, grad_scale=2.0**16)
     torch._dynamo.reset()  # the compiled step gets its own recompilation budget
     _run_both(steps=20, dtype=torch.float32, device=CUDA, compile=True, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-lamb"])
-def test_a_training_step_never_waits_for_the_device(data, compiled):
+def test_a_training_step_never_waits_for_the_device(data, compiled, amp):
     """BatchAugment, mixing, forward/backward, LAMB (eager and torch.compile'd, whose scalars used to be
     blocking copies), the schedule and the EMA under torch.cuda.set_sync_debug_mode("error"): any blocking copy or
-    read-back in the step raises. (The engine is outside: nvjpeg synchronises its own decode stream by design.)"""
+    read-back in the step raises. fp16 adds the GradScaler, whose inf flag LAMB consumes on the device (torch's
+    fallback for other optimisers reads it back before every step). (The engine is outside: nvjpeg synchronises its
+    own decode stream by design.)"""
     from deit3_fast.optim import build_optimizer
 
     torch._dynamo.reset()
-    run = trainer.build(cfg_for(data, **{"train.amp": "bf16", "train.ema_decay": 0.99}), CUDA)
+    run = trainer.build(cfg_for(data, **{"train.amp": amp, "train.ema_decay": 0.99}), CUDA)
     if compiled:  # only LAMB compiled: the model's compilation would add minutes and no host sync
         run.optimizer = build_optimizer("lamb", run.raw_model, lr=1e-3, weight_decay=0.05, compile=True)
         run.scheduler.optimizer = run.optimizer

@@ -105,6 +105,19 @@ def _set_grads(params, grads, dtype=torch.float64, device="cpu"):
         p.grad = None if g is None else torch.tensor(g, dtype=dtype, device=device)
 
 
+def _scaled(grads, scale):
+    return [None if g is None else g * scale for g in grads]
+
+
+def _amp_args(grad_scale, found_inf, device="cpu"):
+    """What torch.amp.GradScaler.step hands an optimiser with `_step_supports_amp_scaling`: the scale as a float32
+    device tensor and the inf/NaN flag as a float32 0/1 device tensor."""
+    return {
+        "grad_scale": torch.full((), grad_scale, dtype=torch.float32, device=device),
+        "found_inf": torch.full((), float(found_inf), dtype=torch.float32, device=device),
+    }
+
+
 def _run_both(
     steps=50,
     lr=0.01,
@@ -116,8 +129,11 @@ def _run_both(
     atol=ATOL,
     device="cpu",
     compile=False,
+    grad_scale=None,
 ):
-    """Our Lamb against the float64 reference of apex's maths, step by step (on `device`, optionally compiled)."""
+    """Our Lamb against the float64 reference of apex's maths, step by step (on `device`, optionally compiled).
+    `grad_scale`: our Lamb gets the gradients multiplied by it and the scale (and a clear inf flag) as GradScaler
+    hands them over, the reference the plain gradients."""
     decay, no_decay = _init()
     ref = RefLamb([(decay, wd), (no_decay, 0.0)], lr=lr, max_grad_norm=max_grad_norm, bias_correction=bias_correction)
     pd, pn = _torch_params(decay, no_decay, dtype, device)
@@ -129,9 +145,13 @@ def _run_both(
         compile=compile,
     )
     for k, (gd, gn) in enumerate(_grad_schedule(steps)):
-        _set_grads(pd, gd, dtype, device)
-        _set_grads(pn, gn, dtype, device)
-        opt.step()
+        if grad_scale is None:
+            _set_grads(pd, gd, dtype, device)
+            _set_grads(pn, gn, dtype, device)
+            opt.step()
+        else:
+            _set_grads(pd + pn, _scaled(gd + gn, grad_scale), dtype, device)
+            opt.step(**_amp_args(grad_scale, False, device))
         ref.step([gd, gn])
         for got, want in zip(pd + pn, ref.p[0] + ref.p[1]):
             np.testing.assert_allclose(
@@ -146,7 +166,7 @@ def test_matches_apex_reference_float64():
     assert (norms > 1.0).any() and ((norms < 1.0) & (norms > 0)).any() and (norms == 0).any()
     assert ref.ratios[0][3] == 1.0  # all-zero param on step 1
     assert any(abs(r - 1.0) > 1e-3 for rs in ref.ratios for r in rs)  # trust ratio really active
-    assert [g["step"] for g in opt.param_groups] == [50, 50]
+    assert [int(g["step"]) for g in opt.param_groups] == [50, 50]
     np.testing.assert_allclose(opt.state[pd[0]]["exp_avg"].numpy(), ref.m[0][0], rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(opt.state[pn[1]]["exp_avg_sq"].numpy(), ref.v[1][1], rtol=RTOL, atol=1e-18)
 
@@ -165,6 +185,107 @@ def test_clipping_disabled_with_zero_max_grad_norm():
 
 def test_float32_close_to_reference():
     _run_both(steps=20, dtype=torch.float32, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [2.0**16, 1000.0], ids=["pow2", "other"])
+def test_scaled_gradients_step_as_the_unscaled_ones(scale):
+    """Gradients times S with grad_scale=S (GradScaler's fp16 path) take the step the plain gradients would: the
+    float64 reference on unscaled gradients to the same 1e-10 as unscaled steps, over 50 steps with clipped and
+    unclipped norms, huge and tiny ones, missing gradients and a group without any. (GradScaler's scales are powers
+    of two, where the unscaling is exact; another scale costs a rounding.)"""
+    _run_both(steps=50, grad_scale=scale)
+    _run_both(steps=12, grad_scale=scale, max_grad_norm=0.0)  # unclipped: the divisor is the scale alone
+
+
+def test_scaled_gradients_float32():
+    _run_both(steps=20, dtype=torch.float32, rtol=1e-4, atol=1e-5, grad_scale=2.0**16)
+
+
+def _lamb_state(params, opt):
+    """Parameters, both moments (zeros before the first step creates them) and step counts, copied."""
+    moments = [opt.state[p].get(k, torch.zeros_like(p)).clone() for p in params for k in ("exp_avg", "exp_avg_sq")]
+    counts = [torch.as_tensor(g.get("step", 0), dtype=torch.float32).clone() for g in opt.param_groups]
+    return [p.detach().clone() for p in params] + moments + counts
+
+
+@pytest.mark.parametrize("bad_step", [0, 6], ids=["first-step", "later"])
+def test_found_inf_skips_the_whole_step(bad_step):
+    """A step whose gradients hold an inf and a NaN, flagged by found_inf, leaves parameters, both moments and the
+    step counts bit-identical (also as the very first step, whose bias correction would be 1 - beta^0 = 0), and the
+    run then goes on bit for bit as one that never saw that step."""
+    decay, no_decay = _init()
+    scale = 2.0**12
+
+    def make():
+        pd, pn = _torch_params(decay, no_decay)
+        return pd + pn, Lamb([{"params": pd, "weight_decay": 0.05}, {"params": pn, "weight_decay": 0.0}], lr=0.01)
+
+    def step(params, opt, grads, bad=False):
+        _set_grads(params, _scaled(grads, scale))
+        if bad:
+            params[0].grad[0, 0] = math.inf
+            params[-2].grad[1, 2] = math.nan
+        opt.step(**_amp_args(scale, bad))
+
+    clean_params, clean = make()
+    params, opt = make()
+    for k, (gd, gn) in enumerate(_grad_schedule(12)):
+        if k == bad_step:
+            before = _lamb_state(params, opt)
+            step(params, opt, gd + gn, bad=True)
+            for a, b in zip(before, _lamb_state(params, opt)):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+        step(clean_params, clean, gd + gn)
+        step(params, opt, gd + gn)
+    assert [int(g["step"]) for g in opt.param_groups] == [12, 12]
+    for a, b in zip(_lamb_state(clean_params, clean), _lamb_state(params, opt)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _two_group_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU(), torch.nn.Linear(8, 3))
+    return model, Lamb(param_groups_weight_decay(model, 0.05), lr=0.01, weight_decay=0.05)
+
+
+def _loss(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    return model(torch.randn(16, 6, generator=g) * 3).pow(2).mean()
+
+
+@pytest.mark.parametrize("unscale_first", [False, True], ids=["scaled", "unscale_-then-step"])
+def test_grad_scaler_hands_the_step_to_lamb(unscale_first, monkeypatch):
+    """torch.amp.GradScaler (on the CPU here, as the trainer builds it) lets Lamb unscale and skip: nothing is read
+    back on the host in scaler.step, three good steps match Lamb on unscaled gradients, and an overflowing one is
+    skipped whole while the scaler backs off. Also where unscale_ ran before step (to clip or log gradients): then
+    GradScaler passes no scale, only the inf flag."""
+    model, opt = _two_group_model()
+    plain_model, plain = _two_group_model()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    params = list(model.parameters())
+    for k in range(4):
+        overflow = k == 2
+        loss = _loss(model, k) * (math.inf if overflow else 1.0)
+        scaler.scale(loss).backward()
+        before = _lamb_state(params, opt)
+        with monkeypatch.context() as m:
+            _forbid_host_reads(m)
+            if unscale_first:
+                scaler.unscale_(opt)
+            scaler.step(opt)
+            scaler.update()
+        opt.zero_grad()
+        if overflow:
+            for a, b in zip(before, _lamb_state(params, opt)):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+            assert scaler.get_scale() == 2.0**9
+        else:
+            _loss(plain_model, k).backward()
+            plain.step()
+            plain.zero_grad()
+    assert [int(g["step"]) for g in opt.param_groups] == [3, 3]
+    for a, b in zip(params, plain_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_trust_ratio_only_with_weight_decay():
@@ -219,24 +340,35 @@ def test_grads_left_untouched_and_none_grad_skipped():
     assert b not in opt.state or len(opt.state[b]) == 0
 
 
-def test_step_does_not_sync(monkeypatch):
-    """No scalar is read back from a tensor (on a GPU each would be a device->host synchronisation)."""
+def _forbid_host_reads(monkeypatch):
+    """Every way a scalar is read back from a tensor raises (on a GPU each would wait for the device)."""
+
+    def boom(*_a, **_k):
+        raise AssertionError("host read of a tensor")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu"):
+        monkeypatch.setattr(torch.Tensor, name, boom)
+
+
+@pytest.mark.parametrize("amp", [None, "finite", "found-inf"])
+def test_step_does_not_sync(monkeypatch, amp):
+    """No scalar is read back from a tensor: in a plain step, nor with fp16's grad_scale and found_inf (clear or
+    set), whose skip is decided on the device."""
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(8, 8)), torch.nn.Parameter(torch.randn(8))]
     opt = Lamb([{"params": params[:1], "weight_decay": 0.05}, {"params": params[1:], "weight_decay": 0.0}])
     for p in params:
         p.grad = torch.randn_like(p) * 10
-
-    def boom(*_a, **_k):
-        raise AssertionError("host sync in Lamb.step")
-
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu"):
-        monkeypatch.setattr(torch.Tensor, name, boom)
-    opt.step()
-    opt.step()
+    kw = {} if amp is None else _amp_args(2.0**16, amp == "found-inf")
+    _forbid_host_reads(monkeypatch)
+    opt.step(**kw)
+    opt.step(**kw)
 
 
-def test_state_dict_round_trip():
+@pytest.mark.parametrize("counts", ["tensors", "ints"])
+def test_state_dict_round_trip(counts):
+    """A saved and reloaded optimiser continues bit for bit; also from a checkpoint written before the step counts
+    were device tensors (ints in its param_groups)."""
     decay, no_decay = _init(seed=3)
     schedule = _grad_schedule(30, seed=4)
 
@@ -257,12 +389,14 @@ def test_state_dict_round_trip():
     run(params_b, opt_b, schedule[:13])
     saved_params = [p.detach().clone() for p in params_b]
     saved_state = opt_b.state_dict()
+    if counts == "ints":
+        saved_state["param_groups"] = [{**g, "step": int(g["step"])} for g in saved_state["param_groups"]]
     params_c, opt_c = make()  # fresh process stand-in: new params and optimiser, then load
     with torch.no_grad():
         for p, s in zip(params_c, saved_params):
             p.copy_(s)
     opt_c.load_state_dict(saved_state)
-    assert [g["step"] for g in opt_c.param_groups] == [13, 13]
+    assert [int(g["step"]) for g in opt_c.param_groups] == [13, 13]
     run(params_c, opt_c, schedule[13:])
     for pa, pc in zip(params_a, params_c):
         torch.testing.assert_close(pa, pc, rtol=0, atol=0)
@@ -404,3 +538,34 @@ def test_compiled_step_matches_eager():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert 1 <= frames <= 2  # one graph per parameter group, compiled once
+
+
+@pytest.mark.slow  # torch.compile of the update, twice: ~40 s on 2 CPU cores
+def test_compiled_step_with_grad_scaler_matches_eager():
+    """The compiled update unscales and skips as the eager one does: scaled gradients with a flagged inf/NaN step
+    in the middle, eager and compiled agree to float32 rounding, and the skipped step changed nothing."""
+    torch.manual_seed(0)
+    shapes = [(64, 48), (48,), (32, 64, 3), (7,)]
+    init = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) * (k + 1) * 2.0**14 for s in shapes] for k in range(5)]
+    grads[2][0][0, 0] = math.nan
+
+    def run(compile):
+        params = [torch.nn.Parameter(x.clone()) for x in init]
+        opt = Lamb(
+            [{"params": params[::2], "weight_decay": 0.05}, {"params": params[1::2], "weight_decay": 0.0}],
+            lr=0.01,
+            compile=compile,
+        )
+        for k, gs in enumerate(grads):
+            for p, g in zip(params, gs):
+                p.grad = g
+            opt.step(**_amp_args(2.0**14, k == 2))
+        return params, opt
+
+    torch._dynamo.reset()
+    eager, _ = run(False)
+    compiled, opt = run(True)
+    assert [int(g["step"]) for g in opt.param_groups] == [4, 4]
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -531,6 +531,26 @@ def test_fp16_with_grad_scaler_trains(data, tmp_path):
     assert fp16.scaler.get_scale() == load(tmp_path / "checkpoint-last.pt")["scaler"]["scale"]
 
 
+def test_an_fp16_step_reads_nothing_back(data, monkeypatch):
+    """train.amp fp16 (what auto gives on a V100 or T4): the trainer's step through its GradScaler (forward, backward,
+    LAMB, scale update, EMA) reads no tensor back on the host. torch's fallback for an optimiser that does not
+    unscale itself reads the inf flag before every step: on a GPU, a wait for the whole backward pass."""
+    from .test_optim import _forbid_host_reads
+
+    run = trainer.build(tiny_cfg(data, **{"train.amp": "fp16", "train.ema_decay": 0.9}), torch.device("cpu"))
+    it = iter(run.train_loader)
+    batches = [next(it) for _ in range(run.accum)]
+    it.close()
+    before = [p.detach().clone() for p in run.raw_model.parameters()]
+    with monkeypatch.context() as m:
+        _forbid_host_reads(m)
+        for micro, (x, y) in enumerate(batches):
+            trainer.train_micro_batch(run, x, y, step=0, last_micro=micro == run.accum - 1, accum=run.accum)
+    # The step was taken (no overflow at the first scale on this model), so it went through Lamb's own unscaling.
+    assert [int(g["step"]) for g in run.optimizer.param_groups] == [1, 1] and run.scaler.get_scale() == 2.0**16
+    assert all(not torch.equal(a, b) for a, b in zip(before, run.raw_model.parameters()) if a.ndim > 1)
+
+
 @pytest.mark.parametrize(
     "name, model, res, drop_path",
     [
