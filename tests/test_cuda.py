@@ -148,6 +148,42 @@ def test_prefetching_loader_gives_exactly_the_batches_of_the_plain_one(data):
     assert loader._side is side and side.priority < 0
 
 
+class SlowDecode:
+    """An engine whose every batch queues a long kernel (a decode) on the stream current where it is advanced, and
+    records an event after it."""
+
+    def __init__(self, batches: int):
+        self.n, self.decoded = batches, []
+
+    def batches(self, epoch, start=0):
+        for b in range(start, self.n):
+            torch.cuda._sleep(1 << 28)  # ~0.15 s at 1.8 GHz: far longer than the host takes between two calls
+            images = torch.full((2, 8, 8, 3), b, dtype=torch.uint8, device=CUDA)
+            done = torch.cuda.Event()
+            done.record()
+            self.decoded.append(done)
+            yield images, torch.full((2,), b, device=CUDA)
+
+
+def test_the_training_step_does_not_wait_for_the_next_batchs_decode():
+    """When the loop gets batch b the loader has already asked the engine for batch b+1; the step on batch b,
+    queued on the caller's stream, must not run after that decode: the decode goes to the loader's side stream,
+    and the step finishes while it is still running."""
+    from pipelines.loader import Loader
+
+    engine = SlowDecode(4)
+    loader = Loader(engine, None, None, device=CUDA, seed=0, rank=0)
+    for b, (x, y, _) in enumerate(loader.iter_with_params()):
+        total = x.sum()  # the step, on the caller's stream
+        stepped = torch.cuda.Event()
+        stepped.record()
+        stepped.synchronize()
+        assert total.item() == b * x.numel() and (y == b).all()
+        if b + 1 < engine.n:
+            assert len(engine.decoded) == b + 2
+            assert not engine.decoded[b + 1].query(), f"step {b} waited for the decode of batch {b + 1}"
+
+
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_a_training_run_on_cuda(data, tmp_path, amp):
     rows = trainer.train(cfg_for(data, **{"train.amp": amp}), tmp_path, CUDA, quiet=True)
