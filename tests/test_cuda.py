@@ -92,6 +92,21 @@ def test_nvjpeg_batches_survive_a_consumer_that_frees_memory_under_load(data):
     assert torch.equal(got, torch.stack([r.to(torch.int64).sum() for r in reference]))
 
 
+def test_ffcv_batches_keep_their_own_pixels_and_labels_behind_a_slow_step(data):
+    """FFCV decodes batch k + 4 into the pinned slot that batch k's copy to the device reads; with a training step
+    that keeps the GPU well behind the host, every batch must still hold its own pixels and labels: those the same
+    engine gives on the CPU (the same CPU decode, without the copy)."""
+    cfg = cfg_for(data, "ffcv", **{"data.batch_size": 4})
+    cpu = engine_batches(cfg, "train", "cpu")
+    got = []
+    for x, y in build_loader(cfg, "train", CUDA).engine.batches(0):
+        torch.cuda._sleep(1 << 26)  # a slow step: the host, and FFCV's decode, run several batches ahead of it
+        got.append((x.clone(), y.clone()))
+    assert len(got) == len(cpu) >= 8  # three times round FFCV's 4 slots
+    for k, ((xg, yg), (xc, yc)) in enumerate(zip(got, cpu)):
+        assert torch.equal(yg.cpu(), yc) and torch.equal(xg.cpu(), xc), f"batch {k} is not its own"
+
+
 def test_dali_mixed_decode_matches_the_cpu_engines(data):
     pytest.importorskip("pipelines.dali_engine")  # DALI, imported as the engine does
     cfg = cfg_for(data, "dali")
