@@ -34,7 +34,11 @@ class Engine(Protocol):
         """Epoch `epoch` from batch `start` on: (uint8 images (B, H, W, 3), or normalised float (B, 3, H, W) for a
         `host_augment` engine, int64 labels (B,)) on the engine's device. The samples, their order and every crop
         box depend only on (seed, rank, epoch, sample, slot), so
-        all engines yield the same batches and an epoch can start part-way."""
+        all engines yield the same batches and an epoch can start part-way.
+
+        On CUDA a batch is ready on the stream that is current where the generator is advanced (the loader advances
+        it on its side stream): the engine queues its work for the batch there, or makes that stream wait for an
+        event of its own, and never makes the host wait."""
 
     def epoch_report(self) -> dict:
         """What the last epoch read counted, e.g. {"cpu_decoded": n, "cpu_decoded_reasons": {...}} for JPEGs a GPU

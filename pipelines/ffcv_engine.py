@@ -26,6 +26,8 @@ try:
     from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
     from ffcv.libffcv import imdecode
     from ffcv.loader import Loader as FFCVLoader
+    from ffcv.loader import epoch_iterator as ffcv_epoch_iterator
+    from ffcv.loader import loader as ffcv_loader
     from ffcv.memory_managers.os_cache import OSCacheManager
     from ffcv.pipeline.allocation_query import AllocationQuery
     from ffcv.pipeline.compiler import Compiler
@@ -57,6 +59,40 @@ def _compile_os_cache_reader(self):
 
 
 OSCacheManager.compile_reader = _compile_os_cache_reader
+
+
+class _SlotSafeEpochIterator(ffcv_epoch_iterator.EpochIterator):
+    """FFCV's epoch thread, made to wait on the host for a slot's copy to the device before it writes the slot again.
+
+    FFCV 1.0.2 keeps batches_ahead + 2 slots, each a pinned host buffer, a device buffer and a CUDA stream of its
+    own. Batch k is decoded (on this thread, by the CPU) into host slot k % slots, and `ToDevice(non_blocking=True)`
+    queues its copy on the slot's stream, after a GPU-side wait for the consumer to be done with the slot's device
+    buffer (batch k - slots). Nothing makes the host wait for that copy: when the GPU runs a few batches behind the
+    host (a long training step; the copy of batch k then waits behind it), this thread decodes batch k + slots into
+    the same pinned memory before the copy of batch k has read it, and batch k silently arrives with the pixels and
+    labels of batch k + slots. So an event is recorded on the slot's stream after its copies, and the host waits for
+    it before decoding into the slot again. It waits only when the GPU is that far behind, where the next
+    decode has nowhere to go anyway (a blocking copy instead would stall the decode on every batch's copy)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self._slot_copied: dict[int, torch.cuda.Event] = {}  # before FFCV's __init__, which starts the thread
+        super().__init__(*args, **kwargs)
+
+    def run_pipeline(self, b_ix, batch_indices, batch_slot, cuda_event):
+        stream = self.cuda_streams[batch_slot]  # None where FFCV saw no CUDA device: nothing is asynchronous
+        copied = self._slot_copied.pop(batch_slot, None)
+        if copied is not None:
+            copied.synchronize()
+        result = super().run_pipeline(b_ix, batch_indices, batch_slot, cuda_event)
+        if stream is not None:
+            event = torch.cuda.Event()
+            event.record(stream)
+            self._slot_copied[batch_slot] = event
+        return result
+
+
+# FFCV's Loader.__iter__ builds its epoch thread from this module-level name.
+ffcv_loader.EpochIterator = _SlotSafeEpochIterator
 
 
 class KeyCell:

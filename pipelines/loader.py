@@ -18,7 +18,8 @@ class Loader:
     Without `set_epoch` each full pass moves on to the next epoch, so a plain `for` loop still reshuffles.
     `iter_from(batch)` starts an epoch part-way with exactly the batches an uninterrupted pass would give there:
     crops are keyed per sample, and the augmentation ops and mixing draw from streams keyed per batch.
-    On CUDA the next batch's augmentation is queued on a side stream while the caller computes on the current one.
+    On CUDA the engine's next batch and its augmentation are queued on a side stream while the caller computes on the
+    current one.
 
     `dtype` is what the batch is cast to last (`augment` may work in float32 so that mixing blends in float32).
     An engine registered with `host_augment` yields augmented, normalised float batches: `augment` is then None,
@@ -116,9 +117,10 @@ class Loader:
         self.epoch += 1
 
     def _prefetched(self, batches):
-        """Batch b+1's augmentation runs on a side stream while the consumer's kernels for batch b run on the main
-        one; the main stream waits for it before the batch is handed over, and `record_stream` keeps the allocator
-        from reusing its memory while the main stream still reads it."""
+        """The engine is advanced, and batch b+1 augmented, on a side stream while the consumer's kernels for batch
+        b run on the current (main) one; the main stream waits for the side stream only after step b is queued,
+        right before batch b+1 is handed over, and `record_stream` keeps the allocator from reusing the batch's
+        memory while the main stream still reads it."""
         if self._side is None:
             # One stream for the loader's life, from the high-priority pool: streams made anew come round-robin from
             # the pool that the nvJPEG decoder's and FFCV's also come from, and sharing one serialises decode with
@@ -126,19 +128,25 @@ class Loader:
             self._side = torch.cuda.Stream(self.device, priority=-1)
         main, side = torch.cuda.current_stream(self.device), self._side
         pending = None
-        for b, (images, labels) in batches:
-            side.wait_stream(main)  # the engine's writes are ordered before the main stream's current point
-            for t in (images, labels):
-                if t.is_cuda:
-                    t.record_stream(side)
+        while True:
+            # An engine may rewrite memory of its own that main's kernels of earlier batches read (FFCV's device
+            # slots, a batch handed through unchanged). Main has step b-2 queued here (b-1 is handed over below):
+            # batch b waits for step b-2 and is made while step b-1 runs.
+            side.wait_stream(main)
+            # Advanced inside the side stream's context, not outside it: what the engine queues for batch b (FFCV's
+            # copy wait, DALI's output copy, the nvjpeg engine's event wait, a label upload) lands on `side`. On
+            # main it would sit ahead of step b-1, queued below, and the step would wait for the decode.
             with torch.cuda.stream(side):
+                item = next(batches, None)
+                if item is None:
+                    break
+                b, (images, labels) = item
                 ready = self.prepare(b, images, labels)
             if pending is not None:
                 yield pending
             main.wait_stream(side)
             params = [] if ready[2] is None else ready[2].tensors()
-            for t in [*ready[:2], *params]:  # the batch and its augmentation parameters, all made on `side`
-                t.record_stream(main)
+            _hand_over([*ready[:2], *params], main)  # the batch and its augmentation parameters, all made on `side`
             pending = ready
         if pending is not None:
             yield pending
@@ -153,3 +161,11 @@ class Loader:
 
     def __iter__(self):
         return self.iter_from(0)
+
+
+def _hand_over(tensors, stream) -> None:
+    """Keep the caching allocator from giving these tensors' memory out again while `stream`, which did not make
+    them, may still read it (host tensors need nothing)."""
+    for t in tensors:
+        if t.is_cuda:
+            t.record_stream(stream)

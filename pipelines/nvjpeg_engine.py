@@ -20,7 +20,8 @@ epoch (`epoch_report`).
 Decode ahead. On a GPU, batch b+1 is decoded and cropped on a thread of the engine's own while the caller's step b
 runs (`_gpu_batches`): torchvision's batched decode ends with a stream synchronise, and the per-batch host work
 (reading bytes, headers, crop planning, launches) would otherwise sit on the thread that launches the training
-step. At most `AHEAD` finished batches wait in a queue; each carries an event, which the caller's stream waits on.
+step. At most `AHEAD` finished batches wait in a queue; each carries an event, which the caller's stream waits on
+(the stream current where the generator is advanced: the loader's side stream), never the host.
 The thread's exception is re-raised in the caller; closing the generator (epoch end, a `break`, an error in the
 caller) stops and joins the thread.
 

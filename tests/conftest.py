@@ -96,6 +96,68 @@ def collector_off():
             gc.enable()
 
 
+class FakeCuda:
+    """torch.cuda's streams and events on a CPU, installed for one test: stand-ins that log what the code under test
+    asks of them, in order (a stream entered and left, one stream waiting for another, an event recorded on a stream
+    and waited for by the host), for tests of stream ordering that must run without a GPU. The current stream is
+    per thread, as torch's is; streams are named "main" (every thread's default), then "s1", "s2", ...; events are
+    numbered."""
+
+    def __init__(self, monkeypatch):
+        import threading
+
+        import torch
+
+        self.log: list[tuple] = []
+        self._made, self._events, self._local = 0, 0, threading.local()
+        self.main = self.Stream()
+        for name in ("Stream", "Event", "current_stream", "stream"):
+            monkeypatch.setattr(torch.cuda, name, getattr(self, name))
+
+    def Stream(self, device=None, priority=0):
+        fake, name = self, f"s{self._made}" if self._made else "main"
+        self._made += 1
+
+        class Stream:
+            def __init__(self):
+                self.name, self.priority = name, priority
+
+            def wait_stream(self, other):
+                fake.log.append(("wait_stream", self.name, other.name))
+
+        return Stream()
+
+    def Event(self, *args, **kwargs):
+        fake, number = self, self._events
+        self._events += 1
+
+        class Event:
+            def record(self, stream=None):
+                fake.log.append(("record", number, (stream or fake.current_stream()).name))
+
+            def wait(self, stream=None):
+                fake.log.append(("wait_event", (stream or fake.current_stream()).name, number))
+
+            def synchronize(self):
+                fake.log.append(("synchronize", number))
+
+        return Event()
+
+    def current_stream(self, device=None):
+        return getattr(self._local, "stream", self.main)
+
+    @contextmanager
+    def stream(self, stream):
+        before = self.current_stream()
+        self._local.stream = stream
+        self.log.append(("enter", stream.name))
+        try:
+            yield
+        finally:
+            self.log.append(("leave", stream.name))
+            self._local.stream = before
+
+
 def run_cli(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
     """A console script run the way a user runs it: a fresh process, captured output."""
     return subprocess.run(

@@ -92,6 +92,21 @@ def test_nvjpeg_batches_survive_a_consumer_that_frees_memory_under_load(data):
     assert torch.equal(got, torch.stack([r.to(torch.int64).sum() for r in reference]))
 
 
+def test_ffcv_batches_keep_their_own_pixels_and_labels_behind_a_slow_step(data):
+    """FFCV decodes batch k + 4 into the pinned slot that batch k's copy to the device reads; with a training step
+    that keeps the GPU well behind the host, every batch must still hold its own pixels and labels: those the same
+    engine gives on the CPU (the same CPU decode, without the copy)."""
+    cfg = cfg_for(data, "ffcv", **{"data.batch_size": 4})
+    cpu = engine_batches(cfg, "train", "cpu")
+    got = []
+    for x, y in build_loader(cfg, "train", CUDA).engine.batches(0):
+        torch.cuda._sleep(1 << 26)  # a slow step: the host, and FFCV's decode, run several batches ahead of it
+        got.append((x.clone(), y.clone()))
+    assert len(got) == len(cpu) >= 8  # three times round FFCV's 4 slots
+    for k, ((xg, yg), (xc, yc)) in enumerate(zip(got, cpu)):
+        assert torch.equal(yg.cpu(), yc) and torch.equal(xg.cpu(), xc), f"batch {k} is not its own"
+
+
 def test_dali_mixed_decode_matches_the_cpu_engines(data):
     pytest.importorskip("pipelines.dali_engine")  # DALI, imported as the engine does
     cfg = cfg_for(data, "dali")
@@ -146,6 +161,42 @@ def test_prefetching_loader_gives_exactly_the_batches_of_the_plain_one(data):
     next(epoch)
     epoch.close()
     assert loader._side is side and side.priority < 0
+
+
+class SlowDecode:
+    """An engine whose every batch queues a long kernel (a decode) on the stream current where it is advanced, and
+    records an event after it."""
+
+    def __init__(self, batches: int):
+        self.n, self.decoded = batches, []
+
+    def batches(self, epoch, start=0):
+        for b in range(start, self.n):
+            torch.cuda._sleep(1 << 28)  # ~0.15 s at 1.8 GHz: far longer than the host takes between two calls
+            images = torch.full((2, 8, 8, 3), b, dtype=torch.uint8, device=CUDA)
+            done = torch.cuda.Event()
+            done.record()
+            self.decoded.append(done)
+            yield images, torch.full((2,), b, device=CUDA)
+
+
+def test_the_training_step_does_not_wait_for_the_next_batchs_decode():
+    """When the loop gets batch b the loader has already asked the engine for batch b+1; the step on batch b,
+    queued on the caller's stream, must not run after that decode: the decode goes to the loader's side stream,
+    and the step finishes while it is still running."""
+    from pipelines.loader import Loader
+
+    engine = SlowDecode(4)
+    loader = Loader(engine, None, None, device=CUDA, seed=0, rank=0)
+    for b, (x, y, _) in enumerate(loader.iter_with_params()):
+        total = x.sum()  # the step, on the caller's stream
+        stepped = torch.cuda.Event()
+        stepped.record()
+        stepped.synchronize()
+        assert total.item() == b * x.numel() and (y == b).all()
+        if b + 1 < engine.n:
+            assert len(engine.decoded) == b + 2
+            assert not engine.decoded[b + 1].query(), f"step {b} waited for the decode of batch {b + 1}"
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])

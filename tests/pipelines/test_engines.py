@@ -16,7 +16,7 @@ from pipelines import DataError, registry
 from pipelines.beton_source import BetonBatches
 from pipelines.config import IMAGENET_MEAN, IMAGENET_STD
 
-from ..conftest import REPO, plain_loader
+from ..conftest import REPO, FakeCuda, plain_loader
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +129,30 @@ def test_an_error_in_the_batch_augmentation_stops_the_ffcv_thread(betons, monkey
         assert not [t for t in threading.enumerate() if isinstance(t, EpochIterator) and t.is_alive()]
     else:
         raise AssertionError("the augmentation's error did not propagate")
+
+
+def test_ffcv_waits_on_the_host_for_a_slots_copy_before_decoding_into_the_slot_again(betons, monkeypatch):
+    """FFCV decodes batch k into pinned slot k % 4 and queues its copy to the device on the slot's stream; batch
+    k + 4 is decoded into the same slot, and nothing in FFCV makes the host wait for the copy first: a GPU a few
+    batches behind would copy batch k + 4's pixels and labels as batch k's. Run with stand-ins for CUDA's streams
+    and events (FFCV told it has a GPU): each write of a slot but the first comes after the host waited for an event
+    recorded on the slot's stream once the slot's last batch (its copies included) was queued."""
+    from ffcv.loader import epoch_iterator
+
+    cuda = FakeCuda(monkeypatch)
+    monkeypatch.setattr(epoch_iterator, "IS_CUDA", True)
+    loader = build_loader(cfg_for(betons / "jpg.beton", "ffcv", **{"data.batch_size": 4}), "train", "cpu")
+    assert sum(1 for _ in loader.raw_batches(1)) == 15
+    log = list(cuda.log)
+    writes = [i for i, e in enumerate(log) if e[0] == "enter"]  # FFCV runs a batch's pipeline in its slot's stream
+    assert len(writes) == 15 and len({log[i][1] for i in writes}) == 4
+    for before, i in zip(writes, writes[4:]):
+        slot = log[i][1]
+        assert log[before][1] == slot
+        queued = log.index(("leave", slot), before)
+        recorded = [e[1] for e in log[queued:i] if e[0] == "record" and e[2] == slot]
+        assert recorded, f"no event after the copy of slot {slot}"
+        assert ("synchronize", recorded[-1]) in log[queued:i], f"slot {slot} rewritten before its copy was waited for"
 
 
 def test_nvjpeg_reads_raw_pixels_exactly_like_ffcv(betons):

@@ -16,7 +16,7 @@ from dataset_tools.synthetic import make_imagefolder
 from pipelines import DataError, crops, keys
 from pipelines.sampler import EpochOrder
 
-from ..conftest import REPO, collector_off, plain_loader
+from ..conftest import REPO, FakeCuda, collector_off, plain_loader
 
 
 @pytest.fixture(scope="module")
@@ -656,6 +656,34 @@ def test_a_training_batch_is_exactly_engine_then_augment_then_mixing(small_beton
         x, y = loader.mixing(x, raw[b][1], rng)
         assert torch.equal(batches[b][0], x.to(torch.bfloat16)) and torch.equal(batches[b][1], y)
         assert torch.allclose(y.sum(1), torch.ones(len(y)))
+
+
+def test_the_engine_is_advanced_on_the_side_stream_and_main_waits_only_after_the_step(monkeypatch):
+    """What an engine queues for batch b (a decode, an output copy) must land on the loader's side stream: on the
+    caller's stream it sits ahead of step b-1, which the loop queues only after batch b is made, and the step
+    waits for the decode. Main may wait for the side stream only once step b-1 is queued, before it gets batch b."""
+    from pipelines.loader import Loader
+
+    cuda = FakeCuda(monkeypatch)
+
+    class Engine:
+        def batches(self, epoch, start=0):
+            for b in range(start, 4):
+                cuda.log.append(("engine", b, cuda.current_stream().name))
+                yield torch.full((2, 4, 4, 3), b, dtype=torch.uint8), torch.full((2,), b)
+
+    loader = Loader(Engine(), None, None, device=torch.device("cuda", 0), seed=0, rank=0)
+    for b, (x, y, _) in enumerate(loader.iter_with_params()):
+        assert (x == b).all() and (y == b).all()
+        cuda.log.append(("step", b))
+    log, side = cuda.log, loader._side.name
+    assert [e for e in log if e[0] == "engine"] == [("engine", b, side) for b in range(4)]
+    main_waits = [i for i, e in enumerate(log) if e == ("wait_stream", "main", side)]
+    for b in range(4):
+        made, step = log.index(("engine", b, side)), log.index(("step", b))
+        assert any(made < i < step for i in main_waits), f"batch {b} was handed over before main waited for it"
+        if b:
+            assert log.index(("step", b - 1)) < min(i for i in main_waits if i > made), f"step {b - 1} waited"
 
 
 def test_a_cpu_training_loader_compiles_its_augmentation_when_epochs_repay_it(small_beton, monkeypatch):
