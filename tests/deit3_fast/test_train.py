@@ -621,3 +621,108 @@ def test_peak_memory_is_reset_at_the_start_of_each_run(data, tmp_path, monkeypat
     train(tiny_cfg(data, **{"schedule.epochs": 1}), tmp_path / "a", torch.device("cpu"), quiet=True)
     train(tiny_cfg(data, **{"schedule.epochs": 1}), tmp_path / "b", torch.device("cpu"), quiet=True)
     assert calls == [torch.device("cpu")] * 2
+
+
+# ---- what the training step really runs with ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def recorded_run(data, tmp_path_factory):
+    """Two epochs of the tiny run (3 steps of 2 micro-batches each) through the real `train`, recording in every
+    training forward (grad enabled: evaluation's forwards are left out) whether the model is in training mode, the
+    global RNG's seed and each DropPath's per-sample keep mask, and at every `optimizer.step` the learning rate the
+    step is taken with. Drop-path 0.5: 4 DropPaths x 8 samples = 32 coin flips per micro-batch."""
+    from timm.layers import DropPath
+
+    cfg = tiny_cfg(data, **{"schedule.epochs": 2, "model.drop_path": 0.5})
+    forwards, masks, lrs = [], [], []
+    real_build = trainer.build
+
+    def recording_build(cfg, device):
+        run = real_build(cfg, device)
+
+        def before_forward(module, args):
+            if torch.is_grad_enabled():
+                forwards.append((module.training, torch.initial_seed()))
+                masks.append([])
+
+        def after_drop_path(module, args, out):
+            if torch.is_grad_enabled():
+                masks[-1].append((out.flatten(1).abs().sum(1) != 0).tolist())
+
+        run.raw_model.register_forward_pre_hook(before_forward)
+        for m in run.raw_model.modules():
+            if isinstance(m, DropPath):
+                m.register_forward_hook(after_drop_path)
+        run.optimizer.register_step_pre_hook(lambda opt, a, kw: lrs.append([g["lr"] for g in opt.param_groups]))
+        return run
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer, "build", recording_build)
+        train(cfg, tmp_path_factory.mktemp("recorded"), torch.device("cpu"), quiet=True)
+    return cfg, forwards, masks, lrs
+
+
+def test_every_training_forward_runs_in_training_mode(recorded_run):
+    """Stochastic depth is on only in training mode: every training forward, also those after an evaluation (which
+    puts the model in eval mode), runs with model.train()."""
+    _, forwards, _, _ = recorded_run
+    assert len(forwards) == 2 * 6
+    assert all(training for training, _ in forwards), forwards
+
+
+def test_drop_path_is_seeded_per_micro_batch_with_its_key(recorded_run):
+    """Each micro-batch's drop-path draws come from the global RNG seeded with its own key (seed, rank, epoch,
+    micro-batch): the seeds are those keys, and the masks differ between micro-batches and between epochs."""
+    import numpy as np
+
+    from pipelines import keys
+
+    cfg, forwards, masks, _ = recorded_run
+    expected = [
+        keys.seed_of(keys.combine(keys.epoch_key(cfg.train.seed, 0, epoch), np.uint64(micro)))
+        for epoch in range(2)
+        for micro in range(6)
+    ]
+    assert [seed for _, seed in forwards] == expected
+    assert all(len(m) == 4 for m in masks)  # deit3_nano: 2 blocks x 2 DropPaths
+    flat = [tuple(b for mask in m for b in mask) for m in masks]
+    assert len(set(flat)) == len(flat), "two micro-batches drew the same drop-path masks"
+    kept = sum(map(sum, flat)) / (len(flat) * len(flat[0]))
+    assert 0.25 < kept < 0.75, kept  # drop-path 0.5 really drops
+
+
+def test_each_step_uses_its_own_scheduled_learning_rate(recorded_run):
+    """The lr `optimizer.step` uses at step k is the schedule's value at step k: the first step takes the warm-up's
+    start (schedule.warmup_lr), not the next step's value; every param group the same (no lr_scale here)."""
+    from deit3_fast.schedule import lr_at
+
+    cfg, _, _, lrs = recorded_run
+    s = cfg.schedule
+    assert len(lrs) == 2 * 3
+    assert lrs[0] == [s.warmup_lr] * len(lrs[0])
+    for k, used in enumerate(lrs):
+        want = lr_at(
+            k / 3,
+            lr=cfg.optim.lr,
+            epochs=s.epochs,
+            warmup_epochs=s.warmup_epochs,
+            warmup_lr=s.warmup_lr,
+            min_lr=s.min_lr,
+        )
+        assert used == pytest.approx([want] * len(used), rel=1e-12), k
+
+
+def test_the_ema_moves_by_the_configured_decay(data):
+    """One real optimiser step of the built run: the EMA (a copy of the model at build) moves by (1 - decay) of the
+    way towards the stepped weights, with train.ema_decay's decay (not timm's default 0.9999)."""
+    run = trainer.build(tiny_cfg(data, **{"train.ema_decay": 0.7}), torch.device("cpu"))
+    before = {k: v.clone() for k, v in run.raw_model.state_dict().items()}
+    assert all(torch.equal(before[k], v) for k, v in run.ema.module.state_dict().items())
+    x, y = next(iter(run.train_loader))
+    trainer.train_micro_batch(run, x, y, step=10, last_micro=True, accum=1)
+    after, ema = run.raw_model.state_dict(), run.ema.module.state_dict()
+    moved = [k for k in before if before[k].is_floating_point() and not torch.equal(before[k], after[k])]
+    assert moved
+    for k in moved:
+        assert torch.allclose(ema[k], before[k] + 0.3 * (after[k] - before[k]), atol=1e-7), k
