@@ -104,7 +104,7 @@ def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(data, tmp_path, monke
     cpu = torch.device("cpu")
     full = train(tiny_cfg(data, **sets), tmp_path / "full", cpu, quiet=True)
     calls = sigterm_at_loss(monkeypatch, 9)
-    with pytest.raises(trainer.Preempted, match="epoch 1, step 2/3") as stopped:
+    with pytest.raises(trainer.Preempted, match="epoch 2, step 2/3") as stopped:
         train(tiny_cfg(data, **sets), tmp_path / "split", cpu, quiet=True, handle_sigterm=True)
     assert len(calls) == 10  # the step's second micro-batch ran: no half-accumulated gradients are lost
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
@@ -132,7 +132,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, monkeypat
     good = load(tmp_path / "checkpoint-last.pt")
     real = RecipeLoss.__call__
     monkeypatch.setattr(RecipeLoss, "__call__", lambda self, x, y: real(self, x, y) * math.nan)
-    with pytest.raises(TrainingDiverged, match="loss is nan at epoch 1"):
+    with pytest.raises(TrainingDiverged, match="loss is nan at epoch 2, step 1/3"):
         train(tiny_cfg(data, **{"schedule.epochs": 3}), tmp_path, torch.device("cpu"), quiet=True, resume="auto")
     kept = load(tmp_path / "checkpoint-last.pt")
     assert kept["epoch"] == 0
@@ -726,3 +726,72 @@ def test_the_ema_moves_by_the_configured_decay(data):
     assert moved
     for k in moved:
         assert torch.allclose(ema[k], before[k] + 0.3 * (after[k] - before[k]), atol=1e-7), k
+
+
+def test_epochs_count_from_1_where_a_user_reads_them_and_curves_follow_every_epoch(data, tmp_path, capsys, monkeypatch):
+    """One convention: the console's epoch lines and the progress bar say `epoch 1/2`, `epoch 2/2` (the SIGTERM and
+    divergence messages too: their tests); metrics.jsonl's `epoch` is the 0-based index. curves.png is redrawn after
+    every epoch (a stopped or long run has it), each time from the whole metrics.jsonl."""
+    from rich.progress import Progress
+
+    tasks, plotted = [], []
+    real_add, real_plot = Progress.add_task, trainer.rundir.plot_curves
+    monkeypatch.setattr(Progress, "add_task", lambda self, name, **kw: tasks.append(name) or real_add(self, name, **kw))
+
+    def plot(runs, png, **kw):
+        plotted.append([r["epoch"] for rows in runs.values() for r in rows])
+        return real_plot(runs, png, **kw)
+
+    monkeypatch.setattr(trainer.rundir, "plot_curves", plot)
+    train(tiny_cfg(data, **{"schedule.epochs": 2}), tmp_path, torch.device("cpu"))
+    out = capsys.readouterr().out
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("epoch ")] == ["1/2", "2/2"]
+    assert [t for t in tasks if t.startswith("epoch")] == ["epoch 1/2", "epoch 2/2"]
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert plotted == [[0], [0, 1]] and (tmp_path / "curves.png").exists()
+
+
+def test_curves_draw_top1_and_top5_in_different_colours(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from deit3_fast import rundir
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    rows = [
+        {"epoch": e, "train_loss": 1.0 / (e + 1), "lr": 1e-3, "val_acc1": 10.0 * e, "val_acc5": 20.0 * e}
+        for e in range(3)
+    ]
+    assert rundir.plot_curves({"run": rows}, tmp_path / "curves.png")
+    colours = {line.get_label(): line.get_color() for line in figures[0].axes[0].get_lines()}
+    assert colours["top-1"] != colours["top-5"], colours
+    # Redrawn after every epoch: a write cut short (killed, disk full) leaves the previous plot, not half a file.
+    from matplotlib.figure import Figure
+
+    def cut_short(self, f, **kw):
+        f = f if hasattr(f, "write") else open(f, "wb")
+        f.write(b"half a png")
+        raise OSError("no space left on device")
+
+    before = (tmp_path / "curves.png").read_bytes()
+    monkeypatch.setattr(Figure, "savefig", cut_short)
+    with pytest.raises(OSError):
+        rundir.plot_curves({"run": rows}, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]
+
+
+def test_a_head_far_wider_than_the_data_and_a_warmup_past_the_end_are_warned(data, tmp_path, capsys):
+    """10 outputs on 4-class data (`val 0.00/...` over classes that never occur) and a warm-up as long as the run (the
+    lr never reaches optim.lr): one `warning:` line each on stderr, naming the fix, also with --quiet."""
+    from deit3_fast.config import config_warnings
+
+    assert config_warnings(tiny_cfg(data)) == []  # 4 outputs on 4 classes, warm-up 1 of 3 epochs
+    cfg = tiny_cfg(data, **{"model.num_classes": 10, "schedule.epochs": 1, "schedule.warmup_epochs": 1})
+    train(cfg, tmp_path, torch.device("cpu"), quiet=True)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2, warnings
+    assert "schedule.warmup_epochs 1 >= schedule.epochs 1" in warnings[0] and "ablate scales it" in warnings[0]
+    assert "model.num_classes 10, but" in warnings[1] and "4 classes" in warnings[1]
+    assert "model.num_classes: auto" in warnings[1]
