@@ -50,9 +50,22 @@ def compare(run_dirs: list[str], reference: str | None = None, max_rows: int = 2
         if curve:
             row["official"] = curve[row["epoch"]]
             row["gaps"] = {n: v - row["official"] for n, v in row["acc1"].items() if v is not None}
+    note = None
+    if curve and not rows:  # an empty table would say nothing: which epochs each side has, and the way out
+        reached = ", ".join(f"{n} {max(a, default=0)}" for n, a in acc.items())
+        note = (
+            f"no run has reached an epoch of the official {name} curve (it has epochs {_epochs(curve)}); epochs "
+            f"completed: {reached}. --reference none shows every epoch"
+        )
     step = max(1, -(-len(rows) // max_rows))
     shown = [r for i, r in enumerate(rows) if i % step == 0 or i == len(rows) - 1]
-    return {"runs": {n: str(p) for n, p in runs.items()}, "reference": name, "rows": rows, "shown": shown}
+    return {"runs": {n: str(p) for n, p in runs.items()}, "reference": name, "rows": rows, "shown": shown, "note": note}
+
+
+def _epochs(curve: dict[int, float]) -> str:
+    """A curve's epochs (epoch 0, the initial model, left out), long runs of them shortened: 5, 10, ..., 800."""
+    es = sorted(e for e in curve if e > 0)
+    return ", ".join(map(str, es)) if len(es) <= 4 else f"{es[0]}, {es[1]}, ..., {es[-1]}"
 
 
 def render(result: dict) -> None:

@@ -47,6 +47,7 @@ __all__ = [
     "EvalSet",
     "parse_sets",
     "load_config",
+    "config_warnings",
 ]
 
 
@@ -202,6 +203,34 @@ def resolve_num_classes(cfg: Config) -> Config:
             "naming its classes; set model.num_classes to a number"
         )
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=len(classes)))
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """What runs but is most likely not what was meant (train prints each as one `warning:` line at start): a head
+    far wider than the data's classes, a warm-up that never ends within the run."""
+    out = []
+    s = cfg.schedule
+    if s.warmup_epochs and s.warmup_epochs >= s.epochs:
+        out.append(
+            f"schedule.warmup_epochs {s.warmup_epochs} >= schedule.epochs {s.epochs}: the learning rate is still "
+            f"warming up when the run ends and never reaches optim.lr {cfg.optim.lr:g}; set schedule.warmup_epochs "
+            "below schedule.epochs (ablate scales it with the budget: warmup x new epochs / recipe epochs, rounded, at "
+            "least 1, when its overrides change schedule.epochs without setting it)"
+        )
+    path, head = cfg.data.train or cfg.data.val, cfg.model.num_classes
+    if path and isinstance(head, int):
+        from dataset_tools.shards import classes_of  # numpy: only for a config that names data
+
+        try:
+            classes = classes_of(path)
+        except Exception:  # an unreadable report: the loader names the problem when it opens the data
+            classes = None
+        if classes and 2 * len(classes) <= head:
+            out.append(
+                f"model.num_classes {head}, but {path} has {len(classes)} classes: {head - len(classes)} outputs are "
+                "never a target and top-5 is over all of them; set model.num_classes: auto (the data's class count)"
+            )
+    return out
 
 
 def to_dict(cfg) -> dict:

@@ -2,9 +2,10 @@
 
     config.yaml         the config as given (what a resume compares against)
     run.json            what this run resolved it to: AMP dtype, device, world size, per-process batch, accumulation
-    metrics.jsonl       one JSON row per finished epoch (`epoch`, `train_loss`, `lr`, `val_acc1`, ...)
+    metrics.jsonl       one JSON row per finished epoch (`epoch`: 0-based, the data's index; the console, progress
+                        bar and messages count from 1: row 0 is "epoch 1/N"), `train_loss`, `lr`, `val_acc1`, ...)
     checkpoint-*.pt     the checkpoints (their format: checkpoint.py)
-    curves.png          the curves of metrics.jsonl
+    curves.png          the curves of metrics.jsonl, redrawn (atomically) after every epoch
     wandb-id.txt        the W&B run id (train.wandb_project): a resume continues that W&B run
 
 `ablate` reads variants' run dirs through the same functions and draws its overlay with the same plot.
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from dataset_tools.atomic import write_text_atomic
+from dataset_tools.atomic import write_atomic, write_text_atomic
 
 from .config import ConfigError
 
@@ -165,8 +166,8 @@ def plot_curves(
         (line,) = loss.plot(epochs, [r["train_loss"] / first for r in rows], label=name)
         if rows[0].get("val_acc1") is not None:
             acc.plot(epochs, [r["val_acc1"] for r in rows], label="top-1" if single else name, color=line.get_color())
-            if single:
-                acc.plot(epochs, [r["val_acc5"] for r in rows], label="top-5")
+            if single:  # its own colour: the loss line took the first of the cycle, as top-1 did
+                acc.plot(epochs, [r["val_acc5"] for r in rows], label="top-5", color="tab:orange")
     if single:
         rows = next(iter(runs.values()))
         axes[2].plot([r["epoch"] + 1 for r in rows], [r["lr"] for r in rows])
@@ -184,6 +185,7 @@ def plot_curves(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    # Atomic: the trainer rewrites it after every epoch, and a run stopped mid-write keeps the previous plot.
+    write_atomic(png, lambda f: fig.savefig(f, dpi=100, format=Path(png).suffix.lstrip(".").lower() or "png"))
     plt.close(fig)
     return True

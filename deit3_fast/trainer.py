@@ -33,7 +33,15 @@ from . import distributed as dist
 from . import reference, rundir
 from .batching import batch_plan
 from .builder import Run, StopFlag, build, run_facts, stage_data
-from .config import NO_EFFECT_KEYS, Config, differences, resolve_num_classes, to_dict, with_defaults
+from .config import (
+    NO_EFFECT_KEYS,
+    Config,
+    config_warnings,
+    differences,
+    resolve_num_classes,
+    to_dict,
+    with_defaults,
+)
 from .device import autocast, is_out_of_memory, max_mem_mb, reset_peak_memory
 from .eval_loop import evaluate
 from .loggers import EpochLoggers, required as loggers_required
@@ -54,11 +62,12 @@ class OutOfMemory(UserError):
 
 
 class Preempted(Exception):
-    """SIGTERM: the run stopped at a step boundary and `checkpoint` holds that exact position."""
+    """SIGTERM: the run stopped at a step boundary and `checkpoint` holds that exact position: after `step` of the
+    `steps` steps of epoch `epoch` (0-based, as metrics.jsonl; the message counts from 1, as the console does)."""
 
     def __init__(self, checkpoint: Path, epoch: int, step: int, steps: int):
         super().__init__(
-            f"SIGTERM: stopped at epoch {epoch}, step {step}/{steps}; checkpoint written to "
+            f"SIGTERM: stopped at epoch {epoch + 1}, step {step}/{steps}; checkpoint written to "
             f"{checkpoint}; continue with --resume auto"
         )
         self.checkpoint, self.epoch, self.step = checkpoint, epoch, step
@@ -106,9 +115,8 @@ def train_one_epoch(
     accum, steps = plan.accum, run.steps_per_epoch
     first = resume_at["step"] if resume_at else 0
     micro_total = steps * accum
-    task = (
-        progress.add_task(f"epoch {epoch}", total=micro_total, completed=first * accum, info="") if progress else None
-    )
+    name = f"epoch {epoch + 1}/{run.cfg.schedule.epochs}"  # counted from 1, as the console's epoch lines
+    task = progress.add_task(name, total=micro_total, completed=first * accum, info="") if progress else None
     done = resume_at or {"loss_sum": 0.0, "images": 0, "seconds": 0.0}
     loss_sum = torch.full((), float(done["loss_sum"]), device=run.device)
     ek = keys.epoch_key(run.cfg.train.seed, dist.rank(), epoch)
@@ -140,8 +148,8 @@ def train_one_epoch(
                 run.stop.agreed |= stops > 0
                 if not math.isfinite(mean):
                     raise TrainingDiverged(
-                        f"loss is {mean} at epoch {epoch}, step {step}; stopping. The last good "
-                        f"checkpoint is kept; lower optim.lr or use train.amp: bf16"
+                        f"loss is {mean} at epoch {epoch + 1}, step {micro // accum + 1}/{steps}; stopping. The "
+                        "last good checkpoint is kept; lower optim.lr or use train.amp: bf16"
                     )
                 if progress:
                     progress.update(task, completed=micro + 1, info=f"loss {mean:.4f} lr {lr:.2e}")
@@ -261,6 +269,8 @@ def _train(
         rundir.write_facts(out, facts)
         if not quiet:
             print(rundir.describe_facts(facts), flush=True)
+        for warning in config_warnings(cfg):  # also when quiet: stderr is for what a user must act on
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
         rundir.start_metrics(out, pos.epoch if resumed else None)
     gap = reference.Gap(followed, cfg.train.reference_tolerance, rundir.read_metrics(out)) if followed else None
     loggers = EpochLoggers(cfg, out, config, main, followed, resumed=resumed)
@@ -294,6 +304,7 @@ def _train(
             pos = ckpt.Position(epoch, max(pos.best, acc))
             if main:
                 rundir.append_metrics(out, row)
+                _plot(out, followed, cfg.schedule.epochs)  # after every epoch: a stopped or long run has it too
                 loggers.log(row)
                 ckpt.save_run(out / ckpt.LAST, run.state_dict(), pos, config)
                 if improved:
@@ -306,20 +317,20 @@ def _train(
                 break
             if run.stop.should_stop() and epoch + 1 < cfg.schedule.epochs:  # SIGTERM in the epoch's last step
                 dist.barrier()
-                raise Preempted(out / ckpt.LAST, epoch + 1, 0, run.steps_per_epoch)
-    if main:
-        official = (
-            {e: v for e, v in reference.official_curve(followed).items() if e <= cfg.schedule.epochs}
-            if followed
-            else None
-        )
-        rundir.plot_curves(
-            {out.name: rundir.read_metrics(out)},
-            out / rundir.CURVES,
-            reference=(f"official {followed}", official) if official else None,
-        )
+                raise Preempted(out / ckpt.LAST, epoch, run.steps_per_epoch, run.steps_per_epoch)
     dist.barrier()  # nobody leaves before the last checkpoint is on disk
     return history
+
+
+def _plot(out: Path, followed: str | None, epochs: int) -> None:
+    """curves.png of the run dir's metrics.jsonl (the rows of earlier processes of a resumed run too), with the
+    official curve the run follows up to its last epoch."""
+    official = {e: v for e, v in reference.official_curve(followed).items() if e <= epochs} if followed else None
+    rundir.plot_curves(
+        {out.name: rundir.read_metrics(out)},
+        out / rundir.CURVES,
+        reference=(f"official {followed}", official) if official else None,
+    )
 
 
 def _report(row: dict, quiet: bool, main: bool, epochs: int, eta_s: float) -> None:
@@ -328,7 +339,7 @@ def _report(row: dict, quiet: bool, main: bool, epochs: int, eta_s: float) -> No
     if main and row.get("cpu_decoded"):
         reasons = ", ".join(f"{n} {why}" for why, n in row["cpu_decoded_reasons"].items())
         print(
-            f"epoch {row['epoch']}: {row['cpu_decoded']} JPEGs the GPU decoder refuses were decoded on the CPU "
+            f"epoch {row['epoch'] + 1}: {row['cpu_decoded']} JPEGs the GPU decoder refuses were decoded on the CPU "
             f"({reasons})",
             file=sys.stderr,
             flush=True,

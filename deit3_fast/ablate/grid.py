@@ -201,7 +201,12 @@ def load_grid(name_or_path: str, extra_sets: list[str] | tuple = ()) -> Grid:
             derived = _scaled_warmup(cfg, common + own)
             config = load_config(cfg, common + own + derived)
         except ConfigError as e:
-            raise ConfigError(f"{where}: variant '{name}': {e}") from None
+            # One variant that cannot run this way (a ramp that no longer fits a budget cut by --set) stops the
+            # whole grid before anything runs: say how to go on without it.
+            raise ConfigError(
+                f"{where}: variant '{name}': {e}. To run the others without it, drop its entry under 'variants' "
+                "(or its value from the axis) in a copy of the grid, or change the --set that breaks it"
+            ) from None
         shown = [format_assignment(s) for s in own] + [f"{format_assignment(s)} (scaled)" for s in derived]
         variants.append(Variant(name, cfg, common + own + derived, shown, config))
     return Grid(path.stem, path, base, common, variants)

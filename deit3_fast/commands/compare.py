@@ -31,6 +31,8 @@ def run(args) -> int:
         print(json.dumps({k: v for k, v in result.items() if k != "shown"}))
     else:
         render(result)
+    if result["note"]:
+        print(f"compare: {result['note']}", file=sys.stderr)
     if args.out and not plot(result, args.out):
         print(f"compare: no run has finished an epoch yet: no plot written to {args.out}", file=sys.stderr)
     return 0

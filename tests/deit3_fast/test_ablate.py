@@ -566,3 +566,13 @@ def test_cifar10_deit3_recipe_learns_on_a_subset(cifar10, tmp_path, capsys):
     row = next(csv.DictReader(open(tmp_path / "out" / "results.csv")))
     assert row["status"] == "done" and "schedule.warmup_epochs=1 (scaled)" in row["overrides"]
     assert float(row["best_top1"]) > 18.0, row
+
+
+def test_a_budget_one_variant_cannot_run_names_it_and_how_to_go_on_without_it():
+    """`--set schedule.epochs=1` on the CIFAR grid: the progressive variant's ramp cannot end before the last epoch.
+    The one-line error names that variant, why, and how to run the rest (drop it, or change the --set)."""
+    with pytest.raises(ConfigError) as e:
+        load_grid("cifar10_grid", ["schedule.epochs=1"])
+    message = str(e.value)
+    assert "variant 'progressive': schedule.resolution: end_epoch 1 must be below schedule.epochs 1" in message
+    assert "drop its entry under 'variants'" in message and "change the --set" in message and "\n" not in message

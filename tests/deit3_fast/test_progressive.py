@@ -149,7 +149,7 @@ def test_a_batch_per_size_resumes_exactly_mid_epoch(data, tmp_path, monkeypatch)
     cpu = torch.device("cpu")
     full = train(tiny_cfg(data, **RAMP_BATCHES), tmp_path / "full", cpu, quiet=True)
     calls = sigterm_at_loss(monkeypatch, 3 + 5)  # epoch 0 has 3 micro-batches; then the 24 px epoch's 2nd step
-    with pytest.raises(trainer.Preempted, match="epoch 1, step 2/3"):
+    with pytest.raises(trainer.Preempted, match="epoch 2, step 2/3"):
         train(tiny_cfg(data, **RAMP_BATCHES), tmp_path / "split", cpu, quiet=True, handle_sigterm=True)
     assert len(calls) == 3 + 8 and load(tmp_path / "split" / "checkpoint-last.pt")["resume_at"]["step"] == 2
     monkeypatch.undo()

@@ -173,6 +173,13 @@ def test_compare_aligns_runs_and_the_reference_by_epochs_completed(tmp_path, cap
         config = load_config("vit_b_in1k_ft224")
 
     assert result_row(V, tmp_path / "b")["gap"] == pytest.approx(-3.0)
+    # Runs short of the curve's first official epoch (5): the empty table says which epochs each side has.
+    (tmp_path / "short").mkdir()
+    (tmp_path / "short" / "metrics.jsonl").write_text(json.dumps({"epoch": 2, "val_acc1": 1.0}) + "\n")
+    assert cli.main(["compare", str(tmp_path / "short"), "--reference", "vit_s_in1k"]) == 0
+    err = capsys.readouterr().err
+    assert "no run has reached an epoch of the official vit_s_in1k curve (it has epochs 5, 10, ..., 800)" in err
+    assert "epochs completed: short 3" in err and "--reference none" in err
     # Runs with no epoch yet: no plot, and --out says so instead of saying nothing.
     for name in ("c", "d"):
         (tmp_path / name).mkdir()

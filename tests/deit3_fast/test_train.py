@@ -104,7 +104,7 @@ def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(data, tmp_path, monke
     cpu = torch.device("cpu")
     full = train(tiny_cfg(data, **sets), tmp_path / "full", cpu, quiet=True)
     calls = sigterm_at_loss(monkeypatch, 9)
-    with pytest.raises(trainer.Preempted, match="epoch 1, step 2/3") as stopped:
+    with pytest.raises(trainer.Preempted, match="epoch 2, step 2/3") as stopped:
         train(tiny_cfg(data, **sets), tmp_path / "split", cpu, quiet=True, handle_sigterm=True)
     assert len(calls) == 10  # the step's second micro-batch ran: no half-accumulated gradients are lost
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
@@ -132,7 +132,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, monkeypat
     good = load(tmp_path / "checkpoint-last.pt")
     real = RecipeLoss.__call__
     monkeypatch.setattr(RecipeLoss, "__call__", lambda self, x, y: real(self, x, y) * math.nan)
-    with pytest.raises(TrainingDiverged, match="loss is nan at epoch 1"):
+    with pytest.raises(TrainingDiverged, match="loss is nan at epoch 2, step 1/3"):
         train(tiny_cfg(data, **{"schedule.epochs": 3}), tmp_path, torch.device("cpu"), quiet=True, resume="auto")
     kept = load(tmp_path / "checkpoint-last.pt")
     assert kept["epoch"] == 0
@@ -641,3 +641,177 @@ def test_peak_memory_is_reset_at_the_start_of_each_run(data, tmp_path, monkeypat
     train(tiny_cfg(data, **{"schedule.epochs": 1}), tmp_path / "a", torch.device("cpu"), quiet=True)
     train(tiny_cfg(data, **{"schedule.epochs": 1}), tmp_path / "b", torch.device("cpu"), quiet=True)
     assert calls == [torch.device("cpu")] * 2
+
+
+# ---- what the training step really runs with ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def recorded_run(data, tmp_path_factory):
+    """Two epochs of the tiny run (3 steps of 2 micro-batches each) through the real `train`, recording in every
+    training forward (grad enabled: evaluation's forwards are left out) whether the model is in training mode, the
+    global RNG's seed and each DropPath's per-sample keep mask, and at every `optimizer.step` the learning rate the
+    step is taken with. Drop-path 0.5: 4 DropPaths x 8 samples = 32 coin flips per micro-batch."""
+    from timm.layers import DropPath
+
+    cfg = tiny_cfg(data, **{"schedule.epochs": 2, "model.drop_path": 0.5})
+    forwards, masks, lrs = [], [], []
+    real_build = trainer.build
+
+    def recording_build(cfg, device):
+        run = real_build(cfg, device)
+
+        def before_forward(module, args):
+            if torch.is_grad_enabled():
+                forwards.append((module.training, torch.initial_seed()))
+                masks.append([])
+
+        def after_drop_path(module, args, out):
+            if torch.is_grad_enabled():
+                masks[-1].append((out.flatten(1).abs().sum(1) != 0).tolist())
+
+        run.raw_model.register_forward_pre_hook(before_forward)
+        for m in run.raw_model.modules():
+            if isinstance(m, DropPath):
+                m.register_forward_hook(after_drop_path)
+        run.optimizer.register_step_pre_hook(lambda opt, a, kw: lrs.append([g["lr"] for g in opt.param_groups]))
+        return run
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer, "build", recording_build)
+        train(cfg, tmp_path_factory.mktemp("recorded"), torch.device("cpu"), quiet=True)
+    return cfg, forwards, masks, lrs
+
+
+def test_every_training_forward_runs_in_training_mode(recorded_run):
+    """Stochastic depth is on only in training mode: every training forward, also those after an evaluation (which
+    puts the model in eval mode), runs with model.train()."""
+    _, forwards, _, _ = recorded_run
+    assert len(forwards) == 2 * 6
+    assert all(training for training, _ in forwards), forwards
+
+
+def test_drop_path_is_seeded_per_micro_batch_with_its_key(recorded_run):
+    """Each micro-batch's drop-path draws come from the global RNG seeded with its own key (seed, rank, epoch,
+    micro-batch): the seeds are those keys, and the masks differ between micro-batches and between epochs."""
+    import numpy as np
+
+    from pipelines import keys
+
+    cfg, forwards, masks, _ = recorded_run
+    expected = [
+        keys.seed_of(keys.combine(keys.epoch_key(cfg.train.seed, 0, epoch), np.uint64(micro)))
+        for epoch in range(2)
+        for micro in range(6)
+    ]
+    assert [seed for _, seed in forwards] == expected
+    assert all(len(m) == 4 for m in masks)  # deit3_nano: 2 blocks x 2 DropPaths
+    flat = [tuple(b for mask in m for b in mask) for m in masks]
+    assert len(set(flat)) == len(flat), "two micro-batches drew the same drop-path masks"
+    kept = sum(map(sum, flat)) / (len(flat) * len(flat[0]))
+    assert 0.25 < kept < 0.75, kept  # drop-path 0.5 really drops
+
+
+def test_each_step_uses_its_own_scheduled_learning_rate(recorded_run):
+    """The lr `optimizer.step` uses at step k is the schedule's value at step k: the first step takes the warm-up's
+    start (schedule.warmup_lr), not the next step's value; every param group the same (no lr_scale here)."""
+    from deit3_fast.schedule import lr_at
+
+    cfg, _, _, lrs = recorded_run
+    s = cfg.schedule
+    assert len(lrs) == 2 * 3
+    assert lrs[0] == [s.warmup_lr] * len(lrs[0])
+    for k, used in enumerate(lrs):
+        want = lr_at(
+            k / 3,
+            lr=cfg.optim.lr,
+            epochs=s.epochs,
+            warmup_epochs=s.warmup_epochs,
+            warmup_lr=s.warmup_lr,
+            min_lr=s.min_lr,
+        )
+        assert used == pytest.approx([want] * len(used), rel=1e-12), k
+
+
+def test_the_ema_moves_by_the_configured_decay(data):
+    """One real optimiser step of the built run: the EMA (a copy of the model at build) moves by (1 - decay) of the
+    way towards the stepped weights, with train.ema_decay's decay (not timm's default 0.9999)."""
+    run = trainer.build(tiny_cfg(data, **{"train.ema_decay": 0.7}), torch.device("cpu"))
+    before = {k: v.clone() for k, v in run.raw_model.state_dict().items()}
+    assert all(torch.equal(before[k], v) for k, v in run.ema.module.state_dict().items())
+    x, y = next(iter(run.train_loader))
+    trainer.train_micro_batch(run, x, y, step=10, last_micro=True, accum=1)
+    after, ema = run.raw_model.state_dict(), run.ema.module.state_dict()
+    moved = [k for k in before if before[k].is_floating_point() and not torch.equal(before[k], after[k])]
+    assert moved
+    for k in moved:
+        assert torch.allclose(ema[k], before[k] + 0.3 * (after[k] - before[k]), atol=1e-7), k
+
+
+def test_epochs_count_from_1_where_a_user_reads_them_and_curves_follow_every_epoch(data, tmp_path, capsys, monkeypatch):
+    """One convention: the console's epoch lines and the progress bar say `epoch 1/2`, `epoch 2/2` (the SIGTERM and
+    divergence messages too: their tests); metrics.jsonl's `epoch` is the 0-based index. curves.png is redrawn after
+    every epoch (a stopped or long run has it), each time from the whole metrics.jsonl."""
+    from rich.progress import Progress
+
+    tasks, plotted = [], []
+    real_add, real_plot = Progress.add_task, trainer.rundir.plot_curves
+    monkeypatch.setattr(Progress, "add_task", lambda self, name, **kw: tasks.append(name) or real_add(self, name, **kw))
+
+    def plot(runs, png, **kw):
+        plotted.append([r["epoch"] for rows in runs.values() for r in rows])
+        return real_plot(runs, png, **kw)
+
+    monkeypatch.setattr(trainer.rundir, "plot_curves", plot)
+    train(tiny_cfg(data, **{"schedule.epochs": 2}), tmp_path, torch.device("cpu"))
+    out = capsys.readouterr().out
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("epoch ")] == ["1/2", "2/2"]
+    assert [t for t in tasks if t.startswith("epoch")] == ["epoch 1/2", "epoch 2/2"]
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert plotted == [[0], [0, 1]] and (tmp_path / "curves.png").exists()
+
+
+def test_curves_draw_top1_and_top5_in_different_colours(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from deit3_fast import rundir
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    rows = [
+        {"epoch": e, "train_loss": 1.0 / (e + 1), "lr": 1e-3, "val_acc1": 10.0 * e, "val_acc5": 20.0 * e}
+        for e in range(3)
+    ]
+    assert rundir.plot_curves({"run": rows}, tmp_path / "curves.png")
+    colours = {line.get_label(): line.get_color() for line in figures[0].axes[0].get_lines()}
+    assert colours["top-1"] != colours["top-5"], colours
+    # Redrawn after every epoch: a write cut short (killed, disk full) leaves the previous plot, not half a file.
+    from matplotlib.figure import Figure
+
+    def cut_short(self, f, **kw):
+        f = f if hasattr(f, "write") else open(f, "wb")
+        f.write(b"half a png")
+        raise OSError("no space left on device")
+
+    before = (tmp_path / "curves.png").read_bytes()
+    monkeypatch.setattr(Figure, "savefig", cut_short)
+    with pytest.raises(OSError):
+        rundir.plot_curves({"run": rows}, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]
+
+
+def test_a_head_far_wider_than_the_data_and_a_warmup_past_the_end_are_warned(data, tmp_path, capsys):
+    """10 outputs on 4-class data (`val 0.00/...` over classes that never occur) and a warm-up as long as the run (the
+    lr never reaches optim.lr): one `warning:` line each on stderr, naming the fix, also with --quiet."""
+    from deit3_fast.config import config_warnings
+
+    assert config_warnings(tiny_cfg(data)) == []  # 4 outputs on 4 classes, warm-up 1 of 3 epochs
+    cfg = tiny_cfg(data, **{"model.num_classes": 10, "schedule.epochs": 1, "schedule.warmup_epochs": 1})
+    train(cfg, tmp_path, torch.device("cpu"), quiet=True)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2, warnings
+    assert "schedule.warmup_epochs 1 >= schedule.epochs 1" in warnings[0] and "ablate scales it" in warnings[0]
+    assert "model.num_classes 10, but" in warnings[1] and "4 classes" in warnings[1]
+    assert "model.num_classes: auto" in warnings[1]

@@ -211,3 +211,36 @@ def test_src_offsets_cover_their_whole_range_on_both_axes():
         counts = np.bincount(got, minlength=n_values)
         expected = len(got) / n_values
         assert np.abs(counts - expected).max() < 5 * math.sqrt(expected), counts
+
+
+def test_rrc_offsets_are_uniform_over_every_row_and_column_torchvision_allows():
+    """Given a box of h x w in an image of H x W, torchvision draws the top offset uniformly from the H - h + 1 rows
+    0..H - h (randint(0, H - h + 1)), the left from the W - w + 1 columns: the last row and column included. A
+    chi-square of the offsets, grouped by their range, against that uniform law, for our boxes and (as a check of the
+    test itself) torchvision's. A small image gives small ranges, where a lost last row is a large share."""
+    h_img, w_img, n = 9, 12, 30_000
+    lo, hi = math.log(3 / 4), math.log(4 / 3)
+    ours = np.array(
+        [crops.rrc_box(h_img, w_img, 0.08, 1.0, lo, hi, np.uint64(keys.sample_key(11, i, 0))) for i in range(n)]
+    )
+    torch.manual_seed(0)
+    img = torch.zeros(1, h_img, w_img)
+    ref = np.array([RandomResizedCrop.get_params(img, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(n)])
+
+    def chi2_excess(boxes) -> float:
+        """Summed chi-square over (axis, range) groups minus its degrees of freedom, in standard deviations."""
+        stat, dof = 0.0, 0
+        for offset, extent, size in ((boxes[:, 0], boxes[:, 2], h_img), (boxes[:, 1], boxes[:, 3], w_img)):
+            for span in np.unique(size - extent):
+                got = offset[size - extent == span]
+                if span == 0 or len(got) < 20 * (span + 1):  # too few for a chi-square cell of >= 20 expected
+                    continue
+                assert got.min() >= 0 and got.max() <= span
+                counts = np.bincount(got, minlength=span + 1)
+                expected = len(got) / (span + 1)
+                stat += float(((counts - expected) ** 2 / expected).sum())
+                dof += int(span)
+        return (stat - dof) / math.sqrt(2 * dof)
+
+    assert chi2_excess(ref) < 5
+    assert chi2_excess(ours) < 5

@@ -773,3 +773,23 @@ def test_a_dali_pass_left_part_way_leaves_the_next_one_whole(small_beton, taken)
         assert len(got) == len(want) - start
         for (xa, ya), (xb, yb) in zip(got, want[start:]):
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+def test_the_ranks_of_a_run_draw_their_own_batch_augmentation(data):
+    """Ranks 0 and 1 of a world of 2, built as each rank builds its loader: the same batch index of the same epoch
+    gets other flips, 3-Augment branches and blur sigmas, jitter factors and mixing on each rank (one stream
+    shared by all ranks would apply the same augmentation to the whole global batch's rank slices); the same rank
+    built again draws the same."""
+    sets = {"data.train": data / "train.beton", "model.num_classes": 4, "data.batch_size": 16, "data.repeats": 1}
+    images = torch.full((16, 8, 8, 3), 128, dtype=torch.uint8)
+    labels = torch.arange(16) % 4
+
+    def draws(rank):
+        loader = plain_loader("train", rank=rank, world=2, **sets)
+        loader.set_epoch(1)
+        _, y, p = loader.prepare(0, images, labels)
+        return y, p["flip"].flip, p["three_augment"].branch, p["three_augment"].sigma, p["color_jitter"].factors
+
+    rank0, rank1, again = draws(0), draws(1), draws(0)
+    for name, a, b, c in zip(("mixing", "flip", "branch", "sigma", "jitter"), rank0, rank1, again):
+        assert not torch.equal(a, b), f"ranks 0 and 1 drew the same {name}"
+        assert torch.equal(a, c), name
