@@ -774,6 +774,7 @@ def test_a_dali_pass_left_part_way_leaves_the_next_one_whole(small_beton, taken)
         for (xa, ya), (xb, yb) in zip(got, want[start:]):
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
+
 def test_the_ranks_of_a_run_draw_their_own_batch_augmentation(data):
     """Ranks 0 and 1 of a world of 2, built as each rank builds its loader: the same batch index of the same epoch
     gets other flips, 3-Augment branches and blur sigmas, jitter factors and mixing on each rank (one stream
