@@ -164,6 +164,7 @@ def test_amp_auto_on_this_gpu(data):
     assert run.amp == ("bf16" if native else "fp16") and run.scaler.is_enabled() == (not native)
 
 
+@pytest.mark.compiles
 def test_lamb_on_cuda_matches_the_float64_reference():
     """Eager in float64 and float32, and torch.compile'd in float32 (the training dtype; one compilation per
     gradient-list length the reference's schedule produces)."""
@@ -175,7 +176,9 @@ def test_lamb_on_cuda_matches_the_float64_reference():
     _run_both(steps=20, dtype=torch.float32, device=CUDA, compile=True, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-lamb"])
+@pytest.mark.parametrize(
+    "compiled", [False, pytest.param(True, marks=pytest.mark.compiles)], ids=["eager", "compiled-lamb"]
+)
 def test_a_training_step_never_waits_for_the_device(data, compiled):
     """BatchAugment, mixing, forward/backward, LAMB (eager and torch.compile'd, whose scalars used to be
     blocking copies), the schedule and the EMA under torch.cuda.set_sync_debug_mode("error"): any blocking copy or
@@ -249,6 +252,7 @@ def test_nccl_group_of_one(monkeypatch, tmp_path):
         distributed.shutdown()
 
 
+@pytest.mark.compiles
 def test_device_randaugment_on_cuda_is_the_cpu_op_and_never_waits():
     """Fine-tuning's RandAugment on the GPU: the whole-batch pass equals the CPU's per-op subsets (colour ops
     exactly, warps within a grey level), with no host sync (set_sync_debug_mode), eager and compiled."""
@@ -271,6 +275,7 @@ def test_device_randaugment_on_cuda_is_the_cpu_op_and_never_waits():
         assert (out.cpu() - ref).abs().max() <= 1 and (out.cpu() != ref).float().mean() < 0.01
 
 
+@pytest.mark.compiles
 def test_a_ramped_finetuning_run_on_cuda(data, tmp_path):
     """Progressive resolution (24 -> 48 px; epoch 1 is 36 px, rounded half to even to 32) with the device
     RandAugment, compiled, on the GPU, 16 per process at 24 px and 4 at 32 (batch_sizes): trains at each size with
