@@ -2,7 +2,7 @@
 # The GPU check: everything a lent GPU machine should run, unattended, in ONE call of at most 8 minutes.
 #
 #   scripts/gpu-check.sh --prepare          # here, where ../shared/data is: .gpu-check/data/imagenet.beton, the
-#                                           # 1000-image ImageNet sample at max side 256 / q90 (~30 MiB, no ffcv
+#                                           # 1000-image ImageNet sample at max side 256 / q90 (~18 MiB, no ffcv
 #                                           # needed); name .gpu-check in the device tool's carry
 #   scripts/gpu-check.sh OUT_DIR            # on the GPU machine
 #   scripts/gpu-check.sh --quick OUT_DIR    # the same steps on the CPU at toy sizes, no .gpu-check needed: a smoke
