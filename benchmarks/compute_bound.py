@@ -98,6 +98,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--copies", type=int, default=20, help="hard-linked copies of the 1000-image sample")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "fp32"], help="fp32: a CPU's smoke test")
     p.add_argument("--no-official", action="store_true")
     p.add_argument(
         "--data-train",
@@ -149,7 +150,7 @@ def main() -> None:
                     "data.repeats=1",
                     f"model.name={name}",
                     f"aug.img_size={res}",
-                    "train.amp=bf16",
+                    f"train.amp={args.amp}",
                     f"train.compile={'false' if args.no_compile or device.type == 'cpu' else 'true'}",
                 ]
                 if name not in RECIPE:

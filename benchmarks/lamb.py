@@ -7,6 +7,7 @@ Goals (issue 7): >= 2x timm on CPU, >= 5x on GPU.
 
     python benchmarks/lamb.py                  # CUDA if available, else CPU
     python benchmarks/lamb.py --device cpu --steps 5
+    python benchmarks/lamb.py --no-compile --json lamb.json   # eager only (no cold compilation), numbers to a file
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ def main() -> None:
     p.add_argument("--model", default="deit3_base")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 50 on CUDA, 5 on CPU)")
+    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile'd LAMB")
+    p.add_argument("--json", help="also write the result here")
     args = p.parse_args()
     device = torch.device(args.device)
     steps = args.steps or (50 if device.type == "cuda" else 5)
@@ -62,6 +65,8 @@ def main() -> None:
         "ours (eager)": lambda g: Lamb(g, **hp),
         "ours (compiled)": lambda g: Lamb(g, **hp, compile=True),
     }
+    if args.no_compile:
+        del candidates["ours (compiled)"]
     step_s, first_s = {}, {}
     for name, make in candidates.items():
         opt = make(param_groups_weight_decay(model, hp["weight_decay"]))
@@ -87,6 +92,9 @@ def main() -> None:
         "torch": torch.__version__,
     }
     print(json.dumps(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

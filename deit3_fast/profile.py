@@ -115,8 +115,12 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, m: int = 4096, 
     a = torch.randn(m, k, device=device).to(dtype)
     b = torch.randn(k, n, device=device).to(dtype)
     flop = 2 * m * k * n
-    reps = max(1, min(50, int(2e12 / flop) if device.type == "cuda" else int(2e10 / flop)))
+    t = time.perf_counter()
     a @ b  # warm-up: kernel selection, first-touch allocation
+    once = time.perf_counter() - t
+    # About 0.1 s per timed set on a CPU, from the warm-up's time: a count from the FLOPs alone assumed fast kernels,
+    # and a CPU without native bf16 matmuls (emulated: ~1 GFLOP/s) took minutes.
+    reps = max(1, min(50, int(2e12 / flop) if device.type == "cuda" else int(0.1 / max(once, 1e-6))))
     best = float("inf")
     for _ in range(3):
         _sync(device)

@@ -1,110 +1,125 @@
 #!/usr/bin/env bash
-# Everything a lent GPU machine should run, in one command, with its results under OUT_DIR:
-#   doctor.json            deit3-fast doctor --json (versions, GPU, bf16, matmul TFLOP/s, nvJPEG/DALI, throughput)
-#   pytest-cuda.log/.xml   pytest -m cuda (every CUDA-only path of the product)
-#   compute_bound.json/.log  model-alone img/s and MFU for ViT-S@224, B@192, L@192, H@160 (bf16, batch 256), the
-#                          nvjpeg engine's img/s and CPU cores busy at those sizes, end-to-end / model-alone
-#   lamb.log               our LAMB (eager, compiled) vs timm's on ViT-B's parameters
-#   randaugment.json/.log  the device RandAugment (CPU and GPU, eager and compiled) vs timm's PIL RandAugment
-#   summary.json           each step's exit status and seconds
+# The GPU check: everything a lent GPU machine should run, unattended, in ONE call of at most 8 minutes.
 #
-#   scripts/gpu-check.sh --prepare      # write .gpu-check/data: the test .beton files and the ImageNet sample's
-#                                       # (~30 MB; needs ../shared/data, not ffcv); carry it to the GPU machine
-#   scripts/gpu-check.sh OUT_DIR [check|bench|all]   # on the GPU machine; `all` (default) is about 7 minutes on
-#                                       # one H200. A lent machine's calls are limited to 10 minutes each: there,
-#                                       # run `check` (doctor + pytest, <= 9 min) and `bench` (<= 10 min) as two calls
-#   GPU_CHECK_QUICK=1 scripts/gpu-check.sh OUT_DIR   # the same steps at toy sizes: a CPU smoke test of this script
+#   scripts/gpu-check.sh --prepare          # here, where ../shared/data is: .gpu-check/data/imagenet.beton, the
+#                                           # 1000-image ImageNet sample at max side 256 / q90 (~18 MiB, no ffcv
+#                                           # needed); name .gpu-check in the device tool's carry
+#   scripts/gpu-check.sh OUT_DIR            # on the GPU machine
+#   scripts/gpu-check.sh --quick OUT_DIR    # the same steps on the CPU at toy sizes, no .gpu-check needed: a smoke
+#                                           # test of this script (tests/test_gpu_check.py)
+#   scripts/gpu-check.sh --plan             # the steps in order, each with its limit in seconds
 #
-# Designed for a bare machine: python3 with torch/torchvision/timm/numba/pytest; ffcv, DALI and submitit optional;
-# no network; this checkout as the working directory (PYTHONPATH, no install). A failing step does not stop the
-# others; the exit status is the number of failed steps.
+# The steps, in this order, each under `timeout` with the limit in seconds after its name (480 s in all; the machine
+# start is not in it). GPU_CHECK_LIMITS="step=s ..." overrides limits, to test what a timed-out step leaves.
+#   data 15                 the cuda tests' tiny .beton files, made here in a second (imagenet.beton is carried)
+#   doctor 55               nvidia-smi; deit3-fast doctor --json (versions, GPU, bf16, matmul TFLOP/s, nvJPEG, a
+#                           short ViT-S@224 profile on the ImageNet sample)
+#   cuda_tests 120          pytest -m "cuda and not compiles": every CUDA-only path that needs no torch.compile
+#   bench_s224 60           benchmarks/compute_bound.py, ViT-S@224 bf16 batch 256 on the ImageNet sample, eager:
+#   bench_b192 60           the nvjpeg engine alone img/s (and CPU cores), model-alone img/s and MFU, end to end,
+#                           end to end / model alone; the same for ViT-B@192
+#   lamb 30                 benchmarks/lamb.py --no-compile: our LAMB step vs timm's Lamb on ViT-B's parameters
+#   parity 30               benchmarks/nvjpeg_crop.py --parity: nvJPEG + GPU crops vs the CPU path on the sample
+#   cuda_compile_tests 110  pytest -m "cuda and compiles": the tests that compile, last (cold Inductor/Triton caches
+#                           make them the slowest; what finishes in the limit is in the XML)
+# A step past its limit gets SIGINT (pytest then writes its JUnit XML), SIGKILL 5 s later; the next step runs. A
+# failing step does not stop the others. Exit status: the number of steps not ok.
+#
+# OUT_DIR gets 5 files (the device tool brings back 8 at most):
+#   summary.json            each step's status (pending, running, ok, failed, timeout), exit, seconds, limit and its
+#                           numbers (the benchmarks' JSON, the doctor report, each test's outcome); rewritten
+#                           atomically at every change, so it is whole wherever a call stops
+#   gpu-check.log           every step's output, unbuffered
+#   doctor.json, cuda-tests.xml, cuda-compile-tests.xml   (JUnit)
+#
+# Needs only python3 with torch, torchvision, timm, numba, numpy, pillow and pytest (+ hypothesis, which conftest
+# imports); ffcv, DALI and submitit are optional. No network; this checkout as the working directory (PYTHONPATH).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
-DATA=${DEIT3_GPU_CHECK_DATA:-$REPO/.gpu-check/data}
 if [ -x "$REPO/.venv/bin/python" ] && [ -z "${PYTHON:-}" ]; then PYTHON="$REPO/.venv/bin/python"; fi
 PYTHON=${PYTHON:-python3}
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+CARRIED=${DEIT3_GPU_CHECK_DATA:-$REPO/.gpu-check/data}
 
-if [ "${1:-}" = "--prepare" ]; then
-  mkdir -p "$DATA"
-  "$PYTHON" - "$DATA" <<'PY' || exit 1
-import sys, tarfile, tempfile
-from pathlib import Path
-from tests.conftest import SHARED_DATA, make_tiny_data
-from dataset_tools.convert import convert
+LIMITS="data=15 doctor=55 cuda_tests=120 bench_s224=60 bench_b192=60 lamb=30 parity=30 cuda_compile_tests=110"
+for item in ${GPU_CHECK_LIMITS:-}; do LIMITS="$LIMITS ${item}"; done  # later entries win (the `limit` lookup)
+limit() { local v; for item in $LIMITS; do [ "${item%%=*}" = "$1" ] && v=${item#*=}; done; echo "$v"; }
+STEPS="data doctor cuda_tests bench_s224 bench_b192 lamb parity cuda_compile_tests"
 
-data = Path(sys.argv[1])
-make_tiny_data(data, page_size=2 << 20)
-for folder in [p for p in data.iterdir() if p.is_dir()]:  # the generated sources: not needed on the GPU machine
-    import shutil
-    shutil.rmtree(folder)
-tar = SHARED_DATA / "imagenet-sample-1000.tar"
-if not tar.exists():
-    sys.exit(f"{tar} is absent: the engine benchmark needs the real ImageNet sample")
-with tempfile.TemporaryDirectory() as tmp, tarfile.open(tar) as t:
-    t.extractall(tmp, filter="data")
-    convert(f"{tmp}/imagenet-sample-1000", str(data / "imagenet.beton"), max_resolution=256, jpeg_quality=90,
-            show_progress=False, page_size=2 << 20)
-total = sum(p.stat().st_size for p in data.glob("*.beton"))
-print(f"wrote {data}: {', '.join(sorted(p.name for p in data.glob('*.beton')))} ({total / 2**20:.1f} MiB)")
-PY
-  exit 0
-fi
-
-OUT=${1:?usage: scripts/gpu-check.sh OUT_DIR [check|bench|all] | --prepare}
-GROUP=${2:-all}
-case "$GROUP" in check) RUN_STEPS="doctor pytest_cuda" ;; bench) RUN_STEPS="compute_bound lamb randaugment" ;;
-  all) RUN_STEPS="doctor pytest_cuda compute_bound lamb randaugment" ;;
-  *) echo "gpu-check: unknown step group '$GROUP' (check, bench or all)" >&2; exit 2 ;; esac
+case "${1:-}" in
+  --prepare) exec "$PYTHON" scripts/gpu_check.py prepare "$CARRIED" ;;
+  --plan) for s in $STEPS; do echo "$s $(limit "$s")"; done; exit 0 ;;  # the steps in order, each with its limit
+esac
+QUICK=${GPU_CHECK_QUICK:-}
+if [ "${1:-}" = "--quick" ]; then QUICK=1; shift; fi
+OUT=${1:?usage: scripts/gpu-check.sh [--quick] OUT_DIR | --prepare | --plan}
 mkdir -p "$OUT"
-for f in train.beton val.beton raw.beton imagenet.beton; do
-  [ -f "$DATA/$f" ] || { echo "gpu-check: $DATA/$f is missing: run scripts/gpu-check.sh --prepare where" \
-                              "../shared/data is (deit3-convert needs no ffcv) and bring .gpu-check/ along" >&2; exit 2; }
-done
-if [ -n "${GPU_CHECK_QUICK:-}" ]; then
-  DOCTOR_STEPS=2; ROWS="deit3_nano@32"; BATCH=16; STEPS=2; LAMB_MODEL=deit3_micro; LAMB_STEPS=2; DEVICE=cpu
-  RA_SIZE=64
+OUT=$(cd "$OUT" && pwd)
+LOG="$OUT/gpu-check.log"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")  # the steps' own JSON, read into summary.json: not in OUT
+trap 'rm -rf "$WORK"' EXIT
+
+if [ -n "$QUICK" ]; then
+  # fp32: this CPU kind emulates bf16 matmuls (~1 GFLOP/s), which would make a toy row take a minute
+  MODE=quick; DEVICE=cpu; IMAGENET=-; DOCTOR_STEPS=1; ROW_S="deit3_nano@32"; ROW_B="deit3_nano@48"; AMP=fp32
+  BATCH=4; STEPS_N=1; LAMB_MODEL=deit3_nano; LAMB_STEPS=1; PARITY="--batch-sizes 4 --size 32 --parity 1"
 else
-  DOCTOR_STEPS=10; ROWS="deit3_small@224,deit3_base@192,deit3_large@192,deit3_huge@160"; BATCH=256; STEPS=10
-  LAMB_MODEL=deit3_base; LAMB_STEPS=20; DEVICE=cuda; RA_SIZE=224
+  MODE=gpu; DEVICE=cuda; IMAGENET="$CARRIED/imagenet.beton"; DOCTOR_STEPS=10; ROW_S="deit3_small@224"
+  ROW_B="deit3_base@192"; AMP=bf16; BATCH=256; STEPS_N=10; LAMB_MODEL=deit3_base; LAMB_STEPS=20
+  PARITY="--batch-sizes 64 --size 224 --parity 4"
+  if [ ! -f "$IMAGENET" ]; then
+    echo "gpu-check: $IMAGENET is missing: run scripts/gpu-check.sh --prepare where ../shared/data is, and carry" \
+         ".gpu-check (or: scripts/gpu-check.sh --quick OUT_DIR for the CPU smoke test)" | tee "$LOG" >&2
+    exit 2
+  fi
 fi
+DATA="$WORK/data"
+# shellcheck disable=SC2046
+"$PYTHON" scripts/gpu_check.py init "$OUT" "$MODE" $(for s in $STEPS; do echo "$s=$(limit "$s")"; done) || exit 2
+# The caches compiled code goes to, one per machine run: the first step that compiles pays, the later ones reuse it.
+export NUMBA_CACHE_DIR="$WORK/numba" TORCHINDUCTOR_CACHE_DIR="$WORK/inductor"
 
 failed=0
-step() {  # step NAME TIMEOUT_S COMMAND...: run, log, record exit status and seconds in summary.json at once
-  local name=$1 limit=$2; shift 2
-  case " $RUN_STEPS " in *" $name "*) ;; *) return 0 ;; esac
-  local t0=$SECONDS rc
-  echo "== $name (limit ${limit}s): $*" | tee -a "$OUT/gpu-check.log"
-  timeout --kill-after=10 "$limit" "$@"
-  rc=$?
-  [ $rc -eq 0 ] || failed=$((failed + 1))
-  echo "== $name: exit $rc after $((SECONDS - t0))s" | tee -a "$OUT/gpu-check.log"
-  # summary.json is rewritten after every step, so a call cut short still says how far it got.
-  "$PYTHON" - "$OUT/summary.json" "$name" "$rc" "$((SECONDS - t0))" <<'PY'
-import json, sys
-from pathlib import Path
-path, name, rc, seconds = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-summary = json.loads(path.read_text()) if path.exists() else {}
-summary[name] = {"exit": rc, "seconds": seconds}
-path.write_text(json.dumps(summary, indent=1) + "\n")
-PY
+step() {  # step NAME RESULT_FILE COMMAND...: run under the step's limit, append its output to the log, record it
+  local name=$1 result=$2 lim t0 rc soft
+  shift 2
+  lim=$(limit "$name")
+  soft=$((lim > 10 ? lim - 5 : lim))  # the interrupt 5 s before the limit, the kill at it
+  "$PYTHON" scripts/gpu_check.py start "$OUT" "$name" "$lim"
+  echo "== $name (limit ${lim}s): $*" | tee -a "$LOG"
+  t0=$(date +%s.%N)
+  timeout --signal=INT --kill-after=5 "$soft" "$@" 2>&1 | tee -a "$LOG"
+  rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 0 ] || failed=$((failed + 1))
+  "$PYTHON" scripts/gpu_check.py done "$OUT" "$name" "$rc" "$t0" ${result:+"$result"} | tee -a "$LOG"
+}
+pytest_step() {  # pytest_step NAME MARKERS XML: the cuda tests with these markers, a JUnit XML even when interrupted
+  local per_test=60 opts=()
+  # pytest-timeout (where installed) fails one stuck test and goes on; faulthandler (built in) dumps its stacks.
+  "$PYTHON" -c "import pytest_timeout" 2>/dev/null && opts+=(--timeout="$per_test")
+  step "$1" "$OUT/$3" env DEIT3_GPU_CHECK_DATA="$DATA" "$PYTHON" -u -m pytest -m "$2" tests/test_cuda.py \
+    tests/pipelines/test_reference_engine.py -q -rA -p no:cacheprovider --durations=0 \
+    -o faulthandler_timeout="$per_test" --junitxml "$OUT/$3" ${opts[@]+"${opts[@]}"}
+}
+bench_step() {  # bench_step NAME MODEL@RES
+  step "$1" "$WORK/$1.json" "$PYTHON" -u benchmarks/compute_bound.py --device "$DEVICE" --data-train "$DATA/imagenet.beton" \
+    --engines nvjpeg --no-official --no-compile --amp "$AMP" --rows "$2" --batch "$BATCH" --steps "$STEPS_N" --workers "$(nproc)" \
+    --json "$WORK/$1.json"
 }
 
-{ nvidia-smi || true; "$PYTHON" -c 'import torch; print(torch.__version__, torch.version.cuda)'; } \
-  > "$OUT/machine.txt" 2>&1
-step doctor 100 bash -c "'$PYTHON' -m deit3_fast doctor --json --data-train '$DATA/imagenet.beton' --engine nvjpeg \
-  --steps $DOCTOR_STEPS > '$OUT/doctor.json' 2> '$OUT/doctor.err'"
-step pytest_cuda 420 bash -c "DEIT3_GPU_CHECK_DATA='$DATA' '$PYTHON' -m pytest -m cuda tests/test_cuda.py tests/pipelines/test_reference_engine.py -q \
-  -p no:cacheprovider --durations=0 --junitxml '$OUT/pytest-cuda.xml' > '$OUT/pytest-cuda.log' 2>&1"
-step compute_bound 330 bash -c "'$PYTHON' benchmarks/compute_bound.py --device $DEVICE --data-train \
-  '$DATA/imagenet.beton' --engines nvjpeg --no-official --no-compile --rows $ROWS --batch $BATCH --steps $STEPS \
-  --workers $(nproc) --json '$OUT/compute_bound.json' > '$OUT/compute_bound.log' 2>&1"
-step lamb 120 bash -c "'$PYTHON' benchmarks/lamb.py --device $DEVICE --model $LAMB_MODEL --steps $LAMB_STEPS \
-  > '$OUT/lamb.log' 2>&1"
-step randaugment 150 bash -c "'$PYTHON' benchmarks/randaugment.py --workers $(nproc) --batch $BATCH --batches 4 \
-  --beton '$DATA/imagenet.beton' --size $RA_SIZE --json '$OUT/randaugment.json' > '$OUT/randaugment.log' 2>&1"
+step data "" "$PYTHON" -u scripts/gpu_check.py data "$DATA" "$IMAGENET"
+step doctor "$OUT/doctor.json" bash -c "{ nvidia-smi || true; } >&2; '$PYTHON' -u -m deit3_fast doctor --json \
+  --data-train '$DATA/imagenet.beton' --engine nvjpeg --steps $DOCTOR_STEPS > '$OUT/doctor.json'"
+pytest_step cuda_tests "cuda and not compiles" cuda-tests.xml
+bench_step bench_s224 "$ROW_S"
+bench_step bench_b192 "$ROW_B"
+step lamb "$WORK/lamb.json" "$PYTHON" -u benchmarks/lamb.py --device "$DEVICE" --model "$LAMB_MODEL" \
+  --steps "$LAMB_STEPS" --no-compile --json "$WORK/lamb.json"
+# shellcheck disable=SC2086
+step parity "$WORK/parity.json" "$PYTHON" -u benchmarks/nvjpeg_crop.py --beton "$DATA/imagenet.beton" \
+  --device "$DEVICE" $PARITY --json "$WORK/parity.json"
+pytest_step cuda_compile_tests "cuda and compiles" cuda-compile-tests.xml
 
 cat "$OUT/summary.json"
-tail -n 3 "$OUT/pytest-cuda.log" 2>/dev/null
 exit $failed

@@ -215,6 +215,7 @@ def test_amp_auto_on_this_gpu(data):
     assert run.amp == ("bf16" if native else "fp16") and run.scaler.is_enabled() == (not native)
 
 
+@pytest.mark.compiles
 def test_lamb_on_cuda_matches_the_float64_reference():
     """Eager in float64 and float32, also with GradScaler-scaled gradients (fp16's path: the scale folded into the
     clip divisor), and torch.compile'd in float32 (the training dtype; one compilation per gradient-list length
@@ -231,6 +232,11 @@ def test_lamb_on_cuda_matches_the_float64_reference():
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-lamb"])
 def test_a_training_step_never_waits_for_the_device(data, compiled, amp):
+
+@pytest.mark.parametrize(
+    "compiled", [False, pytest.param(True, marks=pytest.mark.compiles)], ids=["eager", "compiled-lamb"]
+)
+def test_a_training_step_never_waits_for_the_device(data, compiled):
     """BatchAugment, mixing, forward/backward, LAMB (eager and torch.compile'd, whose scalars used to be
     blocking copies), the schedule and the EMA under torch.cuda.set_sync_debug_mode("error"): any blocking copy or
     read-back in the step raises. fp16 adds the GradScaler, whose inf flag LAMB consumes on the device (torch's
@@ -305,6 +311,7 @@ def test_nccl_group_of_one(monkeypatch, tmp_path):
         distributed.shutdown()
 
 
+@pytest.mark.compiles
 def test_device_randaugment_on_cuda_is_the_cpu_op_and_never_waits():
     """Fine-tuning's RandAugment on the GPU: the whole-batch pass equals the CPU's per-op subsets (colour ops
     exactly, warps within a grey level), with no host sync (set_sync_debug_mode), eager and compiled."""
@@ -327,6 +334,7 @@ def test_device_randaugment_on_cuda_is_the_cpu_op_and_never_waits():
         assert (out.cpu() - ref).abs().max() <= 1 and (out.cpu() != ref).float().mean() < 0.01
 
 
+@pytest.mark.compiles
 def test_a_ramped_finetuning_run_on_cuda(data, tmp_path):
     """Progressive resolution (24 -> 48 px; epoch 1 is 36 px, rounded half to even to 32) with the device
     RandAugment, compiled, on the GPU, 16 per process at 24 px and 4 at 32 (batch_sizes): trains at each size with
