@@ -22,6 +22,7 @@ def beton_with_skips(bad_tree, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_reader_agrees_with_ffcv_reader(beton_with_skips):
     from ffcv.reader import Reader
 

@@ -26,6 +26,7 @@ def converted(imagenet_sample, tmp_path_factory):
     return report, Beton(out)
 
 
+@pytest.mark.slow
 def test_all_written_with_imagefolder_labels(imagenet_sample, converted):
     report, b = converted
     wnids = sorted(d for d in os.listdir(imagenet_sample) if os.path.isdir(imagenet_sample / d))

@@ -385,6 +385,7 @@ def test_stage_copies_verifies_and_resumes(sharded, tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "sha256 differs" in r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["nvjpeg", "ffcv"])
 def test_training_with_stage_to_reads_the_staged_copy(sharded, single, tmp_path, engine):
     """data.stage_to: the run stages both splits at its start and reads them from there (config.yaml says so); for

@@ -376,6 +376,7 @@ def tiny(tmp_path_factory, data):
     return grid, out, sets
 
 
+@pytest.mark.slow
 def test_grid_run_writes_results_for_every_variant(tiny):
     _, out, _ = tiny
     rows = list(csv.DictReader(open(out / "results.csv")))
@@ -406,6 +407,7 @@ def test_rerun_skips_finished_variants(tiny, capsys):
     assert {p: p.read_bytes() for p in out.glob("*/metrics.jsonl")} == before
 
 
+@pytest.mark.slow
 def test_interrupted_variant_resumes_to_the_uninterrupted_result(tiny, tmp_path, capsys):
     grid, out, sets = tiny
     # the first epoch of loss=bce ran, then the process died: a checkpoint, one metrics row, no done.json
@@ -425,6 +427,7 @@ def test_a_run_dir_of_another_config_is_refused(tiny, capsys):
     assert "holds a run of a different config (optim.lr)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_diverging_or_crashing_variant_does_not_stop_the_grid(tiny, tmp_path, monkeypatch, capsys):
     grid, _, _ = tiny
     real = RecipeLoss.__call__

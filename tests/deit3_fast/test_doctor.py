@@ -45,6 +45,7 @@ def test_doctor_require_gpu_exits_1_and_the_table_names_fixes():
     assert "no usable GPU" in r.stderr and "GPU" in r.stdout and "missing" in r.stdout
 
 
+@pytest.mark.slow
 def test_a_missing_optional_package_is_missing_with_its_fix(monkeypatch):
     from deit3_fast import doctor as d
 

@@ -172,6 +172,7 @@ def val_named(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_eval_several_sets_real_and_saved_predictions(val_named, data, tmp_path, capsys):
     """One eval: the plain set, a second name for it, ReaL and the predictions file; ReaL equals the hand computation
     from the saved predictions, and each set's top-1 equals the saved top-1."""
@@ -250,6 +251,7 @@ def test_eval_several_sets_real_and_saved_predictions(val_named, data, tmp_path,
     assert "--real scores the ImageNet-1k validation set" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_training_logs_extra_sets_at_the_chosen_epochs(data, tmp_path):
     from deit3_fast.config import load_config
     from deit3_fast.trainer import train
@@ -276,6 +278,7 @@ def test_training_logs_extra_sets_at_the_chosen_epochs(data, tmp_path):
     assert [r.get("val_v2_acc1") is not None for r in logged if "epoch" in r] == [False, True, True]
 
 
+@pytest.mark.slow
 def test_zoo_counts_equal_the_official_table():
     """All eight IN-1k rows: GFLOPs (fvcore's multiply-adds: matrix products + 5 per LayerNorm element) truncated to
     one decimal are the official figures; parameters agree to the table's last digit, except ViT-S at 384, whose
@@ -295,6 +298,7 @@ def test_zoo_counts_equal_the_official_table():
             assert abs(params - float(r["params_M"])) < 0.1, r
 
 
+@pytest.mark.slow
 def test_zoo_command_times_on_this_device_and_says_so(capsys):
     """Every row of the table (the official 8 and the recipes' 4 resolutions) is counted; timing all of them takes
     minutes on a CPU, so two models' rows are timed (--models), and a model name that is not one is one line.

@@ -92,6 +92,7 @@ def test_export_errors_are_one_line(tmp_path):
     assert r.returncode == 2 and "timm has no DeiT III model for deit3_micro" in r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("earlier", [True, False], ids=["over-an-export", "into-an-empty-folder"])
 @pytest.mark.parametrize("failing", ["model.safetensors", "config.json"])
 def test_a_failed_export_replaces_nothing(tmp_path, monkeypatch, failing, earlier):

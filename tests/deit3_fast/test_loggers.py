@@ -26,6 +26,7 @@ def _cfg(data, **extra):
     return load_config("quickstart", [f"{k}={v}" for k, v in sets.items()])
 
 
+@pytest.mark.slow
 def test_tensorboard_and_wandb_receive_every_epoch(data, tmp_path, monkeypatch):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -66,6 +67,7 @@ def test_tensorboard_and_wandb_receive_every_epoch(data, tmp_path, monkeypatch):
     assert calls[1][2]["val_acc1"] == pytest.approx(rows[0]["val_acc1"])
 
 
+@pytest.mark.slow
 def test_a_preempted_run_closes_its_loggers(data, tmp_path, monkeypatch):
     """SIGTERM mid-run raises Preempted out of the loop: the W&B run is still finished (and TensorBoard flushed)."""
     import os
@@ -99,6 +101,7 @@ def test_a_preempted_run_closes_its_loggers(data, tmp_path, monkeypatch):
     assert calls == [("log", 1), ("finish",)]
 
 
+@pytest.mark.slow
 def test_the_wandb_run_is_continued_on_resume_and_new_for_a_fresh_run(data, tmp_path, monkeypatch):
     ids = []
     fake = types.ModuleType("wandb")
@@ -117,6 +120,7 @@ def test_the_wandb_run_is_continued_on_resume_and_new_for_a_fresh_run(data, tmp_
     "key, value, package",
     [("train.tensorboard", "true", "torch.utils.tensorboard"), ("train.wandb_project", "p", "wandb")],
 )
+@pytest.mark.slow
 def test_a_missing_logger_package_is_one_clear_error_before_training(data, tmp_path, monkeypatch, key, value, package):
     """Refused before the run dir is touched: an earlier run's files in it stay as they were."""
     train(_cfg(data, **{"schedule.epochs": 1}), tmp_path / "run", torch.device("cpu"), quiet=True)

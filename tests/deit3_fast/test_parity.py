@@ -210,6 +210,7 @@ def parity_run(folders, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_every_run_trains_its_variants_engine_on_its_data_with_its_seed(parity_run, folders):
     cache = parity_run.parent / "exp-data"
     for variant, train, val in (
@@ -230,6 +231,7 @@ def test_every_run_trains_its_variants_engine_on_its_data_with_its_seed(parity_r
     assert report["options"]["write_mode"] == "raw"
 
 
+@pytest.mark.slow
 def test_the_verdict_is_written_from_the_runs(parity_run):
     summary = json.loads((parity_run / "parity.json").read_text())
     assert [v["variant"] for v in summary["variants"]] == ["reference", "ffcv"]
@@ -242,6 +244,7 @@ def test_the_verdict_is_written_from_the_runs(parity_run):
     assert "Verdicts:" in (parity_run / "parity.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_second_run_converts_nothing_and_trains_nothing(parity_run, folders, capsys):
     cache = parity_run.parent / "exp-data"
     stamps = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
@@ -255,6 +258,7 @@ def test_a_second_run_converts_nothing_and_trains_nothing(parity_run, folders, c
     assert (parity_run / "ffcv,seed=0" / rundir.METRICS).read_text() == metrics
 
 
+@pytest.mark.slow
 def test_collect_writes_the_verdict_without_the_folders(parity_run, capsys):
     (parity_run / "parity.json").unlink()
     assert main(["parity", "--out", str(parity_run), "--collect", "--json"]) == 0
@@ -262,6 +266,7 @@ def test_collect_writes_the_verdict_without_the_folders(parity_run, capsys):
     assert (parity_run / "parity.json").exists()
 
 
+@pytest.mark.slow
 def test_a_folder_of_other_runs_is_refused_and_keeps_its_plan(parity_run, folders, capsys):
     plan = (parity_run / "parity-plan.json").read_text()
     capsys.readouterr()

@@ -25,6 +25,7 @@ def _profile_cli(capsys, *args) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_profile_json_on_cpu(data, capsys):
     result = _profile_cli(
         capsys,
@@ -153,6 +154,7 @@ def test_matmul_peak_is_measured():
     assert 1e-4 < peak < 100  # a CPU does between 0.1 GFLOP/s and 100 TFLOP/s
 
 
+@pytest.mark.slow
 def test_profile_numbers_are_possible_with_accumulation_and_one_step(data, capsys):
     """The report that gave "mfu": 3.08 and end-to-end 0.06x model-alone: one timed step, accumulation over 4
     micro-batches. Windows hold one kind of call after warm-up, so a window cannot catch a one-time cost or the
@@ -207,6 +209,7 @@ def test_timed_windows_leave_warm_up_out(monkeypatch):
     assert next(costs, None) is None  # 3 warm-up + 2 timed calls, no more
 
 
+@pytest.mark.slow
 def test_model_gemm_and_peak_use_the_models_shape_and_dtype():
     import torch
 

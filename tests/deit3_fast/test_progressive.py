@@ -29,6 +29,7 @@ def test_resolution_is_linear_in_the_epoch_and_rounded_to_the_step():
     assert resolution_schedule(load_config("cifar10_deit3").schedule.resolution, 32, 100) is None
 
 
+@pytest.mark.slow
 def test_a_ramped_run_trains_at_each_size_and_evaluates_at_the_final_one(data, tmp_path, monkeypatch):
     seen = []
     real = RecipeLoss.__call__
@@ -61,6 +62,7 @@ def test_a_ramped_run_trains_at_each_size_and_evaluates_at_the_final_one(data, t
     assert [s for kind, s in seen if kind == "eval"] == [32, 32, 32] and all(r["val_acc1"] is not None for r in rows)
 
 
+@pytest.mark.slow
 def test_a_ramped_run_resumes_exactly(data, tmp_path):
     """Stopped after the 16 px epoch and resumed: the 24 and 32 px epochs are those of an uninterrupted run."""
     cpu = torch.device("cpu")
@@ -71,6 +73,7 @@ def test_a_ramped_run_resumes_exactly(data, tmp_path):
     assert_same_as_uninterrupted(tmp_path / "full", full, tmp_path / "split")
 
 
+@pytest.mark.slow
 def test_a_batch_per_size_keeps_the_global_batch_and_the_schedule(data, tmp_path, monkeypatch):
     """schedule.resolution.batch_sizes: each epoch's micro-batches have its size's batch and accumulation, every
     step sees 16 images, and the optimiser steps and learning rates are those of the fixed-batch ramp."""
@@ -141,6 +144,7 @@ def test_micro_batches_average_to_the_whole_batch_gradient(data):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_a_batch_per_size_resumes_exactly_mid_epoch(data, tmp_path, monkeypatch):
     """SIGTERM in the 24 px epoch (4 micro-batches a step): the checkpoint's step is counted in that epoch's steps,
     and the resumed run ends bit-identical to the uninterrupted one."""
@@ -158,6 +162,7 @@ def test_a_batch_per_size_resumes_exactly_mid_epoch(data, tmp_path, monkeypatch)
     assert_same_as_uninterrupted(tmp_path / "full", full, tmp_path / "split")
 
 
+@pytest.mark.slow
 def test_the_loader_keeps_its_crops_and_changes_only_their_size(data):
     """The same samples, in the same order, with the same boxes at every size: only the resampling changes."""
     from deit3_fast.loaders import make_loader

@@ -95,6 +95,7 @@ def test_epoch_line_is_readable():
     assert epoch_line({**row, "val_acc1": None, "gap": None}, 800, 125).endswith("MB  ETA 2m 05s")
 
 
+@pytest.mark.slow
 def test_training_against_a_reference_logs_the_gap_warns_once_and_plots_it(data, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(reference, "official_curve", lambda name: {0: 0.1, 1: 99.0, 2: 99.0, 3: 99.0})
     sets = {

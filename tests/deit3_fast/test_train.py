@@ -64,6 +64,7 @@ def assert_same_as_uninterrupted(full_dir, full_rows, split_dir):
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sets", [{}, {"train.ema_decay": 0.9, "train.amp": "fp16"}], ids=["plain", "ema-fp16"])
 def test_resume_is_bit_identical(data, tmp_path, sets):
     """3 epochs in one go == 2 epochs, stop, resume for the last: every piece of state and the metrics."""
@@ -94,6 +95,7 @@ def sigterm_at_loss(monkeypatch, n: int) -> list:
     return calls
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sets", [{}, {"train.ema_decay": 0.9, "train.amp": "fp16"}], ids=["plain", "ema-fp16"])
 def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(data, tmp_path, monkeypatch, sets):
     """A real SIGTERM in the middle of epoch 1 (sent by the 9th loss call: epoch 1, step 1 of 3): the run stops at
@@ -116,6 +118,7 @@ def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(data, tmp_path, monke
     assert_same_as_uninterrupted(tmp_path / "full", full, tmp_path / "split")
 
 
+@pytest.mark.slow
 def test_run_dir_contents(data, tmp_path):
     train(tiny_cfg(data, **{"schedule.epochs": 2}), tmp_path, torch.device("cpu"), quiet=True)
     names = {p.name for p in tmp_path.iterdir()}
@@ -127,6 +130,7 @@ def test_run_dir_contents(data, tmp_path):
     assert load_config(str(tmp_path / "config.yaml")) == tiny_cfg(data, **{"schedule.epochs": 2})
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, monkeypatch):
     train(tiny_cfg(data, **{"schedule.epochs": 3}), tmp_path, torch.device("cpu"), quiet=True, stop_after_epoch=0)
     good = load(tmp_path / "checkpoint-last.pt")
@@ -140,6 +144,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, monkeypat
         assert torch.equal(good["model"][k], kept["model"][k])
 
 
+@pytest.mark.slow
 def test_resume_with_changed_config_is_refused_unless_forced(data, tmp_path):
     train(tiny_cfg(data), tmp_path, torch.device("cpu"), quiet=True, stop_after_epoch=0)
     with pytest.raises(ConfigMismatch, match="optim.lr"):
@@ -156,6 +161,7 @@ def test_resume_with_changed_config_is_refused_unless_forced(data, tmp_path):
     assert [r["epoch"] for r in rows] == [1]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_from_before_a_config_key_existed_resumes(data, tmp_path):
     """A checkpoint written before schedule.resolution existed (its config has no such section) is the same config
     at that key's default, so it resumes without --force; a real difference is still refused."""
@@ -185,6 +191,7 @@ def cli(*args, timeout=600, cwd=REPO):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layer_scale", ["1e-4", "null"], ids=["layerscale", "no-layerscale"])
 def test_cli_train_then_eval(data, tmp_path, layer_scale, capsys):
     """eval rebuilds the model the config describes: also without LayerScale (the ablation's variant). Both commands
@@ -438,6 +445,7 @@ def test_in1k_recipes_are_exact(name, model, size, lr, drop_path, batch):
     assert c.model.layer_scale_init == 1e-4
 
 
+@pytest.mark.slow
 def test_ema_weights_are_kept_and_evaluable(data, tmp_path, capsys):
     train(tiny_cfg(data, **{"train.ema_decay": 0.9, "schedule.epochs": 1}), tmp_path, torch.device("cpu"), quiet=True)
     ck = load(tmp_path / "checkpoint-last.pt")
@@ -515,6 +523,7 @@ def test_in21k_recipes_are_exact(size, model, res, drop_path, epochs):
     )
 
 
+@pytest.mark.slow
 def test_fp16_with_grad_scaler_trains(data, tmp_path):
     rows = train(
         tiny_cfg(data, **{"train.amp": "fp16", "schedule.epochs": 1}), tmp_path, torch.device("cpu"), quiet=True
@@ -617,6 +626,7 @@ def test_amp_auto_is_bf16_where_native_else_fp16_with_a_scaler(monkeypatch):
         assert resolve_amp("bf16", torch.device("cuda", 0)) == "bf16"
 
 
+@pytest.mark.slow
 def test_run_dir_records_what_the_run_really_uses(data, tmp_path, capsys):
     """run.json: the AMP dtype auto resolved to, the per-process batch and accumulation, the device; the console
     says the same in one line. config.yaml keeps the config as given (what a resume compares)."""
@@ -633,6 +643,7 @@ def test_run_dir_records_what_the_run_really_uses(data, tmp_path, capsys):
     assert load_config(str(tmp_path / "config.yaml")).train.amp == "auto"
 
 
+@pytest.mark.slow
 def test_peak_memory_is_reset_at_the_start_of_each_run(data, tmp_path, monkeypatch):
     """ablate runs several variants in one process: each run's max_mem_mb is its own (CUDA's counter is reset at
     its start; the reset call is what a CPU test can see)."""

@@ -124,6 +124,7 @@ def mutations(draw, regions):
     return edits
 
 
+@pytest.mark.slow
 @FUZZ
 @given(data=st.data())
 def test_fuzz_beton_bytes(real_beton, tmp_path, data):

@@ -166,6 +166,7 @@ def val_other_classes(data, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_val_split_with_other_classes_is_refused(data, val_other_classes, tmp_path, capsys):
     own = val_other_classes / "own.beton"
     assert (

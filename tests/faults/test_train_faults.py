@@ -142,6 +142,7 @@ def _bytes(run) -> dict:
     return {p.name: p.read_bytes() for p in sorted(run.glob("checkpoint-*.pt"))}
 
 
+@pytest.mark.slow
 def test_changed_config_refused_then_divergence_keeps_last_good_checkpoint(data, tmp_path, capsys):
     """Epoch 0 trains normally. Resuming with other settings is refused, naming each differing key; forced with a
     learning rate of 1e30 the run really diverges: exit 3, one line, and the checkpoints of epoch 0 are untouched."""
@@ -206,6 +207,7 @@ def test_batch_larger_than_the_training_set(data, tmp_path, capsys):
     assert rc == 2 and "data.batch_size" in line
 
 
+@pytest.mark.slow
 def test_resume_from_a_corrupt_checkpoint(data, tmp_path, capsys):
     """A checkpoint-last.pt cut short (a copy interrupted, a full disk outside our atomic writer): one line naming the
     file, exit 2; the run dir is left as it was."""

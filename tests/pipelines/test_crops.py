@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from pipelines import crops, keys
@@ -60,6 +61,7 @@ def test_center_box_is_torchvision_resize_then_centre_crop():
         assert np.allclose([y0, x0, y1, x1], [top * h / rh, left * w / rw, (top + 224) * h / rh, (left + 224) * w / rw])
 
 
+@pytest.mark.slow
 def test_resize_box_matches_pil_bicubic():
     from PIL import Image
 

@@ -141,6 +141,7 @@ def test_every_batch_is_mixed_half_by_mixup_half_by_cutmix():
     assert rate_ok((kinds.count("cutmix") + kinds.count("none")) / len(kinds), 0.5, len(kinds))
 
 
+@pytest.mark.slow
 def test_mixup_lambda_is_beta_0_8_and_cutmix_lambda_is_the_box_corrected_uniform():
     draws = _mixed_batches(4000, AugConfig())
     rng = np.random.default_rng(0)

@@ -54,6 +54,7 @@ def engine_epoch(cfg, split, epoch=1):
     return [(x.clone(), y.clone()) for x, y in loader.raw_batches(epoch)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["nvjpeg", "dali"])
 @pytest.mark.parametrize("split, crop", [("train", "rrc"), ("train", "src"), ("val", "rrc")])
 def test_engines_yield_the_same_samples_and_crops_as_ffcv(betons, engine, split, crop):
@@ -82,6 +83,7 @@ def test_dali_matches_nvjpeg_closely_and_repeats_epochs(betons):
         assert (xa.int() - xc.int()).abs().float().mean() < 0.5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("taken", [1, 2])
 def test_ffcv_epoch_left_early_stops_its_thread(betons, taken):
     """A consumer that leaves an epoch part-way (a stop request, an error, a Slurm requeue's sys.exit) ends FFCV's
@@ -105,6 +107,7 @@ def test_ffcv_epoch_left_early_stops_its_thread(betons, taken):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
+@pytest.mark.slow
 def test_an_error_in_the_batch_augmentation_stops_the_ffcv_thread(betons, monkeypatch):
     """The loader's own error (out of memory in the batch augmentation) ends the engine's epoch at once, while the error
     is still being handled (its traceback keeps the loader's frames alive)."""
@@ -155,6 +158,7 @@ def test_ffcv_waits_on_the_host_for_a_slots_copy_before_decoding_into_the_slot_a
         assert ("synchronize", recorded[-1]) in log[queued:i], f"slot {slot} rewritten before its copy was waited for"
 
 
+@pytest.mark.slow
 def test_nvjpeg_reads_raw_pixels_exactly_like_ffcv(betons):
     """Raw-mode files have no decoder in between: the two engines' crops are equal."""
     a = engine_epoch(cfg_for(betons / "raw.beton", "ffcv"), "train")
@@ -233,6 +237,7 @@ def test_dali_imports_whole_when_a_collection_would_parse_in_the_middle():
         assert bare.returncode != 0 and "recursion depth mismatch" in bare.stderr
 
 
+@pytest.mark.slow
 def test_a_dead_ffcv_thread_is_an_error_not_a_hang(betons, monkeypatch):
     """FFCV's own __next__ waits for good on the queue of a decode thread that died (an error in its compiled
     pipeline, seen as a numba KeyError): the run would hang on every rank. The engine says so within a second."""
@@ -265,6 +270,7 @@ def test_a_dead_ffcv_thread_is_an_error_not_a_hang(betons, monkeypatch):
     assert isinstance(outcome[0], DataError) and "FFCV's decode thread stopped with an error" in str(outcome[0])
 
 
+@pytest.mark.slow
 def test_ffcv_leaves_numbas_shared_types_as_they_were(betons):
     """FFCV's os_cache reader set `.mutable = False` on numba's one shared uint8[::1] type, changing its hash under
     every compiled function's table of overloads: numba then raised KeyError from them ("Exception ignored" as each

@@ -56,6 +56,7 @@ def build_loader(sets: dict, split: str, device="cpu"):
     return plain_loader(split, device, **sets)
 
 
+@pytest.mark.slow
 def test_train_batches_are_model_ready(small_beton):
     loader = build_loader(cfg_for(small_beton), "train", "cpu")
     assert len(loader) == 5
@@ -73,6 +74,7 @@ def test_train_batches_are_model_ready(small_beton):
     assert next(iter(bf16))[0].dtype == torch.bfloat16
 
 
+@pytest.mark.slow
 def test_eval_batches_cover_the_set_once(small_beton):
     loader = build_loader(cfg_for(small_beton), "val", "cpu")
     labels = torch.cat([y for _, y in loader])
@@ -80,6 +82,7 @@ def test_eval_batches_cover_the_set_once(small_beton):
     assert len(loader) == 4  # eval batch = 1.5 x 24 = 36: 36+36+36+12
 
 
+@pytest.mark.slow
 def test_epoch_order_is_exact_and_deterministic(small_beton, big_beton):
     for path, repeats, n_expected in ((small_beton, 1, 120), (big_beton, 3, 512)):
         cfg = cfg_for(path, **{"data.repeats": repeats, "aug.mixup": 0, "aug.cutmix": 0})
@@ -102,6 +105,7 @@ def test_epoch_order_is_exact_and_deterministic(small_beton, big_beton):
     assert not torch.equal(runs[0], torch.cat([x for x, _ in loader]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["ffcv", "nvjpeg"])
 def test_an_epoch_started_part_way_gives_the_same_batches(small_beton, engine):
     """What a mid-epoch resume relies on: batches 2.. of `iter_from(2)` equal those of a full pass, augmentation and
@@ -132,6 +136,7 @@ def _engine_batches(loader, epoch=0):
     return [(imgs.clone(), labels) for imgs, labels in loader.engine.batches(epoch)]
 
 
+@pytest.mark.slow
 def test_rrc_crop_is_the_keyed_box(small_beton):
     """The engine's uint8 crops equal PIL's crop + bicubic resize of the box crops.rrc_box gives for the key."""
     cfg = cfg_for(small_beton, **{"data.shuffle": False})
@@ -151,6 +156,7 @@ def test_rrc_crop_is_the_keyed_box(small_beton):
     assert max(diffs) < 0.3, diffs
 
 
+@pytest.mark.slow
 def test_src_crop_pads_by_reflection(small_beton):
     cfg = cfg_for(small_beton, **{"data.shuffle": False, "aug.crop": "src"})
     loader = build_loader(cfg, "train", "cpu")
@@ -172,6 +178,7 @@ def test_src_crop_pads_by_reflection(small_beton):
     assert padded > 20  # the padding branch was exercised
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ratio", [1.0, 0.875])
 def test_eval_crop_equals_reference_transform(small_beton, ratio):
     """Reference: torchvision Resize(int(size / ratio), bicubic) + CenterCrop(size) on the stored image.
@@ -200,6 +207,7 @@ def real_beton(imagenet_sample, tmp_path_factory):
     return str(d / "r.beton")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ratio, size", [(1.0, 224), (0.875, 224), (1.0, 160)])
 def test_eval_crop_equals_reference_on_real_photos(real_beton, ratio, size):
     """The same check on real photos at the recipe's sizes."""
@@ -236,6 +244,7 @@ def test_missing_ffcv_is_one_message():
     assert r.returncode != 0 and "pip install -e '.[ffcv]'" in r.stderr
 
 
+@pytest.mark.slow
 def test_mixup_blends_in_float32_and_casts_once(small_beton):
     """The official code blends fp32 images; blending after a cast to bf16 rounds both images first. A bf16 batch is
     the fp32 one cast once, bit for bit."""
@@ -248,6 +257,7 @@ def test_mixup_blends_in_float32_and_casts_once(small_beton):
     assert bf16.augment.dtype == torch.float32  # the augmentation itself stays float32 when mixing follows
 
 
+@pytest.mark.slow
 def test_finetuning_randaugment_runs_in_the_batch_augmentation(small_beton):
     """Fine-tuning: the engine's uint8 batch goes straight to BatchAugment, which runs RandAugment after the flip
     from the batch's keyed stream, then mixing: exactly that composition, and the same batches when an epoch
@@ -639,6 +649,7 @@ def test_nvjpeg_gpu_decoder_kind_by_compute_capability(monkeypatch, capability, 
     assert gpu_decoder_kind(torch.device("cpu")).startswith("CPU")
 
 
+@pytest.mark.slow
 def test_a_training_batch_is_exactly_engine_then_augment_then_mixing(small_beton):
     """Not only in range: batch b of an epoch is the engine's uint8 batch b through BatchAugment and mixing,
     with the streams keyed by (seed, rank, epoch, b), cast once to the AMP dtype: the pre-training recipe's

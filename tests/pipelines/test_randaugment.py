@@ -221,6 +221,7 @@ def test_batch_augment_runs_randaugment_after_the_flip(images):
     assert "randaugment" not in q and torch.equal(q["flip"].flip, flips)
 
 
+@pytest.mark.slow
 def test_device_randaugment_traces_as_one_graph(images):
     """torch.compile-able: the whole-batch pass (what a GPU runs) has no graph break (no host sync, no
     data-dependent shapes)."""

@@ -177,6 +177,7 @@ def draws(tree):
     return seen
 
 
+@pytest.mark.slow
 def test_flip_rate_is_one_half(draws):
     assert rate_ok(draws["flip"] / (32 * EPOCHS), 0.5, 32 * EPOCHS)
 
