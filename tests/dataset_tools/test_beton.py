@@ -35,6 +35,7 @@ def test_reader_agrees_with_ffcv_reader(beton_with_skips):
     np.testing.assert_array_equal(np.sort(ours.alloc_table, order="ptr"), np.sort(theirs.alloc_table, order="ptr"))
 
 
+@pytest.mark.slow
 def test_ffcv_loader_reads_compacted_file(beton_with_skips):
     from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
     from ffcv.loader import Loader, OrderOption

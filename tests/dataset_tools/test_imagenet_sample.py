@@ -49,6 +49,7 @@ def _jpeg_roundtrip(rgb: np.ndarray, quality: int) -> np.ndarray:
     return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 
+@pytest.mark.slow
 def test_decoded_samples_match_resized_sources(imagenet_sample, converted):
     """Stored images against the full-resolution source area-resized to the max resolution, at quality 90.
 

@@ -51,6 +51,7 @@ def sharded(tree, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_written_layout_is_ffcvs_and_ffcv_reads_it(tmp_path):
     """Header, sorted allocation table (by sample and pointer), no sample across a page boundary, whole pages; and
     FFCV's own Reader and Loader (page cache and mmap) read the file: same labels, same pixels (both decoders are
@@ -436,6 +437,7 @@ def test_training_with_stage_to_reads_the_staged_copy(sharded, single, tmp_path,
         assert (local / "train" / "manifest.json").exists()
 
 
+@pytest.mark.slow
 def test_submit_sends_one_array_task_per_shard(tree, tmp_path, monkeypatch, capsys):
     """--submit: the Slurm path (map_array of ShardTask over the task indices, the sbatch options set) run through
     submitit's local cluster instead of Slurm; the tasks write the shards and the last one the manifest."""

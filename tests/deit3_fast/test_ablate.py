@@ -393,6 +393,7 @@ def test_grid_run_writes_results_for_every_variant(tiny):
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_variants(tiny, capsys):
     grid, out, _ = tiny
     before = {p: p.read_bytes() for p in out.glob("*/metrics.jsonl")}
@@ -421,6 +422,7 @@ def test_interrupted_variant_resumes_to_the_uninterrupted_result(tiny, tmp_path,
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
+@pytest.mark.slow
 def test_a_run_dir_of_another_config_is_refused(tiny, capsys):
     grid, out, _ = tiny
     assert main(["ablate", "--grid", grid, "--out", str(out), "--set", "optim.lr=1e-3"]) == 2
@@ -460,6 +462,7 @@ def test_a_diverging_or_crashing_variant_does_not_stop_the_grid(tiny, tmp_path, 
     assert not (tmp_path / "b" / "loss=bce" / "failed.json").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_stops_the_grid_instead_of_skipping_to_the_next_variant(tiny, tmp_path, monkeypatch, capsys):
     grid, _, _ = tiny
 

@@ -124,6 +124,7 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
     assert set(ARCHS) >= {"deit3_small", "deit3_medium", "deit3_base", "deit3_large", "deit3_huge"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name, arch, size",
     [

@@ -147,6 +147,7 @@ def test_verdict_names_the_slowest_stage_and_the_fix():
     assert contended["verdict"] == "input-bound" and "share" in contended["advice"]
 
 
+@pytest.mark.slow
 def test_matmul_peak_is_measured():
     import torch
 

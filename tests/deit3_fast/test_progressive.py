@@ -122,6 +122,7 @@ def test_a_batch_per_size_must_split_the_global_batch():
     assert (plans[16].per_process, plans[16].accum) == (16, 1) and (plans[24].per_process, plans[24].accum) == (16, 1)
 
 
+@pytest.mark.slow
 def test_micro_batches_average_to_the_whole_batch_gradient(data):
     """A step's gradient is the mean over its images however they are split: one micro-batch of 16 (accum 1) and
     two of 8 (accum 2) over the same images give the same gradients (no drop-path; a ViT has no batch statistics)."""
@@ -255,6 +256,7 @@ def test_a_ramp_floors_the_patch_grid_like_the_fixed_size_model():
     assert resolution_schedule(cfg.schedule.resolution, 160, 8)[:6] == [128, 128, 128, 160, 160, 160]
 
 
+@pytest.mark.slow
 def test_a_ninth_size_still_runs_compiled_after_other_runs_in_the_process(data, monkeypatch):
     """torch.compile's caches belong to the compiled functions' code, which every run a process builds shares (ablate,
     profile --tune): each run starts them empty, with room for a graph per size (two for the CPU batch augmentation:

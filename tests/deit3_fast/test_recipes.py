@@ -61,6 +61,7 @@ def small(tmp_path_factory):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [r for r in RECIPES if r != "quickstart"])
 def test_recipe_model_at_its_resolution_and_its_optimiser(name):
     """The real model on the meta device: the floored patch grid (ViT-H/14: 11 x 11 at 160, 9 x 9 at 128), the
@@ -236,6 +237,7 @@ EXPECTED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_recipe_runs_with_the_official_values(name, small, monkeypatch):
     """Built through trainer.build (the run's own components, a one-block stand-in model), every value the run uses

@@ -267,6 +267,7 @@ def test_cli_dry_run_and_one_line_errors(tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1 and fragment in err, err
 
 
+@pytest.mark.slow
 def test_refused_inputs_are_one_line_and_leave_no_run_dir(data, tmp_path, capsys):
     """Inputs a fault hunt found passing as tracebacks: each is one line, exit 2, and no run dir is left."""
     from deit3_fast import __version__
