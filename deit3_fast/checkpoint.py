@@ -16,6 +16,8 @@ Everything else asks through this API and never subscripts a payload:
                                              ({"model": ..., "args": Namespace}), a timm checkpoint ("state_dict"),
                                              a bare state dict, a .safetensors file (model.checkpoint, eval, export)
   load_weights(path, ema=False) -> dict      the same, the state dict alone
+  run_config(path) -> dict | None            the config ours was written with (None: not ours), read without
+                                             loading the tensors (eval, export)
   RunState                                   the layout of the run state, for Run.state_dict / load_state_dict
   load(path) -> dict                         ours as stored, for tests that compare two checkpoints whole
 """
@@ -218,6 +220,25 @@ def load_weights(path: str | Path, ema: bool = False) -> dict:
     return read_weights(path, ema).state
 
 
+def run_config(path: str | Path) -> dict | None:
+    """The config our checkpoint at `path` was written with, or None for any other file (official, timm,
+    safetensors). The file is memory-mapped: its tensors are not read."""
+    if _is_safetensors(path):
+        return None
+    try:
+        try:
+            payload = _read(path, mmap=True)
+        except RuntimeError:  # torch's legacy (pre-zip) format cannot be mapped: read it whole
+            payload = _read(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {_first_line(e)}") from None
+    if not isinstance(payload, dict) or _version(path, payload) is None:
+        return None
+    return payload["config"]
+
+
 def find_resume(resume: str | None, out_dir: Path) -> Path | None:
     """`--resume auto`: the run dir's last checkpoint if there is one; `--resume DIR|FILE`: that one (must exist)."""
     if not resume:
@@ -232,8 +253,9 @@ def find_resume(resume: str | None, out_dir: Path) -> Path | None:
     return p
 
 
-def _read(path: str | Path) -> object:
-    """The file's contents: a .safetensors file's tensors, else what torch.load gives (weights only)."""
+def _read(path: str | Path, mmap: bool = False) -> object:
+    """The file's contents: a .safetensors file's tensors, else what torch.load gives (weights only; `mmap`: its
+    tensors mapped, not read)."""
     if _is_safetensors(path):
         from safetensors.torch import load_file
 
@@ -241,7 +263,7 @@ def _read(path: str | Path) -> object:
     # Official checkpoints carry their argparse.Namespace ('args') beside the weights. (add_safe_globals: torch 2.4
     # has no safe_globals context manager; a Namespace holds plain values, so allowing it everywhere is harmless.)
     torch.serialization.add_safe_globals([argparse.Namespace])
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def _is_safetensors(path: str | Path) -> bool:

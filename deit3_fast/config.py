@@ -11,7 +11,9 @@ sections' modules at import: every command can load and check a config at once.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -298,6 +300,40 @@ NO_EFFECT_KEYS = frozenset(
 )
 
 
+# The keys that name a file or folder (and train.extra_val's NAME=PATH entries). A run records them absolute
+# (`absolute_paths`), so it resumes and evaluates from any working directory.
+PATH_KEYS = ("data.train", "data.val", "data.stage_to", "model.checkpoint")
+
+
+def absolute_paths(tree: dict) -> tuple[dict, dict[str, str]]:
+    """A config dict (as `to_dict` gives it) with its relative paths made absolute against the working directory,
+    and the ones it changed as they were given ({dotted key: path}). A URL (`scheme://...`) is left as it is."""
+
+    def absolute(path: str) -> str:
+        return path if "://" in path or os.path.isabs(path) else os.path.abspath(path)
+
+    tree, given = copy.deepcopy(tree), {}
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        node = tree.get(section)
+        if isinstance(node, dict) and isinstance(node.get(name), str) and absolute(node[name]) != node[name]:
+            given[key], node[name] = node[name], absolute(node[name])
+    train = tree.get("train")
+    if isinstance(train, dict) and isinstance(train.get("extra_val"), list):
+        for i, spec in enumerate(train["extra_val"]):
+            name, sep, path = str(spec).partition("=")
+            if sep and path.strip() and absolute(path.strip()) != path.strip():
+                given[f"train.extra_val[{i}]"] = str(spec)
+                train["extra_val"][i] = f"{name}={absolute(path.strip())}"
+    return tree, given
+
+
+def with_absolute_paths(cfg: Config) -> tuple[Config, dict[str, str]]:
+    """`absolute_paths` of a Config."""
+    tree, given = absolute_paths(to_dict(cfg))
+    return (_build(Config, tree), given) if given else (cfg, given)
+
+
 def with_defaults(tree: dict) -> dict:
     """A config dict as an earlier version wrote it (a checkpoint's, a run dir's config.yaml), with the keys added
     since filled in at their defaults. A new key's default is the behaviour from before it existed, so a run started
@@ -322,8 +358,10 @@ def differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def load_config(name_or_path: str | None = None, overrides: list[str] | tuple = ()) -> Config:
-    tree: dict = {}
+def load_config(name_or_path: str | None = None, overrides: list[str] | tuple = (), base: dict | None = None) -> Config:
+    """A recipe (by name or path) with `overrides` applied; `base`, a config dict a run recorded (its checkpoint's or
+    config.yaml), stands in for a recipe where none is named."""
+    tree: dict = copy.deepcopy(with_defaults(base)) if base is not None and not name_or_path else {}
     if name_or_path:
         path = resolve_path(name_or_path)
         try:

@@ -23,8 +23,8 @@ def evaluate(
     keep: bool = False,
 ) -> dict:
     """Top-1/top-5 (%) over every sample of `loader`'s set, counted once across ranks. `mask` (bool, one per class)
-    scores over those classes only (ImageNet-A/-R); `keep` also returns each sample's index, label and top-5, in
-    sample order, gathered from every rank."""
+    scores over those classes only (ImageNet-A/-R); `keep` also returns each sample's index, label, top-5 and their
+    softmax probabilities (over the scored classes), in sample order, gathered from every rank."""
     model.eval()
     correct1 = correct5 = n = 0
     kept = []
@@ -37,13 +37,15 @@ def evaluate(
         logits = logits.float()
         if masked_out is not None:
             logits = logits.masked_fill(masked_out, float("-inf"))
-        top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        scores, top5 = logits.topk(min(5, logits.shape[-1]), dim=-1)
         hit = top5 == y[:, None]
         correct1 += hit[:, 0].sum()
         correct5 += hit.any(dim=-1).sum()
         n += len(y)
         if keep:
-            kept.append((y.cpu(), top5.cpu()))
+            # log-sum-exp over the scored classes (masked logits are -inf): the top-5's softmax probabilities
+            prob = (scores - logits.logsumexp(dim=-1, keepdim=True)).exp()
+            kept.append((y.cpu(), top5.cpu(), prob.cpu()))
         if progress:
             progress.advance(task)
     if progress:
@@ -57,9 +59,10 @@ def evaluate(
     if keep:
         labels = torch.cat([k[0] for k in kept]).numpy() if kept else np.zeros(0, np.int64)
         top5 = torch.cat([k[1] for k in kept]).numpy() if kept else np.zeros((0, 5), np.int64)
+        prob = torch.cat([k[2] for k in kept]).numpy() if kept else np.zeros((0, 5), np.float32)
         index = loader.sample_indices(0)[: len(labels)]
-        parts = dist.all_gather_object((index, labels, top5))
-        index, labels, top5 = (np.concatenate([p[i] for p in parts]) for i in range(3))
+        parts = dist.all_gather_object((index, labels, top5, prob))
+        index, labels, top5, prob = (np.concatenate([p[i] for p in parts]) for i in range(4))
         order = np.argsort(index, kind="stable")
-        result.update(index=index[order], label=labels[order], top5=top5[order])
+        result.update(index=index[order], label=labels[order], top5=top5[order], top5_prob=prob[order])
     return result

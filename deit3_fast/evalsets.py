@@ -46,6 +46,7 @@ __all__ = [
     "real_top1",
     "load_real",
     "save_predictions",
+    "prediction_row",
     "render",
 ]
 
@@ -110,7 +111,7 @@ def evaluate_checkpoint(
 ) -> tuple[dict, list[dict]]:
     """Score `checkpoint` (its EMA weights with `ema`) on each set as that set must be scored: {set name: {acc1,
     acc5, n[, classes]}}, plus "real" when ReaL labels are given (scored on the set named in1k or val), and with
-    `keep` one prediction row per image (set, index, source file, label, top-5)."""
+    `keep` one prediction row per image (`prediction_row`)."""
     scored_by_real = real_set(sets, real)
     model = build_model(cfg.model, cfg.aug.img_size, train=False)
     if ema:
@@ -121,6 +122,7 @@ def evaluate_checkpoint(
     amp = resolve_amp(cfg.train.amp, device)
     keep = keep or real is not None
     results, predictions = {}, []
+    trained_on: list | None = None
     for s in sets:
         try:
             sources = source_names(s.path) if keep else None
@@ -146,17 +148,34 @@ def evaluate_checkpoint(
         if s is scored_by_real:
             results["real"] = real_top1(ev["top5"][:, 0], [sources[i] for i in ev["index"]], real)
         if keep:
+            if trained_on is None and cfg.data.train:
+                trained_on = _classes_or_none(cfg.data.train) or []
+            # The set's class list where it is the model's (converted with --classes TRAIN.beton.json), else the
+            # training data's: the names of the model's outputs.
+            names = next((c for c in (classes, trained_on) if c and len(c) == cfg.model.num_classes), None)
             predictions += [
-                {
-                    "set": s.name,
-                    "index": int(i),
-                    "source": sources[i] if sources else None,
-                    "label": int(y),
-                    "top5": [int(c) for c in t],
-                }
-                for i, y, t in zip(ev["index"], ev["label"], ev["top5"])
+                prediction_row(s.name, int(i), sources[i] if sources else None, int(y), t, p, names)
+                for i, y, t, p in zip(ev["index"], ev["label"], ev["top5"], ev["top5_prob"])
             ]
     return results, predictions
+
+
+def prediction_row(name: str, index: int, source, label: int, top5, prob, names: list[str] | None) -> dict:
+    """One line of --save-predictions: set, sample index, source file, label, the top-5 classes and their softmax
+    probabilities, and where the class list is known the label's and the top-5's class names."""
+    row = {"set": name, "index": index, "source": source, "label": label, "top5": [int(c) for c in top5]}
+    row["top5_prob"] = [round(float(p), 6) for p in prob]
+    if names is not None:
+        row["label_name"] = names[label] if 0 <= label < len(names) else None
+        row["top5_names"] = [names[int(c)] for c in top5]
+    return row
+
+
+def _classes_or_none(path: str) -> list[str] | None:
+    try:
+        return classes_of(path)
+    except (BetonError, OSError):  # the training data need not be here to score a set
+        return None
 
 
 def real_top1(top1, sources: list[str], real: list[list[int]]) -> dict:
@@ -190,7 +209,7 @@ def load_real(path: str | Path) -> list[list[int]]:
 
 
 def save_predictions(path: str | Path, rows: list[dict]) -> None:
-    """One JSON object per sample: set, index, source file, label, top-5."""
+    """One JSON object per sample (`prediction_row`)."""
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 

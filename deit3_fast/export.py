@@ -1,12 +1,17 @@
 """`deit3-fast export CHECKPOINT OUT_DIR`: weights any timm user can load. From any file checkpoint.py reads (a run's
 checkpoint-*.pt, its EMA with `--ema`, an official DeiT III .pth, a timm file, a .safetensors file) it writes
 `OUT_DIR/model.safetensors` (timm's state-dict layout) and `OUT_DIR/config.json` in timm's pretrained-config form
-(the architecture name, class count, input size, mean/std, interpolation, crop). Then
+(the architecture name and arguments, class count, and the data settings of the run: input size, mean/std,
+interpolation, crop ratio, under the tag `deit3_fast`). It prints the call that loads them from any directory:
 
     timm.create_model("deit3_small_patch16_224", pretrained=True,
-                      pretrained_cfg_overlay=dict(file="OUT_DIR/model.safetensors", num_classes=N))
+                      pretrained_cfg=dict(file="/abs/OUT_DIR/model.safetensors", input_size=(3, 224, 224), ...))
 
-gives the same logits (`num_classes` only where it is not 1000: timm drops a head of another size).
+which gives the same logits, and a model whose `pretrained_cfg` (what `timm.data.resolve_model_data_config`
+reads) is the run's, not that of Meta's weights of the same name. A timm that knows `local-dir:` sources also
+loads `timm.create_model("local-dir:/abs/OUT_DIR", pretrained=True)`. Every architecture the trainer builds
+exports: those without a timm name of their own (deit3_cifar, deit3_micro, deit3_nano), and models without
+LayerScale, as timm's DeiT III builder with their arguments.
 """
 
 from __future__ import annotations
@@ -17,25 +22,31 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from .archs import ARCHS, TIMM_NAMES, resolve_name
-from .checkpoint import CheckpointError, read_weights
+from .checkpoint import CheckpointError, read_weights, run_config
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+TAG = "deit3_fast"  # the pretrained tag of an export: these weights are not the ones timm's own tags name
+GENERIC = "deit3_small_patch16_224"  # timm's DeiT III builder, for an architecture timm has no name for
 
 
-def timm_architecture(arch: str, img_size: int) -> tuple[str, dict]:
-    """timm's model name for our architecture, and the model arguments it needs (img_size where timm has no
-    name for the resolution, e.g. the 192-px pre-training checkpoints)."""
-    patch = ARCHS[arch][0]
+def timm_architecture(arch: str, img_size: int, layer_scale: bool = True) -> tuple[str, dict]:
+    """timm's model name for our architecture, and the model arguments it needs: img_size where timm has no name
+    for the resolution (the 192-px pre-training checkpoints), the shape of ours that timm has no name for
+    (deit3_cifar, deit3_micro, deit3_nano: timm's DeiT III builder takes them as arguments), and init_values=0.0
+    for a model without LayerScale."""
+    patch, dim, depth, heads = ARCHS[arch]
     size = arch.removeprefix("deit3_")
-    exact = f"deit3_{size}_patch{patch}_{img_size}"
-    if exact in TIMM_NAMES:
-        return exact, {}
-    base = f"deit3_{size}_patch{patch}_224"
-    if base not in TIMM_NAMES:
-        raise CheckpointError(
-            f"timm has no DeiT III model for {arch}: export supports small, medium, base, large and huge"
-        )
-    return base, {"img_size": img_size}
+    name, args = f"deit3_{size}_patch{patch}_{img_size}", {}
+    if name not in TIMM_NAMES:
+        name = f"deit3_{size}_patch{patch}_224"
+        if name not in TIMM_NAMES:
+            name, args = GENERIC, {"patch_size": patch, "embed_dim": dim, "depth": depth, "num_heads": heads}
+        args["img_size"] = img_size
+    if not layer_scale:
+        # 0.0, not None: timm.create_model drops arguments that are None, and its blocks build LayerScale only for
+        # a truthy init_values.
+        args["init_values"] = 0.0
+    return name, args
 
 
 def _read(path: str, given: str | None, ema: bool) -> tuple[str, dict, int | None]:
@@ -71,12 +82,16 @@ def export(checkpoint: str, out_dir: str | Path, model: str | None = None, ema: 
     # The resolution where the checkpoint says it (a run's config, an official file's args): the patch grid is
     # floored (ViT-H/14 at 160 px: 11 x 11), so the grid alone gives 154.
     img_size = run_img_size or int(math.isqrt(state["pos_embed"].shape[1])) * ARCHS[arch][0]
-    net = create_model(arch, num_classes=num_classes, img_size=img_size)
+    # LayerScale where the weights have it (ours: ls1.gamma; official: gamma_1): the ablation trains without.
+    layer_scale = any(k.endswith(("ls1.gamma", "gamma_1")) for k in state)
+    net = create_model(arch, num_classes=num_classes, img_size=img_size, layer_scale_init=1e-4 if layer_scale else None)
     if ema:
         net.load_state_dict(state)  # our own layout, at the run's size
     else:
         load_state(net, state, checkpoint)
-    timm_name, model_args = timm_architecture(arch, img_size)
+    timm_name, model_args = timm_architecture(arch, img_size, layer_scale)
+    # The data settings the run evaluated with (its config), else the official ones (DeiT III: crop ratio 1.0).
+    aug = (run_config(checkpoint) or {}).get("aug") or {}
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -89,15 +104,15 @@ def export(checkpoint: str, out_dir: str | Path, model: str | None = None, ema: 
         "global_pool": "token",
         "model_args": model_args,
         "pretrained_cfg": {
-            "tag": "deit3_fast",
+            "tag": TAG,
             "custom_load": False,
             "input_size": [3, img_size, img_size],
             "fixed_input_size": True,
-            "interpolation": "bicubic",
-            "crop_pct": 1.0,
+            "interpolation": "bicubic",  # every engine resizes with Pillow's bicubic (pipelines/)
+            "crop_pct": float(aug.get("eval_crop_ratio", 1.0)),
             "crop_mode": "center",
-            "mean": list(MEAN),
-            "std": list(STD),
+            "mean": [float(v) for v in aug.get("mean", MEAN)],
+            "std": [float(v) for v in aug.get("std", STD)],
             "num_classes": num_classes,
             "pool_size": None,
             "first_conv": "patch_embed.proj",
@@ -126,17 +141,25 @@ def export(checkpoint: str, out_dir: str | Path, model: str | None = None, ema: 
         )
         raise CheckpointError(f"writing the export into {out} failed: {e.strerror or e}; {replaced}") from None
     return {
-        "out": str(out),
+        "out": str(out.resolve()),
         "architecture": timm_name,
         "num_classes": num_classes,
         "img_size": img_size,
         "weights": "ema" if ema else "model",
-        "load_with": (
-            f"timm.create_model({timm_name!r}, pretrained=True, pretrained_cfg_overlay=dict(file="
-            f"{str(out / 'model.safetensors')!r}"
-            + (f", num_classes={num_classes}" if num_classes != 1000 else "")
-            + ")"
-            + "".join(f", {k}={v!r}" for k, v in model_args.items())
-            + ")"
-        ),
+        "load_with": load_call(out, config),
     }
+
+
+def load_call(out: Path, config: dict) -> str:
+    """The timm.create_model call that loads an export from any directory (absolute paths) with any timm 1.x: a
+    whole pretrained_cfg replaces timm's registered one (Meta's weights, input 224, crop 0.9), so the loaded
+    model's data config is the run's; with fixed_input_size, timm takes img_size from its input_size."""
+    pretrained = {"file": str((out / "model.safetensors").resolve()), **config["pretrained_cfg"]}
+    pretrained = {k: tuple(v) if isinstance(v, list) else v for k, v in pretrained.items() if v is not None}
+    return (
+        f"timm.create_model({config['architecture']!r}, pretrained=True, pretrained_cfg=dict("
+        + ", ".join(f"{k}={v!r}" for k, v in pretrained.items())
+        + ")"
+        + "".join(f", {k}={v!r}" for k, v in config["model_args"].items())
+        + ")"
+    )

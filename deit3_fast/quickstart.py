@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 from rich.console import Console
 
@@ -49,6 +50,7 @@ def run_quickstart(args) -> int:
     console.rule("deit3-fast train --cfg quickstart")
     import torch
 
+    from . import rundir
     from .config import load_config
     from .trainer import train
 
@@ -61,7 +63,9 @@ def run_quickstart(args) -> int:
         sets.append(f"schedule.epochs={args.epochs}")
     cfg = load_config("quickstart", sets)
     run_dir = os.path.join(args.out, "run")
-    history = train(cfg, run_dir, torch.device("cpu"))
+    # A second quickstart continues its run, or finds it finished: a run dir is never trained over.
+    train(cfg, run_dir, torch.device("cpu"), resume="auto")
+    history = rundir.read_metrics(Path(run_dir))
     best = max(h["val_acc1"] for h in history)
     console.print(
         f"[green]quickstart done[/] in {time.perf_counter() - started:.0f} s: {len(history)} epochs, "

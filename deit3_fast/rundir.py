@@ -1,6 +1,7 @@
 """The run directory: the files a training run writes, and the one place that reads them back.
 
-    config.yaml         the config as given (what a resume compares against)
+    config.yaml         the config (what a resume compares against), its paths absolute; a comment above them says
+                        how they were given and where training started
     run.json            what this run resolved it to: AMP dtype, device, world size, per-process batch, accumulation
     metrics.jsonl       one JSON row per finished epoch (`epoch`: 0-based, the data's index; the console, progress
                         bar and messages count from 1: row 0 is "epoch 1/N"), `train_loss`, `lr`, `val_acc1`, ...)
@@ -14,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import yaml
@@ -26,8 +28,20 @@ CONFIG, FACTS, METRICS, CURVES = "config.yaml", "run.json", "metrics.jsonl", "cu
 WANDB_ID = "wandb-id.txt"
 
 
-def write_config(out: Path, config: dict) -> None:
-    write_text_atomic(str(out / CONFIG), yaml.safe_dump(config, sort_keys=False))
+def write_config(out: Path, config: dict, given: dict[str, str] | None = None) -> None:
+    """config.yaml; `given`: the paths `config.absolute_paths` made absolute, as they were given, for the reader."""
+    head = ""
+    if given:
+        head = f"# Paths are absolute. As given, relative to {os.getcwd()} (where training started):\n" + "".join(
+            f"#   {key}: {path}\n" for key, path in given.items()
+        )
+    write_text_atomic(str(out / CONFIG), head + yaml.safe_dump(config, sort_keys=False))
+
+
+def holds_run(out: Path) -> bool:
+    """Whether `out` holds (part of) a run: a checkpoint, or an epoch in metrics.jsonl. Training afresh there would
+    overwrite it."""
+    return out.is_dir() and (any(out.glob("checkpoint-*.pt")) or bool((out / METRICS).is_file() and read_metrics(out)))
 
 
 def read_config(out: Path) -> dict | None:

@@ -40,6 +40,13 @@ from .config import (
     differences,
     resolve_num_classes,
     to_dict,
+
+    ConfigError,
+    absolute_paths,
+    differences,
+    resolve_num_classes,
+    to_dict,
+    with_absolute_paths,
     with_defaults,
 )
 from .device import autocast, is_out_of_memory, max_mem_mb, reset_peak_memory
@@ -192,20 +199,34 @@ def train_one_epoch(
 _RESUMABLE = NO_EFFECT_KEYS | {"schedule.epochs"}
 
 
-def _resume(run: Run, resume: str | None, out: Path, force: bool) -> ckpt.Position | None:
-    """Load the checkpoint `--resume` names into `run`; its position, or None when starting afresh."""
+def _resume(run: Run, resume: str | None, out: Path, force: bool) -> tuple[Path, ckpt.Position] | None:
+    """Load the checkpoint `--resume` names into `run`; that file and its position, or None when starting afresh."""
     path = ckpt.find_resume(resume, out)
     if path is None:
         return None
     saved = ckpt.load_run(path)
-    changed = [k for k in differences(with_defaults(saved.config), to_dict(run.cfg)) if k not in _RESUMABLE]
+    # Paths compared absolute: a checkpoint written before runs recorded them so holds them as given.
+    ours, theirs = (absolute_paths(t)[0] for t in (with_defaults(saved.config), to_dict(run.cfg)))
+    changed = [k for k in differences(ours, theirs) if k not in _RESUMABLE]
     if changed and not force:
         raise ConfigMismatch(
             f"{path} was written with a different config ({', '.join(changed)}); resume with the "
             "same config, or pass --force"
         )
     run.load_state_dict(saved.state)
-    return saved.position
+    return path, saved.position
+
+
+def _refuse_overwrite(out: Path, resume: str | None) -> None:
+    """A run dir that holds a run is continued (`--resume auto`, or a checkpoint of its own), never trained over."""
+    if not rundir.holds_run(out):
+        return
+    found = ckpt.find_resume(resume, out)
+    if found is None or found.parent.resolve() != out.resolve():
+        raise ConfigError(
+            f"{out} holds a run ({len(rundir.read_metrics(out))} epochs in {rundir.METRICS}): continue it with "
+            "--resume auto, or train into a new --out"
+        )
 
 
 def train(
@@ -222,6 +243,8 @@ def train(
     schedule still spans schedule.epochs), as a time limit or preemption would. With `handle_sigterm`, SIGTERM
     stops at the next step boundary, writes a checkpoint of that position and raises `Preempted`."""
     previous, stop = None, StopFlag()
+    _refuse_overwrite(Path(out_dir), resume)
+    cfg, given = with_absolute_paths(cfg)  # the run dir's config works from any directory (given: for the reader)
     cfg = resolve_num_classes(stage_data(cfg))  # config.yaml records the class count, not "auto"
     try:
         if handle_sigterm and threading.current_thread() is threading.main_thread():
@@ -230,7 +253,7 @@ def train(
                 stop.requested = True
 
             previous = signal.signal(signal.SIGTERM, on_sigterm)
-        return _train(cfg, Path(out_dir), device, resume, force, quiet, stop_after_epoch, stop)
+        return _train(cfg, Path(out_dir), device, resume, force, quiet, stop_after_epoch, stop, given)
     except (RuntimeError, MemoryError) as e:  # numpy (FFCV's buffers) raises MemoryError, torch a RuntimeError
         if is_out_of_memory(e):
             raise OutOfMemory(_oom_message(cfg, device, e)) from None
@@ -249,11 +272,17 @@ def _train(
     quiet: bool,
     stop_after_epoch: int | None,
     stop: StopFlag,
+    given: dict[str, str],
 ) -> list[dict]:
     reset_peak_memory(device)
     run = build(cfg, device)
     run.stop = stop
-    pos = _resume(run, resume, out, force)
+    found = _resume(run, resume, out, force)
+    pos = found[1] if found else None
+    if found and dist.is_main():  # also --quiet: a resume says what it continues
+        print(_resume_line(out, *found, cfg.schedule.epochs, run.steps_per_epoch), flush=True)
+    if pos is not None and pos.resume_at is None and pos.epoch + 1 >= cfg.schedule.epochs:
+        return []  # finished: nothing to train, and its run dir stays as it is
     if dist.is_main():
         loggers_required(cfg)  # a logging package asked for and missing is refused before the run dir is touched
     out.mkdir(parents=True, exist_ok=True)  # after the inputs are checked: a refused run leaves no empty run dir
@@ -264,7 +293,7 @@ def _train(
     config = to_dict(cfg)
     followed = reference.resolve(cfg)  # the official curve this run is compared with, if any
     if main:
-        rundir.write_config(out, config)
+        rundir.write_config(out, config, given)
         facts = {**run_facts(run), "reference": followed}
         rundir.write_facts(out, facts)
         if not quiet:
@@ -331,6 +360,17 @@ def _plot(out: Path, followed: str | None, epochs: int) -> None:
         out / rundir.CURVES,
         reference=(f"official {followed}", official) if official else None,
     )
+
+def _resume_line(out: Path, path: Path, pos: ckpt.Position, epochs: int, steps: int) -> str:
+    source = path.name if path.parent.resolve() == out.resolve() else str(path)
+    done = pos.epoch + 1
+    if pos.resume_at is None and done >= epochs:
+        return (
+            f"{out} is finished: {done}/{epochs} epochs ({source}); nothing to train (--epochs N with N > {done} "
+            "extends it)"
+        )
+    step = pos.resume_at["step"] if pos.resume_at else 0
+    return f"resuming {out} from epoch {done + 1}/{epochs}, step {step}/{steps} ({source})"
 
 
 def _report(row: dict, quiet: bool, main: bool, epochs: int, eta_s: float) -> None:

@@ -15,7 +15,16 @@ from dataset_tools.atomic import write_text_atomic
 
 from .. import rundir
 from ..batching import batch_plan, batch_plans
-from ..config import NO_EFFECT_KEYS, Config, ConfigError, differences, load_config, to_dict, with_defaults
+from ..config import (
+    NO_EFFECT_KEYS,
+    Config,
+    ConfigError,
+    absolute_paths,
+    differences,
+    load_config,
+    to_dict,
+    with_defaults,
+)
 from ..submit import TrainJob, describe, describe_job, slurm_executor, slurm_options, submitit
 from .grid import Grid, Variant, load_grid
 from .results import (
@@ -41,7 +50,11 @@ def check_run_dir(v: Variant, run_dir: Path) -> None:
     # Unlike a resume, schedule.epochs may not differ: a finished 30-epoch run is not the first 30 epochs of a
     # 100-epoch run.
     diff = (
-        [k for k in differences(with_defaults(old), to_dict(v.config)) if k not in NO_EFFECT_KEYS]
+        [
+            k
+            for k in differences(absolute_paths(with_defaults(old))[0], absolute_paths(to_dict(v.config))[0])
+            if k not in NO_EFFECT_KEYS
+        ]
         if old is not None
         else ["config.yaml"]
     )

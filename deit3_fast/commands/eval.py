@@ -12,16 +12,19 @@ from ._common import process_device as _device
 NAME = "eval"
 HELP = "top-1/top-5 of a checkpoint on a validation .beton (prints JSON)"
 DESCRIPTION = (
-    "Evaluate a checkpoint. Give a recipe (--cfg), a model name (--model: ours, timm's such as "
-    "deit3_base_patch16_384, whose suffix sets the resolution, or the official deit_base_patch16_LS), or "
-    "both (--model then overrides the recipe's model)."
+    "Evaluate a checkpoint. A run's own (RUN_DIR, its checkpoint-best.pt, or --checkpoint RUN_DIR/checkpoint-*.pt) "
+    "is evaluated with the config it carries, on the run's validation set unless --data-val or --val names "
+    "others; --cfg, --model and --set override it. Any other file needs a recipe (--cfg), a model name (--model: "
+    "ours, timm's such as deit3_base_patch16_384, whose suffix sets the resolution, or the official "
+    "deit_base_patch16_LS), or both (--model then overrides the recipe's model)."
 )
 
 
 def add_arguments(e) -> None:
+    e.add_argument("run", nargs="?", metavar="RUN_DIR", help="a run dir: its checkpoint-best.pt, with its config")
     add_cfg_args(e, data_train=False, cfg_required=False)
     e.add_argument("--model", help="model name (overrides model.name; a timm name's resolution sets aug.img_size)")
-    e.add_argument("--checkpoint", required=True, help="checkpoint-*.pt of a run, an official .pth or a timm file")
+    e.add_argument("--checkpoint", help="checkpoint-*.pt of a run, an official .pth or a timm file")
     e.add_argument("--ema", action="store_true", help="evaluate the EMA weights of a run checkpoint")
     e.add_argument(
         "--val",
@@ -39,17 +42,46 @@ def add_arguments(e) -> None:
     e.add_argument(
         "--save-predictions",
         metavar="FILE",
-        help="write one JSON line per sample: set, index, source file, label, top-5",
+        help="write one JSON line per sample: set, index, source file, label, top-5 and their probabilities, with "
+        "class names where the set's conversion report (or the run's training data) has them",
     )
+
+
+def checkpoint_of(args) -> str:
+    """The checkpoint to score: --checkpoint, or RUN_DIR's best (its last where it has no best yet)."""
+    from pathlib import Path
+
+    from ..checkpoint import BEST, LAST
+
+    if args.run and args.checkpoint:
+        raise ConfigError("give a RUN_DIR or --checkpoint, not both")
+    if args.checkpoint:
+        return args.checkpoint
+    if not args.run:
+        raise ConfigError("nothing to evaluate: give a RUN_DIR or --checkpoint FILE")
+    run = Path(args.run)
+    if run.is_file():
+        return str(run)
+    for name in (BEST, LAST):
+        if (run / name).is_file():
+            return str(run / name)
+    raise ConfigError(f"{run}: no run dir with a checkpoint ({BEST} or {LAST})")
 
 
 def run(args) -> int:
     from .. import distributed as dist  # torch: imported when the command runs, not when it is parsed
     from ..evalsets import EvalSet, evaluate_checkpoint, load_real, parse_sets, real_set, render, save_predictions
 
-    if not args.cfg and not args.model:
-        raise ConfigError("eval needs --cfg RECIPE or --model NAME (or both)")
-    cfg = resolve_num_classes(load_config(args.cfg, _overrides(args)))
+    from ..checkpoint import run_config
+
+    checkpoint = checkpoint_of(args)
+    recorded = run_config(checkpoint) if not args.cfg else None  # a run's checkpoint carries its config
+    if not args.cfg and not args.model and recorded is None:
+        raise ConfigError(
+            f"{checkpoint} is not a deit3-fast run's checkpoint (it carries no config): eval needs --cfg RECIPE or "
+            "--model NAME (or both)"
+        )
+    cfg = resolve_num_classes(load_config(args.cfg, _overrides(args), base=recorded))
     sets = parse_sets(args.val)
     if cfg.data.val and (not sets or args.data_val):
         if any(s.name == "val" for s in sets):
@@ -67,7 +99,7 @@ def run(args) -> int:
     real_set(sets, real)  # before a device or a model is set up
     results, predictions = evaluate_checkpoint(
         cfg,
-        args.checkpoint,
+        checkpoint,
         sets,
         _device(args.device),
         ema=args.ema,

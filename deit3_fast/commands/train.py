@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .. import rundir
 from ..config import load_config, to_dict
 from ._common import add_cfg_args
 from ._common import overrides as _overrides
@@ -20,7 +21,9 @@ DESCRIPTION = (
 
 def add_arguments(t) -> None:
     add_cfg_args(t)
-    t.add_argument("--out", help="run dir (default: runs/<config name>)")
+    t.add_argument(
+        "--out", help="run dir (default: runs/<config name>); one that holds a run is continued only with --resume"
+    )
     t.add_argument("--epochs", type=int, help="overrides schedule.epochs")
     t.add_argument("--resume", metavar="DIR|FILE|auto", help="continue from a checkpoint; auto: the run dir's last")
     t.add_argument("--force", action="store_true", help="resume even if the config differs from the checkpoint's")
@@ -39,17 +42,17 @@ def run(args) -> int:
     out = args.out or str(Path("runs") / Path(args.cfg).stem)
     device = _device(args.device)
     history = train(cfg, out, device, resume=args.resume, force=args.force, quiet=args.quiet, handle_sigterm=True)
-    last = history[-1] if history else {}
+    # No epoch left to train: the run was finished, and its last epoch's numbers are the run's.
+    last = (history or rundir.read_metrics(Path(out)) or [{}])[-1]
     if dist.is_main():
-        print(
-            json.dumps(
-                {
-                    "out": out,
-                    "epochs_run": len(history),
-                    "val_acc1": last.get("val_acc1"),
-                    "val_acc5": last.get("val_acc5"),
-                    "world_size": dist.world(),
-                }
-            )
-        )
+        summary = {
+            "out": out,
+            "epochs_run": len(history),
+            "val_acc1": last.get("val_acc1"),
+            "val_acc5": last.get("val_acc5"),
+            "world_size": dist.world(),
+        }
+        if not history:
+            summary["finished"] = True
+        print(json.dumps(summary))
     return 0

@@ -88,8 +88,6 @@ def test_export_errors_are_one_line(tmp_path):
     assert r.returncode == 2 and "give --model" in r.stderr and r.stderr.count("\n") == 1
     r = _export(tmp_path / "bare.pt", tmp_path / "o", "--ema")
     assert r.returncode == 2 and "has no EMA weights" in r.stderr
-    r = _export(tmp_path / "bare.pt", tmp_path / "o", "--model", "deit3_micro")
-    assert r.returncode == 2 and "timm has no DeiT III model for deit3_micro" in r.stderr
 
 
 @pytest.mark.slow
@@ -131,3 +129,51 @@ def test_a_failed_export_replaces_nothing(tmp_path, monkeypatch, failing, earlie
         monkeypatch.setattr(atomic.AtomicOutput, "commit", lambda self: (prepare(self), real_commit(self)))
         with pytest.raises(CheckpointError, match="; model.safetensors was replaced, config.json was not"):
             export(str(tmp_path / "1.pth"), out)
+
+
+@pytest.mark.parametrize("layer_scale", [1e-4, None], ids=["layerscale", "no-layerscale"])
+def test_any_trained_model_exports_and_loads_as_printed_with_the_runs_data_config(
+    tmp_path, monkeypatch, capsys, layer_scale
+):
+    """A run of deit3_nano (a shape timm has no name for) at 16 px with crop ratio 0.875, also without LayerScale:
+    export prints a call with absolute paths that, run from another directory, gives the same logits and a model
+    whose data config (timm.data.resolve_model_data_config) is the run's, under our own tag."""
+    import timm
+    import timm.data
+
+    from deit3_fast import checkpoint as ckpt
+    from deit3_fast.cli import main
+    from deit3_fast.config import load_config, to_dict
+
+    torch.manual_seed(2)
+    net = create_model("deit3_nano", num_classes=7, img_size=16, layer_scale_init=layer_scale).eval()
+    cfg = load_config(
+        "quickstart",
+        [
+            "model.num_classes=7",
+            "aug.img_size=16",
+            "aug.eval_crop_ratio=0.875",
+            f"model.layer_scale_init={layer_scale or 'null'}",
+        ],
+    )
+    state = {"model": net.state_dict(), "optimizer": {}, "scaler": {}, "ema": None}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    ckpt.save_run(tmp_path / "a" / "checkpoint-best.pt", state, ckpt.Position(0, 1.0), to_dict(cfg))
+    monkeypatch.chdir(tmp_path / "a")
+    assert main(["export", "checkpoint-best.pt", "exported"]) == 0
+    said = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    monkeypatch.chdir(tmp_path / "b")  # the printed call works from anywhere
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = net(x)
+    models = [eval(said["load_with"], {"timm": timm})]
+    if "local-dir" in getattr(timm.models._factory, "_MODEL_SOURCES", ()):  # the folder alone, where timm can
+        models.append(timm.create_model(f"local-dir:{said['out']}", pretrained=True))
+    for m in models:
+        with torch.no_grad():
+            torch.testing.assert_close(m.eval()(x), expected, rtol=1e-5, atol=1e-5)
+        data = timm.data.resolve_model_data_config(m)
+        assert data["input_size"] == (3, 16, 16) and data["crop_pct"] == 0.875
+        assert data["interpolation"] == "bicubic" and tuple(data["mean"]) == (0.485, 0.456, 0.406)
+        assert tuple(data["std"]) == (0.229, 0.224, 0.225) and m.pretrained_cfg["tag"] == "deit3_fast"

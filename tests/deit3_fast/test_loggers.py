@@ -112,7 +112,9 @@ def test_the_wandb_run_is_continued_on_resume_and_new_for_a_fresh_run(data, tmp_
     cfg = _cfg(data, **{"train.wandb_project": "deit3", "schedule.epochs": 2})
     train(cfg, tmp_path / "run", torch.device("cpu"), quiet=True, stop_after_epoch=0)
     train(cfg, tmp_path / "run", torch.device("cpu"), quiet=True, resume="auto")  # continues: same W&B run
-    train(cfg, tmp_path / "run", torch.device("cpu"), quiet=True)  # starts again: a new one
+    for p in [*(tmp_path / "run").glob("checkpoint-*.pt"), tmp_path / "run" / "metrics.jsonl"]:
+        p.unlink()  # the run removed, its wandb-id.txt left: training there starts again, as a new W&B run
+    train(cfg, tmp_path / "run", torch.device("cpu"), quiet=True)
     assert ids[0] == ids[1] != ids[2] and len(ids[2]) == 16
 
 
@@ -122,12 +124,12 @@ def test_the_wandb_run_is_continued_on_resume_and_new_for_a_fresh_run(data, tmp_
 )
 @pytest.mark.slow
 def test_a_missing_logger_package_is_one_clear_error_before_training(data, tmp_path, monkeypatch, key, value, package):
-    """Refused before the run dir is touched: an earlier run's files in it stay as they were."""
-    train(_cfg(data, **{"schedule.epochs": 1}), tmp_path / "run", torch.device("cpu"), quiet=True)
+    """Refused before the run dir is touched: the files of the run it continues stay as they were."""
+    train(_cfg(data), tmp_path / "run", torch.device("cpu"), quiet=True, stop_after_epoch=0)
     before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
     monkeypatch.setitem(sys.modules, package, None)  # import raises ImportError
     with pytest.raises(ConfigError, match=f"needs the {package.split('.')[-1]} package: pip install"):
-        train(_cfg(data, **{key: value}), tmp_path / "run", torch.device("cpu"), quiet=True)
+        train(_cfg(data, **{key: value}), tmp_path / "run", torch.device("cpu"), quiet=True, resume="auto")
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
     with pytest.raises(ConfigError, match="needs the"):
         train(_cfg(data, **{key: value}), tmp_path / "new", torch.device("cpu"), quiet=True)

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from deit3_fast import trainer
+from deit3_fast import rundir, trainer
 from deit3_fast.checkpoint import load
 from deit3_fast.config import load_config
 from deit3_fast.losses import RecipeLoss
@@ -827,3 +827,102 @@ def test_a_head_far_wider_than_the_data_and_a_warmup_past_the_end_are_warned(dat
     assert "schedule.warmup_epochs 1 >= schedule.epochs 1" in warnings[0] and "ablate scales it" in warnings[0]
     assert "model.num_classes 10, but" in warnings[1] and "4 classes" in warnings[1]
     assert "model.num_classes: auto" in warnings[1]
+
+def _tiny_cli_train(data, out, *extra):
+    """`deit3-fast train` of deit3_nano at 16 px on the tiny set, 1 epoch unless --epochs says otherwise."""
+    return [
+        "train",
+        "--cfg",
+        "quickstart",
+        "--data-train",
+        str(data / "train.beton"),
+        "--data-val",
+        str(data / "val.beton"),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--quiet",
+        *[
+            x
+            for s in ("model.num_classes=4", "aug.img_size=16", "data.workers=1", "data.batch_size=16")
+            for x in ("--set", s)
+        ],
+        *[x for s in ("train.global_batch=16", "schedule.warmup_epochs=0") for x in ("--set", s)],
+        *extra,
+    ]
+
+
+def test_a_run_dir_is_never_trained_over_and_a_resume_says_what_it_does(data, tmp_path, capsys):
+    """Training into a run dir that holds a run is refused (one line, nothing touched); --resume auto on the
+    finished run says so (and reports its numbers, not epochs_run 0 and val_acc1 null); extending it with --epochs
+    says where it continues."""
+    from deit3_fast.cli import main
+
+    run = tmp_path / "run"
+    assert main(_tiny_cli_train(data, run, "--epochs", "1")) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    files = {p.name: p.read_bytes() for p in run.iterdir()}
+    assert main(_tiny_cli_train(data, run, "--epochs", "1", "--set", "optim.lr=1e-2")) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        f"deit3-fast: error: {run} holds a run (1 epochs in metrics.jsonl): continue it with --resume auto, or "
+        "train into a new --out"
+    ]
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == files
+    assert main(_tiny_cli_train(data, run, "--epochs", "1", "--resume", "auto")) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith(f"{run} is finished: 1/1 epochs (checkpoint-last.pt); nothing to train")
+    summary = json.loads(out[-1])
+    assert summary["finished"] is True and summary["val_acc1"] == first["val_acc1"] is not None
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == files
+    assert main(_tiny_cli_train(data, run, "--epochs", "2", "--resume", "auto")) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0] == f"resuming {run} from epoch 2/2, step 0/3 (checkpoint-last.pt)"
+    assert json.loads(out[-1])["epochs_run"] == 1 and len(rundir.read_metrics(run)) == 2
+
+
+def test_a_run_records_absolute_paths_and_evaluates_from_anywhere_with_its_own_config(
+    data, tmp_path, monkeypatch, capsys
+):
+    """Data given relative to where training started: config.yaml holds them absolute (and as given, in a comment),
+    and `eval RUN_DIR` from another directory scores the run's best checkpoint on its validation set with the
+    config the checkpoint carries, no --cfg; --save-predictions rows carry class names and probabilities."""
+    from deit3_fast.cli import main
+
+    run = tmp_path / "run"
+    monkeypatch.chdir(data)
+    args = _tiny_cli_train(data, run, "--epochs", "1")
+    args[args.index(str(data / "train.beton"))] = "train.beton"
+    args[args.index(str(data / "val.beton"))] = "val.beton"
+    assert main(args) == 0
+    trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    text = (run / "config.yaml").read_text()
+    assert f"As given, relative to {data} (where training started):\n#   data.train: train.beton\n" in text
+    assert load_config(str(run / "config.yaml")).data.val == str(data / "val.beton")
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "run", "--device", "cpu", "--set", "data.workers=1"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["n"] == 16 and result["acc1"] == pytest.approx(trained["val_acc1"])
+    assert main(["eval", "--checkpoint", "run/checkpoint-best.pt", "--save-predictions", "p.jsonl"]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    classes = json.loads((data / "val.beton.json").read_text())["classes"]
+    assert len(rows) == 16 and len(classes) == 4
+    for r in rows:
+        assert r["label_name"] == classes[r["label"]] and r["top5_names"] == [classes[c] for c in r["top5"]]
+        assert r["top5_prob"] == sorted(r["top5_prob"], reverse=True) and sum(r["top5_prob"]) == pytest.approx(1, 1e-4)
+
+
+@pytest.mark.slow
+def test_a_second_quickstart_finds_its_run_finished(tmp_path, capsys):
+    """`make quickstart` twice: the second one works (it continues its run dir, here finished) and trains nothing."""
+    from deit3_fast.cli import main
+
+    args = ["quickstart", "--out", str(tmp_path), "--classes", "2", "--train-per-class", "16", "--val-per-class", "2"]
+    args += ["--workers", "1", "--epochs", "1"]
+    assert main(args) == 0
+    rows = rundir.read_metrics(tmp_path / "run")
+    capsys.readouterr()
+    assert main(args) == 0
+    assert f"{tmp_path / 'run'} is finished: 1/1 epochs" in capsys.readouterr().out
+    assert rundir.read_metrics(tmp_path / "run") == rows
