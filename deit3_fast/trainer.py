@@ -36,13 +36,9 @@ from .builder import Run, StopFlag, build, run_facts, stage_data
 from .config import (
     NO_EFFECT_KEYS,
     Config,
-    config_warnings,
-    differences,
-    resolve_num_classes,
-    to_dict,
-
     ConfigError,
     absolute_paths,
+    config_warnings,
     differences,
     resolve_num_classes,
     to_dict,
@@ -360,6 +356,7 @@ def _plot(out: Path, followed: str | None, epochs: int) -> None:
         out / rundir.CURVES,
         reference=(f"official {followed}", official) if official else None,
     )
+
 
 def _resume_line(out: Path, path: Path, pos: ckpt.Position, epochs: int, steps: int) -> str:
     source = path.name if path.parent.resolve() == out.resolve() else str(path)

@@ -828,6 +828,7 @@ def test_a_head_far_wider_than_the_data_and_a_warmup_past_the_end_are_warned(dat
     assert "model.num_classes 10, but" in warnings[1] and "4 classes" in warnings[1]
     assert "model.num_classes: auto" in warnings[1]
 
+
 def _tiny_cli_train(data, out, *extra):
     """`deit3-fast train` of deit3_nano at 16 px on the tiny set, 1 epoch unless --epochs says otherwise."""
     return [
@@ -853,6 +854,7 @@ def _tiny_cli_train(data, out, *extra):
     ]
 
 
+@pytest.mark.slow
 def test_a_run_dir_is_never_trained_over_and_a_resume_says_what_it_does(data, tmp_path, capsys):
     """Training into a run dir that holds a run is refused (one line, nothing touched); --resume auto on the
     finished run says so (and reports its numbers, not epochs_run 0 and val_acc1 null); extending it with --epochs
@@ -882,6 +884,7 @@ def test_a_run_dir_is_never_trained_over_and_a_resume_says_what_it_does(data, tm
     assert json.loads(out[-1])["epochs_run"] == 1 and len(rundir.read_metrics(run)) == 2
 
 
+@pytest.mark.slow
 def test_a_run_records_absolute_paths_and_evaluates_from_anywhere_with_its_own_config(
     data, tmp_path, monkeypatch, capsys
 ):
