@@ -9,8 +9,12 @@ PYTEST_ARGS ?=
 quickstart: install
 	$(PY) -m deit3_fast quickstart
 
+# One pytest process per core, at most 8 (each holds torch and its own copy of the module fixtures); a test file
+# stays on one worker (--dist loadfile), so its module fixtures are built once. TEST_JOBS=0 runs in this process.
+TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 8 ? n : 8 )))
+
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile) $(PYTEST_ARGS)
 
 # The inner loop: no `slow` tests and no `cli` ones (those that start another process). CI runs `make test`.
 test-fast: install

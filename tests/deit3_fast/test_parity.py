@@ -285,3 +285,20 @@ def test_a_baseline_not_among_the_variants_and_unlike_folders_are_refused(folder
     assert main([*common, "--val-folder", str(odd), "--out", str(tmp_path / "y")]) == 2
     assert "class_03 are not in --train-folder" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "y-data").exists()
+
+
+@pytest.mark.slow
+def test_submitted_runs_are_jobs_of_their_own_and_the_verdict_follows(folders, tmp_path, capsys):
+    """--submit --local: each variant x seed is a submitit job (ablate's), which trains that run; the verdict is
+    written once the jobs are done."""
+    out = tmp_path / "sub"
+    assert _parity(folders, out, "--seeds", "1", "--submit", "--local") == 0
+    for variant in ("reference", "ffcv"):
+        run = out / f"{variant},seed=0"
+        job = json.loads((run / "ablate-job.json").read_text())
+        assert job["executor"] == "local" and job["job_id"]
+        assert json.loads((run / "done.json").read_text())["status"] == "done"  # written by the job itself
+        assert rundir.read_config(run)["data"]["engine"] == variant
+    summary = json.loads((out / "parity.json").read_text())
+    assert [v["finished"] for v in summary["variants"]] == [1, 1]
+    assert "no interval" in summary["comparisons"][0]["verdict"]  # one seed a side: a difference, no interval
