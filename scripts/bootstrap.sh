@@ -76,7 +76,7 @@ else
 import importlib, sys
 names = ["torch", "torchvision", "timm", "numba", "rich", "submitit"]
 if sys.argv[1] == "all":
-    names += ["ffcv", "nvidia.dali", "pytest", "tensorboard", "mypy"]
+    names += ["ffcv", "nvidia.dali", "pytest", "xdist", "tensorboard", "mypy"]
 for name in names:
     importlib.import_module(name)
 print("[bootstrap] imports ok:", ", ".join(names))
