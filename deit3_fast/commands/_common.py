@@ -95,3 +95,15 @@ def check_image_out(path: str | None, flag: str = "--out") -> None:
     """A plot or picture path whose format is known by its suffix, checked before the work that fills it."""
     if path and Path(path).suffix.lower() not in (".png", ".jpg", ".jpeg", ".pdf", ".svg", ".webp"):
         raise ConfigError(f"{flag} {path}: name an image file (.png, .jpg, .pdf, .svg)")
+
+
+def add_grid_submit_args(a: argparse.ArgumentParser, unit: str, also: str = "") -> None:
+    """`--submit/--local/--resubmit` and the Slurm options of a command that runs a grid through ablate's machinery
+    (ablate, parity): one job per unfinished `unit` (variant, run)."""
+    from ..submit import add_slurm_args
+
+    g = a.add_argument_group(f"Slurm through submitit (one job per unfinished {unit}{also})")
+    g.add_argument("--submit", action="store_true", help=f"submit the {unit}s instead of running them here")
+    g.add_argument("--local", action="store_true", help="with --submit: submitit's local executor, one job at a time")
+    g.add_argument("--resubmit", action="store_true", help=f"with --submit: also {unit}s that already have a job")
+    add_slurm_args(g)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..submit import add_slurm_args
+from ._common import add_grid_submit_args
 
 NAME = "ablate"
 HELP = "run a grid of recipe variants on short schedules and tabulate them"
@@ -28,11 +28,7 @@ def add_arguments(a) -> None:
     a.add_argument("--dry-run", action="store_true", help="list the variants (with --submit: the jobs) and exit")
     a.add_argument("--collect", action="store_true", help="only write the results from the run dirs; run nothing")
     a.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
-    g = a.add_argument_group("Slurm through submitit (one job per unfinished variant)")
-    g.add_argument("--submit", action="store_true", help="submit the variants instead of running them here")
-    g.add_argument("--local", action="store_true", help="with --submit: submitit's local executor, one job at a time")
-    g.add_argument("--resubmit", action="store_true", help="with --submit: also variants that already have a job")
-    add_slurm_args(g)
+    add_grid_submit_args(a, "variant")
 
 
 def run(args) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..parity.variants import DEFAULT_STORAGE, DEFAULT_VAL_STORAGE
-from ..submit import add_slurm_args
+from ._common import add_grid_submit_args
 
 NAME = "parity"
 HELP = "train the same recipe through several engines x seeds and say whether they reach the same accuracy"
@@ -53,11 +53,7 @@ def add_arguments(a) -> None:
     a.add_argument("--dry-run", action="store_true", help="list the conversions and runs, and exit")
     a.add_argument("--collect", action="store_true", help="only write the verdict from OUT's run dirs; run nothing")
     a.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
-    g = a.add_argument_group("Slurm through submitit (one job per unfinished run; conversion runs here first)")
-    g.add_argument("--submit", action="store_true", help="submit the runs instead of running them here")
-    g.add_argument("--local", action="store_true", help="with --submit: submitit's local executor, one job at a time")
-    g.add_argument("--resubmit", action="store_true", help="with --submit: also runs that already have a job")
-    add_slurm_args(g)
+    add_grid_submit_args(a, "run", "; conversion runs here first")
 
 
 def run(args) -> int:
