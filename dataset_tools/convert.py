@@ -51,20 +51,25 @@ class _Rate(ProgressColumn):
         return Text(f"{task.speed:,.0f} img/s" if task.speed else "– img/s", style="cyan")
 
 
+# What convert writes unless told otherwise; one place, as is_current must apply the same defaults.
+DEFAULT_MAX_SIDE = 256  # FFCV's ImageNet example's longer side
+JPEG_QUALITY = 90
+COMPRESS_PROBABILITY = 0.5
+PAGE_SIZE = 8 << 20
+PIXEL_OPTIONS = (
+    "max_resolution",
+    "short_side",
+    "jpeg_quality",
+    "write_mode",
+    "compress_probability",
+    "seed",
+    "page_size",
+)  # the options that change a .beton's bytes: what a fingerprint covers
+
+
 def _fingerprint(options: dict, samples: list[tuple[str, int]], part: list[int], src: str) -> str:
     """What a part's bytes depend on: the options that change stored pixels and its (file, label) list."""
-    content = {
-        k: options[k]
-        for k in (
-            "max_resolution",
-            "short_side",
-            "jpeg_quality",
-            "write_mode",
-            "compress_probability",
-            "seed",
-            "page_size",
-        )
-    }
+    content = {k: options[k] for k in PIXEL_OPTIONS}
     listing = [(os.path.relpath(samples[i][0], src), samples[i][1]) for i in part]
     return hashlib.sha256(json.dumps([content, listing]).encode()).hexdigest()
 
@@ -92,7 +97,7 @@ def is_current(
     *,
     max_resolution: int | None = None,
     short_side: int | None = None,
-    jpeg_quality: int = 90,
+    jpeg_quality: int = JPEG_QUALITY,
     write_mode: str = "jpg",
     classes_file: str | None = None,
 ) -> bool:
@@ -102,15 +107,15 @@ def is_current(
     if not os.path.isfile(out):
         return False
     if max_resolution is None and short_side is None:
-        max_resolution = 256
+        max_resolution = DEFAULT_MAX_SIDE
     options = {
         "max_resolution": max_resolution,
         "short_side": short_side,
         "jpeg_quality": jpeg_quality,
         "write_mode": write_mode,
-        "compress_probability": 0.5,
+        "compress_probability": COMPRESS_PROBABILITY,
         "seed": 0,
-        "page_size": 8 << 20,
+        "page_size": PAGE_SIZE,
     }
     classes = read_class_list(classes_file) if classes_file else None
     scan = scan_imagefolder(src, classes)
@@ -143,9 +148,9 @@ def convert(
     *,
     max_resolution: int | None = None,
     short_side: int | None = None,
-    jpeg_quality: int = 90,
+    jpeg_quality: int = JPEG_QUALITY,
     write_mode: str = "jpg",
-    compress_probability: float = 0.5,
+    compress_probability: float = COMPRESS_PROBABILITY,
     workers: int | None = None,
     max_per_class: int | None = None,
     fraction: float | None = None,
@@ -158,7 +163,7 @@ def convert(
     folder_labels: str = "names",
     console: Console | None = None,
     show_progress: bool = True,
-    page_size: int = 8 << 20,
+    page_size: int = PAGE_SIZE,
 ) -> dict:
     """Convert and return the report (also written to OUT.json), or with `shards` the manifest (OUT/manifest.json,
     written once every shard is complete). Raises SourceError/ConversionError.
@@ -169,7 +174,7 @@ def convert(
     from .writer import Encoding, Part, write_parts
 
     if max_resolution is None and short_side is None:
-        max_resolution = 256  # the default: FFCV's ImageNet example's longer side
+        max_resolution = DEFAULT_MAX_SIDE
     console = console or Console(stderr=True)
     started = time.perf_counter()
     if shards is not None:
@@ -366,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="shorter side is resized down to N, aspect kept (256 keeps eval inputs faithful: BENCHMARKS.md, fidelity)",
     )
-    p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality 1-100 (90)")
+    p.add_argument("--jpeg-quality", type=int, default=JPEG_QUALITY, help="JPEG quality 1-100 (90)")
     p.add_argument(
         "--write-mode",
         choices=["jpg", "proportion", "raw"],
@@ -374,7 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="jpg: all JPEG; raw: all raw pixels; proportion: JPEG with --compress-probability",
     )
     p.add_argument(
-        "--compress-probability", type=float, default=0.5, help="fraction stored as JPEG in proportion mode (0.5)"
+        "--compress-probability",
+        type=float,
+        default=COMPRESS_PROBABILITY,
+        help="fraction stored as JPEG in proportion mode (0.5)",
     )
     p.add_argument("--workers", type=int, default=None, help="writer processes (all cores)")
     p.add_argument("--max-per-class", type=int, default=None, metavar="K", help="at most K images per class")
@@ -458,7 +466,7 @@ def _check_args(a: argparse.Namespace) -> None:
     if a.short_side is not None and a.short_side < 8:
         raise UsageError(f"--short-side {a.short_side}: must be >= 8")
     if a.max_resolution is None and a.short_side is None:
-        a.max_resolution = 256
+        a.max_resolution = DEFAULT_MAX_SIDE
     if a.shards is not None and a.shards < 1:
         raise UsageError(f"--shards {a.shards}: must be >= 1")
     if a.shards is None and (a.shard_index is not None or a.submit or a.local):
