@@ -91,19 +91,21 @@ class Loader:
         return key, np.random.default_rng(key)
 
     def prepare(self, b: int, images, labels):
-        """Batch `b` of the current epoch from the engine's uint8 images: augmented, mixed, model-ready."""
+        """Batch `b` of the current epoch from the engine's uint8 images: augmented, mixed, model-ready.
+        Returns (images, targets, the ops' AugParams or None, the mixing's MixDraw or None)."""
         key, rng = self._keys(b)
         if self.augment is None:
             x, params = images.float().contiguous(memory_format=torch.channels_last), None
         else:
             x, params = self.augment(images, key)
-        y = labels
+        y, mix = labels, None
         if self.mixing is not None:
-            x, y = self.mixing(x, labels, rng)
-        return x.to(self.dtype), y, params
+            x, y, mix = self.mixing.mix(x, labels, rng)
+        return x.to(self.dtype), y, params, mix
 
     def iter_with_params(self, start: int = 0):
-        """Like iteration, but also yields the per-sample augmentation parameters (see ops.AugParams)."""
+        """Like iteration, but each batch also with what was drawn for it: the ops' per-sample parameters (see
+        ops.AugParams) and the mixing's draw (mix.MixDraw); (x, y, params, mix), as `prepare` returns them."""
         engine_batches = self.engine.batches(self.epoch, start)
         batches = enumerate(engine_batches, start)
         try:
@@ -145,8 +147,8 @@ class Loader:
             if pending is not None:
                 yield pending
             main.wait_stream(side)
-            params = [] if ready[2] is None else ready[2].tensors()
-            _hand_over([*ready[:2], *params], main)  # the batch and its augmentation parameters, all made on `side`
+            drawn = [t for p in ready[2:] if p is not None for t in p.tensors()]
+            _hand_over([*ready[:2], *drawn], main)  # the batch, its augmentation and mixing draws, made on `side`
             pending = ready
         if pending is not None:
             yield pending
@@ -156,7 +158,7 @@ class Loader:
         return self.engine.epoch_report()
 
     def iter_from(self, start: int):
-        for x, y, _ in self.iter_with_params(start):
+        for x, y, _, _ in self.iter_with_params(start):
             yield x, y
 
     def __iter__(self):

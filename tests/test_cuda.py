@@ -152,7 +152,7 @@ def test_prefetching_loader_gives_exactly_the_batches_of_the_plain_one(data):
     raw = [(i.clone(), y.clone()) for i, y in loader.engine.batches(2)]
     loader.epoch = 2
     for b, (images, labels) in enumerate(raw):
-        x, y, _ = loader.prepare(b, images, labels)
+        x, y, _, _ = loader.prepare(b, images, labels)
         assert torch.equal(x, prefetched[b][0]) and torch.equal(y, prefetched[b][1])
         assert x.is_contiguous(memory_format=torch.channels_last)
     # One side stream for every epoch, from the high-priority pool (not shared with the decoders' streams).
@@ -188,7 +188,7 @@ def test_the_training_step_does_not_wait_for_the_next_batchs_decode():
 
     engine = SlowDecode(4)
     loader = Loader(engine, None, None, device=CUDA, seed=0, rank=0)
-    for b, (x, y, _) in enumerate(loader.iter_with_params()):
+    for b, (x, y, _, _) in enumerate(loader.iter_with_params()):
         total = x.sum()  # the step, on the caller's stream
         stepped = torch.cuda.Event()
         stepped.record()
@@ -247,14 +247,14 @@ def test_a_training_step_never_waits_for_the_device(data, compiled, amp):
         run.optimizer = build_optimizer("lamb", run.raw_model, lr=1e-3, weight_decay=0.05, compile=True)
         run.scheduler.optimizer = run.optimizer
     raw = [(i.clone(), y.clone()) for i, y in run.train_loader.engine.batches(0)]
-    x, y, _ = run.train_loader.prepare(0, *raw[0])
+    x, y, _, _ = run.train_loader.prepare(0, *raw[0])
     for i in range(2 * run.accum):  # warm-up: compilation, optimiser state, cached constants
         trainer.train_micro_batch(run, x, y, step=i // run.accum, last_micro=(i + 1) % run.accum == 0, accum=run.accum)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for i in range(run.accum):
-            x, y, _ = run.train_loader.prepare(1, *raw[1])
+            x, y, _, _ = run.train_loader.prepare(1, *raw[1])
             torch.manual_seed(i)  # what the loop does per micro-batch for drop-path
             trainer.train_micro_batch(run, x, y, step=2, last_micro=i == run.accum - 1, accum=run.accum)
         run.train_loader.augment(raw[1][0], 0)

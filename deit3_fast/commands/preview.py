@@ -10,7 +10,9 @@ HELP = "save a grid of augmented training samples as a PNG"
 DESCRIPTION = (
     "Runs the real training loader on --data-train and saves one batch as the model sees it (after crop, "
     "flip, RandAugment, 3-Augment, colour jitter and, unless --no-mix, mixup/cutmix), each sample captioned "
-    "with its 3-Augment branch, its RandAugment ops and magnitudes, and its positive classes."
+    "with its 3-Augment branch, its RandAugment ops and magnitudes, the mix the tile shows (mixup or cutmix, "
+    "lambda: the sample's own share, and the partner sample blended in) and its classes (its own starred, each "
+    "with its weight). Small images are enlarged so that the captions fit."
 )
 
 
@@ -43,5 +45,6 @@ def run(args) -> int:
         raise ConfigError(f"--n {args.n}: more than the {loader.samples} samples of {cfg.data.train}; ask for fewer")
     info = make_preview(loader, cfg.aug.mean, cfg.aug.std, args.out)
     ops = f", RandAugment ops {info['randaug']}" if "randaug" in info else ""
-    print(f"wrote {info['path']}: {info['samples']} samples, branches {info['branches']}{ops}")
+    mix = f"{info['mix']} lam={info['lam']:.2f}" if "lam" in info else info["mix"]
+    print(f"wrote {info['path']}: {info['samples']} samples, branches {info['branches']}{ops}, mix {mix}")
     return 0

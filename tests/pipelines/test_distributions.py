@@ -98,7 +98,7 @@ def test_the_batches_of_an_epoch_draw_differently():
 
     def draw(epoch, b):
         loader.epoch = epoch
-        x, y, p = loader.prepare(b, images, labels)
+        x, y, p, _ = loader.prepare(b, images, labels)
         return x, y, _flat(p)
 
     (_, y0, p0), (x1, y1, p1), (_, y0b, p0b) = draw(0, 0), draw(0, 1), draw(1, 0)

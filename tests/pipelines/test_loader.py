@@ -684,7 +684,7 @@ def test_the_engine_is_advanced_on_the_side_stream_and_main_waits_only_after_the
                 yield torch.full((2, 4, 4, 3), b, dtype=torch.uint8), torch.full((2,), b)
 
     loader = Loader(Engine(), None, None, device=torch.device("cuda", 0), seed=0, rank=0)
-    for b, (x, y, _) in enumerate(loader.iter_with_params()):
+    for b, (x, y, _, _) in enumerate(loader.iter_with_params()):
         assert (x == b).all() and (y == b).all()
         cuda.log.append(("step", b))
     log, side = cuda.log, loader._side.name
@@ -798,7 +798,7 @@ def test_the_ranks_of_a_run_draw_their_own_batch_augmentation(data):
     def draws(rank):
         loader = plain_loader("train", rank=rank, world=2, **sets)
         loader.set_epoch(1)
-        _, y, p = loader.prepare(0, images, labels)
+        _, y, p, _ = loader.prepare(0, images, labels)
         return y, p["flip"].flip, p["three_augment"].branch, p["three_augment"].sigma, p["color_jitter"].factors
 
     rank0, rank1, again = draws(0), draws(1), draws(0)

@@ -61,3 +61,24 @@ def test_mixed_targets_are_soft_and_numpy_state_untouched():
     assert torch.equal(idx, labels)
     with pytest.raises(ValueError, match="even batch"):
         _mixing(0.8, 1.0)(x[:3], labels[:3], np.random.default_rng(0))
+
+
+def test_the_draw_reports_what_was_applied():
+    """`Mixing.mix` reports timm's own draw: the kind, the lambda (cutmix: box-corrected), the reversed partner, the
+    classes before mixing; a batch that mix_prob leaves alone is 'none'."""
+    x = torch.randn(4, 3, 32, 32)
+    labels = torch.tensor([1, 2, 3, 4])
+    out, _, draw = _mixing(0.8, 0.0).mix(x.clone(), labels, np.random.default_rng(11))
+    assert (draw.kind, draw.lam) == ("mixup", pytest.approx(_lam_for(11, 0.8)))
+    assert torch.equal(draw.partner, torch.tensor([3, 2, 1, 0])) and torch.equal(draw.labels, labels)
+    torch.testing.assert_close(out, draw.lam * x + (1 - draw.lam) * x[draw.partner])
+    lam = _lam_for(3, 1.0)
+    _, lam_c = cutmix_bbox_and_lam(x.shape, lam)
+    _, t, draw = _mixing(0.0, 1.0).mix(x.clone(), labels, np.random.default_rng(3))
+    assert (draw.kind, draw.lam) == ("cutmix", pytest.approx(lam_c)) and lam_c != pytest.approx(lam, abs=1e-3)
+    one = torch.nn.functional.one_hot(labels, 10).float()
+    torch.testing.assert_close(t, draw.lam * one + (1 - draw.lam) * one[draw.partner])
+    aug = AugConfig(mixup=0.8, cutmix=1.0, mix_prob=1e-9)
+    out, _, draw = Mixing(aug, 10).mix(x.clone(), labels, np.random.default_rng(0))
+    assert (draw.kind, draw.lam) == ("none", 1.0) and torch.equal(out, x)
+    assert _mixing(0.0, 0.0).mix(x, labels, np.random.default_rng(0))[2] is None

@@ -290,4 +290,5 @@ def test_preview_of_a_finetuning_recipe_shows_the_ops(data, tmp_path):
         timeout=300,
     )
     assert r.returncode == 0, r.stderr
-    assert "RandAugment ops {" in r.stdout and Image.open(out).size == (8 * 64, 64 + 26)
+    assert "RandAugment ops {" in r.stdout and ", mix " in r.stdout
+    assert Image.open(out).size[0] == 8 * 128  # 64 px images, enlarged 2x for their captions
