@@ -21,10 +21,11 @@ from .registry import engine_info, engine_names, one_of
 from .sampler import EpochOrder, dist_rank_world
 
 
-def _check_beton(path: str | None, split: str, num_classes: int, engine: str = "ffcv") -> int:
+def check_data(path: str | None, split: str, num_classes: int, engine: str = "ffcv") -> int:
     """Validate before any worker starts; returns the sample count. A shard set is checked from its manifest (every
     shard there, of the recorded size, and its class count); each shard's own layout when it is first read. An
-    ImageFolder tree is data for the reference engine only (the others read what deit3-convert wrote)."""
+    ImageFolder tree is data for the reference engine only (the others read what deit3-convert wrote). `ablate`
+    runs the same check on every variant's data before the first variant starts."""
     from dataset_tools.imagefolder import is_image_folder
 
     if not path:
@@ -128,9 +129,9 @@ def build_loader(
     train = split == "train"
     device = torch.device(device)
     path = data.train if train else data.val
-    n = _check_beton(path, split, num_classes, data.engine)
+    n = check_data(path, split, num_classes, data.engine)
     info = engine_info(data.engine)
-    assert path is not None  # _check_beton refused a missing path
+    assert path is not None  # check_data refused a missing path
     from dataset_tools.shards import is_shard_set
 
     if not info.reads_shard_sets and is_shard_set(path):

@@ -26,7 +26,7 @@ from ..config import (
     with_defaults,
 )
 from ..submit import TrainJob, describe, describe_job, slurm_executor, slurm_options, submitit
-from .grid import Grid, Variant, load_grid
+from .grid import Grid, Variant, format_assignment, load_grid
 from .results import (
     ATTEMPTS,
     DONE,
@@ -137,8 +137,39 @@ class AblateJob(TrainJob):
         return submitit().helpers.DelayedSubmission(AblateJob(self.cfg, self.sets, self.out, self.device))
 
 
+def check_variant_data(v: Variant, split: str, checked: set | None = None) -> None:
+    """Variant `v`'s data.`split` is there and is what its engine reads: the loader's own check (pipelines.build.
+    check_data: a readable .beton or shard set with labels within the model's classes; an ImageFolder tree for the
+    engines that read one), so a grid fails here, before anything runs, rather than when that variant starts.
+    `checked` holds the (path, split, classes, engine) already passed: the variants of a grid share their data."""
+    from pipelines import DataError
+    from pipelines.build import check_data
+
+    from ..config import resolve_num_classes
+
+    key, path = f"data.{split}", getattr(v.config.data, split)
+    if not path:
+        raise ConfigError(f"variant '{v.name}': {key} is not set (an ablation compares validation accuracy)")
+    if not Path(path).exists():
+        raise ConfigError(
+            f"variant '{v.name}': {key} {path} does not exist (convert it with deit3-convert, or --set {key}=PATH)"
+        )
+    checked = set() if checked is None else checked
+    try:
+        what = (path, split, resolve_num_classes(v.config).model.num_classes, v.config.data.engine)
+        if what not in checked:
+            check_data(*what)
+            checked.add(what)
+    except (DataError, ConfigError, OSError) as e:
+        detail = str(e)  # most name the path already
+        where = key if path in detail else f"{key} {path}"
+        raise ConfigError(f"variant '{v.name}': {where}: {detail}") from None
+
+
 def check_runnable(grid: Grid, out: Path, world: int, local_data: bool) -> None:
-    """What would otherwise fail in the middle of the grid, hours in: batch arithmetic, missing data."""
+    """What would otherwise fail in the middle of the grid, hours in: batch arithmetic, missing or unreadable data
+    (`local_data`: the data is on this machine; a Slurm job's is on the cluster, only its keys are checked here)."""
+    checked: set = set()
     for v in grid.variants:
         if (out / v.name / DONE).exists():
             continue
@@ -147,16 +178,24 @@ def check_runnable(grid: Grid, out: Path, world: int, local_data: bool) -> None:
         except ConfigError as e:
             raise ConfigError(f"variant '{v.name}': {e}") from None
         for split in ("train", "val"):
-            path = getattr(v.config.data, split)
-            if not path:
+            if local_data:
+                check_variant_data(v, split, checked)
+            elif not getattr(v.config.data, split):
                 raise ConfigError(
                     f"variant '{v.name}': data.{split} is not set (an ablation compares validation accuracy)"
                 )
-            if local_data and not Path(path).exists():
-                raise ConfigError(
-                    f"variant '{v.name}': data.{split} {path} does not exist (convert it with "
-                    f"deit3-convert, or --set data.{split}=PATH)"
-                )
+
+
+def print_overrides(grid: Grid, out: Path, extra_sets: list[str]) -> None:
+    """--dry-run: each variant, its state and config, then every override it runs with, one a line, saying where the
+    shared ones come from (the grid's `sets`, --set) and which ablate derived (a warm-up or ramp scaled to the
+    budget); the variant's own sets and axis values are plain."""
+    shared = [(s, "grid") for s in grid.common[: len(grid.common) - len(extra_sets)]]
+    shared += [(s, "--set") for s in grid.common[len(grid.common) - len(extra_sets) :]]
+    for v in grid.variants:
+        print(f"{v.name}: {status(v, out / v.name)}; {v.cfg}")
+        lines = [f"{format_assignment(s)} ({where})" for s, where in shared] + v.shown
+        print("".join(f"  {line}\n" for line in lines) or "  (no overrides)\n", end="")
 
 
 def run_here(grid: Grid, out: Path, args) -> int:
@@ -271,8 +310,9 @@ def run_grid(args) -> int:
         print_results(out)
         return 0
     if args.dry_run and not args.submit:
-        for v in grid.variants:
-            print(f"{v.name}: {status(v, out / v.name)}; {v.cfg}" + "".join(f"; {s}" for s in v.shown))
+        # The checks a run makes before its first variant (data paths, batch arithmetic), and nothing written.
+        check_runnable(grid, out, 1, local_data=True)
+        print_overrides(grid, out, args.set)
         return 0
     again = " ".join(
         shlex.quote(a) for a in ["--grid", args.grid, "--out", str(out), *[x for s in args.set for x in ("--set", s)]]

@@ -25,7 +25,12 @@ def add_arguments(a) -> None:
         help="override for every variant, after the grid's own sets (repeatable)",
     )
     a.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    a.add_argument("--dry-run", action="store_true", help="list the variants (with --submit: the jobs) and exit")
+    a.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check every variant's data and batch, list the variants and their overrides (with --submit: the jobs), "
+        "and exit",
+    )
     a.add_argument("--collect", action="store_true", help="only write the results from the run dirs; run nothing")
     a.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     add_grid_submit_args(a, "variant")

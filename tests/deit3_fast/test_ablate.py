@@ -10,6 +10,7 @@ import tarfile
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from deit3_fast import trainer
 from deit3_fast.ablate import DONE, AblateJob, load_grid, run_variant
@@ -582,3 +583,59 @@ def test_a_budget_one_variant_cannot_run_names_it_and_how_to_go_on_without_it():
     message = str(e.value)
     assert "variant 'progressive': schedule.resolution: end_epoch 1 must be below schedule.epochs 1" in message
     assert "drop its entry under 'variants'" in message and "change the --set" in message and "\n" not in message
+
+
+def _two_variant_grid(tmp_path, data, b_val) -> str:
+    shared = {"data.train": str(data / "train.beton"), "data.val": str(data / "val.beton"), "model.num_classes": 4}
+    return write_grid(
+        tmp_path / "g.yaml",
+        {"base": "quickstart", "sets": shared, "variants": [{"name": "a"}, {"name": "b", "sets": {"data.val": b_val}}]},
+    )
+
+
+def test_dry_run_checks_every_variants_data_and_writes_nothing(tmp_path, data, capsys):
+    """`ablate --dry-run` opens each variant's train and val as its engine would: a missing, unreadable or
+    unconvertible one is a one-line error naming the variant, the key and the path, exit 2, and nothing is written."""
+    out = tmp_path / "out"
+    not_a_beton = tmp_path / "notes.beton"
+    not_a_beton.write_text("not a beton\n")
+    folder = tmp_path / "images" / "cat"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(folder / "0.jpg")
+    cases = [
+        (tmp_path / "no.beton", "does not exist"),
+        (not_a_beton, "not a valid .beton"),
+        (tmp_path / "images", "convert it first with deit3-convert"),  # ffcv reads what deit3-convert wrote
+        (data / "raw.beton", None),  # 3 classes: fine for the 4-class model
+    ]
+    for path, why in cases:
+        grid = _two_variant_grid(tmp_path, data, str(path))
+        code = main(["ablate", "--grid", grid, "--out", str(out), "--dry-run"])
+        std = capsys.readouterr()
+        if why is None:
+            assert code == 0, std.err
+            continue
+        assert code == 2 and std.out == ""
+        assert std.err.startswith(f"deit3-fast: error: variant 'b': data.val {path}") or std.err.startswith(
+            f"deit3-fast: error: variant 'b': data.val: {path}"
+        ), std.err
+        assert why in std.err and std.err.count("\n") == 1
+        assert not out.exists()
+    # labels beyond the model's classes: the variant whose --set makes the head too small
+    grid = _two_variant_grid(tmp_path, data, str(data / "val.beton"))
+    assert main(["ablate", "--grid", grid, "--out", str(out), "--dry-run", "--set", "model.num_classes=2"]) == 2
+    assert "variant 'a': data.train: " in capsys.readouterr().err and not out.exists()
+
+
+def test_dry_run_lists_each_variants_overrides(tmp_path, data, capsys):
+    grid = _two_variant_grid(tmp_path, data, str(data / "raw.beton"))
+    args = ["ablate", "--grid", grid, "--out", str(tmp_path / "out"), "--dry-run", "--set", "schedule.epochs=4"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    a, b = (part + "\n" for part in text.rstrip("\n").split("\nb: "))
+    assert a.startswith("a: not run; quickstart\n")
+    for part in (a, b):
+        assert f"  data.train={data / 'train.beton'} (grid)\n" in part and "  model.num_classes=4 (grid)\n" in part
+        assert "  schedule.epochs=4 (--set)\n" in part and "  schedule.warmup_epochs=1 (scaled)\n" in part
+    assert f"  data.val={data / 'raw.beton'}\n" in b and f"data.val={data / 'raw.beton'}" not in a
+    assert not (tmp_path / "out").exists()

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from dataset_tools.beton import FIELD_DESC, HEADER, Beton, BetonError
 from dataset_tools.inspect_beton import inspect_beton
 from deit3_fast.config import Config, ConfigError, apply_override, load_config
-from pipelines.build import DataError, _check_beton
+from pipelines.build import DataError, check_data
 
 from ..conftest import make_splits
 
@@ -92,7 +92,7 @@ def _read_everything(path) -> None:
         pass
     for num_classes in (2, 1000):
         try:
-            _check_beton(str(path), "train", num_classes)
+            check_data(str(path), "train", num_classes)
         except DataError:
             pass
     try:
