@@ -81,6 +81,8 @@ def main() -> None:
         ]
         cfg = load_config("vit_s_in1k", sets)
         loader = make_loader(cfg, "train", torch.device("cpu"))
+        # Each stage is timed alone on every core: build_loader gave torch only its share of them (cores.py).
+        torch.set_num_threads(args.workers)
         result["cpu_stage_img_per_s"] = rate(lambda: loader.raw_batches(0), args.images)
         images = next(iter(loader.raw_batches(0)))[0].clone()
         for compiled in (False, True):
@@ -95,10 +97,11 @@ def main() -> None:
         result["device_stage_compiled_by_default"] = loader.augment.compiled
         result["end_to_end_img_per_s"] = rate(lambda: loader, args.images)
         nv = make_loader(load_config("vit_s_in1k", sets + ["data.engine=nvjpeg"]), "train", torch.device("cpu"))
+        torch.set_num_threads(args.workers)
         result["cpu_stage_nvjpeg_engine_img_per_s"] = rate(lambda: nv.raw_batches(0), args.images)
         result["ratio_end_to_end_vs_official"] = result["end_to_end_img_per_s"] / result["official_img_per_s"]
         result["ratio_cpu_stage_vs_official"] = result["cpu_stage_img_per_s"] / result["official_img_per_s"]
-        result["torch_threads"] = torch.get_num_threads()  # FFCV sets it to data.workers
+        result["torch_threads"] = torch.get_num_threads()
     print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}, indent=1))
 
 

@@ -238,6 +238,7 @@ def run_facts(run: Run) -> dict:
             for size, p in run.batches.items()
         }
         or None,
+        "cpu": run.train_loader.cpu_share.facts(),  # data.workers and torch's threads as resolved (cores.py)
         "torch": torch.__version__,
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

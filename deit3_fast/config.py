@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from pipelines.config import CROPS, AugConfig, DataConfig
+from pipelines.cores import AUTO
 from pipelines.registry import ENGINES
 
 from .amp import AMP_CHOICES
@@ -111,6 +112,14 @@ _CHOICES = {"data.engine": ENGINES, "aug.crop": CROPS}
 _POSITIVE = {"data.batch_size", "aug.img_size"}  # 0 would be a ZeroDivisionError, or a loader that hangs
 
 
+def _workers(value, where: str) -> None:
+    if value != AUTO and not (isinstance(value, int) and value >= 0):
+        raise ConfigError(f"{where}: a count of CPU workers (0 or more) or {AUTO}, got {value!r}")
+
+
+_CHECKS = {"data.workers": _workers}
+
+
 def _coerce(value, tp, where: str):
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -177,7 +186,11 @@ def _build(cls, values: dict, prefix: str = ""):
             kwargs[key] = _build(tp, {} if value is None else value, where + ".")
         else:
             kwargs[key] = _coerce(value, tp, where)
-            declared = fields[key].metadata or {"choices": _CHOICES.get(where), "positive": where in _POSITIVE}
+            declared = fields[key].metadata or {
+                "choices": _CHOICES.get(where),
+                "positive": where in _POSITIVE,
+                "check": _CHECKS.get(where),
+            }
             check_value(declared, kwargs[key], where)
     return cls(**kwargs)
 

@@ -239,7 +239,8 @@ def profile(cfg: Config, device: torch.device, steps: int = 20) -> dict:
         "accum": accum,
         "amp": run.amp,
         "engine": cfg.data.engine,
-        "workers": cfg.data.workers,
+        "workers": run.train_loader.cpu_share.workers,  # data.workers: auto resolved
+        "torch_threads": run.train_loader.cpu_share.torch_threads,
         "compile": cfg.train.compile,
         "device": device_name(device),
         "jpeg_decoder": gpu_decoder_kind(device),
@@ -284,7 +285,7 @@ def verdict(r: dict, cfg: Config) -> dict:
         )
     elif slowest == "engine" and not engine_info(cfg.data.engine).gpu_decode:
         advice = (
-            f"JPEG decode + crop on {cfg.data.workers} CPU workers gives {stages[slowest]:.0f} img/s for a "
+            f"JPEG decode + crop on {r['workers']} CPU workers gives {stages[slowest]:.0f} img/s for a "
             f"model that takes {r['model_img_per_s']:.0f}: raise data.workers (this machine has "
             f"{os.cpu_count()} cores), convert with a lower deit3-convert --max-resolution, or decode on "
             f"the GPU with --engine {engine_names(gpu_decode=True)[0]}"

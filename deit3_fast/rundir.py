@@ -80,6 +80,14 @@ def describe_facts(f: dict) -> str:
     by_size = f.get("batch_by_size") or {}  # schedule.resolution.batch_sizes
     for size, b in by_size.items():
         line += f"; at {size} px {b['per_process_batch']} x {f['world_size']} x {b['accumulation_steps']}"
+    cpu = f.get("cpu")  # absent from run dirs written before it was recorded
+    if cpu:
+        auto = " (auto)" if cpu["data_workers_config"] == "auto" else ""
+        shared = f" per process ({cpu['processes']} on this node)" if cpu["processes"] > 1 else ""
+        line += (
+            f"; loader workers {cpu['data_workers']}{auto} + torch threads {cpu['torch_threads']} on {cpu['cores']} "
+            f"cores{shared}"
+        )
     notes = [f["batch_note"]] + [b["batch_note"] for b in by_size.values()]
     return line + "".join(f"\n{n}" for n in notes if n)
 

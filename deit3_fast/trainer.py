@@ -294,8 +294,9 @@ def _train(
         rundir.write_facts(out, facts)
         if not quiet:
             print(rundir.describe_facts(facts), flush=True)
-        for warning in config_warnings(cfg):  # also when quiet: stderr is for what a user must act on
-            print(f"warning: {warning}", file=sys.stderr, flush=True)
+        share_warning = run.train_loader.cpu_share.warning()
+        for warning in config_warnings(cfg) + ([share_warning] if share_warning else []):
+            print(f"warning: {warning}", file=sys.stderr, flush=True)  # also when quiet: what a user must act on
         rundir.start_metrics(out, pos.epoch if resumed else None)
     gap = reference.Gap(followed, cfg.train.reference_tolerance, rundir.read_metrics(out)) if followed else None
     loggers = EpochLoggers(cfg, out, config, main, followed, resumed=resumed)

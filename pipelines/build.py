@@ -14,6 +14,8 @@ import torch
 
 from .augment import BatchAugment
 from .config import AugConfig, DataConfig
+from .cores import apply as apply_cpu_share
+from .cores import cpu_share
 from .errors import DataError
 from .loader import Loader
 from .mix import Mixing
@@ -123,7 +125,8 @@ def build_loader(
     on `device`; targets are timm's soft mixed targets (class indices where nothing is mixed). `rank` and `world`
     default to torch.distributed's when a process group is initialised. `compile` compiles the batch augmentation;
     with `auto_compile`, a CPU training loader compiles it anyway when its epochs repay that
-    (compile_augment_on_cpu)."""
+    (compile_augment_on_cpu). data.workers (an int, or auto) is resolved and torch's intra-op threads set for the
+    process as cores.py shares them out; `loader.cpu_share` holds what they resolved to."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     train = split == "train"
@@ -166,8 +169,10 @@ def build_loader(
         else CropSpec("center", aug.img_size, center_ratio=aug.eval_crop_ratio)
     )
 
-    cls = info.load()
-    options: dict[str, object] = {"workers": data.workers, "drop_last": train, "seed": data.seed, "rank": rank}
+    cls = info.load()  # first: importing an engine's package may set torch's threads (FFCV's sets 1)
+    share = cpu_share(data.workers, device.type, loader_uses_workers=info.uses_workers(device.type))
+    apply_cpu_share(share)
+    options: dict[str, object] = {"workers": share.workers, "drop_last": train, "seed": data.seed, "rank": rank}
     if info.os_cache:
         options["os_cache"] = data.os_cache
     if info.host_augment:
@@ -192,5 +197,13 @@ def build_loader(
         )
     )
     return Loader(
-        engine, augment, mixing, device=device, seed=data.seed, rank=rank, dtype=dtype, make_engine=make_engine
+        engine,
+        augment,
+        mixing,
+        device=device,
+        seed=data.seed,
+        rank=rank,
+        dtype=dtype,
+        make_engine=make_engine,
+        cpu_share=share,
     )

@@ -19,7 +19,9 @@ class DataConfig:
     engine: str = "ffcv"  # an engine's name in registry.py (ENGINES)
     batch_size: int = 256  # per process; global = batch_size x world x accumulation
     eval_batch_size: int | None = None  # default: 1.5 x batch_size, as upstream
-    workers: int = 8  # CPU decode threads per process (reference: DataLoader processes, 0 = in-process)
+    # CPU decode threads per process (reference: DataLoader processes, 0 = in-process); auto: this process's share of
+    # the cores (cores.py), which also sets torch's threads
+    workers: int | str = "auto"
     os_cache: bool = True  # FFCV: memory-map the file (page cache) rather than a process cache
     repeats: int = 3  # repeated augmentation (RASampler); 1 = off
     shuffle: bool = True

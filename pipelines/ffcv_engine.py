@@ -11,6 +11,7 @@ captured at compile time could not change per epoch.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import torch
 from numba import carray, types
@@ -20,6 +21,8 @@ from . import crops, keys
 from .errors import DataError
 from .crops import CropSpec
 from .resample import resize_box
+
+_torch_threads = torch.get_num_threads()  # importing FFCV sets 1 (below, it is given back)
 
 try:
     from ffcv.fields.basics import IntDecoder
@@ -38,6 +41,21 @@ except ImportError as e:  # pragma: no cover - exercised by the missing-dependen
         f"the ffcv engine needs FFCV ({e}); install it with: pip install -e '.[ffcv]' "
         "(needs pkg-config, g++, libturbojpeg0-dev, libopencv-dev; `make install` does all)"
     ) from None
+
+
+torch.set_num_threads(_torch_threads)
+
+
+def _set_decode_threads(cls, n: int) -> None:
+    """FFCV's `Compiler.set_num_threads`, less its `torch.set_num_threads(n)`. FFCV calls it with num_workers when
+    a loader is made, at each epoch and in its epoch thread, so torch's threads followed data.workers: the training
+    step's reductions then summed in an order that changed with the worker count (issue 28), and 2 workers on 2
+    cores left the step 2 threads beside the decode's. torch's share is set by build_loader (cores.py)."""
+    cls.num_threads = n
+    numba.set_num_threads(n)  # numba's count is per calling thread: FFCV sets it where the decode runs
+
+
+Compiler.set_num_threads = classmethod(_set_decode_threads)
 
 
 def _compile_os_cache_reader(self):
@@ -216,8 +234,6 @@ class FFCVEngine:
     ):
         self.key_cell, self.seed, self.rank, self.crop = KeyCell(), seed, rank, crop
         self.epoch_order = epoch_order
-        import numba
-
         # numba's thread pool is sized to the cores it can see; asking for more is an error, not a slowdown.
         workers = max(1, min(workers, numba.config.NUMBA_NUM_THREADS))
         to_device = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from . import keys
+from .cores import CpuShare
 from .engine import Engine
 
 
@@ -39,8 +40,10 @@ class Loader:
         rank: int,
         dtype: torch.dtype | None = None,
         make_engine=None,
+        cpu_share: CpuShare | None = None,
     ):
         self.engine, self.augment, self.mixing = engine, augment, mixing
+        self.cpu_share = cpu_share  # data.workers and torch's threads as build_loader resolved them
         self._make_engine = make_engine
         self._engines: dict = {}
         self.device, self.seed, self.rank = device, seed, rank

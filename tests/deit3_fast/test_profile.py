@@ -129,6 +129,7 @@ def _result(**rates):
         "device_stage_img_per_s": 1000.0,
         "model_img_per_s": 500.0,
         "end_to_end_img_per_s": 490.0,
+        "workers": 2,
     }
     base.update(rates)
     base["ratio"] = base["end_to_end_img_per_s"] / base["model_img_per_s"]

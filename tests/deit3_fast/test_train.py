@@ -77,6 +77,38 @@ def test_resume_is_bit_identical(data, tmp_path, sets):
     assert_same_as_uninterrupted(tmp_path / "full", full, tmp_path / "split")
 
 
+@pytest.mark.slow
+def test_results_do_not_depend_on_data_workers(data, tmp_path, monkeypatch):
+    """The same run with 1 and with 2 loader workers trains the same weights to the bit (so a run resumes with
+    another data.workers exactly), on a machine of 4 cores: torch's thread count (which decides how its reductions
+    split) is the cores' share, the same for both, as run.json records; FFCV set it to data.workers."""
+    import os
+
+    from pipelines import cores
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)))
+    monkeypatch.setattr(cores, "cgroup_cpu_limit", lambda: None)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    try:
+        runs = {
+            w: train(tiny_cfg(data, **{"data.workers": w}), tmp_path / str(w), torch.device("cpu"), quiet=True)
+            for w in (1, 2)
+        }
+    finally:
+        torch.set_num_threads(threads)
+    one, two = (load(tmp_path / str(w) / "checkpoint-last.pt") for w in (1, 2))
+    for part in ("model", "optimizer"):
+        assert_same_state(one[part], two[part], part)
+    assert [r["train_loss"] for r in runs[1]] == [r["train_loss"] for r in runs[2]]
+    facts = {w: json.loads((tmp_path / str(w) / "run.json").read_text())["cpu"] for w in (1, 2)}
+    assert facts[1] == {**facts[2], "data_workers": 1, "data_workers_config": 1}
+    assert facts[2]["data_workers"] == 2 and facts[2]["torch_threads"] == 3
+    line = rundir.describe_facts(json.loads((tmp_path / "2" / "run.json").read_text()))
+    assert line.endswith("; loader workers 2 + torch threads 3 on 4 cores")  # the run's first line
+
+
 def sigterm_at_loss(monkeypatch, n: int) -> list:
     """Send this process SIGTERM at the n-th loss computed from now on (what a scheduler does mid-step); the list
     that returns counts the loss calls."""
