@@ -15,6 +15,7 @@ from rich.console import Console
 from dataset_tools.convert import convert
 from dataset_tools.report import print_summary
 from dataset_tools.inspect_beton import inspect_beton, print_inspection
+from dataset_tools.shards import REPORT
 from dataset_tools.synthetic import make_imagefolder
 
 
@@ -40,7 +41,7 @@ def run_quickstart(args) -> int:
             console=console,
         )
         print_summary(report, console)
-        outputs[split] = {"beton": out, "report": out + ".json"}
+        outputs[split] = {"beton": out, "report": out + REPORT}
     console.rule("deit3-convert --inspect")
     for split in ("train", "val"):
         info = inspect_beton(outputs[split]["beton"])
