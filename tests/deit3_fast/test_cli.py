@@ -3,6 +3,7 @@ what the chosen command needs (the commands' options, help texts and exit codes 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pkgutil
@@ -95,3 +96,22 @@ def test_a_command_is_its_module_and_one_entry(monkeypatch, capsys):
     with pytest.raises(SystemExit) as stop:
         cli.main(["--help"])
     assert stop.value.code == 0 and "    hello     greet someone\n" in capsys.readouterr().out
+
+
+def _undocumented(parser: argparse.ArgumentParser, prog: str) -> list[str]:
+    """`prog OPTION` for each argument of `parser` (and of its sub-commands) that --help lists without a word."""
+    missing = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                missing += _undocumented(sub, f"{prog} {name}")
+        elif action.help != argparse.SUPPRESS and not (action.help or "").strip():
+            missing.append(f"{prog} {'/'.join(action.option_strings) or action.metavar or action.dest}")
+    return missing
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    """Each option and positional argument of deit3-fast's commands and of deit3-convert has a help text in --help."""
+    from dataset_tools.convert import build_parser as convert_parser
+
+    assert _undocumented(cli.build_parser(), "deit3-fast") + _undocumented(convert_parser(), "deit3-convert") == []
