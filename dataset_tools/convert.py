@@ -30,6 +30,7 @@ from rich.progress import (
 from rich.text import Text
 
 from .atomic import AtomicOutput, check_folder_output, check_writable
+from .console import make_console
 from .convert_jobs import submit_shards
 from .errors import ConversionError, SourceError, UsageError, UserError
 from .imagefolder import read_class_list, scan_imagefolder, split_holdout
@@ -178,7 +179,7 @@ def convert(
 
     if max_resolution is None and short_side is None:
         max_resolution = DEFAULT_MAX_SIDE
-    console = console or Console(stderr=True)
+    console = console or make_console(stderr=True)
     started = time.perf_counter()
     if shards is not None:
         problem = check_folder_output(out)
@@ -500,7 +501,7 @@ def _terminate(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    out_console, err_console = Console(), Console(stderr=True)
+    out_console, err_console = make_console(), make_console(stderr=True)
     previous = None
     try:
         _check_args(args)
