@@ -19,7 +19,7 @@ from deit3_fast import cli, commands
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "timm", "torchvision", "numpy", "numba", "ffcv", "nvidia.dali")
 
-# Runs `python -m deit3_fast ARGV` for each ARGV in one process, as -m does (runpy), then reports each exit code,
+# Runs `python -m MODULE ARGV` for each ARGV in one process, as -m does (runpy), then reports each exit code,
 # which heavy packages got imported and which command modules.
 _RUN = """
 import json, runpy, sys
@@ -27,7 +27,7 @@ codes = []
 for argv in json.loads(sys.argv[1]):
     sys.argv = ["deit3-fast", *argv]
     try:
-        runpy.run_module("deit3_fast", run_name="__main__", alter_sys=True)
+        runpy.run_module(MODULE, run_name="__main__", alter_sys=True)
     except SystemExit as e:
         codes.append(e.code)
 with open(REPORT, "w") as f:
@@ -36,9 +36,9 @@ with open(REPORT, "w") as f:
 """
 
 
-def _imports(tmp_path, *argvs: list[str]) -> dict:
+def _imports(tmp_path, *argvs: list[str], module: str = "deit3_fast") -> dict:
     report = tmp_path / "report.json"
-    script = f"REPORT = {str(report)!r}\nHEAVY = {HEAVY!r}\n" + _RUN
+    script = f"REPORT = {str(report)!r}\nHEAVY = {HEAVY!r}\nMODULE = {module!r}\n" + _RUN
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run(
         [sys.executable, "-c", script, json.dumps(argvs)],
@@ -60,6 +60,15 @@ def test_help_and_a_mistyped_command_import_no_torch(tmp_path):
     assert seen["codes"] == [0, 2, 2, *[0] * len(commands.COMMANDS)]
     assert seen["heavy"] == []
     assert seen["commands"] == sorted(f"deit3_fast.commands.{m}" for m in ("_common", *commands.COMMANDS))
+
+
+def test_convert_help_and_a_mistyped_option_import_no_torch(tmp_path):
+    """deit3-convert answers --help, an unknown option and a missing argument without torch, timm or the engines
+    (it never needs them: it writes .betons with its own writer)."""
+    argvs = [["--help"], ["--no-such-option"], [], ["--max-resolution"]]
+    seen = _imports(tmp_path, *argvs, module="dataset_tools.convert")
+    assert seen["codes"] == [0, 2, 2, 2]
+    assert [m for m in seen["heavy"] if m != "numpy"] == []  # numpy: its writer's arrays, imported with it
 
 
 def test_a_command_imports_only_its_own_module(tmp_path):
