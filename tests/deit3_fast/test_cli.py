@@ -124,3 +124,37 @@ def test_every_option_of_every_command_says_what_it_does():
     from dataset_tools.convert import build_parser as convert_parser
 
     assert _undocumented(cli.build_parser(), "deit3-fast") + _undocumented(convert_parser(), "deit3-convert") == []
+
+
+@pytest.mark.parametrize(
+    "argv, said",
+    [
+        (
+            ["train", "--cfg", "quickstart", "--set", "optim.lr", "1e-3"],
+            "--set takes KEY=VALUE (got 'optim.lr' then '1e-3'): write --set optim.lr=1e-3",
+        ),
+        # eval would take the value for its RUN_DIR and look for a checkpoint there
+        (
+            ["eval", "--set", "optim.lr", "1e-3"],
+            "--set takes KEY=VALUE (got 'optim.lr' then '1e-3'): write --set optim.lr=1e-3",
+        ),
+        (
+            ["profile", "--cfg", "quickstart", "--set=optim.lr", "1e-3"],
+            "--set takes KEY=VALUE (got 'optim.lr' then '1e-3'): write --set optim.lr=1e-3",
+        ),
+        (
+            ["ablate", "--grid", "cifar10_grid", "--set", "aug.mixup", "--quiet"],
+            "--set takes KEY=VALUE (got 'aug.mixup'): write --set aug.mixup=VALUE",
+        ),
+    ],
+)
+def test_a_space_for_sets_equals_is_one_line_naming_the_fix(argv, said, capsys):
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == f"deit3-fast: error: {said}\n"
+
+
+def test_other_unknown_arguments_are_still_argparses_error(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["train", "--cfg", "quickstart", "--set", "optim.lr=1e-3", "--bogus", "1"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.endswith("deit3-fast: error: unrecognized arguments: --bogus 1\n")
