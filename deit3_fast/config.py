@@ -190,18 +190,25 @@ def resolve_num_classes(cfg: Config) -> Config:
         return cfg
     # Here: the .beton reader imports numpy, which a config that gives its class count never needs.
     from dataset_tools.beton import BetonError
-    from dataset_tools.shards import classes_of
+    from dataset_tools.shards import REPORT, classes_of
 
     path = cfg.data.train or cfg.data.val
     if not path:
-        raise ConfigError("model.num_classes: auto needs data.train (or data.val) to count the classes")
+        raise ConfigError(
+            "model.num_classes: auto needs data.train (or data.val) to count the classes: pass --data-train PATH"
+        )
+    if not Path(path).exists():  # a recipe's own path on a machine without it: not a report missing
+        raise ConfigError(
+            f"model.num_classes: auto counts the classes of {path}, which does not exist: write it with "
+            f"deit3-convert, or pass --data-train PATH"
+        )
     try:
         classes = classes_of(path)
     except BetonError as e:
         raise ConfigError(f"model.num_classes: auto: {e}") from None
     if not classes:
         raise ConfigError(
-            f"model.num_classes: auto: {path} has no conversion report ({path}.json) or manifest "
+            f"model.num_classes: auto: {path} has no conversion report ({path}{REPORT}) or manifest "
             "naming its classes; set model.num_classes to a number"
         )
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=len(classes)))
