@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     try:
         if hasattr(args, "set"):  # a command with --set: a space for its `=` is named before argparse's error
-            from .commands._common import check_set_syntax
+            from .config import check_set_syntax
 
             check_set_syntax(argv)
         if extra:

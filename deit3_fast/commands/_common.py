@@ -37,25 +37,6 @@ def add_cfg_args(p: argparse.ArgumentParser, data_train: bool = True, cfg_requir
     )
 
 
-def check_set_syntax(argv: list[str]) -> None:
-    """`--set KEY VALUE`, a space where the `=` goes, named with its fix. Left to argparse, VALUE is 'unrecognized
-    arguments' (or, for eval, taken as its RUN_DIR) and the error names neither --set nor the `=`."""
-    for i, token in enumerate(argv):
-        if token == "--":  # what follows is positional
-            return
-        if token == "--set" and i + 1 < len(argv):
-            value, rest = argv[i + 1], argv[i + 2 :]
-        elif token.startswith("--set="):
-            value, rest = token.removeprefix("--set="), argv[i + 1 :]
-        else:
-            continue
-        if "=" in value:
-            continue
-        if rest and not rest[0].startswith("--"):
-            raise ConfigError(f"--set takes KEY=VALUE (got {value!r} then {rest[0]!r}): write --set {value}={rest[0]}")
-        raise ConfigError(f"--set takes KEY=VALUE (got {value!r}): write --set {value}=VALUE")
-
-
 def _flatten(tree: dict, prefix: str = "") -> list[str]:
     out = []
     for k, v in tree.items():

@@ -66,7 +66,7 @@ SETS = {  # --set value: fragment
     "optim.lrr=1": "unknown config key 'optim.lrr' (did you mean 'lr'?)",
     "optim=1": "optim: expected a mapping, got 1",
     "optim.lr.x=1": "'lr' is not a section",
-    "optim.lr": "expected key.path=value",
+    "optim.lr": "--set takes KEY=VALUE (got 'optim.lr'): write --set optim.lr=VALUE",
     "=1": "unknown config key ''",
     "data.batch_size=big": "data.batch_size: expected int, got 'big'",
     "data.batch_size=-8": "data.batch_size: must be at least 1, got -8",
