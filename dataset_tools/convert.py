@@ -30,11 +30,12 @@ from rich.progress import (
 from rich.text import Text
 
 from .atomic import AtomicOutput, check_folder_output, check_writable
+from .console import make_console
 from .convert_jobs import submit_shards
 from .errors import ConversionError, SourceError, UsageError, UserError
 from .imagefolder import read_class_list, scan_imagefolder, split_holdout
 from .report import merged_report, part_report, print_summary, version_of
-from .shards import FORMAT, SOURCES, sha256_of, shard_name, write_manifest
+from .shards import FORMAT, REPORT, SOURCES, sha256_of, shard_name, write_manifest
 
 PROG = "deit3-convert"
 
@@ -53,6 +54,9 @@ class _Rate(ProgressColumn):
 
 # What convert writes unless told otherwise; one place, as is_current must apply the same defaults.
 DEFAULT_MAX_SIDE = 256  # FFCV's ImageNet example's longer side
+# Not a default: the short side --help recommends for validation sets, the one the recipes' data.val (val_s448.beton)
+# and parity's --val-storage assume; eval inputs within 40 dB of the official ones (docs/data.md#which-size-to-store).
+EVAL_SHORT_SIDE = 448
 JPEG_QUALITY = 90
 COMPRESS_PROBABILITY = 0.5
 PAGE_SIZE = 8 << 20
@@ -77,7 +81,7 @@ def _fingerprint(options: dict, samples: list[tuple[str, int]], part: list[int],
 def _same_plan(path: str, fingerprint: str) -> dict | None:
     """The report of `path` if it was written by this same plan and the file beside it has the size it records."""
     try:
-        report = json.loads(open(path + ".json").read())
+        report = json.loads(open(path + REPORT).read())
         if report.get("plan") != fingerprint or os.path.getsize(path) != report.get("output_bytes"):
             return None
     except (OSError, ValueError, AttributeError):
@@ -165,7 +169,7 @@ def convert(
     show_progress: bool = True,
     page_size: int = PAGE_SIZE,
 ) -> dict:
-    """Convert and return the report (also written to OUT.json), or with `shards` the manifest (OUT/manifest.json,
+    """Convert and return the report (also written to OUT.beton.json), or with `shards` the manifest (OUT/manifest.json,
     written once every shard is complete). Raises SourceError/ConversionError.
 
     `shard_index` writes only that shard (index `shards` is the held-out split); complete shards of the same plan
@@ -175,7 +179,7 @@ def convert(
 
     if max_resolution is None and short_side is None:
         max_resolution = DEFAULT_MAX_SIDE
-    console = console or Console(stderr=True)
+    console = console or make_console(stderr=True)
     started = time.perf_counter()
     if shards is not None:
         problem = check_folder_output(out)
@@ -272,7 +276,7 @@ def convert(
                 for t, k, r in zip(targets, todo, results):
                     sidecars[t] = []
                     for name, text in (
-                        (paths[k] + ".json", json.dumps(reports[k], indent=1) + "\n"),
+                        (paths[k] + REPORT, json.dumps(reports[k], indent=1) + "\n"),
                         (
                             paths[k] + SOURCES,
                             "".join(os.path.relpath(scan.samples[i][0], src) + "\n" for i in r.source_info[:, 0]),
@@ -348,9 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Convert an ImageFolder tree (SRC/<class>/<image>) into an FFCV .beton with fields "
-        "'image' and 'label' (label = index of the class folder in sorted order), plus OUT.json, a report.",
+        f"'image' and 'label' (label = index of the class folder in sorted order), plus OUT.beton{REPORT}, a report.",
         epilog="Examples:\n  deit3-convert /data/imagenet/train train_256.beton\n"
-        "  deit3-convert /data/imagenet/val val_256.beton --classes train_256.beton.json\n"
+        f"  deit3-convert /data/imagenet/val val_s{EVAL_SHORT_SIDE}.beton --short-side {EVAL_SHORT_SIDE} "
+        f"--classes train_256.beton{REPORT}\n"
         "  deit3-convert /data/imagenet/train train_10pc.beton --fraction 0.1 --seed 0\n"
         "  deit3-convert --inspect train_256.beton",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -369,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="shorter side is resized down to N, aspect kept (256 keeps eval inputs faithful: BENCHMARKS.md, fidelity)",
+        help=f"shorter side is resized down to N, aspect kept ({EVAL_SHORT_SIDE} for validation sets: eval "
+        "inputs within 40 dB of the official ones; docs/data.md, which size to store)",
     )
     p.add_argument("--jpeg-quality", type=int, default=JPEG_QUALITY, help="JPEG quality 1-100 (90)")
     p.add_argument(
@@ -398,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--classes",
         default=None,
         metavar="FILE",
-        help="class list to use for labels: another split's OUT.beton.json, or one name per line",
+        help=f"class list to use for labels: another split's OUT.beton{REPORT}, or one name per line",
     )
     p.add_argument(
         "--folder-labels",
@@ -495,7 +501,7 @@ def _terminate(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    out_console, err_console = Console(), Console(stderr=True)
+    out_console, err_console = make_console(), make_console(stderr=True)
     previous = None
     try:
         _check_args(args)

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .beton import IMAGE_MODE_JPG, BetonError
-from .shards import ShardSet, open_samples
+from .shards import REPORT, ShardSet, open_samples
 
 
 def _stats(v: np.ndarray) -> dict:
@@ -41,9 +41,9 @@ def inspect_beton(path: str, samples: int = 64, seed: int = 0) -> dict:
     image, label = b.field("rgb_image"), b.field("int")
     meta, labels = b.image_meta(image), b.labels(label)
     sidecar = None
-    if os.path.exists(path + ".json"):
+    if os.path.exists(path + REPORT):
         try:
-            with open(path + ".json") as f:
+            with open(path + REPORT) as f:
                 sidecar = json.load(f)
         except (OSError, ValueError):
             sidecar = None
@@ -123,7 +123,8 @@ def print_inspection(info: dict, console: Console) -> None:
         f"{info['file_bytes'] / 2**20:,.1f} MiB, pages of {info['page_size'] / 2**20:.0f} MiB",
     )
     if info["report_matches"] is not None:
-        t.add_row("report", "matches" if info["report_matches"] else "[red]sample count differs from OUT.json[/]")
+        mismatch = "[red]sample count differs from its report (OUT.beton.json)[/]"
+        t.add_row("report", "matches" if info["report_matches"] else mismatch)
     ok = info["decoded"] - info["decode_failures"]
     t.add_row(
         "decode check",

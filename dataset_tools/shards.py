@@ -30,6 +30,7 @@ from .beton import IMAGE_MODE_RAW, Beton, BetonError
 MANIFEST = "manifest.json"
 FORMAT = "deit3-fast shards"
 SOURCES = ".sources.txt"  # beside each written file: each sample's source file, relative to SRC, in sample order
+REPORT = ".json"  # beside each written file: its conversion report (OUT.beton -> OUT.beton.json)
 
 
 def shard_name(index: int, count: int) -> str:
@@ -113,7 +114,7 @@ def classes_of(path: str | os.PathLike) -> list[str] | None:
         return sorted(e.name for e in os.scandir(os.fspath(path)) if not e.name.startswith(".") and e.is_dir())
     if is_shard_set(path):
         return list(read_manifest(path)["classes"])
-    report = Path(str(path) + ".json")
+    report = Path(str(path) + REPORT)
     try:
         classes = json.loads(report.read_text()).get("classes")
     except (OSError, ValueError, AttributeError):

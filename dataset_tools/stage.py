@@ -23,7 +23,7 @@ import numpy as np
 
 from .atomic import write_atomic, write_text_atomic
 from .beton import BetonError
-from .shards import MANIFEST, SOURCES, is_shard_set, manifest_path, read_manifest, source_names
+from .shards import MANIFEST, REPORT, SOURCES, is_shard_set, manifest_path, read_manifest, source_names
 
 _RECORD = ".staged.json"
 _CHUNK = 16 << 20
@@ -39,14 +39,14 @@ def _files(src: Path) -> tuple[Path, list[tuple[str, str | None]], str | None]:
         names += [
             (e["file"] + side, None)
             for e in entries
-            for side in (".json", SOURCES)
+            for side in (REPORT, SOURCES)
             if (m.parent / (e["file"] + side)).exists()
         ]
         return m.parent, names, m.name
     if not src.is_file():
         raise BetonError(f"{src}: not a .beton, shard folder or manifest")
     names = [(src.name, None)]
-    names += [(src.name + side, None) for side in (".json", SOURCES) if Path(str(src) + side).exists()]
+    names += [(src.name + side, None) for side in (REPORT, SOURCES) if Path(str(src) + side).exists()]
     return src.parent, names, None
 
 
@@ -80,7 +80,7 @@ def merge(src: str | os.PathLike, dest: str | os.PathLike, progress: Callable[[i
     progress = progress or (lambda n: None)
     shards, dest = ShardSet(src), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    out, report_path = dest / "merged.beton", dest / "merged.beton.json"
+    out, report_path = dest / "merged.beton", dest / f"merged.beton{REPORT}"
     of = [e["sha256"] for e in shards.manifest["shards"]]
     try:
         done = json.loads(report_path.read_text())

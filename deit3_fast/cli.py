@@ -38,8 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # A known command first: only its options are needed. Anything else (--help, --version, a typo, nothing) gets
     # the whole parser, for the list of commands or the error that names them.
-    args = build_parser(argv[0] if argv and argv[0] in commands.COMMANDS else None).parse_args(argv)
+    parser = build_parser(argv[0] if argv and argv[0] in commands.COMMANDS else None)
+    args, extra = parser.parse_known_args(argv)
     try:
+        if hasattr(args, "set"):  # a command with --set: a space for its `=` is named before argparse's error
+            from .config import check_set_syntax
+
+            check_set_syntax(argv)
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")  # what parse_args says
         return commands.load(args.command).run(args)
     except UserError as e:
         print(f"deit3-fast: {e.prefix}: {e}", file=sys.stderr)

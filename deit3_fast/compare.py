@@ -69,8 +69,9 @@ def _epochs(curve: dict[int, float]) -> str:
 
 
 def render(result: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from dataset_tools.console import make_console
 
     names = list(result["runs"])
     title = "val top-1 (%) by epochs completed" + (f"; official: {result['reference']}" if result["reference"] else "")
@@ -87,7 +88,7 @@ def render(result: dict) -> None:
             gap = r.get("gaps", {}).get(n)
             cells.append("–" if v is None else f"{v:.2f}" + (f" ({gap:+.2f})" if gap is not None else ""))
         t.add_row(str(r["epoch"]), *cells, *([f"{r['official']:.2f}"] if result["reference"] else []))
-    Console().print(t)
+    make_console().print(t)
 
 
 def plot(result: dict, png: str | Path) -> bool:

@@ -203,18 +203,25 @@ def resolve_num_classes(cfg: Config) -> Config:
         return cfg
     # Here: the .beton reader imports numpy, which a config that gives its class count never needs.
     from dataset_tools.beton import BetonError
-    from dataset_tools.shards import classes_of
+    from dataset_tools.shards import REPORT, classes_of
 
     path = cfg.data.train or cfg.data.val
     if not path:
-        raise ConfigError("model.num_classes: auto needs data.train (or data.val) to count the classes")
+        raise ConfigError(
+            "model.num_classes: auto needs data.train (or data.val) to count the classes: pass --data-train PATH"
+        )
+    if not Path(path).exists():  # a recipe's own path on a machine without it: not a report missing
+        raise ConfigError(
+            f"model.num_classes: auto counts the classes of {path}, which does not exist: write it with "
+            f"deit3-convert, or pass --data-train PATH"
+        )
     try:
         classes = classes_of(path)
     except BetonError as e:
         raise ConfigError(f"model.num_classes: auto: {e}") from None
     if not classes:
         raise ConfigError(
-            f"model.num_classes: auto: {path} has no conversion report ({path}.json) or manifest "
+            f"model.num_classes: auto: {path} has no conversion report ({path}{REPORT}) or manifest "
             "naming its classes; set model.num_classes to a number"
         )
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=len(classes)))
@@ -276,10 +283,34 @@ def resolve_path(name_or_path: str, folder: Path = CONFIG_DIR, what: str = "conf
     raise ConfigError(f"{what} '{name_or_path}' not found (not a file, not in {folder}){hint}")
 
 
+def _no_equals(key: str, then: str | None = None) -> str:
+    """What is wrong with a --set of `key` without its `=` (followed on the command line by `then`)."""
+    if then is None:
+        return f"--set takes KEY=VALUE (got {key!r}): write --set {key}=VALUE"
+    return f"--set takes KEY=VALUE (got {key!r} then {then!r}): write --set {key}={then}"
+
+
+def check_set_syntax(argv: list[str]) -> None:
+    """`--set KEY VALUE`, a space where the `=` goes, named with its fix. Left to argparse, VALUE is 'unrecognized
+    arguments' (or, for eval, taken as its RUN_DIR) and the error names neither --set nor the `=`."""
+    for i, token in enumerate(argv):
+        if token == "--":  # what follows is positional
+            return
+        if token == "--set" and i + 1 < len(argv):
+            value, rest = argv[i + 1], argv[i + 2 :]
+        elif token.startswith("--set="):
+            value, rest = token.removeprefix("--set="), argv[i + 1 :]
+        else:
+            continue
+        if "=" in value:
+            continue
+        raise ConfigError(_no_equals(value, rest[0] if rest and not rest[0].startswith("--") else None))
+
+
 def apply_override(tree: dict, assignment: str) -> None:
     """`a.b=value` into a nested dict; the value is parsed as YAML (numbers, lists, true/false, null)."""
     if "=" not in assignment:
-        raise ConfigError(f"--set {assignment!r}: expected key.path=value")
+        raise ConfigError(_no_equals(assignment))
     key, raw = assignment.split("=", 1)
     node = tree
     parts = key.strip().split(".")

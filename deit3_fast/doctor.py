@@ -401,8 +401,9 @@ def run_doctor(
 
 
 def render(report: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from dataset_tools.console import make_console
 
     colours = {OK: "green", MISSING: "yellow", BROKEN: "bold red", SKIPPED: "dim", INFO: ""}
     table = Table(title="deit3-fast doctor")
@@ -411,7 +412,7 @@ def render(report: dict) -> None:
     for c in report["checks"]:
         style = colours[c["status"]]
         table.add_row(c["name"], f"[{style}]{c['status']}[/]" if style else c["status"], c["detail"], c["fix"] or "")
-    Console().print(table)
+    make_console().print(table)
 
 
 def exit_code(report: dict, require_gpu: bool) -> int:

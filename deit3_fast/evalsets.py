@@ -21,11 +21,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from rich.console import Console
 from rich.table import Table
 
 from dataset_tools.atomic import write_text_atomic
 from dataset_tools.beton import BetonError
+from dataset_tools.console import make_console
 from dataset_tools.shards import classes_of, source_names
 from pipelines import DataError
 
@@ -225,4 +225,4 @@ def render(results: dict) -> None:
             else (f"{r['classes']} classes" if "classes" in r else "all classes")
         )
         t.add_row(name, f"{r['n']:,}", f"{r['acc1']:.2f}", f"{r['acc5']:.2f}" if "acc5" in r else "—", over)
-    Console(stderr=True).print(t)
+    make_console(stderr=True).print(t)

@@ -304,8 +304,9 @@ def verdict(r: dict, cfg: Config) -> dict:
 
 
 def render(r: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from dataset_tools.console import make_console
 
     table = Table(
         title=f"{r['model']} @ {r['img_size']}, batch {r['batch_size']}, {r['amp']}, {r['engine']} "
@@ -323,7 +324,7 @@ def render(r: dict) -> None:
         ("end to end", "end_to_end_img_per_s"),
     ):
         table.add_row(name, f"{r[key]:,.0f}", f"{r[key] / m:.2f}x")
-    console = Console()
+    console = make_console()
     console.print(table)
     console.print(
         f"engine: {r['engine_cpu_cores']:.1f} CPU cores busy while decoding ({r['jpeg_decoder']} for "

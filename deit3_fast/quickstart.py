@@ -10,16 +10,16 @@ import os
 import time
 from pathlib import Path
 
-from rich.console import Console
-
+from dataset_tools.console import make_console
 from dataset_tools.convert import convert
 from dataset_tools.report import print_summary
 from dataset_tools.inspect_beton import inspect_beton, print_inspection
+from dataset_tools.shards import REPORT
 from dataset_tools.synthetic import make_imagefolder
 
 
 def run_quickstart(args) -> int:
-    console = Console()
+    console = make_console()
     started = time.perf_counter()
     data = os.path.join(args.out, "data")
     for split, per_class, seed in (("train", args.train_per_class, 0), ("val", args.val_per_class, 1)):
@@ -40,7 +40,7 @@ def run_quickstart(args) -> int:
             console=console,
         )
         print_summary(report, console)
-        outputs[split] = {"beton": out, "report": out + ".json"}
+        outputs[split] = {"beton": out, "report": out + REPORT}
     console.rule("deit3-convert --inspect")
     for split in ("train", "val"):
         info = inspect_beton(outputs[split]["beton"])

@@ -90,13 +90,18 @@ def _at_least_1(text: str) -> int:
 
 def add_slurm_args(p) -> None:
     """The sbatch side of `submit` and `ablate --submit`."""
-    p.add_argument("--nodes", type=_at_least_1, default=1)
-    p.add_argument("--gpus-per-node", type=_at_least_1, default=8)
-    p.add_argument("--partition")
-    p.add_argument("--account")
-    p.add_argument("--constraint")
-    p.add_argument("--timeout-min", type=_at_least_1, default=2800)
-    p.add_argument("--cpus-per-task", type=_at_least_1, default=10)
+    p.add_argument("--nodes", type=_at_least_1, default=1, help="nodes per job (1)")
+    p.add_argument("--gpus-per-node", type=_at_least_1, default=8, help="GPUs per node, one task each (8)")
+    p.add_argument("--partition", help="Slurm partition")
+    p.add_argument("--account", help="Slurm account")
+    p.add_argument("--constraint", help="Slurm node constraint (e.g. a GPU type)")
+    p.add_argument(
+        "--timeout-min",
+        type=_at_least_1,
+        default=2800,
+        help="time limit per job in minutes; at it the job requeues and resumes from its checkpoint (2800)",
+    )
+    p.add_argument("--cpus-per-task", type=_at_least_1, default=10, help="CPU cores per task (per GPU) (10)")
 
 
 def slurm_options(args) -> dict:

@@ -150,8 +150,9 @@ def zoo(
 
 
 def render(result: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from dataset_tools.console import make_console
 
     timed = result["timing_device"] is not None
     where = (
@@ -181,4 +182,4 @@ def render(result: dict) -> None:
             fmt(r["official_acc1_in1k"]),
             fmt(r["official_acc1_v2"]),
         )
-    Console().print(t)
+    make_console().print(t)

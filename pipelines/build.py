@@ -8,6 +8,7 @@ knows the trainer's config tree, its loss or its precision policy.
 
 from __future__ import annotations
 
+import os
 from typing import cast
 
 import torch
@@ -30,8 +31,11 @@ def check_data(path: str | None, split: str, num_classes: int, engine: str = "ff
     runs the same check on every variant's data before the first variant starts."""
     from dataset_tools.imagefolder import is_image_folder
 
-    if not path:
-        raise DataError(f"no {split} data: set data.{split} (a .beton or shard folder written by deit3-convert)")
+    if not path:  # a recipe without data paths: the command's flag is the usual way to give one
+        raise DataError(
+            f"no {split} data: pass --data-{split} PATH or set data.{split} (a .beton or shard folder written by "
+            "deit3-convert)"
+        )
     if is_image_folder(path):
         if not engine_info(engine).reads_image_folders:
             readers = one_of(engine_names(reads_image_folders=True))
@@ -45,7 +49,7 @@ def check_data(path: str | None, split: str, num_classes: int, engine: str = "ff
         scan = scan_folder(str(path))
         b, what, top, low = scan.samples, f"{len(scan.classes)} class folders", len(scan.classes) - 1, 0
     else:
-        b, what, top, low = _open_beton(path)
+        b, what, top, low = _open_beton(path, split)
     if len(b) == 0:
         raise DataError(f"{path} has no samples")
     if top >= num_classes or low < 0:
@@ -56,7 +60,7 @@ def check_data(path: str | None, split: str, num_classes: int, engine: str = "ff
     return len(b)
 
 
-def _open_beton(path: str):
+def _open_beton(path: str, split: str):
     """(samples, what its labels are, top label, lowest label) of a .beton or shard set."""
     from dataset_tools.beton import BetonError
     from dataset_tools.shards import ShardSet, open_samples
@@ -72,7 +76,9 @@ def _open_beton(path: str):
             top, low = (int(labels.max()), int(labels.min())) if len(labels) else (0, 0)
             what = f"labels up to {top}"
     except BetonError as e:
-        raise DataError(str(e)) from None
+        # Nothing there: most often a recipe's own path (data/imagenet/train_256.beton) on a machine without it.
+        hint = None if os.path.exists(path) else f"write it with deit3-convert, or pass --data-{split} PATH"
+        raise DataError(str(e), hint) from None
     return b, what, top, low
 
 

@@ -108,3 +108,35 @@ def test_the_checker_finds_broken_links(tmp_path):
     )
     (tmp_path / "b.md").write_text("## B\n")
     assert [p.split(":")[0] for p in broken_links(tmp_path / "a.md")] == ["b.md#nope", "c.md"]
+
+
+SHORT_SIDE = re.compile(r"--short-side[ =](\d+)")
+
+
+def test_convert_help_says_what_the_converter_writes_and_the_docs_recommend(good_tree, tmp_path):
+    """deit3-convert --help, the docs and the recipes agree: the report is named as the converter writes it
+    (OUT.beton.json), and validation sets are stored at the short side the recipes' data.val files assume."""
+    from dataset_tools.convert import EVAL_SHORT_SIDE, build_parser, convert
+    from deit3_fast.parity.variants import DEFAULT_VAL_STORAGE
+
+    convert(str(good_tree), str(tmp_path / "OUT.beton"), workers=1, show_progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".json") == ["OUT.beton.json"]
+    parser = build_parser()
+    text = parser.format_help()
+    assert "OUT.beton.json" in text and "OUT.json" not in text
+
+    short_side = next(a for a in parser._actions if "--short-side" in a.option_strings)
+    assert f"{EVAL_SHORT_SIDE} for validation" in short_side.help
+    val_examples = [line for line in text.splitlines() if line.strip().startswith("deit3-convert") and "/val" in line]
+    assert val_examples and all(SHORT_SIDE.findall(line) == [str(EVAL_SHORT_SIDE)] for line in val_examples)
+
+    # Every place that says which short side a validation .beton gets says the same number.
+    said = {}
+    for path in [*USER_DOCS, *sorted((REPO / "configs").rglob("*.yaml"))]:
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if re.search(r"\b(e?val|validation)", line, re.IGNORECASE):
+                for n in SHORT_SIDE.findall(line):
+                    said[f"{path.relative_to(REPO)}:{i}"] = int(n)
+    assert any(where.startswith("README.md") for where in said)
+    assert {where: n for where, n in said.items() if n != EVAL_SHORT_SIDE} == {}
+    assert DEFAULT_VAL_STORAGE == f"short{EVAL_SHORT_SIDE}"

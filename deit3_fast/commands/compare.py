@@ -16,7 +16,7 @@ DESCRIPTION = (
 
 
 def add_arguments(c) -> None:
-    c.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    c.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run dirs (a train --out, an ablation's variants)")
     c.add_argument("--reference", help="official curve to compare with (a recipe name; none for no curve)")
     c.add_argument("--json", action="store_true", help="print every row as JSON instead of the table")
     c.add_argument("--out", help="write the plot here (PNG)")

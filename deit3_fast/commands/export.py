@@ -14,8 +14,8 @@ DESCRIPTION = (
 
 
 def add_arguments(x) -> None:
-    x.add_argument("checkpoint", metavar="CHECKPOINT")
-    x.add_argument("out", metavar="OUT_DIR")
+    x.add_argument("checkpoint", metavar="CHECKPOINT", help="a run's checkpoint-*.pt, an official .pth or a timm file")
+    x.add_argument("out", metavar="OUT_DIR", help="folder for model.safetensors and config.json")
     x.add_argument("--ema", action="store_true", help="export the EMA weights of a run checkpoint")
     x.add_argument("--model", help="model name, where the checkpoint does not say (an official .pth does)")
 

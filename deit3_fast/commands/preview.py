@@ -19,9 +19,9 @@ DESCRIPTION = (
 def add_arguments(v) -> None:
     v.add_argument("--cfg", required=True, help="recipe name (configs/) or YAML path")
     v.add_argument("--data-train", help="the .beton to preview (default: the config's data.train)")
-    v.add_argument("--out", default="preview.png")
+    v.add_argument("--out", default="preview.png", help="the image to write (.png, .jpg, .pdf, .svg; preview.png)")
     v.add_argument("--n", type=int, default=32, help="samples in the grid (even; 32)")
-    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--seed", type=int, default=0, help="data.seed: which samples and augmentations the batch gets (0)")
     v.add_argument("--no-mix", action="store_true", help="show the samples before mixup/cutmix")
     v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
 

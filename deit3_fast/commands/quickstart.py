@@ -12,10 +12,10 @@ DESCRIPTION = (
 
 def add_arguments(q) -> None:
     q.add_argument("--out", default="runs/quickstart", help="where data and outputs go (runs/quickstart)")
-    q.add_argument("--classes", type=int, default=10)
-    q.add_argument("--train-per-class", type=int, default=60)
-    q.add_argument("--val-per-class", type=int, default=20)
-    q.add_argument("--workers", type=int, default=None)
+    q.add_argument("--classes", type=int, default=10, help="classes of the generated data set (10)")
+    q.add_argument("--train-per-class", type=int, default=60, help="generated training images per class (60)")
+    q.add_argument("--val-per-class", type=int, default=20, help="generated validation images per class (20)")
+    q.add_argument("--workers", type=int, default=None, help="deit3-convert's writer processes (all cores)")
     q.add_argument("--epochs", type=int, default=None, help="overrides the quickstart recipe's epochs")
 
 

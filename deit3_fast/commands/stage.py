@@ -14,8 +14,8 @@ DESCRIPTION = (
 
 
 def add_arguments(st) -> None:
-    st.add_argument("src", metavar="SRC")
-    st.add_argument("dest", metavar="DEST")
+    st.add_argument("src", metavar="SRC", help="a shard folder, its manifest.json, or a .beton")
+    st.add_argument("dest", metavar="DEST", help="the node-local folder to copy into (created if missing)")
     st.add_argument(
         "--merge",
         action="store_true",

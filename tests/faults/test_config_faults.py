@@ -66,7 +66,7 @@ SETS = {  # --set value: fragment
     "optim.lrr=1": "unknown config key 'optim.lrr' (did you mean 'lr'?)",
     "optim=1": "optim: expected a mapping, got 1",
     "optim.lr.x=1": "'lr' is not a section",
-    "optim.lr": "expected key.path=value",
+    "optim.lr": "--set takes KEY=VALUE (got 'optim.lr'): write --set optim.lr=VALUE",
     "=1": "unknown config key ''",
     "data.batch_size=big": "data.batch_size: expected int, got 'big'",
     "data.batch_size=-8": "data.batch_size: must be at least 1, got -8",
@@ -131,10 +131,43 @@ def test_missing_data_path(what, data, tmp_path, capsys):
         args += ["--set", f"{k}={v}"]
     line = _run(args, capsys)
     fragment = {
-        "train_unset": "no train data: set data.train",
-        "train_missing": f"{tmp_path / 'absent.beton'}: cannot open (No such file or directory)",
-        "val_missing": f"{tmp_path / 'absent_val.beton'}: cannot open (No such file or directory)",
+        "train_unset": "no train data: pass --data-train PATH or set data.train",
+        "train_missing": f"{tmp_path / 'absent.beton'}: cannot open (No such file or directory): write it with "
+        "deit3-convert, or pass --data-train PATH",
+        "val_missing": f"{tmp_path / 'absent_val.beton'}: cannot open (No such file or directory): write it with "
+        "deit3-convert, or pass --data-val PATH",
         "train_is_folder": f"{tmp_path}: a folder without manifest.json, so not a .beton or a shard set",
     }[what]
     assert fragment in line
     assert not any((tmp_path / "run").glob("checkpoint*")) and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    "recipe, said",
+    [
+        # a recipe of one's own without a data section
+        (
+            "own.yaml",
+            "no train data: pass --data-train PATH or set data.train (a .beton or shard folder written by "
+            "deit3-convert)",
+        ),
+        # the shipped recipes on a machine without their data (paths relative to the working directory; {cwd}/ in
+        # the message, as train resolves them)
+        (
+            "vit_s_in1k",
+            "{cwd}/data/imagenet/train_256.beton: cannot open (No such file or directory): write it with "
+            "deit3-convert, or pass --data-train PATH",
+        ),
+        (  # model.num_classes: auto, counted from the data before it is opened
+            "vit_s_in21k",
+            "model.num_classes: auto counts the classes of {cwd}/data/imagenet21k/train, which does not exist: "
+            "write it with deit3-convert, or pass --data-train PATH",
+        ),
+    ],
+)
+def test_a_recipe_without_its_data_says_to_pass_data_train(recipe, said, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "own.yaml").write_text("schedule:\n  epochs: 1\n")
+    line = _run(["train", "--cfg", recipe, "--out", str(tmp_path / "run"), "--device", "cpu"], capsys)
+    assert line == "deit3-fast: error: " + said.format(cwd=tmp_path)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
