@@ -110,7 +110,7 @@ def main() -> None:
     device = torch.device(args.device)
     from dataset_tools.beton import Beton
     from deit3_fast.config import load_config
-    from deit3_fast.profile import profile
+    from deit3_fast.profile import as_json, profile
     from pipelines.registry import engine_info, engine_names
 
     # Every installed fast engine on CUDA (the reference engine is the per-sample PIL yardstick, not a candidate).
@@ -156,10 +156,12 @@ def main() -> None:
                 if name not in RECIPE:
                     sets.append("model.num_classes=1000")
                 r = profile(load_config(RECIPE.get(name, "vit_s_in1k"), sets), device, steps=args.steps)
-                print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}), flush=True)
+                print(as_json(r), flush=True)
                 profiles.append(r)
                 row.setdefault("model_img_per_s", r["model_img_per_s"])
-                row.setdefault("mfu", r["mfu"])
+                row.setdefault("mfu", r["mfu"])  # None where the measurement failed (profile.implausible)
+                if r["measurement_failed"]:
+                    row.setdefault("measurement_failed", {})[eng] = r["measurement_failed"]
                 row["engines"][eng] = r["end_to_end_img_per_s"]
                 row.setdefault("engine_alone", {})[eng] = (r["engine_img_per_s"], r["engine_cpu_cores"])
             rows.append(row)
@@ -174,7 +176,8 @@ def main() -> None:
         per = ", ".join(f"{e} {v:,.0f}" for e, v in r["engines"].items())
         best = max(r["engines"].values())
         print(
-            f"| {r['model']} @ {r['res']} | {r['model_img_per_s']:,.0f} | {r['mfu']:.1%} | {per} | "
+            f"| {r['model']} @ {r['res']} | {r['model_img_per_s']:,.0f} | "
+            f"{'failed' if r['mfu'] is None else format(r['mfu'], '.1%')} | {per} | "
             f"{best / r['model_img_per_s']:.2f} |"
         )
     print("\n| model @ res | engine alone img/s (CPU cores busy) |")

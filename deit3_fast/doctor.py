@@ -340,16 +340,20 @@ def throughput(device: torch.device, data_train: str | None, engine: str | None,
                 f"{recipe} on {engine}: {_first_line(e)}",
                 "run deit3-fast profile with the same settings for the full error",
             )
+    mfu = f"MFU {r['mfu']:.0%}" if r["mfu"] is not None else "MFU not measured"
     detail = (
         f"{r['model']}@{r['img_size']} batch {r['batch_size']} {r['amp']}, {engine} engine, {workers} "
         f"workers: loader {r['loader_img_per_s']:,.0f} img/s, model alone {r['model_img_per_s']:,.0f}, end "
-        f"to end {r['end_to_end_img_per_s']:,.0f} ({r['ratio']:.0%}), MFU {r['mfu']:.0%}: {r['verdict']}"
+        f"to end {r['end_to_end_img_per_s']:,.0f} ({r['ratio']:.0%}), {mfu}: "
+        + (r["measurement_failed"] if r["measurement_failed"] else r["verdict"])
     )
     if r.get("cpu_stage_img_per_s_per_core"):
         detail += f"; CPU stage {r['cpu_stage_img_per_s_per_core']:,.0f} img/s per core at {r['img_size']} px"
         this = next((v for k, v in (r.get("cores_per_gpu") or {}).items() if k.startswith("this GPU")), None)
         if this is not None:
             detail += f", {this:.1f} cores per GPU keep this model fed"
+    # profile's verdict, from profile's plausibility check: a failed measurement is no verdict (info, not ok), and
+    # not a broken machine either (a shared one).
     return Check(
         "loader vs model",
         OK if r["verdict"] == "compute-bound" else INFO,

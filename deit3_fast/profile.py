@@ -8,19 +8,24 @@ Measurements on the real components of a training run (the same `builder.build` 
      and backward, and the optimiser step (LAMB/AdamW, scaler, EMA), timed apart and combined as a run does them:
      one step per `accum` micro-batches. FLOPs come from torch's FlopCounterMode (matmuls and attention, the
      convention MFU uses); MFU divides them by the matmul rate measured here in the same dtype at the model's own
-     largest GEMM (MLP fc1), and by the device's datasheet peak where it is known (`mfu_nominal`);
+     largest GEMM (MLP fc1), the best of every probe taken, and by the device's datasheet peak where it is known
+     (`mfu_nominal`);
   4. the real end-to-end training step: loader -> forward/backward, with the same optimiser step.
 Every timed window starts after warm-up (first batches, compilation, the optimiser's state allocation) and holds
 only one kind of call, so a window can never catch a one-time cost or a different share of optimiser steps;
-CUDA windows are bracketed by synchronisation. Verdict: `input-bound` when end-to-end < 95% of model-alone,
-naming the slowest input stage and what to change.
+CUDA windows are bracketed by synchronisation. Each rate is timed REPEATS times: the median is reported with its
+spread. Numbers that cannot be (end-to-end faster than the model alone, an MFU of 100% or more: `implausible`) are
+measured again once, and if they still cannot be, reported as a failed measurement with no verdict. Otherwise the
+verdict is `input-bound` when end-to-end < 95% of model-alone, naming the slowest input stage and what to change,
+else `compute-bound`.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from statistics import median
 
 import torch
 
@@ -32,7 +37,13 @@ from .config import Config
 from .device import AMP_DTYPES, autocast, device_name
 
 COMPUTE_BOUND_RATIO = 0.95
+# End to end above this share of model-alone is a failed measurement (implausible): 5% of timing noise is allowed.
+PLAUSIBLE_RATIO = 1.05
 WARMUP = 3
+# Each rate is timed REPEATS times and reported as the median with its spread (odd: the median is one of the
+# measurements); a measuring pass that fails `implausible` is taken again, MEASURE_TRIES passes in all.
+REPEATS = 3
+MEASURE_TRIES = 2
 # Dense bf16/fp16 tensor-core TFLOP/s from the datasheets (no sparsity), by a substring of the device name as torch
 # reports it ("NVIDIA H100 80GB HBM3", "NVIDIA H100 NVL"); the longest key found in the name wins, so "H100 NVL" is
 # not read as "H100", nor "H200" as "H20" (nominal_tflops).
@@ -178,52 +189,131 @@ def _optimizer_step(run: trainer.Run) -> None:
         run.ema.update(run.raw_model)
 
 
-def profile(cfg: Config, device: torch.device, steps: int = 20) -> dict:
-    cfg = replace(cfg, data=replace(cfg.data, val=None))
-    run = trainer.build(cfg, device)
+@dataclass(frozen=True)
+class Measurements:
+    """One measuring pass (`measure`): each rate once per repeat, in img/s (the model's and end to end's as whole
+    optimiser steps), the matmul probe's TFLOP/s per repeat, and the median times the two step rates come from."""
+
+    engine: tuple[float, ...]
+    engine_cpu_cores: float
+    device_stage: tuple[float, ...]
+    loader: tuple[float, ...]
+    model: tuple[float, ...]
+    end_to_end: tuple[float, ...]
+    micro_batch_ms: float
+    end_to_end_micro_batch_ms: float
+    optimizer_step_ms: float
+    peak_tflops: tuple[float, ...]
+
+
+def measure(run: trainer.Run, device: torch.device, steps: int, repeats: int) -> Measurements:
+    """Every rate `repeats` times, `steps` timed calls each. The model-alone and end-to-end windows alternate, with a
+    matmul probe between them, so a load that comes and goes on a shared machine falls on both rates, not one."""
     loader, b, accum = run.train_loader, run.batch.per_process, run.accum
-    run.model.train()
 
     # 1 + 2: the input pipeline, split into its two stages, then whole.
     raw = _engine_batches(loader)
     for _ in range(WARMUP):
         next(raw)
     cpu0, wall0 = _cpu_seconds(), time.perf_counter()
-    engine_rate = b / _seconds_per_call(lambda: next(raw), steps, device, warmup=0)
+    engine = [b / _seconds_per_call(lambda: next(raw), steps, device, warmup=0) for _ in range(repeats)]
     engine_cores = (_cpu_seconds() - cpu0) / (time.perf_counter() - wall0)
     images, labels = (t.clone() for t in next(raw))  # FFCV reuses its buffers
     raw.close()  # one pass at a time over an engine
-    stage_rate = b / _seconds_per_call(lambda: loader.prepare(0, images, labels), steps, device)
+    stage = [b / _seconds_per_call(lambda: loader.prepare(0, images, labels), steps, device) for _ in range(repeats)]
     whole = _loader_batches(loader)
-    loader_rate = b / _seconds_per_call(lambda: next(whole), steps, device)
+    loader_rates = [b / _seconds_per_call(lambda: next(whole), steps, device) for _ in range(repeats)]
 
-    # 3: the model alone, on one real batch's shapes and targets kept on the device.
+    # 3 + 4: the model alone on one real batch's shapes and targets kept on the device, then end to end (the loader
+    # feeding forward/backward), the same optimiser step in both.
     x, y = (t.clone() for t in next(whole))
-    flops = train_flops_per_image(run, x, y)
-    micro_model = _seconds_per_call(lambda: _micro(run, x, y), steps, device)
-    opt_step = _seconds_per_call(lambda: _optimizer_step(run), max(2, min(steps, 10)), device)
-    # 4: end to end: the loader feeding forward/backward, the same optimiser step.
-    micro_e2e = _seconds_per_call(lambda: _micro(run, *next(whole)), steps, device)
+    opt_steps = max(2, min(steps, 10))
+    gemm = model_gemm(run.raw_model, b, device)
+    micro_model, micro_e2e, opt, peaks = [], [], [], []
+    for _ in range(repeats):
+        micro_model.append(_seconds_per_call(lambda: _micro(run, x, y), steps, device))
+        opt.append(_seconds_per_call(lambda: _optimizer_step(run), opt_steps, device))
+        peaks.append(matmul_peak_tflops(device, AMP_DTYPES[run.amp], *gemm))
+        micro_e2e.append(_seconds_per_call(lambda: _micro(run, *next(whole)), steps, device))
     whole.close()
     run.optimizer.zero_grad(set_to_none=True)
+
+    opt_step = median(opt)
 
     def rate(micro: float) -> float:  # images per second of whole optimiser steps
         return b * accum / (accum * micro + opt_step)
 
-    model_rate, end_to_end = rate(micro_model), rate(micro_e2e)
-    dtype = AMP_DTYPES[run.amp]
-    peak = matmul_peak_tflops(device, dtype, *model_gemm(run.raw_model, b, device))
-    achieved = flops * model_rate / 1e12
-    peak_note = None
-    if achieved > peak:  # never report more than 100%: the model beat the GEMM probe (noise, contention)
-        peak_note = f"the model ran faster than the matmul probe ({achieved:.3g} vs {peak:.3g} TFLOP/s)"
-        peak = achieved
+    return Measurements(
+        engine=tuple(engine),
+        engine_cpu_cores=engine_cores,
+        device_stage=tuple(stage),
+        loader=tuple(loader_rates),
+        model=tuple(map(rate, micro_model)),
+        end_to_end=tuple(map(rate, micro_e2e)),
+        micro_batch_ms=median(micro_model) * 1e3,
+        end_to_end_micro_batch_ms=median(micro_e2e) * 1e3,
+        optimizer_step_ms=opt_step * 1e3,
+        peak_tflops=tuple(peaks),
+    )
+
+
+def implausible(ratio: float, mfu: float | None, mfu_nominal: float | None = None) -> str | None:
+    """Why a measurement cannot be right, else None: the one check behind profile's verdict, --tune's rows and
+    doctor's. End to end runs the model alone plus the loader, so it cannot be faster than the model alone by more
+    than timing noise (PLAUSIBLE_RATIO); no model computes faster than the peak of its own matmuls (MFU < 1). Both
+    happen when a shared machine's load falls on one timed window and not the other."""
+    why = []
+    if ratio > PLAUSIBLE_RATIO:
+        why.append(f"end-to-end {ratio:.0%} of model-alone, which cannot be")
+    if mfu is not None and mfu >= 1:
+        why.append(f"MFU {mfu:.0%} of the measured matmul peak, which cannot be")
+    if mfu_nominal is not None and mfu_nominal >= 1:
+        why.append(f"MFU {mfu_nominal:.0%} of the datasheet peak, which cannot be")
+    if not why:
+        return None
+    return f"measurement failed ({'; '.join(why)}; the machine is probably shared)"
+
+
+def _spread(samples: tuple[float, ...]) -> dict:
+    mid = median(samples)
+    return {"min": min(samples), "max": max(samples), "relative": (max(samples) - min(samples)) / mid if mid else 0.0}
+
+
+def profile(
+    cfg: Config, device: torch.device, steps: int = 20, repeats: int = REPEATS, tries: int = MEASURE_TRIES
+) -> dict:
+    """The measurements, their medians and spread, and one verdict. A measurement that fails `implausible` is taken
+    again, up to `tries` passes in all; the last pass is reported, against the best matmul peak of all of them."""
+    cfg = replace(cfg, data=replace(cfg.data, val=None))
+    run = trainer.build(cfg, device)
+    loader, b, accum = run.train_loader, run.batch.per_process, run.accum
+    run.model.train()
+
+    raw = loader.raw_batches(0)
+    images, labels = (t.clone() for t in next(raw))
+    raw.close()
+    x, y, _ = loader.prepare(0, images, labels)
+    flops = train_flops_per_image(run, x, y)
     nominal = nominal_tflops(device, run.amp)
+    peaks: list[float] = []
+    passes = 0
+    while True:
+        passes += 1
+        m = measure(run, device, steps, repeats)
+        # A peak is a maximum: the best probe of every pass, so one probe that a burst of load slowed cannot set it.
+        peaks += m.peak_tflops
+        model_rate, end_to_end = median(m.model), median(m.end_to_end)
+        achieved, peak = flops * model_rate / 1e12, max(peaks)
+        failed = implausible(end_to_end / model_rate, achieved / peak, achieved / nominal if nominal else None)
+        if failed is None or passes >= tries:
+            break
+    mfu_ok = achieved < peak and not (nominal and achieved >= nominal)
     # The CPU stage (decode + crop on CPU threads: an engine that decodes on the CPU, or any engine run on a CPU):
     # img/s per busy core, and how many such cores a GPU needs, this one (measured) or the reference ones (nominal
     # rate at REFERENCE_MFU).
+    engine_rate = median(m.engine)
     on_cpu = engine_info(cfg.data.engine).decodes_on_cpu(device.type)
-    per_core = engine_rate / engine_cores if on_cpu and engine_cores > 0.05 else None
+    per_core = engine_rate / m.engine_cpu_cores if on_cpu and m.engine_cpu_cores > 0.05 else None
     cores = None
     if per_core:
         cores = {
@@ -232,6 +322,13 @@ def profile(cfg: Config, device: torch.device, steps: int = 20) -> dict:
         }
         if device.type == "cuda":
             cores = {f"this GPU (model alone, {model_rate:,.0f} img/s)": model_rate / per_core, **cores}
+    rates = {
+        "engine_img_per_s": m.engine,
+        "device_stage_img_per_s": m.device_stage,
+        "loader_img_per_s": m.loader,
+        "model_img_per_s": m.model,
+        "end_to_end_img_per_s": m.end_to_end,
+    }
     result = {
         "model": cfg.model.name,
         "img_size": cfg.aug.img_size,
@@ -244,23 +341,23 @@ def profile(cfg: Config, device: torch.device, steps: int = 20) -> dict:
         "compile": cfg.train.compile,
         "device": device_name(device),
         "jpeg_decoder": gpu_decoder_kind(device),
-        "engine_img_per_s": engine_rate,
-        "engine_cpu_cores": engine_cores,
-        "device_stage_img_per_s": stage_rate,
-        "loader_img_per_s": loader_rate,
-        "model_img_per_s": model_rate,
-        "end_to_end_img_per_s": end_to_end,
-        "micro_batch_ms": micro_model * 1e3,
-        "optimizer_step_ms": opt_step * 1e3,
-        "end_to_end_micro_batch_ms": micro_e2e * 1e3,
+        **{key: median(samples) for key, samples in rates.items()},
+        # Each rate's min and max over its repeats, and (max - min) / median: how far apart the repeats were.
+        "spread": {key: _spread(samples) for key, samples in rates.items()},
+        "engine_cpu_cores": m.engine_cpu_cores,
+        "micro_batch_ms": m.micro_batch_ms,
+        "optimizer_step_ms": m.optimizer_step_ms,
+        "end_to_end_micro_batch_ms": m.end_to_end_micro_batch_ms,
         "ratio": end_to_end / model_rate,
         "gflop_per_image": flops / 1e9,
         "achieved_tflops": achieved,
         "peak_tflops": peak,
-        "mfu": achieved / peak,
-        "peak_note": peak_note,
+        "mfu": achieved / peak if mfu_ok else None,  # None: the measurement failed (see measurement_failed)
         "nominal_tflops": nominal,
-        "mfu_nominal": achieved / nominal if nominal else None,
+        "mfu_nominal": achieved / nominal if nominal and mfu_ok else None,
+        "measurement_failed": failed,
+        "passes": passes,
+        "repeats": repeats,
         "steps": steps,
         "cpu_stage_img_per_s_per_core": per_core,
         "cores_per_gpu": cores,
@@ -270,6 +367,14 @@ def profile(cfg: Config, device: torch.device, steps: int = 20) -> dict:
 
 
 def verdict(r: dict, cfg: Config) -> dict:
+    """input-bound (naming the slowest input stage and what to change), compute-bound, or measurement-failed: no
+    verdict from numbers that `implausible` rejected."""
+    if r.get("measurement_failed"):
+        return {
+            "verdict": "measurement-failed",
+            "slowest_stage": None,
+            "advice": f"{r['measurement_failed']}: no verdict from these numbers; rerun on an idle machine",
+        }
     if r["ratio"] >= COMPUTE_BOUND_RATIO:
         return {
             "verdict": "compute-bound",
@@ -303,6 +408,20 @@ def verdict(r: dict, cfg: Config) -> dict:
     return {"verdict": "input-bound", "slowest_stage": slowest, "advice": advice}
 
 
+def as_json(r: dict) -> str:
+    """The result as one JSON line, floats (nested ones too) rounded to 4 decimal places."""
+    import json
+
+    def rounded(v):
+        if isinstance(v, float):
+            return round(v, 4)
+        if isinstance(v, dict):
+            return {k: rounded(x) for k, x in v.items()}
+        return v
+
+    return json.dumps(rounded(r))
+
+
 def render(r: dict) -> None:
     from rich.table import Table
 
@@ -314,6 +433,8 @@ def render(r: dict) -> None:
     )
     table.add_column("stage")
     table.add_column("img/s", justify="right")
+    table.add_column(f"min - max of {r['repeats']}", justify="right")
+    table.add_column("spread", justify="right")
     table.add_column("vs model", justify="right")
     m = r["model_img_per_s"]
     for name, key in (
@@ -323,7 +444,9 @@ def render(r: dict) -> None:
         ("model step alone", "model_img_per_s"),
         ("end to end", "end_to_end_img_per_s"),
     ):
-        table.add_row(name, f"{r[key]:,.0f}", f"{r[key] / m:.2f}x")
+        sp = r["spread"][key]
+        spread = (f"{sp['min']:,.0f} - {sp['max']:,.0f}", f"{sp['relative']:.0%}")
+        table.add_row(name, f"{r[key]:,.0f}", *spread, f"{r[key] / m:.2f}x")
     console = make_console()
     console.print(table)
     console.print(
@@ -332,20 +455,25 @@ def render(r: dict) -> None:
         f"{r['optimizer_step_ms']:.1f} ms once per {r['accum']} micro-batch(es) of "
         f"{r['micro_batch_ms']:.1f} ms"
     )
-    console.print(
-        f"model: {r['gflop_per_image']:.2f} GFLOP/image (fwd+bwd), {r['achieved_tflops']:.2f} TFLOP/s "
-        f"of a measured {r['peak_tflops']:.2f} TFLOP/s {r['amp']} matmul peak at its GEMM size: "
+    mfu = (
         f"MFU {r['mfu']:.1%}"
         + (f" ({r['mfu_nominal']:.1%} of the datasheet's {r['nominal_tflops']:.0f})" if r.get("mfu_nominal") else "")
+        if r["mfu"] is not None
+        else "MFU not measured (the measurement failed, below)"
     )
-    if r.get("peak_note"):
-        console.print(f"note: {r['peak_note']}")
+    console.print(
+        f"model: {r['gflop_per_image']:.2f} GFLOP/image (fwd+bwd), {r['achieved_tflops']:.2f} TFLOP/s "
+        f"of a measured {r['peak_tflops']:.2f} TFLOP/s {r['amp']} matmul peak at its GEMM size: {mfu}"
+    )
     if r.get("cores_per_gpu"):
         need = ", ".join(f"{k}: {v:.1f}" for k, v in r["cores_per_gpu"].items())
         console.print(
             f"CPU stage: {r['cpu_stage_img_per_s_per_core']:,.0f} img/s per core; cores per GPU to stay "
             f"compute-bound on {r['model']}@{r['img_size']}: {need}"
         )
+    if r["measurement_failed"]:
+        console.print(f"[bold red]{r['verdict']}[/bold red] after {r['passes']} passes: {r['advice']}")
+        return
     console.print(
         f"[bold]{r['verdict']}[/bold] (end to end = {r['ratio']:.0%} of model alone; slowest: "
         f"{r['slowest_stage']}): {r['advice']}"

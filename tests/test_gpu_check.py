@@ -47,7 +47,9 @@ def test_a_quick_run_brings_back_a_summary_a_log_and_junit_and_a_timed_out_step_
     # Each step's numbers: the benchmarks' JSON and the tests' outcomes, in the summary itself.
     for bench in ("bench_s224", "bench_b192"):
         (row,) = steps[bench]["numbers"]["rows"]
-        assert row["model_img_per_s"] > 0 and 0 < row["mfu"] and row["engine_alone"]["nvjpeg"][0] > 0
+        assert row["model_img_per_s"] > 0 and row["engine_alone"]["nvjpeg"][0] > 0
+        # A loaded CPU may fail the measurement (profile.implausible): then no MFU, and the row says why.
+        assert (0 < row["mfu"] < 1) if row["mfu"] is not None else row.get("measurement_failed"), row
         assert row["engines"]["nvjpeg"] > 0
     assert steps["lamb"]["numbers"]["ms_per_step"].keys() == {"timm Lamb", "ours (eager)"}
     (parity,) = steps["parity"]["numbers"].values()

@@ -13,8 +13,10 @@ HELP = "input- or compute-bound? loader, model and end-to-end throughput, MFU"
 DESCRIPTION = (
     "Measures the loader alone (decode + crop, then the batch augmentation), the model step alone "
     "on synthetic batches already on the device (img/s, TFLOP/s, MFU against this device's measured matmul "
-    "peak) and the real end-to-end step; prints a table and a verdict naming the slowest stage and what to "
-    "change."
+    "peak) and the real end-to-end step, each several times (median and spread); prints a table and a verdict "
+    "naming the slowest stage and what to change. Numbers that cannot be (end to end faster than the model "
+    "alone, MFU of 100% or more) are measured again, then reported as a failed measurement with no verdict and "
+    "exit status 1."
 )
 
 
@@ -25,8 +27,8 @@ def add_arguments(f) -> None:
     f.add_argument(
         "--tune",
         action="store_true",
-        help="try engines, data.workers, data.os_cache and train.compile; write the fastest "
-        "compute-bound setting (else the fastest) as an override YAML for --overrides",
+        help="try engines, data.workers, data.os_cache and train.compile; write the setting with the fastest "
+        "measured end-to-end rate as an override YAML for --overrides",
     )
     f.add_argument("--budget-s", type=float, default=300.0, help="with --tune: time to spend (300 s)")
     f.add_argument("--tune-out", default="tuned.yaml", help="with --tune: the override file (tuned.yaml)")
@@ -34,7 +36,7 @@ def add_arguments(f) -> None:
 
 def run(args) -> int:
     from ..device import pick_device
-    from ..profile import profile, render
+    from ..profile import as_json, profile, render
 
     if args.steps < 1:
         raise ConfigError(f"--steps must be at least 1, got {args.steps}")
@@ -57,7 +59,8 @@ def run(args) -> int:
         return 0
     result = profile(cfg, pick_device(args.device), steps=args.steps)
     if args.json:
-        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+        print(as_json(result))
     else:
         render(result)
-    return 0
+    # The verdict is what this command is for: numbers too implausible to give one are a failure, not a result.
+    return 1 if result["measurement_failed"] else 0

@@ -101,3 +101,38 @@ def test_the_cli_works_on_a_bare_gpu_machine_without_ffcv_dali_or_submitit(tmp_p
     assert r.returncode == 0, r.stderr[-2000:]
     r = cli("submit", "--cfg", "quickstart", "--local", "--out", tmp_path / "job")
     assert r.returncode == 2 and "pip install submitit" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_the_doctors_verdict_is_profiles_plausibility_check(beton, monkeypatch):
+    """doctor's loader-vs-model row flipped between identical runs the way profile's verdict did: it reads
+    profile's verdict, so numbers that cannot be (end to end at 262% of the model alone) are a failed measurement
+    there too, never `ok`/compute-bound, and a plausible measurement keeps its verdict."""
+    import torch
+
+    import deit3_fast.profile as prof
+    from deit3_fast import doctor as d
+
+    def fake(model, end_to_end):
+        def measure(run, device, steps, repeats):
+            return prof.Measurements(
+                engine=(1000.0,) * 3,
+                engine_cpu_cores=1.0,
+                device_stage=(2000.0,) * 3,
+                loader=(900.0,) * 3,
+                model=(model,) * 3,
+                end_to_end=(end_to_end,) * 3,
+                micro_batch_ms=10.0,
+                end_to_end_micro_batch_ms=10.0,
+                optimizer_step_ms=1.0,
+                peak_tflops=(1.0,) * 3,
+            )
+
+        return measure
+
+    monkeypatch.setattr(prof, "measure", fake(100.0, 262.0))
+    check = d.throughput(torch.device("cpu"), str(beton), "nvjpeg", 1)
+    assert check.status == "info" and "measurement failed (end-to-end 262% of model-alone" in check.detail
+    assert "compute-bound" not in check.detail and "rerun on an idle machine" in check.fix
+    monkeypatch.setattr(prof, "measure", fake(100.0, 99.0))
+    check = d.throughput(torch.device("cpu"), str(beton), "nvjpeg", 1)
+    assert check.status == "ok" and "(99%)" in check.detail and ": compute-bound" in check.detail and check.fix is None

@@ -16,13 +16,36 @@ from ..conftest import REPO
 
 def _profile_cli(capsys, *args) -> dict:
     """`deit3-fast profile ... --json` through the CLI's main in this process (the command, its JSON and exit code
-    are what is tested; a fresh process would only add a torch import), the JSON line it printed."""
+    are what is tested; a fresh process would only add a torch import), the JSON line it printed. Exit status 1 is
+    a failed measurement (which the JSON says), anything else non-zero an error."""
     from deit3_fast.cli import main
 
     code = main(["profile", *map(str, args), "--json"])
     out, err = capsys.readouterr()
-    assert code == 0, err[-3000:]
-    return json.loads(out.strip().splitlines()[-1])
+    assert code in (0, 1), err[-3000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert code == (1 if result["measurement_failed"] else 0), result
+    return result
+
+
+def _check_measurement(r: dict) -> None:
+    """What every profile result holds, whether this (shared, loaded) machine let the measurement succeed or not:
+    each rate the median of its repeats, with its spread; and either numbers that can be, with a verdict and an MFU
+    below 100%, or a failed measurement (measured twice, the second pass still implausible) with no verdict and no
+    MFU >= 100% presented as one."""
+    for key, sp in r["spread"].items():
+        assert sp["min"] <= r[key] <= sp["max"] and sp["relative"] >= 0, key
+    assert r["repeats"] == 3 and r["passes"] in (1, 2)
+    assert r["ratio"] == pytest.approx(r["end_to_end_img_per_s"] / r["model_img_per_s"], rel=1e-2)
+    too_fast = r["ratio"] > 1.05 + 1e-3  # the JSON rounds
+    if r["measurement_failed"] is None:
+        assert not too_fast and 0 < r["mfu"] < 1 and r["peak_tflops"] > r["achieved_tflops"]
+        assert r["verdict"] in ("input-bound", "compute-bound")
+    else:
+        assert r["passes"] == 2 and r["verdict"] == "measurement-failed" and r["slowest_stage"] is None
+        assert r["measurement_failed"].startswith("measurement failed (") and "rerun" in r["advice"]
+        assert too_fast or r["mfu"] is None  # one of the two checks failed, and says which
+        assert r["mfu"] is None or 0 < r["mfu"] < 1
 
 
 @pytest.mark.slow
@@ -46,7 +69,6 @@ def test_profile_json_on_cpu(data, capsys):
         "end_to_end_img_per_s",
         "engine_img_per_s",
         "device_stage_img_per_s",
-        "mfu",
         "achieved_tflops",
         "peak_tflops",
     ):
@@ -54,11 +76,7 @@ def test_profile_json_on_cpu(data, capsys):
     # deit3_nano at 32 px: 2 blocks of dim 64 over 65 tokens; forward + backward is about 3x the forward's
     # 2 * params * tokens multiply-adds, plus attention: between 20 and 100 MFLOP per image.
     assert 0.02 < result["gflop_per_image"] < 0.1
-    # MFU is never above 100%. When the model outran the matmul probe (two timings, so a shared machine's load can
-    # do that), the probe's rate is raised to the model's and the report says so: 100% exactly, with the note.
-    assert 0 < result["mfu"] <= 1 and result["peak_tflops"] >= result["achieved_tflops"]
-    assert (result["peak_note"] is not None) == (result["mfu"] == 1), result
-    assert result["verdict"] in ("input-bound", "compute-bound")
+    _check_measurement(result)
     assert result["jpeg_decoder"] == "CPU (libjpeg-turbo)"  # which decoder the nvjpeg engine gets on this device
     assert result["ratio"] == pytest.approx(result["end_to_end_img_per_s"] / result["model_img_per_s"], rel=1e-2)
     # The CPU stage per busy core, and the cores a GPU needs at its nominal rate (40% MFU) for this model's FLOPs.
@@ -160,7 +178,8 @@ def test_matmul_peak_is_measured():
 def test_profile_numbers_are_possible_with_accumulation_and_one_step(data, capsys):
     """The report that gave "mfu": 3.08 and end-to-end 0.06x model-alone: one timed step, accumulation over 4
     micro-batches. Windows hold one kind of call after warm-up, so a window cannot catch a one-time cost or the
-    optimiser step's share; MFU is against this dtype's matmul rate at the model's GEMM and never above 100%."""
+    optimiser step's share; MFU is against this dtype's matmul rate at the model's GEMM, never reported at 100%
+    or more."""
     res = _profile_cli(
         capsys,
         "--cfg",
@@ -181,7 +200,7 @@ def test_profile_numbers_are_possible_with_accumulation_and_one_step(data, capsy
         "1",
     )
     assert res["accum"] == 4 and res["amp"] == "bf16"
-    assert 0 < res["mfu"] <= 1 and res["peak_tflops"] >= res["achieved_tflops"]
+    _check_measurement(res)
     # The faulty windows gave 0.06: one-time costs and a different share of optimiser steps in each. Both rates are
     # now whole optimiser steps (4 micro-batches + 1 step) of their own window's micro-batch time, and the ratio is
     # theirs. (Not asserted as a number: two timings on a loaded 2-core machine gave 0.10 with correct windows;
@@ -263,10 +282,16 @@ def test_tune_starts_a_try_only_while_the_slowest_so_far_still_fits(monkeypatch)
     seconds = {(1, False): 3.0, (2, False): 2.0, (3, False): 6.0, (4, False): 1.0, (3, True): 5.0, (4, True): 5.0}
     now = [0.0]
 
-    def fake_profile(c, device, steps):
+    def fake_profile(c, device, steps, tries):
         now[0] += seconds[c.data.workers, c.train.compile]
         rate = 100.0 * c.data.workers
-        return {"end_to_end_img_per_s": rate, "loader_img_per_s": rate, "ratio": 1.0, "verdict": "compute-bound"}
+        return {
+            "end_to_end_img_per_s": rate,
+            "spread": {"end_to_end_img_per_s": {"min": rate, "max": rate, "relative": 0.0}},
+            "loader_img_per_s": rate,
+            "ratio": 1.0,
+            "verdict": "compute-bound",
+        }
 
     monkeypatch.setattr(tune_mod, "candidates", lambda c, device_type: settings)
     monkeypatch.setattr(tune_mod, "profile", fake_profile)
@@ -357,9 +382,10 @@ def test_tune_tries_settings_within_its_budget_and_writes_usable_overrides(data,
     else:  # everything fitted: the last try is compile on the best of the others
         assert tried[-1].get("train.compile") is True
     best, ran = result["best"], [t for t in result["tried"] if "error" not in t]
-    bound = [t for t in ran if t["ratio"] >= 0.95]
-    assert result["compute_bound"] == bool(bound)
-    assert best == max(bound or ran, key=lambda t: t["end_to_end_img_per_s"])  # the fastest that keeps up
+    assert best == max(ran, key=lambda t: t["end_to_end_img_per_s"])  # the fastest measured end to end
+    for t in ran:
+        sp = t["end_to_end_spread"]
+        assert sp["min"] <= t["end_to_end_img_per_s"] <= sp["max"]
     written = yaml.safe_load(out.read_text())
     assert written == result["overrides"] and written["data"]["engine"] == best["data.engine"]
     from deit3_fast.cli import main  # --overrides applied by train, in this process
@@ -371,3 +397,157 @@ def test_tune_tries_settings_within_its_budget_and_writes_usable_overrides(data,
         written["data"]["workers"],
         written["train"]["compile"],
     )
+
+
+# Measurements that cannot be: numbers injected where profile takes them (`measure`), so the checks do not depend on
+# this machine's load.
+
+
+def _measurements(model=100.0, end_to_end=98.0, peaks=(1.0, 1.0, 1.0)):
+    from deit3_fast.profile import Measurements
+
+    return Measurements(
+        engine=(1000.0, 900.0, 1100.0),
+        engine_cpu_cores=1.0,
+        device_stage=(2000.0,) * 3,
+        loader=(900.0,) * 3,
+        model=(model * 0.9, model, model * 1.2),
+        end_to_end=(end_to_end, end_to_end * 0.8, end_to_end * 1.1),
+        micro_batch_ms=10.0,
+        end_to_end_micro_batch_ms=10.0,
+        optimizer_step_ms=1.0,
+        peak_tflops=tuple(peaks),
+    )
+
+
+def _scripted(monkeypatch, *passes):
+    """profile's measuring passes, in order; the list of passes asked for."""
+    import deit3_fast.profile as prof
+
+    asked = []
+
+    def fake(run, device, steps, repeats):
+        asked.append(repeats)
+        return passes[len(asked) - 1]
+
+    monkeypatch.setattr(prof, "measure", fake)
+    return asked
+
+
+def _profile_args(data):
+    return [
+        "profile",
+        "--cfg",
+        "quickstart",
+        "--device",
+        "cpu",
+        "--data-train",
+        str(data / "train.beton"),
+        "--set",
+        "model.num_classes=4",
+    ]
+
+
+def test_end_to_end_faster_than_the_model_is_a_failed_measurement_in_the_table_and_the_json(data, capsys, monkeypatch):
+    """The report that said compute-bound at 262% of model-alone (and input-bound with --json): end to end cannot
+    beat the model alone, so the numbers are measured again, and when the second pass cannot be either, both outputs
+    say the measurement failed, give no verdict, and exit 1."""
+    from deit3_fast.cli import main
+
+    implausible = _measurements(model=100.0, end_to_end=262.0)
+    asked = _scripted(monkeypatch, implausible, implausible)
+    assert main([*_profile_args(data), "--json"]) == 1
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert asked == [3, 3] and r["passes"] == 2  # measured again once, each pass 3 repeats
+    assert r["ratio"] == pytest.approx(2.62) and r["verdict"] == "measurement-failed" and r["slowest_stage"] is None
+    assert "end-to-end 262% of model-alone, which cannot be" in r["measurement_failed"]
+    assert "machine is probably shared" in r["measurement_failed"]
+    # The medians and their spread are still there, for the user to see what was measured.
+    assert r["model_img_per_s"] == 100 and r["spread"]["model_img_per_s"] == {"min": 90, "max": 120, "relative": 0.3}
+
+    asked = _scripted(monkeypatch, implausible, implausible)
+    assert main(_profile_args(data)) == 1
+    table = capsys.readouterr().out
+    assert asked == [3, 3]
+    words = " ".join(table.split())  # rich wraps lines at the terminal's width
+    assert "measurement failed (end-to-end 262% of model-alone, which cannot be" in words
+    lines = table.splitlines()  # the verdict starts its line
+    assert not any(line.startswith(("compute-bound", "input-bound")) for line in lines), table
+    assert any(line.startswith("measurement-failed after 2 passes") for line in lines), table
+
+    # A second pass that can be is the result: the verdict is its own.
+    _scripted(monkeypatch, implausible, _measurements(model=100.0, end_to_end=98.0))
+    assert main([*_profile_args(data), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["passes"] == 2 and r["measurement_failed"] is None and r["verdict"] == "compute-bound"
+
+
+def test_an_mfu_of_100_percent_or_more_is_a_failed_measurement_not_a_result(data, capsys, monkeypatch):
+    """The loaded 2-core machine's "mfu": 1.0: a matmul probe that load slowed below the model's own rate. No MFU of
+    100% or more is shown: the JSON has none, the table says it was not measured, and the measurement failed."""
+    from deit3_fast.cli import main
+
+    slow_probe = _measurements(peaks=(1e-9, 1e-9, 1e-9))
+    _scripted(monkeypatch, slow_probe, slow_probe)
+    assert main([*_profile_args(data), "--json"]) == 1
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["mfu"] is None and r["mfu_nominal"] is None and r["verdict"] == "measurement-failed"
+    assert "of the measured matmul peak, which cannot be" in r["measurement_failed"]
+    _scripted(monkeypatch, slow_probe, slow_probe)
+    assert main(_profile_args(data)) == 1
+    words = " ".join(capsys.readouterr().out.split())  # rich wraps lines at the terminal's width
+    assert "MFU not measured" in words and "measurement failed (MFU" in words and "MFU 1" not in words
+
+
+def test_the_peak_is_the_best_of_every_probe(data, capsys, monkeypatch):
+    """A peak is a maximum: one probe a burst of load slowed (below what the model achieved) does not set it; the
+    best of the probes of both passes does."""
+    from deit3_fast.cli import main
+
+    # The quickstart's model (about 0.04 GFLOP/image) at 100 img/s achieves about 4e-3 TFLOP/s: most probes below
+    # it, the best one in the first pass (measured again: its ratio cannot be), the second pass's best lower.
+    first = _measurements(model=100.0, end_to_end=262.0, peaks=(1e-6, 0.03, 2e-6))
+    second = _measurements(model=100.0, end_to_end=98.0, peaks=(1e-6, 0.02, 1e-6))
+    _scripted(monkeypatch, first, second)
+    assert main([*_profile_args(data), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["peak_tflops"] == 0.03 and r["measurement_failed"] is None
+    achieved = r["gflop_per_image"] * 1e9 * 100 / 1e12
+    assert r["mfu"] == pytest.approx(achieved / 0.03, rel=1e-2) and 0 < r["mfu"] < 1
+
+
+def test_implausible_is_the_one_check():
+    from deit3_fast.profile import implausible
+
+    assert implausible(1.0, 0.5) is None and implausible(1.05, 0.99, 0.99) is None
+    assert "262%" in implausible(2.62, 0.5) and "MFU 100%" in implausible(1.0, 1.0)
+    assert "datasheet" in implausible(1.0, 0.5, 1.2)
+    both = implausible(1.2, 1.5)
+    assert "120% of model-alone" in both and "MFU 150%" in both
+
+
+def test_tune_picks_the_fastest_measured_end_to_end(monkeypatch):
+    """The --tune that wrote a setting 7x slower than the best it measured: the slow setting's noisy model-alone
+    figure put its ratio at 100% ("compute-bound"), the fast one's honest one at 50%. The ranking is the measured
+    end-to-end rate, whatever the ratio says."""
+    import deit3_fast.tune as tune_mod
+
+    cfg = load_config("quickstart")
+    settings = [{"data.engine": "nvjpeg", "data.workers": w, "data.os_cache": False} for w in (1, 2)]
+    measured = {(1, False): (100.0, 1.0), (2, False): (700.0, 0.5), (2, True): (650.0, 0.5)}
+
+    def fake_profile(c, device, steps, tries):
+        rate, ratio = measured[c.data.workers, c.train.compile]
+        return {
+            "end_to_end_img_per_s": rate,
+            "spread": {"end_to_end_img_per_s": {"min": rate, "max": rate, "relative": 0.0}},
+            "loader_img_per_s": rate,
+            "ratio": ratio,
+            "verdict": "compute-bound" if ratio >= 0.95 else "input-bound",
+        }
+
+    monkeypatch.setattr(tune_mod, "candidates", lambda c, device_type: settings)
+    monkeypatch.setattr(tune_mod, "profile", fake_profile)
+    r = tune_mod.tune(cfg, torch.device("cpu"), budget_s=1e9, log=lambda line: None)
+    assert (r["best"]["data.workers"], r["best"].get("train.compile", False)) == (2, False)
+    assert r["overrides"]["data"]["workers"] == 2 and r["overrides"]["train"]["compile"] is False
