@@ -292,7 +292,8 @@ def profile(
     raw = loader.raw_batches(0)
     images, labels = (t.clone() for t in next(raw))
     raw.close()
-    x, y, _ = loader.prepare(0, images, labels)
+    first = loader.prepare(0, images, labels)
+    x, y = first.images, first.targets
     flops = train_flops_per_image(run, x, y)
     nominal = nominal_tflops(device, run.amp)
     peaks: list[float] = []

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -11,6 +12,15 @@ import torch
 from . import keys
 from .cores import CpuShare
 from .engine import Engine
+
+
+class Prepared(NamedTuple):
+    """One model-ready batch and what was drawn for it (the preview captions it, the distribution tests check it)."""
+
+    images: torch.Tensor
+    targets: torch.Tensor
+    params: Any  # the augmentation ops' per-sample AugParams (ops.py), None where the engine augments on the host
+    mix: Any  # the mixing's MixDraw (mix.py), None without mixing
 
 
 class Loader:
@@ -95,7 +105,7 @@ class Loader:
 
     def prepare(self, b: int, images, labels):
         """Batch `b` of the current epoch from the engine's uint8 images: augmented, mixed, model-ready.
-        Returns (images, targets, the ops' AugParams or None, the mixing's MixDraw or None)."""
+        Returns a `Prepared`: images, targets, the ops' AugParams or None, the mixing's MixDraw or None."""
         key, rng = self._keys(b)
         if self.augment is None:
             x, params = images.float().contiguous(memory_format=torch.channels_last), None
@@ -104,11 +114,11 @@ class Loader:
         y, mix = labels, None
         if self.mixing is not None:
             x, y, mix = self.mixing.mix(x, labels, rng)
-        return x.to(self.dtype), y, params, mix
+        return Prepared(x.to(self.dtype), y, params, mix)
 
     def iter_with_params(self, start: int = 0):
         """Like iteration, but each batch also with what was drawn for it: the ops' per-sample parameters (see
-        ops.AugParams) and the mixing's draw (mix.MixDraw); (x, y, params, mix), as `prepare` returns them."""
+        ops.AugParams) and the mixing's draw (mix.MixDraw): the `Prepared` that `prepare` returns."""
         engine_batches = self.engine.batches(self.epoch, start)
         batches = enumerate(engine_batches, start)
         try:
@@ -150,8 +160,9 @@ class Loader:
             if pending is not None:
                 yield pending
             main.wait_stream(side)
-            drawn = [t for p in ready[2:] if p is not None for t in p.tensors()]
-            _hand_over([*ready[:2], *drawn], main)  # the batch, its augmentation and mixing draws, made on `side`
+            # the batch, its augmentation's and mixing's draws: all made on `side`
+            drawn = [t for p in (ready.params, ready.mix) if p is not None for t in p.tensors()]
+            _hand_over([ready.images, ready.targets, *drawn], main)
             pending = ready
         if pending is not None:
             yield pending
@@ -161,8 +172,8 @@ class Loader:
         return self.engine.epoch_report()
 
     def iter_from(self, start: int):
-        for x, y, _, _ in self.iter_with_params(start):
-            yield x, y
+        for batch in self.iter_with_params(start):
+            yield batch.images, batch.targets
 
     def __iter__(self):
         return self.iter_from(0)
