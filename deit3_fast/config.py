@@ -113,7 +113,7 @@ _POSITIVE = {"data.batch_size", "aug.img_size"}  # 0 would be a ZeroDivisionErro
 
 
 def _workers(value, where: str) -> None:
-    if value != AUTO and not (isinstance(value, int) and value >= 0):
+    if value != AUTO and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
         raise ConfigError(f"{where}: a count of CPU workers (0 or more) or {AUTO}, got {value!r}")
 
 
@@ -185,12 +185,18 @@ def _build(cls, values: dict, prefix: str = ""):
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, {} if value is None else value, where + ".")
         else:
-            kwargs[key] = _coerce(value, tp, where)
             declared = fields[key].metadata or {
                 "choices": _CHOICES.get(where),
                 "positive": where in _POSITIVE,
                 "check": _CHECKS.get(where),
             }
+            try:
+                kwargs[key] = _coerce(value, tp, where)
+            except ConfigError:
+                # a key's own check says what it takes ("a count of CPU workers or auto"), where the type's
+                # message names only a Python type ("expected str" for 2.5 against int | str)
+                check_value(declared, value, where)
+                raise
             check_value(declared, kwargs[key], where)
     return cls(**kwargs)
 

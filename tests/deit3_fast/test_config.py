@@ -112,3 +112,15 @@ def test_batch_plan_splits_the_global_batch_or_names_a_batch_that_works(batch, g
     assert (plan.per_process, plan.accum) == expected[:2]
     assert plan.per_process * world * plan.accum == global_batch
     assert (plan.note is None) if expected[2] is None else expected[2] in plan.note
+
+
+@pytest.mark.parametrize("value", ["2.5", "-1", "many", "true"])
+def test_a_bad_worker_count_says_what_data_workers_takes(value):
+    """Against `int | str`, a wrong type would otherwise be named as a Python type ("expected str, got 2.5")."""
+    with pytest.raises(ConfigError, match=r"data.workers: a count of CPU workers \(0 or more\) or auto, got"):
+        load_config("quickstart", [f"data.workers={value}"])
+
+
+@pytest.mark.parametrize("value, expected", [("auto", "auto"), ("0", 0), ("3", 3)])
+def test_data_workers_takes_a_count_or_auto(value, expected):
+    assert load_config("quickstart", [f"data.workers={value}"]).data.workers == expected
