@@ -193,9 +193,11 @@ def _build(cls, values: dict, prefix: str = ""):
             try:
                 kwargs[key] = _coerce(value, tp, where)
             except ConfigError:
-                # a key's own check says what it takes ("a count of CPU workers or auto"), where the type's
-                # message names only a Python type ("expected str" for 2.5 against int | str)
-                check_value(declared, value, where)
+                # data.workers' rule says what it takes ("a count of CPU workers or auto"), where the type's
+                # message names only a Python type ("expected str" for 2.5 against int | str). Only these rules,
+                # written for any YAML value: a list is no key of a choices map
+                if where in _CHECKS:
+                    _CHECKS[where](value, where)
                 raise
             check_value(declared, kwargs[key], where)
     return cls(**kwargs)
