@@ -22,11 +22,16 @@ class MixDraw:
 
     kind: str
     lam: float
-    partner: torch.Tensor
     labels: torch.Tensor
 
+    @property
+    def partner(self) -> torch.Tensor:
+        """Batch mode blends each image with the batch reversed (timm's x.flip(0)). Made when read (the preview),
+        not for every training batch."""
+        return torch.arange(len(self.labels) - 1, -1, -1, device=self.labels.device)
+
     def tensors(self) -> list[torch.Tensor]:
-        return [self.partner, self.labels]
+        return [self.labels]
 
 
 class _RecordingMixup(Mixup):
@@ -79,9 +84,7 @@ class Mixing:
             np.random.set_state(saved)
         lam, cutmix = self.mixup.drawn
         kind = "none" if lam == 1.0 else "cutmix" if cutmix else "mixup"
-        # Batch mode blends each image with the batch reversed (timm's x.flip(0)).
-        partner = torch.arange(len(x) - 1, -1, -1, device=labels.device)
-        return x, y, MixDraw(kind, lam, partner, labels)
+        return x, y, MixDraw(kind, lam, labels)
 
     def __call__(self, x: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator):
         x, y, _ = self.mix(x, labels, rng)

@@ -90,6 +90,6 @@ def test_an_unmixed_batch_says_so():
     from pipelines.preview import captions
 
     labels = torch.tensor([3, 5])
-    none = MixDraw("none", 1.0, torch.tensor([1, 0]), labels)
+    none = MixDraw("none", 1.0, labels)
     assert captions(None, labels, (), none) == ["no mix\ny=3", "no mix\ny=5"]
     assert captions(None, labels) == ["y=3", "y=5"]
